@@ -1,0 +1,4 @@
+//! meshgate configuration: the TOML files, the reservation model, validation and the stores.
+
+pub mod file;
+pub mod route;

@@ -1,0 +1,8 @@
+//! `meshgate keygen`.
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub async fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`meshgate keygen` is not built yet")
+}

@@ -1,0 +1,8 @@
+//! `meshgate reserve`.
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub async fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`meshgate reserve` is not built yet")
+}

@@ -1,0 +1,59 @@
+//! The `meshgate` binary: one executable, one subcommand per role.
+
+use clap::{Parser, Subcommand};
+use meshgate_gateway::cmd;
+
+#[derive(Parser)]
+#[command(
+    name = "meshgate",
+    version,
+    about = "Public ingress for an encrypted IPv6 overlay"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a public gateway node (TLS termination/passthrough into overlay workloads).
+    Gateway(cmd::gateway::Args),
+    /// Run a standalone overlay node (TUN or userspace), or query a running one.
+    Node(cmd::node::Args),
+    /// Start gateway, workload node and sample service on loopback, and print a curl command.
+    Demo(cmd::demo::Args),
+    /// Create a node key file and print its overlay address and public key.
+    Keygen(cmd::keygen::Args),
+    /// Manage name and domain reservations through a gateway's admin API.
+    Reserve(cmd::reserve::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshgate: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Gateway(a) => cmd::gateway::run(a).await,
+            Command::Node(a) => cmd::node::run(a).await,
+            Command::Demo(a) => cmd::demo::run(a).await,
+            Command::Keygen(a) => cmd::keygen::run(a).await,
+            Command::Reserve(a) => cmd::reserve::run(a).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshgate: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

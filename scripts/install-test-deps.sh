@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the test suite needs, only when missing (idempotent, quiet).
+#   pebble          real ACME server for certs tests
+#   curl, openssl   real clients in end-to-end tests
+#   nghttp2-client  h2load, HTTP/2 client checks
+#   iproute2        network namespaces for TUN tests
+set -euo pipefail
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have pebble || [ -x /usr/bin/pebble ] || need+=(pebble)
+have curl || need+=(curl)
+have openssl || need+=(openssl)
+have h2load || need+=(nghttp2-client)
+have ip || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing test dependencies: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
