@@ -2,4 +2,8 @@
 
 pub mod file;
 pub mod gateway;
+pub mod reservation;
 pub mod route;
+pub mod store;
+pub mod token;
+pub mod verify;

@@ -1,0 +1,639 @@
+//! Reservations: a deployer's name under the farmer's domain, or a deployer's own domain,
+//! with its backends and switches. Validation here is the single source of the rules the admin
+//! API enforces; every refusal names the field and the reason.
+//!
+//! Name rules, compared with the system we replace (`[a-z0-9-_]`, 3–64 chars):
+//! - at most 63 chars: a DNS label cannot be longer (RFC 1035 §2.3.4), so a 64-char name could
+//!   never resolve;
+//! - no `_`: not valid in host names (RFC 952/1123) and public CAs refuse certificates for it;
+//! - at least 1 char: any valid label works; a minimum length protected nothing;
+//! - no leading/trailing `-` (RFC 1123), and `--` in positions 3–4 only as a valid IDNA
+//!   A-label (`xn--…`), since RFC 5891 reserves those labels;
+//! - the farmer's infrastructure labels (`www`, `api`, `ns1`, …) are reserved.
+
+use crate::route::{Backend, Mode, Route, RouteOptions};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+/// Longest DNS label (RFC 1035).
+pub const MAX_LABEL_LEN: usize = 63;
+/// Longest host name in text form without the trailing dot (RFC 1035: 255 octets on the wire).
+pub const MAX_FQDN_LEN: usize = 253;
+/// Most backends one reservation may list.
+pub const MAX_BACKENDS: usize = 32;
+/// Label of the TXT record that proves ownership of a custom domain.
+pub const CHALLENGE_LABEL: &str = "_meshgate-challenge";
+
+/// Labels a deployer cannot reserve: names the farmer's own services, mail, DNS and ACME use.
+pub const RESERVED_NAMES: &[&str] = &[
+    "www",
+    "api",
+    "admin",
+    "mail",
+    "smtp",
+    "imap",
+    "pop",
+    "pop3",
+    "mx",
+    "ns",
+    "dns",
+    "ftp",
+    "gateway",
+    "metrics",
+    "status",
+    "localhost",
+    "autoconfig",
+    "autodiscover",
+    "wpad",
+    "acme",
+    "_acme-challenge",
+    CHALLENGE_LABEL,
+];
+
+/// A refusal naming the offending field and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+/// Which of the two reservation kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// `<name>.<farmer domain>`.
+    Name,
+    /// A deployer's own FQDN pointed at the gateway.
+    Domain,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Name => "name",
+            Kind::Domain => "domain",
+        }
+    }
+}
+
+/// Identifies one reservation: its kind and its name (label for names, FQDN for domains).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    pub kind: Kind,
+    pub name: String,
+}
+
+impl Key {
+    pub fn name(name: impl Into<String>) -> Self {
+        Key {
+            kind: Kind::Name,
+            name: name.into(),
+        }
+    }
+    pub fn domain(fqdn: impl Into<String>) -> Self {
+        Key {
+            kind: Kind::Domain,
+            name: fqdn.into(),
+        }
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind.as_str(), self.name)
+    }
+}
+
+/// Per-reservation switches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Options {
+    /// Answer plain HTTP on :80 with a redirect to HTTPS (the default).
+    pub redirect_https: bool,
+    /// Serve plain HTTP on :80 instead of redirecting.
+    pub allow_plain_http: bool,
+    /// Keep a client on one backend (consistent hashing).
+    pub sticky: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            redirect_https: true,
+            allow_plain_http: false,
+            sticky: false,
+        }
+    }
+}
+
+/// Where a reservation stands. Names are always `Active`; domains move
+/// pending → verified → active, and to deactivated when the proof stops holding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum Status {
+    /// Waiting for the DNS proof.
+    Pending,
+    /// The proof holds; a certificate may be ordered; not serving yet.
+    Verified,
+    /// Serving traffic.
+    Active,
+    /// The proof stopped holding for longer than the grace period.
+    Deactivated { reason: String },
+}
+
+impl Status {
+    pub fn is_active(&self) -> bool {
+        matches!(self, Status::Active)
+    }
+    pub fn is_verified(&self) -> bool {
+        matches!(self, Status::Verified | Status::Active)
+    }
+}
+
+/// What the verifier last saw for a domain (unused for names).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Verification {
+    /// Unix milliseconds of the last DNS check.
+    pub last_checked_ms: Option<u64>,
+    /// Why the last check failed, if it did.
+    pub last_error: Option<String>,
+    /// Unix milliseconds since which the proof has been failing on a verified/active domain.
+    pub failing_since_ms: Option<u64>,
+    /// The certificate layer holds a certificate for this domain.
+    pub certificate_ready: bool,
+}
+
+/// One reservation as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub kind: Kind,
+    /// The label (names) or the FQDN (domains), lowercase, no trailing dot.
+    pub name: String,
+    /// The deployer id that owns it.
+    pub owner: String,
+    pub backends: Vec<SocketAddr>,
+    pub mode: Mode,
+    pub options: Options,
+    pub status: Status,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds.
+    pub updated_at: u64,
+    #[serde(default)]
+    pub verification: Verification,
+}
+
+impl Reservation {
+    pub fn key(&self) -> Key {
+        Key {
+            kind: self.kind,
+            name: self.name.clone(),
+        }
+    }
+
+    /// The host this reservation serves.
+    pub fn host(&self, farmer_domain: &str) -> String {
+        match self.kind {
+            Kind::Name => format!("{}.{}", self.name, farmer_domain),
+            Kind::Domain => self.name.clone(),
+        }
+    }
+
+    /// Whether this reservation belongs in the routing table now.
+    pub fn is_routable(&self) -> bool {
+        match self.kind {
+            Kind::Name => true,
+            Kind::Domain => self.status.is_active(),
+        }
+    }
+
+    /// The route the gateway serves for this reservation. `sticky` and `redirect_https: false`
+    /// have no `RouteOptions` field yet; the default route behaviour (redirect unless plain
+    /// HTTP is allowed) applies.
+    pub fn to_route(&self, farmer_domain: &str) -> Route {
+        Route {
+            host: self.host(farmer_domain),
+            backends: self
+                .backends
+                .iter()
+                .map(|addr| Backend {
+                    addr: *addr,
+                    weight: 1,
+                })
+                .collect(),
+            mode: self.mode,
+            options: RouteOptions {
+                allow_plain_http: self.options.allow_plain_http,
+                ..RouteOptions::default()
+            },
+        }
+    }
+}
+
+/// Rules the admin applies on top of the fixed ones.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Further reserved labels (lowercase).
+    pub extra_reserved: Vec<String>,
+    /// Accept loopback backends (tests, single-host setups). Other ranges are the gateway's
+    /// SSRF guard's business at dial time.
+    pub allow_loopback_backends: bool,
+}
+
+/// Validates and normalises (ASCII-lowercases) one label under the farmer's domain.
+pub fn validate_name(
+    field: &str,
+    name: &str,
+    farmer_domain: &str,
+    policy: &Policy,
+) -> Result<String, FieldError> {
+    let lower = name.to_ascii_lowercase();
+    let reserved = RESERVED_NAMES.contains(&lower.as_str())
+        || policy.extra_reserved.contains(&lower)
+        || is_ns_label(&lower);
+    if reserved {
+        return Err(FieldError::new(
+            field,
+            format!("`{lower}` is reserved by the gateway operator"),
+        ));
+    }
+    if lower.contains('.') {
+        return Err(FieldError::new(
+            field,
+            "a name is one DNS label: it must not contain `.` (reserve a custom domain instead)",
+        ));
+    }
+    validate_label(field, &lower)?;
+    let host_len = lower.len() + 1 + farmer_domain.len();
+    if host_len > MAX_FQDN_LEN {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "`{lower}.{farmer_domain}` is {host_len} chars; a host name has at most {MAX_FQDN_LEN}"
+            ),
+        ));
+    }
+    Ok(lower)
+}
+
+/// `ns`, `ns1`, `ns02`, …: name-server labels.
+fn is_ns_label(label: &str) -> bool {
+    label
+        .strip_prefix("ns")
+        .is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Validates and normalises a custom FQDN: lowercase, no trailing dot, every label a valid
+/// LDH label (IDN only as punycode `xn--`), not an IP literal, no wildcard, not under
+/// `farmer_domain`.
+pub fn validate_fqdn(field: &str, fqdn: &str, farmer_domain: &str) -> Result<String, FieldError> {
+    if fqdn.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if !fqdn.is_ascii() {
+        let hint = match idna::domain_to_ascii_strict(fqdn) {
+            Ok(ascii) => format!(" (`{ascii}`)"),
+            Err(_) => String::new(),
+        };
+        return Err(FieldError::new(
+            field,
+            format!("internationalised names must be given in punycode form{hint}"),
+        ));
+    }
+    let lower = fqdn.to_ascii_lowercase();
+    let lower = lower.strip_suffix('.').unwrap_or(&lower).to_string();
+    if lower.parse::<IpAddr>().is_ok() || lower.starts_with('[') {
+        return Err(FieldError::new(
+            field,
+            "an IP address is not a domain; reserve a host name",
+        ));
+    }
+    if lower.contains('*') {
+        return Err(FieldError::new(field, "wildcards cannot be reserved"));
+    }
+    if lower.len() > MAX_FQDN_LEN {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "is {} chars; a host name has at most {MAX_FQDN_LEN}",
+                lower.len()
+            ),
+        ));
+    }
+    let labels: Vec<&str> = lower.split('.').collect();
+    if labels.len() < 2 {
+        return Err(FieldError::new(
+            field,
+            "must be a fully qualified domain with at least two labels",
+        ));
+    }
+    for label in &labels {
+        validate_label(field, label)?;
+    }
+    if labels
+        .last()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(FieldError::new(
+            field,
+            "the top-level label is all digits, which no real domain has",
+        ));
+    }
+    let farmer = farmer_domain.to_ascii_lowercase();
+    if lower == farmer || lower.ends_with(&format!(".{farmer}")) {
+        return Err(FieldError::new(
+            field,
+            format!("is under the gateway's domain `{farmer}`; reserve a name instead"),
+        ));
+    }
+    Ok(lower)
+}
+
+/// One lowercase LDH label, 1–63 chars; `xn--` labels must be valid punycode.
+fn validate_label(field: &str, label: &str) -> Result<(), FieldError> {
+    if label.is_empty() {
+        return Err(FieldError::new(field, "contains an empty label"));
+    }
+    if label.len() > MAX_LABEL_LEN {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "label `{label}` is {} chars; a DNS label has at most {MAX_LABEL_LEN}",
+                label.len()
+            ),
+        ));
+    }
+    if let Some(bad) = label
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(FieldError::new(
+            field,
+            format!("label `{label}` contains `{bad}`; only a-z, 0-9 and `-` are allowed"),
+        ));
+    }
+    if label.starts_with('-') || label.ends_with('-') {
+        return Err(FieldError::new(
+            field,
+            format!("label `{label}` must not start or end with `-`"),
+        ));
+    }
+    if label.get(2..4) == Some("--") {
+        let valid_a_label = label.starts_with("xn--")
+            && idna::domain_to_ascii_strict(label).is_ok_and(|ascii| ascii == label);
+        if !valid_a_label {
+            return Err(FieldError::new(
+                field,
+                format!(
+                    "label `{label}` has `--` in positions 3-4, reserved for valid punycode (`xn--`) labels"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validates a backend list: 1..=MAX_BACKENDS IP-literal `addr:port`, no port 0, no
+/// unspecified or multicast address, loopback only if the policy allows. Overlay addresses
+/// (200::/7, 400::/7) are ordinary IPv6 addresses here.
+pub fn validate_backends(
+    field: &str,
+    backends: &[String],
+    policy: &Policy,
+) -> Result<Vec<SocketAddr>, FieldError> {
+    if backends.is_empty() {
+        return Err(FieldError::new(field, "at least one backend is required"));
+    }
+    if backends.len() > MAX_BACKENDS {
+        return Err(FieldError::new(
+            field,
+            format!("at most {MAX_BACKENDS} backends"),
+        ));
+    }
+    let mut out = Vec::with_capacity(backends.len());
+    for (i, text) in backends.iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        let addr: SocketAddr = text.trim().parse().map_err(|_| {
+            FieldError::new(
+                &f,
+                format!("`{text}` is not an IP-literal `addr:port` (IPv6 as `[addr]:port`)"),
+            )
+        })?;
+        if addr.port() == 0 {
+            return Err(FieldError::new(&f, "port 0 is not a backend port"));
+        }
+        let ip = addr.ip();
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err(FieldError::new(
+                &f,
+                format!("{ip} is not a unicast host address"),
+            ));
+        }
+        if is_loopback(ip) && !policy.allow_loopback_backends {
+            return Err(FieldError::new(
+                &f,
+                format!("{ip} is loopback: the gateway's own host is not a backend"),
+            ));
+        }
+        if out.contains(&addr) {
+            return Err(FieldError::new(&f, format!("{addr} is listed twice")));
+        }
+        out.push(addr);
+    }
+    Ok(out)
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// Checks that the options do not contradict each other.
+pub fn validate_options(field: &str, options: &Options) -> Result<(), FieldError> {
+    if options.redirect_https && options.allow_plain_http {
+        return Err(FieldError::new(
+            format!("{field}.allow_plain_http"),
+            "cannot both serve plain HTTP and redirect it to HTTPS; set redirect_https to false",
+        ));
+    }
+    Ok(())
+}
+
+/// Validates a deployer id (the owner of reservations and tokens): 1–64 chars of
+/// `a-z0-9-_.`.
+pub fn validate_owner(field: &str, owner: &str) -> Result<(), FieldError> {
+    let ok = !owner.is_empty()
+        && owner.len() <= 64
+        && owner
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            "a deployer id is 1-64 chars of a-z, 0-9, `-`, `_`, `.`",
+        ))
+    }
+}
+
+/// The TXT record name a domain's owner publishes the challenge token at.
+pub fn challenge_name(fqdn: &str) -> String {
+    format!("{CHALLENGE_LABEL}.{fqdn}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FARM: &str = "farm.example";
+
+    fn name(n: &str) -> Result<String, FieldError> {
+        validate_name("name", n, FARM, &Policy::default())
+    }
+
+    #[test]
+    fn names_follow_label_rules() {
+        assert_eq!(name("Alice-1").unwrap(), "alice-1");
+        assert_eq!(name("a").unwrap(), "a");
+        assert!(name(&"a".repeat(63)).is_ok());
+        assert!(
+            name(&"a".repeat(64))
+                .unwrap_err()
+                .reason
+                .contains("at most 63")
+        );
+        assert!(name("-a").unwrap_err().reason.contains("start or end"));
+        assert!(name("a_b").unwrap_err().reason.contains("`_`"));
+        assert!(name("a.b").unwrap_err().reason.contains("one DNS label"));
+        assert!(name("").is_err());
+        assert!(name("ab--cd").unwrap_err().reason.contains("positions 3-4"));
+        assert!(name("xn--bcher-kva").is_ok());
+        assert!(name("xn--zz-").is_err());
+    }
+
+    #[test]
+    fn reserved_words_are_refused() {
+        for w in [
+            "www",
+            "API",
+            "admin",
+            "mail",
+            "ns",
+            "ns1",
+            "_acme-challenge",
+        ] {
+            assert!(name(w).unwrap_err().reason.contains("reserved"), "{w}");
+        }
+        let policy = Policy {
+            extra_reserved: vec!["shop".into()],
+            ..Policy::default()
+        };
+        assert!(validate_name("name", "shop", FARM, &policy).is_err());
+        assert!(name("nsx").is_ok());
+    }
+
+    #[test]
+    fn fqdns_are_checked_per_label() {
+        let f = |d: &str| validate_fqdn("fqdn", d, FARM);
+        assert_eq!(f("Shop.Example.COM.").unwrap(), "shop.example.com");
+        assert_eq!(f("xn--bcher-kva.example").unwrap(), "xn--bcher-kva.example");
+        assert!(
+            f("bücher.example")
+                .unwrap_err()
+                .reason
+                .contains("xn--bcher-kva")
+        );
+        assert!(f("xn--xx.example").is_err());
+        assert!(f("1.2.3.4").unwrap_err().reason.contains("IP address"));
+        assert!(f("[::1]").is_err());
+        assert!(f("*.example.com").unwrap_err().reason.contains("wildcard"));
+        assert!(
+            f("a.farm.example")
+                .unwrap_err()
+                .reason
+                .contains("gateway's domain")
+        );
+        assert!(f("farm.example").is_err());
+        assert!(f("notfarm.example").is_ok());
+        assert!(f("localhost").unwrap_err().reason.contains("two labels"));
+        assert!(f("a..b").unwrap_err().reason.contains("empty label"));
+        assert!(f("_x.example.com").is_err());
+        assert!(f(&format!("{}.com", "a".repeat(64))).is_err());
+        let long = format!("{}.com", vec!["a".repeat(60); 5].join("."));
+        assert!(f(&long).unwrap_err().reason.contains("at most 253"));
+    }
+
+    #[test]
+    fn backends_are_ip_literals() {
+        let p = Policy::default();
+        let b = |v: &[&str]| {
+            validate_backends(
+                "backends",
+                &v.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                &p,
+            )
+        };
+        assert!(b(&["[400:1::2]:8080", "10.0.0.1:80"]).is_ok());
+        assert_eq!(b(&["web:80"]).unwrap_err().field, "backends[0]");
+        assert!(b(&[]).is_err());
+        assert!(
+            b(&["127.0.0.1:80"])
+                .unwrap_err()
+                .reason
+                .contains("loopback")
+        );
+        assert!(b(&["[::ffff:127.0.0.1]:80"]).is_err());
+        assert!(b(&["0.0.0.0:80"]).is_err());
+        assert!(b(&["10.0.0.1:0"]).is_err());
+        assert!(b(&["10.0.0.1:80", "10.0.0.1:80"]).is_err());
+    }
+
+    #[test]
+    fn route_from_reservation() {
+        let r = Reservation {
+            kind: Kind::Name,
+            name: "alice".into(),
+            owner: "a".into(),
+            backends: vec!["[400::1]:80".parse().unwrap()],
+            mode: Mode::Passthrough,
+            options: Options {
+                redirect_https: false,
+                allow_plain_http: true,
+                sticky: false,
+            },
+            status: Status::Active,
+            created_at: 1,
+            updated_at: 1,
+            verification: Verification::default(),
+        };
+        let route = r.to_route(FARM);
+        assert_eq!(route.host, "alice.farm.example");
+        assert_eq!(route.mode, Mode::Passthrough);
+        assert!(route.options.allow_plain_http);
+        assert_eq!(route.backends[0].addr, r.backends[0]);
+    }
+}
