@@ -1,0 +1,346 @@
+//! The ACME client (instant-acme): account persistence, one order from start to certificate,
+//! challenge publication and cleanup, ARI lookups. Decisions about *when* to order live in
+//! [`crate::schedule`]; this module only performs an order.
+
+use crate::challenge::ChallengeResponder;
+use crate::devca::IssuedPem;
+use crate::dns::ChallengeZone;
+use crate::error::IssueError;
+use crate::store::CertStore;
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, CertificateIdentifier, ChallengeType,
+    Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+};
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+const ACCOUNT_FILE: &str = "account.json";
+
+/// The account as persisted (mode 0600): reused while directory and key stay the same.
+#[derive(Serialize, Deserialize)]
+struct StoredAccount {
+    directory: String,
+    contact: String,
+    credentials: AccountCredentials,
+}
+
+/// Where challenge responses are published during an order.
+pub struct ChallengeTargets<'a> {
+    pub responder: &'a ChallengeResponder,
+    pub dns: Option<&'a ChallengeZone>,
+}
+
+pub struct AcmeClient {
+    account: Account,
+    directory: String,
+    orders_placed: Arc<AtomicU64>,
+}
+
+impl AcmeClient {
+    /// Loads the account stored in `store` for `directory`, or registers a new one with
+    /// `contact` (persisted with mode 0600). `ca_root` is trusted for the server's HTTPS.
+    pub async fn connect(
+        directory: &str,
+        contact: &str,
+        ca_root: Option<&Path>,
+        store: &CertStore,
+        orders_placed: Arc<AtomicU64>,
+    ) -> Result<Self, IssueError> {
+        let builder = || match ca_root {
+            Some(root) => Account::builder_with_root(root)
+                .map_err(|e| IssueError::acme(format!("ACME CA root {}", root.display()), &e)),
+            None => Account::builder().map_err(|e| IssueError::acme("ACME HTTPS client", &e)),
+        };
+        let stored = store
+            .read_file(ACCOUNT_FILE)
+            .map_err(|e| IssueError::new(e.to_string()))?
+            .and_then(|text| match serde_json::from_str::<StoredAccount>(&text) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    tracing::warn!(
+                        "{}: unreadable ACME account ({e}); registering a new one",
+                        store.dir().join(ACCOUNT_FILE).display()
+                    );
+                    None
+                }
+            });
+        if let Some(saved) = stored.filter(|a| a.directory == directory) {
+            let contact_changed = saved.contact != contact;
+            let account = builder()?
+                .from_credentials(saved.credentials)
+                .await
+                .map_err(|e| IssueError::acme(format!("ACME directory {directory}"), &e))?;
+            if contact_changed {
+                account.update_contacts(&[contact]).await.map_err(|e| {
+                    IssueError::acme(format!("updating ACME account contact to {contact:?}"), &e)
+                })?;
+                // Credentials are unchanged; only the recorded contact is.
+                let text = store
+                    .read_file(ACCOUNT_FILE)
+                    .ok()
+                    .flatten()
+                    .and_then(|t| serde_json::from_str::<StoredAccount>(&t).ok());
+                if let Some(mut a) = text {
+                    a.contact = contact.to_string();
+                    save_account(store, &a)?;
+                }
+            }
+            tracing::info!(%directory, id = account.id(), "reusing stored ACME account");
+            return Ok(AcmeClient {
+                account,
+                directory: directory.to_string(),
+                orders_placed,
+            });
+        }
+        let (account, credentials) = builder()?
+            .create(
+                &NewAccount {
+                    contact: &[contact],
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                },
+                directory.to_string(),
+                None,
+            )
+            .await
+            .map_err(|e| {
+                IssueError::acme(
+                    format!("registering ACME account with contact {contact:?} at {directory}"),
+                    &e,
+                )
+            })?;
+        save_account(
+            store,
+            &StoredAccount {
+                directory: directory.to_string(),
+                contact: contact.to_string(),
+                credentials,
+            },
+        )?;
+        tracing::info!(%directory, id = account.id(), "registered ACME account");
+        Ok(AcmeClient {
+            account,
+            directory: directory.to_string(),
+            orders_placed,
+        })
+    }
+
+    pub fn directory(&self) -> &str {
+        &self.directory
+    }
+
+    /// Places one order for `names`, answers its challenges with `challenge`, and returns the
+    /// chain and a fresh ECDSA P-256 key. Published challenge responses are always removed.
+    pub async fn order(
+        &self,
+        names: &[String],
+        challenge: ChallengeType,
+        targets: &ChallengeTargets<'_>,
+        timeout: Duration,
+    ) -> Result<IssuedPem, IssueError> {
+        let mut published = Published::default();
+        let result = tokio::time::timeout(
+            timeout,
+            self.order_inner(names, challenge.clone(), targets, &mut published),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(IssueError::new(format!(
+                "order for {names:?} ({challenge:?}) did not complete within {timeout:?}"
+            )))
+        });
+        published.clear(targets).await;
+        result
+    }
+
+    async fn order_inner(
+        &self,
+        names: &[String],
+        challenge: ChallengeType,
+        targets: &ChallengeTargets<'_>,
+        published: &mut Published,
+    ) -> Result<IssuedPem, IssueError> {
+        let what = format!("{challenge:?} order for {}", names.join(", "));
+        let identifiers: Vec<Identifier> =
+            names.iter().map(|n| Identifier::Dns(n.clone())).collect();
+        let mut order = self
+            .account
+            .new_order(&NewOrder::new(&identifiers))
+            .await
+            .map_err(|e| IssueError::acme(format!("{what}: new order"), &e))?;
+        self.orders_placed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(url = order.url(), "placed {what}");
+
+        let mut authorizations = order.authorizations();
+        while let Some(authz) = authorizations.next().await {
+            let mut authz =
+                authz.map_err(|e| IssueError::acme(format!("{what}: authorization"), &e))?;
+            match authz.status {
+                AuthorizationStatus::Pending => {}
+                AuthorizationStatus::Valid => continue,
+                other => {
+                    return Err(IssueError::new(format!(
+                        "{what}: authorization for {} is {other:?}",
+                        authz.identifier()
+                    )));
+                }
+            }
+            let ident = authz.identifier().to_string();
+            let bare = ident.trim_start_matches("*.").to_string();
+            let mut ch = authz.challenge(challenge.clone()).ok_or_else(|| {
+                IssueError::new(format!(
+                    "{what}: the server offers no {challenge:?} challenge for {ident}"
+                ))
+            })?;
+            let key_auth = ch.key_authorization();
+            match challenge {
+                ChallengeType::Http01 => {
+                    targets.responder.set_http01(&ch.token, key_auth.as_str());
+                    published.tokens.push(ch.token.clone());
+                }
+                ChallengeType::TlsAlpn01 => {
+                    targets
+                        .responder
+                        .set_tls_alpn01(&bare, key_auth.digest().as_ref())
+                        .map_err(|e| IssueError::new(format!("{what}: {e}")))?;
+                    published.alpn_names.push(bare);
+                }
+                ChallengeType::Dns01 => {
+                    let zone = targets.dns.ok_or_else(|| {
+                        IssueError::new(format!("{what}: no DNS-01 zone is served for {ident}"))
+                    })?;
+                    zone.add_txt(&key_auth.dns_value()).await;
+                    published.dns = Some(zone.clone());
+                }
+                _ => return Err(IssueError::new(format!("{what}: unsupported challenge"))),
+            }
+            ch.set_ready()
+                .await
+                .map_err(|e| IssueError::acme(format!("{what}: challenge for {ident}"), &e))?;
+        }
+
+        let retry = RetryPolicy::new()
+            .initial_delay(Duration::from_millis(100))
+            .backoff(1.5)
+            .timeout(Duration::from_secs(60));
+        let status = match order.poll_ready(&retry).await {
+            Ok(s) => s,
+            Err(instant_acme::Error::Api(p)) => {
+                return Err(self
+                    .challenge_error(&mut order, &what)
+                    .await
+                    .unwrap_or_else(|| IssueError::problem(format!("{what}: order failed"), &p)));
+            }
+            Err(e) => {
+                return Err(IssueError::acme(
+                    format!("{what}: waiting for validation"),
+                    &e,
+                ));
+            }
+        };
+        if status != OrderStatus::Ready {
+            return Err(self
+                .challenge_error(&mut order, &what)
+                .await
+                .unwrap_or_else(|| IssueError::new(format!("{what}: order is {status:?}"))));
+        }
+
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| IssueError::new(format!("{what}: key generation: {e}")))?;
+        let mut params = CertificateParams::new(names.to_vec())
+            .map_err(|e| IssueError::new(format!("{what}: CSR: {e}")))?;
+        params.distinguished_name = DistinguishedName::new();
+        let csr = params
+            .serialize_request(&key)
+            .map_err(|e| IssueError::new(format!("{what}: CSR: {e}")))?;
+        order
+            .finalize_csr(csr.der())
+            .await
+            .map_err(|e| IssueError::acme(format!("{what}: finalize"), &e))?;
+        let chain_pem = order
+            .poll_certificate(&retry)
+            .await
+            .map_err(|e| IssueError::acme(format!("{what}: certificate download"), &e))?;
+        tracing::info!("issued {what}");
+        Ok(IssuedPem {
+            chain_pem,
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// The problem detail of the first failed challenge of an invalid order.
+    async fn challenge_error(
+        &self,
+        order: &mut instant_acme::Order,
+        what: &str,
+    ) -> Option<IssueError> {
+        let mut authorizations = order.authorizations();
+        while let Some(authz) = authorizations.next().await {
+            let Ok(mut authz) = authz else { continue };
+            let Ok(state) = authz.refresh().await else {
+                continue;
+            };
+            let ident = state.identifier().to_string();
+            for c in &state.challenges {
+                if let Some(p) = &c.error {
+                    return Some(IssueError::problem(
+                        format!("{what}: {:?} challenge for {ident} failed", c.r#type),
+                        p,
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// The ACME Renewal Information window for a certificate, when the server supports ARI.
+    pub async fn renewal_window(&self, chain_pem: &str) -> Option<(SystemTime, SystemTime)> {
+        let chain = crate::pem::parse_chain(chain_pem).ok()?;
+        let id = CertificateIdentifier::try_from(&chain[0]).ok()?;
+        match self.account.renewal_info(&id).await {
+            Ok((info, _retry_after)) => Some((
+                SystemTime::from(info.suggested_window.start),
+                SystemTime::from(info.suggested_window.end),
+            )),
+            Err(instant_acme::Error::Unsupported(_)) => None,
+            Err(e) => {
+                tracing::debug!("ARI lookup failed: {e}");
+                None
+            }
+        }
+    }
+}
+
+fn save_account(store: &CertStore, account: &StoredAccount) -> Result<(), IssueError> {
+    let json = serde_json::to_vec_pretty(account)
+        .map_err(|e| IssueError::new(format!("serializing ACME account: {e}")))?;
+    store
+        .write_file(ACCOUNT_FILE, &json)
+        .map_err(|e| IssueError::new(e.to_string()))
+}
+
+/// Challenge responses published by one order, removed when it ends.
+#[derive(Default)]
+struct Published {
+    tokens: Vec<String>,
+    alpn_names: Vec<String>,
+    dns: Option<ChallengeZone>,
+}
+
+impl Published {
+    async fn clear(&mut self, targets: &ChallengeTargets<'_>) {
+        for t in self.tokens.drain(..) {
+            targets.responder.clear_http01(&t);
+        }
+        for n in self.alpn_names.drain(..) {
+            targets.responder.clear_tls_alpn01(&n);
+        }
+        if let Some(zone) = self.dns.take() {
+            zone.clear_txt().await;
+        }
+    }
+}

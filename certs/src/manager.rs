@@ -1,0 +1,637 @@
+//! The certificate manager: owns the store, the resolver, the challenge responders, the DNS-01
+//! zone and the [`Scheduler`]; its tokio driver places the orders the scheduler asks for.
+
+use crate::acme::{AcmeClient, ChallengeTargets};
+use crate::challenge::ChallengeResponder;
+use crate::config::{CertConfig, CustomChallenge, Directory};
+use crate::devca::{DevCa, IssuedPem};
+use crate::dns::{ChallengeZone, DnsServer, serve_dns};
+use crate::error::{CertError, IssueError};
+use crate::pem::{certified_key, leaf_info, normalize_name, rfc3339, unix_secs};
+use crate::resolver::CertResolver;
+use crate::schedule::{Action, Scheduler, Validity};
+use crate::store::{CertStore, StoredCert};
+use instant_acme::ChallengeType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rustls::ServerConfig;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{Notify, mpsc};
+
+/// The longest the driver sleeps without re-checking its schedule.
+const MAX_IDLE: Duration = Duration::from_secs(3600);
+
+/// One certificate's state, for the admin status endpoint (serialize to JSON).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CertStatus {
+    /// The certificate's key: its primary name (`*.<domain>` for the farmer wildcard).
+    pub name: String,
+    /// Names the certificate covers.
+    pub names: Vec<String>,
+    /// `pending` (no cert yet), `ordering`, `valid`, `renewing`, `failed` (no cert, retrying)
+    /// or `renewal-failing` (cert still served, renewal retrying).
+    pub state: &'static str,
+    pub not_before: Option<String>,
+    pub not_after: Option<String>,
+    pub renew_at: Option<String>,
+    /// Consecutive failed orders.
+    pub failures: u32,
+    pub next_retry: Option<String>,
+    /// The last failure, with the ACME problem detail and type when the server sent one.
+    pub last_error: Option<String>,
+}
+
+#[derive(Default, Clone)]
+struct Metrics {
+    orders: Family<Vec<(String, String)>, Counter>,
+    not_after: Family<Vec<(String, String)>, Gauge>,
+    failures: Family<Vec<(String, String)>, Gauge>,
+    last_error: Family<Vec<(String, String)>, Gauge>,
+}
+
+struct State {
+    sched: Scheduler,
+    /// Desired certificates: key → names to order.
+    requests: BTreeMap<String, Vec<String>>,
+    /// Certificates from the store (and issued since), by key.
+    stored: HashMap<String, StoredCert>,
+    /// Keys whose ARI window should be fetched.
+    ari_pending: Vec<String>,
+    /// Labels of the `last_error` metric per key, to clear it on success.
+    error_labels: HashMap<String, Vec<(String, String)>>,
+}
+
+struct Inner {
+    config: CertConfig,
+    directory: Directory,
+    contact: String,
+    store: CertStore,
+    resolver: Arc<CertResolver>,
+    challenges: Arc<ChallengeResponder>,
+    farmer: Option<String>,
+    dns_zone: Option<ChallengeZone>,
+    devca: Option<DevCa>,
+    acme: tokio::sync::Mutex<Option<Arc<AcmeClient>>>,
+    state: Mutex<State>,
+    wake: Notify,
+    orders_placed: Arc<AtomicU64>,
+    metrics: Metrics,
+}
+
+/// Cheap to clone; all clones share one manager.
+#[derive(Clone)]
+pub struct CertManager {
+    inner: Arc<Inner>,
+}
+
+enum Event {
+    Issued {
+        key: String,
+        result: Result<IssuedPem, IssueError>,
+    },
+    Window {
+        key: String,
+        start: SystemTime,
+        end: SystemTime,
+    },
+}
+
+impl CertManager {
+    /// Opens the store and loads its certificates; does no network I/O. The farmer wildcard
+    /// (when `farmer_domain` is set) is desired from the start; stored certificates are
+    /// served as soon as their name is desired.
+    pub fn new(config: CertConfig) -> Result<Self, CertError> {
+        let directory = config.acme.directory()?;
+        let contact = match directory {
+            Directory::Acme(_) => config.acme.contact()?,
+            Directory::LocalDevCa => String::new(),
+        };
+        let store = CertStore::open(&config.state_dir)?;
+        let devca = match directory {
+            Directory::LocalDevCa => Some(DevCa::load_or_create(config.state_dir.join("dev-ca"))?),
+            Directory::Acme(_) => None,
+        };
+        let farmer = config
+            .farmer_domain
+            .as_deref()
+            .map(normalize_name)
+            .transpose()?;
+        let dns_zone = match &farmer {
+            Some(d) => {
+                let ns = config.dns.ns_host.clone().unwrap_or_else(|| d.clone());
+                Some(ChallengeZone::new(d, &ns)?)
+            }
+            None => None,
+        };
+        let mut stored = HashMap::new();
+        for c in store.load_all() {
+            match c {
+                Ok(c) => {
+                    stored.insert(c.key.clone(), c);
+                }
+                Err(e) => tracing::warn!("certificate store: {e}; it will be re-issued if needed"),
+            }
+        }
+        let challenges = Arc::new(ChallengeResponder::default());
+        let seed: u64 = rand::random();
+        let manager = CertManager {
+            inner: Arc::new(Inner {
+                directory,
+                contact,
+                store,
+                resolver: Arc::new(CertResolver::new(challenges.clone())),
+                challenges,
+                farmer,
+                dns_zone,
+                devca,
+                acme: tokio::sync::Mutex::new(None),
+                state: Mutex::new(State {
+                    sched: Scheduler::new(config.renewal.clone(), seed),
+                    requests: BTreeMap::new(),
+                    stored,
+                    ari_pending: Vec::new(),
+                    error_labels: HashMap::new(),
+                }),
+                config,
+                wake: Notify::new(),
+                orders_placed: Arc::new(AtomicU64::new(0)),
+                metrics: Metrics::default(),
+            }),
+        };
+        manager.set_desired(Vec::<String>::new());
+        Ok(manager)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every update is one step).
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The rustls resolver for the :443 listener (exact SNI, then `*.parent`).
+    pub fn resolver(&self) -> Arc<CertResolver> {
+        self.inner.resolver.clone()
+    }
+
+    /// A rustls server config using [`Self::resolver`] with the given ALPN protocols.
+    pub fn server_config(&self, alpn: Vec<Vec<u8>>) -> Arc<ServerConfig> {
+        let mut config = ServerConfig::builder_with_provider(crate::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .expect("ring supports TLS 1.2 and 1.3")
+            .with_no_client_auth()
+            .with_cert_resolver(self.inner.resolver.clone());
+        config.alpn_protocols = alpn;
+        Arc::new(config)
+    }
+
+    /// Body for `GET /.well-known/acme-challenge/<token>` on :80, or `None` (404).
+    pub fn http01_response(&self, token: &str) -> Option<String> {
+        self.inner.challenges.http01_response(token)
+    }
+
+    /// The config for a :443 handshake whose ClientHello offers `acme-tls/1`.
+    pub fn tls_alpn01_config(&self) -> Arc<ServerConfig> {
+        self.inner.challenges.tls_alpn01_config()
+    }
+
+    /// The shared challenge responder (HTTP-01 tokens, TLS-ALPN-01 certificates).
+    pub fn challenges(&self) -> Arc<ChallengeResponder> {
+        self.inner.challenges.clone()
+    }
+
+    /// The `_acme-challenge.<farmer domain>` zone, to serve it from another DNS server.
+    pub fn dns_zone(&self) -> Option<ChallengeZone> {
+        self.inner.dns_zone.clone()
+    }
+
+    /// The development CA, when `acme.directory = "local-dev-ca"`.
+    pub fn dev_ca(&self) -> Option<&DevCa> {
+        self.inner.devca.as_ref()
+    }
+
+    /// Orders placed by this manager since it started.
+    pub fn orders_placed(&self) -> u64 {
+        self.inner.orders_placed.load(Ordering::Relaxed)
+    }
+
+    /// Sets the names the gateway serves besides the farmer wildcard: custom domains only once
+    /// the reservation layer has verified them. Names covered by the farmer wildcard
+    /// (`<domain>` and `<label>.<domain>`) need no certificate of their own; invalid names are
+    /// skipped with a warning. Certificates for names no longer desired stop being served
+    /// and renewed (their files stay in the store).
+    pub fn set_desired<I: IntoIterator<Item = String>>(&self, names: I) {
+        let mut requests = BTreeMap::new();
+        if let Some(d) = &self.inner.farmer {
+            requests.insert(format!("*.{d}"), vec![format!("*.{d}"), d.clone()]);
+        }
+        for n in names {
+            let n = match normalize_name(&n) {
+                Ok(n) if !n.starts_with("*.") => n,
+                Ok(_) => {
+                    tracing::warn!(name = %n, "wildcard custom domains are not issued");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("not ordering a certificate: {e}");
+                    continue;
+                }
+            };
+            if self.covered_by_wildcard(&n) {
+                continue;
+            }
+            requests.insert(n.clone(), vec![n]);
+        }
+        let now = SystemTime::now();
+        let mut st = self.state();
+        let removed = st.sched.set_desired(requests.keys().cloned());
+        for key in removed {
+            if let Some(names) = st.requests.get(&key) {
+                self.inner.resolver.remove(names);
+            }
+            self.forget_metrics(&mut st, &key);
+        }
+        for (key, names) in &requests {
+            if st.requests.contains_key(key) {
+                continue;
+            }
+            let usable = st.stored.get(key).filter(|c| {
+                c.validity.not_after > now && names.iter().all(|n| c.names.contains(n))
+            });
+            if let Some(c) = usable.cloned() {
+                match certified_key(&c.chain_pem, &c.key_pem) {
+                    Ok(ck) => {
+                        self.inner.resolver.install(names, ck);
+                        st.sched.cert_installed(key, c.validity);
+                        st.ari_pending.push(key.clone());
+                        self.inner
+                            .metrics
+                            .not_after
+                            .get_or_create(&vec![("name".into(), key.clone())])
+                            .set(unix_secs(c.validity.not_after));
+                        tracing::info!(name = %key, not_after = %rfc3339(c.validity.not_after),
+                            "serving stored certificate");
+                    }
+                    Err(e) => tracing::warn!(name = %key, "stored certificate unusable: {e}"),
+                }
+            }
+        }
+        st.requests = requests;
+        drop(st);
+        self.inner.wake.notify_one();
+    }
+
+    fn covered_by_wildcard(&self, name: &str) -> bool {
+        let Some(d) = &self.inner.farmer else {
+            return false;
+        };
+        name == d
+            || name
+                .strip_suffix(d.as_str())
+                .and_then(|p| p.strip_suffix('.'))
+                .is_some_and(|label| !label.is_empty() && !label.contains('.'))
+    }
+
+    /// Orders a new certificate for `name` (a key: custom domain or `*.<domain>`) now,
+    /// whatever its validity. Returns false when the name is not desired.
+    pub fn renew_now(&self, name: &str) -> bool {
+        let key = name.to_ascii_lowercase();
+        let mut st = self.state();
+        if !st.sched.is_desired(&key) {
+            return false;
+        }
+        st.sched.force_renew(&key);
+        drop(st);
+        self.inner.wake.notify_one();
+        true
+    }
+
+    /// The status of every desired certificate.
+    pub fn status(&self) -> Vec<CertStatus> {
+        let st = self.state();
+        st.requests
+            .iter()
+            .map(|(key, names)| {
+                let v = st.sched.view(key);
+                let (validity, due, in_flight, failures, retry_at, last_error) = match v {
+                    Some(v) => (
+                        v.validity,
+                        v.due,
+                        v.in_flight,
+                        v.failures,
+                        v.retry_at,
+                        v.last_error,
+                    ),
+                    None => (None, None, false, 0, None, None),
+                };
+                let state = match (validity.is_some(), in_flight, failures > 0) {
+                    (false, true, _) => "ordering",
+                    (true, true, _) => "renewing",
+                    (false, false, true) => "failed",
+                    (true, false, true) => "renewal-failing",
+                    (false, false, false) => "pending",
+                    (true, false, false) => "valid",
+                };
+                CertStatus {
+                    name: key.clone(),
+                    names: names.clone(),
+                    state,
+                    not_before: validity.map(|v| rfc3339(v.not_before)),
+                    not_after: validity.map(|v| rfc3339(v.not_after)),
+                    renew_at: due.map(rfc3339),
+                    failures,
+                    next_retry: retry_at.map(rfc3339),
+                    last_error,
+                }
+            })
+            .collect()
+    }
+
+    /// Registers `meshgate_cert_*` metrics: orders by result, expiry time, consecutive
+    /// failures, and the last error (problem type and detail as labels) per certificate.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let m = &self.inner.metrics;
+        registry.register(
+            "meshgate_cert_orders",
+            "ACME orders placed, by result",
+            m.orders.clone(),
+        );
+        registry.register(
+            "meshgate_cert_not_after_seconds",
+            "Expiry (Unix time) of the certificate served for a name",
+            m.not_after.clone(),
+        );
+        registry.register(
+            "meshgate_cert_renewal_failures",
+            "Consecutive failed orders for a name",
+            m.failures.clone(),
+        );
+        registry.register(
+            "meshgate_cert_last_error",
+            "1 while the last order for a name failed; labels carry the ACME problem",
+            m.last_error.clone(),
+        );
+    }
+
+    fn forget_metrics(&self, st: &mut State, key: &str) {
+        let name = vec![("name".to_string(), key.to_string())];
+        self.inner.metrics.not_after.remove(&name);
+        self.inner.metrics.failures.remove(&name);
+        if let Some(labels) = st.error_labels.remove(key) {
+            self.inner.metrics.last_error.remove(&labels);
+        }
+    }
+
+    /// Connects (or registers) the ACME account now, to surface configuration errors such as
+    /// a rejected contact at start. Orders connect lazily otherwise.
+    pub async fn connect_account(&self) -> Result<(), CertError> {
+        self.acme_client()
+            .await
+            .map(|_| ())
+            .map_err(CertError::from)
+    }
+
+    async fn acme_client(&self) -> Result<Arc<AcmeClient>, IssueError> {
+        let Directory::Acme(url) = &self.inner.directory else {
+            return Err(IssueError::new("no ACME directory configured"));
+        };
+        let mut guard = self.inner.acme.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let client = Arc::new(
+            AcmeClient::connect(
+                url,
+                &self.inner.contact,
+                self.inner.config.acme.ca_root.as_deref(),
+                &self.inner.store,
+                self.inner.orders_placed.clone(),
+            )
+            .await?,
+        );
+        *guard = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Issues one certificate: DNS-01 for the farmer wildcard; the configured challenge for a
+    /// custom domain, falling back to the other one when it fails.
+    async fn issue(&self, key: &str, names: &[String]) -> Result<IssuedPem, IssueError> {
+        if let Some(ca) = &self.inner.devca {
+            self.inner.orders_placed.fetch_add(1, Ordering::Relaxed);
+            return ca
+                .issue(names, Duration::from_secs(90 * 86400))
+                .map_err(|e| IssueError::new(e.to_string()));
+        }
+        let client = self.acme_client().await?;
+        let targets = ChallengeTargets {
+            responder: &self.inner.challenges,
+            dns: self.inner.dns_zone.as_ref(),
+        };
+        let timeout = Duration::try_from_secs_f64(self.inner.config.acme.order_timeout_secs)
+            .unwrap_or(Duration::from_secs(90));
+        let plan = if key.starts_with("*.") {
+            vec![ChallengeType::Dns01]
+        } else {
+            match self.inner.config.acme.challenge {
+                CustomChallenge::Http01 => vec![ChallengeType::Http01, ChallengeType::TlsAlpn01],
+                CustomChallenge::TlsAlpn01 => {
+                    vec![ChallengeType::TlsAlpn01, ChallengeType::Http01]
+                }
+            }
+        };
+        let mut errors: Vec<IssueError> = Vec::new();
+        for challenge in plan {
+            match client
+                .order(names, challenge.clone(), &targets, timeout)
+                .await
+            {
+                Ok(pem) => return Ok(pem),
+                Err(e) => {
+                    tracing::warn!(name = %key, "{e}");
+                    errors.push(e);
+                }
+            }
+        }
+        let problem_type = errors.iter().rev().find_map(|e| e.problem_type.clone());
+        let message = errors
+            .iter()
+            .map(|e| e.message.as_str())
+            .collect::<Vec<_>>()
+            .join("; then ");
+        Err(IssueError {
+            message,
+            problem_type,
+        })
+    }
+
+    /// Spawns [`Self::run`] on the current tokio runtime.
+    pub fn spawn(&self) -> tokio::task::JoinHandle<Result<(), CertError>> {
+        let this = self.clone();
+        tokio::spawn(async move { this.run().await })
+    }
+
+    /// The driver: serves DNS-01 (when `dns.listen` is set and a farmer domain configured),
+    /// places the orders the scheduler asks for, installs results, and sleeps until the next
+    /// due time. Runs until its task is dropped/aborted; returns early only when the DNS
+    /// responder cannot bind.
+    pub async fn run(&self) -> Result<(), CertError> {
+        let _dns: Option<DnsServer> = match (&self.inner.dns_zone, self.inner.config.dns.listen) {
+            (Some(zone), Some(listen)) => {
+                Some(serve_dns(listen, vec![(zone.origin().clone(), zone.zone_handler())]).await?)
+            }
+            _ => None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+        loop {
+            let now = SystemTime::now();
+            let (actions, ari, next) = {
+                let mut st = self.state();
+                let actions = st.sched.poll(now);
+                let ari = std::mem::take(&mut st.ari_pending);
+                let ari: Vec<(String, String)> = ari
+                    .into_iter()
+                    .filter_map(|k| st.stored.get(&k).map(|c| (k, c.chain_pem.clone())))
+                    .collect();
+                (actions, ari, st.sched.next_wakeup())
+            };
+            for Action::PlaceOrder { key } in actions {
+                let names = self.state().requests.get(&key).cloned().unwrap_or_default();
+                let (this, tx) = (self.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let result = this.issue(&key, &names).await;
+                    let _ = tx.send(Event::Issued { key, result });
+                });
+            }
+            if matches!(self.inner.directory, Directory::Acme(_)) {
+                for (key, chain) in ari {
+                    let (this, tx) = (self.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let Ok(client) = this.acme_client().await else {
+                            return;
+                        };
+                        if let Some((start, end)) = client.renewal_window(&chain).await {
+                            let _ = tx.send(Event::Window { key, start, end });
+                        }
+                    });
+                }
+            }
+            let idle = next
+                .map(|t| {
+                    t.duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO)
+                })
+                .unwrap_or(MAX_IDLE)
+                .min(MAX_IDLE);
+            tokio::select! {
+                Some(ev) = rx.recv() => self.handle(ev),
+                _ = self.inner.wake.notified() => {}
+                _ = tokio::time::sleep(idle) => {}
+            }
+        }
+    }
+
+    fn handle(&self, ev: Event) {
+        let now = SystemTime::now();
+        let mut st = self.state();
+        match ev {
+            Event::Window { key, start, end } => {
+                tracing::info!(name = %key, start = %rfc3339(start), end = %rfc3339(end),
+                    "ACME renewal information window");
+                st.sched.renewal_window(&key, start, end);
+            }
+            Event::Issued { key, result } => {
+                let name = vec![("name".to_string(), key.clone())];
+                match result.and_then(|pem| self.install_issued(&mut st, &key, pem)) {
+                    Ok(validity) => {
+                        st.sched.order_succeeded(&key, validity);
+                        self.inner
+                            .metrics
+                            .orders
+                            .get_or_create(&vec![("result".into(), "success".into())])
+                            .inc();
+                        if st.sched.is_desired(&key) {
+                            self.inner.metrics.failures.get_or_create(&name).set(0);
+                            if let Some(labels) = st.error_labels.remove(&key) {
+                                self.inner.metrics.last_error.remove(&labels);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let retry = st.sched.order_failed(&key, now, e.message.clone());
+                        tracing::error!(name = %key, retry_at = %rfc3339(retry),
+                            problem = e.problem_type.as_deref().unwrap_or("-"),
+                            "certificate order failed: {}", e.message);
+                        self.inner
+                            .metrics
+                            .orders
+                            .get_or_create(&vec![("result".into(), "failure".into())])
+                            .inc();
+                        if st.sched.is_desired(&key) {
+                            let failures = st.sched.view(&key).map_or(0, |v| v.failures);
+                            self.inner
+                                .metrics
+                                .failures
+                                .get_or_create(&name)
+                                .set(failures as i64);
+                            if let Some(old) = st.error_labels.remove(&key) {
+                                self.inner.metrics.last_error.remove(&old);
+                            }
+                            let detail: String = e.message.chars().take(300).collect();
+                            let labels = vec![
+                                ("name".to_string(), key.clone()),
+                                (
+                                    "problem_type".to_string(),
+                                    e.problem_type.clone().unwrap_or_default(),
+                                ),
+                                ("detail".to_string(), detail),
+                            ];
+                            self.inner.metrics.last_error.get_or_create(&labels).set(1);
+                            st.error_labels.insert(key.clone(), labels);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores a new certificate and swaps it into the resolver (when still desired).
+    fn install_issued(
+        &self,
+        st: &mut State,
+        key: &str,
+        pem: IssuedPem,
+    ) -> Result<Validity, IssueError> {
+        let bad = |e: CertError| IssueError::new(format!("issued certificate for {key}: {e}"));
+        let (validity, names) = leaf_info(&pem.chain_pem).map_err(bad)?;
+        let ck = certified_key(&pem.chain_pem, &pem.key_pem).map_err(bad)?;
+        self.inner
+            .store
+            .save(key, &pem.chain_pem, &pem.key_pem)
+            .map_err(bad)?;
+        if let Some(want) = st.requests.get(key).filter(|_| st.sched.is_desired(key)) {
+            self.inner.resolver.install(want, ck);
+            self.inner
+                .metrics
+                .not_after
+                .get_or_create(&vec![("name".into(), key.to_string())])
+                .set(unix_secs(validity.not_after));
+        }
+        st.stored.insert(
+            key.to_string(),
+            StoredCert {
+                key: key.to_string(),
+                names,
+                chain_pem: pem.chain_pem,
+                key_pem: pem.key_pem,
+                validity,
+            },
+        );
+        st.ari_pending.push(key.to_string());
+        tracing::info!(name = %key, not_after = %rfc3339(validity.not_after), "certificate installed");
+        Ok(validity)
+    }
+}

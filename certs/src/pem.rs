@@ -1,0 +1,102 @@
+//! PEM and X.509 helpers: chains and keys into rustls types, validity and names out of a leaf.
+
+use crate::error::CertError;
+use crate::schedule::Validity;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Parses a PEM chain (leaf first) and a PEM private key into a rustls `CertifiedKey`.
+pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, CertError> {
+    let chain = parse_chain(chain_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| CertError::Cert(format!("private key PEM: {e}")))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| CertError::Cert(format!("private key unusable: {e}")))?;
+    Ok(Arc::new(CertifiedKey::new(chain, signing)))
+}
+
+/// All certificates of a PEM chain, in order.
+pub fn parse_chain(chain_pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| CertError::Cert(format!("certificate PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(CertError::Cert(
+            "certificate PEM holds no certificate".into(),
+        ));
+    }
+    Ok(chain)
+}
+
+/// Validity period and DNS names (SANs) of the first certificate of a PEM chain.
+pub fn leaf_info(chain_pem: &str) -> Result<(Validity, Vec<String>), CertError> {
+    let chain = parse_chain(chain_pem)?;
+    let (_, leaf) = x509_parser::parse_x509_certificate(chain[0].as_ref())
+        .map_err(|e| CertError::Cert(format!("leaf certificate: {e}")))?;
+    let v = leaf.validity();
+    let to_system = |t: i64| UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+    let validity = Validity {
+        not_before: to_system(v.not_before.timestamp()),
+        not_after: to_system(v.not_after.timestamp()),
+    };
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = leaf.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                names.push(d.to_ascii_lowercase());
+            }
+        }
+    }
+    Ok((validity, names))
+}
+
+/// Checks a DNS name (optionally `*.`-prefixed) and returns it lowercased. Names become file
+/// names and ACME identifiers, so only letters, digits, `-`, `_` and dots are allowed.
+pub fn normalize_name(name: &str) -> Result<String, CertError> {
+    let bad = |reason: &str| CertError::InvalidName {
+        name: name.to_string(),
+        reason: reason.to_string(),
+    };
+    let lower = name.trim_end_matches('.').to_ascii_lowercase();
+    let rest = lower.strip_prefix("*.").unwrap_or(&lower);
+    if rest.is_empty() || rest.len() > 253 {
+        return Err(bad("empty or longer than 253 characters"));
+    }
+    for label in rest.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(bad("empty label or label longer than 63 characters"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(bad("only a-z, 0-9, '-', '_' and '.' are allowed"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(bad("a label starts or ends with '-'"));
+        }
+    }
+    Ok(lower)
+}
+
+/// Seconds since the Unix epoch, for status and metrics.
+pub fn unix_secs(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+/// RFC 3339 text of a time, for the admin status.
+pub fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix_secs(t))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("@{}", unix_secs(t)))
+}
