@@ -203,6 +203,32 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// A new reservation of already validated parts: names start active, domains pending.
+    pub fn new(
+        key: Key,
+        owner: &str,
+        backends: Vec<SocketAddr>,
+        mode: Mode,
+        options: Options,
+        now_unix: u64,
+    ) -> Self {
+        Reservation {
+            kind: key.kind,
+            name: key.name,
+            owner: owner.to_string(),
+            backends,
+            mode,
+            options,
+            status: match key.kind {
+                Kind::Name => Status::Active,
+                Kind::Domain => Status::Pending,
+            },
+            created_at: now_unix,
+            updated_at: now_unix,
+            verification: Verification::default(),
+        }
+    }
+
     pub fn key(&self) -> Key {
         Key {
             kind: self.kind,

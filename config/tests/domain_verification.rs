@@ -1,0 +1,253 @@
+//! Custom-domain proof against a real DNS server started by the test: pending → verified →
+//! active, the refusals, and deactivation of a repointed domain after the grace period.
+
+mod common;
+
+use common::TestDns;
+use meshgate_config::reservation::{Key, Options, Reservation, Status, challenge_name};
+use meshgate_config::route::Mode;
+use meshgate_config::store::{Store, now_unix};
+use meshgate_config::verify::{Verifier, VerifierConfig};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+const FARM: &str = "farm.example";
+const GW_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const ELSEWHERE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+const SHOP: &str = "shop.customer.test";
+
+struct Setup {
+    dns: TestDns,
+    store: Arc<Store>,
+    verifier: Verifier,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(require_certificate: bool, grace: Duration) -> Setup {
+    let dns = TestDns::start("customer.test").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), FARM).unwrap());
+    let mut cfg = VerifierConfig::new(FARM, vec![IpAddr::V4(GW_IP)]);
+    cfg.nameservers = vec![dns.addr];
+    cfg.require_certificate = require_certificate;
+    cfg.grace = grace;
+    cfg.timeout = Duration::from_secs(2);
+    let verifier = Verifier::new(store.clone(), cfg).unwrap();
+    Setup {
+        dns,
+        store,
+        verifier,
+        _dir: dir,
+    }
+}
+
+fn reserve(store: &Store, fqdn: &str, owner: &str, mode: Mode) {
+    let r = Reservation::new(
+        Key::domain(fqdn),
+        owner,
+        vec!["[400:abcd::1]:8080".parse().unwrap()],
+        mode,
+        Options::default(),
+        now_unix(),
+    );
+    store.create(&r).unwrap();
+}
+
+fn status(store: &Store, fqdn: &str) -> Reservation {
+    store.get(&Key::domain(fqdn)).unwrap().unwrap()
+}
+
+fn routed(store: &Store, host: &str) -> bool {
+    store.routes().borrow().iter().any(|r| r.host == host)
+}
+
+#[tokio::test]
+async fn verified_flow_pending_verified_active() {
+    let s = setup(true, Duration::from_secs(60)).await;
+    reserve(&s.store, SHOP, "alice", Mode::Terminate);
+    let mut verified = s.store.verified_domains();
+
+    // Nothing published yet: stays pending, with the reason recorded.
+    s.verifier.check_all(1_000).await.unwrap();
+    let r = status(&s.store, SHOP);
+    assert_eq!(r.status, Status::Pending);
+    let err = r.verification.last_error.unwrap();
+    assert!(err.contains("no TXT record"), "{err}");
+    assert!(!routed(&s.store, SHOP));
+
+    s.dns.cname(SHOP, FARM).await;
+    let token = s.store.challenge_token("alice", SHOP);
+    s.dns.txt(&challenge_name(SHOP), &[&token]).await;
+    assert_eq!(s.verifier.check_all(2_000).await.unwrap(), 1);
+    let r = status(&s.store, SHOP);
+    assert_eq!(r.status, Status::Verified, "{:?}", r.verification);
+    assert!(verified.has_changed().unwrap());
+    assert!(verified.borrow_and_update().contains(SHOP));
+    assert!(!routed(&s.store, SHOP), "verified is not yet serving");
+
+    // The certificate layer reports a certificate: active and routed.
+    s.store.set_certificate_ready(SHOP, true).unwrap();
+    assert_eq!(status(&s.store, SHOP).status, Status::Active);
+    assert!(routed(&s.store, SHOP));
+    // A later re-validation keeps it active.
+    s.verifier.check_all(3_000).await.unwrap();
+    assert_eq!(status(&s.store, SHOP).status, Status::Active);
+}
+
+#[tokio::test]
+async fn a_records_of_only_the_gateway_count_as_pointed() {
+    let s = setup(false, Duration::from_secs(60)).await;
+    reserve(&s.store, SHOP, "alice", Mode::Terminate);
+    s.dns
+        .txt(
+            &challenge_name(SHOP),
+            &[&s.store.challenge_token("alice", SHOP)],
+        )
+        .await;
+
+    s.dns.a(SHOP, &[GW_IP, ELSEWHERE_IP]).await;
+    s.verifier.check_all(1_000).await.unwrap();
+    let r = status(&s.store, SHOP);
+    assert_eq!(r.status, Status::Pending);
+    let err = r.verification.last_error.unwrap();
+    assert!(
+        err.contains("203.0.113.9") && err.contains("not this gateway"),
+        "{err}"
+    );
+
+    s.dns.a(SHOP, &[GW_IP]).await;
+    s.verifier.check_all(2_000).await.unwrap();
+    assert_eq!(status(&s.store, SHOP).status, Status::Active);
+    assert!(routed(&s.store, SHOP));
+}
+
+#[tokio::test]
+async fn refusals_wrong_cname_missing_txt_foreign_token() {
+    let s = setup(false, Duration::from_secs(60)).await;
+    let wrong = "wrong.customer.test";
+    let notxt = "notxt.customer.test";
+    let stolen = "stolen.customer.test";
+    for d in [wrong, notxt, stolen] {
+        reserve(&s.store, d, "alice", Mode::Passthrough);
+    }
+    // Wrong CNAME (to a host elsewhere), with a correct TXT.
+    s.dns.a("other.customer.test", &[ELSEWHERE_IP]).await;
+    s.dns.cname(wrong, "other.customer.test").await;
+    s.dns
+        .txt(
+            &challenge_name(wrong),
+            &[&s.store.challenge_token("alice", wrong)],
+        )
+        .await;
+    // Correct CNAME, no TXT.
+    s.dns.cname(notxt, FARM).await;
+    // Correct CNAME, TXT holding bob's token for the same domain.
+    s.dns.cname(stolen, FARM).await;
+    s.dns
+        .txt(
+            &challenge_name(stolen),
+            &[&s.store.challenge_token("bob", stolen)],
+        )
+        .await;
+
+    for now in [1_000, 2_000] {
+        assert_eq!(s.verifier.check_all(now).await.unwrap(), 0);
+    }
+    let reason = |d| {
+        let r = status(&s.store, d);
+        assert_eq!(r.status, Status::Pending, "{d}");
+        assert!(!routed(&s.store, d), "{d}");
+        r.verification.last_error.unwrap()
+    };
+    let e = reason(wrong);
+    assert!(
+        e.contains("CNAME to other.customer.test") && e.contains("203.0.113.9"),
+        "{e}"
+    );
+    let e = reason(notxt);
+    assert!(
+        e.contains("no TXT record at _meshgate-challenge.notxt.customer.test"),
+        "{e}"
+    );
+    let e = reason(stolen);
+    assert!(e.contains("does not hold the owner's token"), "{e}");
+    assert!(s.store.verified_domains().borrow().is_empty());
+}
+
+#[tokio::test]
+async fn repointed_domain_is_deactivated_after_grace() {
+    let grace = Duration::from_secs(30);
+    let s = setup(false, grace).await;
+    reserve(&s.store, SHOP, "alice", Mode::Terminate);
+    s.dns.cname(SHOP, FARM).await;
+    s.dns
+        .txt(
+            &challenge_name(SHOP),
+            &[&s.store.challenge_token("alice", SHOP)],
+        )
+        .await;
+    let t0 = 1_000_000;
+    s.verifier.check_all(t0).await.unwrap();
+    assert_eq!(status(&s.store, SHOP).status, Status::Active);
+    let mut routes = s.store.routes();
+    routes.borrow_and_update();
+
+    // Repointed to another provider.
+    s.dns.a("other.customer.test", &[ELSEWHERE_IP]).await;
+    s.dns.cname(SHOP, "other.customer.test").await;
+    s.verifier.check_all(t0 + 1_000).await.unwrap();
+    let r = status(&s.store, SHOP);
+    assert_eq!(r.status, Status::Active, "within grace it keeps serving");
+    assert_eq!(r.verification.failing_since_ms, Some(t0 + 1_000));
+    s.verifier.check_all(t0 + 30_999).await.unwrap();
+    assert_eq!(status(&s.store, SHOP).status, Status::Active);
+    assert!(!routes.has_changed().unwrap());
+
+    s.verifier.check_all(t0 + 31_000).await.unwrap();
+    match status(&s.store, SHOP).status {
+        Status::Deactivated { reason } => {
+            assert!(
+                reason.contains("grace") && reason.contains("203.0.113.9"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected deactivated, got {other:?}"),
+    }
+    assert!(routes.has_changed().unwrap());
+    assert!(!routes.borrow_and_update().iter().any(|r| r.host == SHOP));
+    assert!(!s.store.verified_domains().borrow().contains(SHOP));
+}
+
+#[tokio::test]
+async fn running_verifier_activates_on_request_and_routes_follow() {
+    let dns = TestDns::start("customer.test").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), FARM).unwrap());
+    let mut cfg = VerifierConfig::new(FARM, vec![IpAddr::V4(GW_IP)]);
+    cfg.nameservers = vec![dns.addr];
+    cfg.interval = Duration::from_secs(3600);
+    let task = Verifier::new(store.clone(), cfg).unwrap().spawn();
+
+    let mut routes = store.routes();
+    routes.borrow_and_update();
+    dns.cname(SHOP, FARM).await;
+    dns.txt(
+        &challenge_name(SHOP),
+        &[&store.challenge_token("alice", SHOP)],
+    )
+    .await;
+    reserve(&store, SHOP, "alice", Mode::Terminate);
+    store.request_verification();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            routes.changed().await.unwrap();
+            if routes.borrow_and_update().iter().any(|r| r.host == SHOP) {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the domain is routed after an on-demand verification");
+    task.abort();
+}
