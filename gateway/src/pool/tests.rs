@@ -1,0 +1,1 @@
+//! Pool tests on real loopback sockets.
