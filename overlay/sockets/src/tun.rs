@@ -1,0 +1,1 @@
+//! TUN endpoint (todo)

@@ -1,0 +1,206 @@
+//! The userspace stack on an in-memory wire: two stacks joined by bounded channels, as an
+//! overlay node's L3 port would join them.
+
+use meshgate_sockets::{Stack, StackConfig};
+use std::io::ErrorKind;
+use std::net::{Ipv6Addr, SocketAddrV6};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+const A: Ipv6Addr = Ipv6Addr::new(0x400, 0, 0, 0, 0, 0, 0, 0xa);
+const B: Ipv6Addr = Ipv6Addr::new(0x400, 0, 0, 0, 0, 0, 0, 0xb);
+
+fn wire(mtu: usize, config: StackConfig) -> (Stack, Stack) {
+    let (a_tx, b_rx) = mpsc::channel(256);
+    let (b_tx, a_rx) = mpsc::channel(256);
+    (
+        Stack::with_config(A, mtu, a_tx, a_rx, config.clone()),
+        Stack::with_config(B, mtu, b_tx, b_rx, config),
+    )
+}
+
+/// Deterministic test data: cheap to generate, differs at every offset.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_transfer_intact() {
+    let (a, b) = wire(16384, StackConfig::default());
+    let listener = b.listen(7000).unwrap();
+    let data = pattern(1, 32 << 20);
+    let want = blake3::hash(&data);
+    let server = tokio::spawn(async move {
+        let (mut s, peer) = listener.accept().await.unwrap();
+        assert_eq!(*peer.ip(), A);
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 65536];
+        let mut total = 0;
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n;
+            hasher.update(&buf[..n]);
+        }
+        s.write_all(b"done").await.unwrap();
+        s.shutdown().await.unwrap();
+        (total, hasher.finalize())
+    });
+    let mut c = a.connect(SocketAddrV6::new(B, 7000, 0, 0)).await.unwrap();
+    assert_eq!(c.peer_addr().port(), 7000);
+    c.write_all(&data).await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    c.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, b"done");
+    let (total, got) = server.await.unwrap();
+    assert_eq!(total, data.len());
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_both_directions() {
+    let (a, b) = wire(1400, StackConfig::default());
+    let listener = b.listen(80).unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        // Read the whole request: the client's FIN ends it.
+        let mut req = Vec::new();
+        s.read_to_end(&mut req).await.unwrap();
+        assert_eq!(req, b"request");
+        // Our direction is still open after the peer's FIN.
+        s.write_all(b"response after your FIN").await.unwrap();
+        s.shutdown().await.unwrap();
+        // A write after shutdown is refused locally.
+        assert_eq!(
+            s.write(b"x").await.unwrap_err().kind(),
+            ErrorKind::BrokenPipe
+        );
+    });
+    let mut c = a.connect(SocketAddrV6::new(B, 80, 0, 0)).await.unwrap();
+    c.write_all(b"request").await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut resp = Vec::new();
+    c.read_to_end(&mut resp).await.unwrap();
+    assert_eq!(resp, b"response after your FIN");
+    // EOF is sticky.
+    assert_eq!(c.read(&mut [0u8; 8]).await.unwrap(), 0);
+    server.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_reaches_reader_and_writer() {
+    let (a, b) = wire(1400, StackConfig::default());
+    let listener = b.listen(81).unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).await.unwrap();
+        s.abort();
+    });
+    let mut c = a.connect(SocketAddrV6::new(B, 81, 0, 0)).await.unwrap();
+    c.write_all(b"hello").await.unwrap();
+    server.await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), c.read(&mut [0u8; 16]))
+        .await
+        .expect("reset not delivered")
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    let err = c.write(b"more").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_data_on_drop_resets() {
+    let (a, b) = wire(1400, StackConfig::default());
+    let listener = b.listen(82).unwrap();
+    let mut c = a.connect(SocketAddrV6::new(B, 82, 0, 0)).await.unwrap();
+    let (s, _) = listener.accept().await.unwrap();
+    c.write_all(b"never read").await.unwrap();
+    // Let the data arrive, then drop the server side without reading it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(s);
+    let err = tokio::time::timeout(Duration::from_secs(5), c.read(&mut [0u8; 16]))
+        .await
+        .expect("reset not delivered")
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_listener_refuses() {
+    let (a, _b) = wire(1400, StackConfig::default());
+    let err = a.connect(SocketAddrV6::new(B, 9, 0, 0)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    // Listening twice on one port is an error.
+    let _l = a.listen(9).unwrap();
+    assert_eq!(a.listen(9).unwrap_err().kind(), ErrorKind::AddrInUse);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_streams() {
+    let config = StackConfig {
+        socket_buffer: 64 * 1024,
+        ..StackConfig::default()
+    };
+    let (a, b) = wire(16384, config);
+    let listener = b.listen(8080).unwrap();
+    const STREAMS: usize = 1000;
+    const SIZE: usize = 1 << 20;
+    // The server echoes a hash of what it read, so the client checks integrity end to end.
+    let server = tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..STREAMS {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let mut hasher = blake3::Hasher::new();
+                let mut buf = vec![0u8; 32768];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                }
+                s.write_all(hasher.finalize().as_bytes()).await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let data = std::sync::Arc::new(pattern(7, SIZE + STREAMS));
+    let mut clients = Vec::new();
+    for i in 0..STREAMS {
+        let a = a.clone();
+        let data = data.clone();
+        clients.push(tokio::spawn(async move {
+            let mut c = a.connect(SocketAddrV6::new(B, 8080, 0, 0)).await.unwrap();
+            let mine = &data[i..i + SIZE];
+            c.write_all(mine).await.unwrap();
+            c.shutdown().await.unwrap();
+            let mut digest = Vec::new();
+            c.read_to_end(&mut digest).await.unwrap();
+            assert_eq!(
+                digest,
+                blake3::hash(mine).as_bytes(),
+                "stream {i} corrupted"
+            );
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    server.await.unwrap();
+}
