@@ -1,0 +1,519 @@
+//! The node's protocol core (sans-IO): links' keepalive/RTT, routing, end-to-end sessions and
+//! forwarding. The tokio runtime and the simulator both drive this same code.
+
+use std::collections::BTreeMap;
+use std::net::Ipv6Addr;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::addr::{Prefix, is_overlay_v6, prefix_of};
+use crate::identity::Identity;
+use crate::routing::{Nbr, Router, RoutingConfig};
+use crate::session::{Micros, SessionConfig, SessionError, SessionOut, Sessions};
+use crate::wire::{self, Control, PKT_DATA, PKT_SESSION_INIT, PKT_SESSION_RESP, PKT_UNREACHABLE};
+
+/// Observer of forwarded packets.
+pub type RelayTap = Box<dyn FnMut(&[u8]) + Send>;
+
+/// Core tuning.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub mtu: usize,
+    /// A link silent for this long is declared dead.
+    pub dead_peer_timeout: Micros,
+    /// Keepalive / RTT probe interval.
+    pub hello_interval: Micros,
+    /// Fixed cost added to every link (µs): prefers fewer hops among equal latencies.
+    pub hop_cost_us: u32,
+    /// Assumed link cost until the first RTT sample.
+    pub initial_cost_us: u32,
+    pub routing: RoutingConfig,
+    pub session: SessionConfig,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            mtu: crate::DEFAULT_MTU,
+            dead_peer_timeout: 5_000_000,
+            hello_interval: 1_000_000,
+            hop_cost_us: 50,
+            initial_cost_us: 100_000,
+            routing: RoutingConfig::default(),
+            session: SessionConfig::default(),
+        }
+    }
+}
+
+/// What the core wants done.
+#[derive(Debug)]
+pub enum CoreOut {
+    /// Send a control message on a link (the runtime encrypts it with the link's Noise state).
+    Control(Nbr, Control),
+    /// Send a routed packet on a link.
+    Packet(Nbr, Bytes),
+    /// Deliver an IPv6 packet to the local L3 port.
+    Deliver(Bytes),
+    /// Close a link (dead or misbehaving).
+    Close(Nbr),
+}
+
+/// Counters; every refused input is counted under its reason.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Counters {
+    pub packets_sent: u64,
+    pub bytes_sent: u64,
+    pub packets_delivered: u64,
+    pub bytes_delivered: u64,
+    pub packets_forwarded: u64,
+    pub bytes_forwarded: u64,
+    pub local_bad_packet: u64,
+    pub local_bad_source: u64,
+    pub local_bad_destination: u64,
+    pub no_route: u64,
+    pub unreachable_sent: u64,
+    pub unreachable_received: u64,
+    pub hop_limit_exceeded: u64,
+    pub loops_prevented: u64,
+    pub malformed_packet: u64,
+    pub e2e_bad_tag: u64,
+    pub e2e_replayed: u64,
+    pub e2e_unknown_session: u64,
+    pub e2e_expired: u64,
+    pub e2e_bad_signature: u64,
+    pub e2e_key_mismatch: u64,
+    pub e2e_replayed_init: u64,
+    pub e2e_other: u64,
+    pub e2e_inner_spoofed: u64,
+    pub session_setup_drops: u64,
+    pub sessions_established: u64,
+    pub dead_peers: u64,
+    pub links_up: u64,
+    pub links_down: u64,
+    pub handshake_failed: u64,
+    pub identity_mismatch: u64,
+    pub bad_frame: u64,
+    pub oversized_frame: u64,
+    pub control_decrypt_failed: u64,
+    pub control_malformed: u64,
+    pub link_queue_drops: u64,
+    pub routing: crate::routing::RoutingCounters,
+}
+
+#[derive(Debug, Clone)]
+struct NbrState {
+    key: [u8; 32],
+    srtt: Option<u32>,
+    cost: u32,
+    last_heard: Micros,
+    last_hello: Micros,
+}
+
+/// Public view of a neighbor.
+#[derive(Debug, Clone)]
+pub struct NbrView {
+    pub nbr: Nbr,
+    pub key: [u8; 32],
+    pub srtt_us: Option<u32>,
+    pub cost: u32,
+}
+
+pub struct NodeCore {
+    addr: Ipv6Addr,
+    prefix: Prefix,
+    cfg: CoreConfig,
+    pub router: Router,
+    pub sessions: Sessions,
+    nbrs: BTreeMap<Nbr, NbrState>,
+    pub counters: Counters,
+    rbuf: Vec<(Nbr, Control)>,
+    sbuf: Vec<SessionOut>,
+    relay_tap: Option<RelayTap>,
+}
+
+impl NodeCore {
+    /// `epoch` seeds the route seqno and session-init timestamps: it must grow across
+    /// restarts of one identity (real nodes pass the Unix time in ms).
+    pub fn new(
+        id: Identity,
+        cfg: CoreConfig,
+        epoch: u64,
+        now: Micros,
+        rng: Box<dyn FnMut() -> [u8; 32] + Send>,
+    ) -> NodeCore {
+        let addr = id.address();
+        NodeCore {
+            addr,
+            prefix: prefix_of(&addr),
+            router: Router::new(id.clone(), cfg.routing.clone(), epoch, now),
+            sessions: Sessions::new(
+                id,
+                cfg.session.clone(),
+                epoch.saturating_mul(1_000_000),
+                rng,
+            ),
+            cfg,
+            nbrs: BTreeMap::new(),
+            counters: Counters::default(),
+            rbuf: Vec::new(),
+            sbuf: Vec::new(),
+            relay_tap: None,
+        }
+    }
+
+    /// Sees every packet this node forwards for others (tests check relays see ciphertext).
+    pub fn set_relay_tap(&mut self, tap: RelayTap) {
+        self.relay_tap = Some(tap);
+    }
+
+    pub fn address(&self) -> Ipv6Addr {
+        self.addr
+    }
+
+    pub fn mtu(&self) -> usize {
+        self.cfg.mtu
+    }
+
+    pub fn neighbors(&self) -> Vec<NbrView> {
+        self.nbrs
+            .iter()
+            .map(|(n, s)| NbrView {
+                nbr: *n,
+                key: s.key,
+                srtt_us: s.srtt,
+                cost: s.cost,
+            })
+            .collect()
+    }
+
+    fn drain_router(&mut self, out: &mut Vec<CoreOut>) {
+        out.extend(self.rbuf.drain(..).map(|(n, c)| CoreOut::Control(n, c)));
+    }
+
+    /// An authenticated link to the node with ed25519 key `key` is up.
+    pub fn link_up(&mut self, nbr: Nbr, key: [u8; 32], now: Micros, out: &mut Vec<CoreOut>) {
+        self.counters.links_up += 1;
+        let cost = self.cfg.initial_cost_us;
+        self.nbrs.insert(
+            nbr,
+            NbrState {
+                key,
+                srtt: None,
+                cost,
+                last_heard: now,
+                last_hello: now,
+            },
+        );
+        out.push(CoreOut::Control(nbr, Control::Hello { timestamp_us: now }));
+        self.router.neighbor_up(nbr, cost, &mut self.rbuf);
+        self.drain_router(out);
+    }
+
+    /// A link closed.
+    pub fn link_down(&mut self, nbr: Nbr, now: Micros, out: &mut Vec<CoreOut>) {
+        if self.nbrs.remove(&nbr).is_some() {
+            self.counters.links_down += 1;
+            self.router.neighbor_down(nbr, now, &mut self.rbuf);
+            self.drain_router(out);
+        }
+    }
+
+    /// A decrypted control message from a link.
+    pub fn control(&mut self, nbr: Nbr, msg: Control, now: Micros, out: &mut Vec<CoreOut>) {
+        let Some(st) = self.nbrs.get_mut(&nbr) else {
+            return;
+        };
+        st.last_heard = now;
+        match msg {
+            Control::Hello { timestamp_us } => {
+                out.push(CoreOut::Control(
+                    nbr,
+                    Control::HelloAck {
+                        echo_us: timestamp_us,
+                    },
+                ));
+            }
+            Control::HelloAck { echo_us } => {
+                if echo_us > now {
+                    return;
+                }
+                let sample = (now - echo_us).min(60_000_000) as u32;
+                let srtt = match st.srtt {
+                    None => sample,
+                    Some(s) => ((s as u64 * 7 + sample as u64) / 8) as u32,
+                };
+                st.srtt = Some(srtt);
+                let cost = (srtt / 2).saturating_add(self.cfg.hop_cost_us).max(1);
+                // Small cost changes are noise: only tell routing about > 1/8 changes.
+                if cost.abs_diff(st.cost) as u64 * 8 > st.cost as u64 {
+                    st.cost = cost;
+                    self.router.set_cost(nbr, cost, now, &mut self.rbuf);
+                }
+            }
+            Control::Updates(list) => self.router.handle_updates(nbr, &list, now, &mut self.rbuf),
+            Control::SeqnoRequest {
+                prefix,
+                seqno,
+                hop_count,
+            } => self
+                .router
+                .handle_request(nbr, prefix, seqno, hop_count, now, &mut self.rbuf),
+        }
+        self.drain_router(out);
+    }
+
+    /// Any frame arrived on a link (keeps it alive).
+    pub fn heard(&mut self, nbr: Nbr, now: Micros) {
+        if let Some(st) = self.nbrs.get_mut(&nbr) {
+            st.last_heard = now;
+        }
+    }
+
+    /// A routed packet from a link.
+    pub fn packet(&mut self, nbr: Nbr, mut buf: BytesMut, now: Micros, out: &mut Vec<CoreOut>) {
+        self.heard(nbr, now);
+        let h = match wire::parse_routed(&buf) {
+            Ok(h) => h,
+            Err(_) => {
+                self.counters.malformed_packet += 1;
+                return;
+            }
+        };
+        if prefix_of(&h.dst) == self.prefix {
+            self.local_packet(h.ptype, buf, now, out);
+            return;
+        }
+        if h.hop_limit <= 1 {
+            self.counters.hop_limit_exceeded += 1;
+            return;
+        }
+        buf[1] = h.hop_limit - 1;
+        match self.router.next_hop(&prefix_of(&h.dst)) {
+            Some(next) if next == nbr => {
+                // Never send a packet back where it came from.
+                self.counters.loops_prevented += 1;
+            }
+            Some(next) => {
+                if let Some(tap) = self.relay_tap.as_mut() {
+                    tap(&buf);
+                }
+                self.counters.packets_forwarded += 1;
+                self.counters.bytes_forwarded += buf.len() as u64;
+                out.push(CoreOut::Packet(next, buf.freeze()));
+            }
+            None => {
+                self.counters.no_route += 1;
+                if h.ptype != PKT_UNREACHABLE {
+                    self.counters.unreachable_sent += 1;
+                    let u = wire::encode_unreachable(&self.addr, &h.src, &h.dst);
+                    self.route(u, out);
+                }
+            }
+        }
+    }
+
+    fn local_packet(&mut self, ptype: u8, buf: BytesMut, now: Micros, out: &mut Vec<CoreOut>) {
+        let mut sbuf = std::mem::take(&mut self.sbuf);
+        let res = match ptype {
+            PKT_DATA => match self.sessions.open(now, buf) {
+                Ok((src, inner)) => {
+                    self.deliver_inner(src, inner, out);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            PKT_SESSION_INIT => self.sessions.handle_init(now, &buf, &mut sbuf),
+            PKT_SESSION_RESP => self.sessions.handle_resp(now, &buf, &mut sbuf),
+            PKT_UNREACHABLE => {
+                if let (Ok(h), Ok(unreachable)) =
+                    (wire::parse_routed(&buf), wire::decode_unreachable(&buf))
+                {
+                    self.counters.unreachable_received += 1;
+                    self.sessions.abandon(&unreachable);
+                    let invoking = minimal_invoking(&self.addr, &unreachable);
+                    out.push(CoreOut::Deliver(icmpv6_unreachable(
+                        &h.src, &self.addr, &invoking,
+                    )));
+                }
+                Ok(())
+            }
+            _ => Err(SessionError::Malformed),
+        };
+        if let Err(e) = res {
+            let c = &mut self.counters;
+            match e {
+                SessionError::BadTag => c.e2e_bad_tag += 1,
+                SessionError::Replayed => c.e2e_replayed += 1,
+                SessionError::UnknownSession => c.e2e_unknown_session += 1,
+                SessionError::Expired => c.e2e_expired += 1,
+                SessionError::BadSignature => c.e2e_bad_signature += 1,
+                SessionError::KeyMismatch => c.e2e_key_mismatch += 1,
+                SessionError::ReplayedInit => c.e2e_replayed_init += 1,
+                SessionError::Malformed => c.malformed_packet += 1,
+                SessionError::NotForUs | SessionError::WeakKey => c.e2e_other += 1,
+            }
+        }
+        self.sessions_out(&mut sbuf, out);
+        self.sbuf = sbuf;
+    }
+
+    fn deliver_inner(&mut self, outer_src: Ipv6Addr, inner: Bytes, out: &mut Vec<CoreOut>) {
+        // The inner packet must come from the authenticated peer and be for us.
+        let ok = parse_ipv6(&inner, usize::MAX)
+            .is_some_and(|(src, dst)| src == outer_src && prefix_of(&dst) == self.prefix);
+        if !ok {
+            self.counters.e2e_inner_spoofed += 1;
+            return;
+        }
+        self.counters.packets_delivered += 1;
+        self.counters.bytes_delivered += inner.len() as u64;
+        out.push(CoreOut::Deliver(inner));
+    }
+
+    fn sessions_out(&mut self, sbuf: &mut Vec<SessionOut>, out: &mut Vec<CoreOut>) {
+        for o in sbuf.drain(..) {
+            match o {
+                SessionOut::Send(b) => self.route(b, out),
+                SessionOut::GaveUp { dropped, .. } => {
+                    self.counters.session_setup_drops += dropped as u64
+                }
+            }
+        }
+    }
+
+    /// Sends a packet this node originated towards its destination.
+    fn route(&mut self, b: Bytes, out: &mut Vec<CoreOut>) {
+        let Ok(h) = wire::parse_routed(&b) else {
+            return;
+        };
+        match self.router.next_hop(&prefix_of(&h.dst)) {
+            Some(n) => out.push(CoreOut::Packet(n, b)),
+            None => self.counters.no_route += 1,
+        }
+    }
+
+    /// An IPv6 packet from the local L3 port.
+    pub fn local(&mut self, packet: Bytes, now: Micros, out: &mut Vec<CoreOut>) {
+        let Some((src, dst)) = parse_ipv6(&packet, self.cfg.mtu) else {
+            self.counters.local_bad_packet += 1;
+            return;
+        };
+        if src != self.addr {
+            self.counters.local_bad_source += 1;
+            return;
+        }
+        if !is_overlay_v6(&dst) {
+            self.counters.local_bad_destination += 1;
+            return;
+        }
+        let dprefix = prefix_of(&dst);
+        if dprefix == self.prefix {
+            self.counters.packets_delivered += 1;
+            out.push(CoreOut::Deliver(packet));
+            return;
+        }
+        if self.router.next_hop(&dprefix).is_none() {
+            self.counters.no_route += 1;
+            self.sessions.abandon(&dst);
+            out.push(CoreOut::Deliver(icmpv6_unreachable(
+                &self.addr, &self.addr, &packet,
+            )));
+            return;
+        }
+        self.counters.packets_sent += 1;
+        self.counters.bytes_sent += packet.len() as u64;
+        let mut sbuf = std::mem::take(&mut self.sbuf);
+        self.sessions.seal(now, dst, packet, &mut sbuf);
+        self.sessions_out(&mut sbuf, out);
+        self.sbuf = sbuf;
+    }
+
+    /// Timers: hellos, dead peers, routing and session maintenance. Call every ~100 ms.
+    pub fn tick(&mut self, now: Micros, out: &mut Vec<CoreOut>) {
+        let mut dead = Vec::new();
+        for (n, st) in self.nbrs.iter_mut() {
+            if now.saturating_sub(st.last_heard) >= self.cfg.dead_peer_timeout {
+                dead.push(*n);
+            } else if now.saturating_sub(st.last_hello) >= self.cfg.hello_interval {
+                st.last_hello = now;
+                out.push(CoreOut::Control(*n, Control::Hello { timestamp_us: now }));
+            }
+        }
+        for n in dead {
+            self.counters.dead_peers += 1;
+            out.push(CoreOut::Close(n));
+            self.link_down(n, now, out);
+        }
+        self.router.tick(now, &mut self.rbuf);
+        self.drain_router(out);
+        let mut sbuf = std::mem::take(&mut self.sbuf);
+        self.sessions.tick(now, &mut sbuf);
+        self.sessions_out(&mut sbuf, out);
+        self.sbuf = sbuf;
+    }
+
+    /// Snapshot of counters including routing's.
+    pub fn counters(&self) -> Counters {
+        let mut c = self.counters.clone();
+        c.routing = self.router.counters.clone();
+        c.sessions_established = self.sessions.established;
+        c
+    }
+}
+
+/// (src, dst) of a well-formed IPv6 packet no larger than `mtu`.
+pub fn parse_ipv6(p: &[u8], mtu: usize) -> Option<(Ipv6Addr, Ipv6Addr)> {
+    if p.len() < 40 || p.len() > mtu || p[0] >> 4 != 6 {
+        return None;
+    }
+    let plen = u16::from_be_bytes([p[4], p[5]]) as usize;
+    if plen + 40 != p.len() {
+        return None;
+    }
+    let src: [u8; 16] = p[8..24].try_into().ok()?;
+    let dst: [u8; 16] = p[24..40].try_into().ok()?;
+    Some((Ipv6Addr::from(src), Ipv6Addr::from(dst)))
+}
+
+fn minimal_invoking(src: &Ipv6Addr, dst: &Ipv6Addr) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x60;
+    p[6] = 59; // no next header
+    p[7] = 64;
+    p[8..24].copy_from_slice(&src.octets());
+    p[24..40].copy_from_slice(&dst.octets());
+    p
+}
+
+/// An ICMPv6 destination unreachable (code 0, no route) about `invoking`, from `from` to `to`.
+pub fn icmpv6_unreachable(from: &Ipv6Addr, to: &Ipv6Addr, invoking: &[u8]) -> Bytes {
+    // RFC 4443: include as much of the invoking packet as fits in the minimum MTU.
+    let inv = &invoking[..invoking.len().min(1280 - 48)];
+    let plen = 8 + inv.len();
+    let mut p = Vec::with_capacity(40 + plen);
+    p.extend_from_slice(&[0x60, 0, 0, 0]);
+    p.extend_from_slice(&(plen as u16).to_be_bytes());
+    p.push(58);
+    p.push(64);
+    p.extend_from_slice(&from.octets());
+    p.extend_from_slice(&to.octets());
+    p.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+    p.extend_from_slice(inv);
+    let mut sum: u32 = 0;
+    let mut add = |b: &[u8]| {
+        for c in b.chunks(2) {
+            sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+        }
+    };
+    add(&from.octets());
+    add(&to.octets());
+    add(&(plen as u32).to_be_bytes());
+    add(&[0, 0, 0, 58]);
+    add(&p[40..]);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let ck = !(sum as u16);
+    p[42..44].copy_from_slice(&ck.to_be_bytes());
+    Bytes::from(p)
+}

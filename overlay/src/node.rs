@@ -1,0 +1,750 @@
+//! The tokio runtime around [`NodeCore`]: TCP listener and dialers, per-link reader and
+//! writer tasks, one core task that owns all protocol state, and the L3 port.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::{CoreConfig, CoreOut, Counters, NodeCore};
+use crate::identity::{Identity, IdentityError, encode_hex};
+use crate::link::{self, LinkError};
+use crate::routing::{Nbr, RouteInfo};
+use crate::wire::FrameKind;
+use crate::{DEFAULT_MTU, L3Port};
+
+/// How to run a node. Only `key_path` (or `identity`) is required.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The node's key file (created with mode 0600 if absent).
+    pub key_path: PathBuf,
+    /// TCP address for incoming links; `None` = outbound links only (behind NAT).
+    pub listen: Option<SocketAddr>,
+    /// Peers to keep links to (reconnected with jittered exponential backoff).
+    pub peers: Vec<SocketAddr>,
+    /// A silent link is declared dead after this long.
+    pub dead_peer_timeout: Duration,
+    /// Keepalive / RTT probe interval (must be well below `dead_peer_timeout`).
+    pub hello_interval: Duration,
+    /// Overlay MTU (largest IPv6 packet on the L3 port), 1280..=65535.
+    pub mtu: usize,
+    /// Use this identity instead of the key file (tests, benchmarks).
+    pub identity: Option<Identity>,
+    /// Capacity (packets) of each L3 port channel.
+    pub l3_queue: usize,
+    /// Reconnect backoff bounds.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Copies of every packet this node forwards for others (tests, debugging).
+    pub relay_tap: Option<mpsc::Sender<Bytes>>,
+    /// Session tuning (rekey limits).
+    pub session: crate::session::SessionConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            key_path: PathBuf::from("meshgate-node.key"),
+            listen: None,
+            peers: Vec::new(),
+            dead_peer_timeout: Duration::from_secs(5),
+            hello_interval: Duration::from_millis(1000),
+            mtu: DEFAULT_MTU,
+            identity: None,
+            l3_queue: 1024,
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(30),
+            relay_tap: None,
+            session: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid node config: {0}")]
+    Config(String),
+}
+
+/// A link as shown in status.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerStatus {
+    pub link_id: u64,
+    pub remote: SocketAddr,
+    pub outbound: bool,
+    pub public_key: String,
+    pub address: Ipv6Addr,
+    pub rtt_us: Option<u32>,
+    pub cost: u32,
+    pub state: &'static str,
+}
+
+/// A node's status (JSON-serialisable).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct NodeStatus {
+    pub address: String,
+    pub public_key: String,
+    pub mtu: usize,
+    pub listen: Option<SocketAddr>,
+    pub peers: Vec<PeerStatus>,
+    pub routes: Vec<RouteInfo>,
+    pub counters: Counters,
+}
+
+/// A running overlay node.
+pub struct Node {
+    address: Ipv6Addr,
+    listen_addr: Option<SocketAddr>,
+    mtu: usize,
+    l3: Mutex<Option<L3Port>>,
+    status: Arc<Mutex<NodeStatus>>,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+enum Event {
+    LinkUp {
+        id: u64,
+        key: [u8; 32],
+        transport: Box<snow::TransportState>,
+        tx: mpsc::Sender<Bytes>,
+        cancel: CancellationToken,
+        remote: SocketAddr,
+        outbound: bool,
+    },
+    Frame {
+        id: u64,
+        kind: FrameKind,
+        body: BytesMut,
+    },
+    LinkDown {
+        id: u64,
+    },
+    Fault(Fault),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    HandshakeFailed,
+    IdentityMismatch,
+    Oversized,
+    BadFrame,
+}
+
+struct LinkHandle {
+    transport: Box<snow::TransportState>,
+    tx: mpsc::Sender<Bytes>,
+    overflow: VecDeque<Bytes>,
+    cancel: CancellationToken,
+    remote: SocketAddr,
+    outbound: bool,
+    key: [u8; 32],
+}
+
+const LINK_QUEUE: usize = 512;
+const OVERFLOW_LIMIT: usize = 1024;
+const DELIVER_BACKLOG: usize = 4096;
+const TICK: Duration = Duration::from_millis(100);
+
+impl Node {
+    /// Loads (or creates) the identity, binds the listener, starts dialing peers.
+    pub async fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
+        if !(1280..=65535).contains(&cfg.mtu) {
+            return Err(NodeError::Config(format!(
+                "mtu {} outside 1280..=65535",
+                cfg.mtu
+            )));
+        }
+        if cfg.hello_interval.is_zero() || cfg.hello_interval >= cfg.dead_peer_timeout {
+            return Err(NodeError::Config(
+                "hello_interval must be > 0 and below dead_peer_timeout".into(),
+            ));
+        }
+        let id = match &cfg.identity {
+            Some(id) => id.clone(),
+            None => Identity::load_or_create(&cfg.key_path)?,
+        };
+        let listener = match cfg.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| NodeError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
+        let listen_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+        let address = id.address();
+        let epoch_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        let core_cfg = CoreConfig {
+            mtu: cfg.mtu,
+            dead_peer_timeout: cfg.dead_peer_timeout.as_micros() as u64,
+            hello_interval: cfg.hello_interval.as_micros() as u64,
+            session: cfg.session.clone(),
+            ..CoreConfig::default()
+        };
+        let start = Instant::now();
+        let mut core = NodeCore::new(
+            id.clone(),
+            core_cfg,
+            epoch_ms,
+            0,
+            Box::new(rand::random::<[u8; 32]>),
+        );
+        if let Some(tap) = cfg.relay_tap.clone() {
+            core.set_relay_tap(Box::new(move |b: &[u8]| {
+                let _ = tap.try_send(Bytes::copy_from_slice(b));
+            }));
+        }
+        let (l3_tx, l3_in) = mpsc::channel::<Bytes>(cfg.l3_queue.max(1));
+        let (l3_out, l3_rx) = mpsc::channel::<Bytes>(cfg.l3_queue.max(1));
+        let (ev_tx, ev_rx) = mpsc::channel::<Event>(1024);
+        let cancel = CancellationToken::new();
+        let status = Arc::new(Mutex::new(NodeStatus {
+            address: address.to_string(),
+            public_key: encode_hex(&id.public_key()),
+            mtu: cfg.mtu,
+            listen: listen_addr,
+            ..NodeStatus::default()
+        }));
+        let drained = Arc::new(Notify::new());
+        let next_id = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let mut tasks = Vec::new();
+        let core_task = CoreTask {
+            core,
+            start,
+            links: BTreeMap::new(),
+            pending_deliver: VecDeque::new(),
+            status: status.clone(),
+            base_status: status.lock().map(|s| s.clone()).unwrap_or_default(),
+        };
+        tasks.push(tokio::spawn(core_task.run(
+            ev_rx,
+            l3_in,
+            l3_out,
+            cancel.clone(),
+            drained.clone(),
+        )));
+        let ctx = LinkCtx {
+            id: id.clone(),
+            events: ev_tx,
+            cancel: cancel.clone(),
+            drained,
+            next_id,
+        };
+        if let Some(l) = listener {
+            tasks.push(tokio::spawn(accept_loop(l, ctx.clone())));
+        }
+        for peer in cfg.peers.iter().copied() {
+            tasks.push(tokio::spawn(dial_loop(
+                peer,
+                ctx.clone(),
+                cfg.reconnect_min,
+                cfg.reconnect_max,
+            )));
+        }
+        let mtu = cfg.mtu;
+        Ok(Node {
+            address,
+            listen_addr,
+            mtu,
+            l3: Mutex::new(Some(L3Port {
+                address,
+                mtu,
+                tx: l3_tx,
+                rx: l3_rx,
+            })),
+            status,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// The node's overlay address.
+    pub fn address(&self) -> Ipv6Addr {
+        self.address
+    }
+
+    /// The bound listen address (with the real port when configured with port 0).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen_addr
+    }
+
+    /// Largest IPv6 packet the overlay carries.
+    pub fn mtu(&self) -> usize {
+        self.mtu
+    }
+
+    /// The L3 port (available once).
+    pub fn take_l3_port(&self) -> Option<L3Port> {
+        self.l3.lock().ok().and_then(|mut g| g.take())
+    }
+
+    /// A snapshot of peers, routes and counters (refreshed every 100 ms).
+    pub fn status(&self) -> NodeStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Stops all tasks and closes all links.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+#[derive(Clone)]
+struct LinkCtx {
+    id: Identity,
+    events: mpsc::Sender<Event>,
+    cancel: CancellationToken,
+    drained: Arc<Notify>,
+    next_id: Arc<std::sync::atomic::AtomicU64>,
+}
+
+async fn accept_loop(l: TcpListener, ctx: LinkCtx) {
+    loop {
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => return,
+            r = l.accept() => match r {
+                Ok((s, remote)) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move { run_link(s, remote, false, ctx).await; });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+}
+
+async fn dial_loop(peer: SocketAddr, ctx: LinkCtx, min: Duration, max: Duration) {
+    let mut backoff = min;
+    loop {
+        if ctx.cancel.is_cancelled() {
+            return;
+        }
+        let started = Instant::now();
+        let connected = tokio::select! {
+            _ = ctx.cancel.cancelled() => return,
+            r = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(peer)) => r,
+        };
+        if let Ok(Ok(s)) = connected {
+            run_link(s, peer, true, ctx.clone()).await;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = min; // the link was up for a while: start over
+        }
+        // Full jitter in [backoff/2, backoff] avoids synchronized reconnect storms.
+        let jitter = 0.5 + rand::random::<f64>() * 0.5;
+        let wait = backoff.mul_f64(jitter);
+        backoff = (backoff * 2).min(max);
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Handshake, then pump frames until the link ends.
+async fn run_link(stream: TcpStream, remote: SocketAddr, outbound: bool, ctx: LinkCtx) {
+    let _ = stream.set_nodelay(true);
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::with_capacity(128 * 1024, r);
+    let mut rw = tokio::io::join(&mut r, &mut w);
+    let hs = tokio::time::timeout(
+        Duration::from_secs(5),
+        link::handshake(&mut rw, &ctx.id, outbound),
+    )
+    .await;
+    let (transport, key) = match hs {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            let f = match e {
+                LinkError::IdentityMismatch => Fault::IdentityMismatch,
+                ref e if e.is_oversized() => Fault::Oversized,
+                _ => Fault::HandshakeFailed,
+            };
+            let _ = ctx.events.send(Event::Fault(f)).await;
+            return;
+        }
+        Err(_) => {
+            let _ = ctx.events.send(Event::Fault(Fault::HandshakeFailed)).await;
+            return;
+        }
+    };
+    let id = ctx
+        .next_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel::<Bytes>(LINK_QUEUE);
+    let cancel = ctx.cancel.child_token();
+    if ctx
+        .events
+        .send(Event::LinkUp {
+            id,
+            key,
+            transport: Box::new(transport),
+            tx,
+            cancel: cancel.clone(),
+            remote,
+            outbound,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let wcancel = cancel.clone();
+    let drained = ctx.drained.clone();
+    let writer = tokio::spawn(async move {
+        let mut w = tokio::io::BufWriter::with_capacity(64 * 1024, w);
+        loop {
+            let first = tokio::select! {
+                _ = wcancel.cancelled() => break,
+                f = rx.recv() => f,
+            };
+            let Some(mut frame) = first else { break };
+            let mut ok = true;
+            loop {
+                if w.write_all(&frame).await.is_err() {
+                    ok = false;
+                    break;
+                }
+                match rx.try_recv() {
+                    Ok(f) => frame = f,
+                    Err(_) => break,
+                }
+            }
+            drained.notify_one();
+            if !ok || w.flush().await.is_err() {
+                break;
+            }
+        }
+        wcancel.cancel();
+        let _ = w.shutdown().await;
+    });
+    loop {
+        let f = tokio::select! {
+            _ = cancel.cancelled() => break,
+            f = link::read_frame(&mut r) => f,
+        };
+        match f {
+            Ok(Some((kind, body))) => {
+                if ctx
+                    .events
+                    .send(Event::Frame { id, kind, body })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let fault = if e.is_oversized() {
+                    Some(Fault::Oversized)
+                } else if matches!(e, LinkError::Frame(_)) {
+                    Some(Fault::BadFrame)
+                } else {
+                    None
+                };
+                if let Some(f) = fault {
+                    let _ = ctx.events.send(Event::Fault(f)).await;
+                }
+                break;
+            }
+        }
+    }
+    cancel.cancel();
+    let _ = ctx.events.send(Event::LinkDown { id }).await;
+    let _ = writer.await;
+}
+
+struct CoreTask {
+    core: NodeCore,
+    start: Instant,
+    links: BTreeMap<u64, LinkHandle>,
+    pending_deliver: VecDeque<Bytes>,
+    status: Arc<Mutex<NodeStatus>>,
+    base_status: NodeStatus,
+}
+
+impl CoreTask {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        mut l3_in: mpsc::Receiver<Bytes>,
+        l3_out: mpsc::Sender<Bytes>,
+        cancel: CancellationToken,
+        drained: Arc<Notify>,
+    ) {
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut out = Vec::new();
+        let mut l3_open = true;
+        loop {
+            let congested = self.links.values().any(|l| !l.overflow.is_empty());
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                ev = events.recv() => {
+                    let Some(ev) = ev else { break };
+                    self.event(ev, &mut out);
+                    for _ in 0..256 {
+                        match events.try_recv() {
+                            Ok(ev) => self.event(ev, &mut out),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = ticker.tick() => {
+                    let now = self.now();
+                    self.core.tick(now, &mut out);
+                    self.publish_status();
+                }
+                permit = l3_out.reserve(), if !self.pending_deliver.is_empty() => {
+                    match permit {
+                        Ok(p) => if let Some(b) = self.pending_deliver.pop_front() { p.send(b) },
+                        Err(_) => self.pending_deliver.clear(),
+                    }
+                }
+                _ = drained.notified(), if congested => {}
+                p = l3_in.recv(), if l3_open && !congested => {
+                    match p {
+                        Some(p) => {
+                            let now = self.now();
+                            self.core.local(p, now, &mut out);
+                            for _ in 0..64 {
+                                match l3_in.try_recv() {
+                                    Ok(p) => self.core.local(p, now, &mut out),
+                                    Err(_) => break,
+                                }
+                            }
+                        }
+                        None => l3_open = false,
+                    }
+                }
+            }
+            self.apply(&mut out, &l3_out);
+            self.flush_overflow();
+        }
+        for l in self.links.values() {
+            l.cancel.cancel();
+        }
+    }
+
+    fn event(&mut self, ev: Event, out: &mut Vec<CoreOut>) {
+        let now = self.now();
+        match ev {
+            Event::LinkUp {
+                id,
+                key,
+                transport,
+                tx,
+                cancel,
+                remote,
+                outbound,
+            } => {
+                self.links.insert(
+                    id,
+                    LinkHandle {
+                        transport,
+                        tx,
+                        overflow: VecDeque::new(),
+                        cancel,
+                        remote,
+                        outbound,
+                        key,
+                    },
+                );
+                self.core.link_up(id, key, now, out);
+                self.publish_status();
+            }
+            Event::LinkDown { id } => {
+                if let Some(l) = self.links.remove(&id) {
+                    l.cancel.cancel();
+                    self.core.link_down(id, now, out);
+                    self.publish_status();
+                }
+            }
+            Event::Frame { id, kind, body } => match kind {
+                FrameKind::Packet => self.core.packet(id, body, now, out),
+                FrameKind::Control => {
+                    let Some(l) = self.links.get_mut(&id) else {
+                        return;
+                    };
+                    match link::open_control(&mut l.transport, &body) {
+                        Ok(msg) => self.core.control(id, msg, now, out),
+                        Err(LinkError::Frame(_)) => {
+                            self.core.counters.control_malformed += 1;
+                            self.core.heard(id, now);
+                        }
+                        Err(_) => {
+                            self.core.counters.control_decrypt_failed += 1;
+                            self.close(id, now, out);
+                        }
+                    }
+                }
+                FrameKind::Handshake => {
+                    self.core.counters.bad_frame += 1;
+                    self.close(id, now, out);
+                }
+            },
+            Event::Fault(f) => {
+                let c = &mut self.core.counters;
+                match f {
+                    Fault::HandshakeFailed => c.handshake_failed += 1,
+                    Fault::IdentityMismatch => c.identity_mismatch += 1,
+                    Fault::Oversized => c.oversized_frame += 1,
+                    Fault::BadFrame => c.bad_frame += 1,
+                }
+            }
+        }
+    }
+
+    fn close(&mut self, id: Nbr, now: u64, out: &mut Vec<CoreOut>) {
+        if let Some(l) = self.links.remove(&id) {
+            l.cancel.cancel();
+            self.core.link_down(id, now, out);
+        }
+    }
+
+    fn apply(&mut self, out: &mut Vec<CoreOut>, l3_out: &mpsc::Sender<Bytes>) {
+        let mut i = 0;
+        // `close` may append more outputs; index instead of draining.
+        while i < out.len() {
+            let o = std::mem::replace(&mut out[i], CoreOut::Close(u64::MAX));
+            i += 1;
+            match o {
+                CoreOut::Control(n, msg) => {
+                    let Some(l) = self.links.get_mut(&n) else {
+                        continue;
+                    };
+                    if let Ok(frame) = link::seal_control(&mut l.transport, &msg) {
+                        send_frame(l, frame, &mut self.core.counters, true);
+                    }
+                }
+                CoreOut::Packet(n, b) => {
+                    if let Some(l) = self.links.get_mut(&n) {
+                        let mut frame = BytesMut::with_capacity(b.len() + 5);
+                        frame.extend_from_slice(&crate::wire::frame_header(
+                            FrameKind::Packet,
+                            b.len(),
+                        ));
+                        frame.extend_from_slice(&b);
+                        send_frame(l, frame.freeze(), &mut self.core.counters, false);
+                    }
+                }
+                CoreOut::Deliver(b) => {
+                    if !self.pending_deliver.is_empty() {
+                        if self.pending_deliver.len() < DELIVER_BACKLOG {
+                            self.pending_deliver.push_back(b);
+                        }
+                        continue;
+                    }
+                    match l3_out.try_send(b) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(b)) => {
+                            self.pending_deliver.push_back(b)
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    }
+                }
+                CoreOut::Close(n) => {
+                    if let Some(l) = self.links.remove(&n) {
+                        l.cancel.cancel();
+                    }
+                }
+            }
+        }
+        out.clear();
+    }
+
+    fn flush_overflow(&mut self) {
+        for l in self.links.values_mut() {
+            while let Some(f) = l.overflow.pop_front() {
+                match l.tx.try_send(f) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(f)) => {
+                        l.overflow.push_front(f);
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        l.overflow.clear();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn publish_status(&mut self) {
+        let nbrs = self.core.neighbors();
+        let peers = nbrs
+            .iter()
+            .filter_map(|n| {
+                let l = self.links.get(&n.nbr)?;
+                Some(PeerStatus {
+                    link_id: n.nbr,
+                    remote: l.remote,
+                    outbound: l.outbound,
+                    public_key: encode_hex(&l.key),
+                    address: crate::addr::address_for_key(&l.key),
+                    rtt_us: n.srtt_us,
+                    cost: n.cost,
+                    state: if n.srtt_us.is_some() { "up" } else { "probing" },
+                })
+            })
+            .collect();
+        let mut st = self.base_status.clone();
+        st.peers = peers;
+        st.routes = self.core.router.routes(Some);
+        st.counters = self.core.counters();
+        if let Ok(mut g) = self.status.lock() {
+            *g = st;
+        }
+    }
+}
+
+fn send_frame(l: &mut LinkHandle, frame: Bytes, counters: &mut Counters, control: bool) {
+    if !l.overflow.is_empty() {
+        if control || l.overflow.len() < OVERFLOW_LIMIT {
+            l.overflow.push_back(frame);
+        } else {
+            counters.link_queue_drops += 1;
+        }
+        return;
+    }
+    match l.tx.try_send(frame) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(f)) => l.overflow.push_back(f),
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}

@@ -1,0 +1,578 @@
+//! End-to-end sessions (sans-IO): an authenticated ephemeral X25519 exchange (each side
+//! signs its ephemeral key with its node identity), HKDF-SHA256 session keys,
+//! ChaCha20-Poly1305 data packets with the outer header as associated data, a replay window
+//! and rekeying after a bounded number of packets or time.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::Ipv6Addr;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use chacha20poly1305::{AeadInOut, ChaCha20Poly1305, KeyInit, Nonce, Tag};
+use hkdf::Hkdf;
+use sha2::{Digest, Sha256};
+
+use crate::addr::{Prefix, prefix_for_key, prefix_of};
+use crate::identity::{Identity, verify};
+use crate::wire::{self, DATA_HEADER_LEN, SessionInit, SessionResp, TAG_LEN};
+
+/// Microseconds on the caller's clock (monotonic; virtual in the simulator).
+pub type Micros = u64;
+
+/// Session tuning; defaults suit real nodes.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Start a new key exchange after this many packets sent on a session.
+    pub rekey_after_packets: u64,
+    /// ... or after this age.
+    pub rekey_after: Micros,
+    /// A session is never used (either direction) after this age.
+    pub reject_after: Micros,
+    /// Re-send an unanswered init after this long.
+    pub init_retry: Micros,
+    /// Give up (drop queued packets) after this many unanswered inits.
+    pub init_attempts: u32,
+    /// Packets held per destination while a session is being set up.
+    pub queue_limit: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            rekey_after_packets: 1 << 30,
+            rekey_after: 120_000_000,
+            reject_after: 180_000_000,
+            init_retry: 1_000_000,
+            init_attempts: 5,
+            queue_limit: 256,
+        }
+    }
+}
+
+/// Why an incoming end-to-end packet was refused (each is counted by the node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("malformed packet")]
+    Malformed,
+    #[error("no session for receiver index")]
+    UnknownSession,
+    #[error("authentication failed")]
+    BadTag,
+    #[error("replayed or too old counter")]
+    Replayed,
+    #[error("session expired")]
+    Expired,
+    #[error("bad signature")]
+    BadSignature,
+    #[error("key does not own the source address")]
+    KeyMismatch,
+    #[error("replayed session init")]
+    ReplayedInit,
+    #[error("not addressed to this node")]
+    NotForUs,
+    #[error("weak key exchange")]
+    WeakKey,
+}
+
+/// What the session layer wants done.
+#[derive(Debug)]
+pub enum SessionOut {
+    /// Route this packet (init, response or data) towards its destination.
+    Send(Bytes),
+    /// Packets to this destination were dropped: no session could be set up.
+    GaveUp { dst: Ipv6Addr, dropped: usize },
+}
+
+const REPLAY_WINDOW: u64 = 4096;
+
+/// Sliding replay window over packet counters.
+#[derive(Debug, Clone)]
+pub struct ReplayWindow {
+    /// One more than the highest counter accepted (0: none yet).
+    top: u64,
+    bits: Box<[u64; (REPLAY_WINDOW / 64) as usize]>,
+}
+
+impl Default for ReplayWindow {
+    fn default() -> Self {
+        ReplayWindow {
+            top: 0,
+            bits: Box::new([0; (REPLAY_WINDOW / 64) as usize]),
+        }
+    }
+}
+
+impl ReplayWindow {
+    /// Whether `c` would be accepted (not seen, not too old).
+    pub fn check(&self, c: u64) -> bool {
+        if c >= self.top {
+            return true;
+        }
+        if self.top - c > REPLAY_WINDOW {
+            return false;
+        }
+        !self.bit(c)
+    }
+
+    fn bit(&self, c: u64) -> bool {
+        let i = c % REPLAY_WINDOW;
+        self.bits[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    fn set_bit(&mut self, c: u64, v: bool) {
+        let i = c % REPLAY_WINDOW;
+        let w = &mut self.bits[(i / 64) as usize];
+        if v {
+            *w |= 1 << (i % 64);
+        } else {
+            *w &= !(1 << (i % 64));
+        }
+    }
+
+    /// Marks `c` as seen; call only after the packet authenticated.
+    pub fn accept(&mut self, c: u64) {
+        if c >= self.top {
+            let advance = c + 1 - self.top;
+            if advance >= REPLAY_WINDOW {
+                self.bits.fill(0);
+            } else {
+                for n in self.top..=c {
+                    self.set_bit(n, false);
+                }
+            }
+            self.top = c + 1;
+        }
+        self.set_bit(c, true);
+    }
+}
+
+struct Session {
+    local_idx: u32,
+    remote_idx: u32,
+    send: ChaCha20Poly1305,
+    recv: ChaCha20Poly1305,
+    send_counter: u64,
+    replay: ReplayWindow,
+    created: Micros,
+}
+
+struct Pending {
+    idx: u32,
+    eph: x25519_dalek::StaticSecret,
+    init: SessionInit,
+    init_hash: [u8; 32],
+    sent_at: Micros,
+    attempts: u32,
+}
+
+#[derive(Default)]
+struct Peer {
+    addr: Option<Ipv6Addr>,
+    current: Option<Session>,
+    previous: Option<Session>,
+    pending: Option<Pending>,
+    queue: VecDeque<Bytes>,
+    last_init_timestamp: u64,
+}
+
+/// All end-to-end sessions of one node.
+pub struct Sessions {
+    id: Identity,
+    addr: Ipv6Addr,
+    prefix: Prefix,
+    cfg: SessionConfig,
+    peers: BTreeMap<Prefix, Peer>,
+    by_idx: BTreeMap<u32, Prefix>,
+    next_timestamp: u64,
+    rng: Box<dyn FnMut() -> [u8; 32] + Send>,
+    /// Sessions established (both roles), for status.
+    pub established: u64,
+}
+
+impl Sessions {
+    /// `first_timestamp` must exceed any init timestamp this identity used before (real
+    /// nodes use the Unix time in ns); `rng` supplies key material (seeded in the simulator).
+    pub fn new(
+        id: Identity,
+        cfg: SessionConfig,
+        first_timestamp: u64,
+        rng: Box<dyn FnMut() -> [u8; 32] + Send>,
+    ) -> Sessions {
+        let addr = id.address();
+        Sessions {
+            prefix: prefix_of(&addr),
+            addr,
+            id,
+            cfg,
+            peers: BTreeMap::new(),
+            by_idx: BTreeMap::new(),
+            next_timestamp: first_timestamp,
+            rng,
+            established: 0,
+        }
+    }
+
+    /// Number of peers with an established session.
+    pub fn active(&self) -> usize {
+        self.peers.values().filter(|p| p.current.is_some()).count()
+    }
+
+    fn new_idx(&mut self) -> u32 {
+        loop {
+            let r = (self.rng)();
+            let idx = u32::from_be_bytes([r[0], r[1], r[2], r[3]]);
+            if idx != 0 && !self.by_idx.contains_key(&idx) {
+                return idx;
+            }
+        }
+    }
+
+    /// Encrypts a local IPv6 packet for `dst` or queues it while a session is set up.
+    pub fn seal(&mut self, now: Micros, dst: Ipv6Addr, packet: Bytes, out: &mut Vec<SessionOut>) {
+        let prefix = prefix_of(&dst);
+        let cfg = self.cfg.clone();
+        let peer = self.peers.entry(prefix).or_default();
+        peer.addr = Some(dst);
+        let usable = peer
+            .current
+            .as_ref()
+            .is_some_and(|s| now.saturating_sub(s.created) < cfg.reject_after);
+        let needs_rekey = peer.current.as_ref().is_none_or(|s| {
+            s.send_counter >= cfg.rekey_after_packets
+                || now.saturating_sub(s.created) >= cfg.rekey_after
+        });
+        let start_init = needs_rekey && peer.pending.is_none();
+        if usable {
+            if let Some(s) = peer.current.as_mut() {
+                out.push(SessionOut::Send(seal_data(s, &self.addr, &dst, &packet)));
+            }
+        } else if peer.queue.len() < cfg.queue_limit {
+            peer.queue.push_back(packet);
+        } else {
+            out.push(SessionOut::GaveUp { dst, dropped: 1 });
+        }
+        if start_init {
+            self.start_init(now, prefix, dst, out);
+        }
+    }
+
+    fn start_init(
+        &mut self,
+        now: Micros,
+        prefix: Prefix,
+        dst: Ipv6Addr,
+        out: &mut Vec<SessionOut>,
+    ) {
+        let idx = self.new_idx();
+        let eph = x25519_dalek::StaticSecret::from((self.rng)());
+        let timestamp = self.next_timestamp;
+        self.next_timestamp += 1;
+        let mut init = SessionInit {
+            src: self.addr,
+            dst,
+            sender_idx: idx,
+            initiator_key: self.id.public_key(),
+            ephemeral: x25519_dalek::PublicKey::from(&eph).to_bytes(),
+            timestamp,
+            signature: [0; 64],
+        };
+        init.signature = self.id.sign(&init.signed_input());
+        let encoded = init.encode();
+        let init_hash = transcript_hash(&encoded);
+        self.by_idx.insert(idx, prefix);
+        let peer = self.peers.entry(prefix).or_default();
+        if let Some(old) = peer.pending.take() {
+            self.by_idx.remove(&old.idx);
+        }
+        peer.pending = Some(Pending {
+            idx,
+            eph,
+            init,
+            init_hash,
+            sent_at: now,
+            attempts: 1,
+        });
+        out.push(SessionOut::Send(encoded));
+    }
+
+    /// Handles a session init addressed to this node; returns the response to route back.
+    pub fn handle_init(
+        &mut self,
+        now: Micros,
+        packet: &[u8],
+        out: &mut Vec<SessionOut>,
+    ) -> Result<(), SessionError> {
+        let init = SessionInit::decode(packet).map_err(|_| SessionError::Malformed)?;
+        if prefix_of(&init.dst) != self.prefix {
+            return Err(SessionError::NotForUs);
+        }
+        let peer_prefix = prefix_of(&init.src);
+        if prefix_for_key(&init.initiator_key) != peer_prefix {
+            return Err(SessionError::KeyMismatch);
+        }
+        if !verify(&init.initiator_key, &init.signed_input(), &init.signature) {
+            return Err(SessionError::BadSignature);
+        }
+        let last = self
+            .peers
+            .get(&peer_prefix)
+            .map_or(0, |p| p.last_init_timestamp);
+        if init.timestamp <= last {
+            return Err(SessionError::ReplayedInit);
+        }
+        let idx = self.new_idx();
+        let eph = x25519_dalek::StaticSecret::from((self.rng)());
+        let mut resp = SessionResp {
+            src: self.addr,
+            dst: init.src,
+            sender_idx: idx,
+            receiver_idx: init.sender_idx,
+            responder_key: self.id.public_key(),
+            ephemeral: x25519_dalek::PublicKey::from(&eph).to_bytes(),
+            signature: [0; 64],
+        };
+        let init_hash = transcript_hash(packet);
+        resp.signature = self.id.sign(&resp.signed_input(&init_hash));
+        let (i2r, r2i) = derive_keys(&eph, &init.ephemeral, &init_hash, &resp)?;
+        let session = Session {
+            local_idx: idx,
+            remote_idx: init.sender_idx,
+            send: r2i,
+            recv: i2r,
+            send_counter: 0,
+            replay: ReplayWindow::default(),
+            created: now,
+        };
+        self.by_idx.insert(idx, peer_prefix);
+        // The response must precede data sent on the new session.
+        out.push(SessionOut::Send(resp.encode()));
+        self.install(peer_prefix, init.src, session, out);
+        let peer = self.peers.entry(peer_prefix).or_default();
+        peer.last_init_timestamp = init.timestamp;
+        Ok(())
+    }
+
+    /// Handles a session response to one of our inits.
+    pub fn handle_resp(
+        &mut self,
+        now: Micros,
+        packet: &[u8],
+        out: &mut Vec<SessionOut>,
+    ) -> Result<(), SessionError> {
+        let resp = SessionResp::decode(packet).map_err(|_| SessionError::Malformed)?;
+        if resp.dst != self.addr {
+            return Err(SessionError::NotForUs);
+        }
+        let peer_prefix = prefix_of(&resp.src);
+        if prefix_for_key(&resp.responder_key) != peer_prefix {
+            return Err(SessionError::KeyMismatch);
+        }
+        let Some(peer) = self.peers.get_mut(&peer_prefix) else {
+            return Err(SessionError::UnknownSession);
+        };
+        let Some(pending) = peer.pending.as_ref().filter(|p| p.idx == resp.receiver_idx) else {
+            return Err(SessionError::UnknownSession);
+        };
+        if !verify(
+            &resp.responder_key,
+            &resp.signed_input(&pending.init_hash),
+            &resp.signature,
+        ) {
+            return Err(SessionError::BadSignature);
+        }
+        let (i2r, r2i) = derive_keys(&pending.eph, &resp.ephemeral, &pending.init_hash, &resp)?;
+        let local_idx = pending.idx;
+        peer.pending = None;
+        let session = Session {
+            local_idx,
+            remote_idx: resp.sender_idx,
+            send: i2r,
+            recv: r2i,
+            send_counter: 0,
+            replay: ReplayWindow::default(),
+            created: now,
+        };
+        self.install(peer_prefix, resp.src, session, out);
+        Ok(())
+    }
+
+    fn install(&mut self, prefix: Prefix, addr: Ipv6Addr, s: Session, out: &mut Vec<SessionOut>) {
+        self.established += 1;
+        let peer = self.peers.entry(prefix).or_default();
+        if let Some(old) = peer.previous.take() {
+            self.by_idx.remove(&old.local_idx);
+        }
+        peer.previous = peer.current.take();
+        peer.current = Some(s);
+        let dst = peer.addr.unwrap_or(addr);
+        if let Some(cur) = peer.current.as_mut() {
+            while let Some(p) = peer.queue.pop_front() {
+                let to = packet_dst(&p).unwrap_or(dst);
+                out.push(SessionOut::Send(seal_data(cur, &self.addr, &to, &p)));
+            }
+        }
+    }
+
+    /// Decrypts a data packet addressed to this node. Returns the peer's address (outer
+    /// source, authenticated) and the inner IPv6 packet.
+    pub fn open(
+        &mut self,
+        now: Micros,
+        mut packet: BytesMut,
+    ) -> Result<(Ipv6Addr, Bytes), SessionError> {
+        let h = wire::parse_routed(&packet).map_err(|_| SessionError::Malformed)?;
+        let (idx, counter) = wire::data_fields(&packet).map_err(|_| SessionError::Malformed)?;
+        let prefix = *self.by_idx.get(&idx).ok_or(SessionError::UnknownSession)?;
+        if prefix_of(&h.src) != prefix {
+            return Err(SessionError::UnknownSession);
+        }
+        let reject_after = self.cfg.reject_after;
+        let peer = self
+            .peers
+            .get_mut(&prefix)
+            .ok_or(SessionError::UnknownSession)?;
+        let s = [peer.current.as_mut(), peer.previous.as_mut()]
+            .into_iter()
+            .flatten()
+            .find(|s| s.local_idx == idx)
+            .ok_or(SessionError::UnknownSession)?;
+        if now.saturating_sub(s.created) >= reject_after {
+            return Err(SessionError::Expired);
+        }
+        if !s.replay.check(counter) {
+            return Err(SessionError::Replayed);
+        }
+        let aad = wire::data_aad(&packet);
+        let len = packet.len();
+        let tag = Tag::try_from(&packet[len - TAG_LEN..]).map_err(|_| SessionError::Malformed)?;
+        let body = &mut packet[DATA_HEADER_LEN..len - TAG_LEN];
+        s.recv
+            .decrypt_inout_detached(&nonce(counter), &aad, body.into(), &tag)
+            .map_err(|_| SessionError::BadTag)?;
+        s.replay.accept(counter);
+        packet.truncate(len - TAG_LEN);
+        let inner = packet.split_off(DATA_HEADER_LEN).freeze();
+        Ok((h.src, inner))
+    }
+
+    /// Retries unanswered inits, gives up on dead ones, drops expired sessions.
+    pub fn tick(&mut self, now: Micros, out: &mut Vec<SessionOut>) {
+        let cfg = self.cfg.clone();
+        let mut retry = Vec::new();
+        for peer in self.peers.values_mut() {
+            for slot in [&mut peer.current, &mut peer.previous] {
+                if slot
+                    .as_ref()
+                    .is_some_and(|s| now.saturating_sub(s.created) >= cfg.reject_after)
+                    && let Some(s) = slot.take()
+                {
+                    self.by_idx.remove(&s.local_idx);
+                }
+            }
+            if let Some(p) = peer.pending.as_mut()
+                && now.saturating_sub(p.sent_at) >= cfg.init_retry
+            {
+                {
+                    if p.attempts >= cfg.init_attempts {
+                        self.by_idx.remove(&p.idx);
+                        peer.pending = None;
+                        if !peer.queue.is_empty() {
+                            out.push(SessionOut::GaveUp {
+                                dst: peer.addr.unwrap_or(Ipv6Addr::UNSPECIFIED),
+                                dropped: peer.queue.len(),
+                            });
+                            peer.queue.clear();
+                        }
+                    } else {
+                        p.attempts += 1;
+                        p.sent_at = now;
+                        retry.push(p.init.encode());
+                    }
+                }
+            }
+        }
+        self.peers.retain(|_, p| {
+            p.current.is_some()
+                || p.previous.is_some()
+                || p.pending.is_some()
+                || p.last_init_timestamp != 0
+        });
+        out.extend(retry.into_iter().map(SessionOut::Send));
+    }
+
+    /// Forgets pending inits and queued packets for a destination (e.g. it became unreachable).
+    pub fn abandon(&mut self, dst: &Ipv6Addr) -> usize {
+        let prefix = prefix_of(dst);
+        let Some(peer) = self.peers.get_mut(&prefix) else {
+            return 0;
+        };
+        if let Some(p) = peer.pending.take() {
+            self.by_idx.remove(&p.idx);
+        }
+        let n = peer.queue.len();
+        peer.queue.clear();
+        n
+    }
+}
+
+fn packet_dst(p: &[u8]) -> Option<Ipv6Addr> {
+    let d: [u8; 16] = p.get(24..40)?.try_into().ok()?;
+    Some(Ipv6Addr::from(d))
+}
+
+fn transcript_hash(init_packet: &[u8]) -> [u8; 32] {
+    // The hop limit (byte 1) changes in flight: hash the packet without it.
+    let mut h = Sha256::new();
+    h.update(init_packet.first().map_or(&[][..], std::slice::from_ref));
+    h.update(init_packet.get(2..).unwrap_or(&[]));
+    h.finalize().into()
+}
+
+fn derive_keys(
+    own_eph: &x25519_dalek::StaticSecret,
+    peer_eph: &[u8; 32],
+    init_hash: &[u8; 32],
+    resp: &SessionResp,
+) -> Result<(ChaCha20Poly1305, ChaCha20Poly1305), SessionError> {
+    let shared = own_eph.diffie_hellman(&x25519_dalek::PublicKey::from(*peer_eph));
+    if !shared.was_contributory() {
+        return Err(SessionError::WeakKey);
+    }
+    let mut salt = Sha256::new();
+    salt.update(init_hash);
+    salt.update(resp.signed_input(init_hash));
+    salt.update(resp.signature);
+    let salt: [u8; 32] = salt.finalize().into();
+    let hk = Hkdf::<Sha256>::new(Some(&salt), shared.as_bytes());
+    let mut i2r = zeroize::Zeroizing::new([0u8; 32]);
+    let mut r2i = zeroize::Zeroizing::new([0u8; 32]);
+    hk.expand(b"meshgate-e2e-v1 initiator to responder", &mut *i2r)
+        .map_err(|_| SessionError::WeakKey)?;
+    hk.expand(b"meshgate-e2e-v1 responder to initiator", &mut *r2i)
+        .map_err(|_| SessionError::WeakKey)?;
+    let k = |b: &[u8; 32]| ChaCha20Poly1305::new_from_slice(b).map_err(|_| SessionError::WeakKey);
+    Ok((k(&i2r)?, k(&r2i)?))
+}
+
+/// Nonce: 4 zero bytes then the 64-bit packet counter (big-endian).
+fn nonce(counter: u64) -> Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&counter.to_be_bytes());
+    Nonce::from(n)
+}
+
+fn seal_data(s: &mut Session, src: &Ipv6Addr, dst: &Ipv6Addr, packet: &[u8]) -> Bytes {
+    let counter = s.send_counter;
+    s.send_counter += 1;
+    let mut b = BytesMut::with_capacity(DATA_HEADER_LEN + packet.len() + TAG_LEN);
+    wire::put_data_header(&mut b, src, dst, s.remote_idx, counter);
+    b.put_slice(packet);
+    let aad = wire::data_aad(&b[..DATA_HEADER_LEN]);
+    let body = &mut b[DATA_HEADER_LEN..];
+    // Sealing cannot fail for packets below the AEAD's 256 GiB limit.
+    let tag = s
+        .send
+        .encrypt_inout_detached(&nonce(counter), &aad, body.into())
+        .unwrap_or_default();
+    b.put_slice(&tag);
+    b.freeze()
+}

@@ -1,0 +1,516 @@
+//! Wire formats: link frames, link control messages and routed overlay packets.
+//! All integers are big-endian. See `docs/protocol.md` for the normative description.
+
+use std::net::Ipv6Addr;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::addr::Prefix;
+
+/// Errors decoding untrusted bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("truncated {0}")]
+    Truncated(&'static str),
+    #[error("{what} too long: {len} bytes (max {max})")]
+    Oversized {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("unknown {what} type {value}")]
+    UnknownType { what: &'static str, value: u8 },
+    #[error("{0} has trailing bytes")]
+    Trailing(&'static str),
+    #[error("invalid {0}")]
+    Invalid(&'static str),
+}
+
+// ---------------------------------------------------------------------------------------
+// Link frames: u32 body length, u8 kind, body.
+
+/// Bytes before a frame body: u32 length + u8 kind.
+pub const FRAME_HEADER_LEN: usize = 5;
+/// Hard maximum of a frame body. Larger announced lengths close the link.
+pub const MAX_FRAME_BODY: usize = 66 * 1024;
+/// Largest Noise message (handshake or control ciphertext).
+pub const MAX_NOISE_MESSAGE: usize = 65535;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// A Noise handshake message.
+    Handshake = 1,
+    /// A Noise transport message carrying one [`Control`] message.
+    Control = 2,
+    /// A routed overlay packet (end-to-end protected; relays forward it as is).
+    Packet = 3,
+}
+
+/// Parses a frame header; `Err` means the link must be closed.
+pub fn parse_frame_header(h: &[u8; FRAME_HEADER_LEN]) -> Result<(FrameKind, usize), WireError> {
+    let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    let kind = match h[4] {
+        1 => FrameKind::Handshake,
+        2 => FrameKind::Control,
+        3 => FrameKind::Packet,
+        value => {
+            return Err(WireError::UnknownType {
+                what: "frame",
+                value,
+            });
+        }
+    };
+    let max = match kind {
+        FrameKind::Packet => MAX_FRAME_BODY,
+        _ => MAX_NOISE_MESSAGE,
+    };
+    if len > max {
+        return Err(WireError::Oversized {
+            what: "frame",
+            len,
+            max,
+        });
+    }
+    if len == 0 {
+        return Err(WireError::Invalid("empty frame"));
+    }
+    Ok((kind, len))
+}
+
+/// Encodes a frame header for `len` body bytes.
+pub fn frame_header(kind: FrameKind, len: usize) -> [u8; FRAME_HEADER_LEN] {
+    let l = (len as u32).to_be_bytes();
+    [l[0], l[1], l[2], l[3], kind as u8]
+}
+
+/// A complete frame (header + body) in one buffer.
+pub fn encode_frame(kind: FrameKind, body: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(FRAME_HEADER_LEN + body.len());
+    b.put_slice(&frame_header(kind, body.len()));
+    b.put_slice(body);
+    b.freeze()
+}
+
+// ---------------------------------------------------------------------------------------
+// Control messages (inside Noise transport messages).
+
+/// One signed route announcement as carried in an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteUpdate {
+    pub prefix: Prefix,
+    pub seqno: u64,
+    /// Sender's metric (µs); [`METRIC_INFINITY`] is a retraction.
+    pub metric: u32,
+    /// The prefix owner's ed25519 key (router id).
+    pub router_key: [u8; 32],
+    /// Owner's signature over [`route_signature_input`].
+    pub signature: [u8; 64],
+}
+
+/// Metric of an unreachable (retracted) route.
+pub const METRIC_INFINITY: u32 = u32::MAX;
+const UPDATE_ENTRY_LEN: usize = 8 + 8 + 4 + 32 + 64;
+/// Updates per control message (keeps messages under the Noise limit).
+pub const MAX_UPDATES_PER_MESSAGE: usize = 500;
+
+/// What the prefix owner signs: label, prefix, seqno, router key.
+pub fn route_signature_input(prefix: &Prefix, seqno: u64, router_key: &[u8; 32]) -> [u8; 65] {
+    let mut m = [0u8; 65];
+    m[..17].copy_from_slice(b"meshgate-route-v1");
+    m[17..25].copy_from_slice(prefix);
+    m[25..33].copy_from_slice(&seqno.to_be_bytes());
+    m[33..].copy_from_slice(router_key);
+    m
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Keepalive and RTT probe; the receiver echoes `timestamp_us`.
+    Hello {
+        timestamp_us: u64,
+    },
+    HelloAck {
+        echo_us: u64,
+    },
+    Updates(Vec<RouteUpdate>),
+    /// Ask for an update of `prefix` with a seqno of at least `seqno`.
+    SeqnoRequest {
+        prefix: Prefix,
+        seqno: u64,
+        hop_count: u8,
+    },
+}
+
+impl Control {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        match self {
+            Control::Hello { timestamp_us } => {
+                b.push(1);
+                b.extend_from_slice(&timestamp_us.to_be_bytes());
+            }
+            Control::HelloAck { echo_us } => {
+                b.push(2);
+                b.extend_from_slice(&echo_us.to_be_bytes());
+            }
+            Control::Updates(list) => {
+                b.reserve(3 + list.len() * UPDATE_ENTRY_LEN);
+                b.push(3);
+                b.extend_from_slice(&(list.len() as u16).to_be_bytes());
+                for u in list {
+                    b.extend_from_slice(&u.prefix);
+                    b.extend_from_slice(&u.seqno.to_be_bytes());
+                    b.extend_from_slice(&u.metric.to_be_bytes());
+                    b.extend_from_slice(&u.router_key);
+                    b.extend_from_slice(&u.signature);
+                }
+            }
+            Control::SeqnoRequest {
+                prefix,
+                seqno,
+                hop_count,
+            } => {
+                b.push(4);
+                b.extend_from_slice(prefix);
+                b.extend_from_slice(&seqno.to_be_bytes());
+                b.push(*hop_count);
+            }
+        }
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Control, WireError> {
+        let mut r = Reader::new(b, "control message");
+        let msg = match r.u8()? {
+            1 => Control::Hello {
+                timestamp_us: r.u64()?,
+            },
+            2 => Control::HelloAck { echo_us: r.u64()? },
+            3 => {
+                let n = r.u16()? as usize;
+                if n > MAX_UPDATES_PER_MESSAGE {
+                    return Err(WireError::Oversized {
+                        what: "update list",
+                        len: n,
+                        max: MAX_UPDATES_PER_MESSAGE,
+                    });
+                }
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    list.push(RouteUpdate {
+                        prefix: r.array()?,
+                        seqno: r.u64()?,
+                        metric: r.u32()?,
+                        router_key: r.array()?,
+                        signature: r.array()?,
+                    });
+                }
+                Control::Updates(list)
+            }
+            4 => Control::SeqnoRequest {
+                prefix: r.array()?,
+                seqno: r.u64()?,
+                hop_count: r.u8()?,
+            },
+            value => {
+                return Err(WireError::UnknownType {
+                    what: "control",
+                    value,
+                });
+            }
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Routed packets: type, hop limit, source, destination, type-specific fields.
+
+pub const PKT_DATA: u8 = 1;
+pub const PKT_SESSION_INIT: u8 = 2;
+pub const PKT_SESSION_RESP: u8 = 3;
+pub const PKT_UNREACHABLE: u8 = 4;
+
+/// type(1) hop_limit(1) src(16) dst(16).
+pub const ROUTED_HEADER_LEN: usize = 34;
+/// Data header: routed header + receiver index(4) + counter(8).
+pub const DATA_HEADER_LEN: usize = ROUTED_HEADER_LEN + 12;
+/// Poly1305 tag.
+pub const TAG_LEN: usize = 16;
+/// Hop limit set by the originator.
+pub const DEFAULT_HOP_LIMIT: u8 = 64;
+const INIT_LEN: usize = ROUTED_HEADER_LEN + 4 + 32 + 32 + 8 + 64;
+const RESP_LEN: usize = ROUTED_HEADER_LEN + 4 + 4 + 32 + 32 + 64;
+const UNREACHABLE_LEN: usize = ROUTED_HEADER_LEN + 16;
+
+/// The common header of a routed packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoutedHeader {
+    pub ptype: u8,
+    pub hop_limit: u8,
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+}
+
+/// Validates a routed packet's header and its type-specific length.
+pub fn parse_routed(b: &[u8]) -> Result<RoutedHeader, WireError> {
+    if b.len() < ROUTED_HEADER_LEN {
+        return Err(WireError::Truncated("routed packet"));
+    }
+    let ptype = b[0];
+    let (min, exact) = match ptype {
+        PKT_DATA => (DATA_HEADER_LEN + TAG_LEN, false),
+        PKT_SESSION_INIT => (INIT_LEN, true),
+        PKT_SESSION_RESP => (RESP_LEN, true),
+        PKT_UNREACHABLE => (UNREACHABLE_LEN, true),
+        value => {
+            return Err(WireError::UnknownType {
+                what: "routed packet",
+                value,
+            });
+        }
+    };
+    if b.len() < min {
+        return Err(WireError::Truncated("routed packet"));
+    }
+    if exact && b.len() != min {
+        return Err(WireError::Trailing("routed packet"));
+    }
+    if b.len() > MAX_FRAME_BODY {
+        return Err(WireError::Oversized {
+            what: "routed packet",
+            len: b.len(),
+            max: MAX_FRAME_BODY,
+        });
+    }
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&b[2..18]);
+    dst.copy_from_slice(&b[18..34]);
+    Ok(RoutedHeader {
+        ptype,
+        hop_limit: b[1],
+        src: Ipv6Addr::from(src),
+        dst: Ipv6Addr::from(dst),
+    })
+}
+
+fn put_routed_header(b: &mut BytesMut, ptype: u8, src: &Ipv6Addr, dst: &Ipv6Addr) {
+    b.put_u8(ptype);
+    b.put_u8(DEFAULT_HOP_LIMIT);
+    b.put_slice(&src.octets());
+    b.put_slice(&dst.octets());
+}
+
+/// Fields of a data packet header after the routed header.
+pub fn data_fields(b: &[u8]) -> Result<(u32, u64), WireError> {
+    let mut r = Reader::new(b.get(ROUTED_HEADER_LEN..).unwrap_or(&[]), "data packet");
+    Ok((r.u32()?, r.u64()?))
+}
+
+/// Associated data of a data packet: the header without the hop limit (relays change it).
+pub fn data_aad(header: &[u8]) -> [u8; DATA_HEADER_LEN - 1] {
+    let mut aad = [0u8; DATA_HEADER_LEN - 1];
+    if header.len() >= DATA_HEADER_LEN {
+        aad[0] = header[0];
+        aad[1..].copy_from_slice(&header[2..DATA_HEADER_LEN]);
+    }
+    aad
+}
+
+/// Writes a data packet header (hop limit = default).
+pub fn put_data_header(
+    b: &mut BytesMut,
+    src: &Ipv6Addr,
+    dst: &Ipv6Addr,
+    receiver_idx: u32,
+    counter: u64,
+) {
+    put_routed_header(b, PKT_DATA, src, dst);
+    b.put_u32(receiver_idx);
+    b.put_u64(counter);
+}
+
+/// End-to-end session initiation (initiator → responder).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionInit {
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub sender_idx: u32,
+    pub initiator_key: [u8; 32],
+    pub ephemeral: [u8; 32],
+    /// Strictly increasing per initiator (replayed inits are refused).
+    pub timestamp: u64,
+    pub signature: [u8; 64],
+}
+
+impl SessionInit {
+    /// What the initiator signs.
+    pub fn signed_input(&self) -> Vec<u8> {
+        let mut m = Vec::with_capacity(20 + 16 + 16 + 4 + 32 + 32 + 8);
+        m.extend_from_slice(b"meshgate-e2e-init-v1");
+        m.extend_from_slice(&self.src.octets());
+        m.extend_from_slice(&self.dst.octets());
+        m.extend_from_slice(&self.sender_idx.to_be_bytes());
+        m.extend_from_slice(&self.initiator_key);
+        m.extend_from_slice(&self.ephemeral);
+        m.extend_from_slice(&self.timestamp.to_be_bytes());
+        m
+    }
+
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(INIT_LEN);
+        put_routed_header(&mut b, PKT_SESSION_INIT, &self.src, &self.dst);
+        b.put_u32(self.sender_idx);
+        b.put_slice(&self.initiator_key);
+        b.put_slice(&self.ephemeral);
+        b.put_u64(self.timestamp);
+        b.put_slice(&self.signature);
+        b.freeze()
+    }
+
+    pub fn decode(b: &[u8]) -> Result<SessionInit, WireError> {
+        let h = parse_routed(b)?;
+        if h.ptype != PKT_SESSION_INIT {
+            return Err(WireError::Invalid("not a session init"));
+        }
+        let mut r = Reader::new(&b[ROUTED_HEADER_LEN..], "session init");
+        let m = SessionInit {
+            src: h.src,
+            dst: h.dst,
+            sender_idx: r.u32()?,
+            initiator_key: r.array()?,
+            ephemeral: r.array()?,
+            timestamp: r.u64()?,
+            signature: r.array()?,
+        };
+        r.finish()?;
+        Ok(m)
+    }
+}
+
+/// End-to-end session response (responder → initiator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionResp {
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub sender_idx: u32,
+    pub receiver_idx: u32,
+    pub responder_key: [u8; 32],
+    pub ephemeral: [u8; 32],
+    pub signature: [u8; 64],
+}
+
+impl SessionResp {
+    /// What the responder signs; binds the whole init via its hash.
+    pub fn signed_input(&self, init_hash: &[u8; 32]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(20 + 32 + 16 + 16 + 8 + 64);
+        m.extend_from_slice(b"meshgate-e2e-resp-v1");
+        m.extend_from_slice(init_hash);
+        m.extend_from_slice(&self.src.octets());
+        m.extend_from_slice(&self.dst.octets());
+        m.extend_from_slice(&self.sender_idx.to_be_bytes());
+        m.extend_from_slice(&self.receiver_idx.to_be_bytes());
+        m.extend_from_slice(&self.responder_key);
+        m.extend_from_slice(&self.ephemeral);
+        m
+    }
+
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(RESP_LEN);
+        put_routed_header(&mut b, PKT_SESSION_RESP, &self.src, &self.dst);
+        b.put_u32(self.sender_idx);
+        b.put_u32(self.receiver_idx);
+        b.put_slice(&self.responder_key);
+        b.put_slice(&self.ephemeral);
+        b.put_slice(&self.signature);
+        b.freeze()
+    }
+
+    pub fn decode(b: &[u8]) -> Result<SessionResp, WireError> {
+        let h = parse_routed(b)?;
+        if h.ptype != PKT_SESSION_RESP {
+            return Err(WireError::Invalid("not a session response"));
+        }
+        let mut r = Reader::new(&b[ROUTED_HEADER_LEN..], "session response");
+        let m = SessionResp {
+            src: h.src,
+            dst: h.dst,
+            sender_idx: r.u32()?,
+            receiver_idx: r.u32()?,
+            responder_key: r.array()?,
+            ephemeral: r.array()?,
+            signature: r.array()?,
+        };
+        r.finish()?;
+        Ok(m)
+    }
+}
+
+/// "No route to `unreachable`", sent by a relay back to the packet's source.
+pub fn encode_unreachable(src: &Ipv6Addr, dst: &Ipv6Addr, unreachable: &Ipv6Addr) -> Bytes {
+    let mut b = BytesMut::with_capacity(UNREACHABLE_LEN);
+    put_routed_header(&mut b, PKT_UNREACHABLE, src, dst);
+    b.put_slice(&unreachable.octets());
+    b.freeze()
+}
+
+/// The unreachable address in an unreachable packet.
+pub fn decode_unreachable(b: &[u8]) -> Result<Ipv6Addr, WireError> {
+    let h = parse_routed(b)?;
+    if h.ptype != PKT_UNREACHABLE {
+        return Err(WireError::Invalid("not an unreachable"));
+    }
+    let mut r = Reader::new(&b[ROUTED_HEADER_LEN..], "unreachable");
+    let a: [u8; 16] = r.array()?;
+    r.finish()?;
+    Ok(Ipv6Addr::from(a))
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// Bounds-checked reader over untrusted bytes.
+struct Reader<'a> {
+    b: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(b: &'a [u8], what: &'static str) -> Self {
+        Reader { b, what }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.b.len() < n {
+            return Err(WireError::Truncated(self.what));
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.array::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+    fn finish(&self) -> Result<(), WireError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Trailing(self.what))
+        }
+    }
+}
