@@ -1,0 +1,456 @@
+//! The HTTP proxy for terminated TLS (and plain-HTTP routes on :80): route by Host, pick a
+//! backend, forward the request with streamed bodies, pass upgrades (WebSocket) through.
+
+use crate::backend::DialConnector;
+use crate::io::Activity;
+use crate::metrics::{RequestLabel, RouteLabel};
+use crate::routes::{RouteEntry, normalize_host};
+use crate::server::Inner;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
+use hyper::body::{Body as _, Incoming};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use meshgate_config::route::BackendProtocol;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Pooled keep-alive clients to backends, one per backend protocol.
+pub struct Clients {
+    h1: Client<DialConnector, Body>,
+    h2c: Client<DialConnector, Body>,
+}
+
+impl Clients {
+    pub fn new(connector: DialConnector) -> Self {
+        let mut b = Client::builder(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256);
+        let h1 = b.build(connector.clone());
+        b.http2_only(true);
+        let h2c = b.build(connector);
+        Clients { h1, h2c }
+    }
+}
+
+/// Who is on the other side of a client connection.
+#[derive(Clone)]
+pub struct ConnInfo {
+    pub client: SocketAddr,
+    /// `https` or `http`: what the client used.
+    pub proto: &'static str,
+    pub activity: Activity,
+}
+
+pub fn full(status: StatusCode, text: &'static str) -> Response<Body> {
+    let body = format!(
+        "<!doctype html><title>{0} {1}</title><h1>{0} {1}</h1><p>{2}</p>\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        text
+    );
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|n: Infallible| match n {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|n: Infallible| match n {}).boxed()
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let te_trailers = h
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    h.remove(header::UPGRADE);
+    if te_trailers {
+        // gRPC needs `te: trailers` end to end; it is the one TE value h2 allows.
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The `Upgrade` value of an HTTP/1.1 upgrade request (`Connection: upgrade`).
+fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let wants = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    wants.then(|| req.headers().get(header::UPGRADE).cloned())?
+}
+
+/// The host a request is for: `:authority` (h2) or `Host`.
+pub fn request_host<B>(req: &Request<B>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+}
+
+fn set_forwarded(h: &mut HeaderMap, ci: &ConnInfo, host: &str) {
+    // We are the edge: client-supplied forwarding headers are replaced, not trusted.
+    let ip = ci.client.ip().to_canonical();
+    let for_value = if ip.is_ipv6() {
+        format!("\"[{ip}]\"")
+    } else {
+        ip.to_string()
+    };
+    let pairs = [
+        ("x-forwarded-for", ip.to_string()),
+        ("x-forwarded-proto", ci.proto.to_string()),
+        ("x-forwarded-host", host.to_string()),
+        (
+            "forwarded",
+            format!("for={for_value};proto={};host=\"{host}\"", ci.proto),
+        ),
+    ];
+    for (name, value) in pairs {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    }
+}
+
+/// Serves one request arriving on a client connection.
+pub async fn handle(
+    gw: Arc<Inner>,
+    req: Request<Incoming>,
+    ci: ConnInfo,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let Some(host) = request_host(&req) else {
+        return Ok(full(StatusCode::BAD_REQUEST, "The request names no host."));
+    };
+    let host = normalize_host(&host);
+    let entry = gw.routes().lookup(&host);
+    let (route_name, resp) = match entry {
+        None => {
+            gw.metrics.error("unknown", "unknown_host");
+            (
+                "unknown".to_string(),
+                full(StatusCode::NOT_FOUND, "No site is served under this name."),
+            )
+        }
+        Some(entry) if ci.proto == "http" && !entry.route.options.allow_plain_http => {
+            (entry.route.host.clone(), redirect_https(&host, &req))
+        }
+        Some(entry) => (
+            entry.route.host.clone(),
+            forward(&gw, &entry, req, &ci, &host).await,
+        ),
+    };
+    let elapsed = start.elapsed();
+    let status = resp.status();
+    gw.metrics
+        .requests
+        .get_or_create(&RequestLabel {
+            route: route_name.clone(),
+            status: format!("{}xx", status.as_u16() / 100),
+        })
+        .inc();
+    gw.metrics
+        .latency
+        .get_or_create(&RouteLabel {
+            route: route_name.clone(),
+        })
+        .observe(elapsed.as_secs_f64());
+    tracing::info!(
+        target: "access",
+        client = %ci.client,
+        proto = ci.proto,
+        route = %route_name,
+        host = %host,
+        method = %method,
+        path = %path,
+        status = status.as_u16(),
+        ms = elapsed.as_millis() as u64,
+        "request"
+    );
+    let label = RouteLabel { route: route_name };
+    let out = gw.metrics.bytes_out.get_or_create(&label).clone();
+    Ok(resp.map(|b| {
+        b.map_frame(move |f| {
+            if let Some(d) = f.data_ref() {
+                out.inc_by(d.len() as u64);
+            }
+            f
+        })
+        .boxed()
+    }))
+}
+
+fn redirect_https<B>(host: &str, req: &Request<B>) -> Response<Body> {
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut resp = full(
+        StatusCode::PERMANENT_REDIRECT,
+        "This site is served over HTTPS.",
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("https://{host}{pq}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+async fn forward(
+    gw: &Arc<Inner>,
+    entry: &RouteEntry,
+    mut req: Request<Incoming>,
+    ci: &ConnInfo,
+    host: &str,
+) -> Response<Body> {
+    let route = &entry.route;
+    let upgrade = upgrade_of(&req);
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    if let Some(up) = &upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, up.clone());
+    }
+    if !headers.contains_key(header::HOST)
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        headers.insert(header::HOST, v);
+    }
+    set_forwarded(&mut headers, ci, host);
+    let (client, version) = match route.options.backend_protocol {
+        BackendProtocol::Http1 => (&gw.clients.h1, Version::HTTP_11),
+        BackendProtocol::H2c => (&gw.clients.h2c, Version::HTTP_2),
+    };
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let label = RouteLabel {
+        route: route.host.clone(),
+    };
+    let bytes_in = gw.metrics.bytes_in.get_or_create(&label).clone();
+    let retryable = body.is_end_stream()
+        && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let mut body = Some(
+        body.map_frame(move |f| {
+            if let Some(d) = f.data_ref() {
+                bytes_in.inc_by(d.len() as u64);
+            }
+            f
+        })
+        .boxed(),
+    );
+    let order = entry.backend_order();
+    let mut last_connect_error = None;
+    for addr in &order {
+        let uri = match format!("http://{addr}{pq}").parse::<http::Uri>() {
+            Ok(u) => u,
+            Err(_) => return full(StatusCode::BAD_REQUEST, "The request target is not valid."),
+        };
+        let mut breq = Request::new(if retryable {
+            empty()
+        } else {
+            body.take().unwrap_or_else(empty)
+        });
+        *breq.method_mut() = parts.method.clone();
+        *breq.uri_mut() = uri;
+        *breq.version_mut() = version;
+        *breq.headers_mut() = headers.clone();
+        match tokio::time::timeout(gw.timeouts.request(), client.request(breq)).await {
+            Err(_) => {
+                gw.metrics.error(&route.host, "backend_timeout");
+                tracing::warn!(route = %route.host, backend = %addr, "backend response timed out");
+                return full(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "The site did not answer in time.",
+                );
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                gw.metrics.error(&route.host, "backend_connect");
+                tracing::warn!(route = %route.host, backend = %addr, error = %error_chain(&e), "backend connect failed");
+                last_connect_error = Some(e);
+                if retryable {
+                    continue;
+                }
+                break;
+            }
+            Ok(Err(e)) => {
+                gw.metrics.error(&route.host, "backend_io");
+                tracing::warn!(route = %route.host, backend = %addr, error = %error_chain(&e), "backend request failed");
+                return full(StatusCode::BAD_GATEWAY, "The site could not be reached.");
+            }
+            Ok(Ok(resp)) => return response(gw, resp, client_upgrade, ci, &route.host),
+        }
+    }
+    if let Some(e) = last_connect_error
+        && is_timeout(&e)
+    {
+        return full(
+            StatusCode::GATEWAY_TIMEOUT,
+            "The site did not answer in time.",
+        );
+    }
+    full(StatusCode::BAD_GATEWAY, "The site could not be reached.")
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        cur = c.source();
+    }
+    false
+}
+
+fn response(
+    gw: &Arc<Inner>,
+    mut resp: Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ci: &ConnInfo,
+    route: &str,
+) -> Response<Body> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return full(StatusCode::BAD_GATEWAY, "The site answered unexpectedly.");
+        };
+        let backend_upgrade = hyper::upgrade::on(&mut resp);
+        let idle = gw.timeouts.idle();
+        let activity = ci.activity.clone();
+        let route = route.to_string();
+        tokio::spawn(async move {
+            let (c, b) = match tokio::join!(client_upgrade, backend_upgrade) {
+                (Ok(c), Ok(b)) => (c, b),
+                _ => return,
+            };
+            let mut c = TokioIo::new(c);
+            let mut b = TokioIo::new(b);
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut c, &mut b) => {
+                    if let Ok((up, down)) = r {
+                        tracing::debug!(route = %route, up, down, "upgraded stream closed");
+                    }
+                }
+                _ = activity.idle(idle) => {
+                    tracing::debug!(route = %route, "upgraded stream idle, closing");
+                }
+            }
+        });
+        let (parts, _) = resp.into_parts();
+        return Response::from_parts(parts, empty());
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::TE);
+    Response::from_parts(parts, body.boxed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers, gzip"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("connection").is_none());
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn forwarded_headers_replace_client_supplied() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        let ci = ConnInfo {
+            client: "[::ffff:192.0.2.1]:5000".parse().unwrap(),
+            proto: "https",
+            activity: Activity::default(),
+        };
+        set_forwarded(&mut h, &ci, "a.example");
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "192.0.2.1");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(
+            h.get("forwarded").unwrap(),
+            "for=192.0.2.1;proto=https;host=\"a.example\""
+        );
+    }
+}
