@@ -1,0 +1,322 @@
+//! `/v1/names` and `/v1/domains`: a deployer's reservations.
+
+use super::body::read_object;
+use super::error::{json_response, no_content};
+use super::{Api, ApiError, Caller};
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use meshgate_config::reservation::{
+    Key, Kind, Options, Reservation, challenge_name, validate_backends, validate_fqdn,
+    validate_name, validate_options, validate_owner,
+};
+use meshgate_config::route::Mode;
+use meshgate_config::store::{StoreError, now_unix};
+use serde_json::Value;
+
+/// Which collection a request addresses.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Which {
+    Names,
+    Domains,
+}
+
+impl Which {
+    fn kind(self) -> Kind {
+        match self {
+            Which::Names => Kind::Name,
+            Which::Domains => Kind::Domain,
+        }
+    }
+    /// The body field and path parameter naming the reservation.
+    fn field(self) -> &'static str {
+        match self {
+            Which::Names => "name",
+            Which::Domains => "fqdn",
+        }
+    }
+    fn collection(self) -> &'static str {
+        match self {
+            Which::Names => "names",
+            Which::Domains => "domains",
+        }
+    }
+    /// The key a path parameter addresses (lowercase, no trailing dot).
+    fn key(self, raw: &str) -> Key {
+        let name = raw.trim_end_matches('.').to_ascii_lowercase();
+        Key {
+            kind: self.kind(),
+            name,
+        }
+    }
+}
+
+/// The JSON shape of a reservation: the stored record plus its host and, for domains, the
+/// DNS records the owner must publish.
+fn view(api: &Api, r: &Reservation) -> Value {
+    let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
+    let farmer = api.store.farmer_domain();
+    if let Value::Object(map) = &mut v {
+        map.insert("host".into(), Value::String(r.host(farmer)));
+        match r.kind {
+            Kind::Name => {
+                map.remove("verification");
+            }
+            Kind::Domain => {
+                map.insert(
+                    "dns".into(),
+                    serde_json::json!({
+                        "challenge": {
+                            "name": challenge_name(&r.name),
+                            "type": "TXT",
+                            "value": api.store.challenge_token(&r.owner, &r.name),
+                        },
+                        "pointing": {
+                            "cname": farmer,
+                            "addresses": api.cfg.gateway_addrs,
+                        },
+                    }),
+                );
+            }
+        }
+    }
+    v
+}
+
+fn forbidden(which: Which, key: &Key) -> ApiError {
+    ApiError::forbidden(
+        which.field(),
+        format!("`{}` belongs to another deployer", key.name),
+    )
+}
+
+fn not_found(which: Which, key: &Key) -> ApiError {
+    ApiError::not_found(
+        which.field(),
+        format!("no {} reservation `{}`", key.kind.as_str(), key.name),
+    )
+}
+
+/// `GET /v1/{names|domains}`: the caller's reservations (all of them for the admin).
+pub(crate) async fn list(
+    api: &Api,
+    caller: &Caller,
+    which: Which,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let owner = match caller {
+        Caller::Admin => None,
+        Caller::Deployer(me) => Some(me.clone()),
+    };
+    let kind = which.kind();
+    let items = api
+        .blocking(move |s| s.list(owner.as_deref(), Some(kind)))
+        .await??;
+    let items: Vec<Value> = items.iter().map(|r| view(api, r)).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ which.collection(): items }),
+    ))
+}
+
+/// `POST /v1/{names|domains}`.
+pub(crate) async fn create<B>(
+    api: &Api,
+    caller: &Caller,
+    which: Which,
+    body: B,
+) -> Result<Response<Full<Bytes>>, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut obj = read_object(body).await?;
+    let field = which.field();
+    let raw = obj.string(field)?;
+    let backends = obj
+        .opt_strings("backends")?
+        .ok_or_else(|| ApiError::bad_request("backends", "is required"))?;
+    let mode = obj.opt::<Mode>("mode")?.unwrap_or_default();
+    let options = obj.opt::<Options>("options")?.unwrap_or_default();
+    let owner_field = obj.opt_string("owner")?;
+    obj.finish()?;
+
+    let owner = match (caller, owner_field) {
+        (Caller::Admin, Some(o)) => {
+            validate_owner("owner", &o)?;
+            o
+        }
+        (Caller::Admin, None) => {
+            return Err(ApiError::bad_request(
+                "owner",
+                "the admin token must name the deployer that owns the reservation",
+            ));
+        }
+        (Caller::Deployer(me), Some(o)) if o != *me => {
+            return Err(ApiError::forbidden(
+                "owner",
+                "a deployer reserves only for itself",
+            ));
+        }
+        (Caller::Deployer(me), _) => me.clone(),
+    };
+    let farmer = api.store.farmer_domain();
+    let policy = &api.cfg.policy;
+    let name = match which {
+        Which::Names => validate_name(field, &raw, farmer, policy)?,
+        Which::Domains => validate_fqdn(field, &raw, farmer)?,
+    };
+    let backends = validate_backends("backends", &backends, policy)?;
+    validate_options("options", &options)?;
+    let key = Key {
+        kind: which.kind(),
+        name,
+    };
+    let r = Reservation::new(key.clone(), &owner, backends, mode, options, now_unix());
+    let stored = r.clone();
+    match api.blocking(move |s| s.create(&stored)).await? {
+        Ok(()) => {}
+        Err(StoreError::Conflict { .. }) => {
+            return Err(ApiError::conflict(
+                field,
+                format!("`{}` is already reserved", key.name),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(%owner, reservation = %key, "reservation created");
+    if which.kind() == Kind::Domain {
+        api.store.request_verification();
+    }
+    Ok(json_response(StatusCode::CREATED, &view(api, &r)))
+}
+
+/// `GET /v1/{names|domains}/{name}`.
+pub(crate) async fn get(
+    api: &Api,
+    caller: &Caller,
+    which: Which,
+    raw: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let key = which.key(raw);
+    let k = key.clone();
+    let Some(r) = api.blocking(move |s| s.get(&k)).await?? else {
+        return Err(not_found(which, &key));
+    };
+    if !caller.may_act_for(&r.owner) {
+        return Err(forbidden(which, &key));
+    }
+    Ok(json_response(StatusCode::OK, &view(api, &r)))
+}
+
+/// `PUT /v1/{names|domains}/{name}`: replaces the given fields of `backends`, `mode`,
+/// `options`; the others stay.
+pub(crate) async fn update<B>(
+    api: &Api,
+    caller: &Caller,
+    which: Which,
+    raw: &str,
+    body: B,
+) -> Result<Response<Full<Bytes>>, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let key = which.key(raw);
+    let mut obj = read_object(body).await?;
+    let backends = obj.opt_strings("backends")?;
+    let mode = obj.opt::<Mode>("mode")?;
+    let options = obj.opt::<Options>("options")?;
+    obj.finish()?;
+    if backends.is_none() && mode.is_none() && options.is_none() {
+        return Err(ApiError::bad_request(
+            "body",
+            "nothing to change: give `backends`, `mode` or `options`",
+        ));
+    }
+    let backends = backends
+        .map(|b| validate_backends("backends", &b, &api.cfg.policy))
+        .transpose()?;
+    if let Some(o) = &options {
+        validate_options("options", o)?;
+    }
+    let k = key.clone();
+    let who = caller.clone();
+    let (fwhich, fkey) = (which, key.clone());
+    let updated = api
+        .blocking(move |s| {
+            s.update(&k, move |r| {
+                if !who.may_act_for(&r.owner) {
+                    return Err(forbidden(fwhich, &fkey));
+                }
+                if let Some(b) = backends {
+                    r.backends = b;
+                }
+                if let Some(m) = mode {
+                    r.mode = m;
+                }
+                if let Some(o) = options {
+                    r.options = o;
+                }
+                r.updated_at = now_unix();
+                Ok::<(), ApiError>(())
+            })
+        })
+        .await??;
+    match updated {
+        Some(r) => {
+            tracing::info!(reservation = %key, "reservation updated");
+            Ok(json_response(StatusCode::OK, &view(api, &r)))
+        }
+        None => Err(not_found(which, &key)),
+    }
+}
+
+/// `DELETE /v1/{names|domains}/{name}`.
+pub(crate) async fn delete(
+    api: &Api,
+    caller: &Caller,
+    which: Which,
+    raw: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let key = which.key(raw);
+    let k = key.clone();
+    let who = caller.clone();
+    let fkey = key.clone();
+    let removed = api
+        .blocking(move |s| {
+            s.delete(&k, move |r| {
+                if who.may_act_for(&r.owner) {
+                    Ok(())
+                } else {
+                    Err(forbidden(which, &fkey))
+                }
+            })
+        })
+        .await??;
+    match removed {
+        Some(_) => {
+            tracing::info!(reservation = %key, "reservation deleted");
+            Ok(no_content())
+        }
+        None => Err(not_found(which, &key)),
+    }
+}
+
+/// `POST /v1/domains/{fqdn}/verify`: check the DNS proof now rather than at the next round.
+pub(crate) async fn verify_now(
+    api: &Api,
+    caller: &Caller,
+    raw: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let which = Which::Domains;
+    let key = which.key(raw);
+    let k = key.clone();
+    let Some(r) = api.blocking(move |s| s.get(&k)).await?? else {
+        return Err(not_found(which, &key));
+    };
+    if !caller.may_act_for(&r.owner) {
+        return Err(forbidden(which, &key));
+    }
+    api.store.request_verification();
+    Ok(json_response(StatusCode::ACCEPTED, &view(api, &r)))
+}
