@@ -1,6 +1,9 @@
 //! The userspace stack on an in-memory wire: two stacks joined by bounded channels, as an
 //! overlay node's L3 port would join them.
 
+mod common;
+
+use common::pattern;
 use meshgate_sockets::{Stack, StackConfig};
 use std::io::ErrorKind;
 use std::net::{Ipv6Addr, SocketAddrV6};
@@ -18,19 +21,6 @@ fn wire(mtu: usize, config: StackConfig) -> (Stack, Stack) {
         Stack::with_config(A, mtu, a_tx, a_rx, config.clone()),
         Stack::with_config(B, mtu, b_tx, b_rx, config),
     )
-}
-
-/// Deterministic test data: cheap to generate, differs at every offset.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,106 @@
+//! Test helpers: deterministic data and network namespaces the tests create.
+#![allow(dead_code)]
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Deterministic test data: cheap to generate, differs at every offset.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let take = (len - out.len()).min(8);
+        out.extend_from_slice(&x.to_le_bytes()[..take]);
+    }
+    out
+}
+
+/// A network namespace created for one test and deleted when dropped.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates a namespace with loopback up, or says why it cannot (then the test skips).
+    pub fn create(tag: &str) -> Result<Netns, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root: network namespaces and TUN need root".into());
+        }
+        if !std::path::Path::new("/dev/net/tun").exists() {
+            return Err("no /dev/net/tun".into());
+        }
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "mgs-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        run("ip", &["netns", "add", &name])?;
+        let ns = Netns { name };
+        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Runs `f` on a new thread inside the namespace (sockets and TUN devices it creates
+    /// live there; threads it spawns inherit the namespace).
+    pub fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid namespace fd affects only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &str) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c.kill_on_drop(true);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Skips a test with a printed reason.
+#[macro_export]
+macro_rules! netns_or_skip {
+    ($tag:expr) => {
+        match common::Netns::create($tag) {
+            Ok(ns) => ns,
+            Err(why) => {
+                eprintln!("SKIPPED: {why}");
+                return;
+            }
+        }
+    };
+}
