@@ -102,9 +102,9 @@ fn default_admin() -> SocketAddr {
 pub struct Overlay {
     /// Node key file (created by `meshgate keygen`, mode 0600).
     pub key_file: PathBuf,
-    /// Link listeners for other overlay nodes.
+    /// Link listener for other overlay nodes; absent = outbound links only.
     #[serde(default)]
-    pub listen: Vec<SocketAddr>,
+    pub listen: Option<SocketAddr>,
     /// Peers to connect to, `host:port`.
     #[serde(default)]
     pub peers: Vec<String>,
@@ -341,7 +341,10 @@ impl GatewayConfig {
         {
             return Err(err(
                 "tls.acme.challenge",
-                format!("expected `http-01` or `tls-alpn-01`, got `{}`", acme.challenge),
+                format!(
+                    "expected `http-01` or `tls-alpn-01`, got `{}`",
+                    acme.challenge
+                ),
             ));
         }
         let mut seen = HashSet::new();

@@ -12,6 +12,7 @@ pub mod dial;
 pub mod hello;
 pub mod io;
 pub mod metrics;
+pub mod overlay;
 pub mod pool;
 pub mod proxy;
 pub mod proxy_protocol;

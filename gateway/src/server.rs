@@ -302,6 +302,18 @@ impl Gateway {
         Ok(Bound { https, http, admin })
     }
 
+    /// Binds the given HTTPS listeners and the configured admin listener (no plain HTTP).
+    pub fn bind_listeners(&self, https: &[SocketAddr]) -> Result<Bound> {
+        let c = self.inner.config();
+        let https = https.iter().map(|a| bind(*a)).collect::<Result<_>>()?;
+        let admin = bind(c.admin.listen)?;
+        Ok(Bound {
+            https,
+            http: Vec::new(),
+            admin,
+        })
+    }
+
     /// Serves until `shutdown` completes.
     pub async fn serve(&self, bound: Bound, shutdown: impl Future<Output = ()>) -> Result<()> {
         let slots = Arc::new(Semaphore::new(self.inner.limits.max_connections));
