@@ -194,13 +194,18 @@ fn whoami(caller: &Caller) -> Response<Full<Bytes>> {
     json_response(StatusCode::OK, &body)
 }
 
-/// Serves the API alone on `listener` (HTTP/1.1) until the task is dropped. The gateway's
-/// admin listener mounts [`Api::handle`] instead, next to `/metrics`.
+/// Serves the API alone on `listener` (HTTP/1.1) until this future is dropped, which also
+/// closes its connections. The gateway's admin listener mounts [`handler`] instead, next to
+/// `/metrics`.
 pub async fn serve(api: Arc<Api>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = tokio::select! {
+            accepted = listener.accept() => accepted?.0,
+            Some(_) = connections.join_next() => continue,
+        };
         let api = api.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let api = api.clone();
                 async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
@@ -212,5 +217,50 @@ pub async fn serve(api: Arc<Api>, listener: tokio::net::TcpListener) -> std::io:
                 tracing::debug!("admin API connection: {e}");
             }
         });
+    }
+}
+
+/// The gateway's admin-listener hook: `gateway.set_api(api::handler(api))`.
+pub fn handler(api: Arc<Api>) -> crate::server::ApiHandler {
+    use http_body_util::BodyExt;
+    Arc::new(move |req| {
+        let api = api.clone();
+        Box::pin(async move {
+            api.handle(req)
+                .await
+                .map(|body| body.map_err(|never| match never {}).boxed())
+        })
+    })
+}
+
+/// Everything reservations add to a running gateway: the store, the API and the verifier.
+pub struct Reservations {
+    pub store: Arc<Store>,
+    pub api: Arc<Api>,
+    /// The re-validation task; abort it to stop verifying.
+    pub verifier: tokio::task::JoinHandle<()>,
+}
+
+impl Reservations {
+    /// Opens the store in `data_dir` for `farmer_domain`, loads (or creates) the admin token
+    /// from `admin_token_file` (0600), and starts the domain verifier on the current runtime.
+    /// Wire it with `gateway.set_api(api::handler(r.api.clone()))` and
+    /// `gateway.follow_reserved_routes(r.store.routes())`.
+    pub fn start(
+        data_dir: &std::path::Path,
+        farmer_domain: &str,
+        admin_token_file: &std::path::Path,
+        api_cfg: ApiConfig,
+        verifier_cfg: meshgate_config::verify::VerifierConfig,
+    ) -> anyhow::Result<Reservations> {
+        let store = Arc::new(Store::open(data_dir, farmer_domain)?);
+        let (admin, _) = AdminToken::load_or_create(admin_token_file)?;
+        let verifier = meshgate_config::verify::Verifier::new(store.clone(), verifier_cfg)?.spawn();
+        let api = Arc::new(Api::new(store.clone(), admin, api_cfg));
+        Ok(Reservations {
+            store,
+            api,
+            verifier,
+        })
     }
 }

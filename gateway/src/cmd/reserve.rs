@@ -1,8 +1,460 @@
-//! `meshgate reserve`.
+//! `meshgate reserve`: a client of the gateway's reservations admin API (`/v1/…`).
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Subcommand, ValueEnum};
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Base URL of the gateway's admin listener.
+    #[arg(
+        long,
+        env = "MESHGATE_ADMIN",
+        default_value = "http://127.0.0.1:9090",
+        global = true
+    )]
+    admin: String,
+    /// Deployer token (or the farmer's admin token).
+    #[arg(long, env = "MESHGATE_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Print the API's JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
 
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`meshgate reserve` is not built yet")
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Reserve `<name>.<farmer domain>`.
+    Name {
+        name: String,
+        #[command(flatten)]
+        spec: Spec,
+    },
+    /// Reserve a custom domain (activated once its DNS proof holds).
+    Domain {
+        fqdn: String,
+        #[command(flatten)]
+        spec: Spec,
+    },
+    /// List your reservations.
+    List {
+        /// Only names.
+        #[arg(long, conflicts_with = "domains")]
+        names: bool,
+        /// Only domains.
+        #[arg(long)]
+        domains: bool,
+    },
+    /// Show one reservation (for domains: the DNS records to publish).
+    Show { target: String },
+    /// Change a reservation's backends, mode or options.
+    Update {
+        target: String,
+        #[arg(long = "backend", value_name = "ADDR:PORT")]
+        backends: Vec<String>,
+        #[arg(long, value_enum)]
+        mode: Option<ModeArg>,
+        #[command(flatten)]
+        options: OptionFlags,
+    },
+    /// Delete a reservation (a name, or a domain).
+    Delete { target: String },
+    /// Ask the gateway to check a domain's DNS proof now.
+    Verify { fqdn: String },
+    /// Create a deployer token (needs the farmer's admin token).
+    Token { owner: String },
+}
+
+#[derive(clap::Args, Debug)]
+struct Spec {
+    /// Backend `ip:port` (IPv6 as `[addr]:port`); repeat for several.
+    #[arg(long = "backend", value_name = "ADDR:PORT", required = true)]
+    backends: Vec<String>,
+    #[arg(long, value_enum, default_value = "terminate")]
+    mode: ModeArg,
+    #[command(flatten)]
+    options: OptionFlags,
+    /// Owner, when reserving with the admin token.
+    #[arg(long)]
+    owner: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct OptionFlags {
+    /// Serve plain HTTP on :80 instead of redirecting it to HTTPS.
+    #[arg(long)]
+    allow_plain_http: bool,
+    /// Keep each client on one backend.
+    #[arg(long)]
+    sticky: bool,
+}
+
+impl OptionFlags {
+    fn json(&self) -> Value {
+        json!({
+            "redirect_https": !self.allow_plain_http,
+            "allow_plain_http": self.allow_plain_http,
+            "sticky": self.sticky,
+        })
+    }
+    fn given(&self) -> bool {
+        self.allow_plain_http || self.sticky
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ModeArg {
+    Terminate,
+    Passthrough,
+}
+
+impl ModeArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            ModeArg::Terminate => "terminate",
+            ModeArg::Passthrough => "passthrough",
+        }
+    }
+}
+
+/// The admin API over HTTP.
+struct ApiClient {
+    base: String,
+    token: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl ApiClient {
+    fn new(base: &str, token: Option<String>) -> anyhow::Result<Self> {
+        let base = base.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") {
+            bail!("--admin must be an http:// URL of the admin listener, got `{base}`");
+        }
+        let token = token
+            .filter(|t| !t.trim().is_empty())
+            .context("no token: pass --token or set MESHGATE_TOKEN")?;
+        Ok(ApiClient {
+            base,
+            token,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        })
+    }
+
+    /// One request; `Ok((status, json))` for any HTTP answer.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let url = format!("{}{path}", self.base);
+        let bytes = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+        let req = Request::builder()
+            .method(method)
+            .uri(&url)
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", self.token.trim()),
+            )
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(bytes))
+            .with_context(|| format!("invalid URL {url}"))?;
+        let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
+            .await
+            .with_context(|| format!("{url}: no answer within 30 s"))?
+            .with_context(|| format!("cannot reach the admin API at {url}"))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .with_context(|| format!("{url}: reading the answer"))?
+            .to_bytes();
+        let value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body).unwrap_or_else(
+                |_| json!({"error": {"field": "", "reason": String::from_utf8_lossy(&body)}}),
+            )
+        };
+        Ok((status, value))
+    }
+
+    /// Like [`call`](Self::call) but turns an API error into an `Err` naming field and reason.
+    async fn expect(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let (status, value) = self.call(method, path, body).await?;
+        if status.is_success() {
+            Ok(value)
+        } else {
+            bail!("{}", describe_error(status, &value))
+        }
+    }
+
+    /// Finds which collection `target` lives in: a bare label is a name; a dotted host is a
+    /// domain, or a name given as `<name>.<farmer domain>`.
+    async fn locate(&self, target: &str) -> anyhow::Result<(String, Value)> {
+        let target = target.trim_end_matches('.').to_ascii_lowercase();
+        let Some((label, _)) = target.split_once('.') else {
+            let path = format!("/v1/names/{target}");
+            let v = self.expect(Method::GET, &path, None).await?;
+            return Ok((path, v));
+        };
+        let path = format!("/v1/domains/{target}");
+        let (status, v) = self.call(Method::GET, &path, None).await?;
+        if status.is_success() {
+            return Ok((path, v));
+        }
+        if status == StatusCode::NOT_FOUND {
+            let name_path = format!("/v1/names/{label}");
+            let (s2, v2) = self.call(Method::GET, &name_path, None).await?;
+            if s2.is_success() && v2["host"] == target {
+                return Ok((name_path, v2));
+            }
+        }
+        bail!("{}", describe_error(status, &v))
+    }
+}
+
+fn describe_error(status: StatusCode, v: &Value) -> String {
+    let field = v["error"]["field"].as_str().unwrap_or_default();
+    let reason = v["error"]["reason"].as_str().unwrap_or("no reason given");
+    if field.is_empty() {
+        format!("{status}: {reason}")
+    } else {
+        format!("{status}: {field}: {reason}")
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let api = ApiClient::new(&args.admin, args.token)?;
+    let out = match args.command {
+        Command::Name { name, spec } => {
+            let v = api
+                .expect(
+                    Method::POST,
+                    "/v1/names",
+                    Some(spec_body("name", &name, &spec)),
+                )
+                .await?;
+            Output::Reservation(v, "reserved")
+        }
+        Command::Domain { fqdn, spec } => {
+            let v = api
+                .expect(
+                    Method::POST,
+                    "/v1/domains",
+                    Some(spec_body("fqdn", &fqdn, &spec)),
+                )
+                .await?;
+            Output::Reservation(v, "reserved")
+        }
+        Command::List { names, domains } => {
+            let mut all = Vec::new();
+            if !domains {
+                let v = api.expect(Method::GET, "/v1/names", None).await?;
+                all.extend(v["names"].as_array().cloned().unwrap_or_default());
+            }
+            if !names {
+                let v = api.expect(Method::GET, "/v1/domains", None).await?;
+                all.extend(v["domains"].as_array().cloned().unwrap_or_default());
+            }
+            Output::List(all)
+        }
+        Command::Show { target } => Output::Reservation(api.locate(&target).await?.1, ""),
+        Command::Update {
+            target,
+            backends,
+            mode,
+            options,
+        } => {
+            let (path, _) = api.locate(&target).await?;
+            let mut body = serde_json::Map::new();
+            if !backends.is_empty() {
+                body.insert("backends".into(), json!(backends));
+            }
+            if let Some(m) = mode {
+                body.insert("mode".into(), json!(m.as_str()));
+            }
+            if options.given() {
+                body.insert("options".into(), options.json());
+            }
+            let v = api
+                .expect(Method::PUT, &path, Some(Value::Object(body)))
+                .await?;
+            Output::Reservation(v, "updated")
+        }
+        Command::Delete { target } => {
+            let (path, v) = api.locate(&target).await?;
+            api.expect(Method::DELETE, &path, None).await?;
+            Output::Deleted(v)
+        }
+        Command::Verify { fqdn } => {
+            let fqdn = fqdn.trim_end_matches('.').to_ascii_lowercase();
+            let v = api
+                .expect(Method::POST, &format!("/v1/domains/{fqdn}/verify"), None)
+                .await?;
+            Output::Reservation(v, "verification requested for")
+        }
+        Command::Token { owner } => Output::Token(
+            api.expect(Method::POST, "/v1/tokens", Some(json!({ "owner": owner })))
+                .await?,
+        ),
+    };
+    print!("{}", out.render(args.json));
+    Ok(())
+}
+
+fn spec_body(field: &str, value: &str, spec: &Spec) -> Value {
+    let mut body = json!({
+        field: value,
+        "backends": spec.backends,
+        "mode": spec.mode.as_str(),
+        "options": spec.options.json(),
+    });
+    if let Some(owner) = &spec.owner {
+        body["owner"] = json!(owner);
+    }
+    body
+}
+
+enum Output {
+    Reservation(Value, &'static str),
+    List(Vec<Value>),
+    Deleted(Value),
+    Token(Value),
+}
+
+impl Output {
+    fn render(&self, as_json: bool) -> String {
+        if as_json {
+            let v = match self {
+                Output::Reservation(v, _) | Output::Token(v) => v.clone(),
+                Output::List(items) => json!({ "reservations": items }),
+                Output::Deleted(v) => json!({ "deleted": v["host"] }),
+            };
+            return format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        match self {
+            Output::Reservation(v, verb) => describe(v, verb),
+            Output::List(items) if items.is_empty() => "no reservations\n".into(),
+            Output::List(items) => table(items),
+            Output::Deleted(v) => format!("deleted {}\n", text(&v["host"])),
+            Output::Token(v) => format!(
+                "deployer token for {} (id {}); it is shown only now:\n{}\n",
+                text(&v["owner"]),
+                text(&v["id"]),
+                text(&v["token"])
+            ),
+        }
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn status_text(status: &Value) -> String {
+    match status["reason"].as_str() {
+        Some(reason) => format!("{} ({reason})", text(&status["state"])),
+        None => text(&status["state"]),
+    }
+}
+
+fn backends_text(v: &Value) -> String {
+    v["backends"]
+        .as_array()
+        .map(|b| b.iter().map(text).collect::<Vec<_>>().join(", "))
+        .unwrap_or_default()
+}
+
+fn describe(v: &Value, verb: &str) -> String {
+    let host = text(&v["host"]);
+    let mut s = if verb.is_empty() {
+        format!("{host}\n")
+    } else {
+        format!("{verb} {host}\n")
+    };
+    s += &format!(
+        "  kind:     {}\n  owner:    {}\n  mode:     {}\n  backends: {}\n  status:   {}\n",
+        text(&v["kind"]),
+        text(&v["owner"]),
+        text(&v["mode"]),
+        backends_text(v),
+        status_text(&v["status"]),
+    );
+    if let Some(err) = v["verification"]["last_error"].as_str() {
+        s += &format!("  last check: {err}\n");
+    }
+    if v["kind"] == "domain" && v["status"]["state"] != "active" {
+        let dns = &v["dns"];
+        s += &format!(
+            "To prove you own {host} and point it here, publish both:\n  {host}. CNAME {}.\n  {}. TXT \"{}\"\n",
+            text(&dns["pointing"]["cname"]),
+            text(&dns["challenge"]["name"]),
+            text(&dns["challenge"]["value"]),
+        );
+        if let Some(addrs) = dns["pointing"]["addresses"]
+            .as_array()
+            .filter(|a| !a.is_empty())
+        {
+            let list: Vec<String> = addrs.iter().map(text).collect();
+            s += &format!(
+                "  (instead of the CNAME, A/AAAA records to only {} also work)\n",
+                list.join(", ")
+            );
+        }
+        s += &format!("then run `meshgate reserve verify {host}` or wait for the next check.\n");
+    }
+    s
+}
+
+fn table(items: &[Value]) -> String {
+    let rows: Vec<[String; 5]> = items
+        .iter()
+        .map(|v| {
+            [
+                text(&v["host"]),
+                text(&v["kind"]),
+                text(&v["mode"]),
+                status_text(&v["status"]),
+                backends_text(v),
+            ]
+        })
+        .collect();
+    let header = ["HOST", "KIND", "MODE", "STATUS", "BACKENDS"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out += line.join("  ").trim_end();
+        out += "\n";
+    }
+    out
 }
