@@ -39,7 +39,7 @@ pub mod resolver;
 pub mod schedule;
 pub mod store;
 
-pub use challenge::{ChallengeResponder, offers_acme_tls};
+pub use challenge::{ACME_TLS_ALPN, ChallengeResponder, offers_acme_tls};
 pub use config::{AcmeConfig, CertConfig, CustomChallenge, DnsConfig, RenewPolicy};
 pub use devca::DevCa;
 pub use dns::{ChallengeZone, DnsServer, serve_dns};

@@ -74,6 +74,7 @@ struct Inner {
     store: CertStore,
     resolver: Arc<CertResolver>,
     challenges: Arc<ChallengeResponder>,
+    alpn_config: Arc<ServerConfig>,
     farmer: Option<String>,
     dns_zone: Option<ChallengeZone>,
     devca: Option<DevCa>,
@@ -146,6 +147,7 @@ impl CertManager {
                 contact,
                 store,
                 resolver: Arc::new(CertResolver::new(challenges.clone())),
+                alpn_config: challenges.tls_alpn01_config(),
                 challenges,
                 farmer,
                 dns_zone,
@@ -196,7 +198,7 @@ impl CertManager {
 
     /// The config for a :443 handshake whose ClientHello offers `acme-tls/1`.
     pub fn tls_alpn01_config(&self) -> Arc<ServerConfig> {
-        self.inner.challenges.tls_alpn01_config()
+        self.inner.alpn_config.clone()
     }
 
     /// The shared challenge responder (HTTP-01 tokens, TLS-ALPN-01 certificates).
