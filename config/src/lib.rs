@@ -2,6 +2,7 @@
 
 pub mod file;
 pub mod gateway;
+pub mod node;
 pub mod reservation;
 pub mod route;
 pub mod store;

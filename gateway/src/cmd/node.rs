@@ -1,8 +1,378 @@
-//! `meshgate node`.
+//! `meshgate node`: a standalone overlay node (TUN or userspace), and `meshgate node status`.
+//!
+//! The node serves its status as JSON on `GET /status` at `status_listen` (loopback only):
+//! `{ "mode", "node": { address, public_key, mtu, listen, peers, routes, counters },
+//!    "endpoint": { packets/bytes in and out }, "expose": [{ port, to }] }`.
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use meshgate_config::node::{NodeFileConfig, NodeMode};
+use meshgate_overlay::{Node, NodeConfig};
+use meshgate_sockets::tun::Tun;
+use meshgate_sockets::{Exposed, Stack, expose};
+use serde_json::{Value, json};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Option<NodeCommand>,
+    /// The node's configuration file (node.toml).
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
 
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`meshgate node` is not built yet")
+#[derive(clap::Subcommand, Debug)]
+enum NodeCommand {
+    /// Show a running node's address, peers, routes and traffic counters.
+    Status {
+        /// The node's status endpoint (`status_listen` in node.toml).
+        #[arg(long, default_value = "127.0.0.1:9652")]
+        status: SocketAddr,
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    match (args.command, args.config) {
+        (Some(NodeCommand::Status { status, json }), _) => {
+            let doc = fetch_status(status).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print!("{}", render_status(&doc));
+            }
+            Ok(())
+        }
+        (None, Some(path)) => {
+            let cfg = NodeFileConfig::load(&path)?;
+            let running = RunningNode::start(&cfg).await?;
+            eprintln!(
+                "meshgate node: address {} ({} mode), links on {}, status on http://{}/status",
+                running.node.address(),
+                mode_name(cfg.mode),
+                running
+                    .node
+                    .listen_addr()
+                    .map_or("outbound only".to_string(), |a| a.to_string()),
+                running.status_addr,
+            );
+            running.run_until(shutdown_signal()).await;
+            Ok(())
+        }
+        (None, None) => anyhow::bail!("`meshgate node` needs --config node.toml (or `status`)"),
+    }
+}
+
+fn mode_name(m: NodeMode) -> &'static str {
+    match m {
+        NodeMode::Userspace => "userspace",
+        NodeMode::Tun => "tun",
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// How the node's L3 port is used.
+enum Endpoint {
+    Userspace {
+        stack: Stack,
+        _exposed: Vec<Exposed>,
+    },
+    Tun(Tun),
+}
+
+impl Endpoint {
+    fn status(&self) -> Value {
+        match self {
+            Endpoint::Userspace { stack, .. } => {
+                let s = stack.stats();
+                json!({
+                    "packets_in": s.packets_in, "bytes_in": s.bytes_in,
+                    "packets_out": s.packets_out, "bytes_out": s.bytes_out,
+                    "tcp_sockets": s.sockets,
+                })
+            }
+            Endpoint::Tun(t) => {
+                let s = t.stats();
+                json!({
+                    "interface": t.name(),
+                    "packets_in": s.packets_from_overlay, "bytes_in": s.bytes_from_overlay,
+                    "packets_out": s.packets_to_overlay, "bytes_out": s.bytes_to_overlay,
+                    "packets_filtered": s.packets_filtered,
+                })
+            }
+        }
+    }
+}
+
+/// A node started from `node.toml`: overlay node, endpoint, status server.
+pub struct RunningNode {
+    pub node: Arc<Node>,
+    endpoint: Arc<Endpoint>,
+    pub status_addr: SocketAddr,
+    status_task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningNode {
+    pub async fn start(cfg: &NodeFileConfig) -> anyhow::Result<RunningNode> {
+        let dead = cfg.dead_peer_timeout();
+        let node = Node::start(NodeConfig {
+            key_path: cfg.key.clone(),
+            listen: cfg.listen,
+            peers: cfg.peers.clone(),
+            dead_peer_timeout: dead,
+            hello_interval: dead / 5,
+            ..NodeConfig::default()
+        })
+        .await
+        .context("cannot start the overlay node")?;
+        let node = Arc::new(node);
+        let port = node
+            .take_l3_port()
+            .context("the overlay node has no L3 port")?;
+        let endpoint = match cfg.mode {
+            NodeMode::Userspace => {
+                let stack = Stack::new(port.address, port.mtu, port.tx, port.rx);
+                let mut exposed = Vec::new();
+                for e in &cfg.expose {
+                    exposed.push(
+                        expose(&stack, e.port, e.to)
+                            .with_context(|| format!("cannot expose overlay port {}", e.port))?,
+                    );
+                }
+                Endpoint::Userspace {
+                    stack,
+                    _exposed: exposed,
+                }
+            }
+            NodeMode::Tun => Endpoint::Tun(Tun::start(
+                &cfg.tun_name,
+                port.address,
+                port.mtu,
+                port.tx,
+                port.rx,
+            )?),
+        };
+        let endpoint = Arc::new(endpoint);
+        let listener = tokio::net::TcpListener::bind(cfg.status_listen)
+            .await
+            .with_context(|| format!("cannot bind the status endpoint {}", cfg.status_listen))?;
+        let status_addr = listener.local_addr()?;
+        let extra = json!({
+            "mode": mode_name(cfg.mode),
+            "expose": cfg.expose.iter().map(|e| json!({"port": e.port, "to": e.to})).collect::<Vec<_>>(),
+        });
+        let status_task = tokio::spawn(serve_status(
+            listener,
+            node_status_fn(&node),
+            endpoint.clone(),
+            extra,
+        ));
+        Ok(RunningNode {
+            node,
+            endpoint,
+            status_addr,
+            status_task,
+        })
+    }
+
+    /// Runs until `stop` completes, then shuts everything down.
+    pub async fn run_until(self, stop: impl Future<Output = ()>) {
+        stop.await;
+        self.status_task.abort();
+        if let Endpoint::Userspace { stack, .. } = &*self.endpoint {
+            stack.shutdown();
+        }
+        // Dropping the endpoint (last reference) closes the TUN interface.
+        drop(self.endpoint);
+        match Arc::try_unwrap(self.node) {
+            Ok(node) => node.shutdown().await,
+            // A status request still holds it: dropping cancels the node's tasks as well.
+            Err(node) => drop(node),
+        }
+    }
+}
+
+type StatusFn = Arc<dyn Fn() -> Value + Send + Sync>;
+
+fn node_status_fn(node: &Arc<Node>) -> StatusFn {
+    let node = node.clone();
+    Arc::new(move || serde_json::to_value(node.status()).unwrap_or(Value::Null))
+}
+
+async fn serve_status(
+    listener: tokio::net::TcpListener,
+    status: StatusFn,
+    endpoint: Arc<Endpoint>,
+    extra: Value,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let status = status.clone();
+        let endpoint = endpoint.clone();
+        let extra = extra.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let mut doc = extra.clone();
+                doc["node"] = status();
+                doc["endpoint"] = endpoint.status();
+                let (code, body) = if req.uri().path() == "/status" {
+                    (200, serde_json::to_vec_pretty(&doc).unwrap_or_default())
+                } else {
+                    (404, b"try GET /status\n".to_vec())
+                };
+                async move {
+                    hyper::Response::builder()
+                        .status(code)
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(body)))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// `GET /status` from a running node.
+pub async fn fetch_status(addr: SocketAddr) -> anyhow::Result<Value> {
+    let work = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("no node status endpoint at {addr} (is the node running?)"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/status")
+            .header("host", addr.to_string())
+            .body(Full::new(Bytes::new()))?;
+        let resp = sender.send_request(req).await?;
+        let code = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::ensure!(
+            code.is_success(),
+            "status endpoint at {addr} answered {code}"
+        );
+        serde_json::from_slice::<Value>(&body)
+            .with_context(|| format!("status endpoint at {addr} sent invalid JSON"))
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .with_context(|| format!("status endpoint at {addr} did not answer in 10 s"))?
+}
+
+/// Human-readable status.
+pub fn render_status(doc: &Value) -> String {
+    use std::fmt::Write as _;
+    let n = &doc["node"];
+    let s = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_string(),
+        other => other.to_string(),
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "address     {}", s(&n["address"]));
+    let _ = writeln!(out, "public key  {}", s(&n["public_key"]));
+    let _ = writeln!(out, "mode        {}", s(&doc["mode"]));
+    let _ = writeln!(out, "links on    {}", s(&n["listen"]));
+    let _ = writeln!(out, "mtu         {}", s(&n["mtu"]));
+    let empty = Vec::new();
+    let peers = n["peers"].as_array().unwrap_or(&empty);
+    let _ = writeln!(out, "peers ({}):", peers.len());
+    for p in peers {
+        let rtt = p["rtt_us"].as_u64().map_or("-".to_string(), |us| {
+            format!("{:.2} ms", us as f64 / 1000.0)
+        });
+        let _ = writeln!(
+            out,
+            "  {:<22} {:<40} rtt {:<10} cost {:<6} {} {}",
+            s(&p["remote"]),
+            s(&p["address"]),
+            rtt,
+            s(&p["cost"]),
+            s(&p["state"]),
+            if p["outbound"].as_bool() == Some(true) {
+                "out"
+            } else {
+                "in"
+            },
+        );
+    }
+    let routes = n["routes"].as_array().unwrap_or(&empty);
+    let _ = writeln!(out, "routes ({}):", routes.len());
+    for r in routes {
+        let _ = writeln!(
+            out,
+            "  {:<28} via {:<6} metric {:<6} seqno {}",
+            s(&r["prefix"]),
+            s(&r["next_hop"]),
+            s(&r["metric"]),
+            s(&r["seqno"]),
+        );
+    }
+    let c = &n["counters"];
+    let _ = writeln!(
+        out,
+        "traffic: sent {} packets / {} bytes, delivered {} / {}, forwarded {} / {}, no route {}",
+        s(&c["packets_sent"]),
+        s(&c["bytes_sent"]),
+        s(&c["packets_delivered"]),
+        s(&c["bytes_delivered"]),
+        s(&c["packets_forwarded"]),
+        s(&c["bytes_forwarded"]),
+        s(&c["no_route"]),
+    );
+    let e = &doc["endpoint"];
+    let _ = writeln!(
+        out,
+        "endpoint: in {} packets / {} bytes, out {} / {}",
+        s(&e["packets_in"]),
+        s(&e["bytes_in"]),
+        s(&e["packets_out"]),
+        s(&e["bytes_out"]),
+    );
+    if let Some(ex) = doc["expose"].as_array() {
+        for x in ex {
+            let _ = writeln!(
+                out,
+                "expose: overlay port {} -> {}",
+                s(&x["port"]),
+                s(&x["to"])
+            );
+        }
+    }
+    out
 }

@@ -1,0 +1,217 @@
+//! `node.toml`: a standalone overlay node (`meshgate node --config node.toml`).
+//!
+//! ```toml
+//! key = "/var/lib/meshgate/node.key"   # created (mode 0600) if absent
+//! listen = "[::]:9651"                 # optional: accept links from peers
+//! peers = ["203.0.113.7:9651"]         # links to keep up
+//! dead_peer_timeout_ms = 5000
+//! mode = "userspace"                   # or "tun" (needs CAP_NET_ADMIN)
+//! tun_name = "meshgate0"
+//! status_listen = "127.0.0.1:9652"     # local status endpoint (plain HTTP, JSON)
+//! expose = [{ port = 8080, to = "127.0.0.1:8080" }]   # userspace mode only
+//! ```
+
+use crate::file::{self, ConfigError};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole `node.toml`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFileConfig {
+    /// The node's key file; created with mode 0600 if absent. Default `meshgate-node.key`.
+    #[serde(default = "default_key")]
+    pub key: PathBuf,
+    /// TCP address for incoming links; absent = outbound links only (behind NAT).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Peers to keep links to.
+    #[serde(default)]
+    pub peers: Vec<SocketAddr>,
+    /// A silent link is declared dead after this long (milliseconds, default 5000, ≥ 500).
+    #[serde(default = "default_dead_peer_timeout_ms")]
+    pub dead_peer_timeout_ms: u64,
+    /// `userspace` (default; no privileges) or `tun`.
+    #[serde(default)]
+    pub mode: NodeMode,
+    /// TUN interface name (tun mode), default `meshgate0`.
+    #[serde(default = "default_tun_name")]
+    pub tun_name: String,
+    /// Local status endpoint, default `127.0.0.1:9652`.
+    #[serde(default = "default_status_listen")]
+    pub status_listen: SocketAddr,
+    /// Overlay ports forwarded to local services (userspace mode).
+    #[serde(default)]
+    pub expose: Vec<Expose>,
+}
+
+/// How the node's L3 port is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeMode {
+    /// Embedded userspace TCP/IP stack; overlay ports reach local services through `expose`.
+    #[default]
+    Userspace,
+    /// A TUN interface: kernel sockets use the overlay directly.
+    Tun,
+}
+
+/// One exposed overlay port: `{ port = 8080, to = "127.0.0.1:8080" }`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Expose {
+    /// Port on the node's overlay address.
+    pub port: u16,
+    /// Local service the streams are forwarded to.
+    pub to: SocketAddr,
+}
+
+fn default_key() -> PathBuf {
+    PathBuf::from("meshgate-node.key")
+}
+fn default_dead_peer_timeout_ms() -> u64 {
+    5000
+}
+fn default_tun_name() -> String {
+    "meshgate0".to_string()
+}
+fn default_status_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9652))
+}
+
+impl NodeFileConfig {
+    /// Loads and validates `node.toml`.
+    pub fn load(path: &Path) -> Result<NodeFileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, format!("cannot read file: {e}")))?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates `node.toml` text (named `path` in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<NodeFileConfig, ConfigError> {
+        let cfg: NodeFileConfig = file::parse(path, text)?;
+        cfg.validate(path, text)?;
+        Ok(cfg)
+    }
+
+    pub fn dead_peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.dead_peer_timeout_ms)
+    }
+
+    fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let err = |field: &str, msg: String| ConfigError::at_field(path, text, field, msg);
+        if self.dead_peer_timeout_ms < 500 {
+            return Err(err(
+                "dead_peer_timeout_ms",
+                format!(
+                    "{} ms is too short: links probe every timeout/5, use at least 500",
+                    self.dead_peer_timeout_ms
+                ),
+            ));
+        }
+        if self.mode == NodeMode::Tun {
+            if !self.expose.is_empty() {
+                return Err(err(
+                    "expose",
+                    "only in mode = \"userspace\": in tun mode local services listen on the \
+                     overlay address directly"
+                        .into(),
+                ));
+            }
+            if self.tun_name.is_empty() || self.tun_name.len() > 15 {
+                return Err(err(
+                    "tun_name",
+                    format!(
+                        "{:?}: an interface name has 1 to 15 characters",
+                        self.tun_name
+                    ),
+                ));
+            }
+        }
+        if !self.status_listen.ip().is_loopback() {
+            return Err(err(
+                "status_listen",
+                format!(
+                    "{}: the status endpoint is unauthenticated, bind it to loopback",
+                    self.status_listen
+                ),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, e) in self.expose.iter().enumerate() {
+            if e.port == 0 {
+                return Err(err(
+                    &format!("expose.{i}.port"),
+                    "port 0 is not valid".into(),
+                ));
+            }
+            if !seen.insert(e.port) {
+                return Err(err(
+                    &format!("expose.{i}.port"),
+                    format!("overlay port {} is exposed twice", e.port),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeFileConfig, ConfigError> {
+        NodeFileConfig::parse(Path::new("node.toml"), text)
+    }
+
+    #[test]
+    fn defaults_and_full_file() {
+        let c = parse("").unwrap();
+        assert_eq!(c.mode, NodeMode::Userspace);
+        assert_eq!(c.status_listen, "127.0.0.1:9652".parse().unwrap());
+        assert_eq!(c.dead_peer_timeout(), Duration::from_secs(5));
+        let c = parse(
+            "key = \"k\"\nlisten = \"127.0.0.1:9651\"\npeers = [\"127.0.0.1:1\"]\n\
+             mode = \"userspace\"\nexpose = [{ port = 8080, to = \"127.0.0.1:8080\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(c.expose[0].port, 8080);
+        assert_eq!(c.peers.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let e = parse("mode = \"tunnel\"\n").unwrap_err();
+        assert_eq!(e.line, Some(1), "{e}");
+        assert!(
+            e.message.contains("tunnel") || e.message.contains("variant"),
+            "{e}"
+        );
+
+        let e = parse("peers = [\"nowhere\"]\n").unwrap_err();
+        assert_eq!(e.line, Some(1), "{e}");
+
+        let e = parse("key = \"k\"\ndead_peer_timeout_ms = 10\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.to_string().contains("dead_peer_timeout_ms"), "{e}");
+
+        let e = parse("status_listen = \"0.0.0.0:9652\"\n").unwrap_err();
+        assert!(
+            e.to_string().starts_with("node.toml:1:1: status_listen"),
+            "{e}"
+        );
+
+        let e = parse(
+            "expose = [\n  { port = 80, to = \"127.0.0.1:1\" },\n  { port = 80, to = \"127.0.0.1:2\" },\n]\n",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("exposed twice"), "{e}");
+
+        let e =
+            parse("mode = \"tun\"\nexpose = [{ port = 1, to = \"127.0.0.1:1\" }]\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+    }
+}
