@@ -100,7 +100,17 @@ impl Pebble {
         std::fs::write(&config_path, config.to_string()).unwrap();
         let log = dir.path().join("pebble.log");
         let log_file = std::fs::File::create(&log).unwrap();
-        let child = Command::new("/usr/bin/pebble")
+        let mut cmd = Command::new("/usr/bin/pebble");
+        // Pebble dies with the test process even when that is killed outright.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg("-config")
             .arg(&config_path)
             .arg("-dnsserver")
