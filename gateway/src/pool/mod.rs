@@ -535,8 +535,17 @@ impl Lease {
 
     /// Records how the request ended (health, latency, counters) and releases the lease.
     pub fn report(mut self, outcome: Outcome) {
-        self.reported = true;
-        self.shared.record(self.index, outcome);
+        self.record(outcome);
+    }
+
+    /// Records the outcome but keeps the lease (and its in-flight slot) until it is dropped:
+    /// for the proxy to report at the response head and drop the lease when the streamed
+    /// response body ends. Only the first outcome of a lease counts.
+    pub fn record(&mut self, outcome: Outcome) {
+        if !self.reported {
+            self.reported = true;
+            self.shared.record(self.index, outcome);
+        }
     }
 
     /// Opens a new stream to the leased backend through the pool's dialer, within
@@ -590,7 +599,6 @@ impl Shared {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let _ = self.reported;
         self.shared.release(self.index);
     }
 }

@@ -1,0 +1,572 @@
+//! Backend pools end to end on loopback: three real HTTP workloads behind one route.
+//!
+//! Interim form: the gateway's HTTP proxy has not landed a runnable `meshgate gateway` yet, so
+//! these tests drive the real `Pool` from a small hyper proxy in the test (`TestProxy`), which
+//! does what the gateway's proxy must: pick per request, keep-alive connections per backend,
+//! report outcomes, and retry per `may_retry`. Switch to the binary once it runs.
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshgate_config::route::Backend;
+use meshgate_gateway::dial::DirectDialer;
+use meshgate_gateway::pool::{
+    ActiveHealthConfig, ClientInfo, Failure, MAX_REQUEST_RETRIES, Outcome, Policy, Pool,
+    PoolConfig, PoolError, ProbeKind, may_retry,
+};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// A workload: a real HTTP/1.1 server answering `backend-<id>` after `delay`.
+struct Workload {
+    addr: SocketAddr,
+    id: usize,
+    delay: Duration,
+    served: Arc<AtomicUsize>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Workload {
+    async fn start(id: usize, delay: Duration) -> Workload {
+        let mut w = Workload {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            id,
+            delay,
+            served: Arc::new(AtomicUsize::new(0)),
+            task: None,
+        };
+        w.restart().await;
+        w
+    }
+
+    /// (Re)binds the same address and serves until killed.
+    async fn restart(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.expect("bind workload");
+        self.addr = listener.local_addr().expect("addr");
+        let (id, delay, served) = (self.id, self.delay, self.served.clone());
+        self.task = Some(tokio::spawn(async move {
+            // Connections live in this set: killing the accept task closes them all.
+            let mut conns = JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let served = served.clone();
+                conns.spawn(async move {
+                    let svc = service_fn(move |_req: Request<Incoming>| {
+                        let served = served.clone();
+                        async move {
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
+                            served.fetch_add(1, Ordering::Relaxed);
+                            Response::builder()
+                                .header("x-backend", id.to_string())
+                                .body(Full::new(Bytes::from(format!("backend-{id}"))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        }));
+    }
+
+    /// Stops listening and drops every open connection, like a killed process.
+    async fn kill(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// The proxy loop the gateway runs per request, against the real pool.
+struct TestProxy {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type ProxyBody = Full<Bytes>;
+
+async fn start_proxy(pool: Arc<Pool>) -> TestProxy {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    let addr = listener.local_addr().expect("addr");
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(pool.config().connect_attempt_timeout()));
+    connector.set_nodelay(true);
+    let upstream: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((stream, peer)) = listener.accept().await {
+            let (pool, upstream) = (pool.clone(), upstream.clone());
+            conns.spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let (pool, upstream) = (pool.clone(), upstream.clone());
+                    async move { Ok::<_, hyper::Error>(forward(&pool, &upstream, peer.ip(), req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+            while conns.try_join_next().is_some() {}
+        }
+    });
+    TestProxy { addr, task }
+}
+
+fn cookie(req: &Request<Incoming>, name: &str) -> Option<String> {
+    let header = req.headers().get(http::header::COOKIE)?.to_str().ok()?;
+    header.split(';').find_map(|kv| {
+        let (k, v) = kv.trim().split_once('=')?;
+        (k == name).then(|| v.to_string())
+    })
+}
+
+fn error_page(status: StatusCode) -> Response<ProxyBody> {
+    let mut r = Response::new(Full::new(Bytes::from(status.to_string())));
+    *r.status_mut() = status;
+    r
+}
+
+async fn forward(
+    pool: &Pool,
+    upstream: &Client<HttpConnector, Empty<Bytes>>,
+    ip: IpAddr,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let client = ClientInfo {
+        ip,
+        sticky_cookie: cookie(&req, &pool.config().sticky_cookie),
+    };
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut retries = 0;
+    loop {
+        let mut lease = match pool.pick(&client, &tried).await {
+            Ok(l) => l,
+            Err(e @ (PoolError::NoHealthyBackend | PoolError::Overloaded)) => {
+                return error_page(e.status());
+            }
+        };
+        let backend = lease.backend();
+        tried.push(backend);
+        let uri = format!(
+            "http://{backend}{}",
+            req.uri().path_and_query().map_or("/", |p| p.as_str())
+        );
+        let Ok(out) = Request::builder()
+            .method(req.method())
+            .uri(uri)
+            .body(Empty::new())
+        else {
+            return error_page(StatusCode::BAD_REQUEST);
+        };
+        let started = Instant::now();
+        let failure = match upstream.request(out).await {
+            Ok(resp) => {
+                lease.record(Outcome::from_status(
+                    resp.status().as_u16(),
+                    started.elapsed(),
+                ));
+                let (parts, body) = resp.into_parts();
+                // The lease (in-flight slot) is held until the body has been read.
+                return match body.collect().await {
+                    Ok(b) => Response::from_parts(parts, Full::new(b.to_bytes())),
+                    Err(_) => error_page(StatusCode::BAD_GATEWAY),
+                };
+            }
+            Err(e) if e.is_connect() => {
+                lease.report(Outcome::ConnectFailed);
+                Failure::ConnectFailed
+            }
+            Err(_) => {
+                lease.report(Outcome::Reset);
+                Failure::ClosedBeforeResponse
+            }
+        };
+        let again = match failure {
+            Failure::ConnectFailed => may_retry(req.method(), false, &failure),
+            _ => retries < MAX_REQUEST_RETRIES && may_retry(req.method(), false, &failure),
+        };
+        if !again {
+            return error_page(StatusCode::BAD_GATEWAY);
+        }
+        if failure != Failure::ConnectFailed {
+            retries += 1;
+        }
+    }
+}
+
+/// A load client: keep-alive connections from `local_ip` (any 127.0.0.0/8 address).
+fn load_client(local_ip: IpAddr) -> Client<HttpConnector, Empty<Bytes>> {
+    let mut c = HttpConnector::new();
+    c.set_local_address(Some(local_ip));
+    c.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(c)
+}
+
+/// Sends `total` GETs with `concurrency` workers; returns (status, backend id) per request,
+/// with id `usize::MAX` when the request failed at the client.
+async fn load(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    proxy: SocketAddr,
+    total: usize,
+    concurrency: usize,
+    extra_header: Option<(&'static str, String)>,
+    progress: Option<Arc<AtomicUsize>>,
+) -> Vec<(u16, usize)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, next, extra, progress) = (
+            client.clone(),
+            next.clone(),
+            extra_header.clone(),
+            progress.clone(),
+        );
+        workers.spawn(async move {
+            let mut results = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                let mut req = Request::get(format!("http://{proxy}/item"));
+                if let Some((k, v)) = &extra {
+                    req = req.header(*k, v.as_str());
+                }
+                let Ok(req) = req.body(Empty::new()) else {
+                    results.push((0, usize::MAX));
+                    continue;
+                };
+                let r = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await;
+                let entry = match r {
+                    Ok(Ok(resp)) => {
+                        let status = resp.status().as_u16();
+                        let backend = resp
+                            .headers()
+                            .get("x-backend")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(usize::MAX);
+                        let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+                        let intact = body.is_ok_and(|b| b == format!("backend-{backend}"));
+                        (if intact { status } else { 0 }, backend)
+                    }
+                    _ => (0, usize::MAX),
+                };
+                results.push(entry);
+                if let Some(p) = &progress {
+                    p.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            results
+        });
+    }
+    let mut all = Vec::with_capacity(total);
+    while let Some(r) = workers.join_next().await {
+        all.extend(r.expect("load worker"));
+    }
+    all
+}
+
+fn pool_of(workloads: &[Workload], cfg: PoolConfig) -> Arc<Pool> {
+    let backends: Vec<Backend> = workloads
+        .iter()
+        .map(|w| Backend {
+            addr: w.addr,
+            weight: 1,
+        })
+        .collect();
+    Pool::for_route("pools.e2e.test", &backends, cfg, Arc::new(DirectDialer))
+}
+
+async fn three_workloads(slow: Option<usize>) -> Vec<Workload> {
+    let mut v = Vec::new();
+    for id in 0..3 {
+        let delay = if slow == Some(id) {
+            Duration::from_millis(20)
+        } else if slow.is_some() {
+            Duration::from_millis(2)
+        } else {
+            Duration::ZERO
+        };
+        v.push(Workload::start(id, delay).await);
+    }
+    v
+}
+
+fn count_by_backend(results: &[(u16, usize)]) -> HashMap<usize, usize> {
+    let mut m = HashMap::new();
+    for (_, b) in results {
+        *m.entry(*b).or_insert(0) += 1;
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_backend_under_load_fails_no_request_and_a_restart_is_readmitted() {
+    let mut workloads = three_workloads(None).await;
+    let cfg = PoolConfig {
+        active: ActiveHealthConfig {
+            kind: ProbeKind::Http,
+            path: "/healthz".into(),
+            interval_ms: 100,
+            timeout_ms: 500,
+            ..ActiveHealthConfig::default()
+        },
+        ..PoolConfig::default()
+    };
+    let pool = pool_of(&workloads, cfg);
+    let proxy = start_proxy(pool.clone()).await;
+    let client = load_client(IpAddr::from([127, 0, 0, 1]));
+
+    // 20k GETs; backend 1 dies a quarter of the way through.
+    let progress = Arc::new(AtomicUsize::new(0));
+    let run = {
+        let (client, progress) = (client.clone(), progress.clone());
+        let addr = proxy.addr;
+        tokio::spawn(async move { load(&client, addr, 20_000, 32, None, Some(progress)).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while progress.load(Ordering::Relaxed) < 5000 {
+        assert!(Instant::now() < deadline, "load too slow");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    workloads[1].kill().await;
+    let served_at_kill = workloads[1].served.load(Ordering::Relaxed);
+    let results = run.await.expect("load");
+    assert_eq!(results.len(), 20_000);
+    let failed = results.iter().filter(|(s, _)| *s != 200).count();
+    assert_eq!(failed, 0, "failed requests: {failed}");
+    let by = count_by_backend(&results);
+    eprintln!(
+        "20k GETs, backend 1 killed after serving {served_at_kill}: responses by backend {by:?}"
+    );
+    assert!(
+        served_at_kill > 500,
+        "backend 1 took traffic before the kill"
+    );
+    assert!(by.get(&0).copied().unwrap_or(0) > 5000 && by.get(&2).copied().unwrap_or(0) > 5000);
+    let status = pool.status();
+    assert!(
+        !status[1].available,
+        "killed backend is out: {:?}",
+        status[1]
+    );
+
+    // Restart on the same address: the probes re-admit it and it gets traffic again.
+    workloads[1].restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pool.status()[1].available {
+        assert!(
+            Instant::now() < deadline,
+            "restarted backend never re-admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = workloads[1].served.load(Ordering::Relaxed);
+    let results = load(&client, proxy.addr, 600, 8, None, None).await;
+    assert!(results.iter().all(|(s, _)| *s == 200));
+    let after = workloads[1].served.load(Ordering::Relaxed);
+    eprintln!("restarted backend 1 served {} of 600", after - before);
+    assert!(
+        after - before > 60,
+        "re-admitted backend served {} of 600",
+        after - before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_times_slower_backend_gets_clearly_less_traffic() {
+    let workloads = three_workloads(Some(2)).await; // 2 ms, 2 ms, 20 ms
+    let pool = pool_of(&workloads, PoolConfig::default());
+    let proxy = start_proxy(pool.clone()).await;
+    let client = load_client(IpAddr::from([127, 0, 0, 1]));
+    let results = load(&client, proxy.addr, 1500, 8, None, None).await;
+    assert!(results.iter().all(|(s, _)| *s == 200));
+    let by = count_by_backend(&results);
+    let (fast0, fast1, slow) = (
+        by.get(&0).copied().unwrap_or(0),
+        by.get(&1).copied().unwrap_or(0),
+        by.get(&2).copied().unwrap_or(0),
+    );
+    eprintln!("least_loaded, 1500 GETs at concurrency 8: fast {fast0}, fast {fast1}, slow {slow}");
+    assert!(
+        slow * 3 < fast0.min(fast1),
+        "slow backend got {slow}, fast ones {fast0} and {fast1}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_hashing_keeps_each_client_on_one_backend() {
+    let workloads = three_workloads(None).await;
+    // By client IP: four clients from different loopback addresses.
+    let pool = pool_of(
+        &workloads,
+        PoolConfig {
+            policy: Policy::HashClientIp,
+            ..PoolConfig::default()
+        },
+    );
+    let proxy = start_proxy(pool).await;
+    for last in 2..6u8 {
+        let client = load_client(IpAddr::from([127, 0, 0, last]));
+        let results = load(&client, proxy.addr, 100, 4, None, None).await;
+        assert!(results.iter().all(|(s, _)| *s == 200));
+        let by = count_by_backend(&results);
+        assert_eq!(by.len(), 1, "client 127.0.0.{last} spread over {by:?}");
+    }
+    // By cookie: one client address, many sessions, each pinned; together they use every backend.
+    let pool = pool_of(
+        &workloads,
+        PoolConfig {
+            policy: Policy::HashCookie,
+            ..PoolConfig::default()
+        },
+    );
+    let proxy = start_proxy(pool).await;
+    let client = load_client(IpAddr::from([127, 0, 0, 1]));
+    let mut used = std::collections::HashSet::new();
+    for session in 0..30 {
+        let cookie = ("cookie", format!("other=1; meshgate_affinity=s{session}"));
+        let results = load(&client, proxy.addr, 100, 4, Some(cookie), None).await;
+        assert!(results.iter().all(|(s, _)| *s == 200));
+        let by = count_by_backend(&results);
+        assert_eq!(by.len(), 1, "session {session} spread over {by:?}");
+        used.extend(by.keys().copied());
+    }
+    assert_eq!(used.len(), 3, "sessions use all backends");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_backends_down_answers_503_within_the_connect_timeout() {
+    let mut workloads = three_workloads(None).await;
+    let cfg = PoolConfig {
+        connect_timeout_ms: 800,
+        ..PoolConfig::default()
+    };
+    let pool = pool_of(&workloads, cfg);
+    let proxy = start_proxy(pool.clone()).await;
+    let client = load_client(IpAddr::from([127, 0, 0, 1]));
+    let warm = load(&client, proxy.addr, 30, 3, None, None).await;
+    assert!(warm.iter().all(|(s, _)| *s == 200));
+    for w in &mut workloads {
+        w.kill().await;
+    }
+    for _ in 0..10 {
+        let started = Instant::now();
+        let resp = client
+            .request(
+                Request::get(format!("http://{}/item", proxy.addr))
+                    .body(Empty::new())
+                    .expect("request"),
+            )
+            .await
+            .expect("the proxy answers");
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            started.elapsed() < Duration::from_millis(800),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    // Streams too: `connect` gives up with NoHealthyBackend within the budget.
+    let started = Instant::now();
+    let err = pool
+        .connect(&ClientInfo::from_ip(IpAddr::from([127, 0, 0, 1])))
+        .await
+        .err();
+    assert_eq!(err, Some(PoolError::NoHealthyBackend));
+    assert!(started.elapsed() < Duration::from_millis(800));
+}
+
+/// A TCP echo workload for stream (passthrough-style) routes.
+async fn echo_backend() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            conns.spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+            while conns.try_join_next().is_some() {}
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_routes_splice_through_the_pool_past_a_dead_backend() {
+    let (a, _ta) = echo_backend().await;
+    let (b, tb) = echo_backend().await;
+    tb.abort(); // b is dead from the start
+    let _ = tb.await;
+    let pool = Pool::for_route(
+        "streams.e2e.test",
+        &[
+            Backend { addr: a, weight: 1 },
+            Backend { addr: b, weight: 1 },
+        ],
+        PoolConfig::default(),
+        Arc::new(DirectDialer),
+    );
+    // A splice proxy: accept, pool.connect, copy both ways.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let front = listener.local_addr().expect("addr");
+    let p = pool.clone();
+    let splice = tokio::spawn(async move {
+        while let Ok((mut client, peer)) = listener.accept().await {
+            let p = p.clone();
+            tokio::spawn(async move {
+                let Ok((mut upstream, _lease)) = p.connect(&ClientInfo::from_ip(peer.ip())).await
+                else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    for i in 0..200u32 {
+        let mut s = TcpStream::connect(front).await.expect("connect");
+        let msg = format!("stream {i} payload");
+        s.write_all(msg.as_bytes()).await.expect("write");
+        s.shutdown().await.expect("half-close");
+        let mut back = String::new();
+        s.read_to_string(&mut back).await.expect("read");
+        assert_eq!(back, msg);
+    }
+    // The splice task drops its lease just after the client sees EOF.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.status().iter().map(|s| s.in_flight).sum::<u32>() > 0 {
+        assert!(Instant::now() < deadline, "leases never released");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let status = pool.status();
+    assert_eq!(status[0].requests, 200, "every stream on the live backend");
+    assert!(!status[1].available, "the dead one is ejected");
+    splice.abort();
+}
