@@ -146,6 +146,10 @@ pub struct Acme {
     /// CA roots file to trust for the ACME directory (tests against Pebble).
     #[serde(default)]
     pub directory_ca: Option<PathBuf>,
+    /// Where the DNS-01 responder for `_acme-challenge.<domain>` listens (UDP+TCP);
+    /// default `0.0.0.0:53`.
+    #[serde(default)]
+    pub dns_listen: Option<SocketAddr>,
 }
 
 fn default_acme_directory() -> String {

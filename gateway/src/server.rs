@@ -61,8 +61,12 @@ pub struct Inner {
     pub limits: Limits,
     challenges: RwLock<Option<Arc<dyn Challenges>>>,
     api: RwLock<Option<ApiHandler>>,
+    routes_hook: RwLock<Option<RoutesHook>>,
     started: Instant,
 }
+
+/// Called with each new route table (the certificate manager learns the names to serve).
+pub type RoutesHook = Arc<dyn Fn(&RouteTable) + Send + Sync>;
 
 impl Inner {
     pub fn routes(&self) -> Arc<RouteTable> {
@@ -87,8 +91,13 @@ impl Inner {
         let table = RouteTable::build(&config.routes, &reserved);
         let certs = self.build_certs(&config, &table)?;
         self.resolver.replace(certs);
+        let table = Arc::new(table);
         if let Ok(mut r) = self.routes.write() {
-            *r = Arc::new(table);
+            *r = table.clone();
+        }
+        let hook = self.routes_hook.read().ok().and_then(|h| h.clone());
+        if let Some(hook) = hook {
+            hook(&table);
         }
         Ok(())
     }
@@ -233,6 +242,7 @@ impl Gateway {
             metrics: Metrics::default(),
             challenges: RwLock::default(),
             api: RwLock::default(),
+            routes_hook: RwLock::default(),
             started: Instant::now(),
         });
         inner.rebuild()?;
@@ -262,6 +272,14 @@ impl Gateway {
         if let Ok(mut g) = self.inner.api.write() {
             *g = Some(api);
         }
+    }
+
+    /// Calls `hook` now and with every new route table.
+    pub fn on_routes_changed(&self, hook: RoutesHook) {
+        if let Ok(mut g) = self.inner.routes_hook.write() {
+            *g = Some(hook.clone());
+        }
+        hook(&self.inner.routes());
     }
 
     /// Follows the reservations' route set: each change is merged with the static routes.

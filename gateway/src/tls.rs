@@ -13,14 +13,33 @@ use std::sync::{Arc, RwLock};
 /// Name → certificate map: exact names first, then `*.parent` wildcards.
 pub type CertMap = HashMap<String, Arc<CertifiedKey>>;
 
+/// Another certificate source asked when a name is not in the map (the ACME manager).
+pub type Fallback = Arc<dyn Fn(&str) -> Option<Arc<CertifiedKey>> + Send + Sync>;
+
 /// The resolver rustls asks for each handshake. `replace` swaps the whole map atomically;
 /// sessions already established keep the certificate they were given.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct CertResolver {
     certs: RwLock<Arc<CertMap>>,
+    fallback: RwLock<Option<Fallback>>,
+}
+
+impl std::fmt::Debug for CertResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertResolver")
+            .field("names", &self.names())
+            .finish()
+    }
 }
 
 impl CertResolver {
+    /// Names missing from the map are looked up in `fallback` (files and dev CA win).
+    pub fn set_fallback(&self, fallback: Fallback) {
+        if let Ok(mut g) = self.fallback.write() {
+            *g = Some(fallback);
+        }
+    }
+
     pub fn replace(&self, certs: CertMap) {
         if let Ok(mut g) = self.certs.write() {
             *g = Arc::new(certs);
@@ -41,8 +60,14 @@ impl CertResolver {
         if let Some(c) = map.get(name) {
             return Some(c.clone());
         }
-        let (_, parent) = name.split_once('.')?;
-        map.get(&format!("*.{parent}")).cloned()
+        let wildcard = name
+            .split_once('.')
+            .and_then(|(_, parent)| map.get(&format!("*.{parent}")).cloned());
+        if wildcard.is_some() {
+            return wildcard;
+        }
+        let fallback = self.fallback.read().ok()?.clone()?;
+        fallback(name)
     }
 
     /// The current map (for reusing certificates across rebuilds).

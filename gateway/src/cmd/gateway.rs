@@ -37,12 +37,14 @@ pub async fn run(args: Args) -> Result<()> {
     let overlay = node
         .as_ref()
         .map(|n| Arc::new(n.dialer()) as Arc<dyn crate::dial::Dialer>);
+    let config_copy = config.clone();
     let gateway = Gateway::new(
         config,
         Some(args.config.clone()),
         overlay,
         meshgate_overlay::is_overlay_address,
     )?;
+    let _services = start_services(&gateway, &config_copy).await?;
     let bound = gateway.bind()?;
     for l in bound.https.iter() {
         tracing::info!(addr = %l.local_addr()?, "https listener");
@@ -58,6 +60,111 @@ pub async fn run(args: Args) -> Result<()> {
         n.shutdown().await;
     }
     Ok(())
+}
+
+/// What runs beside the listeners: the reservations store + API, the certificate manager.
+struct Services {
+    _reservations: Option<crate::api::Reservations>,
+    _certs: Option<(
+        Arc<meshgate_certs::CertManager>,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+/// ACME challenges answered from the certificate manager's pending set.
+struct CertChallenges(Arc<meshgate_certs::challenge::ChallengeResponder>);
+
+impl crate::server::Challenges for CertChallenges {
+    fn http01(&self, token: &str) -> Option<String> {
+        self.0.http01_response(token)
+    }
+    fn tls_alpn01(&self, name: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.tls_alpn01_cert(name)
+    }
+}
+
+async fn start_services(gateway: &Gateway, config: &GatewayConfig) -> Result<Services> {
+    let public: Vec<std::net::IpAddr> = config
+        .listen
+        .https
+        .iter()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
+        .collect();
+    let certs = match &config.tls.acme {
+        Some(acme) => {
+            let cfg = serde_json::json!({
+                "state_dir": config.data_dir.join("certs"),
+                "farmer_domain": config.domains.first(),
+                "acme": {
+                    "directory": acme.directory,
+                    "contact_email": acme.contact.trim_start_matches("mailto:"),
+                    "ca_root": acme.directory_ca,
+                    "challenge": acme.challenge,
+                },
+                "dns": { "listen": acme.dns_listen.unwrap_or(([0, 0, 0, 0], 53).into()) },
+            });
+            let cfg: meshgate_certs::CertConfig =
+                serde_json::from_value(cfg).context("certificate manager configuration")?;
+            let manager = Arc::new(meshgate_certs::CertManager::new(cfg)?);
+            gateway.set_challenges(Arc::new(CertChallenges(manager.challenges())));
+            let resolver = manager.resolver();
+            gateway
+                .resolver()
+                .set_fallback(Arc::new(move |name: &str| resolver.lookup(name)));
+            let m = manager.clone();
+            gateway.on_routes_changed(Arc::new(move |table: &crate::routes::RouteTable| {
+                // Only names this gateway routes (static or verified reservations) are ordered.
+                m.set_desired(
+                    table
+                        .entries()
+                        .filter(|e| e.route.mode == meshgate_config::route::Mode::Terminate)
+                        .map(|e| e.route.host.clone())
+                        .filter(|h| !h.starts_with("*.")),
+                );
+            }));
+            let driver = manager.spawn();
+            let watcher = tokio::spawn(async move {
+                match driver.await {
+                    Ok(Err(e)) => tracing::error!(error = %e, "certificate manager stopped"),
+                    Err(e) => tracing::error!(error = %e, "certificate manager task failed"),
+                    Ok(Ok(())) => {}
+                }
+            });
+            Some((manager, watcher))
+        }
+        None => None,
+    };
+    let reservations = match config.domains.first() {
+        Some(domain) => {
+            let token_file = config
+                .admin
+                .token_file
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("admin.token"));
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+            let r = crate::api::Reservations::start(
+                &config.data_dir,
+                domain,
+                &token_file,
+                crate::api::ApiConfig {
+                    gateway_addrs: public.clone(),
+                    ..Default::default()
+                },
+                meshgate_config::verify::VerifierConfig::new(domain, public),
+            )?;
+            gateway.set_api(crate::api::handler(r.api.clone()));
+            gateway.follow_reserved_routes(r.store.routes());
+            tracing::info!(domain = %domain, token_file = %token_file.display(), "reservations enabled");
+            Some(r)
+        }
+        None => None,
+    };
+    Ok(Services {
+        _reservations: reservations,
+        _certs: certs,
+    })
 }
 
 fn spawn_sighup_reload(gateway: Gateway) -> Result<()> {
