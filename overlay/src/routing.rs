@@ -293,7 +293,7 @@ impl Router {
         }
         if u.prefix == self.prefix {
             // Our own route from an earlier run may carry a higher seqno: move past it.
-            if u.router_key == self.id.public_key() && u.seqno >= self.seqno && self.verify(u) {
+            if u.router_key == self.id.public_key() && u.seqno > self.seqno && self.verify(u) {
                 self.bump_seqno(u.seqno + 1);
                 self.triggered.push(self.prefix);
             }
@@ -404,9 +404,9 @@ impl Router {
                 });
                 let changed = match d.advertised {
                     None => true,
-                    Some((s, m)) => {
-                        s != seqno || old != d.selected || (t.abs_diff(m) as u64) * 8 > m as u64
-                    }
+                    // Link costs are already smoothed and change only on material RTT
+                    // shifts, so every metric change is worth telling.
+                    Some((s, m)) => s != seqno || old != d.selected || t != m,
                 };
                 if changed {
                     d.advertised = Some((seqno, t));

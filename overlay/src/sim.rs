@@ -1,1 +1,362 @@
-pub struct Sim;
+//! Deterministic in-memory simulator: N nodes running the real [`NodeCore`] (routing,
+//! sessions, forwarding) over virtual links with per-link latency, on a virtual clock.
+//! Control messages go through their wire encoding; links and nodes can fail silently.
+//! Every routed packet carries a trace of the nodes it visited: a revisit panics.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::net::Ipv6Addr;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::addr::prefix_of;
+use crate::core::{CoreConfig, CoreOut, Counters, NodeCore};
+use crate::identity::Identity;
+use crate::session::Micros;
+use crate::wire::Control;
+
+/// A deterministic pseudo-random generator (SplitMix64) for topologies and key material.
+#[derive(Debug, Clone)]
+pub struct SimRng(u64);
+
+impl SimRng {
+    pub fn new(seed: u64) -> SimRng {
+        SimRng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    pub fn bytes32(&mut self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        for c in b.chunks_mut(8) {
+            c.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        b
+    }
+}
+
+enum Msg {
+    Control(Vec<u8>),
+    Packet { bytes: Bytes, trace: Vec<usize> },
+}
+
+struct Flight {
+    from: usize,
+    to: usize,
+    msg: Msg,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    latency: Micros,
+    up: bool,
+}
+
+struct SimNode {
+    core: NodeCore,
+    key: [u8; 32],
+    alive: bool,
+    delivered: Vec<Bytes>,
+}
+
+/// The simulator.
+pub struct Sim {
+    now: Micros,
+    seq: u64,
+    nodes: Vec<SimNode>,
+    links: BTreeMap<(usize, usize), Link>,
+    queue: BinaryHeap<Reverse<(Micros, u64)>>,
+    flights: BTreeMap<u64, Flight>,
+    next_tick: Micros,
+    /// Longest trace any packet had (hops).
+    pub max_hops: usize,
+    /// Packets forwarded in total.
+    pub forwarded: u64,
+}
+
+const TICK: Micros = 100_000;
+
+impl Sim {
+    /// `n` nodes with identities derived from `seed`.
+    pub fn new(seed: u64, n: usize, cfg: CoreConfig) -> Sim {
+        let mut rng = SimRng::new(seed);
+        let nodes = (0..n)
+            .map(|_| {
+                let id = Identity::from_seed(&rng.bytes32());
+                let mut r = SimRng::new(rng.next_u64());
+                SimNode {
+                    key: id.public_key(),
+                    core: NodeCore::new(id, cfg.clone(), 1, 0, Box::new(move || r.bytes32())),
+                    alive: true,
+                    delivered: Vec::new(),
+                }
+            })
+            .collect();
+        Sim {
+            now: 0,
+            seq: 0,
+            nodes,
+            links: BTreeMap::new(),
+            queue: BinaryHeap::new(),
+            flights: BTreeMap::new(),
+            next_tick: 0,
+            max_hops: 0,
+            forwarded: 0,
+        }
+    }
+
+    pub fn now(&self) -> Micros {
+        self.now
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    pub fn address(&self, i: usize) -> Ipv6Addr {
+        self.nodes[i].core.address()
+    }
+
+    pub fn counters(&self, i: usize) -> Counters {
+        self.nodes[i].core.counters()
+    }
+
+    fn key(a: usize, b: usize) -> (usize, usize) {
+        (a.min(b), a.max(b))
+    }
+
+    /// Brings up a link with one-way latency `latency` µs.
+    pub fn connect(&mut self, a: usize, b: usize, latency: Micros) {
+        self.links
+            .insert(Sim::key(a, b), Link { latency, up: true });
+        let (ka, kb) = (self.pubkey(a), self.pubkey(b));
+        let mut out = Vec::new();
+        self.nodes[a].core.link_up(b as u64, kb, self.now, &mut out);
+        self.apply(a, out, None);
+        let mut out = Vec::new();
+        self.nodes[b].core.link_up(a as u64, ka, self.now, &mut out);
+        self.apply(b, out, None);
+    }
+
+    fn pubkey(&self, i: usize) -> [u8; 32] {
+        self.nodes[i].key
+    }
+
+    /// Silently drops everything on a link (both ends find out by timeout).
+    pub fn cut(&mut self, a: usize, b: usize) {
+        if let Some(l) = self.links.get_mut(&Sim::key(a, b)) {
+            l.up = false;
+        }
+    }
+
+    /// Stops a node silently (its neighbors find out by timeout).
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].alive = false;
+    }
+
+    /// The next hop node `i` uses towards node `j`.
+    pub fn next_hop(&self, i: usize, j: usize) -> Option<usize> {
+        let p = prefix_of(&self.address(j));
+        self.nodes[i].core.router.next_hop(&p).map(|n| n as usize)
+    }
+
+    /// The route from `i` to `j` following next hops; `Err` names the problem.
+    pub fn path(&self, i: usize, j: usize) -> Result<Vec<usize>, String> {
+        let mut path = vec![i];
+        let mut at = i;
+        while at != j {
+            let Some(n) = self.next_hop(at, j) else {
+                return Err(format!("no route at {at} towards {j} (path {path:?})"));
+            };
+            if path.contains(&n) {
+                return Err(format!("routing loop {path:?} -> {n}"));
+            }
+            let up = self.links.get(&Sim::key(at, n)).is_some_and(|l| l.up);
+            if !up || !self.nodes[n].alive {
+                return Err(format!("route {path:?} -> {n} uses a dead link or node"));
+            }
+            path.push(n);
+            at = n;
+        }
+        Ok(path)
+    }
+
+    /// The link latency between neighbors (µs).
+    pub fn latency(&self, a: usize, b: usize) -> Option<Micros> {
+        self.links.get(&Sim::key(a, b)).map(|l| l.latency)
+    }
+
+    /// Injects an IPv6 packet (next header 59) with `payload` from `i` to `j`'s address.
+    pub fn send(&mut self, i: usize, j: usize, payload: &[u8]) -> Bytes {
+        let p = ipv6_packet(self.address(i), self.address(j), payload);
+        let mut out = Vec::new();
+        self.nodes[i].core.local(p.clone(), self.now, &mut out);
+        self.apply(i, out, None);
+        p
+    }
+
+    /// Packets delivered to node `i`'s L3 port since the last call.
+    pub fn take_delivered(&mut self, i: usize) -> Vec<Bytes> {
+        std::mem::take(&mut self.nodes[i].delivered)
+    }
+
+    fn schedule(&mut self, at: Micros, f: Flight) {
+        self.seq += 1;
+        self.flights.insert(self.seq, f);
+        self.queue.push(Reverse((at, self.seq)));
+    }
+
+    fn apply(&mut self, from: usize, out: Vec<CoreOut>, incoming: Option<(&[u8], &[usize])>) {
+        for o in out {
+            match o {
+                CoreOut::Control(n, c) => {
+                    let to = n as usize;
+                    if let Some(l) = self.links.get(&Sim::key(from, to)).copied() {
+                        let at = self.now + l.latency;
+                        self.schedule(
+                            at,
+                            Flight {
+                                from,
+                                to,
+                                msg: Msg::Control(c.encode()),
+                            },
+                        );
+                    }
+                }
+                CoreOut::Packet(n, bytes) => {
+                    let to = n as usize;
+                    let trace = match incoming {
+                        Some((inb, tr))
+                            if inb.len() == bytes.len()
+                                && inb.len() > 2
+                                && inb[0] == bytes[0]
+                                && inb[2..] == bytes[2..] =>
+                        {
+                            self.forwarded += 1;
+                            let mut t = tr.to_vec();
+                            t.push(from);
+                            t
+                        }
+                        _ => vec![from],
+                    };
+                    assert!(
+                        !trace.contains(&to),
+                        "forwarding loop: packet visited {trace:?} and goes back to {to}"
+                    );
+                    self.max_hops = self.max_hops.max(trace.len());
+                    if let Some(l) = self.links.get(&Sim::key(from, to)).copied() {
+                        let at = self.now + l.latency;
+                        self.schedule(
+                            at,
+                            Flight {
+                                from,
+                                to,
+                                msg: Msg::Packet { bytes, trace },
+                            },
+                        );
+                    }
+                }
+                CoreOut::Deliver(b) => self.nodes[from].delivered.push(b),
+                CoreOut::Close(n) => {
+                    // Closing a TCP link: the other end sees it go down (if it is alive).
+                    let to = n as usize;
+                    if self.links.remove(&Sim::key(from, to)).is_some() && self.nodes[to].alive {
+                        let mut out = Vec::new();
+                        self.nodes[to]
+                            .core
+                            .link_down(from as u64, self.now, &mut out);
+                        self.apply(to, out, None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Advances the virtual clock by `dur` µs, delivering messages and running timers.
+    pub fn run_for(&mut self, dur: Micros) {
+        let end = self.now + dur;
+        loop {
+            let next_msg = self.queue.peek().map(|Reverse((t, _))| *t);
+            let next = match next_msg {
+                Some(t) if t <= self.next_tick => t,
+                _ => self.next_tick,
+            };
+            if next > end {
+                break;
+            }
+            self.now = next;
+            if next_msg == Some(next) && next <= self.next_tick {
+                let Some(Reverse((_, seq))) = self.queue.pop() else {
+                    continue;
+                };
+                let Some(f) = self.flights.remove(&seq) else {
+                    continue;
+                };
+                self.deliver(f);
+            } else {
+                self.next_tick += TICK;
+                for i in 0..self.nodes.len() {
+                    if self.nodes[i].alive {
+                        let mut out = Vec::new();
+                        self.nodes[i].core.tick(self.now, &mut out);
+                        self.apply(i, out, None);
+                    }
+                }
+            }
+        }
+        self.now = end;
+    }
+
+    fn deliver(&mut self, f: Flight) {
+        let link_up = self
+            .links
+            .get(&Sim::key(f.from, f.to))
+            .is_some_and(|l| l.up);
+        if !link_up || !self.nodes[f.to].alive || !self.nodes[f.from].alive {
+            return;
+        }
+        let to = f.to;
+        let mut out = Vec::new();
+        match f.msg {
+            Msg::Control(b) => {
+                let c = Control::decode(&b).expect("simulated control message decodes");
+                self.nodes[to]
+                    .core
+                    .control(f.from as u64, c, self.now, &mut out);
+                self.apply(to, out, None);
+            }
+            Msg::Packet { bytes, trace } => {
+                let buf = BytesMut::from(&bytes[..]);
+                self.nodes[to]
+                    .core
+                    .packet(f.from as u64, buf, self.now, &mut out);
+                self.apply(to, out, Some((&bytes, &trace)));
+            }
+        }
+    }
+}
+
+/// A minimal IPv6 packet (next header 59, "no next header") carrying `payload`.
+pub fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Bytes {
+    let mut p = Vec::with_capacity(40 + payload.len());
+    p.extend_from_slice(&[0x60, 0, 0, 0]);
+    p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    p.push(59);
+    p.push(64);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(payload);
+    Bytes::from(p)
+}

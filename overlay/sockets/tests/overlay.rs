@@ -165,3 +165,144 @@ async fn one_gib_one_hop() {
 async fn one_gib_three_hops() {
     transfer_over_chain(3, GIB).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_streams_of_one_mib_over_a_hop() {
+    const STREAMS: usize = 1000;
+    const SIZE: usize = 1 << 20;
+    let nodes = chain(2).await;
+    let config = StackConfig {
+        socket_buffer: 64 * 1024,
+        ..StackConfig::default()
+    };
+    let client = stack_on(&nodes[0], config.clone());
+    let server = stack_on(&nodes[1], config);
+    wait_route(&nodes[0], nodes[1].address()).await;
+    wait_route(&nodes[1], nodes[0].address()).await;
+    let listener = server.listen(8080).unwrap();
+    // The server answers each stream with the hash of what it read.
+    let acceptor = tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..STREAMS {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let (_, hash, _) = recv_data(&mut s).await;
+                s.write_all(hash.as_bytes()).await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let data = std::sync::Arc::new(common::pattern(11, SIZE + STREAMS));
+    let target = SocketAddrV6::new(nodes[1].address(), 8080, 0, 0);
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for i in 0..STREAMS {
+        let client = client.clone();
+        let data = data.clone();
+        clients.push(tokio::spawn(async move {
+            let mut c = client.connect(target).await.unwrap();
+            let mine = &data[i..i + SIZE];
+            c.write_all(mine).await.unwrap();
+            c.shutdown().await.unwrap();
+            let mut digest = Vec::new();
+            c.read_to_end(&mut digest).await.unwrap();
+            assert_eq!(digest, blake3::hash(mine).as_bytes(), "stream {i} corrupted");
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    acceptor.await.unwrap();
+    eprintln!("1000 × 1 MiB over one hop in {:.2} s", started.elapsed().as_secs_f64());
+}
+
+/// A—R1—B and A—R2—B: the relay carrying a stream is stopped mid-transfer; the stream stalls,
+/// moves to the other relay and completes intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_mid_transfer_stream_survives() {
+    let dead = Duration::from_secs(1);
+    let a = start_node(vec![], dead).await;
+    let a_addr = a.listen_addr().unwrap();
+    let mut relays = vec![
+        Some(start_node(vec![a_addr], dead).await),
+        Some(start_node(vec![a_addr], dead).await),
+    ];
+    let relay_addrs: Vec<SocketAddr> = relays
+        .iter()
+        .map(|r| r.as_ref().unwrap().listen_addr().unwrap())
+        .collect();
+    let b = start_node(relay_addrs, dead).await;
+    let client = stack_on(&a, StackConfig::default());
+    let server = stack_on(&b, StackConfig::default());
+    wait_route(&a, b.address()).await;
+    wait_route(&b, a.address()).await;
+
+    const TOTAL: u64 = 192 << 20;
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let listener = server.listen(7000).unwrap();
+    let progress = received.clone();
+    let receiver = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut hasher = blake3::Hasher::new();
+        let mut last = Instant::now();
+        let mut gap = Duration::ZERO;
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            gap = gap.max(last.elapsed());
+            last = Instant::now();
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            progress.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        (hasher.finalize(), gap)
+    });
+    let target = SocketAddrV6::new(b.address(), 7000, 0, 0);
+    let sender = tokio::spawn(async move {
+        let mut c = client.connect(target).await.unwrap();
+        let hash = send_data(&mut c, TOTAL, 5).await;
+        c.shutdown().await.unwrap();
+        (hash, client, c)
+    });
+
+    // Wait until a quarter has arrived, then stop the relay that is carrying the stream.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.load(std::sync::atomic::Ordering::Relaxed) < TOTAL / 4 {
+        assert!(Instant::now() < deadline, "transfer did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let forwarded = |r: &Option<Node>| r.as_ref().unwrap().status().counters.bytes_forwarded;
+    let before: Vec<u64> = relays.iter().map(forwarded).collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let after: Vec<u64> = relays.iter().map(forwarded).collect();
+    let busy = if after[0] - before[0] >= after[1] - before[1] { 0 } else { 1 };
+    let other = 1 - busy;
+    let at_kill = received.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(at_kill < TOTAL, "transfer finished before the relay could be stopped");
+    relays[busy].take().unwrap().shutdown().await;
+    let other_before = forwarded(&relays[other]);
+
+    let (sent_hash, _client, _c) = tokio::time::timeout(Duration::from_secs(90), sender)
+        .await
+        .expect("sender stuck after relay loss")
+        .unwrap();
+    let (got_hash, gap) = tokio::time::timeout(Duration::from_secs(90), receiver)
+        .await
+        .expect("receiver stuck after relay loss")
+        .unwrap();
+    eprintln!(
+        "relay {busy} stopped after {} MiB; longest stall {:.2} s",
+        at_kill >> 20,
+        gap.as_secs_f64()
+    );
+    assert_eq!(received.load(std::sync::atomic::Ordering::Relaxed), TOTAL);
+    assert_eq!(got_hash, sent_hash, "data corrupted across the reroute");
+    assert!(
+        forwarded(&relays[other]) - other_before >= (TOTAL - at_kill) / 2,
+        "the surviving relay did not carry the rest of the stream"
+    );
+}

@@ -1,0 +1,263 @@
+//! Simulator tests: the real routing and session code on virtual topologies.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
+
+use meshgate_overlay::core::CoreConfig;
+use meshgate_overlay::sim::{Sim, SimRng};
+
+const MS: u64 = 1000;
+const HOP_COST: u64 = 50;
+const HYSTERESIS: u64 = 500;
+
+fn cfg() -> CoreConfig {
+    CoreConfig {
+        // Silent failures are detected after 2 s; rerouting must finish within 5 s.
+        dead_peer_timeout: 2_000_000,
+        hello_interval: 500_000,
+        ..CoreConfig::default()
+    }
+}
+
+/// Dijkstra over live links with the routing cost (latency + per-hop cost).
+fn shortest(
+    sim: &Sim,
+    edges: &[(usize, usize, u64)],
+    dead: &BTreeSet<usize>,
+    cut: &BTreeSet<(usize, usize)>,
+    src: usize,
+) -> Vec<u64> {
+    let n = sim.len();
+    let mut adj = vec![Vec::new(); n];
+    for &(a, b, l) in edges {
+        if dead.contains(&a) || dead.contains(&b) || cut.contains(&(a.min(b), a.max(b))) {
+            continue;
+        }
+        adj[a].push((b, l + HOP_COST));
+        adj[b].push((a, l + HOP_COST));
+    }
+    let mut dist = vec![u64::MAX; n];
+    dist[src] = 0;
+    let mut h = BinaryHeap::new();
+    h.push(Reverse((0u64, src)));
+    while let Some(Reverse((d, u))) = h.pop() {
+        if d > dist[u] {
+            continue;
+        }
+        for &(v, w) in &adj[u] {
+            if d + w < dist[v] {
+                dist[v] = d + w;
+                h.push(Reverse((d + w, v)));
+            }
+        }
+    }
+    dist
+}
+
+fn path_cost(sim: &Sim, path: &[usize]) -> u64 {
+    path.windows(2)
+        .map(|w| sim.latency(w[0], w[1]).unwrap() + HOP_COST)
+        .sum()
+}
+
+/// All live pairs have a loop-free route whose cost is optimal within the hysteresis.
+fn check_all_pairs(
+    sim: &Sim,
+    edges: &[(usize, usize, u64)],
+    dead: &BTreeSet<usize>,
+    cut: &BTreeSet<(usize, usize)>,
+) -> Result<(), String> {
+    for i in 0..sim.len() {
+        if dead.contains(&i) {
+            continue;
+        }
+        let dist = shortest(sim, edges, dead, cut, i);
+        for j in 0..sim.len() {
+            if i == j || dead.contains(&j) || dist[j] == u64::MAX {
+                continue;
+            }
+            let path = sim.path(i, j)?;
+            let cost = path_cost(sim, &path);
+            let slack = HYSTERESIS * path.len() as u64;
+            if cost > dist[j] + slack {
+                return Err(format!(
+                    "{i}->{j}: path {path:?} costs {cost}, optimal {}",
+                    dist[j]
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn build(seed: u64, n: usize, edges: &[(usize, usize, u64)]) -> Sim {
+    let mut sim = Sim::new(seed, n, cfg());
+    for &(a, b, l) in edges {
+        sim.connect(a, b, l);
+    }
+    sim
+}
+
+/// Sends one packet each way for every listed pair and checks each arrives intact.
+fn check_delivery(sim: &mut Sim, pairs: &[(usize, usize)]) {
+    let mut expect = Vec::new();
+    for (k, &(a, b)) in pairs.iter().enumerate() {
+        let p = sim.send(a, b, format!("packet {k} from {a} to {b}").as_bytes());
+        expect.push((b, p));
+    }
+    sim.run_for(3_000 * MS);
+    let mut got: Vec<Vec<bytes::Bytes>> = (0..sim.len()).map(|i| sim.take_delivered(i)).collect();
+    for (b, p) in expect {
+        let pos = got[b].iter().position(|g| *g == p);
+        assert!(pos.is_some(), "packet to {b} not delivered");
+        if let Some(pos) = pos {
+            got[b].swap_remove(pos);
+        }
+    }
+}
+
+/// Runs until `ok` holds, in 100 ms steps, for at most `limit` µs; returns the time taken.
+fn time_until(sim: &mut Sim, limit: u64, mut ok: impl FnMut(&Sim) -> bool) -> u64 {
+    let t0 = sim.now();
+    while !ok(sim) {
+        assert!(
+            sim.now() - t0 <= limit,
+            "not converged within {} ms",
+            limit / MS
+        );
+        sim.run_for(100 * MS);
+    }
+    sim.now() - t0
+}
+
+#[test]
+fn line_of_five() {
+    let edges: Vec<_> = (0..4)
+        .map(|i| (i, i + 1, (i as u64 + 1) * 3 * MS))
+        .collect();
+    let mut sim = build(1, 5, &edges);
+    sim.run_for(5_000 * MS);
+    check_all_pairs(&sim, &edges, &BTreeSet::new(), &BTreeSet::new()).unwrap();
+    let pairs: Vec<_> = (0..5)
+        .flat_map(|a| (0..5).filter(move |b| *b != a).map(move |b| (a, b)))
+        .collect();
+    check_delivery(&mut sim, &pairs);
+    assert!(sim.max_hops >= 4);
+}
+
+#[test]
+fn ring_of_six_reroutes_around_a_cut_link() {
+    let lat = [2, 3, 5, 7, 11, 13];
+    let edges: Vec<_> = (0..6).map(|i| (i, (i + 1) % 6, lat[i] * MS)).collect();
+    let mut sim = build(2, 6, &edges);
+    sim.run_for(5_000 * MS);
+    check_all_pairs(&sim, &edges, &BTreeSet::new(), &BTreeSet::new()).unwrap();
+    // 0 -> 2 goes 0-1-2 (5 ms) rather than the other way round (36 ms).
+    assert_eq!(sim.path(0, 2).unwrap(), vec![0, 1, 2]);
+    check_delivery(&mut sim, &[(0, 2), (3, 5), (4, 1)]);
+    sim.cut(1, 2);
+    let mut cut = BTreeSet::new();
+    cut.insert((1, 2));
+    let took = time_until(&mut sim, 5_000 * MS, |s| {
+        check_all_pairs(s, &edges, &BTreeSet::new(), &cut).is_ok()
+    });
+    assert_eq!(sim.path(0, 2).unwrap(), vec![0, 5, 4, 3, 2]);
+    eprintln!("ring rerouted in {} ms", took / MS);
+    check_delivery(&mut sim, &[(0, 2), (2, 0), (1, 2)]);
+}
+
+fn grid_edges(rng: &mut SimRng) -> Vec<(usize, usize, u64)> {
+    let mut edges = Vec::new();
+    for r in 0..4 {
+        for c in 0..4 {
+            let i = r * 4 + c;
+            if c < 3 {
+                edges.push((i, i + 1, (1 + rng.below(20)) * MS));
+            }
+            if r < 3 {
+                edges.push((i, i + 4, (1 + rng.below(20)) * MS));
+            }
+        }
+    }
+    edges
+}
+
+#[test]
+fn grid_4x4_reroutes_around_a_dead_relay() {
+    let mut rng = SimRng::new(44);
+    let edges = grid_edges(&mut rng);
+    let mut sim = build(3, 16, &edges);
+    sim.run_for(5_000 * MS);
+    check_all_pairs(&sim, &edges, &BTreeSet::new(), &BTreeSet::new()).unwrap();
+    let pairs: Vec<_> = (0..16).map(|a| (a, 15 - a)).collect();
+    check_delivery(&mut sim, &pairs);
+    // Kill a relay on the corner-to-corner path.
+    let path = sim.path(0, 15).unwrap();
+    let relay = path[path.len() / 2];
+    sim.kill(relay);
+    let mut dead = BTreeSet::new();
+    dead.insert(relay);
+    let took = time_until(&mut sim, 5_000 * MS, |s| {
+        check_all_pairs(s, &edges, &dead, &BTreeSet::new()).is_ok()
+    });
+    eprintln!("grid rerouted around {relay} in {} ms", took / MS);
+    assert!(!sim.path(0, 15).unwrap().contains(&relay));
+    let pairs: Vec<_> = (0..16)
+        .filter(|a| *a != relay && 15 - a != relay)
+        .map(|a| (a, 15 - a))
+        .collect();
+    check_delivery(&mut sim, &pairs);
+}
+
+#[test]
+fn random_200_nodes_all_pairs_and_relay_failures() {
+    let n = 200;
+    let mut rng = SimRng::new(200);
+    let mut edges = Vec::new();
+    let mut seen = BTreeSet::new();
+    // A random spanning tree plus extra edges: connected, average degree about 4.
+    for i in 1..n {
+        let j = rng.below(i as u64) as usize;
+        seen.insert((j, i));
+        edges.push((j, i, (1 + rng.below(30)) * MS));
+    }
+    while edges.len() < 2 * n {
+        let a = rng.below(n as u64) as usize;
+        let b = rng.below(n as u64) as usize;
+        if a != b && seen.insert((a.min(b), a.max(b))) {
+            edges.push((a.min(b), a.max(b), (1 + rng.below(30)) * MS));
+        }
+    }
+    let mut sim = build(4, n, &edges);
+    sim.run_for(8_000 * MS);
+    check_all_pairs(&sim, &edges, &BTreeSet::new(), &BTreeSet::new()).unwrap();
+    let pairs: Vec<_> = (0..100)
+        .map(|_| (rng.below(n as u64) as usize, rng.below(n as u64) as usize))
+        .filter(|(a, b)| a != b)
+        .collect();
+    check_delivery(&mut sim, &pairs);
+    // Kill the busiest relays of a few long paths at once.
+    let mut dead = BTreeSet::new();
+    for k in 0..3 {
+        let path = sim.path(k, n - 1 - k).unwrap();
+        if path.len() > 2 {
+            dead.insert(path[1]);
+        }
+    }
+    for &d in &dead {
+        sim.kill(d);
+    }
+    let took = time_until(&mut sim, 5_000 * MS, |s| {
+        check_all_pairs(s, &edges, &dead, &BTreeSet::new()).is_ok()
+    });
+    eprintln!("200 nodes rerouted around {dead:?} in {} ms", took / MS);
+    let pairs: Vec<_> = pairs
+        .into_iter()
+        .filter(|(a, b)| !dead.contains(a) && !dead.contains(b))
+        .collect();
+    check_delivery(&mut sim, &pairs);
+    let loops: u64 = (0..n)
+        .map(|i| sim.counters(i).loops_prevented + sim.counters(i).hop_limit_exceeded)
+        .sum();
+    assert_eq!(loops, 0);
+}
