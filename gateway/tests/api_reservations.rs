@@ -691,3 +691,73 @@ async fn cli_reserves_lists_and_deletes() {
     assert!(!ok && err.contains("MESHGATE_TOKEN"), "{err}");
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn certificates_only_for_verified_domains_then_active() {
+    use meshgate_config::reservation::{Options, Reservation, Status};
+    use meshgate_config::route::Mode;
+    use meshgate_config::verify::{Input, Rules, step};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("data"), FARM).unwrap());
+    let config: meshgate_certs::CertConfig = serde_json::from_value(json!({
+        "state_dir": dir.path().join("certs"),
+        "acme": {"directory": "local-dev-ca", "contact_email": "ops@farm.example"},
+    }))
+    .unwrap();
+    let certs = Arc::new(meshgate_certs::CertManager::new(config).unwrap());
+    let driver = certs.spawn();
+    for fqdn in ["verified.alice.test", "pending.alice.test"] {
+        store
+            .create(&Reservation::new(
+                Key::domain(fqdn),
+                "alice",
+                vec!["10.0.0.1:80".parse().unwrap()],
+                Mode::Terminate,
+                Options::default(),
+                0,
+            ))
+            .unwrap();
+    }
+    let rules = Rules {
+        grace_ms: 60_000,
+        require_certificate: true,
+    };
+    store
+        .update(&Key::domain("verified.alice.test"), |r| {
+            step(r, Input::Checked(Ok(())), 1, &rules);
+            Ok::<(), meshgate_config::store::StoreError>(())
+        })
+        .unwrap();
+    let glue = api::follow_certificates(store.clone(), certs.clone(), Duration::from_millis(20));
+
+    let mut routes = store.routes();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if routes
+                .borrow_and_update()
+                .iter()
+                .any(|r| r.host == "verified.alice.test")
+            {
+                break;
+            }
+            routes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the verified domain gets a certificate and goes active");
+    let r = store
+        .get(&Key::domain("verified.alice.test"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, Status::Active);
+    assert!(r.verification.certificate_ready);
+    let ordered: Vec<String> = certs.status().into_iter().map(|s| s.name).collect();
+    assert_eq!(ordered, vec!["verified.alice.test".to_string()]);
+    let pending = store
+        .get(&Key::domain("pending.alice.test"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(pending.status, Status::Pending);
+    glue.abort();
+    driver.abort();
+}

@@ -5,10 +5,12 @@
 //! listener (which also serves `/metrics`); [`serve`] runs it alone on a listener.
 
 mod body;
+mod certificates;
 mod error;
 mod reservations;
 mod tokens;
 
+pub use certificates::follow_certificates;
 pub use error::ApiError;
 
 use bytes::Bytes;
