@@ -297,14 +297,19 @@ impl AcmeClient {
         None
     }
 
-    /// The ACME Renewal Information window for a certificate, when the server supports ARI.
-    pub async fn renewal_window(&self, chain_pem: &str) -> Option<(SystemTime, SystemTime)> {
+    /// The ACME Renewal Information window for a certificate and when to ask again, when the
+    /// server supports ARI.
+    pub async fn renewal_window(
+        &self,
+        chain_pem: &str,
+    ) -> Option<(SystemTime, SystemTime, Duration)> {
         let chain = crate::pem::parse_chain(chain_pem).ok()?;
         let id = CertificateIdentifier::try_from(&chain[0]).ok()?;
         match self.account.renewal_info(&id).await {
-            Ok((info, _retry_after)) => Some((
+            Ok((info, retry_after)) => Some((
                 SystemTime::from(info.suggested_window.start),
                 SystemTime::from(info.suggested_window.end),
+                retry_after,
             )),
             Err(instant_acme::Error::Unsupported(_)) => None,
             Err(e) => {

@@ -146,11 +146,38 @@ impl Default for RenewPolicy {
 }
 
 impl RenewPolicy {
+    /// Rejects values that would make the schedule meaningless.
+    pub fn validate(&self) -> Result<(), CertError> {
+        let bad = |field: &str, v: f64, want: &str| {
+            Err(CertError::Config(format!(
+                "renewal.{field}: {v} is not {want}"
+            )))
+        };
+        if !(self.renew_at_fraction > 0.0 && self.renew_at_fraction <= 1.0) {
+            return bad("renew_at_fraction", self.renew_at_fraction, "in (0, 1]");
+        }
+        if !(0.0..=0.5).contains(&self.jitter_fraction) {
+            return bad("jitter_fraction", self.jitter_fraction, "in [0, 0.5]");
+        }
+        for (field, v) in [
+            ("backoff_initial_secs", self.backoff_initial_secs),
+            ("backoff_max_secs", self.backoff_max_secs),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(field, v, "a non-negative number of seconds");
+            }
+        }
+        Ok(())
+    }
+
     pub fn backoff_initial(&self) -> Duration {
         Duration::try_from_secs_f64(self.backoff_initial_secs).unwrap_or(Duration::from_secs(60))
     }
 
+    /// At most 30 days, so arithmetic on it never overflows.
     pub fn backoff_max(&self) -> Duration {
-        Duration::try_from_secs_f64(self.backoff_max_secs).unwrap_or(Duration::from_secs(86400))
+        Duration::try_from_secs_f64(self.backoff_max_secs)
+            .unwrap_or(Duration::from_secs(86400))
+            .min(Duration::from_secs(30 * 86400))
     }
 }

@@ -109,6 +109,7 @@ impl CertManager {
     /// served as soon as their name is desired.
     pub fn new(config: CertConfig) -> Result<Self, CertError> {
         let directory = config.acme.directory()?;
+        config.renewal.validate()?;
         let contact = match directory {
             Directory::Acme(_) => config.acme.contact()?,
             Directory::LocalDevCa => String::new(),
@@ -511,14 +512,7 @@ impl CertManager {
             if matches!(self.inner.directory, Directory::Acme(_)) {
                 for (key, chain) in ari {
                     let (this, tx) = (self.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let Ok(client) = this.acme_client().await else {
-                            return;
-                        };
-                        if let Some((start, end)) = client.renewal_window(&chain).await {
-                            let _ = tx.send(Event::Window { key, start, end });
-                        }
-                    });
+                    tokio::spawn(async move { this.watch_renewal_info(key, chain, tx).await });
                 }
             }
             let idle = next
@@ -532,6 +526,44 @@ impl CertManager {
                 Some(ev) = rx.recv() => self.handle(ev),
                 _ = self.inner.wake.notified() => {}
                 _ = tokio::time::sleep(idle) => {}
+            }
+        }
+    }
+
+    /// Fetches the ARI window of one certificate, again after each server-suggested delay
+    /// (clamped to 1 h – 1 day), for as long as that certificate is the one in service.
+    async fn watch_renewal_info(
+        &self,
+        key: String,
+        chain: String,
+        tx: mpsc::UnboundedSender<Event>,
+    ) {
+        let Ok(client) = self.acme_client().await else {
+            return;
+        };
+        loop {
+            let Some((start, end, retry_after)) = client.renewal_window(&chain).await else {
+                return; // ARI unsupported or failing: the 2/3 rule stands.
+            };
+            if tx
+                .send(Event::Window {
+                    key: key.clone(),
+                    start,
+                    end,
+                })
+                .is_err()
+            {
+                return;
+            }
+            let delay = retry_after.clamp(Duration::from_secs(3600), Duration::from_secs(86400));
+            tokio::time::sleep(delay).await;
+            let current = {
+                let st = self.state();
+                st.sched.is_desired(&key)
+                    && st.stored.get(&key).is_some_and(|c| c.chain_pem == chain)
+            };
+            if !current {
+                return;
             }
         }
     }

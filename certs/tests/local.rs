@@ -258,4 +258,9 @@ fn config_errors_name_the_field() {
     );
     assert_eq!(config.dns.listen, Some("0.0.0.0:53".parse().unwrap()));
     assert_eq!(config.acme.contact().unwrap(), "mailto:ops@example.org");
+
+    let mut config = dev_config(dir.path(), serde_json::json!({}));
+    config.renewal.renew_at_fraction = 1.5;
+    let err = CertManager::new(config).err().unwrap().to_string();
+    assert!(err.contains("renewal.renew_at_fraction"), "{err}");
 }
