@@ -226,6 +226,38 @@ impl Store {
         Ok(Some(updated))
     }
 
+    /// Applies `f` to each existing reservation of `keys` in one transaction (one commit, one
+    /// publish), e.g. a verification round. Missing keys are skipped. Returns the updated
+    /// records.
+    pub fn update_many(
+        &self,
+        keys: &[Key],
+        mut f: impl FnMut(&mut Reservation),
+    ) -> Result<Vec<Reservation>, StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let mut out = Vec::with_capacity(keys.len());
+        {
+            let mut table = txn.open_table(RESERVATIONS).map_err(db_err)?;
+            for key in keys {
+                let k = record_key(key);
+                let current = match table.get(k.as_str()).map_err(db_err)? {
+                    Some(v) => decode::<Reservation>(&k, v.value())?,
+                    None => continue,
+                };
+                let mut next = current.clone();
+                f(&mut next);
+                if next != current {
+                    let bytes = encode(&next)?;
+                    table.insert(k.as_str(), bytes.as_slice()).map_err(db_err)?;
+                }
+                out.push(next);
+            }
+        }
+        txn.commit().map_err(db_err)?;
+        self.publish()?;
+        Ok(out)
+    }
+
     /// Deletes a reservation if `allow` accepts it. `Ok(None)` if it does not exist.
     pub fn delete<E: From<StoreError>>(
         &self,

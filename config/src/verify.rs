@@ -19,9 +19,13 @@ use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{RData, RecordType};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Most DNS checks a verification round runs at once.
+pub const CONCURRENT_CHECKS: usize = 16;
 
 /// The verification rules the state machine applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,25 +316,49 @@ impl Verifier {
         self.apply(&r, result, now_ms)
     }
 
-    /// Checks every domain once at time `now_ms` and applies the results. Returns how many
-    /// changed status.
+    /// Checks every domain once at time `now_ms` (up to [`CONCURRENT_CHECKS`] at a time) and
+    /// applies all results in one store transaction. Returns how many changed status.
     pub async fn check_all(&self, now_ms: u64) -> Result<usize, StoreError> {
+        use futures_util::StreamExt;
         let domains = self.store.list(None, Some(Kind::Domain))?;
         let resolver = self.resolver();
+        let checks: Vec<_> = domains
+            .iter()
+            .map(|r| self.check_owned(&resolver, r.name.clone(), r.owner.clone()))
+            .collect();
+        let results: HashMap<(String, String), Result<(), String>> =
+            futures_util::stream::iter(checks)
+                .buffer_unordered(CONCURRENT_CHECKS)
+                .collect()
+                .await;
+        let keys: Vec<Key> = domains.iter().map(Reservation::key).collect();
+        let rules = self.cfg.rules();
         let mut changed = 0;
-        for r in domains {
-            let result = match &resolver {
-                Ok(res) => self.check_with(res, &r.name, &r.owner).await,
-                Err(e) => Err(e.clone()),
-            };
-            let before = r.status.clone();
-            if let Some(after) = self.apply(&r, result, now_ms)?
-                && after.status != before
+        let mut results = results;
+        self.store.update_many(&keys, |r| {
+            // A domain deleted and re-created by someone else meanwhile: the check was for
+            // the old owner, so it says nothing about this one.
+            if let Some(result) = results.remove(&(r.name.clone(), r.owner.clone()))
+                && step(r, Input::Checked(result), now_ms, &rules)
             {
                 changed += 1;
+                tracing::info!(domain = %r.name, status = ?r.status, "domain status changed");
             }
-        }
+        })?;
         Ok(changed)
+    }
+
+    async fn check_owned(
+        &self,
+        resolver: &Result<TokioResolver, String>,
+        name: String,
+        owner: String,
+    ) -> ((String, String), Result<(), String>) {
+        let result = match resolver {
+            Ok(res) => self.check_with(res, &name, &owner).await,
+            Err(e) => Err(e.clone()),
+        };
+        ((name, owner), result)
     }
 
     fn apply(
