@@ -211,3 +211,41 @@ impl PoolConfig {
         Ok(())
     }
 }
+
+/// Reads the `pool` table of every `[[route]]` in `gateway.toml`, in file order (index i is
+/// `GatewayConfig::routes[i]`), validated, with errors naming file, line and field.
+///
+/// `meshgate-config` cannot name `PoolConfig` (it would depend on the gateway), and its
+/// `Route` ignores unknown keys, so the gateway reads the pool tables beside the
+/// `GatewayConfig` from the same text.
+pub fn parse_route_pools(
+    path: &std::path::Path,
+    text: &str,
+) -> Result<Vec<PoolConfig>, meshgate_config::file::ConfigError> {
+    #[derive(Deserialize)]
+    struct File {
+        #[serde(default)]
+        route: Vec<RouteTable>,
+    }
+    #[derive(Deserialize)]
+    struct RouteTable {
+        #[serde(default)]
+        pool: PoolConfig,
+    }
+    let file: File = meshgate_config::file::parse(path, text)?;
+    file.route
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.pool.validate().map_err(|(field, msg)| {
+                meshgate_config::file::ConfigError::at_field(
+                    path,
+                    text,
+                    &format!("route.{i}.{field}"),
+                    msg,
+                )
+            })?;
+            Ok(r.pool)
+        })
+        .collect()
+}

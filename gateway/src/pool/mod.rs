@@ -15,7 +15,9 @@ mod probe;
 mod retry;
 mod select;
 
-pub use config::{ActiveHealthConfig, PassiveHealthConfig, Policy, PoolConfig, ProbeKind};
+pub use config::{
+    ActiveHealthConfig, PassiveHealthConfig, Policy, PoolConfig, ProbeKind, parse_route_pools,
+};
 pub use health::{Health, HealthEvent, HealthState, Transition};
 pub use metrics::{PoolMetrics, register_metrics};
 pub use retry::{Failure, MAX_REQUEST_RETRIES, is_idempotent, may_retry};
