@@ -576,3 +576,157 @@ fn seal_data(s: &mut Session, src: &Ipv6Addr, dst: &Ipv6Addr, packet: &[u8]) -> 
     b.put_slice(&tag);
     b.freeze()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(cfg: SessionConfig) -> (Sessions, Sessions) {
+        let mut n = 0u8;
+        let rng = move || {
+            n = n.wrapping_add(1);
+            [n; 32]
+        };
+        let mut m = 100u8;
+        let rng2 = move || {
+            m = m.wrapping_add(1);
+            [m; 32]
+        };
+        (
+            Sessions::new(
+                Identity::from_seed(&[1; 32]),
+                cfg.clone(),
+                10,
+                Box::new(rng),
+            ),
+            Sessions::new(Identity::from_seed(&[2; 32]), cfg, 10, Box::new(rng2)),
+        )
+    }
+
+    fn sends(out: &mut Vec<SessionOut>) -> Vec<Bytes> {
+        out.drain(..)
+            .filter_map(|o| match o {
+                SessionOut::Send(b) => Some(b),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Runs the handshake; returns the data packets a queued for b.
+    fn connect(a: &mut Sessions, b: &mut Sessions, now: Micros, payloads: &[&[u8]]) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        for p in payloads {
+            a.seal(now, b.addr, Bytes::copy_from_slice(p), &mut out);
+        }
+        let init = sends(&mut out);
+        assert_eq!(init.len(), 1);
+        b.handle_init(now, &init[0], &mut out).unwrap();
+        let resp = sends(&mut out);
+        a.handle_resp(now, &resp[0], &mut out).unwrap();
+        sends(&mut out)
+    }
+
+    #[test]
+    fn seal_open_replay_and_tamper() {
+        let (mut a, mut b) = pair(SessionConfig::default());
+        let data = connect(&mut a, &mut b, 0, &[b"one", b"two"]);
+        assert_eq!(data.len(), 2);
+        let (src, inner) = b.open(1, BytesMut::from(&data[1][..])).unwrap();
+        assert_eq!((src, &inner[..]), (a.addr, &b"two"[..]));
+        assert_eq!(
+            &b.open(1, BytesMut::from(&data[0][..])).unwrap().1[..],
+            b"one"
+        );
+        // Replays are refused.
+        assert_eq!(
+            b.open(1, BytesMut::from(&data[0][..])),
+            Err(SessionError::Replayed)
+        );
+        // Any flipped bit outside the hop limit is refused.
+        let mut out = Vec::new();
+        a.seal(2, b.addr, Bytes::from_static(b"three"), &mut out);
+        let p = sends(&mut out).remove(0);
+        for i in (0..p.len()).filter(|i| *i != 1) {
+            let mut t = BytesMut::from(&p[..]);
+            t[i] ^= 1;
+            assert!(b.open(3, t).is_err(), "flipped byte {i} accepted");
+        }
+        let mut hop = BytesMut::from(&p[..]);
+        hop[1] = 3;
+        assert_eq!(&b.open(3, hop).unwrap().1[..], b"three");
+        // Replies flow the other way on the same session.
+        b.seal(4, a.addr, Bytes::from_static(b"reply"), &mut out);
+        let r = sends(&mut out).remove(0);
+        assert_eq!(&a.open(5, BytesMut::from(&r[..])).unwrap().1[..], b"reply");
+    }
+
+    #[test]
+    fn replayed_init_is_refused() {
+        let (mut a, mut b) = pair(SessionConfig::default());
+        let mut out = Vec::new();
+        a.seal(0, b.addr, Bytes::from_static(b"x"), &mut out);
+        let init = sends(&mut out).remove(0);
+        b.handle_init(0, &init, &mut out).unwrap();
+        assert_eq!(
+            b.handle_init(1, &init, &mut out),
+            Err(SessionError::ReplayedInit)
+        );
+        // A forged init (bad signature) is refused.
+        let mut bad = init.to_vec();
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        let (_, mut c) = pair(SessionConfig::default());
+        assert_eq!(
+            c.handle_init(0, &bad, &mut out),
+            Err(SessionError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn window_accepts_reordering_and_rejects_old() {
+        let mut w = ReplayWindow::default();
+        for c in [5, 3, 4, 0, 10_000] {
+            assert!(w.check(c));
+            w.accept(c);
+            assert!(!w.check(c));
+        }
+        assert!(!w.check(5), "older than the window");
+        assert!(w.check(10_000 - 100));
+    }
+
+    #[test]
+    fn rekeys_after_the_packet_limit_without_loss() {
+        let cfg = SessionConfig {
+            rekey_after_packets: 3,
+            ..SessionConfig::default()
+        };
+        let (mut a, mut b) = pair(cfg);
+        let _ = connect(&mut a, &mut b, 0, &[b"0"]);
+        let mut out = Vec::new();
+        for i in 0..4u8 {
+            a.seal(1, b.addr, Bytes::from(vec![i]), &mut out);
+        }
+        let mut delivered = 0;
+        let mut inits = 0;
+        for p in sends(&mut out) {
+            match p[0] {
+                wire::PKT_SESSION_INIT => {
+                    inits += 1;
+                    b.handle_init(2, &p, &mut out).unwrap();
+                    let resp = sends(&mut out).remove(0);
+                    a.handle_resp(2, &resp, &mut out).unwrap();
+                }
+                _ => {
+                    b.open(2, BytesMut::from(&p[..])).unwrap();
+                    delivered += 1;
+                }
+            }
+        }
+        assert_eq!((inits, delivered), (1, 4));
+        assert_eq!(a.established, 2);
+        // Data on the new session works; the old one still opens in-flight packets.
+        a.seal(3, b.addr, Bytes::from_static(b"new"), &mut out);
+        let p = sends(&mut out).remove(0);
+        assert_eq!(&b.open(3, BytesMut::from(&p[..])).unwrap().1[..], b"new");
+    }
+}

@@ -514,3 +514,175 @@ impl<'a> Reader<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> u8 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 56) as u8
+    }
+
+    fn controls() -> Vec<Control> {
+        let u = |i: u8| RouteUpdate {
+            prefix: [6, i, 2, 3, 4, 5, 6, 7],
+            seqno: 1 << 40 | i as u64,
+            metric: if i == 0 {
+                METRIC_INFINITY
+            } else {
+                1000 * i as u32
+            },
+            router_key: [i; 32],
+            signature: [i ^ 0x5a; 64],
+        };
+        vec![
+            Control::Hello {
+                timestamp_us: 123_456_789,
+            },
+            Control::HelloAck { echo_us: u64::MAX },
+            Control::Updates(vec![]),
+            Control::Updates(
+                (0..MAX_UPDATES_PER_MESSAGE as u8 as usize)
+                    .map(|i| u(i as u8))
+                    .collect(),
+            ),
+            Control::SeqnoRequest {
+                prefix: [7; 8],
+                seqno: 9,
+                hop_count: 64,
+            },
+        ]
+    }
+
+    #[test]
+    fn control_round_trip_and_truncation() {
+        for c in controls() {
+            let b = c.encode();
+            assert!(b.len() + 16 <= MAX_NOISE_MESSAGE);
+            assert_eq!(Control::decode(&b).unwrap(), c);
+            for cut in 0..b.len().min(300) {
+                assert!(Control::decode(&b[..cut]).is_err(), "{c:?} cut at {cut}");
+            }
+            let mut long = b.clone();
+            long.push(0);
+            assert_eq!(
+                Control::decode(&long),
+                Err(WireError::Trailing("control message"))
+            );
+        }
+        // An update count above the limit is refused before reading entries.
+        let mut b = vec![3u8];
+        b.extend_from_slice(&(MAX_UPDATES_PER_MESSAGE as u16 + 1).to_be_bytes());
+        assert!(matches!(
+            Control::decode(&b),
+            Err(WireError::Oversized { .. })
+        ));
+        assert!(matches!(
+            Control::decode(&[9]),
+            Err(WireError::UnknownType { .. })
+        ));
+    }
+
+    #[test]
+    fn routed_packets_round_trip_and_reject_bad_lengths() {
+        let src: Ipv6Addr = "600::1".parse().unwrap();
+        let dst: Ipv6Addr = "7ff::2".parse().unwrap();
+        let init = SessionInit {
+            src,
+            dst,
+            sender_idx: 7,
+            initiator_key: [1; 32],
+            ephemeral: [2; 32],
+            timestamp: 99,
+            signature: [3; 64],
+        };
+        let resp = SessionResp {
+            src: dst,
+            dst: src,
+            sender_idx: 8,
+            receiver_idx: 7,
+            responder_key: [4; 32],
+            ephemeral: [5; 32],
+            signature: [6; 64],
+        };
+        let ib = init.encode();
+        let rb = resp.encode();
+        let ub = encode_unreachable(&src, &dst, &"600::9".parse().unwrap());
+        assert_eq!(SessionInit::decode(&ib).unwrap(), init);
+        assert_eq!(SessionResp::decode(&rb).unwrap(), resp);
+        assert_eq!(
+            decode_unreachable(&ub).unwrap(),
+            "600::9".parse::<Ipv6Addr>().unwrap()
+        );
+        assert!(SessionInit::decode(&rb).is_err());
+        for b in [&ib, &rb, &ub] {
+            let h = parse_routed(b).unwrap();
+            assert_eq!(
+                (h.hop_limit, h.src == src || h.src == dst),
+                (DEFAULT_HOP_LIMIT, true)
+            );
+            for cut in 0..b.len() {
+                assert!(parse_routed(&b[..cut]).is_err());
+            }
+            let mut long = b.to_vec();
+            long.push(0);
+            assert!(parse_routed(&long).is_err());
+        }
+        let mut d = BytesMut::new();
+        put_data_header(&mut d, &src, &dst, 5, 6);
+        d.extend_from_slice(&[0; TAG_LEN]);
+        assert_eq!(data_fields(&d).unwrap(), (5, 6));
+        assert!(parse_routed(&d[..d.len() - 1]).is_err());
+        let huge = vec![PKT_DATA; MAX_FRAME_BODY + 1];
+        assert!(matches!(
+            parse_routed(&huge),
+            Err(WireError::Oversized { .. })
+        ));
+        assert!(matches!(
+            parse_routed(&[99; 64]),
+            Err(WireError::UnknownType { .. })
+        ));
+    }
+
+    #[test]
+    fn frame_headers() {
+        for kind in [FrameKind::Handshake, FrameKind::Control, FrameKind::Packet] {
+            let h = frame_header(kind, 1000);
+            assert_eq!(parse_frame_header(&h).unwrap(), (kind, 1000));
+        }
+        assert!(parse_frame_header(&frame_header(FrameKind::Packet, MAX_FRAME_BODY)).is_ok());
+        assert!(matches!(
+            parse_frame_header(&frame_header(FrameKind::Packet, MAX_FRAME_BODY + 1)),
+            Err(WireError::Oversized { .. })
+        ));
+        assert!(
+            parse_frame_header(&frame_header(FrameKind::Control, MAX_NOISE_MESSAGE + 1)).is_err()
+        );
+        assert!(parse_frame_header(&frame_header(FrameKind::Control, 0)).is_err());
+        assert!(parse_frame_header(&[0, 0, 0, 1, 0]).is_err());
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut seed = 42;
+        for round in 0..20_000 {
+            let len = (lcg(&mut seed) as usize) % 300;
+            let mut b: Vec<u8> = (0..len).map(|_| lcg(&mut seed)).collect();
+            if let Some(first) = b.first_mut() {
+                *first = (round % 6) as u8; // hit every type byte often
+            }
+            let _ = Control::decode(&b);
+            let _ = parse_routed(&b);
+            let _ = SessionInit::decode(&b);
+            let _ = SessionResp::decode(&b);
+            let _ = decode_unreachable(&b);
+            let _ = data_fields(&b);
+            if b.len() >= 5 {
+                let _ = parse_frame_header(&b[..5].try_into().unwrap());
+            }
+        }
+    }
+}

@@ -86,3 +86,254 @@ async fn two_nodes_exchange_packets_both_ways() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+fn route_peer(n: &Node, to: Ipv6Addr) -> Option<Ipv6Addr> {
+    let st = n.status();
+    let p = meshgate_overlay::addr::prefix_string(&meshgate_overlay::addr::prefix_of(&to));
+    let hop = st.routes.iter().find(|r| r.prefix == p)?.next_hop?;
+    st.peers
+        .iter()
+        .find(|x| x.link_id == hop)
+        .map(|x| x.address)
+}
+
+fn tapped(
+    listen: bool,
+    peers: Vec<SocketAddr>,
+) -> (NodeConfig, tokio::sync::mpsc::Receiver<Bytes>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(100_000);
+    let mut c = cfg(listen, peers);
+    c.relay_tap = Some(tx);
+    (c, rx)
+}
+
+const MARKER: &[u8] = b"PLAINTEXT-MARKER-0123456789";
+
+fn numbered(seq: u32) -> Vec<u8> {
+    let mut p = seq.to_be_bytes().to_vec();
+    for _ in 0..20 {
+        p.extend_from_slice(MARKER);
+    }
+    p
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A–B–C and A–D–C: relays only ever see ciphertext; killing the relay in use mid-stream,
+/// delivery resumes over the other path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_see_only_ciphertext_and_stream_survives_relay_death() {
+    let (cb, mut tap_b) = tapped(true, vec![]);
+    let (cd, mut tap_d) = tapped(true, vec![]);
+    let b = Node::start(cb).await.unwrap();
+    let d = Node::start(cd).await.unwrap();
+    let relays = vec![b.listen_addr().unwrap(), d.listen_addr().unwrap()];
+    // Neither A nor C listens: both are reachable only through their outbound links.
+    let a = Node::start(cfg(false, relays.clone())).await.unwrap();
+    let c = Node::start(cfg(false, relays)).await.unwrap();
+    wait_for("routes A<->C", 10, || {
+        has_route(&a, c.address()) && has_route(&c, a.address())
+    })
+    .await;
+    let pa = a.take_l3_port().unwrap();
+    let mut pc = c.take_l3_port().unwrap();
+    let (src, dst) = (a.address(), c.address());
+
+    let mut next = 0u32;
+    let mut received = Vec::new();
+    // Stream until 50 packets arrived, then kill the relay carrying them.
+    let mut pump = async |until: usize, limit_s: u64, received: &mut Vec<u32>, next: &mut u32| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(limit_s);
+        while received.len() < until {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "stream stalled at {} packets",
+                received.len()
+            );
+            pa.tx
+                .send(packet(src, dst, &numbered(*next)))
+                .await
+                .unwrap();
+            *next += 1;
+            while let Ok(Some(p)) =
+                tokio::time::timeout(Duration::from_millis(5), pc.rx.recv()).await
+            {
+                assert_eq!(&p[..40], &packet(src, dst, &numbered(0))[..40]);
+                assert!(contains(&p, MARKER));
+                received.push(u32::from_be_bytes(p[40..44].try_into().unwrap()));
+            }
+        }
+    };
+    pump(50, 10, &mut received, &mut next).await;
+    let via = route_peer(&a, dst).expect("A has a route to C");
+    let (victim, survivor) = if via == b.address() { (b, d) } else { (d, b) };
+    assert_eq!(via, victim.address());
+    victim.shutdown().await;
+    let killed_at = next;
+    let t0 = std::time::Instant::now();
+    pump(100, 5, &mut received, &mut next).await;
+    assert!(
+        received.iter().any(|s| *s > killed_at),
+        "nothing sent after the kill arrived"
+    );
+    eprintln!("delivery resumed {:?} after the relay died", t0.elapsed());
+    assert_eq!(route_peer(&a, dst), Some(survivor.address()));
+
+    // Whatever the relays forwarded: packets, never the plaintext.
+    let mut forwarded = 0;
+    for tap in [&mut tap_b, &mut tap_d] {
+        while let Ok(p) = tap.try_recv() {
+            forwarded += 1;
+            assert!(!contains(&p, MARKER), "a relay saw plaintext");
+        }
+    }
+    assert!(forwarded >= 100, "relays forwarded {forwarded} packets");
+    a.shutdown().await;
+    c.shutdown().await;
+    survivor.shutdown().await;
+}
+
+mod hostile {
+    use super::*;
+    use meshgate_overlay::link;
+    use meshgate_overlay::wire::{self, Control, FrameKind, RouteUpdate};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn counter(n: &Node, what: &str, f: impl Fn(&meshgate_overlay::core::Counters) -> u64) {
+        wait_for(what, 5, || f(&n.status().counters) > 0).await;
+    }
+
+    /// Reads until EOF (the node closed the link); fails if it stays open.
+    async fn closed(s: &mut TcpStream) {
+        let mut buf = [0u8; 4096];
+        let r = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "node kept a hostile link open");
+    }
+
+    /// A–B–C plus attackers connecting to C: every attack is refused and counted, and
+    /// A still reaches C afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hostile_peers_are_refused_and_counted() {
+        let (cb, mut tap_b) = tapped(true, vec![]);
+        let b = Node::start(cb).await.unwrap();
+        let c = Node::start(cfg(true, vec![b.listen_addr().unwrap()]))
+            .await
+            .unwrap();
+        let a_id = Identity::generate();
+        let mut ca = cfg(false, vec![b.listen_addr().unwrap()]);
+        ca.identity = Some(a_id.clone());
+        let a = Node::start(ca).await.unwrap();
+        wait_for("routes", 10, || {
+            has_route(&a, c.address()) && has_route(&c, a.address())
+        })
+        .await;
+        let mut pa = a.take_l3_port().unwrap();
+        let mut pc = c.take_l3_port().unwrap();
+        exchange(&mut pa, &mut pc, b"before the attacks").await;
+        let c_addr = c.listen_addr().unwrap();
+
+        // 1. Random bytes on the link port.
+        let mut s = TcpStream::connect(c_addr).await.unwrap();
+        let junk: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let _ = s.write_all(&junk).await;
+        closed(&mut s).await;
+        counter(&c, "garbage counted", |k| {
+            k.handshake_failed + k.bad_frame + k.oversized_frame
+        })
+        .await;
+
+        // 2. Wrong key: claims A's identity with its own Noise static key.
+        let mallory = Identity::generate();
+        let mut s = TcpStream::connect(c_addr).await.unwrap();
+        let r = link::handshake_claiming(&mut s, &mallory, &a_id.public_key(), true).await;
+        // Either side may notice first; the node must refuse and count it.
+        drop(r);
+        counter(&c, "identity mismatch counted", |k| k.identity_mismatch).await;
+
+        // 3. Oversized frame after a valid handshake.
+        let mut s = TcpStream::connect(c_addr).await.unwrap();
+        let (_t, key) = link::handshake(&mut s, &mallory, true).await.unwrap();
+        assert_eq!(key, link_key(&c));
+        let mut h = [0u8; 5];
+        h[..4].copy_from_slice(&(10u32 << 20).to_be_bytes());
+        h[4] = FrameKind::Packet as u8;
+        s.write_all(&h).await.unwrap();
+        closed(&mut s).await;
+        counter(&c, "oversized frame counted", |k| k.oversized_frame).await;
+
+        // 4. Forged routes for A's prefix: wrong key for the prefix, and a bad signature.
+        let mut s = TcpStream::connect(c_addr).await.unwrap();
+        let (mut t, _) = link::handshake(&mut s, &mallory, true).await.unwrap();
+        let a_prefix = meshgate_overlay::addr::prefix_of(&a.address());
+        let forged = vec![
+            RouteUpdate {
+                prefix: a_prefix,
+                seqno: u64::MAX / 2,
+                metric: 0,
+                router_key: mallory.public_key(),
+                signature: mallory.sign(b"x"),
+            },
+            RouteUpdate {
+                prefix: a_prefix,
+                seqno: u64::MAX / 2,
+                metric: 0,
+                router_key: a_id.public_key(),
+                signature: mallory.sign(b"x"),
+            },
+        ];
+        let frame = link::seal_control(&mut t, &Control::Updates(forged)).unwrap();
+        s.write_all(&frame).await.unwrap();
+        counter(&c, "forged prefix counted", |k| k.routing.forged_prefix).await;
+        counter(&c, "bad signature counted", |k| k.routing.bad_signature).await;
+        assert_eq!(
+            route_peer(&c, a.address()),
+            Some(b.address()),
+            "C must still route to A via B"
+        );
+
+        // 5. A replayed data packet (captured at relay B) injected into C.
+        while tap_b.try_recv().is_ok() {}
+        exchange(&mut pa, &mut pc, b"to be replayed").await;
+        let mut captured = None;
+        while let Ok(p) = tap_b.try_recv() {
+            if p[0] == wire::PKT_DATA && p[18..34] == c.address().octets() {
+                captured = Some(p);
+            }
+        }
+        let captured = captured.expect("B forwarded A's data packet");
+        s.write_all(&wire::encode_frame(FrameKind::Packet, &captured))
+            .await
+            .unwrap();
+        counter(&c, "replay counted", |k| k.e2e_replayed).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), pc.rx.recv())
+                .await
+                .is_err(),
+            "replay was delivered"
+        );
+
+        // The node keeps serving.
+        exchange(&mut pa, &mut pc, b"after the attacks").await;
+        exchange(&mut pc, &mut pa, b"and back").await;
+        a.shutdown().await;
+        b.shutdown().await;
+        c.shutdown().await;
+    }
+
+    fn link_key(n: &Node) -> [u8; 32] {
+        meshgate_overlay::identity::decode_hex32(&n.status().public_key).unwrap()
+    }
+}

@@ -72,17 +72,16 @@ fn check_all_pairs(
             continue;
         }
         let dist = shortest(sim, edges, dead, cut, i);
-        for j in 0..sim.len() {
-            if i == j || dead.contains(&j) || dist[j] == u64::MAX {
+        for (j, &best) in dist.iter().enumerate() {
+            if i == j || dead.contains(&j) || best == u64::MAX {
                 continue;
             }
             let path = sim.path(i, j)?;
             let cost = path_cost(sim, &path);
             let slack = HYSTERESIS * path.len() as u64;
-            if cost > dist[j] + slack {
+            if cost > best + slack {
                 return Err(format!(
-                    "{i}->{j}: path {path:?} costs {cost}, optimal {}",
-                    dist[j]
+                    "{i}->{j}: path {path:?} costs {cost}, optimal {best}"
                 ));
             }
         }

@@ -76,7 +76,8 @@ fn curl_on_tun_node_fetches_page_exposed_by_userspace_node() {
             .build()
             .unwrap();
         rt.block_on(async move {
-            static PAGE: &[u8] = b"<html><body>hello from a workload behind the overlay</body></html>\n";
+            static PAGE: &[u8] =
+                b"<html><body>hello from a workload behind the overlay</body></html>\n";
             let service = http_server(PAGE).await;
 
             // Workload side: userspace node exposing overlay port 8080 to the HTTP server.
@@ -94,7 +95,17 @@ fn curl_on_tun_node_fetches_page_exposed_by_userspace_node() {
 
             let url = format!("http://[{}]:8080/index.html", workload.address());
             let out = tokio::process::Command::new("ip")
-                .args(["netns", "exec", &ns_name, "curl", "-sS", "-g", "--max-time", "20", &url])
+                .args([
+                    "netns",
+                    "exec",
+                    &ns_name,
+                    "curl",
+                    "-sS",
+                    "-g",
+                    "--max-time",
+                    "20",
+                    &url,
+                ])
                 .kill_on_drop(true)
                 .output()
                 .await
@@ -110,7 +121,16 @@ fn curl_on_tun_node_fetches_page_exposed_by_userspace_node() {
 
             // A closed overlay port is refused (RST through the overlay), not left hanging.
             let refused = tokio::process::Command::new("ip")
-                .args(["netns", "exec", &ns_name, "curl", "-sS", "-g", "--max-time", "20"])
+                .args([
+                    "netns",
+                    "exec",
+                    &ns_name,
+                    "curl",
+                    "-sS",
+                    "-g",
+                    "--max-time",
+                    "20",
+                ])
                 .arg(format!("http://[{}]:8081/", workload.address()))
                 .kill_on_drop(true)
                 .output()
