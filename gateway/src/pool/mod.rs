@@ -214,6 +214,44 @@ impl Pool {
         Arc::new(Pool { shared, probes })
     }
 
+    /// Carries health and latency knowledge over from the route's previous pool (a reload), for
+    /// backends present in both, so a reload neither re-admits an ejected backend nor forgets
+    /// which one is slow. Health is carried only when the health settings are unchanged.
+    /// In-flight counts stay with the old pool's leases.
+    pub fn inherit(&self, previous: &Pool) {
+        if Arc::ptr_eq(&self.shared, &previous.shared) {
+            return;
+        }
+        let same_health = self.shared.cfg.passive == previous.shared.cfg.passive
+            && self.shared.cfg.active == previous.shared.cfg.active;
+        let old = previous.shared.lock();
+        let carried: Vec<(usize, Health, PeakEwma)> = self
+            .shared
+            .backends
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let j = previous
+                    .shared
+                    .backends
+                    .iter()
+                    .position(|o| o.addr == b.addr)?;
+                let s = old.backends.get(j)?;
+                Some((i, s.health.clone(), s.latency.clone()))
+            })
+            .collect();
+        drop(old);
+        let mut state = self.shared.lock();
+        for (i, health, latency) in carried {
+            if let Some(s) = state.backends.get_mut(i) {
+                if same_health {
+                    s.health = health;
+                }
+                s.latency = latency;
+            }
+        }
+    }
+
     pub fn config(&self) -> &PoolConfig {
         &self.shared.cfg
     }
@@ -364,7 +402,8 @@ impl Shared {
         for (i, (info, s)) in self.backends.iter().zip(state.backends.iter()).enumerate() {
             let available = s.health.is_available(now);
             info.metrics.up.set(i64::from(available));
-            if available && !exclude.contains(&info.addr) {
+            // Weight 0 drains a backend: no new traffic, existing leases finish.
+            if available && info.weight > 0 && !exclude.contains(&info.addr) {
                 eligible.push(Candidate {
                     index: i,
                     addr: info.addr,

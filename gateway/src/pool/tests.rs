@@ -474,3 +474,41 @@ path = "/healthz"
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn weight_zero_drains_a_backend() {
+    let (a, _ta) = live_backend().await;
+    let (b, _tb) = live_backend().await;
+    let backends = [Backend { addr: a, weight: 0 }, backend(b)];
+    let p = Pool::new(&backends, PoolConfig::default(), Arc::new(DirectDialer));
+    for _ in 0..50 {
+        assert_eq!(p.pick(&client(1), &[]).await.map(|l| l.backend()), Ok(b));
+    }
+}
+
+#[tokio::test]
+async fn a_reloaded_pool_inherits_ejections_and_latency() {
+    let (live, _t) = live_backend().await;
+    let dead = dead_backend().await;
+    let old = pool(&[dead, live], PoolConfig::default());
+    let mut tries = 0;
+    while old.status()[0].state != HealthState::Ejected {
+        tries += 1;
+        assert!(tries < 1000, "dead backend never ejected");
+        let _ = old.connect(&client(1)).await.expect("connects");
+    }
+    let lease = old.pick(&client(1), &[]).await.expect("pick");
+    lease.report(Outcome::from_status(200, Duration::from_millis(7)));
+    // The new pool lists the backends in another order and adds one.
+    let (extra, _t2) = live_backend().await;
+    let new = pool(&[extra, live, dead], PoolConfig::default());
+    new.inherit(&old);
+    let s = new.status();
+    assert_eq!(s[2].state, HealthState::Ejected, "ejection carried over");
+    assert!(
+        s[1].latency_ms.is_some_and(|ms| ms > 5.0),
+        "latency carried over"
+    );
+    assert_eq!(s[0].state, HealthState::Healthy);
+    assert!(s[0].latency_ms.is_none());
+}
