@@ -93,8 +93,7 @@ impl Api {
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         let method = req.method().clone();
         let caller = self.authenticate(&req).await?;
-        let (parts, body) = req.into_parts();
-        let _ = parts;
+        let body = req.into_body();
         use reservations::Which::{Domains, Names};
         match (segments.as_slice(), &method) {
             (["whoami"], &Method::GET) => Ok(whoami(&caller)),
