@@ -325,6 +325,16 @@ mod hostile {
             "replay was delivered"
         );
 
+        // The attacker's link is now silent: it is declared dead within the timeout (2 s).
+        let t0 = std::time::Instant::now();
+        closed(&mut s).await;
+        assert!(
+            t0.elapsed() < Duration::from_secs(4),
+            "silent peer kept for {:?}",
+            t0.elapsed()
+        );
+        counter(&c, "dead peer counted", |k| k.dead_peers).await;
+
         // The node keeps serving.
         exchange(&mut pa, &mut pc, b"after the attacks").await;
         exchange(&mut pc, &mut pa, b"and back").await;
@@ -336,4 +346,78 @@ mod hostile {
     fn link_key(n: &Node) -> [u8; 32] {
         meshgate_overlay::identity::decode_hex32(&n.status().public_key).unwrap()
     }
+}
+
+/// Packets the node must not carry are refused and counted; no route gives an ICMPv6 error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_packets_are_checked_and_unroutable_ones_answered() {
+    let a = Node::start(cfg(true, vec![])).await.unwrap();
+    let mut pa = a.take_l3_port().unwrap();
+    let me = a.address();
+    let stranger: Ipv6Addr = "7ab:cdef::1".parse().unwrap();
+    // Wrong source, destination outside the overlay, garbage: counted and dropped.
+    pa.tx
+        .send(packet("600::1".parse().unwrap(), stranger, b"spoofed"))
+        .await
+        .unwrap();
+    pa.tx
+        .send(packet(me, "2001:db8::1".parse().unwrap(), b"outside"))
+        .await
+        .unwrap();
+    pa.tx.send(Bytes::from_static(b"not ipv6")).await.unwrap();
+    // No route: an ICMPv6 destination unreachable comes back, quoting the packet.
+    let p = packet(me, stranger, b"nobody home");
+    pa.tx.send(p.clone()).await.unwrap();
+    let icmp = tokio::time::timeout(Duration::from_secs(2), pa.rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(icmp[6], 58, "ICMPv6");
+    assert_eq!(
+        (icmp[40], icmp[41]),
+        (1, 0),
+        "destination unreachable, no route"
+    );
+    assert_eq!(&icmp[48..], &p[..]);
+    wait_for("counters", 5, || {
+        let c = a.status().counters;
+        c.local_bad_source == 1
+            && c.local_bad_destination == 1
+            && c.local_bad_packet == 1
+            && c.no_route == 1
+    })
+    .await;
+    a.shutdown().await;
+}
+
+/// Key files: created 0600 on first start, refused when readable by others.
+#[tokio::test]
+async fn node_key_file_rules() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("node.key");
+    let c = NodeConfig {
+        key_path: key_path.clone(),
+        ..NodeConfig::default()
+    };
+    let n = Node::start(c.clone()).await.unwrap();
+    let addr = n.address();
+    n.shutdown().await;
+    assert_eq!(
+        std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let n = Node::start(c.clone()).await.unwrap();
+    assert_eq!(n.address(), addr, "same key, same address");
+    n.shutdown().await;
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let err = Node::start(c)
+        .await
+        .err()
+        .expect("group-readable key refused")
+        .to_string();
+    assert!(
+        err.contains("node.key") && err.contains("chmod 600"),
+        "{err}"
+    );
 }
