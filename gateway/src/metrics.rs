@@ -28,7 +28,7 @@ pub struct ErrorLabel {
 type HistogramFamily = Family<RouteLabel, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
-    registry: Registry,
+    registry: std::sync::Mutex<Registry>,
     pub requests: Family<RequestLabel, Counter>,
     pub bytes_in: Family<RouteLabel, Counter>,
     pub bytes_out: Family<RouteLabel, Counter>,
@@ -44,7 +44,10 @@ fn latency_histogram() -> Histogram {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("meshgate");
+        let mut root = Registry::default();
+        // Backend-pool metrics carry their own `meshgate_pool_` names.
+        crate::pool::register_metrics(&mut root);
+        let registry = root.sub_registry_with_prefix("meshgate");
         let requests = Family::<RequestLabel, Counter>::default();
         let bytes_in = Family::<RouteLabel, Counter>::default();
         let bytes_out = Family::<RouteLabel, Counter>::default();
@@ -84,7 +87,7 @@ impl Default for Metrics {
             handshakes.clone(),
         );
         Metrics {
-            registry,
+            registry: std::sync::Mutex::new(root),
             requests,
             bytes_in,
             bytes_out,
@@ -99,8 +102,17 @@ impl Default for Metrics {
 impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        if let Ok(r) = self.registry.lock() {
+            let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        }
         out
+    }
+
+    /// Lets another component (certificate manager) add its metrics to `/metrics`.
+    pub fn register(&self, f: impl FnOnce(&mut Registry)) {
+        if let Ok(mut r) = self.registry.lock() {
+            f(&mut r);
+        }
     }
 
     pub fn error(&self, route: &str, kind: &str) {

@@ -4,11 +4,12 @@
 use crate::backend::DialConnector;
 use crate::io::Activity;
 use crate::metrics::{RequestLabel, RouteLabel};
+use crate::pool::{ClientInfo, Failure, Lease, MAX_REQUEST_RETRIES, Outcome, may_retry};
 use crate::routes::{RouteEntry, normalize_host};
 use crate::server::Inner;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::client::legacy::Client;
@@ -285,8 +286,8 @@ async fn forward(
         route: route.host.clone(),
     };
     let bytes_in = gw.metrics.bytes_in.get_or_create(&label).clone();
-    let retryable = body.is_end_stream()
-        && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+    // Bodiless requests can be re-sent to another backend after an early failure.
+    let retryable = body.is_end_stream();
     let mut body = Some(
         body.map_frame(move |f| {
             if let Some(d) = f.data_ref() {
@@ -296,9 +297,23 @@ async fn forward(
         })
         .boxed(),
     );
-    let order = entry.backend_order();
-    let mut last_connect_error = None;
-    for addr in &order {
+    let client_info = ClientInfo {
+        ip: ci.client.ip().to_canonical(),
+        sticky_cookie: cookie(&headers, &entry.pool.config().sticky_cookie),
+    };
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut retries = 0;
+    loop {
+        let mut lease = match entry.pool.pick(&client_info, &tried).await {
+            Ok(l) => l,
+            Err(e) => {
+                gw.metrics.error(&route.host, "no_backend");
+                tracing::warn!(route = %route.host, error = %e, "no backend available");
+                return full(e.status(), "The site is not available right now.");
+            }
+        };
+        let addr = lease.backend();
+        tried.push(addr);
         let uri = match format!("http://{addr}{pq}").parse::<http::Uri>() {
             Ok(u) => u,
             Err(_) => return full(StatusCode::BAD_REQUEST, "The request target is not valid."),
@@ -312,8 +327,11 @@ async fn forward(
         *breq.uri_mut() = uri;
         *breq.version_mut() = version;
         *breq.headers_mut() = headers.clone();
-        match tokio::time::timeout(gw.timeouts.request(), client.request(breq)).await {
+        let started = Instant::now();
+        let failure = match tokio::time::timeout(gw.timeouts.request(), client.request(breq)).await
+        {
             Err(_) => {
+                lease.report(Outcome::Timeout);
                 gw.metrics.error(&route.host, "backend_timeout");
                 tracing::warn!(route = %route.host, backend = %addr, "backend response timed out");
                 return full(
@@ -321,32 +339,54 @@ async fn forward(
                     "The site did not answer in time.",
                 );
             }
+            Ok(Ok(resp)) => {
+                lease.record(Outcome::from_status(
+                    resp.status().as_u16(),
+                    started.elapsed(),
+                ));
+                return response(gw, resp, client_upgrade, ci, &route.host, lease);
+            }
             Ok(Err(e)) if e.is_connect() => {
+                let timed_out = is_timeout(&e);
+                lease.report(if timed_out {
+                    Outcome::Timeout
+                } else {
+                    Outcome::ConnectFailed
+                });
                 gw.metrics.error(&route.host, "backend_connect");
                 tracing::warn!(route = %route.host, backend = %addr, error = %error_chain(&e), "backend connect failed");
-                last_connect_error = Some(e);
-                if retryable {
-                    continue;
-                }
-                break;
+                Failure::ConnectFailed
             }
             Ok(Err(e)) => {
+                lease.report(Outcome::Reset);
                 gw.metrics.error(&route.host, "backend_io");
                 tracing::warn!(route = %route.host, backend = %addr, error = %error_chain(&e), "backend request failed");
-                return full(StatusCode::BAD_GATEWAY, "The site could not be reached.");
+                Failure::ClosedBeforeResponse
             }
-            Ok(Ok(resp)) => return response(gw, resp, client_upgrade, ci, &route.host),
+        };
+        // A request whose body went (even partly) to a backend is never replayed.
+        let again = retryable
+            && may_retry(&parts.method, false, &failure)
+            && (failure == Failure::ConnectFailed || retries < MAX_REQUEST_RETRIES);
+        if !again {
+            return full(StatusCode::BAD_GATEWAY, "The site could not be reached.");
+        }
+        if failure != Failure::ConnectFailed {
+            retries += 1;
         }
     }
-    if let Some(e) = last_connect_error
-        && is_timeout(&e)
-    {
-        return full(
-            StatusCode::GATEWAY_TIMEOUT,
-            "The site did not answer in time.",
-        );
-    }
-    full(StatusCode::BAD_GATEWAY, "The site could not be reached.")
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then(|| v.to_string())
+        })
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -377,6 +417,7 @@ fn response(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ci: &ConnInfo,
     route: &str,
+    lease: Lease,
 ) -> Response<Body> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
@@ -387,6 +428,8 @@ fn response(
         let activity = ci.activity.clone();
         let route = route.to_string();
         tokio::spawn(async move {
+            // The lease (the backend's in-flight slot) lives as long as the tunnel.
+            let _lease = lease;
             let (c, b) = match tokio::join!(client_upgrade, backend_upgrade) {
                 (Ok(c), Ok(b)) => (c, b),
                 _ => return,
@@ -410,6 +453,11 @@ fn response(
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::TE);
+    // The lease is released when the response body ends (or the client goes away).
+    let body = body.map_frame(move |f| {
+        let _ = &lease;
+        f
+    });
     Response::from_parts(parts, body.boxed())
 }
 

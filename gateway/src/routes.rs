@@ -1,38 +1,50 @@
 //! The routing table: host → route, exact names first, then one-label `*.parent` wildcards.
 //! Built from static routes and reserved routes; swapped whole on reload.
 
+use crate::dial::{Dialer, DirectDialer};
+use crate::pool::{Pool, PoolConfig};
 use meshgate_config::route::Route;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// A route plus the small state the gateway keeps for it.
-#[derive(Debug)]
+/// A route plus its backend pool (selection, health, limits).
 pub struct RouteEntry {
     pub route: Route,
-    /// Round-robin cursor for backend choice until backend pools take over.
-    next: AtomicUsize,
+    pub pool: Arc<Pool>,
 }
 
-impl RouteEntry {
-    pub fn new(route: Route) -> Self {
-        RouteEntry {
-            route,
-            next: AtomicUsize::new(0),
-        }
+impl std::fmt::Debug for RouteEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteEntry")
+            .field("route", &self.route)
+            .finish()
     }
+}
 
-    /// Backend addresses in the order to try them for one request: rotated per call so load
-    /// spreads, with the rest as failover for connect errors.
-    pub fn backend_order(&self) -> Vec<std::net::SocketAddr> {
-        let b = &self.route.backends;
-        if b.is_empty() {
-            return Vec::new();
+/// Builds pools for a new table, reusing the previous table's pool for a route whose
+/// backends did not change (health state and probes survive reloads).
+pub struct PoolFactory {
+    pub dialer: Arc<dyn Dialer>,
+    pub config: PoolConfig,
+    pub previous: Option<Arc<RouteTable>>,
+}
+
+impl PoolFactory {
+    fn pool_for(&self, route: &Route) -> Arc<Pool> {
+        if let Some(old) = self
+            .previous
+            .as_ref()
+            .and_then(|t| t.get_exact(&route.host))
+            && old.route.backends == route.backends
+        {
+            return old.pool.clone();
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % b.len();
-        (0..b.len())
-            .map(|i| b[(start + i) % b.len()].addr)
-            .collect()
+        Pool::for_route(
+            &route.host,
+            &route.backends,
+            self.config.clone(),
+            self.dialer.clone(),
+        )
     }
 }
 
@@ -43,11 +55,24 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Static routes win over reserved routes for the same host.
+    /// A table with default pools dialing kernel sockets (tests, tools).
     pub fn build(static_routes: &[Route], reserved: &[Route]) -> Self {
+        let pools = PoolFactory {
+            dialer: Arc::new(DirectDialer),
+            config: PoolConfig::default(),
+            previous: None,
+        };
+        Self::build_with(static_routes, reserved, &pools)
+    }
+
+    /// Static routes win over reserved routes for the same host.
+    pub fn build_with(static_routes: &[Route], reserved: &[Route], pools: &PoolFactory) -> Self {
         let mut t = RouteTable::default();
         for r in reserved.iter().chain(static_routes) {
-            let entry = Arc::new(RouteEntry::new(r.clone()));
+            let entry = Arc::new(RouteEntry {
+                route: r.clone(),
+                pool: pools.pool_for(r),
+            });
             let host = r.host.to_ascii_lowercase();
             match host.strip_prefix("*.") {
                 Some(parent) => t.wildcard.insert(parent.to_string(), entry),
@@ -65,6 +90,14 @@ impl RouteTable {
         }
         let (_, parent) = host.split_once('.')?;
         self.wildcard.get(parent).cloned()
+    }
+
+    /// The entry stored under exactly `host` (wildcards as `*.parent`).
+    fn get_exact(&self, host: &str) -> Option<&Arc<RouteEntry>> {
+        match host.strip_prefix("*.") {
+            Some(parent) => self.wildcard.get(parent),
+            None => self.exact.get(host),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -129,16 +162,25 @@ mod tests {
     }
 
     #[test]
-    fn backend_order_rotates() {
-        let mut r = route("a.example", 1);
-        r.backends.push(Backend {
-            addr: ([10, 0, 0, 2], 1).into(),
-            weight: 1,
-        });
-        let e = RouteEntry::new(r);
-        let a = e.backend_order();
-        let b = e.backend_order();
-        assert_eq!(a.len(), 2);
-        assert_eq!(a[0], b[1]);
+    fn pools_survive_rebuilds_when_backends_unchanged() {
+        let first = Arc::new(RouteTable::build(
+            &[route("a.example", 1), route("b.example", 1)],
+            &[],
+        ));
+        let pools = PoolFactory {
+            dialer: Arc::new(DirectDialer),
+            config: PoolConfig::default(),
+            previous: Some(first.clone()),
+        };
+        let second =
+            RouteTable::build_with(&[route("a.example", 1), route("b.example", 2)], &[], &pools);
+        let same = |h: &str| {
+            Arc::ptr_eq(
+                &first.lookup(h).unwrap().pool,
+                &second.lookup(h).unwrap().pool,
+            )
+        };
+        assert!(same("a.example"));
+        assert!(!same("b.example"));
     }
 }

@@ -88,7 +88,20 @@ impl Inner {
     fn rebuild(&self) -> Result<()> {
         let config = self.config();
         let reserved = self.reserved.read().map(|r| r.clone()).unwrap_or_default();
-        let table = RouteTable::build(&config.routes, &reserved);
+        let pools = crate::routes::PoolFactory {
+            dialer: self.dialer.clone() as Arc<dyn Dialer>,
+            config: crate::pool::PoolConfig {
+                connect_timeout_ms: self.timeouts.connect_ms,
+                connect_attempt_timeout_ms: self
+                    .timeouts
+                    .connect_ms
+                    .min(1000)
+                    .max(self.timeouts.connect_ms / 3),
+                ..Default::default()
+            },
+            previous: Some(self.routes()),
+        };
+        let table = RouteTable::build_with(&config.routes, &reserved, &pools);
         let certs = self.build_certs(&config, &table)?;
         self.resolver.replace(certs);
         let table = Arc::new(table);
@@ -538,28 +551,18 @@ async fn passthrough(
 ) {
     let start = Instant::now();
     let route = &entry.route;
-    let mut backend = None;
-    for addr in entry.backend_order() {
-        match tokio::time::timeout(inner.timeouts.connect(), inner.dialer.dial(addr)).await {
-            Ok(Ok(s)) => {
-                backend = Some((addr, s));
-                break;
-            }
-            Ok(Err(e)) => {
-                inner.metrics.error(&route.host, "backend_connect");
-                tracing::warn!(route = %route.host, backend = %addr, error = %e, "backend connect failed");
-            }
-            Err(_) => {
-                inner.metrics.error(&route.host, "backend_connect");
-                tracing::warn!(route = %route.host, backend = %addr, "backend connect timed out");
-            }
-        }
-    }
     let mut stream = stream;
-    let Some((addr, mut b)) = backend else {
-        send_alert(&mut stream, hello::ALERT_INTERNAL_ERROR).await;
-        return;
+    let client = crate::pool::ClientInfo::from_ip(peer.ip().to_canonical());
+    let (mut b, lease) = match entry.pool.connect(&client).await {
+        Ok(x) => x,
+        Err(e) => {
+            inner.metrics.error(&route.host, "backend_connect");
+            tracing::warn!(route = %route.host, error = %e, "no backend for passthrough stream");
+            send_alert(&mut stream, hello::ALERT_INTERNAL_ERROR).await;
+            return;
+        }
     };
+    let addr = lease.backend();
     let local = stream.local_addr().unwrap_or(peer);
     if route.options.proxy_protocol {
         let header = crate::proxy_protocol::header_v2(peer, local);
@@ -576,6 +579,7 @@ async fn passthrough(
         r = tokio::io::copy_bidirectional(&mut c, &mut b) => r.ok(),
         _ = activity.idle(inner.timeouts.idle()) => None,
     };
+    drop(lease);
     let (up, down) = moved.unwrap_or((0, 0));
     let label = RouteLabel {
         route: route.host.clone(),

@@ -107,6 +107,10 @@ async fn start_services(gateway: &Gateway, config: &GatewayConfig) -> Result<Ser
             let cfg: meshgate_certs::CertConfig =
                 serde_json::from_value(cfg).context("certificate manager configuration")?;
             let manager = Arc::new(meshgate_certs::CertManager::new(cfg)?);
+            gateway
+                .inner()
+                .metrics
+                .register(|r| manager.register_metrics(r));
             gateway.set_challenges(Arc::new(CertChallenges(manager.challenges())));
             let resolver = manager.resolver();
             gateway
