@@ -154,3 +154,61 @@ async fn changes_appear_on_the_routes_watch() {
     assert!(routes.borrow_and_update().is_empty());
     assert!(store.get(&Key::name("alice")).unwrap().is_none());
 }
+
+/// Child half of `killed_writer_loses_no_acknowledged_reservation`: writes reservations until
+/// killed, printing each one after its commit returned. Does nothing in a normal test run.
+#[test]
+fn crash_child_writer() {
+    let Ok(dir) = std::env::var("MESHGATE_CRASH_CHILD_DIR") else {
+        return;
+    };
+    let store = Store::open(std::path::Path::new(&dir), FARM).unwrap();
+    for i in 0..100_000 {
+        store.create(&name(&format!("c{i}"), "alice")).unwrap();
+        println!("committed {i}");
+    }
+}
+
+#[test]
+fn killed_writer_loses_no_acknowledged_reservation() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "crash_child_writer",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MESHGATE_CRASH_CHILD_DIR", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut acknowledged = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(n) = line.strip_prefix("committed ") {
+            let n: usize = n.parse().unwrap();
+            acknowledged = Some(n);
+            if n >= 40 {
+                // SIGKILL mid-stream: no destructor, no flush, possibly inside a commit.
+                child.kill().unwrap();
+                break;
+            }
+        }
+    }
+    child.wait().unwrap();
+    let acknowledged = acknowledged.expect("the child committed reservations");
+    let store = Store::open(dir.path(), FARM).unwrap();
+    for i in 0..=acknowledged {
+        assert!(
+            store.get(&Key::name(format!("c{i}"))).unwrap().is_some(),
+            "c{i} was acknowledged but is lost"
+        );
+    }
+    // The store is fully usable after the crash.
+    store.create(&name("after-crash", "alice")).unwrap();
+    assert!(store.list(None, None).unwrap().len() > acknowledged + 1);
+}
