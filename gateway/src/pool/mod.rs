@@ -270,7 +270,8 @@ impl Pool {
         exclude: &[SocketAddr],
     ) -> Result<Lease, PoolError> {
         let deadline = tokio::time::Instant::now() + self.shared.cfg.queue_timeout();
-        let mut queued = false;
+        // Leaves the queue however this future ends, cancellation included.
+        let mut queued: Option<QueueSlot<'_>> = None;
         let result = loop {
             let released = self.shared.released.notified();
             tokio::pin!(released);
@@ -286,11 +287,11 @@ impl Pool {
                 Ok(None) => {} // all at their limit
                 Err(e) => break Err(e),
             }
-            if !queued {
-                let limit = self.shared.cfg.queue_size;
-                let prev = self.shared.waiting.fetch_add(1, Ordering::AcqRel);
-                queued = true;
-                if prev >= limit {
+            if queued.is_none() {
+                let slot = QueueSlot::join(&self.shared.waiting);
+                let full = slot.ahead >= self.shared.cfg.queue_size;
+                queued = Some(slot);
+                if full {
                     break Err(PoolError::Overloaded);
                 }
             }
@@ -298,9 +299,7 @@ impl Pool {
                 break Err(PoolError::Overloaded);
             }
         };
-        if queued {
-            self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
-        }
+        drop(queued);
         if let Err(e) = result {
             metrics::route_refused(&self.shared.route, e == PoolError::Overloaded);
         }
@@ -538,6 +537,26 @@ impl Shared {
         if self.cfg.max_connections > 0 {
             self.released.notify_waiters();
         }
+    }
+}
+
+/// A place in a pool's wait queue, given back on drop.
+struct QueueSlot<'a> {
+    waiting: &'a AtomicU32,
+    /// Requests that were waiting already.
+    ahead: u32,
+}
+
+impl<'a> QueueSlot<'a> {
+    fn join(waiting: &'a AtomicU32) -> Self {
+        let ahead = waiting.fetch_add(1, Ordering::AcqRel);
+        QueueSlot { waiting, ahead }
+    }
+}
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -512,3 +512,29 @@ async fn a_reloaded_pool_inherits_ejections_and_latency() {
     assert_eq!(s[0].state, HealthState::Healthy);
     assert!(s[0].latency_ms.is_none());
 }
+
+#[tokio::test]
+async fn a_cancelled_wait_leaves_the_queue() {
+    let (a, _t) = live_backend().await;
+    let cfg = PoolConfig {
+        max_connections: 1,
+        queue_size: 1,
+        queue_timeout_ms: 5000,
+        ..PoolConfig::default()
+    };
+    let p = pool(&[a], cfg);
+    let held = p.pick(&client(1), &[]).await.expect("free slot");
+    for _ in 0..3 {
+        // The client goes away while waiting: its place in the queue is given back.
+        let waited = tokio::time::timeout(Duration::from_millis(10), p.pick(&client(2), &[])).await;
+        assert!(waited.is_err());
+        assert_eq!(p.shared.waiting.load(Ordering::Acquire), 0);
+    }
+    let p2 = p.clone();
+    let waiter = tokio::spawn(async move { p2.pick(&client(3), &[]).await.map(|l| l.backend()) });
+    while p.shared.waiting.load(Ordering::Acquire) == 0 {
+        tokio::task::yield_now().await;
+    }
+    drop(held);
+    assert_eq!(waiter.await.expect("join"), Ok(a));
+}
