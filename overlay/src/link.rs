@@ -51,8 +51,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }
     r.read_exact(&mut h[1..]).await?;
     let (kind, len) = wire::parse_frame_header(&h)?;
-    let mut body = BytesMut::zeroed(len);
-    r.read_exact(&mut body).await?;
+    // Read straight into the buffer (no zero-fill: bodies are up to 66 KiB per packet).
+    let mut body = BytesMut::with_capacity(len);
+    while body.len() < len {
+        let want = len - body.len();
+        if r.read_buf(&mut bytes::BufMut::limit(&mut body, want))
+            .await?
+            == 0
+        {
+            return Err(LinkError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
     Ok(Some((kind, body)))
 }
 
@@ -68,6 +77,18 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 
 /// Encrypts a control message into a complete frame.
 pub fn seal_control(t: &mut snow::TransportState, msg: &wire::Control) -> Result<Bytes, LinkError> {
+    let (head, body) = seal_control_parts(t, msg)?;
+    let mut b = BytesMut::with_capacity(head.len() + body.len());
+    b.extend_from_slice(&head);
+    b.extend_from_slice(&body);
+    Ok(b.freeze())
+}
+
+/// Encrypts a control message: (frame header, frame body).
+pub fn seal_control_parts(
+    t: &mut snow::TransportState,
+    msg: &wire::Control,
+) -> Result<([u8; FRAME_HEADER_LEN], Bytes), LinkError> {
     let plain = msg.encode();
     let mut buf = vec![0u8; plain.len() + 16];
     if buf.len() > MAX_NOISE_MESSAGE {
@@ -79,7 +100,8 @@ pub fn seal_control(t: &mut snow::TransportState, msg: &wire::Control) -> Result
         .into());
     }
     let n = t.write_message(&plain, &mut buf)?;
-    Ok(wire::encode_frame(FrameKind::Control, &buf[..n]))
+    buf.truncate(n);
+    Ok((wire::frame_header(FrameKind::Control, n), Bytes::from(buf)))
 }
 
 /// Decrypts and decodes a control frame body.

@@ -123,7 +123,7 @@ enum Event {
         id: u64,
         key: [u8; 32],
         transport: Box<snow::TransportState>,
-        tx: mpsc::Sender<Bytes>,
+        tx: mpsc::Sender<OutFrame>,
         cancel: CancellationToken,
         remote: SocketAddr,
         outbound: bool,
@@ -147,10 +147,16 @@ enum Fault {
     BadFrame,
 }
 
+/// A frame queued for a link writer: header and body kept apart so bodies are never copied.
+struct OutFrame {
+    head: [u8; crate::wire::FRAME_HEADER_LEN],
+    body: Bytes,
+}
+
 struct LinkHandle {
     transport: Box<snow::TransportState>,
-    tx: mpsc::Sender<Bytes>,
-    overflow: VecDeque<Bytes>,
+    tx: mpsc::Sender<OutFrame>,
+    overflow: VecDeque<OutFrame>,
     cancel: CancellationToken,
     remote: SocketAddr,
     outbound: bool,
@@ -373,7 +379,8 @@ async fn dial_loop(peer: SocketAddr, ctx: LinkCtx, min: Duration, max: Duration)
 async fn run_link(stream: TcpStream, remote: SocketAddr, outbound: bool, ctx: LinkCtx) {
     let _ = stream.set_nodelay(true);
     let (r, mut w) = stream.into_split();
-    let mut r = BufReader::with_capacity(128 * 1024, r);
+    // Small buffer: large bodies bypass it (tokio reads straight into the frame buffer).
+    let mut r = BufReader::with_capacity(8 * 1024, r);
     let mut rw = tokio::io::join(&mut r, &mut w);
     let hs = tokio::time::timeout(
         Duration::from_secs(5),
@@ -399,7 +406,7 @@ async fn run_link(stream: TcpStream, remote: SocketAddr, outbound: bool, ctx: Li
     let id = ctx
         .next_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Bytes>(LINK_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<OutFrame>(LINK_QUEUE);
     let cancel = ctx.cancel.child_token();
     if ctx
         .events
@@ -420,26 +427,24 @@ async fn run_link(stream: TcpStream, remote: SocketAddr, outbound: bool, ctx: Li
     let wcancel = cancel.clone();
     let drained = ctx.drained.clone();
     let writer = tokio::spawn(async move {
-        let mut w = tokio::io::BufWriter::with_capacity(64 * 1024, w);
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
         loop {
             let first = tokio::select! {
                 _ = wcancel.cancelled() => break,
                 f = rx.recv() => f,
             };
-            let Some(mut frame) = first else { break };
-            let mut ok = true;
-            loop {
-                if w.write_all(&frame).await.is_err() {
-                    ok = false;
-                    break;
-                }
+            let Some(frame) = first else { break };
+            batch.push(frame);
+            while batch.len() < WRITE_BATCH {
                 match rx.try_recv() {
-                    Ok(f) => frame = f,
+                    Ok(f) => batch.push(f),
                     Err(_) => break,
                 }
             }
             drained.notify_one();
-            if !ok || w.flush().await.is_err() {
+            let ok = write_frames(&mut w, &batch).await.is_ok();
+            batch.clear();
+            if !ok {
                 break;
             }
         }
@@ -481,6 +486,43 @@ async fn run_link(stream: TcpStream, remote: SocketAddr, outbound: bool, ctx: Li
     cancel.cancel();
     let _ = ctx.events.send(Event::LinkDown { id }).await;
     let _ = writer.await;
+}
+
+const WRITE_BATCH: usize = 32;
+
+/// Writes frames with vectored writes: headers and bodies go to the kernel without copies.
+async fn write_frames<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    frames: &[OutFrame],
+) -> std::io::Result<()> {
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(frames.len() * 2);
+    for f in frames {
+        parts.push(&f.head);
+        parts.push(&f.body);
+    }
+    let (mut idx, mut off) = (0usize, 0usize);
+    while idx < parts.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&parts[idx][off..])
+            .chain(parts[idx + 1..].iter().copied())
+            .map(std::io::IoSlice::new)
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while idx < parts.len() {
+            let rem = parts[idx].len() - off;
+            if n >= rem {
+                n -= rem;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 struct CoreTask {
@@ -647,19 +689,19 @@ impl CoreTask {
                     let Some(l) = self.links.get_mut(&n) else {
                         continue;
                     };
-                    if let Ok(frame) = link::seal_control(&mut l.transport, &msg) {
-                        send_frame(l, frame, &mut self.core.counters, true);
+                    if let Ok((head, body)) = link::seal_control_parts(&mut l.transport, &msg) {
+                        send_frame(l, OutFrame { head, body }, &mut self.core.counters, true);
                     }
                 }
                 CoreOut::Packet(n, b) => {
                     if let Some(l) = self.links.get_mut(&n) {
-                        let mut frame = BytesMut::with_capacity(b.len() + 5);
-                        frame.extend_from_slice(&crate::wire::frame_header(
-                            FrameKind::Packet,
-                            b.len(),
-                        ));
-                        frame.extend_from_slice(&b);
-                        send_frame(l, frame.freeze(), &mut self.core.counters, false);
+                        let head = crate::wire::frame_header(FrameKind::Packet, b.len());
+                        send_frame(
+                            l,
+                            OutFrame { head, body: b },
+                            &mut self.core.counters,
+                            false,
+                        );
                     }
                 }
                 CoreOut::Deliver(b) => {
@@ -733,7 +775,7 @@ impl CoreTask {
     }
 }
 
-fn send_frame(l: &mut LinkHandle, frame: Bytes, counters: &mut Counters, control: bool) {
+fn send_frame(l: &mut LinkHandle, frame: OutFrame, counters: &mut Counters, control: bool) {
     if !l.overflow.is_empty() {
         if control || l.overflow.len() < OVERFLOW_LIMIT {
             l.overflow.push_back(frame);
