@@ -401,8 +401,11 @@ impl Shared {
         for (i, (info, s)) in self.backends.iter().zip(state.backends.iter()).enumerate() {
             let available = s.health.is_available(now);
             info.metrics.up.set(i64::from(available));
-            // Weight 0 drains a backend: no new traffic, existing leases finish.
-            if available && info.weight > 0 && !exclude.contains(&info.addr) {
+            // Weight 0 drains a backend: no new traffic, existing leases finish. A backend on
+            // probation takes one request at a time until a success confirms it, so a still
+            // broken backend fails one request, not a burst.
+            let trickle = s.health.state(now) == HealthState::Probation && s.in_flight > 0;
+            if available && !trickle && info.weight > 0 && !exclude.contains(&info.addr) {
                 eligible.push(Candidate {
                     index: i,
                     addr: info.addr,
@@ -478,9 +481,9 @@ impl Shared {
             }
             Outcome::ConnectFailed => (Some(HealthEvent::ConnectFailed), Some("connect")),
             Outcome::Timeout => (Some(HealthEvent::Timeout), Some("timeout")),
-            // A broken connection is an error, but a single one (a keep-alive race) should not
-            // eject; a dead backend shows up as connect failures on the retry.
-            Outcome::Reset => (None, Some("reset")),
+            // A broken connection alone (a keep-alive race) must not eject, but a streak of
+            // them — a backend that accepts and then drops every request — counts like 5xx.
+            Outcome::Reset => (Some(HealthEvent::ServerError), Some("reset")),
             Outcome::Cancelled => (None, None),
         };
         if let Some(kind) = error_kind {

@@ -538,3 +538,67 @@ async fn a_cancelled_wait_leaves_the_queue() {
     drop(held);
     assert_eq!(waiter.await.expect("join"), Ok(a));
 }
+
+#[tokio::test]
+async fn a_backend_on_probation_takes_one_request_at_a_time() {
+    let (a, _ta) = live_backend().await;
+    let (b, _tb) = live_backend().await;
+    let cfg = PoolConfig {
+        passive: PassiveHealthConfig {
+            base_ejection_ms: 1,
+            max_ejection_ms: 1,
+            ..PassiveHealthConfig::default()
+        },
+        ..PoolConfig::default()
+    };
+    let p = pool(&[a, b], cfg);
+    while p.status()[0].ejections == 0 {
+        let lease = p.pick(&client(1), &[a, b][1..]).await.expect("pick a");
+        lease.report(Outcome::ConnectFailed);
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await; // the 1 ms ejection ends
+    assert_eq!(p.status()[0].state, HealthState::Probation);
+    // One request goes to it; while that one is out, everything else goes to b.
+    let first = p.pick(&client(1), &[b]).await.expect("probation backend");
+    assert_eq!(first.backend(), a);
+    for _ in 0..20 {
+        assert_eq!(p.pick(&client(1), &[]).await.expect("pick").backend(), b);
+    }
+    first.report(Outcome::from_status(200, Duration::from_millis(1)));
+    assert_eq!(p.status()[0].state, HealthState::Healthy);
+    let mut on_a = 0;
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let l = p.pick(&client(1), &[]).await.expect("pick");
+        on_a += usize::from(l.backend() == a);
+        held.push(l);
+    }
+    assert!(
+        on_a >= 5,
+        "confirmed backend takes concurrent requests again: {on_a}"
+    );
+}
+
+#[tokio::test]
+async fn a_streak_of_broken_connections_ejects() {
+    let (a, _ta) = live_backend().await;
+    let (b, _tb) = live_backend().await;
+    let p = pool(&[a, b], PoolConfig::default());
+    // Single resets between successes (keep-alive races) never eject.
+    for _ in 0..50 {
+        p.pick(&client(1), &[b])
+            .await
+            .expect("pick")
+            .report(Outcome::Reset);
+        let ok = Outcome::from_status(200, Duration::from_millis(1));
+        p.pick(&client(1), &[b]).await.expect("pick").report(ok);
+    }
+    assert_eq!(p.status()[0].ejections, 0);
+    for _ in 0..5 {
+        p.pick(&client(1), &[b])
+            .await
+            .expect("pick")
+            .report(Outcome::Reset);
+    }
+    assert_eq!(p.status()[0].state, HealthState::Ejected);
+}
