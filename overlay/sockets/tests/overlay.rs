@@ -227,7 +227,7 @@ async fn relay_killed_mid_transfer_stream_survives() {
     let dead = Duration::from_secs(1);
     let a = start_node(vec![], dead).await;
     let a_addr = a.listen_addr().unwrap();
-    let mut relays = vec![
+    let mut relays = [
         Some(start_node(vec![a_addr], dead).await),
         Some(start_node(vec![a_addr], dead).await),
     ];
