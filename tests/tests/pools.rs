@@ -17,12 +17,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshgate_config::gateway::GatewayConfig;
 use meshgate_config::route::Backend;
-use meshgate_gateway::dial::DirectDialer;
+use meshgate_gateway::dial::{Dialer, DirectDialer};
+use meshgate_gateway::overlay::EmbeddedNode;
 use meshgate_gateway::pool::{
     ClientInfo, Failure, MAX_REQUEST_RETRIES, Outcome, Policy, Pool, PoolConfig, PoolError,
     may_retry,
 };
 use meshgate_gateway::server::Gateway;
+use meshgate_overlay::NodeConfig;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -338,15 +340,23 @@ struct RealGateway {
     http: SocketAddr,
     gateway: Gateway,
     task: JoinHandle<()>,
+    _node: Option<EmbeddedNode>,
     _dir: tempfile::TempDir,
 }
 
 impl RealGateway {
     async fn start(workloads: &[Workload], extra: &str) -> RealGateway {
+        let addrs: Vec<SocketAddr> = workloads.iter().map(|w| w.addr).collect();
+        Self::start_with(&addrs, extra).await
+    }
+
+    /// As `meshgate gateway` does: an `[overlay]` section in `extra` starts the embedded node
+    /// and overlay backends are dialed through it.
+    async fn start_with(addrs: &[SocketAddr], extra: &str) -> RealGateway {
         let dir = tempfile::tempdir().expect("tempdir");
-        let backends: Vec<String> = workloads
+        let backends: Vec<String> = addrs
             .iter()
-            .map(|w| format!("{{ addr = \"{}\" }}", w.addr))
+            .map(|a| format!("{{ addr = \"{a}\" }}"))
             .collect();
         let text = format!(
             "data_dir = \"{d}\"\n\
@@ -363,7 +373,20 @@ impl RealGateway {
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, &text).expect("write config");
         let config = GatewayConfig::parse(&path, &text).expect("valid gateway.toml");
-        let gateway = Gateway::new(config, Some(path), None, |_| false).expect("gateway");
+        let node = match &config.overlay {
+            Some(o) => Some(EmbeddedNode::start(o).await.expect("embedded overlay node")),
+            None => None,
+        };
+        let dialer = node
+            .as_ref()
+            .map(|n| Arc::new(n.dialer()) as Arc<dyn Dialer>);
+        let gateway = Gateway::new(
+            config,
+            Some(path),
+            dialer,
+            meshgate_overlay::is_overlay_address,
+        )
+        .expect("gateway");
         let bound = gateway.bind().expect("bind");
         let http = bound.http[0].local_addr().expect("addr");
         let g = gateway.clone();
@@ -374,6 +397,7 @@ impl RealGateway {
             http,
             gateway,
             task,
+            _node: node,
             _dir: dir,
         }
     }
@@ -623,4 +647,105 @@ async fn stream_routes_splice_through_the_pool_past_a_dead_backend() {
     assert_eq!(status[0].requests, 200, "every stream on the live backend");
     assert!(!status[1].available, "the dead one is ejected");
     splice.abort();
+}
+
+/// Three workload overlay nodes, each exposing its own HTTP service on overlay port 80; the
+/// gateway reaches them only through its embedded overlay node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_workloads_fail_over_under_load_and_come_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut services = three_workloads(None).await;
+    let mut nodes = Vec::new();
+    let mut exposed = Vec::new();
+    let mut backends = Vec::new();
+    let mut links = Vec::new();
+    for (i, service) in services.iter().enumerate() {
+        let node = EmbeddedNode::start_with(NodeConfig {
+            key_path: dir.path().join(format!("workload-{i}.key")),
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            ..NodeConfig::default()
+        })
+        .await
+        .expect("workload node");
+        exposed.push(meshgate_sockets::expose(&node.stack, 80, service.addr).expect("expose"));
+        backends.push(SocketAddr::from((node.node.address(), 80)));
+        links.push(format!(
+            "\"{}\"",
+            node.node.listen_addr().expect("link address")
+        ));
+        nodes.push(node);
+    }
+    let overlay = format!(
+        "[overlay]\nkey_file = \"{}\"\npeers = [{}]\n",
+        dir.path().join("gateway-node.key").display(),
+        links.join(", ")
+    );
+    let gw = RealGateway::start_with(&backends, &overlay).await;
+    let pool = gw.pool();
+    let client = load_client(IpAddr::from([127, 0, 0, 1]));
+
+    // Links come up in the background: wait until every workload has answered through them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while services
+        .iter()
+        .any(|s| s.served.load(Ordering::Relaxed) == 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "overlay never carried traffic to every workload"
+        );
+        let _ = load(&client, gw.http, 30, 3, None, None).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Warm-up failures (links still coming up) must not leave anything ejected for long.
+    let deadline = Instant::now() + Duration::from_secs(35);
+    while !pool.status().iter().all(|s| s.available) {
+        assert!(
+            Instant::now() < deadline,
+            "backends stay ejected: {:?}",
+            pool.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // 3000 GETs; workload 1's service dies a third of the way through.
+    let progress = Arc::new(AtomicUsize::new(0));
+    let run = {
+        let (client, progress, addr) = (client.clone(), progress.clone(), gw.http);
+        tokio::spawn(async move { load(&client, addr, 3000, 16, None, Some(progress)).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while progress.load(Ordering::Relaxed) < 1000 {
+        assert!(Instant::now() < deadline, "overlay load too slow");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    services[1].kill().await;
+    let results = run.await.expect("load");
+    let failed = results.iter().filter(|(s, _)| *s != 200).count();
+    eprintln!(
+        "overlay: 3000 GETs, workload 1 killed: responses by backend {:?}, failed {failed}",
+        count_by_backend(&results)
+    );
+    assert_eq!(failed, 0, "failed requests over the overlay: {failed}");
+    assert!(!pool.status()[1].available, "{:?}", pool.status()[1]);
+
+    services[1].restart().await;
+    let deadline = Instant::now() + Duration::from_secs(35);
+    while !pool.status()[1].available {
+        assert!(
+            Instant::now() < deadline,
+            "restarted workload never re-admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = services[1].served.load(Ordering::Relaxed);
+    let results = load(&client, gw.http, 300, 6, None, None).await;
+    assert!(results.iter().all(|(s, _)| *s == 200));
+    let served = services[1].served.load(Ordering::Relaxed) - before;
+    assert!(served > 30, "re-admitted workload served {served} of 300");
+    drop(exposed);
+    drop(gw);
+    for n in nodes {
+        n.shutdown().await;
+    }
 }

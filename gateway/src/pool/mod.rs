@@ -354,7 +354,7 @@ impl Pool {
                     requests: s.requests,
                     errors: s.errors,
                     ejections: s.health.ejections(),
-                    latency_ms: s.latency.estimate(now).map(|v| v * 1000.0),
+                    latency_ms: s.latency.value().map(|v| v * 1000.0),
                 }
             })
             .collect()
@@ -411,7 +411,8 @@ impl Shared {
                     addr: info.addr,
                     weight: info.weight,
                     in_flight: s.in_flight,
-                    latency: s.latency.estimate(now),
+                    latency: s.latency.value(),
+                    idle: s.latency.idle(now).as_secs_f64(),
                 });
             }
         }

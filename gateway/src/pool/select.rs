@@ -14,6 +14,8 @@ pub struct Candidate {
     pub in_flight: u32,
     /// Latency estimate in seconds (`None` before the first sample).
     pub latency: Option<f64>,
+    /// Seconds since the last latency sample.
+    pub idle: f64,
 }
 
 /// SplitMix64: tiny, fast, good enough to pick two backends at random.
@@ -44,24 +46,31 @@ fn mix64(mut z: u64) -> u64 {
 }
 
 /// Power of two random choices on `(in_flight + 1) × latency / weight` (the peak-EWMA cost
-/// of Finagle and Linkerd). Busy or slow backends lose most comparisons, yet every backend is
-/// still compared now and then, so a recovered one is noticed. Returns an index into `cands`.
+/// of Finagle and Linkerd). Busy or slow backends lose most comparisons. A backend slower than
+/// the pool's median that gets no traffic has its estimate drift back to the median within a
+/// few seconds (`FORGIVE_AFTER`), so one slow answer (a cold connection, a pause) is forgiven quickly
+/// and a recovered backend is noticed, while a backend that stays slow is re-measured as slow
+/// each time it is tried. Returns an index into `cands`.
 pub fn least_loaded(rng: &mut Rng, cands: &[Candidate]) -> Option<usize> {
     match cands.len() {
         0 => None,
         1 => Some(0),
         n => {
-            // Backends with no sample yet are costed at the mean of the others, so a new
-            // backend neither wins everything nor starves.
-            let known: Vec<f64> = cands.iter().filter_map(|c| c.latency).collect();
-            let default = if known.is_empty() {
-                1.0
-            } else {
-                known.iter().sum::<f64>() / known.len() as f64
-            };
+            let mut known: Vec<f64> = cands.iter().filter_map(|c| c.latency).collect();
+            known.sort_by(f64::total_cmp);
+            // Backends with no sample yet are costed at the median, so a new backend neither
+            // wins everything nor starves.
+            let median = known.get(known.len() / 2).copied().unwrap_or(1.0);
             let cost = |c: &Candidate| {
-                let latency = c.latency.unwrap_or(default).max(1e-6);
-                (c.in_flight as f64 + 1.0) * latency / c.weight.max(1) as f64
+                let latency = match c.latency {
+                    None => median,
+                    Some(l) if l > median => {
+                        let left = (1.0 - c.idle / FORGIVE_AFTER.as_secs_f64()).max(0.0);
+                        median + (l - median) * left
+                    }
+                    Some(l) => l,
+                };
+                (c.in_flight as f64 + 1.0) * latency.max(1e-6) / c.weight.max(1) as f64
             };
             let a = rng.below(n);
             let mut b = rng.below(n - 1);
@@ -73,6 +82,10 @@ pub fn least_loaded(rng: &mut Rng, cands: &[Candidate]) -> Option<usize> {
         }
     }
 }
+
+/// After this long without a sample, a slow backend is costed at the pool's median again
+/// (linearly on the way), so it is tried and re-measured.
+pub const FORGIVE_AFTER: Duration = Duration::from_secs(5);
 
 /// Smooth weighted round robin (nginx's): spreads each backend's turns evenly through the
 /// cycle. `current` holds one running score per pool backend.
@@ -134,9 +147,8 @@ fn hash_key_backend(key: &[u8], addr: &SocketAddr) -> u64 {
     mix64(h)
 }
 
-/// Peak-EWMA latency: jumps up to a slower sample at once, decays towards faster samples with
-/// time constant `TAU`, and fades while the backend gets no traffic, so a backend that was slow
-/// once is retried eventually.
+/// Peak-EWMA latency: jumps up to a slower sample at once and decays towards faster samples
+/// with time constant `TAU`.
 #[derive(Debug, Clone, Default)]
 pub struct PeakEwma {
     value: f64,
@@ -163,11 +175,15 @@ impl PeakEwma {
         self.stamp = Some(now);
     }
 
-    /// The estimate at `now` in seconds, faded by the time since the last sample.
-    pub fn estimate(&self, now: Instant) -> Option<f64> {
-        let t = self.stamp?;
-        let idle = now.saturating_duration_since(t).as_secs_f64();
-        Some(self.value * (-idle / (2.0 * TAU.as_secs_f64())).exp())
+    /// The estimate in seconds, `None` before the first sample.
+    pub fn value(&self) -> Option<f64> {
+        self.stamp.map(|_| self.value)
+    }
+
+    /// Time since the last sample.
+    pub fn idle(&self, now: Instant) -> Duration {
+        self.stamp
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
     }
 }
 
@@ -183,6 +199,7 @@ mod tests {
                 weight: 1,
                 in_flight: 0,
                 latency: None,
+                idle: 0.0,
             })
             .collect()
     }
@@ -294,26 +311,47 @@ mod tests {
     }
 
     #[test]
-    fn peak_ewma_jumps_up_and_fades() {
+    fn peak_ewma_jumps_up_and_decays() {
         let t0 = Instant::now();
         let mut e = PeakEwma::default();
-        assert_eq!(e.estimate(t0), None);
+        assert_eq!(e.value(), None);
         e.observe(Duration::from_millis(1), t0);
         e.observe(Duration::from_millis(50), t0 + Duration::from_millis(10));
-        let now = t0 + Duration::from_millis(10);
-        assert!((e.estimate(now).unwrap_or(0.0) - 0.050).abs() < 1e-9);
+        assert!((e.value().unwrap_or(0.0) - 0.050).abs() < 1e-9);
         // Fast samples pull it back down over a few time constants.
+        let now = t0 + Duration::from_millis(10);
         for i in 1..=100u64 {
             e.observe(
                 Duration::from_millis(1),
                 now + Duration::from_millis(200 * i),
             );
         }
-        let later = now + Duration::from_millis(20_000);
-        assert!(e.estimate(later).unwrap_or(1.0) < 0.005);
-        // Idle for a minute: it fades so the backend is tried again.
-        let mut idle = PeakEwma::default();
-        idle.observe(Duration::from_millis(100), t0);
-        assert!(idle.estimate(t0 + Duration::from_secs(60)).unwrap_or(1.0) < 0.001);
+        assert!(e.value().unwrap_or(1.0) < 0.005);
+        assert_eq!(
+            e.idle(now + Duration::from_millis(20_500)),
+            Duration::from_millis(500)
+        );
+    }
+
+    #[test]
+    fn one_slow_answer_is_forgiven_within_seconds() {
+        let mut rng = Rng::new(5);
+        let mut c = cands(3);
+        c[0].latency = Some(0.002);
+        c[1].latency = Some(0.002);
+        // A cold first request took a second.
+        c[2].latency = Some(1.0);
+        let share = |rng: &mut Rng, c: &[Candidate]| {
+            (0..3000)
+                .filter(|_| least_loaded(rng, c) == Some(2))
+                .count()
+        };
+        assert_eq!(share(&mut rng, &c), 0, "just after the slow answer");
+        c[2].idle = 20.0;
+        let later = share(&mut rng, &c);
+        assert!(
+            later > 300,
+            "idle 20 s: back in rotation, got {later} of 3000"
+        );
     }
 }
