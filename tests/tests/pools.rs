@@ -2,7 +2,8 @@
 //!
 //! Most tests run the real gateway (`meshgate_gateway::server::Gateway`, the code behind
 //! `meshgate gateway`, in process so the test can read the route's pool status) with a plain
-//! HTTP route on a loopback listener. The gateway does not yet read a per-route `[route.pool]`
+//! HTTP route on a loopback listener; one puts the three workloads behind their own overlay
+//! nodes, reached through the gateway's embedded node. The gateway does not yet read a per-route `[route.pool]`
 //! table (it gives every route one pool config derived from `[timeouts]`), so the sticky-session
 //! test drives the real `Pool` from a small hyper proxy in the test (`TestProxy`) that does what
 //! the gateway's proxy does: pick per request, report outcomes, retry per `may_retry`.
