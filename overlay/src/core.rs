@@ -107,7 +107,13 @@ struct NbrState {
     cost: u32,
     last_heard: Micros,
     last_hello: Micros,
+    /// Updates received before the first RTT sample (the link joins routing only once its
+    /// cost is known, so the first announcements carry real metrics).
+    held: Vec<crate::wire::RouteUpdate>,
 }
+
+/// Updates held per probing link at most (a full table of a large network).
+const HELD_LIMIT: usize = 100_000;
 
 /// Public view of a neighbor.
 #[derive(Debug, Clone)]
@@ -202,11 +208,10 @@ impl NodeCore {
                 cost,
                 last_heard: now,
                 last_hello: now,
+                held: Vec::new(),
             },
         );
         out.push(CoreOut::Control(nbr, Control::Hello { timestamp_us: now }));
-        self.router.neighbor_up(nbr, cost, &mut self.rbuf);
-        self.drain_router(out);
     }
 
     /// A link closed.
@@ -242,12 +247,25 @@ impl NodeCore {
                     None => sample,
                     Some(s) => ((s as u64 * 7 + sample as u64) / 8) as u32,
                 };
+                let first = st.srtt.is_none();
                 st.srtt = Some(srtt);
                 let cost = (srtt / 2).saturating_add(self.cfg.hop_cost_us).max(1);
-                // Small cost changes are noise: only tell routing about > 1/8 changes.
-                if cost.abs_diff(st.cost) as u64 * 8 > st.cost as u64 {
+                if first {
+                    st.cost = cost;
+                    let held = std::mem::take(&mut st.held);
+                    self.router.neighbor_up(nbr, cost, &mut self.rbuf);
+                    if !held.is_empty() {
+                        self.router.handle_updates(nbr, &held, now, &mut self.rbuf);
+                    }
+                } else if cost.abs_diff(st.cost) as u64 * 8 > st.cost as u64 {
+                    // Small cost changes are noise: only tell routing about > 1/8 changes.
                     st.cost = cost;
                     self.router.set_cost(nbr, cost, now, &mut self.rbuf);
+                }
+            }
+            Control::Updates(list) if st.srtt.is_none() => {
+                if st.held.len() + list.len() <= HELD_LIMIT {
+                    st.held.extend(list);
                 }
             }
             Control::Updates(list) => self.router.handle_updates(nbr, &list, now, &mut self.rbuf),

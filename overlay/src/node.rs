@@ -163,7 +163,8 @@ struct LinkHandle {
     key: [u8; 32],
 }
 
-const LINK_QUEUE: usize = 512;
+/// Frames queued per link writer (at the default MTU about 4 MiB).
+const LINK_QUEUE: usize = 128;
 const OVERFLOW_LIMIT: usize = 1024;
 const DELIVER_BACKLOG: usize = 4096;
 const TICK: Duration = Duration::from_millis(100);
@@ -768,6 +769,12 @@ impl CoreTask {
         let mut st = self.base_status.clone();
         st.peers = peers;
         st.routes = self.core.router.routes(Some);
+        for r in st.routes.iter_mut() {
+            r.via = r
+                .next_hop
+                .and_then(|n| self.links.get(&n))
+                .map(|l| crate::addr::address_for_key(&l.key));
+        }
         st.counters = self.core.counters();
         if let Ok(mut g) = self.status.lock() {
             *g = st;

@@ -87,7 +87,10 @@ struct Dest {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RouteInfo {
     pub prefix: String,
+    /// Link id of the next hop (see the node's peers).
     pub next_hop: Option<Nbr>,
+    /// Overlay address of the next hop (filled in by the node runtime).
+    pub via: Option<std::net::Ipv6Addr>,
     pub metric: u32,
     pub seqno: u64,
     pub feasible: bool,
@@ -287,7 +290,12 @@ impl Router {
         now: Micros,
         out: &mut Vec<(Nbr, Control)>,
     ) {
-        if prefix_for_key(&u.router_key) != u.prefix {
+        // The prefix-key binding (a hash) is already checked for prefixes we know.
+        let known = self
+            .table
+            .get(&u.prefix)
+            .is_some_and(|d| d.key == u.router_key);
+        if !known && prefix_for_key(&u.router_key) != u.prefix {
             self.counters.forged_prefix += 1;
             return;
         }
@@ -577,6 +585,7 @@ impl Router {
                 RouteInfo {
                     prefix: crate::addr::prefix_string(p),
                     next_hop: sel.and_then(|(n, _)| nbr_name(n)),
+                    via: None,
                     metric: sel.map_or(METRIC_INFINITY, |(n, e)| {
                         total(
                             e.metric,

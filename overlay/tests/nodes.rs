@@ -277,6 +277,22 @@ mod hostile {
         // 4. Forged routes for A's prefix: wrong key for the prefix, and a bad signature.
         let mut s = TcpStream::connect(c_addr).await.unwrap();
         let (mut t, _) = link::handshake(&mut s, &mallory, true).await.unwrap();
+        // Answer C's first Hello: a link joins routing once its RTT is known.
+        loop {
+            let (kind, body) = link::read_frame(&mut s).await.unwrap().unwrap();
+            if kind != FrameKind::Control {
+                continue;
+            }
+            if let Control::Hello { timestamp_us } = link::open_control(&mut t, &body).unwrap() {
+                let ack = Control::HelloAck {
+                    echo_us: timestamp_us,
+                };
+                s.write_all(&link::seal_control(&mut t, &ack).unwrap())
+                    .await
+                    .unwrap();
+                break;
+            }
+        }
         let a_prefix = meshgate_overlay::addr::prefix_of(&a.address());
         let forged = vec![
             RouteUpdate {

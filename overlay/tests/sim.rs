@@ -104,7 +104,7 @@ fn check_delivery(sim: &mut Sim, pairs: &[(usize, usize)]) {
         let p = sim.send(a, b, format!("packet {k} from {a} to {b}").as_bytes());
         expect.push((b, p));
     }
-    sim.run_for(3_000 * MS);
+    sim.run_for(2_000 * MS);
     let mut got: Vec<Vec<bytes::Bytes>> = (0..sim.len()).map(|i| sim.take_delivered(i)).collect();
     for (b, p) in expect {
         let pos = got[b].iter().position(|g| *g == p);
@@ -228,7 +228,7 @@ fn random_200_nodes_all_pairs_and_relay_failures() {
         }
     }
     let mut sim = build(4, n, &edges);
-    sim.run_for(8_000 * MS);
+    sim.run_for(5_000 * MS);
     check_all_pairs(&sim, &edges, &BTreeSet::new(), &BTreeSet::new()).unwrap();
     let pairs: Vec<_> = (0..100)
         .map(|_| (rng.below(n as u64) as usize, rng.below(n as u64) as usize))
