@@ -319,6 +319,12 @@ async fn relay_killed_mid_transfer_stream_survives() {
     );
     assert_eq!(received.load(std::sync::atomic::Ordering::Relaxed), TOTAL);
     assert_eq!(got_hash, sent_hash, "data corrupted across the reroute");
+    // Packets in flight through the stopped relay were lost: the stream stalled until a
+    // retransmission took the other path.
+    assert!(
+        gap >= Duration::from_millis(100),
+        "no stall observed ({gap:?})"
+    );
     assert!(
         forwarded(&relays[other]) - other_before >= (TOTAL - at_kill) / 2,
         "the surviving relay did not carry the rest of the stream"
