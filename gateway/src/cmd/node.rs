@@ -376,3 +376,87 @@ pub fn render_status(doc: &Value) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshgate_overlay::Identity;
+    use meshgate_overlay::addr::{prefix_of, prefix_string};
+    use std::net::SocketAddrV6;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// `meshgate node` from a node.toml: exposes an overlay port to a local service, and its
+    /// status endpoint shows the peer, the route and the traffic.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn node_toml_exposes_service_and_reports_status() {
+        // The local service: echoes one line, uppercased.
+        let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let service_addr = service.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = service.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let _ = s.read_to_end(&mut buf).await;
+                    let _ = s.write_all(&buf.to_ascii_uppercase()).await;
+                });
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "key = \"{}\"\nlisten = \"127.0.0.1:0\"\nstatus_listen = \"127.0.0.1:0\"\n\
+                 dead_peer_timeout_ms = 2000\nexpose = [{{ port = 8080, to = \"{service_addr}\" }}]\n",
+                dir.path().join("node.key").display()
+            ),
+        )
+        .unwrap();
+        let cfg = NodeFileConfig::load(&path).unwrap();
+        let running = RunningNode::start(&cfg).await.unwrap();
+        let workload = running.node.address();
+
+        // A client node with its own userspace stack, linked to the workload node.
+        let client = Node::start(NodeConfig {
+            identity: Some(Identity::generate()),
+            peers: vec![running.node.listen_addr().unwrap()],
+            ..NodeConfig::default()
+        })
+        .await
+        .unwrap();
+        let port = client.take_l3_port().unwrap();
+        let stack = Stack::new(port.address, port.mtu, port.tx, port.rx);
+        let want = prefix_string(&prefix_of(&workload));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !client.status().routes.iter().any(|r| r.prefix == want) {
+            assert!(Instant::now() < deadline, "no route to the workload node");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut s = stack
+            .connect(SocketAddrV6::new(workload, 8080, 0, 0))
+            .await
+            .unwrap();
+        s.write_all(b"through the overlay").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"THROUGH THE OVERLAY");
+
+        let doc = fetch_status(running.status_addr).await.unwrap();
+        assert_eq!(doc["mode"], "userspace");
+        assert_eq!(doc["node"]["address"], workload.to_string());
+        assert_eq!(doc["node"]["peers"].as_array().unwrap().len(), 1);
+        assert!(doc["endpoint"]["packets_in"].as_u64().unwrap() > 0);
+        assert_eq!(doc["expose"][0]["port"], 8080);
+        let text = render_status(&doc);
+        assert!(text.contains("peers (1):"), "{text}");
+        assert!(text.contains(&workload.to_string()), "{text}");
+
+        let status_addr = running.status_addr;
+        running.run_until(async {}).await;
+        // Stopped: the status endpoint is gone.
+        assert!(fetch_status(status_addr).await.is_err());
+        client.shutdown().await;
+    }
+}
