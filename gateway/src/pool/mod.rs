@@ -398,14 +398,19 @@ impl Shared {
         let mut guard = self.lock();
         let state = &mut *guard;
         let mut eligible: Vec<Candidate> = Vec::with_capacity(self.backends.len());
+        let mut room = vec![false; self.backends.len()];
         for (i, (info, s)) in self.backends.iter().zip(state.backends.iter()).enumerate() {
             let available = s.health.is_available(now);
             info.metrics.up.set(i64::from(available));
-            // Weight 0 drains a backend: no new traffic, existing leases finish. A backend on
-            // probation takes one request at a time until a success confirms it, so a still
-            // broken backend fails one request, not a burst.
-            let trickle = s.health.state(now) == HealthState::Probation && s.in_flight > 0;
-            if available && !trickle && info.weight > 0 && !exclude.contains(&info.addr) {
+            // A backend on probation takes one request at a time until a success confirms it,
+            // so a still broken backend fails one request, not a burst; others wait or go
+            // elsewhere.
+            let probing = s.health.state(now) == HealthState::Probation && s.in_flight > 0;
+            if let Some(r) = room.get_mut(i) {
+                *r = !probing && (limit == 0 || s.in_flight < limit);
+            }
+            // Weight 0 drains a backend: no new traffic, existing leases finish.
+            if available && info.weight > 0 && !exclude.contains(&info.addr) {
                 eligible.push(Candidate {
                     index: i,
                     addr: info.addr,
@@ -419,7 +424,7 @@ impl Shared {
         if eligible.is_empty() {
             return Err(PoolError::NoHealthyBackend);
         }
-        let has_room = |c: &Candidate| limit == 0 || c.in_flight < limit;
+        let has_room = |c: &Candidate| room.get(c.index).copied().unwrap_or(false);
         let chosen = match self.cfg.policy {
             Policy::HashClientIp | Policy::HashCookie => {
                 // Sticky: wait for the client's own backend rather than move it elsewhere.
@@ -507,6 +512,7 @@ impl Shared {
             t
         };
         self.log_transition(index, transition);
+        self.wake_waiters();
     }
 
     fn log_transition(&self, index: usize, transition: Option<Transition>) {
@@ -538,7 +544,12 @@ impl Shared {
         if let Some(info) = self.backends.get(index) {
             info.metrics.in_flight.dec();
         }
-        if self.cfg.max_connections > 0 {
+        self.wake_waiters();
+    }
+
+    /// Lets queued requests look again (a slot was released or a backend confirmed).
+    fn wake_waiters(&self) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
             self.released.notify_waiters();
         }
     }

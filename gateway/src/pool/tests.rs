@@ -602,3 +602,35 @@ async fn a_streak_of_broken_connections_ejects() {
     }
     assert_eq!(p.status()[0].state, HealthState::Ejected);
 }
+
+#[tokio::test]
+async fn a_lone_backend_on_probation_queues_requests_instead_of_refusing_them() {
+    let (a, _ta) = live_backend().await;
+    let cfg = PoolConfig {
+        passive: PassiveHealthConfig {
+            base_ejection_ms: 1,
+            max_ejection_ms: 1,
+            ..PassiveHealthConfig::default()
+        },
+        ..PoolConfig::default()
+    };
+    let p = pool(&[a], cfg);
+    while p.status()[0].ejections == 0 {
+        p.pick(&client(1), &[])
+            .await
+            .expect("pick")
+            .report(Outcome::ConnectFailed);
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(p.status()[0].state, HealthState::Probation);
+    let mut first = p.pick(&client(1), &[]).await.expect("the probe request");
+    let p2 = p.clone();
+    let second = tokio::spawn(async move { p2.pick(&client(2), &[]).await.map(|l| l.backend()) });
+    while p.shared.waiting.load(Ordering::Acquire) == 0 {
+        tokio::task::yield_now().await;
+    }
+    // The first answer confirms the backend; the queued request goes through.
+    first.record(Outcome::from_status(200, Duration::from_millis(1)));
+    assert_eq!(second.await.expect("join"), Ok(a));
+    drop(first);
+}
