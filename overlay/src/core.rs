@@ -368,7 +368,9 @@ impl NodeCore {
                 SessionError::KeyMismatch => c.e2e_key_mismatch += 1,
                 SessionError::ReplayedInit => c.e2e_replayed_init += 1,
                 SessionError::Malformed => c.malformed_packet += 1,
-                SessionError::NotForUs | SessionError::WeakKey => c.e2e_other += 1,
+                SessionError::NotForUs | SessionError::WeakKey | SessionError::TooManyPeers => {
+                    c.e2e_other += 1
+                }
             }
         }
         self.sessions_out(&mut sbuf, out);

@@ -71,6 +71,8 @@ pub enum SessionError {
     NotForUs,
     #[error("weak key exchange")]
     WeakKey,
+    #[error("too many peers")]
+    TooManyPeers,
 }
 
 /// What the session layer wants done.
@@ -83,6 +85,8 @@ pub enum SessionOut {
 }
 
 const REPLAY_WINDOW: u64 = 4096;
+/// Peers with session state at most (bounds memory against init floods from many keys).
+const MAX_PEERS: usize = 65_536;
 
 /// Sliding replay window over packet counters.
 #[derive(Debug, Clone)]
@@ -318,6 +322,9 @@ impl Sessions {
             .map_or(0, |p| p.last_init_timestamp);
         if init.timestamp <= last {
             return Err(SessionError::ReplayedInit);
+        }
+        if self.peers.len() >= MAX_PEERS && !self.peers.contains_key(&peer_prefix) {
+            return Err(SessionError::TooManyPeers);
         }
         let idx = self.new_idx();
         let eph = x25519_dalek::StaticSecret::from((self.rng)());

@@ -437,3 +437,32 @@ async fn node_key_file_rules() {
         "{err}"
     );
 }
+
+/// Dialers keep retrying with backoff: a peer that comes up late, or restarts, is reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialer_reconnects_to_late_and_restarted_peers() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut ca = cfg(false, vec![port]);
+    ca.reconnect_max = Duration::from_millis(800);
+    let a = Node::start(ca).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await; // a few failed attempts
+    let mut cb = cfg(true, vec![]);
+    cb.listen = Some(port);
+    let b = Node::start(cb.clone()).await.unwrap();
+    wait_for("route to late peer", 5, || has_route(&a, b.address())).await;
+    let b_addr = b.address();
+    b.shutdown().await;
+    wait_for("route withdrawn", 5, || {
+        !has_route(&a, b_addr) && a.status().peers.is_empty()
+    })
+    .await;
+    cb.identity = Some(Identity::generate());
+    let b2 = Node::start(cb).await.unwrap();
+    wait_for("route to restarted peer", 5, || has_route(&a, b2.address())).await;
+    assert!(a.status().counters.links_up >= 2);
+    a.shutdown().await;
+    b2.shutdown().await;
+}
