@@ -554,8 +554,9 @@ impl CoreTask {
         let mut l3_open = true;
         loop {
             let congested = self.links.values().any(|l| !l.overflow.is_empty());
+            // Unbiased: under sustained inbound traffic the ticker (hellos, dead-peer checks)
+            // and the local L3 port must still get their turn.
             tokio::select! {
-                biased;
                 _ = cancel.cancelled() => break,
                 ev = events.recv() => {
                     let Some(ev) = ev else { break };
