@@ -90,6 +90,7 @@ pub struct Counters {
     pub dead_peers: u64,
     pub links_up: u64,
     pub links_down: u64,
+    pub self_links: u64,
     pub handshake_failed: u64,
     pub identity_mismatch: u64,
     pub bad_frame: u64,
@@ -125,6 +126,7 @@ pub struct NbrView {
 }
 
 pub struct NodeCore {
+    key: [u8; 32],
     addr: Ipv6Addr,
     prefix: Prefix,
     cfg: CoreConfig,
@@ -149,6 +151,7 @@ impl NodeCore {
     ) -> NodeCore {
         let addr = id.address();
         NodeCore {
+            key: id.public_key(),
             addr,
             prefix: prefix_of(&addr),
             router: Router::new(id.clone(), cfg.routing.clone(), epoch, now),
@@ -198,6 +201,12 @@ impl NodeCore {
 
     /// An authenticated link to the node with ed25519 key `key` is up.
     pub fn link_up(&mut self, nbr: Nbr, key: [u8; 32], now: Micros, out: &mut Vec<CoreOut>) {
+        if key == self.key {
+            // A link to ourselves (e.g. our own address among the peers) is useless.
+            self.counters.self_links += 1;
+            out.push(CoreOut::Close(nbr));
+            return;
+        }
         self.counters.links_up += 1;
         let cost = self.cfg.initial_cost_us;
         self.nbrs.insert(

@@ -466,3 +466,22 @@ async fn dialer_reconnects_to_late_and_restarted_peers() {
     a.shutdown().await;
     b2.shutdown().await;
 }
+
+/// A node configured with its own address as a peer refuses the link to itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_to_self_is_refused() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut c = cfg(true, vec![port]);
+    c.listen = Some(port);
+    let a = Node::start(c).await.unwrap();
+    wait_for("self link refused", 5, || {
+        a.status().counters.self_links >= 2
+    })
+    .await;
+    assert!(a.status().peers.is_empty());
+    assert!(a.status().routes.is_empty());
+    a.shutdown().await;
+}
