@@ -1,0 +1,573 @@
+//! Gateway benchmark: small keep-alive responses through meshgate (TLS → overlay → backend)
+//! beside nginx and Caddy terminating TLS and proxying to the same backend directly.
+//!
+//! Measured side by side in one run, rounds interleaved, medians quoted:
+//! - wrk (HTTP/1.1 keep-alive, 50 connections): req/s, p50, p99;
+//! - h2load (HTTP/2, 50 connections × 10 streams): req/s;
+//! - wrk with `Connection: close`: new TLS handshakes/s;
+//! - memory per idle TLS connection: RSS growth of the server process(es) with 10k open,
+//!   handshaken, idle TLS connections.
+//!
+//! The backend is an nginx serving a 6-byte body. All three proxies use the same ECDSA P-256
+//! certificate. Access logs are off everywhere. Run:
+//! `cargo run --release -p meshgate-bench --bin gateway` (installs wrk, nginx, caddy if missing).
+
+use anyhow::{Context, Result, bail};
+use meshgate_bench::{median, write_section};
+use meshgate_overlay::{Node, NodeConfig};
+use meshgate_sockets::Stack;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const HOST: &str = "localhost";
+const ROUNDS: usize = 3;
+const DURATION: &str = "3s";
+const IDLE_CONNS: usize = 10_000;
+
+struct Proc {
+    name: &'static str,
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // nginx: the master stops its workers on SIGQUIT/SIGTERM.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+fn ensure_tools() -> Result<()> {
+    let missing: Vec<&str> = [
+        ("wrk", "wrk"),
+        ("nginx", "nginx"),
+        ("caddy", "caddy"),
+        ("h2load", "nghttp2-client"),
+    ]
+    .iter()
+    .filter(|(bin, _)| {
+        !Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {bin} || test -x /usr/sbin/{bin}"))
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+    .map(|(_, pkg)| *pkg)
+    .collect();
+    if !missing.is_empty() {
+        eprintln!("installing {missing:?}");
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends {}",
+                missing.join(" ")
+            ))
+            .status()?
+            .success();
+        if !ok {
+            bail!("cannot install {missing:?}");
+        }
+    }
+    Ok(())
+}
+
+fn meshgate_binary() -> Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new("cargo")
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "meshgate-gateway",
+            "--bin",
+            "meshgate",
+        ])
+        .current_dir(&root)
+        .status()?;
+    if !status.success() {
+        bail!("cannot build the meshgate binary");
+    }
+    Ok(root.join("target/release/meshgate"))
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
+}
+
+fn nginx_bin() -> &'static str {
+    if Path::new("/usr/sbin/nginx").exists() {
+        "/usr/sbin/nginx"
+    } else {
+        "nginx"
+    }
+}
+
+fn start_nginx(dir: &Path, name: &str, server_block: &str, workers: &str) -> Result<Child> {
+    let conf = dir.join(format!("{name}.conf"));
+    let prefix = dir.join(name);
+    std::fs::create_dir_all(prefix.join("logs"))?;
+    write(
+        &conf,
+        &format!(
+            "daemon off;\nworker_processes {workers};\nworker_rlimit_nofile 40000;\npid {p}/nginx.pid;\n\
+             error_log {p}/logs/error.log error;\n\
+             events {{ worker_connections 20000; }}\n\
+             http {{\n access_log off;\n keepalive_requests 1000000;\n \
+             client_body_temp_path {p}/body; proxy_temp_path {p}/proxy;\n \
+             fastcgi_temp_path {p}/fcgi; uwsgi_temp_path {p}/uwsgi; scgi_temp_path {p}/scgi;\n\
+             {server_block}\n}}\n",
+            p = prefix.display()
+        ),
+    )?;
+    Ok(Command::new(nginx_bin())
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(&prefix)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+fn wait_ok(port: u16, path: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let out = Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-m", "2"])
+            .arg(format!("https://{HOST}:{port}{path}"))
+            .output()?;
+        if out.stdout == b"200" {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("server on port {port} not answering")
+}
+
+/// (req/s, p50 ms, p99 ms) from wrk.
+fn wrk(port: u16, extra: &[&str]) -> Result<(f64, f64, f64)> {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c50", "-d", DURATION, "--latency"])
+        .args(extra)
+        .arg(format!("https://{HOST}:{port}/"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("wrk output: {text}"))?;
+    let pct = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p).map(|v| parse_ms(v.trim())))
+            .flatten()
+            .unwrap_or(f64::NAN)
+    };
+    Ok((rps, pct("50%"), pct("99%")))
+}
+
+fn parse_ms(v: &str) -> Option<f64> {
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        _ => return None,
+    })
+}
+
+fn h2load(port: u16) -> Result<f64> {
+    let out = Command::new("h2load")
+        .args(["-c50", "-m10", "-t2", "-D", "3"])
+        .arg(format!("https://{HOST}:{port}/"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            let l = l.strip_prefix("finished in ")?;
+            let rps = l.split(", ").nth(1)?.strip_suffix(" req/s")?;
+            rps.parse().ok()
+        })
+        .with_context(|| format!("h2load output: {text}"))
+}
+
+/// Resident memory (KiB) of `pid` and its children.
+fn rss_kib(pid: u32) -> u64 {
+    let mut pids = vec![pid];
+    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        pids.extend(
+            children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Opens `n` TLS connections (handshake done, no request) and measures the server's RSS growth
+/// per connection in bytes.
+async fn idle_memory(pid: u32, port: u16, n: usize) -> Result<f64> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid);
+    let sem = Arc::new(tokio::sync::Semaphore::new(200));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let connector = connector.clone();
+        let sem = sem.clone();
+        tasks.spawn(async move {
+            let _permit = sem.acquire().await.ok()?;
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()?;
+            let name = rustls::pki_types::ServerName::try_from(HOST).ok()?;
+            connector.connect(name, tcp).await.ok()
+        });
+    }
+    let mut conns = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Some(c)) = r {
+            conns.push(c);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(pid);
+    let open = conns.len();
+    drop(conns);
+    if open < n * 9 / 10 {
+        bail!("only {open} of {n} idle connections opened");
+    }
+    Ok((after.saturating_sub(before) as f64 * 1024.0) / open as f64)
+}
+
+#[derive(Debug)]
+struct AcceptAny;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[derive(Default)]
+struct Figures {
+    wrk_rps: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    h2_rps: Vec<f64>,
+    handshakes: Vec<f64>,
+    idle_bytes: f64,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    ensure_tools()?;
+    let meshgate = meshgate_binary()?;
+    let dir = tempfile_dir()?;
+    let d = dir.as_path();
+    let (cert, key) = (d.join("cert.pem"), d.join("key.pem"));
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args([
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ])
+        .stderr(Stdio::null())
+        .status()?
+        .success();
+    if !ok {
+        bail!("openssl could not make the certificate");
+    }
+
+    // The backend: nginx answering 6 bytes.
+    let backend_port = free_port();
+    let backend = Proc {
+        name: "backend",
+        port: backend_port,
+        child: start_nginx(
+            d,
+            "backend",
+            &format!(
+                "server {{ listen 127.0.0.1:{backend_port}; location / {{ default_type text/plain; return 200 \"hello\\n\"; }} }}"
+            ),
+            "1",
+        )?,
+    };
+
+    // nginx terminating TLS, keep-alive pool to the backend.
+    let nginx_port = free_port();
+    let nginx = Proc {
+        name: "nginx",
+        port: nginx_port,
+        child: start_nginx(
+            d,
+            "proxy",
+            &format!(
+                "upstream b {{ server 127.0.0.1:{backend_port}; keepalive 64; }}\n\
+                 server {{ listen 127.0.0.1:{nginx_port} ssl http2; listen [::1]:{nginx_port} ssl http2;\n\
+                 ssl_certificate {c}; ssl_certificate_key {k};\n\
+                 location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}",
+                c = cert.display(),
+                k = key.display()
+            ),
+            "auto",
+        )?,
+    };
+
+    // Caddy terminating TLS with the same certificate.
+    let caddy_port = free_port();
+    let caddyfile = d.join("Caddyfile");
+    write(
+        &caddyfile,
+        &format!(
+            "{{\n admin off\n auto_https off\n}}\n\
+             https://{HOST}:{caddy_port} {{\n bind 127.0.0.1 ::1\n tls {c} {k}\n reverse_proxy 127.0.0.1:{backend_port}\n}}\n",
+            c = cert.display(),
+            k = key.display()
+        ),
+    )?;
+    let caddy = Proc {
+        name: "caddy",
+        port: caddy_port,
+        child: Command::new("caddy")
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&caddyfile)
+            .env("HOME", d)
+            .env("XDG_DATA_HOME", d.join("caddy-data"))
+            .env("XDG_CONFIG_HOME", d.join("caddy-config"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    };
+
+    // meshgate: TLS → embedded overlay node → workload node (here) → backend.
+    let workload = Node::start(NodeConfig {
+        key_path: d.join("workload.key"),
+        listen: Some("127.0.0.1:0".parse()?),
+        ..NodeConfig::default()
+    })
+    .await?;
+    let port = workload.take_l3_port().context("workload L3 port")?;
+    let stack = Stack::new(port.address, port.mtu, port.tx, port.rx);
+    let _exposed =
+        meshgate_sockets::expose(&stack, 80, SocketAddr::from(([127, 0, 0, 1], backend_port)))?;
+    let overlay_backend = SocketAddr::from((workload.address(), 80));
+    let link = workload.listen_addr().context("workload link")?;
+    let start_meshgate = |name: &'static str, backend: SocketAddr, overlay: bool| -> Result<Proc> {
+        let port = free_port();
+        let config = d.join(format!("{name}.toml"));
+        let overlay_section = if overlay {
+            format!(
+                "[overlay]\nkey_file = \"{}/gateway-node.key\"\npeers = [\"{link}\"]\n",
+                d.display()
+            )
+        } else {
+            "[security]\nallow_private_backends = true\n".to_string()
+        };
+        write(
+            &config,
+            &format!(
+                "data_dir = \"{d}\"\n[listen]\nhttps = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\nhttp = []\n\
+                 [admin]\nlisten = \"127.0.0.1:{admin}\"\n{overlay_section}\
+                 [timeouts]\nheader_ms = 60000\n\
+                 [[tls.certificates]]\ncert = \"{c}\"\nkey = \"{k}\"\n\
+                 [[route]]\nhost = \"{HOST}\"\nbackends = [{{ addr = \"{backend}\" }}]\n",
+                d = d.display(),
+                admin = free_port(),
+                c = cert.display(),
+                k = key.display()
+            ),
+        )?;
+        Ok(Proc {
+            name,
+            port,
+            child: Command::new(&meshgate)
+                .args(["gateway", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        })
+    };
+    let gateway = start_meshgate("meshgate", overlay_backend, true)?;
+    let direct = start_meshgate(
+        "meshgate-direct",
+        SocketAddr::from(([127, 0, 0, 1], backend_port)),
+        false,
+    )?;
+
+    let servers = [&gateway, &nginx, &caddy, &direct];
+    for s in servers {
+        wait_ok(s.port, "/").with_context(|| format!("{} not ready", s.name))?;
+    }
+    let _ = &backend;
+    let mut figures: Vec<Figures> = servers.iter().map(|_| Figures::default()).collect();
+    // Idle memory first, on fresh processes (after one request each), before load has grown
+    // the allocators' free lists.
+    for (i, s) in servers.iter().enumerate() {
+        figures[i].idle_bytes = idle_memory(s.child.id(), s.port, IDLE_CONNS).await?;
+        eprintln!(
+            "{}: {:.1} KiB per idle TLS connection",
+            s.name,
+            figures[i].idle_bytes / 1024.0
+        );
+    }
+    for round in 0..ROUNDS {
+        for (i, s) in servers.iter().enumerate() {
+            let (rps, p50, p99) = wrk(s.port, &[])?;
+            let f = &mut figures[i];
+            f.wrk_rps.push(rps);
+            f.p50.push(p50);
+            f.p99.push(p99);
+            f.h2_rps.push(h2load(s.port)?);
+            f.handshakes
+                .push(wrk(s.port, &["-H", "Connection: close"])?.0);
+            eprintln!(
+                "round {round} {}: wrk {rps:.0} req/s p50 {p50:.2} ms p99 {p99:.2} ms, h2 {:.0} req/s, handshakes {:.0}/s",
+                s.name,
+                f.h2_rps.last().unwrap_or(&0.0),
+                f.handshakes.last().unwrap_or(&0.0)
+            );
+        }
+    }
+
+    let med = |v: &[f64]| median(&mut v.to_vec());
+    let rows: Vec<String> = servers
+        .iter()
+        .zip(&figures)
+        .map(|(s, f)| {
+            format!(
+                "| {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.1} |",
+                s.name,
+                med(&f.wrk_rps),
+                med(&f.p50),
+                med(&f.p99),
+                med(&f.h2_rps),
+                med(&f.handshakes),
+                f.idle_bytes / 1024.0
+            )
+        })
+        .collect();
+    let ratio = |k: usize, pick: &dyn Fn(&Figures) -> f64| pick(&figures[0]) / pick(&figures[k]);
+    let wrk_of = |f: &Figures| med(&f.wrk_rps);
+    let h2_of = |f: &Figures| med(&f.h2_rps);
+    let hs_of = |f: &Figures| med(&f.handshakes);
+    let md = format!(
+        "## gateway\n\n\
+         Small keep-alive responses (6-byte body) on loopback, 2 cores shared by load generator and \
+         servers. meshgate: TLS termination → embedded overlay node → overlay link → workload \
+         node → backend; meshgate-direct: the same gateway with the backend dialed directly (no \
+         overlay), to separate the gateway's cost from the overlay's. nginx 1.22 and Caddy 2.6: \
+         TLS termination → backend directly. Same ECDSA \
+         P-256 certificate, access logs off. wrk: HTTP/1.1, 50 connections, {DURATION}; h2load: \
+         HTTP/2, 50 connections × 10 streams; handshakes: wrk with `Connection: close`; idle: RSS \
+         growth with {IDLE_CONNS} handshaken idle TLS connections. Medians of {ROUNDS} interleaved rounds.\n\n\
+         | server | wrk req/s | p50 ms | p99 ms | h2load req/s | new TLS handshakes/s | KiB per idle TLS conn |\n\
+         |---|---|---|---|---|---|---|\n{}\n\n\
+         Ratios (meshgate / reference): wrk req/s {:.2}× nginx, {:.2}× Caddy; h2load req/s {:.2}× \
+         nginx, {:.2}× Caddy; handshakes/s {:.2}× nginx, {:.2}× Caddy. Targets: ≥ 0.8× nginx and \
+         ≥ 1.5× Caddy req/s; handshakes/s ≥ nginx; ≤ 20 KiB per idle connection. \
+         meshgate-direct: wrk req/s {:.2}× nginx, handshakes/s {:.2}× nginx.\n",
+        rows.join("\n"),
+        ratio(1, &wrk_of),
+        ratio(2, &wrk_of),
+        ratio(1, &h2_of),
+        ratio(2, &h2_of),
+        ratio(1, &hs_of),
+        ratio(2, &hs_of),
+        wrk_of(&figures[3]) / wrk_of(&figures[1]),
+        hs_of(&figures[3]) / hs_of(&figures[1]),
+    );
+    println!("{md}");
+    write_section("gateway", &md)?;
+    drop(direct);
+    drop(gateway);
+    drop(caddy);
+    drop(nginx);
+    drop(backend);
+    workload.shutdown().await;
+    let _ = std::fs::remove_dir_all(d);
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("meshgate-bench-gateway-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
