@@ -627,8 +627,9 @@ where
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(inner.limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
-        .enable_connect_protocol();
+        // No extended CONNECT (RFC 8441): browsers then open WebSockets over HTTP/1.1,
+        // which the proxy tunnels.
+        .max_concurrent_streams(256);
     let builder = if h2 { builder.http2_only() } else { builder };
     let activity = ci.activity.clone();
     let svc_inner = inner.clone();
