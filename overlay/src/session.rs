@@ -478,22 +478,20 @@ impl Sessions {
             if let Some(p) = peer.pending.as_mut()
                 && now.saturating_sub(p.sent_at) >= cfg.init_retry
             {
-                {
-                    if p.attempts >= cfg.init_attempts {
-                        self.by_idx.remove(&p.idx);
-                        peer.pending = None;
-                        if !peer.queue.is_empty() {
-                            out.push(SessionOut::GaveUp {
-                                dst: peer.addr.unwrap_or(Ipv6Addr::UNSPECIFIED),
-                                dropped: peer.queue.len(),
-                            });
-                            peer.queue.clear();
-                        }
-                    } else {
-                        p.attempts += 1;
-                        p.sent_at = now;
-                        retry.push(p.init.encode());
+                if p.attempts >= cfg.init_attempts {
+                    self.by_idx.remove(&p.idx);
+                    peer.pending = None;
+                    if !peer.queue.is_empty() {
+                        out.push(SessionOut::GaveUp {
+                            dst: peer.addr.unwrap_or(Ipv6Addr::UNSPECIFIED),
+                            dropped: peer.queue.len(),
+                        });
+                        peer.queue.clear();
                     }
+                } else {
+                    p.attempts += 1;
+                    p.sent_at = now;
+                    retry.push(p.init.encode());
                 }
             }
         }
@@ -735,5 +733,26 @@ mod tests {
         a.seal(3, b.addr, Bytes::from_static(b"new"), &mut out);
         let p = sends(&mut out).remove(0);
         assert_eq!(&b.open(3, BytesMut::from(&p[..])).unwrap().1[..], b"new");
+    }
+
+    #[test]
+    fn unanswered_init_is_retried_then_abandoned() {
+        let (mut a, b) = pair(SessionConfig::default());
+        let mut out = Vec::new();
+        a.seal(0, b.addr, Bytes::from_static(b"1"), &mut out);
+        a.seal(0, b.addr, Bytes::from_static(b"2"), &mut out);
+        assert_eq!(sends(&mut out).len(), 1, "one init, packets queued");
+        let mut inits = 1;
+        let mut dropped = 0;
+        for s in 1..=6u64 {
+            a.tick(s * 1_000_000, &mut out);
+            for o in out.drain(..) {
+                match o {
+                    SessionOut::Send(_) => inits += 1,
+                    SessionOut::GaveUp { dropped: d, .. } => dropped += d,
+                }
+            }
+        }
+        assert_eq!((inits, dropped), (5, 2));
     }
 }
