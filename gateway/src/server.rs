@@ -693,6 +693,7 @@ pub fn status_json(inner: &Inner) -> serde_json::Value {
                 "mode": e.route.mode,
                 "backends": e.route.backends.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>(),
                 "options": e.route.options,
+                "pool": e.pool.status(),
             })
         })
         .collect();

@@ -173,7 +173,13 @@ async fn gateway_end_to_end() {
         "{metrics}"
     );
     let status: serde_json::Value = serde_json::from_str(&gw.admin_get("/status")).unwrap();
-    assert!(status["routes"].as_array().unwrap().len() >= 6, "{status}");
+    let routes = status["routes"].as_array().unwrap();
+    assert!(routes.len() >= 6, "{status}");
+    let echo = routes.iter().find(|r| r["host"] == "echo.test").unwrap();
+    assert!(
+        echo["pool"][0]["requests"].as_u64().unwrap_or(0) > 0,
+        "{echo}"
+    );
     assert!(gw.log().contains("access"), "access log lines expected");
 }
 
