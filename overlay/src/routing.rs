@@ -612,3 +612,106 @@ impl Router {
 fn total(metric: u32, cost: u32) -> u32 {
     metric.saturating_add(cost).min(METRIC_INFINITY - 1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed(owner: &Identity, seqno: u64, metric: u32) -> RouteUpdate {
+        let key = owner.public_key();
+        let prefix = prefix_for_key(&key);
+        RouteUpdate {
+            prefix,
+            seqno,
+            metric,
+            router_key: key,
+            signature: owner.sign(&route_signature_input(&prefix, seqno, &key)),
+        }
+    }
+
+    fn router() -> Router {
+        Router::new(
+            Identity::from_seed(&[9; 32]),
+            RoutingConfig::default(),
+            1,
+            0,
+        )
+    }
+
+    #[test]
+    fn relays_cannot_resequence_or_originate_foreign_routes() {
+        let owner = Identity::from_seed(&[1; 32]);
+        let mut r = router();
+        let mut out = Vec::new();
+        r.neighbor_up(1, 100, &mut out);
+        let good = signed(&owner, 5, 1000);
+        r.handle_updates(1, &[good], 0, &mut out);
+        assert_eq!(r.next_hop(&good.prefix), Some(1));
+        // Re-sequenced by a relay: the signature no longer matches.
+        let mut reseq = good;
+        reseq.seqno = 6;
+        r.handle_updates(1, &[reseq], 0, &mut out);
+        assert_eq!(r.counters.bad_signature, 1);
+        // Originated by someone else for the owner's prefix.
+        let mallory = Identity::from_seed(&[2; 32]);
+        let mut forged = signed(&mallory, 7, 0);
+        forged.prefix = good.prefix;
+        r.handle_updates(1, &[forged], 0, &mut out);
+        assert_eq!(r.counters.forged_prefix, 1);
+        assert_eq!(r.table[&good.prefix].routes[&1].seqno, 5);
+    }
+
+    #[test]
+    fn feasibility_hysteresis_and_seqno_requests() {
+        let owner = Identity::from_seed(&[1; 32]);
+        let p = prefix_for_key(&owner.public_key());
+        let mut r = router();
+        let mut out = Vec::new();
+        r.neighbor_up(1, 1000, &mut out);
+        r.neighbor_up(2, 1000, &mut out);
+        r.handle_updates(1, &[signed(&owner, 5, 10_000)], 0, &mut out);
+        assert_eq!((r.next_hop(&p), r.metric(&p)), (Some(1), Some(11_000)));
+        // Better by less than the hysteresis: keep the current route.
+        r.handle_updates(2, &[signed(&owner, 5, 9_700)], 0, &mut out);
+        assert_eq!(r.next_hop(&p), Some(1));
+        // Clearly better: switch.
+        r.handle_updates(2, &[signed(&owner, 5, 5_000)], 0, &mut out);
+        assert_eq!((r.next_hop(&p), r.metric(&p)), (Some(2), Some(6_000)));
+        // The new route's link dies; the old one (metric 10 000 ≥ FD 6 000) is unfeasible:
+        // no route is selected, a retraction goes out and a seqno request asks for seqno 6.
+        out.clear();
+        r.neighbor_down(2, 1, &mut out);
+        assert_eq!(r.next_hop(&p), None);
+        assert!(
+            out.iter()
+                .any(|(n, c)| *n == 1 && matches!(c, Control::SeqnoRequest { seqno: 6, .. }))
+        );
+        assert!(out.iter().any(|(_, c)| matches!(c, Control::Updates(l)
+            if l.iter().any(|u| u.prefix == p && u.metric == METRIC_INFINITY))));
+        // The owner's newer seqno makes the old path feasible again.
+        r.handle_updates(1, &[signed(&owner, 6, 10_000)], 2, &mut out);
+        assert_eq!(r.next_hop(&p), Some(1));
+    }
+
+    #[test]
+    fn owner_answers_requests_with_a_higher_signed_seqno() {
+        let mut r = router();
+        let mut out = Vec::new();
+        r.neighbor_up(1, 100, &mut out);
+        out.clear();
+        let own = r.own_prefix();
+        r.handle_request(1, own, 50, 64, 0, &mut out);
+        assert_eq!(r.own_seqno(), 50);
+        let sent = out.iter().find_map(|(_, c)| match c {
+            Control::Updates(l) => l.iter().find(|u| u.prefix == own).copied(),
+            _ => None,
+        });
+        let u = sent.expect("announced");
+        assert_eq!(u.seqno, 50);
+        assert!(verify(
+            &u.router_key,
+            &route_signature_input(&own, 50, &u.router_key),
+            &u.signature
+        ));
+    }
+}
