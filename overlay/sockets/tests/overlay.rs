@@ -319,12 +319,9 @@ async fn relay_killed_mid_transfer_stream_survives() {
     );
     assert_eq!(received.load(std::sync::atomic::Ordering::Relaxed), TOTAL);
     assert_eq!(got_hash, sent_hash, "data corrupted across the reroute");
-    // Packets in flight through the stopped relay were lost: the stream stalled until a
-    // retransmission took the other path.
-    assert!(
-        gap >= Duration::from_millis(100),
-        "no stall observed ({gap:?})"
-    );
+    // Packets in flight through the stopped relay are lost and retransmitted after smoltcp's
+    // 1 s minimum RTO (the printed stall); when no packet was in flight there at the kill
+    // there is no stall to see, so the stall is reported, not asserted.
     assert!(
         forwarded(&relays[other]) - other_before >= (TOTAL - at_kill) / 2,
         "the surviving relay did not carry the rest of the stream"
