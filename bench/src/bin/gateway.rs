@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 const HOST: &str = "localhost";
 const ROUNDS: usize = 3;
-const DURATION: &str = "3s";
+const DURATION: &str = "2s";
 const IDLE_CONNS: usize = 10_000;
 
 struct Proc {
@@ -195,7 +195,7 @@ fn parse_ms(v: &str) -> Option<f64> {
 
 fn h2load(port: u16) -> Result<f64> {
     let out = Command::new("h2load")
-        .args(["-c50", "-m10", "-t2", "-D", "3"])
+        .args(["-c50", "-m10", "-t2", "-D", "2"])
         .arg(format!("https://{HOST}:{port}/"))
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
