@@ -5,7 +5,7 @@ use crate::file::{self, ConfigError};
 use crate::route::{Mode, Route};
 use serde::Deserialize;
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -34,6 +34,9 @@ pub struct GatewayConfig {
     pub limits: Limits,
     #[serde(default)]
     pub security: Security,
+    /// Custom-domain verification for reservations.
+    #[serde(default)]
+    pub reservations: Reservations,
     /// Static routes, `[[route]]` tables.
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
@@ -81,6 +84,9 @@ pub struct Admin {
     /// File holding the farmer's admin token (mode 0600), used by the reservations API.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Serve the admin listener over TLS; absent = plain HTTP.
+    #[serde(default)]
+    pub tls: Option<AdminTls>,
 }
 
 impl Default for Admin {
@@ -88,7 +94,85 @@ impl Default for Admin {
         Admin {
             listen: default_admin(),
             token_file: None,
+            tls: None,
         }
+    }
+}
+
+/// `[admin] tls = { cert = "chain.pem", key = "key.pem" }` or `tls = { dev_ca = true }`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTls {
+    /// PEM certificate chain (leaf first).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key (mode 0600).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Issue the admin certificate from `[tls.dev_ca]` instead of files.
+    #[serde(default)]
+    pub dev_ca: bool,
+    /// Names (DNS names or IP addresses) the dev-CA certificate covers; default: the admin
+    /// listen address (or `127.0.0.1` and `::1` when it is unspecified) and `localhost`.
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+/// Custom-domain verification (`[reservations]`): how the gateway checks that a domain points
+/// here and carries its owner's TXT token, and how often.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Reservations {
+    /// Name servers to ask (`ip:port`); empty = those in `/etc/resolv.conf`.
+    #[serde(default)]
+    pub nameservers: Vec<SocketAddr>,
+    /// The gateway's public addresses: a domain resolving only to these counts as pointed.
+    /// Empty = the non-wildcard, non-loopback `listen.https` addresses.
+    #[serde(default)]
+    pub public_addresses: Vec<IpAddr>,
+    /// Re-validation period of every domain, in seconds.
+    #[serde(default = "d300")]
+    pub interval_secs: u64,
+    /// How long a domain may fail re-validation before it is deactivated, in seconds.
+    #[serde(default = "d3600")]
+    pub grace_secs: u64,
+    /// Activate terminate-mode domains only once their certificate is issued.
+    #[serde(default)]
+    pub require_certificate: bool,
+    /// Per-DNS-query timeout, in milliseconds.
+    #[serde(default = "d5000")]
+    pub query_timeout_ms: u64,
+}
+
+fn d300() -> u64 {
+    300
+}
+fn d3600() -> u64 {
+    3600
+}
+
+impl Default for Reservations {
+    fn default() -> Self {
+        Reservations {
+            nameservers: Vec::new(),
+            public_addresses: Vec::new(),
+            interval_secs: d300(),
+            grace_secs: d3600(),
+            require_certificate: false,
+            query_timeout_ms: d5000(),
+        }
+    }
+}
+
+impl Reservations {
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs(self.interval_secs)
+    }
+    pub fn grace(&self) -> Duration {
+        Duration::from_secs(self.grace_secs)
+    }
+    pub fn query_timeout(&self) -> Duration {
+        Duration::from_millis(self.query_timeout_ms)
     }
 }
 
@@ -351,6 +435,8 @@ impl GatewayConfig {
                 ),
             ));
         }
+        self.validate_admin_tls(&err)?;
+        self.validate_reservations(&err)?;
         let mut seen = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
             let host_ok = match r.host.strip_prefix("*.") {
@@ -384,6 +470,118 @@ impl GatewayConfig {
                     "a passthrough route has no plain HTTP side; remove this option".into(),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_admin_tls(
+        &self,
+        err: &impl Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let Some(t) = &self.admin.tls else {
+            return Ok(());
+        };
+        // `tls = { … }` inline puts every key on the `tls =` line; `[admin.tls]` on its own.
+        let err = |field: &str, msg: String| {
+            let mut e = err(field, msg);
+            if e.line.is_none() {
+                let at = err("admin.tls", String::new());
+                (e.line, e.column) = (at.line, at.column);
+            }
+            e
+        };
+        match (&t.cert, &t.key, t.dev_ca) {
+            (Some(_), Some(_), false) => {}
+            (None, None, true) if self.tls.dev_ca.is_none() => {
+                return Err(err(
+                    "admin.tls.dev_ca",
+                    "needs a `[tls.dev_ca]` table with the CA's `dir`".into(),
+                ));
+            }
+            (None, None, true) => {}
+            (Some(_), None, false) => {
+                return Err(err(
+                    "admin.tls",
+                    "`cert` is given without `key`; both PEM files are expected".into(),
+                ));
+            }
+            (None, Some(_), false) => {
+                return Err(err(
+                    "admin.tls",
+                    "`key` is given without `cert`; both PEM files are expected".into(),
+                ));
+            }
+            (None, None, false) => {
+                return Err(err(
+                    "admin.tls",
+                    "expected `{ cert = \"chain.pem\", key = \"key.pem\" }` or `{ dev_ca = true }`"
+                        .into(),
+                ));
+            }
+            (_, _, true) => {
+                return Err(err(
+                    "admin.tls",
+                    "`dev_ca = true` and `cert`/`key` exclude each other; choose one".into(),
+                ));
+            }
+        }
+        if !t.names.is_empty() && !t.dev_ca {
+            return Err(err(
+                "admin.tls.names",
+                "only used with `dev_ca = true`; a certificate file carries its own names".into(),
+            ));
+        }
+        for n in &t.names {
+            if n.parse::<IpAddr>().is_err() && !is_hostname(n) {
+                return Err(err(
+                    "admin.tls.names",
+                    format!("`{n}` is neither an IP address nor a lowercase DNS name"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_reservations(
+        &self,
+        err: &impl Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let r = &self.reservations;
+        if r.interval_secs == 0 {
+            return Err(err(
+                "reservations.interval_secs",
+                "expected a positive number of seconds".into(),
+            ));
+        }
+        if r.query_timeout_ms == 0 {
+            return Err(err(
+                "reservations.query_timeout_ms",
+                "expected a positive number of milliseconds".into(),
+            ));
+        }
+        if let Some(ns) = r
+            .nameservers
+            .iter()
+            .find(|a| a.port() == 0 || a.ip().is_unspecified())
+        {
+            return Err(err(
+                "reservations.nameservers",
+                format!(
+                    "`{ns}` is not a name server address; expected `ip:port` like `9.9.9.9:53`"
+                ),
+            ));
+        }
+        if let Some(ip) = r
+            .public_addresses
+            .iter()
+            .find(|ip| ip.is_unspecified() || ip.is_multicast())
+        {
+            return Err(err(
+                "reservations.public_addresses",
+                format!(
+                    "`{ip}` is not an address clients can reach; expected the gateway's public IPs"
+                ),
+            ));
         }
         Ok(())
     }
@@ -485,5 +683,101 @@ options = { proxy_protocol = true }
         assert!(e.message.contains("timeouts.header_ms"), "{e}");
         let e = parse("[limits]\nmax_hedaers = 3\n").unwrap_err();
         assert!(e.message.contains("max_hedaers"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod reservations_and_admin_tls_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
+        GatewayConfig::parse(Path::new("gateway.toml"), text)
+    }
+
+    #[test]
+    fn reservations_defaults_and_values() {
+        let c = parse("").unwrap();
+        assert_eq!(c.reservations, Reservations::default());
+        assert_eq!(c.reservations.interval(), Duration::from_secs(300));
+        assert_eq!(c.reservations.grace(), Duration::from_secs(3600));
+        assert!(c.admin.tls.is_none());
+        let c = parse(
+            "[reservations]\nnameservers = [\"127.0.0.1:5353\", \"[::1]:53\"]\n\
+             public_addresses = [\"203.0.113.7\", \"2001:db8::7\"]\ninterval_secs = 60\n\
+             grace_secs = 0\nrequire_certificate = true\nquery_timeout_ms = 800\n",
+        )
+        .unwrap();
+        let r = &c.reservations;
+        assert_eq!(r.nameservers[1], "[::1]:53".parse().unwrap());
+        assert_eq!(
+            r.public_addresses[0],
+            "203.0.113.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!((r.interval_secs, r.grace_secs), (60, 0));
+        assert!(r.require_certificate);
+        assert_eq!(r.query_timeout(), Duration::from_millis(800));
+    }
+
+    #[test]
+    fn bad_reservations_values_name_file_line_and_field() {
+        let e = parse(
+            "domains = [\"gw.example.org\"]\n[reservations]\ngrace_secs = 5\ninterval_secs = 0\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("gateway.toml:4:1: reservations.interval_secs: "),
+            "{e}"
+        );
+        assert!(e.message.contains("positive number of seconds"), "{e}");
+
+        let e = parse("[reservations]\npublic_addresses = [\"0.0.0.0\"]\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("reservations.public_addresses"), "{e}");
+
+        // Type errors are located by the TOML parser.
+        let e = parse("[reservations]\nnameservers = [\"ns1.example\"]\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        let e = parse("[reservations]\ngrace = 5\n").unwrap_err();
+        assert!(e.message.contains("grace"), "{e}");
+        let e = parse("[reservations]\nquery_timeout_ms = 0\n").unwrap_err();
+        assert!(e.message.contains("reservations.query_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn admin_tls_forms() {
+        let c = parse("[admin]\ntls = { cert = \"a.pem\", key = \"k.pem\" }\n").unwrap();
+        let t = c.admin.tls.unwrap();
+        assert_eq!(t.cert.as_deref(), Some(Path::new("a.pem")));
+        assert!(!t.dev_ca);
+        let c = parse("[admin.tls]\ndev_ca = true\nnames = [\"admin.example\", \"::1\"]\n[tls.dev_ca]\ndir = \"/tmp/ca\"\n")
+            .unwrap();
+        assert!(c.admin.tls.unwrap().dev_ca);
+    }
+
+    #[test]
+    fn bad_admin_tls_is_located() {
+        let e =
+            parse("[admin]\nlisten = \"127.0.0.1:1\"\ntls = { cert = \"a.pem\" }\n").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(
+            e.message.contains("admin.tls") && e.message.contains("without `key`"),
+            "{e}"
+        );
+        let e = parse("[admin]\ntls = { dev_ca = true }\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("[tls.dev_ca]"), "{e}");
+        let e = parse("[admin.tls]\ncert = \"a.pem\"\nkey = \"k.pem\"\ndev_ca = true\n[tls.dev_ca]\ndir = \"/x\"\n")
+            .unwrap_err();
+        assert!(e.message.contains("exclude each other"), "{e}");
+        let e = parse(
+            "[admin.tls]\ndev_ca = true\nnames = [\"Bad Name\"]\n[tls.dev_ca]\ndir = \"/x\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(e.message.contains("admin.tls.names"), "{e}");
+        let e = parse("[admin]\ntls = { certificate = \"a.pem\" }\n").unwrap_err();
+        assert!(e.message.contains("certificate"), "{e}");
     }
 }

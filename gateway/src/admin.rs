@@ -1,19 +1,96 @@
 //! The admin listener (loopback by default): `/metrics`, `/status`, `POST /reload`, and the
-//! reservations API under `/v1/`.
+//! reservations API under `/v1/`. Plain HTTP, or TLS when `[admin] tls` is set.
 
 use crate::proxy::{Body, full};
 use crate::server::{Inner, api_handler, status_json};
+use crate::tls::{Always, DevCa, load_pem_files};
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use meshgate_config::gateway::GatewayConfig;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+/// Time for an admin client to finish the TLS handshake or send a request head.
+const ADMIN_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// The admin listener's TLS acceptor from `[admin] tls`, or `None` for plain HTTP.
+pub(crate) fn tls_acceptor(
+    config: &GatewayConfig,
+    dev_ca: Option<&DevCa>,
+) -> Result<Option<TlsAcceptor>> {
+    let Some(t) = &config.admin.tls else {
+        return Ok(None);
+    };
+    let cert = match (&t.cert, &t.key) {
+        (Some(cert), Some(key)) => {
+            load_pem_files(cert, key)
+                .context("admin.tls: cannot load the admin certificate")?
+                .1
+        }
+        _ => {
+            let ca = dev_ca.context("admin.tls.dev_ca needs a [tls.dev_ca] table")?;
+            ca.issue(&dev_ca_names(config))
+                .context("admin.tls: cannot issue the admin certificate from the dev CA")?
+        }
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Always(cert)));
+    // The admin server speaks HTTP/1.1 only.
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(tls))))
+}
+
+/// Names on a dev-CA admin certificate: the configured ones, else the listen address (both
+/// loopbacks when it is a wildcard) and `localhost`.
+fn dev_ca_names(config: &GatewayConfig) -> Vec<String> {
+    let names = config
+        .admin
+        .tls
+        .as_ref()
+        .map(|t| t.names.clone())
+        .unwrap_or_default();
+    if !names.is_empty() {
+        return names;
+    }
+    let ip = config.admin.listen.ip();
+    let mut names = if ip.is_unspecified() {
+        vec!["127.0.0.1".to_string(), "::1".to_string()]
+    } else {
+        vec![ip.to_string()]
+    };
+    names.push("localhost".into());
+    names
+}
 
 pub(crate) async fn serve(inner: &Arc<Inner>, stream: TcpStream) {
+    match inner.admin_tls.clone() {
+        None => serve_conn(inner, stream).await,
+        Some(acceptor) => {
+            match tokio::time::timeout(ADMIN_HANDSHAKE, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve_conn(inner, tls).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "admin TLS handshake failed"),
+                Err(_) => tracing::debug!("admin TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn serve_conn<S>(inner: &Arc<Inner>, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let inner = inner.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let inner = inner.clone();
@@ -21,7 +98,7 @@ pub(crate) async fn serve(inner: &Arc<Inner>, stream: TcpStream) {
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(10))
+        .header_read_timeout(ADMIN_HANDSHAKE)
         .serve_connection(TokioIo::new(stream), svc)
         .await;
 }

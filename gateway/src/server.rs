@@ -63,6 +63,8 @@ pub struct Inner {
     api: RwLock<Option<ApiHandler>>,
     routes_hook: RwLock<Option<RoutesHook>>,
     started: Instant,
+    /// `[admin] tls`: the admin listener's TLS (fixed until restart).
+    pub(crate) admin_tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Called with each new route table (the certificate manager learns the names to serve).
@@ -213,6 +215,7 @@ impl Gateway {
             Some(d) => Some(DevCa::open(&d.dir)?),
             None => None,
         };
+        let admin_tls = crate::admin::tls_acceptor(&config, dev_ca.as_ref())?;
         let resolver = Arc::new(CertResolver::default());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = ServerConfig::builder_with_provider(provider)
@@ -257,6 +260,7 @@ impl Gateway {
             api: RwLock::default(),
             routes_hook: RwLock::default(),
             started: Instant::now(),
+            admin_tls,
         });
         inner.rebuild()?;
         Ok(Gateway { inner })

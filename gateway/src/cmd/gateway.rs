@@ -4,6 +4,8 @@ use crate::overlay::EmbeddedNode;
 use crate::server::Gateway;
 use anyhow::{Context, Result};
 use meshgate_config::gateway::GatewayConfig;
+use meshgate_config::verify::VerifierConfig;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -84,13 +86,7 @@ impl crate::server::Challenges for CertChallenges {
 }
 
 async fn start_services(gateway: &Gateway, config: &GatewayConfig) -> Result<Services> {
-    let public: Vec<std::net::IpAddr> = config
-        .listen
-        .https
-        .iter()
-        .map(|a| a.ip())
-        .filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
-        .collect();
+    let public = public_addresses(config);
     let certs = match &config.tls.acme {
         Some(acme) => {
             let cfg = serde_json::json!({
@@ -153,10 +149,10 @@ async fn start_services(gateway: &Gateway, config: &GatewayConfig) -> Result<Ser
                 domain,
                 &token_file,
                 crate::api::ApiConfig {
-                    gateway_addrs: public.clone(),
+                    gateway_addrs: public,
                     ..Default::default()
                 },
-                meshgate_config::verify::VerifierConfig::new(domain, public),
+                verifier_config(config, domain),
             )?;
             gateway.set_api(crate::api::handler(r.api.clone()));
             gateway.follow_reserved_routes(r.store.routes());
@@ -169,6 +165,34 @@ async fn start_services(gateway: &Gateway, config: &GatewayConfig) -> Result<Ser
         _reservations: reservations,
         _certs: certs,
     })
+}
+
+/// The addresses a custom domain may resolve to instead of CNAMEing here: the configured
+/// `reservations.public_addresses`, else the non-wildcard, non-loopback HTTPS listen addresses.
+fn public_addresses(config: &GatewayConfig) -> Vec<IpAddr> {
+    if !config.reservations.public_addresses.is_empty() {
+        return config.reservations.public_addresses.clone();
+    }
+    config
+        .listen
+        .https
+        .iter()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
+        .collect()
+}
+
+/// The custom-domain verifier's settings from `[reservations]`.
+fn verifier_config(config: &GatewayConfig, domain: &str) -> VerifierConfig {
+    let r = &config.reservations;
+    VerifierConfig {
+        nameservers: r.nameservers.clone(),
+        interval: r.interval(),
+        grace: r.grace(),
+        require_certificate: r.require_certificate,
+        timeout: r.query_timeout(),
+        ..VerifierConfig::new(domain, public_addresses(config))
+    }
 }
 
 fn spawn_sighup_reload(gateway: Gateway) -> Result<()> {
@@ -203,5 +227,62 @@ pub async fn shutdown_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::time::Duration;
+
+    fn parse(text: &str) -> GatewayConfig {
+        GatewayConfig::parse(Path::new("gateway.toml"), text).unwrap()
+    }
+
+    #[test]
+    fn reservations_table_reaches_the_verifier() {
+        let c = parse(
+            "domains = [\"gw.example.org\"]\n[listen]\nhttps = [\"[::]:443\"]\n\
+             [reservations]\nnameservers = [\"127.0.0.1:5353\"]\n\
+             public_addresses = [\"203.0.113.7\", \"2001:db8::7\"]\ninterval_secs = 42\n\
+             grace_secs = 7\nrequire_certificate = true\nquery_timeout_ms = 900\n",
+        );
+        let v = verifier_config(&c, "gw.example.org");
+        assert_eq!(v.gateway_domain, "gw.example.org");
+        assert_eq!(v.nameservers, vec!["127.0.0.1:5353".parse().unwrap()]);
+        assert_eq!(
+            v.gateway_addrs,
+            vec![
+                "203.0.113.7".parse::<IpAddr>().unwrap(),
+                "2001:db8::7".parse().unwrap()
+            ]
+        );
+        assert_eq!(v.interval, Duration::from_secs(42));
+        assert_eq!(v.grace, Duration::from_secs(7));
+        assert!(v.require_certificate);
+        assert_eq!(v.timeout, Duration::from_millis(900));
+    }
+
+    #[test]
+    fn without_reservations_table_listeners_give_the_addresses() {
+        let c =
+            parse("[listen]\nhttps = [\"[::]:443\", \"198.51.100.1:443\", \"127.0.0.1:8443\"]\n");
+        let v = verifier_config(&c, "gw.example.org");
+        assert_eq!(
+            v.gateway_addrs,
+            vec!["198.51.100.1".parse::<IpAddr>().unwrap()]
+        );
+        assert!(v.nameservers.is_empty());
+        assert_eq!(v.interval, Duration::from_secs(300));
+        assert_eq!(v.grace, Duration::from_secs(3600));
+        assert!(!v.require_certificate);
+        // With only `[::]:443`, nothing is known: the CNAME proof is the only one.
+        let c = parse("");
+        assert!(
+            verifier_config(&c, "gw.example.org")
+                .gateway_addrs
+                .is_empty()
+        );
     }
 }

@@ -5,10 +5,14 @@ use bytes::Bytes;
 use clap::{Subcommand, ValueEnum};
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
@@ -21,6 +25,9 @@ pub struct Args {
         global = true
     )]
     admin: String,
+    /// PEM CA certificate(s) to trust for an `https://` admin URL (default: the system's).
+    #[arg(long, env = "MESHGATE_CACERT", value_name = "PATH", global = true)]
+    cacert: Option<PathBuf>,
     /// Deployer token (or the farmer's admin token).
     #[arg(long, env = "MESHGATE_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
@@ -126,18 +133,25 @@ impl ModeArg {
     }
 }
 
-/// The admin API over HTTP.
+/// The admin API over HTTP or HTTPS.
 struct ApiClient {
     base: String,
     token: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl ApiClient {
-    fn new(base: &str, token: Option<String>) -> anyhow::Result<Self> {
+    fn new(base: &str, token: Option<String>, cacert: Option<&Path>) -> anyhow::Result<Self> {
         let base = base.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") {
-            bail!("--admin must be an http:// URL of the admin listener, got `{base}`");
+        let https = base.starts_with("https://");
+        if !https && !base.starts_with("http://") {
+            bail!("--admin must be an http:// or https:// URL of the admin listener, got `{base}`");
+        }
+        if !https && let Some(ca) = cacert {
+            bail!(
+                "--cacert {} is for https:// admin URLs, but --admin is `{base}`",
+                ca.display()
+            );
         }
         let token = token
             .filter(|t| !t.trim().is_empty())
@@ -145,7 +159,7 @@ impl ApiClient {
         Ok(ApiClient {
             base,
             token,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(connector(https, cacert)?),
         })
     }
 
@@ -171,7 +185,14 @@ impl ApiClient {
         let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
             .await
             .with_context(|| format!("{url}: no answer within 30 s"))?
-            .with_context(|| format!("cannot reach the admin API at {url}"))?;
+            .with_context(|| {
+                let hint = if self.base.starts_with("http://") {
+                    " (if the admin listener uses TLS, use an https:// URL)"
+                } else {
+                    ""
+                };
+                format!("cannot reach the admin API at {url}{hint}")
+            })?;
         let status = resp.status();
         let body = resp
             .into_body()
@@ -229,6 +250,44 @@ impl ApiClient {
     }
 }
 
+/// An HTTP(S) connector trusting `cacert`, or the system's roots for `https://` without it.
+fn connector(https: bool, cacert: Option<&Path>) -> anyhow::Result<HttpsConnector<HttpConnector>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = HttpsConnectorBuilder::new();
+    let builder = match cacert {
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_pki_types::CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("--cacert {}: cannot read", path.display()))?
+            {
+                let cert = cert.with_context(|| format!("--cacert {}: bad PEM", path.display()))?;
+                roots.add(cert).with_context(|| {
+                    format!("--cacert {}: unusable certificate", path.display())
+                })?;
+            }
+            if roots.is_empty() {
+                bail!("--cacert {}: no certificate in the file", path.display());
+            }
+            let tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            builder.with_tls_config(tls)
+        }
+        None if https => builder
+            .with_provider_and_native_roots(provider)
+            .context("no system CA certificates found; pass --cacert")?,
+        // Plain http://: the TLS side is never used.
+        None => builder.with_tls_config(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        ),
+    };
+    Ok(builder.https_or_http().enable_http1().build())
+}
+
 fn describe_error(status: StatusCode, v: &Value) -> String {
     let field = v["error"]["field"].as_str().unwrap_or_default();
     let reason = v["error"]["reason"].as_str().unwrap_or("no reason given");
@@ -240,7 +299,7 @@ fn describe_error(status: StatusCode, v: &Value) -> String {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let api = ApiClient::new(&args.admin, args.token)?;
+    let api = ApiClient::new(&args.admin, args.token, args.cacert.as_deref())?;
     let out = match args.command {
         Command::Name { name, spec } => {
             let v = api
