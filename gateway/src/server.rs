@@ -170,6 +170,9 @@ impl Inner {
         if new.timeouts != old.timeouts || new.limits != old.limits {
             tracing::warn!("timeout and limit changes take effect after a restart");
         }
+        if new.reservations != old.reservations {
+            tracing::warn!("[reservations] changes take effect after a restart");
+        }
         self.dialer
             .allow_private
             .store(new.security.allow_private_backends, Ordering::Relaxed);
