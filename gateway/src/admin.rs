@@ -32,6 +32,7 @@ pub(crate) fn tls_acceptor(
     };
     let cert = match (&t.cert, &t.key) {
         (Some(cert), Some(key)) => {
+            warn_if_readable_by_others(key);
             load_pem_files(cert, key)
                 .context("admin.tls: cannot load the admin certificate")?
                 .1
@@ -50,6 +51,20 @@ pub(crate) fn tls_acceptor(
     // The admin server speaks HTTP/1.1 only.
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Some(TlsAcceptor::from(Arc::new(tls))))
+}
+
+/// Private keys are secrets (mode 0600); say so when the file is open to group or others.
+fn warn_if_readable_by_others(key: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(key)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            file = %key.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "admin TLS key is readable by group or others; chmod 600 it"
+        );
+    }
 }
 
 /// Names on a dev-CA admin certificate: the configured ones, else the listen address (both

@@ -144,6 +144,8 @@ fn write_admin_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     std::fs::write(&ca, ca_cert.pem()).unwrap();
     std::fs::write(&cert, leaf.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
     (ca, cert, key_path)
 }
 
