@@ -136,54 +136,24 @@ fn dns_names(cert: &CertificateDer<'_>) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// A local certificate authority for the demo and tests (never for production names).
-pub struct DevCa {
-    dir: PathBuf,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
+/// The local development CA of the certs crate (demo and tests, never production names),
+/// with the shapes the gateway and its tests use.
+pub struct DevCa(meshgate_certs::DevCa);
 
 impl DevCa {
     /// Loads `dir/ca.pem` + `dir/ca.key`, creating them (key mode 0600) when missing.
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let cert_path = dir.join("ca.pem");
-        let key_path = dir.join("ca.key");
-        if !cert_path.exists() || !key_path.exists() {
-            let key = rcgen::KeyPair::generate()?;
-            let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, "meshgate development CA");
-            params.key_usages = vec![
-                rcgen::KeyUsagePurpose::KeyCertSign,
-                rcgen::KeyUsagePurpose::CrlSign,
-                rcgen::KeyUsagePurpose::DigitalSignature,
-            ];
-            let cert = params.self_signed(&key)?;
-            write_secret(&key_path, key.serialize_pem().as_bytes())?;
-            std::fs::write(&cert_path, cert.pem())?;
-        }
-        let key_pem = std::fs::read_to_string(&key_path)?;
-        let key = rcgen::KeyPair::from_pem(&key_pem)?;
-        let cert_pem = std::fs::read_to_string(&cert_path)?;
-        let issuer = rcgen::Issuer::from_ca_cert_pem(&cert_pem, key)
-            .with_context(|| format!("{}: not a CA certificate", cert_path.display()))?;
-        Ok(DevCa {
-            dir: dir.to_path_buf(),
-            issuer,
-        })
+        Ok(DevCa(meshgate_certs::DevCa::load_or_create(dir)?))
     }
 
     /// The CA certificate file clients pass to `--cacert`.
     pub fn ca_path(&self) -> PathBuf {
-        self.dir.join("ca.pem")
+        self.0.ca_pem_path()
     }
 
-    /// Issues a fresh leaf for `names` (first is the CN), valid for a year.
+    /// Issues a fresh leaf for `names` (first is the CN).
     pub fn issue(&self, names: &[String]) -> Result<Arc<CertifiedKey>> {
-        let (chain, key) = self.issue_der(names)?;
-        Ok(certified_key(chain, key)?.1)
+        Ok(self.0.certified_key(names)?)
     }
 
     /// Like `issue`, returning DER for servers that are not the gateway (test backends).
@@ -191,34 +161,17 @@ impl DevCa {
         &self,
         names: &[String],
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-        let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(names.to_vec())?;
-        if let Some(cn) = names.first() {
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, cn.as_str());
-        }
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let key_der = PrivateKeyDer::try_from(key.serialize_der())
-            .map_err(|e| anyhow::anyhow!("key encoding: {e}"))?;
-        Ok((vec![cert.der().clone()], key_der))
+        let pem = self.0.issue(names, LEAF_LIFETIME)?;
+        let chain = CertificateDer::pem_slice_iter(pem.chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .context("dev CA chain")?;
+        let key = PrivateKeyDer::from_pem_slice(pem.key_pem.as_bytes()).context("dev CA key")?;
+        Ok((chain, key))
     }
 }
 
-/// Writes a secret file with mode 0600 from the start.
-pub fn write_secret(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(data)?;
-    Ok(())
-}
+/// Leaves from the dev CA for test backends.
+const LEAF_LIFETIME: std::time::Duration = std::time::Duration::from_secs(90 * 86400);
 
 #[cfg(test)]
 mod tests {
