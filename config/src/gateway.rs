@@ -470,6 +470,9 @@ impl GatewayConfig {
                     "a passthrough route has no plain HTTP side; remove this option".into(),
                 ));
             }
+            if let Err((field, msg)) = r.pool.validate() {
+                return Err(err(&format!("route.{i}.{field}"), msg));
+            }
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 pub mod file;
 pub mod gateway;
 pub mod node;
+pub mod pool;
 pub mod reservation;
 pub mod route;
 pub mod store;

@@ -11,6 +11,7 @@
 //!   A-label (`xn--…`), since RFC 5891 reserves those labels;
 //! - the farmer's infrastructure labels (`www`, `api`, `ns1`, …) are reserved.
 
+use crate::pool::{Policy as PoolPolicy, PoolConfig};
 use crate::route::{Backend, Mode, Route, RouteOptions};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -252,9 +253,9 @@ impl Reservation {
         }
     }
 
-    /// The route the gateway serves for this reservation. `sticky` and `redirect_https: false`
-    /// have no `RouteOptions` field yet; the default route behaviour (redirect unless plain
-    /// HTTP is allowed) applies.
+    /// The route the gateway serves for this reservation. `sticky` selects the `hash_cookie`
+    /// pool policy (default cookie). `redirect_https: false` has no `RouteOptions` field yet;
+    /// the default route behaviour (redirect unless plain HTTP is allowed) applies.
     pub fn to_route(&self, farmer_domain: &str) -> Route {
         Route {
             host: self.host(farmer_domain),
@@ -270,6 +271,16 @@ impl Reservation {
             options: RouteOptions {
                 allow_plain_http: self.options.allow_plain_http,
                 ..RouteOptions::default()
+            },
+            // `sticky` keeps a client on one backend: hash on the affinity cookie, falling
+            // back to the client IP for clients without it.
+            pool: PoolConfig {
+                policy: if self.options.sticky {
+                    PoolPolicy::HashCookie
+                } else {
+                    PoolPolicy::default()
+                },
+                ..PoolConfig::default()
             },
         }
     }
@@ -661,5 +672,37 @@ mod tests {
         assert_eq!(route.mode, Mode::Passthrough);
         assert!(route.options.allow_plain_http);
         assert_eq!(route.backends[0].addr, r.backends[0]);
+        assert_eq!(route.pool, PoolConfig::default());
+    }
+
+    #[test]
+    fn sticky_reservation_hashes_on_the_affinity_cookie() {
+        let mut r = Reservation {
+            kind: Kind::Name,
+            name: "bob".into(),
+            owner: "b".into(),
+            backends: vec![
+                "[400::1]:80".parse().unwrap(),
+                "[400::2]:80".parse().unwrap(),
+            ],
+            mode: Mode::Terminate,
+            options: Options {
+                sticky: true,
+                ..Options::default()
+            },
+            status: Status::Active,
+            created_at: 1,
+            updated_at: 1,
+            verification: Verification::default(),
+        };
+        let route = r.to_route(FARM);
+        assert_eq!(route.pool.policy, PoolPolicy::HashCookie);
+        assert_eq!(
+            route.pool.sticky_cookie,
+            PoolConfig::default().sticky_cookie
+        );
+        assert_eq!(route.pool.validate(), Ok(()));
+        r.options.sticky = false;
+        assert_eq!(r.to_route(FARM).pool.policy, PoolPolicy::LeastLoaded);
     }
 }

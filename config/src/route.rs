@@ -1,6 +1,7 @@
 //! A route: which host goes to which backends, and how. Static routes come from
 //! `gateway.toml`; reservations are turned into routes by the reservation store.
 
+use crate::pool::PoolConfig;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
@@ -58,4 +59,7 @@ pub struct Route {
     pub mode: Mode,
     #[serde(default)]
     pub options: RouteOptions,
+    /// Backend selection, health, retries and limits (`[route.pool]`).
+    #[serde(default)]
+    pub pool: PoolConfig,
 }

@@ -21,32 +21,44 @@ impl std::fmt::Debug for RouteEntry {
     }
 }
 
-/// Builds pools for a new table, reusing the previous table's pool for a route whose
-/// backends did not change (health state and probes survive reloads).
+/// Builds pools for a new table from each route's `[route.pool]`. A route whose backends and
+/// pool settings did not change keeps the previous table's pool (health state and probes
+/// survive reloads); a rebuilt pool inherits ejections and latency estimates from the old one.
 pub struct PoolFactory {
     pub dialer: Arc<dyn Dialer>,
-    pub config: PoolConfig,
+    /// `[timeouts] connect_ms`: the connect budget of routes whose pool sets none.
+    pub connect_ms: u64,
     pub previous: Option<Arc<RouteTable>>,
 }
 
 impl PoolFactory {
+    /// The pool settings a route runs with: its own, connect timeouts filled from `[timeouts]`.
+    pub fn config_for(&self, route: &Route) -> PoolConfig {
+        route.pool.clone().with_connect_default(self.connect_ms)
+    }
+
     fn pool_for(&self, route: &Route) -> Arc<Pool> {
-        if let Some(old) = self
+        let config = self.config_for(route);
+        let old = self
             .previous
             .as_ref()
-            .and_then(|t| t.get_exact(&route.host))
+            .and_then(|t| t.get_exact(&route.host));
+        if let Some(old) = old
             && old.route.backends == route.backends
+            && *old.pool.config() == config
         {
             return old.pool.clone();
         }
-        Pool::for_route(
-            &route.host,
-            &route.backends,
-            self.config.clone(),
-            self.dialer.clone(),
-        )
+        let pool = Pool::for_route(&route.host, &route.backends, config, self.dialer.clone());
+        if let Some(old) = old {
+            pool.inherit(&old.pool);
+        }
+        pool
     }
 }
+
+/// Connect budget of [`RouteTable::build`]'s pools when a route sets none.
+const DEFAULT_CONNECT_MS: u64 = 3000;
 
 #[derive(Debug, Default)]
 pub struct RouteTable {
@@ -59,7 +71,7 @@ impl RouteTable {
     pub fn build(static_routes: &[Route], reserved: &[Route]) -> Self {
         let pools = PoolFactory {
             dialer: Arc::new(DirectDialer),
-            config: PoolConfig::default(),
+            connect_ms: DEFAULT_CONNECT_MS,
             previous: None,
         };
         Self::build_with(static_routes, reserved, &pools)
@@ -144,6 +156,7 @@ mod tests {
             }],
             mode: Mode::Terminate,
             options: RouteOptions::default(),
+            pool: PoolConfig::default(),
         }
     }
 
@@ -169,7 +182,7 @@ mod tests {
         ));
         let pools = PoolFactory {
             dialer: Arc::new(DirectDialer),
-            config: PoolConfig::default(),
+            connect_ms: DEFAULT_CONNECT_MS,
             previous: Some(first.clone()),
         };
         let second =
@@ -182,5 +195,57 @@ mod tests {
         };
         assert!(same("a.example"));
         assert!(!same("b.example"));
+    }
+
+    #[tokio::test]
+    async fn rebuilt_pools_use_the_route_pool_and_keep_ejections() {
+        use crate::pool::{ClientInfo, Outcome, Policy};
+        let mut a = route("a.example", 1);
+        a.pool.policy = Policy::RoundRobin;
+        a.pool.connect_attempt_timeout_ms = Some(250);
+        let first = Arc::new(RouteTable::build_with(
+            std::slice::from_ref(&a),
+            &[],
+            &PoolFactory {
+                dialer: Arc::new(DirectDialer),
+                connect_ms: 900,
+                previous: None,
+            },
+        ));
+        let pool = first.lookup("a.example").unwrap().pool.clone();
+        assert_eq!(pool.config().policy, Policy::RoundRobin);
+        assert_eq!(
+            pool.config().connect_timeout_ms,
+            Some(900),
+            "from [timeouts]"
+        );
+        assert_eq!(pool.config().connect_attempt_timeout_ms, Some(250));
+        let client = ClientInfo::from_ip([127, 0, 0, 1].into());
+        for _ in 0..pool.config().passive.consecutive_failures {
+            let lease = pool.pick(&client, &[]).await.expect("pick");
+            lease.report(Outcome::ConnectFailed);
+        }
+        assert!(!pool.status()[0].available, "ejected");
+
+        // A reload that adds a backend builds a new pool; the ejection carries over.
+        a.backends.push(Backend {
+            addr: ([10, 0, 0, 2], 1).into(),
+            weight: 1,
+        });
+        let second = RouteTable::build_with(
+            &[a],
+            &[],
+            &PoolFactory {
+                dialer: Arc::new(DirectDialer),
+                connect_ms: 900,
+                previous: Some(first.clone()),
+            },
+        );
+        let new = second.lookup("a.example").unwrap().pool.clone();
+        assert!(!Arc::ptr_eq(&pool, &new));
+        let status = new.status();
+        assert_eq!(status.len(), 2);
+        assert!(!status[0].available, "the ejected backend stays out");
+        assert!(status[1].available);
     }
 }

@@ -92,15 +92,8 @@ impl Inner {
         let reserved = self.reserved.read().map(|r| r.clone()).unwrap_or_default();
         let pools = crate::routes::PoolFactory {
             dialer: self.dialer.clone() as Arc<dyn Dialer>,
-            config: crate::pool::PoolConfig {
-                connect_timeout_ms: self.timeouts.connect_ms,
-                connect_attempt_timeout_ms: self
-                    .timeouts
-                    .connect_ms
-                    .min(1000)
-                    .max(self.timeouts.connect_ms / 3),
-                ..Default::default()
-            },
+            // Each route's `[route.pool]`; unset connect timeouts come from `[timeouts]`.
+            connect_ms: self.timeouts.connect_ms,
             previous: Some(self.routes()),
         };
         let table = RouteTable::build_with(&config.routes, &reserved, &pools);

@@ -546,7 +546,7 @@ async fn all_backends_down_answers_503_within_the_connect_timeout() {
     let mut workloads = three_workloads(None).await;
     let gw = RealGateway::start(&workloads, "[timeouts]\nconnect_ms = 800\n").await;
     let pool = gw.pool();
-    assert_eq!(pool.config().connect_timeout_ms, 800);
+    assert_eq!(pool.config().connect_timeout_ms, Some(800));
     let client = load_client(IpAddr::from([127, 0, 0, 1]));
     let warm = load(&client, gw.http, 30, 3, None, None).await;
     assert!(warm.iter().all(|(s, _)| *s == 200));

@@ -3,7 +3,7 @@
 //! streaks) eject with exponential backoff; active probes take a backend down after `fall`
 //! failures and bring it back after `rise` successes.
 
-use super::config::{ActiveHealthConfig, PassiveHealthConfig, ProbeKind};
+use super::{ActiveHealthConfig, PassiveHealthConfig, ProbeKind};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 

@@ -8,17 +8,17 @@
 //! [`Lease::dial`], and ends with [`Lease::report`]; [`may_retry`] says whether a failed
 //! request may go to another backend.
 
-mod config;
 mod health;
 mod metrics;
 mod probe;
 mod retry;
 mod select;
 
-pub use config::{
-    ActiveHealthConfig, PassiveHealthConfig, Policy, PoolConfig, ProbeKind, parse_route_pools,
-};
+// The configuration is pure data in the config crate, so `Route` can carry it.
 pub use health::{Health, HealthEvent, HealthState, Transition};
+pub use meshgate_config::pool::{
+    ActiveHealthConfig, PassiveHealthConfig, Policy, PoolConfig, ProbeKind,
+};
 pub use metrics::{PoolMetrics, register_metrics};
 pub use retry::{Failure, MAX_REQUEST_RETRIES, is_idempotent, may_retry};
 

@@ -2,7 +2,7 @@
 //! pool's `Dialer` (so over the overlay for overlay backends) and feeds the result to the
 //! backend's health state machine.
 
-use super::config::{ActiveHealthConfig, ProbeKind};
+use super::{ActiveHealthConfig, ProbeKind};
 use super::{HealthEvent, Shared};
 use crate::dial::Dialer;
 use bytes::Bytes;

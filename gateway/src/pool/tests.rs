@@ -61,7 +61,7 @@ async fn all_backends_down_is_no_healthy_backend_within_the_connect_timeout() {
         dead_backend().await,
     ];
     let cfg = PoolConfig {
-        connect_timeout_ms: 500,
+        connect_timeout_ms: Some(500),
         ..PoolConfig::default()
     };
     let p = pool(&dead, cfg);
@@ -95,8 +95,8 @@ async fn a_black_holed_connect_is_cut_at_the_attempt_timeout_and_retried() {
     let hole = dead_backend().await;
     let cfg = PoolConfig {
         policy: Policy::RoundRobin,
-        connect_timeout_ms: 2000,
-        connect_attempt_timeout_ms: 100,
+        connect_timeout_ms: Some(2000),
+        connect_attempt_timeout_ms: Some(100),
         ..PoolConfig::default()
     };
     let p = Pool::new(
@@ -431,48 +431,6 @@ fn config_defaults_and_toml() {
         ..PoolConfig::default()
     };
     assert_eq!(bad.validate().map_err(|e| e.0), Err("pool.active.path"));
-}
-
-#[test]
-fn route_pools_are_read_beside_the_gateway_config_with_located_errors() {
-    let text = r#"
-domains = ["gw.example.org"]
-[[route]]
-host = "a.gw.example.org"
-backends = [{ addr = "10.0.0.1:80" }]
-[[route]]
-host = "b.gw.example.org"
-backends = [{ addr = "10.0.0.2:80" }, { addr = "10.0.0.3:80" }]
-[route.pool]
-policy = "hash_client_ip"
-max_connections = 100
-[route.pool.active]
-kind = "http"
-path = "/healthz"
-"#;
-    let path = std::path::Path::new("gateway.toml");
-    let pools = parse_route_pools(path, text).expect("parses");
-    assert_eq!(pools.len(), 2);
-    assert_eq!(pools[0], PoolConfig::default());
-    assert_eq!(pools[1].policy, Policy::HashClientIp);
-    assert_eq!(pools[1].max_connections, 100);
-    assert_eq!(pools[1].active.kind, ProbeKind::Http);
-    // The config crate's own parse of the same text still succeeds (it ignores `pool`).
-    let gw = meshgate_config::gateway::GatewayConfig::parse(path, text).expect("gateway config");
-    assert_eq!(gw.routes.len(), pools.len());
-
-    let typo = text.replace("max_connections", "max_conections");
-    let err = parse_route_pools(path, &typo).expect_err("unknown field");
-    assert_eq!(err.line, Some(11), "{err}");
-    assert!(err.message.contains("max_conections"), "{err}");
-
-    let bad = text.replace("\"/healthz\"", "\"healthz\"");
-    let err = parse_route_pools(path, &bad).expect_err("invalid path");
-    assert_eq!(err.line, Some(14), "{err}");
-    assert!(
-        err.to_string().contains("route.1.pool.active.path"),
-        "{err}"
-    );
 }
 
 #[tokio::test]

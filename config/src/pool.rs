@@ -1,8 +1,12 @@
-//! Per-route pool configuration, embedded in a route as `[routes.pool]`. Every field has a
-//! default, so an empty (or absent) table gives a sensible pool; durations are milliseconds.
+//! Per-route backend pool configuration, embedded in a route as `[route.pool]`. Every field
+//! has a default, so an empty (or absent) table gives a sensible pool; durations are
+//! milliseconds. Pure data: the gateway's `pool` module builds pools from it.
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+
+/// Connect budget of a pool whose route and gateway set none.
+const DEFAULT_CONNECT_MS: u64 = 3000;
 
 /// How a backend is chosen for each request or stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -113,12 +117,13 @@ pub struct PoolConfig {
     pub policy: Policy,
     /// Cookie whose value keys `hash_cookie`. Default `"meshgate_affinity"`.
     pub sticky_cookie: String,
-    /// Whole budget for `Pool::connect` (queue wait plus every attempt); also the bound on
-    /// answering 503 when every backend is down. Default 3000 ms.
-    pub connect_timeout_ms: u64,
+    /// Whole budget to get a connection (queue wait plus every attempt, across backends);
+    /// also the bound on answering 503 when every backend is down. Unset: the gateway's
+    /// `[timeouts] connect_ms` (3000 ms where there is none, see [`PoolConfig::with_connect_default`]).
+    pub connect_timeout_ms: Option<u64>,
     /// Cap on one connect attempt, so a black-holed backend leaves time to try another.
-    /// Default 1000 ms.
-    pub connect_attempt_timeout_ms: u64,
+    /// Unset: a third of the budget, at least `min(budget, 1000)`.
+    pub connect_attempt_timeout_ms: Option<u64>,
     /// Concurrent leases (requests in flight, or open streams) per backend; 0 = unlimited.
     /// Default 0.
     pub max_connections: u32,
@@ -136,8 +141,8 @@ impl Default for PoolConfig {
         PoolConfig {
             policy: Policy::LeastLoaded,
             sticky_cookie: "meshgate_affinity".into(),
-            connect_timeout_ms: 3000,
-            connect_attempt_timeout_ms: 1000,
+            connect_timeout_ms: None,
+            connect_attempt_timeout_ms: None,
             max_connections: 0,
             queue_size: 128,
             queue_timeout_ms: 1000,
@@ -148,11 +153,28 @@ impl Default for PoolConfig {
 }
 
 impl PoolConfig {
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_timeout_ms)
+    /// Fills the connect timeouts a route left unset from the gateway-wide
+    /// `[timeouts] connect_ms`: the budget is `connect_ms`, one attempt a third of it but at
+    /// least `min(connect_ms, 1000)`. Values the route set are kept.
+    pub fn with_connect_default(mut self, connect_ms: u64) -> Self {
+        let budget = *self.connect_timeout_ms.get_or_insert(connect_ms);
+        self.connect_attempt_timeout_ms
+            .get_or_insert(budget.min(1000).max(budget / 3));
+        self
     }
+
+    /// The whole connect budget (default 3000 ms when unset and not merged).
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms.unwrap_or(DEFAULT_CONNECT_MS))
+    }
+
+    /// One connect attempt's cap, never above the whole budget.
     pub fn connect_attempt_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_attempt_timeout_ms.min(self.connect_timeout_ms))
+        let budget = self.connect_timeout_ms.unwrap_or(DEFAULT_CONNECT_MS);
+        let attempt = self
+            .connect_attempt_timeout_ms
+            .unwrap_or(budget.min(1000).max(budget / 3));
+        Duration::from_millis(attempt.min(budget))
     }
     pub fn queue_timeout(&self) -> Duration {
         Duration::from_millis(self.queue_timeout_ms)
@@ -168,11 +190,12 @@ impl PoolConfig {
                 Ok(())
             }
         };
-        positive(self.connect_timeout_ms, "pool.connect_timeout_ms")?;
-        positive(
-            self.connect_attempt_timeout_ms,
-            "pool.connect_attempt_timeout_ms",
-        )?;
+        if let Some(v) = self.connect_timeout_ms {
+            positive(v, "pool.connect_timeout_ms")?;
+        }
+        if let Some(v) = self.connect_attempt_timeout_ms {
+            positive(v, "pool.connect_attempt_timeout_ms")?;
+        }
         positive(
             self.passive.base_ejection_ms,
             "pool.passive.base_ejection_ms",
@@ -212,40 +235,82 @@ impl PoolConfig {
     }
 }
 
-/// Reads the `pool` table of every `[[route]]` in `gateway.toml`, in file order (index i is
-/// `GatewayConfig::routes[i]`), validated, with errors naming file, line and field.
-///
-/// `meshgate-config` cannot name `PoolConfig` (it would depend on the gateway), and its
-/// `Route` ignores unknown keys, so the gateway reads the pool tables beside the
-/// `GatewayConfig` from the same text.
-pub fn parse_route_pools(
-    path: &std::path::Path,
-    text: &str,
-) -> Result<Vec<PoolConfig>, meshgate_config::file::ConfigError> {
-    #[derive(Deserialize)]
-    struct File {
-        #[serde(default)]
-        route: Vec<RouteTable>,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::GatewayConfig;
+    use std::path::Path;
+
+    #[test]
+    fn route_pools_parse_with_the_gateway_config_and_errors_are_located() {
+        let text = r#"
+domains = ["gw.example.org"]
+[[route]]
+host = "a.gw.example.org"
+backends = [{ addr = "10.0.0.1:80" }]
+[[route]]
+host = "b.gw.example.org"
+backends = [{ addr = "10.0.0.2:80" }, { addr = "10.0.0.3:80" }]
+[route.pool]
+policy = "hash_client_ip"
+max_connections = 100
+[route.pool.active]
+kind = "http"
+path = "/healthz"
+"#;
+        let path = Path::new("gateway.toml");
+        let gw = GatewayConfig::parse(path, text).expect("parses");
+        assert_eq!(gw.routes.len(), 2);
+        assert_eq!(gw.routes[0].pool, PoolConfig::default());
+        let pool = &gw.routes[1].pool;
+        assert_eq!(pool.policy, Policy::HashClientIp);
+        assert_eq!(pool.max_connections, 100);
+        assert_eq!(pool.active.kind, ProbeKind::Http);
+        assert_eq!(
+            pool.connect_timeout_ms, None,
+            "unset: falls back to [timeouts]"
+        );
+
+        let typo = text.replace("max_connections", "max_conections");
+        let err = GatewayConfig::parse(path, &typo).expect_err("unknown field");
+        assert_eq!(err.line, Some(11), "{err}");
+        assert!(err.message.contains("max_conections"), "{err}");
+
+        let bad = text.replace("\"/healthz\"", "\"healthz\"");
+        let err = GatewayConfig::parse(path, &bad).expect_err("invalid path");
+        assert_eq!(err.line, Some(14), "{err}");
+        assert!(
+            err.to_string().contains("route.1.pool.active.path"),
+            "{err}"
+        );
+
+        let zero = text.replace("max_connections = 100", "connect_timeout_ms = 0");
+        let err = GatewayConfig::parse(path, &zero).expect_err("zero budget");
+        assert_eq!(err.line, Some(11), "{err}");
+        assert!(
+            err.to_string().contains("route.1.pool.connect_timeout_ms"),
+            "{err}"
+        );
     }
-    #[derive(Deserialize)]
-    struct RouteTable {
-        #[serde(default)]
-        pool: PoolConfig,
+
+    #[test]
+    fn unset_connect_timeouts_fall_back_to_the_gateway_timeout() {
+        let merged = PoolConfig::default().with_connect_default(800);
+        assert_eq!(merged.connect_timeout_ms, Some(800));
+        assert_eq!(merged.connect_attempt_timeout_ms, Some(800));
+        let merged = PoolConfig::default().with_connect_default(6000);
+        assert_eq!(merged.connect_attempt_timeout(), Duration::from_secs(2));
+        let own = PoolConfig {
+            connect_timeout_ms: Some(900),
+            connect_attempt_timeout_ms: Some(300),
+            ..PoolConfig::default()
+        }
+        .with_connect_default(5000);
+        assert_eq!(own.connect_timeout(), Duration::from_millis(900));
+        assert_eq!(own.connect_attempt_timeout(), Duration::from_millis(300));
+        assert_eq!(
+            PoolConfig::default().connect_timeout(),
+            Duration::from_secs(3)
+        );
     }
-    let file: File = meshgate_config::file::parse(path, text)?;
-    file.route
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            r.pool.validate().map_err(|(field, msg)| {
-                meshgate_config::file::ConfigError::at_field(
-                    path,
-                    text,
-                    &format!("route.{i}.{field}"),
-                    msg,
-                )
-            })?;
-            Ok(r.pool)
-        })
-        .collect()
 }
