@@ -1,7 +1,7 @@
 //! The HTTP proxy for terminated TLS (and plain-HTTP routes on :80): route by Host, pick a
 //! backend, forward the request with streamed bodies, pass upgrades (WebSocket) through.
 
-use crate::backend::DialConnector;
+use crate::backend::{DialConnector, DialedConn};
 use crate::io::Activity;
 use crate::metrics::{RequestLabel, RouteLabel};
 use crate::pool::{ClientInfo, Failure, Lease, MAX_REQUEST_RETRIES, Outcome, may_retry};
@@ -24,12 +24,56 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Pooled keep-alive clients to backends, one per backend protocol.
 pub struct Clients {
-    h1: Client<DialConnector, Body>,
-    h2c: Client<DialConnector, Body>,
+    h1: Client<AttemptConnector, Body>,
+    h2c: Client<AttemptConnector, Body>,
+}
+
+tokio::task_local! {
+    /// The current request's cap on one backend connect attempt: the route's
+    /// `connect_attempt_timeout_ms`, cut to what is left of its `connect_timeout_ms` budget.
+    /// hyper-util calls the connector from the request's own future when it opens a new
+    /// connection, so the connector sees the value of the request that asked for it.
+    static CONNECT_ATTEMPT: Duration;
+}
+
+/// The gateway's connector, with each connect attempt bounded by the requesting route's pool
+/// settings (see [`CONNECT_ATTEMPT`]) on top of the connector's own cap.
+#[derive(Clone)]
+pub struct AttemptConnector(DialConnector);
+
+impl tower_service::Service<http::Uri> for AttemptConnector {
+    type Response = DialedConn;
+    type Error = std::io::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<DialedConn>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let limit = CONNECT_ATTEMPT.try_with(|d| *d).ok();
+        let connect = self.0.call(uri);
+        Box::pin(async move {
+            match limit {
+                None => connect.await,
+                Some(limit) => tokio::time::timeout(limit, connect).await.map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "backend connect attempt timed out",
+                    )
+                })?,
+            }
+        })
+    }
 }
 
 impl Clients {
     pub fn new(connector: DialConnector) -> Self {
+        let connector = AttemptConnector(connector);
         let mut b = Client::builder(TokioExecutor::new());
         b.timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -303,15 +347,29 @@ async fn forward(
     };
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut retries = 0;
+    // Getting a connection (queue wait and every connect attempt across backends) shares one
+    // budget, so black-holed backends cannot make a request wait n × the attempt timeout.
+    let pool_config = entry.pool.config();
+    let connect_deadline = Instant::now() + pool_config.connect_timeout();
+    let no_backend = |why: &dyn std::fmt::Display| {
+        gw.metrics.error(&route.host, "no_backend");
+        tracing::warn!(route = %route.host, error = %why, "no backend available");
+        full(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The site is not available right now.",
+        )
+    };
     loop {
         let mut lease = match entry.pool.pick(&client_info, &tried).await {
             Ok(l) => l,
-            Err(e) => {
-                gw.metrics.error(&route.host, "no_backend");
-                tracing::warn!(route = %route.host, error = %e, "no backend available");
-                return full(e.status(), "The site is not available right now.");
-            }
+            Err(e) => return no_backend(&e),
         };
+        let left = connect_deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            drop(lease);
+            return no_backend(&"connect timeout spent");
+        }
+        let attempt = pool_config.connect_attempt_timeout().min(left);
         let addr = lease.backend();
         tried.push(addr);
         let uri = match format!("http://{addr}{pq}").parse::<http::Uri>() {
@@ -328,8 +386,8 @@ async fn forward(
         *breq.version_mut() = version;
         *breq.headers_mut() = headers.clone();
         let started = Instant::now();
-        let failure = match tokio::time::timeout(gw.timeouts.request(), client.request(breq)).await
-        {
+        let sent = CONNECT_ATTEMPT.scope(attempt, client.request(breq));
+        let failure = match tokio::time::timeout(gw.timeouts.request(), sent).await {
             Err(_) => {
                 lease.report(Outcome::Timeout);
                 gw.metrics.error(&route.host, "backend_timeout");

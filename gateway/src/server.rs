@@ -237,7 +237,10 @@ impl Gateway {
         });
         let connector = DialConnector {
             dialer: dialer.clone() as Arc<dyn Dialer>,
-            connect_timeout: config.timeouts.connect(),
+            // Each request bounds its connect attempts by its route's pool settings
+            // (`proxy::AttemptConnector`), which may exceed `[timeouts] connect_ms`; this only
+            // caps a connect that nothing else bounds.
+            connect_timeout: std::time::Duration::from_secs(60),
         };
         let inner = Arc::new(Inner {
             config_path,

@@ -3,10 +3,8 @@
 //! Most tests run the real gateway (`meshgate_gateway::server::Gateway`, the code behind
 //! `meshgate gateway`, in process so the test can read the route's pool status) with a plain
 //! HTTP route on a loopback listener; one puts the three workloads behind their own overlay
-//! nodes, reached through the gateway's embedded node. The gateway does not yet read a per-route `[route.pool]`
-//! table (it gives every route one pool config derived from `[timeouts]`), so the sticky-session
-//! test drives the real `Pool` from a small hyper proxy in the test (`TestProxy`) that does what
-//! the gateway's proxy does: pick per request, report outcomes, retry per `may_retry`.
+//! nodes, reached through the gateway's embedded node. Per-route pool settings come from the
+//! route's `[route.pool]` table.
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -20,10 +18,7 @@ use meshgate_config::gateway::GatewayConfig;
 use meshgate_config::route::Backend;
 use meshgate_gateway::dial::{Dialer, DirectDialer};
 use meshgate_gateway::overlay::EmbeddedNode;
-use meshgate_gateway::pool::{
-    ClientInfo, Failure, MAX_REQUEST_RETRIES, Outcome, Policy, Pool, PoolConfig, PoolError,
-    may_retry,
-};
+use meshgate_gateway::pool::{ClientInfo, Policy, Pool, PoolConfig, PoolError};
 use meshgate_gateway::server::Gateway;
 use meshgate_overlay::NodeConfig;
 use std::collections::HashMap;
@@ -106,129 +101,6 @@ impl Drop for Workload {
     }
 }
 
-/// The proxy loop the gateway runs per request, against the real pool.
-struct TestProxy {
-    addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl Drop for TestProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-type ProxyBody = Full<Bytes>;
-
-async fn start_proxy(pool: Arc<Pool>) -> TestProxy {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-    let addr = listener.local_addr().expect("addr");
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(pool.config().connect_attempt_timeout()));
-    connector.set_nodelay(true);
-    let upstream: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(connector);
-    let task = tokio::spawn(async move {
-        let mut conns = JoinSet::new();
-        while let Ok((stream, peer)) = listener.accept().await {
-            let (pool, upstream) = (pool.clone(), upstream.clone());
-            conns.spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let (pool, upstream) = (pool.clone(), upstream.clone());
-                    async move { Ok::<_, hyper::Error>(forward(&pool, &upstream, peer.ip(), req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-            while conns.try_join_next().is_some() {}
-        }
-    });
-    TestProxy { addr, task }
-}
-
-fn cookie(req: &Request<Incoming>, name: &str) -> Option<String> {
-    let header = req.headers().get(http::header::COOKIE)?.to_str().ok()?;
-    header.split(';').find_map(|kv| {
-        let (k, v) = kv.trim().split_once('=')?;
-        (k == name).then(|| v.to_string())
-    })
-}
-
-fn error_page(status: StatusCode) -> Response<ProxyBody> {
-    let mut r = Response::new(Full::new(Bytes::from(status.to_string())));
-    *r.status_mut() = status;
-    r
-}
-
-async fn forward(
-    pool: &Pool,
-    upstream: &Client<HttpConnector, Empty<Bytes>>,
-    ip: IpAddr,
-    req: Request<Incoming>,
-) -> Response<ProxyBody> {
-    let client = ClientInfo {
-        ip,
-        sticky_cookie: cookie(&req, &pool.config().sticky_cookie),
-    };
-    let mut tried: Vec<SocketAddr> = Vec::new();
-    let mut retries = 0;
-    loop {
-        let mut lease = match pool.pick(&client, &tried).await {
-            Ok(l) => l,
-            Err(e @ (PoolError::NoHealthyBackend | PoolError::Overloaded)) => {
-                return error_page(e.status());
-            }
-        };
-        let backend = lease.backend();
-        tried.push(backend);
-        let uri = format!(
-            "http://{backend}{}",
-            req.uri().path_and_query().map_or("/", |p| p.as_str())
-        );
-        let Ok(out) = Request::builder()
-            .method(req.method())
-            .uri(uri)
-            .body(Empty::new())
-        else {
-            return error_page(StatusCode::BAD_REQUEST);
-        };
-        let started = Instant::now();
-        let failure = match upstream.request(out).await {
-            Ok(resp) => {
-                lease.record(Outcome::from_status(
-                    resp.status().as_u16(),
-                    started.elapsed(),
-                ));
-                let (parts, body) = resp.into_parts();
-                // The lease (in-flight slot) is held until the body has been read.
-                return match body.collect().await {
-                    Ok(b) => Response::from_parts(parts, Full::new(b.to_bytes())),
-                    Err(_) => error_page(StatusCode::BAD_GATEWAY),
-                };
-            }
-            Err(e) if e.is_connect() => {
-                lease.report(Outcome::ConnectFailed);
-                Failure::ConnectFailed
-            }
-            Err(_) => {
-                lease.report(Outcome::Reset);
-                Failure::ClosedBeforeResponse
-            }
-        };
-        let again = match failure {
-            Failure::ConnectFailed => may_retry(req.method(), false, &failure),
-            _ => retries < MAX_REQUEST_RETRIES && may_retry(req.method(), false, &failure),
-        };
-        if !again {
-            return error_page(StatusCode::BAD_GATEWAY);
-        }
-        if failure != Failure::ConnectFailed {
-            retries += 1;
-        }
-    }
-}
-
 /// A load client: keep-alive connections from `local_ip` (any 127.0.0.0/8 address).
 fn load_client(local_ip: IpAddr) -> Client<HttpConnector, Empty<Bytes>> {
     let mut c = HttpConnector::new();
@@ -299,17 +171,6 @@ async fn load(
     all
 }
 
-fn pool_of(workloads: &[Workload], cfg: PoolConfig) -> Arc<Pool> {
-    let backends: Vec<Backend> = workloads
-        .iter()
-        .map(|w| Backend {
-            addr: w.addr,
-            weight: 1,
-        })
-        .collect();
-    Pool::for_route("pools.e2e.test", &backends, cfg, Arc::new(DirectDialer))
-}
-
 async fn three_workloads(slow: Option<usize>) -> Vec<Workload> {
     let mut v = Vec::new();
     for id in 0..3 {
@@ -354,6 +215,11 @@ impl RealGateway {
     /// As `meshgate gateway` does: an `[overlay]` section in `extra` starts the embedded node
     /// and overlay backends are dialed through it.
     async fn start_with(addrs: &[SocketAddr], extra: &str) -> RealGateway {
+        Self::start_full(addrs, extra, "").await
+    }
+
+    /// `route_extra` follows the `[[route]]` table (e.g. a `[route.pool]` table).
+    async fn start_full(addrs: &[SocketAddr], extra: &str, route_extra: &str) -> RealGateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let backends: Vec<String> = addrs
             .iter()
@@ -367,7 +233,8 @@ impl RealGateway {
              [security]\nallow_private_backends = true\n\
              {extra}\n\
              [[route]]\nhost = \"{HOST}\"\nbackends = [{b}]\n\
-             options = {{ allow_plain_http = true }}\n",
+             options = {{ allow_plain_http = true }}\n\
+             {route_extra}\n",
             d = dir.path().display(),
             b = backends.join(", "),
         );
@@ -503,42 +370,95 @@ async fn a_ten_times_slower_backend_gets_clearly_less_traffic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sticky_hashing_keeps_each_client_on_one_backend() {
     let workloads = three_workloads(None).await;
+    let addrs: Vec<SocketAddr> = workloads.iter().map(|w| w.addr).collect();
     // By client IP: four clients from different loopback addresses.
-    let pool = pool_of(
-        &workloads,
-        PoolConfig {
-            policy: Policy::HashClientIp,
-            ..PoolConfig::default()
-        },
-    );
-    let proxy = start_proxy(pool).await;
+    let gw =
+        RealGateway::start_full(&addrs, "", "[route.pool]\npolicy = \"hash_client_ip\"\n").await;
+    assert_eq!(gw.pool().config().policy, Policy::HashClientIp);
     for last in 2..6u8 {
         let client = load_client(IpAddr::from([127, 0, 0, last]));
-        let results = load(&client, proxy.addr, 100, 4, None, None).await;
+        let results = load(&client, gw.http, 100, 4, None, None).await;
         assert!(results.iter().all(|(s, _)| *s == 200));
         let by = count_by_backend(&results);
         assert_eq!(by.len(), 1, "client 127.0.0.{last} spread over {by:?}");
     }
+    drop(gw);
     // By cookie: one client address, many sessions, each pinned; together they use every backend.
-    let pool = pool_of(
-        &workloads,
-        PoolConfig {
-            policy: Policy::HashCookie,
-            ..PoolConfig::default()
-        },
-    );
-    let proxy = start_proxy(pool).await;
+    let gw = RealGateway::start_full(
+        &addrs,
+        "",
+        "[route.pool]\npolicy = \"hash_cookie\"\nsticky_cookie = \"sid\"\n",
+    )
+    .await;
+    assert_eq!(gw.pool().config().policy, Policy::HashCookie);
     let client = load_client(IpAddr::from([127, 0, 0, 1]));
     let mut used = std::collections::HashSet::new();
     for session in 0..30 {
-        let cookie = ("cookie", format!("other=1; meshgate_affinity=s{session}"));
-        let results = load(&client, proxy.addr, 100, 4, Some(cookie), None).await;
+        let cookie = ("cookie", format!("other=1; sid=s{session}"));
+        let results = load(&client, gw.http, 100, 4, Some(cookie), None).await;
         assert!(results.iter().all(|(s, _)| *s == 200));
         let by = count_by_backend(&results);
         assert_eq!(by.len(), 1, "session {session} spread over {by:?}");
         used.extend(by.keys().copied());
     }
     assert_eq!(used.len(), 3, "sessions use all backends");
+}
+
+/// A loopback address that accepts no connections: a listener with a backlog of one whose
+/// accept queue is full, so the kernel drops further SYNs and connects hang (a black hole
+/// that stays on this machine). Keep the returned values alive while it is used.
+async fn black_hole() -> (SocketAddr, tokio::net::TcpListener, Vec<TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
+    let listener = socket.listen(0).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => fillers.push(s),
+            Ok(Err(e)) => panic!("filling the backlog of {addr}: {e}"),
+            Err(_) => return (addr, listener, fillers),
+        }
+    }
+    panic!("{addr} still accepts connections after filling its backlog");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn black_holed_backends_answer_503_within_the_connect_timeout() {
+    let (a, _la, _fa) = black_hole().await;
+    let (b, _lb, _fb) = black_hole().await;
+    // Each attempt may take 400 ms, two backends: without a budget across retries the first
+    // request would wait 800 ms (and 2 × [timeouts] connect_ms before attempts were capped).
+    let gw = RealGateway::start_full(
+        &[a, b],
+        "[timeouts]\nconnect_ms = 5000\n",
+        "[route.pool]\nconnect_timeout_ms = 600\nconnect_attempt_timeout_ms = 400\n",
+    )
+    .await;
+    let client = load_client(IpAddr::from([127, 0, 0, 1]));
+    for _ in 0..3 {
+        let started = Instant::now();
+        let resp = client
+            .request(
+                Request::get(format!("http://{}/item", gw.http))
+                    .header(http::header::HOST, HOST)
+                    .body(Empty::new())
+                    .expect("request"),
+            )
+            .await
+            .expect("the gateway answers");
+        let took = started.elapsed();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // The budget plus scheduling slack on a loaded 2-core machine.
+        assert!(took < Duration::from_millis(750), "{took:?}");
+    }
+    let status = gw.pool().status();
+    assert!(
+        status.iter().all(|s| s.errors > 0),
+        "both tried: {status:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
