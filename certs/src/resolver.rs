@@ -51,13 +51,22 @@ impl CertResolver {
     /// The certificate a handshake for `sni` would get.
     pub fn lookup(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
         let sni = sni.trim_end_matches('.').to_ascii_lowercase();
-        let m = self.certs.read().ok()?;
-        if let Some(k) = m.get(&sni) {
-            return Some(k.clone());
-        }
-        let (_, parent) = sni.split_once('.')?;
-        m.get(&format!("*.{parent}")).cloned()
+        let certs = self.certs.read().ok()?;
+        exact_or_wildcard(&certs, &sni)
     }
+}
+
+/// The certificate for a lowercase `name` in `certs`: the exact name, else the `*.parent`
+/// wildcard one label up (a wildcard never covers deeper names, as in RFC 6125).
+pub fn exact_or_wildcard(
+    certs: &HashMap<String, Arc<CertifiedKey>>,
+    name: &str,
+) -> Option<Arc<CertifiedKey>> {
+    if let Some(k) = certs.get(name) {
+        return Some(k.clone());
+    }
+    let (_, parent) = name.split_once('.')?;
+    certs.get(&format!("*.{parent}")).cloned()
 }
 
 impl ResolvesServerCert for CertResolver {

@@ -46,25 +46,10 @@ impl CertResolver {
         }
     }
 
-    /// Adds or replaces one name (used by the certificate manager on issuance and renewal).
-    pub fn insert(&self, name: String, cert: Arc<CertifiedKey>) {
-        if let Ok(mut g) = self.certs.write() {
-            let mut map = (**g).clone();
-            map.insert(name, cert);
-            *g = Arc::new(map);
-        }
-    }
-
     pub fn get(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         let map = self.certs.read().ok()?.clone();
-        if let Some(c) = map.get(name) {
-            return Some(c.clone());
-        }
-        let wildcard = name
-            .split_once('.')
-            .and_then(|(_, parent)| map.get(&format!("*.{parent}")).cloned());
-        if wildcard.is_some() {
-            return wildcard;
+        if let Some(c) = meshgate_certs::resolver::exact_or_wildcard(&map, name) {
+            return Some(c);
         }
         let fallback = self.fallback.read().ok()?.clone()?;
         fallback(name)
