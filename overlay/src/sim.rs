@@ -218,22 +218,20 @@ impl Sim {
         self.queue.push(Reverse((at, self.seq)));
     }
 
+    /// Delivers `msg` from `from` to `to` after the link's latency; a cut link loses it.
+    fn send_over_link(&mut self, from: usize, to: usize, msg: Msg) {
+        if let Some(l) = self.links.get(&Sim::key(from, to)).copied() {
+            let at = self.now + l.latency;
+            self.schedule(at, Flight { from, to, msg });
+        }
+    }
+
     fn apply(&mut self, from: usize, out: Vec<CoreOut>, incoming: Option<(&[u8], &[usize])>) {
         for o in out {
             match o {
                 CoreOut::Control(n, c) => {
                     let to = n as usize;
-                    if let Some(l) = self.links.get(&Sim::key(from, to)).copied() {
-                        let at = self.now + l.latency;
-                        self.schedule(
-                            at,
-                            Flight {
-                                from,
-                                to,
-                                msg: Msg::Control(c.encode()),
-                            },
-                        );
-                    }
+                    self.send_over_link(from, to, Msg::Control(c.encode()));
                 }
                 CoreOut::Packet(n, bytes) => {
                     let to = n as usize;
@@ -256,17 +254,7 @@ impl Sim {
                         "forwarding loop: packet visited {trace:?} and goes back to {to}"
                     );
                     self.max_hops = self.max_hops.max(trace.len());
-                    if let Some(l) = self.links.get(&Sim::key(from, to)).copied() {
-                        let at = self.now + l.latency;
-                        self.schedule(
-                            at,
-                            Flight {
-                                from,
-                                to,
-                                msg: Msg::Packet { bytes, trace },
-                            },
-                        );
-                    }
+                    self.send_over_link(from, to, Msg::Packet { bytes, trace });
                 }
                 CoreOut::Deliver(b) => self.nodes[from].delivered.push(b),
                 CoreOut::Close(n) => {
