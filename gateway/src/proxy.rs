@@ -542,6 +542,42 @@ mod tests {
         assert_eq!(h.get("x-kept").unwrap(), "1");
     }
 
+    fn gateway_config(text: &str) -> meshgate_config::gateway::GatewayConfig {
+        meshgate_config::gateway::GatewayConfig::parse(std::path::Path::new("g.toml"), text)
+            .expect("test config parses")
+    }
+
+    #[tokio::test]
+    async fn failed_reload_keeps_ssrf_guard_on() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = listener.local_addr().unwrap();
+        let listen = "listen = { https = [\"127.0.0.1:0\"], http = [] }\n";
+        let route = format!(
+            "[[route]]\nhost = \"a.example.org\"\nbackends = [{{ addr = \"{backend}\" }}]\n"
+        );
+        let gw = crate::server::Gateway::new(
+            gateway_config(&format!("{listen}{route}")),
+            None,
+            None,
+            |_| false,
+        )
+        .expect("gateway starts");
+        // Relaxes the guard but cannot apply: its certificate files do not exist.
+        let broken = gateway_config(&format!(
+            "{listen}[security]\nallow_private_backends = true\n\
+             [[tls.certificates]]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n{route}"
+        ));
+        assert!(gw.inner().apply(broken).is_err());
+        let entry = gw.inner().routes().lookup("a.example.org").expect("route");
+        let lease = entry
+            .pool
+            .pick(&ClientInfo::from_ip("192.0.2.1".parse().unwrap()), &[])
+            .await
+            .expect("lease");
+        let dialed = lease.dial().await.map(|_| ()).map_err(|e| e.error.kind());
+        assert_eq!(dialed, Err(std::io::ErrorKind::PermissionDenied));
+    }
+
     #[test]
     fn forwarded_headers_replace_client_supplied() {
         let mut h = HeaderMap::new();

@@ -166,9 +166,7 @@ impl Inner {
         if new.reservations != old.reservations {
             tracing::warn!("[reservations] changes take effect after a restart");
         }
-        self.dialer
-            .allow_private
-            .store(new.security.allow_private_backends, Ordering::Relaxed);
+        let allow_private = new.security.allow_private_backends;
         let previous = std::mem::replace(
             &mut *self.config.write().map_err(|_| anyhow::anyhow!("lock"))?,
             Arc::new(new),
@@ -179,6 +177,10 @@ impl Inner {
             }
             return Err(e);
         }
+        // Only a config that applied may relax the SSRF guard.
+        self.dialer
+            .allow_private
+            .store(allow_private, Ordering::Relaxed);
         let n = self.routes().len();
         tracing::info!(routes = n, "configuration applied");
         Ok(n)
