@@ -6,7 +6,9 @@
 //!   is newer, or equal with a strictly smaller metric, than anything we advertised — this
 //!   keeps the route graph loop-free at all times;
 //! * triggered updates and retractions on change, periodic full updates, expiry;
-//! * seqno requests when only unfeasible routes remain; the owner bumps its seqno;
+//! * seqno requests when only unfeasible routes remain; the owner bumps its seqno, but only
+//!   by at most [`MAX_SEQNO_REQUEST_AHEAD`] past what it (or, for relays, the newest signed
+//!   announcement) has: a hostile neighbor cannot push a seqno to `u64::MAX`;
 //! * hysteresis: a route is replaced only by one better by more than `hysteresis_us`;
 //! * every announcement carries the prefix owner's signature over (prefix, seqno, router
 //!   key), and the prefix must be the /64 derived from that key: relays cannot originate or
@@ -23,6 +25,13 @@ use crate::wire::{
 
 /// A neighbor (one authenticated link), numbered by the runtime.
 pub type Nbr = u64;
+
+/// A seqno request is honoured (by the owner) or forwarded (by a relay) only if it asks for
+/// at most this much more than the newest seqno the node knows for the prefix. Legitimate
+/// requests ask for `FD.seqno + 1` where FD came from a signed announcement, so they are at
+/// most 1 ahead of the owner; a far-ahead request can only be an attempt to exhaust the
+/// owner's seqno space (after which it could never announce a newer route).
+pub const MAX_SEQNO_REQUEST_AHEAD: u64 = 256;
 
 #[derive(Debug, Clone)]
 pub struct RoutingConfig {
@@ -57,6 +66,8 @@ pub struct RoutingCounters {
     pub forged_prefix: u64,
     pub seqno_requests_sent: u64,
     pub seqno_requests_received: u64,
+    /// Seqno requests asking too far ahead (see [`MAX_SEQNO_REQUEST_AHEAD`]), dropped.
+    pub seqno_requests_refused: u64,
     pub route_switches: u64,
 }
 
@@ -302,7 +313,7 @@ impl Router {
         if u.prefix == self.prefix {
             // Our own route from an earlier run may carry a higher seqno: move past it.
             if u.router_key == self.id.public_key() && u.seqno > self.seqno && self.verify(u) {
-                self.bump_seqno(u.seqno + 1);
+                self.bump_seqno(u.seqno.saturating_add(1));
                 self.triggered.push(self.prefix);
             }
             return;
@@ -451,7 +462,7 @@ impl Router {
             return;
         }
         d.last_request = Some(now);
-        let seqno = d.fd.map_or(0, |(s, _)| s) + 1;
+        let seqno = d.fd.map_or(0, |(s, _)| s).saturating_add(1);
         for n in targets {
             self.counters.seqno_requests_sent += 1;
             out.push((
@@ -480,6 +491,10 @@ impl Router {
             return;
         }
         if prefix == self.prefix {
+            if seqno > self.seqno.saturating_add(MAX_SEQNO_REQUEST_AHEAD) {
+                self.counters.seqno_requests_refused += 1;
+                return;
+            }
             if self.seqno < seqno {
                 self.bump_seqno(seqno);
                 self.triggered.push(self.prefix);
@@ -494,6 +509,13 @@ impl Router {
         let Some(d) = self.table.get_mut(&prefix) else {
             return;
         };
+        // Relays apply the same bound against the newest seqno the owner signed, so a
+        // far-ahead request never reaches the owner.
+        let newest = d.verified.map_or(0, |(s, _)| s);
+        if seqno > newest.saturating_add(MAX_SEQNO_REQUEST_AHEAD) {
+            self.counters.seqno_requests_refused += 1;
+            return;
+        }
         if d.selected
             .and_then(|sel| d.routes.get(&sel))
             .is_some_and(|e| e.seqno >= seqno)
@@ -569,7 +591,7 @@ impl Router {
             .retain(|_, d| !d.routes.is_empty() || d.advertised.is_some());
         if now >= self.last_periodic + self.cfg.update_interval {
             self.last_periodic = now;
-            self.bump_seqno(self.seqno + 1);
+            self.bump_seqno(self.seqno.saturating_add(1));
             let dump = self.full_dump();
             self.send_updates(None, dump, out);
         }
@@ -713,5 +735,60 @@ mod tests {
             &route_signature_input(&own, 50, &u.router_key),
             &u.signature
         ));
+    }
+
+    #[test]
+    fn far_ahead_seqno_requests_are_refused_and_max_seqno_does_not_panic() {
+        let mut r = router();
+        let mut out = Vec::new();
+        r.neighbor_up(1, 100, &mut out);
+        let own = r.own_prefix();
+        // A hostile neighbor asks the owner to jump to the end of the seqno space.
+        r.handle_request(1, own, u64::MAX, 64, 0, &mut out);
+        r.handle_request(1, own, 1 + MAX_SEQNO_REQUEST_AHEAD + 1, 64, 0, &mut out);
+        assert_eq!(r.own_seqno(), 1);
+        assert_eq!(r.counters.seqno_requests_refused, 2);
+        // At the bound the request is honoured.
+        r.handle_request(1, own, 1 + MAX_SEQNO_REQUEST_AHEAD, 64, 0, &mut out);
+        assert_eq!(r.own_seqno(), 1 + MAX_SEQNO_REQUEST_AHEAD);
+
+        // A relay does not forward a far-ahead request for another node's prefix.
+        let owner = Identity::from_seed(&[1; 32]);
+        let p = prefix_for_key(&owner.public_key());
+        r.neighbor_up(2, 100, &mut out);
+        r.handle_updates(2, &[signed(&owner, 5, 1000)], 0, &mut out);
+        out.clear();
+        r.handle_request(1, p, u64::MAX, 64, 0, &mut out);
+        r.handle_request(1, p, 5 + MAX_SEQNO_REQUEST_AHEAD + 1, 64, 0, &mut out);
+        assert!(
+            !out.iter()
+                .any(|(_, c)| matches!(c, Control::SeqnoRequest { .. })),
+            "far-ahead request forwarded: {out:?}"
+        );
+        assert_eq!(r.counters.seqno_requests_refused, 4);
+        r.handle_request(1, p, 6, 64, 0, &mut out);
+        assert!(
+            out.iter()
+                .any(|(n, c)| *n == 2 && matches!(c, Control::SeqnoRequest { seqno: 6, .. }))
+        );
+
+        // Seqnos at the end of the space saturate instead of overflowing.
+        let mut top = Router::new(
+            Identity::from_seed(&[9; 32]),
+            RoutingConfig::default(),
+            u64::MAX,
+            0,
+        );
+        top.neighbor_up(1, 100, &mut out);
+        let own = top.own_prefix();
+        top.handle_request(1, own, u64::MAX, 64, 0, &mut out);
+        top.tick(RoutingConfig::default().update_interval, &mut out);
+        assert_eq!(top.own_seqno(), u64::MAX);
+        // Our own announcement from an "earlier run" at u64::MAX is handled too.
+        let mut low = router();
+        low.neighbor_up(1, 100, &mut out);
+        let me = Identity::from_seed(&[9; 32]);
+        low.handle_updates(1, &[signed(&me, u64::MAX, 0)], 0, &mut out);
+        assert_eq!(low.own_seqno(), u64::MAX);
     }
 }
