@@ -187,6 +187,39 @@ pub fn request_host<B>(req: &Request<B>) -> Option<String> {
         })
 }
 
+/// A DNS name (any case, optional trailing dot) or an IP literal (`[v6]` for IPv6), with an
+/// optional `:port`.
+fn is_valid_host(host: &str) -> bool {
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else {
+            return false;
+        };
+        if v6.parse::<std::net::Ipv6Addr>().is_err() {
+            return false;
+        }
+        match after {
+            "" => return true,
+            _ => match after.strip_prefix(':') {
+                Some(port) => (None, Some(port)),
+                None => return false,
+            },
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) => (Some(name), Some(port)),
+            None => (Some(host), None),
+        }
+    };
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
+    });
+    let name_ok = name.is_none_or(|n| {
+        let n = n.strip_suffix('.').unwrap_or(n).to_ascii_lowercase();
+        n.parse::<std::net::Ipv4Addr>().is_ok() || meshgate_config::gateway::is_hostname(&n)
+    });
+    port_ok && name_ok
+}
+
 fn set_forwarded(h: &mut HeaderMap, ci: &ConnInfo, host: &str) {
     // We are the edge: client-supplied forwarding headers are replaced, not trusted.
     let ip = ci.client.ip().to_canonical();
@@ -223,6 +256,14 @@ pub async fn handle(
     let Some(host) = request_host(&req) else {
         return Ok(full(StatusCode::BAD_REQUEST, "The request names no host."));
     };
+    // The host is echoed into `Forwarded`, `X-Forwarded-Host` and `Location`: only names and
+    // IP literals may pass, so a wildcard route cannot carry injected quotes or parameters.
+    if !is_valid_host(&host) {
+        return Ok(full(
+            StatusCode::BAD_REQUEST,
+            "The request host is not valid.",
+        ));
+    }
     let host = normalize_host(&host);
     let entry = gw.routes().lookup(&host);
     let (route_name, resp) = match entry {
@@ -576,6 +617,38 @@ mod tests {
             .expect("lease");
         let dialed = lease.dial().await.map(|_| ()).map_err(|e| e.error.kind());
         assert_eq!(dialed, Err(std::io::ErrorKind::PermissionDenied));
+    }
+
+    #[test]
+    fn hosts_must_be_names_or_ip_literals() {
+        for good in [
+            "a.example.org",
+            "A.Example.org.",
+            "a.example.org:8443",
+            "localhost",
+            "192.0.2.1",
+            "192.0.2.1:80",
+            "[2001:db8::1]",
+            "[2001:db8::1]:443",
+        ] {
+            assert!(is_valid_host(good), "{good}");
+        }
+        for bad in [
+            "a\";for=\"1.example.org",
+            "a example.org",
+            "a.example.org:",
+            "a.example.org:99999",
+            "a.example.org:8x",
+            "a..example.org",
+            "user@a.example.org",
+            "[2001:db8::1",
+            "[2001:db8::1]x",
+            "[not-v6]:443",
+            "2001:db8::1",
+            "",
+        ] {
+            assert!(!is_valid_host(bad), "{bad}");
+        }
     }
 
     #[test]

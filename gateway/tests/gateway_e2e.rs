@@ -402,11 +402,27 @@ async fn hostile_clients_do_not_starve_others() {
         "[security]\nallow_private_backends = true\n\
          [timeouts]\nheader_ms = 1000\nhandshake_ms = 1000\n\
          [limits]\nmax_header_bytes = 16384\nmax_headers = 50\n\
-         [[route]]\nhost = \"echo.test\"\nbackends = [{{ addr = \"{http}\" }}]\n"
+         [[route]]\nhost = \"echo.test\"\nbackends = [{{ addr = \"{http}\" }}]\n\
+         [[route]]\nhost = \"*.wild.test\"\nbackends = [{{ addr = \"{http}\" }}]\n"
     );
     let gw = GatewayProcess::start(dir.path(), &body);
     let ok = |gw: &GatewayProcess| gw.curl("echo.test", "/echo", &[]).0 == 200;
     assert!(ok(&gw), "{}", gw.log());
+
+    // A Host that a wildcard route would match but that is no DNS name: 400, never echoed
+    // into `Forwarded` or `Location`.
+    let injected = "a\";for=\"1.wild.test";
+    let (status, body) = gw.curl(
+        "x.wild.test",
+        "/echo",
+        &["--http1.1", "-H", &format!("Host: {injected}")],
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, head, _) = gw.curl_plain(injected, "/");
+    assert_eq!(status, 400, "{head}");
+    assert!(!head.to_ascii_lowercase().contains("location:"), "{head}");
+    let (status, body) = gw.curl("x.wild.test", "/echo", &[]);
+    assert_eq!(status, 200, "{body}");
 
     // Malformed ClientHellos: a broken handshake record, and a non-TLS request.
     for junk in [
