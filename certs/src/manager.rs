@@ -34,8 +34,9 @@ pub struct CertStatus {
     pub name: String,
     /// Names the certificate covers.
     pub names: Vec<String>,
-    /// `pending` (no cert yet), `ordering`, `valid`, `renewing`, `failed` (no cert, retrying)
-    /// or `renewal-failing` (cert still served, renewal retrying).
+    /// `pending` (no cert yet), `ordering`, `valid`, `renewing`, `failed` (no cert, retrying),
+    /// `renewal-failing` (cert still valid, renewal retrying) or `expired` (the cert's
+    /// `not_after` has passed and no order is in flight).
     pub state: &'static str,
     pub not_before: Option<String>,
     pub not_after: Option<String>,
@@ -315,6 +316,11 @@ impl CertManager {
 
     /// The status of every desired certificate.
     pub fn status(&self) -> Vec<CertStatus> {
+        self.status_at(SystemTime::now())
+    }
+
+    /// [`Self::status`] as of `now`.
+    pub fn status_at(&self, now: SystemTime) -> Vec<CertStatus> {
         let st = self.state();
         st.requests
             .iter()
@@ -331,7 +337,11 @@ impl CertManager {
                     ),
                     None => (None, None, false, 0, None, None),
                 };
-                let state = match (validity.is_some(), in_flight, failures > 0) {
+                // An expired certificate counts as none: it is served but no client accepts it.
+                let current = validity.is_some_and(|v| v.not_after > now);
+                let expired = validity.is_some() && !current;
+                let state = match (current, in_flight, failures > 0) {
+                    (false, false, _) if expired => "expired",
                     (false, true, _) => "ordering",
                     (true, true, _) => "renewing",
                     (false, false, true) => "failed",

@@ -264,3 +264,24 @@ fn config_errors_name_the_field() {
     let err = CertManager::new(config).err().unwrap().to_string();
     assert!(err.contains("renewal.renew_at_fraction"), "{err}");
 }
+
+#[tokio::test]
+async fn status_reports_an_expired_certificate_as_expired() {
+    init_tracing();
+    let state = tempfile::tempdir().unwrap();
+    let certs = CertManager::new(dev_config(state.path(), serde_json::json!({}))).unwrap();
+    let driver = certs.spawn();
+    certs.set_desired(["a.test".to_string()]);
+    wait_for(&certs, "dev issuance", 10, |c| {
+        c.status().iter().all(|s| s.state == "valid") && c.status().len() == 1
+    })
+    .await;
+    driver.abort();
+    let status = certs.status().remove(0);
+    assert!(status.not_after.is_some() && status.renew_at.is_some());
+    // The dev CA issues for 90 days: 91 days on, the certificate is past its not_after.
+    let later = std::time::SystemTime::now() + Duration::from_secs(91 * 86400);
+    let expired = certs.status_at(later).remove(0);
+    assert_eq!(expired.state, "expired", "{expired:?}");
+    assert_eq!(expired.not_after, status.not_after);
+}

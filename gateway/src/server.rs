@@ -706,14 +706,21 @@ pub fn status_json(inner: &Inner) -> serde_json::Value {
             })
         })
         .collect();
-    let mut certs = inner.resolver.names();
-    certs.sort();
+    // `names`: every name a certificate is served for; `managed`: the certificate manager's
+    // state per certificate (expiry, next renewal, last ACME problem).
+    let managed = crate::api::certificate_status(inner);
+    let mut names = inner.resolver.names();
+    for c in managed.iter().flatten().filter(|c| c.not_after.is_some()) {
+        names.extend(c.names.iter().cloned());
+    }
+    names.sort();
+    names.dedup();
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": inner.started.elapsed().as_secs(),
         "connections": inner.metrics.connections.get(),
         "routes": routes,
-        "certificates": certs,
+        "certificates": {"names": names, "managed": managed},
     })
 }
 

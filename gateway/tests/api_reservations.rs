@@ -728,7 +728,13 @@ async fn certificates_only_for_verified_domains_then_active() {
             Ok::<(), meshgate_config::store::StoreError>(())
         })
         .unwrap();
-    let glue = api::follow_certificates(store.clone(), certs.clone(), Duration::from_millis(20));
+    let (_routed_tx, routed) = tokio::sync::watch::channel(Arc::new(Default::default()));
+    let glue = api::follow_certificates(
+        Some(store.clone()),
+        certs.clone(),
+        routed,
+        Duration::from_millis(20),
+    );
 
     let mut routes = store.routes();
     tokio::time::timeout(Duration::from_secs(10), async {

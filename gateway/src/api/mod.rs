@@ -10,7 +10,7 @@ mod error;
 mod reservations;
 mod tokens;
 
-pub use certificates::follow_certificates;
+pub use certificates::{follow_certificates, register_status, status_of as certificate_status};
 pub use error::ApiError;
 
 use bytes::Bytes;

@@ -5,9 +5,11 @@ use crate::server::Gateway;
 use anyhow::{Context, Result};
 use meshgate_config::gateway::GatewayConfig;
 use meshgate_config::verify::VerifierConfig;
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -67,13 +69,41 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// What runs beside the listeners: the reservations store + API, the certificate manager.
-struct Services {
-    _reservations: Option<crate::api::Reservations>,
-    _certs: Option<(
-        Arc<meshgate_certs::CertManager>,
-        tokio::task::JoinHandle<()>,
-    )>,
+/// What runs beside the listeners: the reservations store + API, the certificate manager and
+/// the task feeding it the names to serve. Dropping it stops the certificate tasks.
+pub struct Services {
+    reservations: Option<crate::api::Reservations>,
+    certs: Option<CertService>,
+}
+
+struct CertService {
+    manager: Arc<meshgate_certs::CertManager>,
+    driver: tokio::task::AbortHandle,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Services {
+    /// The reservations store, when `domains` is set.
+    pub fn store(&self) -> Option<&Arc<meshgate_config::store::Store>> {
+        self.reservations.as_ref().map(|r| &r.store)
+    }
+
+    /// The certificate manager, when `[tls.acme]` is set.
+    pub fn certs(&self) -> Option<&Arc<meshgate_certs::CertManager>> {
+        self.certs.as_ref().map(|c| &c.manager)
+    }
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        if let Some(c) = &self.certs {
+            c.driver.abort();
+            c.tasks.iter().for_each(|t| t.abort());
+        }
+        if let Some(r) = &self.reservations {
+            r.verifier.abort();
+        }
+    }
 }
 
 /// ACME challenges answered from the certificate manager's pending set.
@@ -88,56 +118,14 @@ impl crate::server::Challenges for CertChallenges {
     }
 }
 
-async fn start_services(gateway: &Gateway, config: &GatewayConfig) -> Result<Services> {
+/// How often the certificate follower reports served certificates to the store.
+const CERT_FOLLOW_POLL: Duration = Duration::from_secs(1);
+
+/// Starts the reservations store + API (when `domains` is set) and the certificate manager
+/// (when `[tls.acme]` is set), wired into `gateway`. Certificates are desired for the
+/// static terminate routes and the verified terminate-mode custom domains.
+pub async fn start_services(gateway: &Gateway, config: &GatewayConfig) -> Result<Services> {
     let public = public_addresses(config);
-    let certs = match &config.tls.acme {
-        Some(acme) => {
-            let cfg = serde_json::json!({
-                "state_dir": config.data_dir.join("certs"),
-                "farmer_domain": config.domains.first(),
-                "acme": {
-                    "directory": acme.directory,
-                    "contact_email": acme.contact.trim_start_matches("mailto:"),
-                    "ca_root": acme.directory_ca,
-                    "challenge": acme.challenge,
-                },
-                "dns": { "listen": acme.dns_listen.unwrap_or(([0, 0, 0, 0], 53).into()) },
-            });
-            let cfg: meshgate_certs::CertConfig =
-                serde_json::from_value(cfg).context("certificate manager configuration")?;
-            let manager = Arc::new(meshgate_certs::CertManager::new(cfg)?);
-            gateway
-                .inner()
-                .metrics
-                .register(|r| manager.register_metrics(r));
-            gateway.set_challenges(Arc::new(CertChallenges(manager.challenges())));
-            let resolver = manager.resolver();
-            gateway
-                .resolver()
-                .set_fallback(Arc::new(move |name: &str| resolver.lookup(name)));
-            let m = manager.clone();
-            gateway.on_routes_changed(Arc::new(move |table: &crate::routes::RouteTable| {
-                // Only names this gateway routes (static or verified reservations) are ordered.
-                m.set_desired(
-                    table
-                        .entries()
-                        .filter(|e| e.route.mode == meshgate_config::route::Mode::Terminate)
-                        .map(|e| e.route.host.clone())
-                        .filter(|h| !h.starts_with("*.")),
-                );
-            }));
-            let driver = manager.spawn();
-            let watcher = tokio::spawn(async move {
-                match driver.await {
-                    Ok(Err(e)) => tracing::error!(error = %e, "certificate manager stopped"),
-                    Err(e) => tracing::error!(error = %e, "certificate manager task failed"),
-                    Ok(Ok(())) => {}
-                }
-            });
-            Some((manager, watcher))
-        }
-        None => None,
-    };
     let reservations = match config.domains.first() {
         Some(domain) => {
             let token_file = config
@@ -164,9 +152,85 @@ async fn start_services(gateway: &Gateway, config: &GatewayConfig) -> Result<Ser
         }
         None => None,
     };
+    let certs = match &config.tls.acme {
+        Some(acme) => Some(start_certs(
+            gateway,
+            config,
+            acme,
+            reservations.as_ref().map(|r| r.store.clone()),
+        )?),
+        None => None,
+    };
     Ok(Services {
-        _reservations: reservations,
-        _certs: certs,
+        reservations,
+        certs,
+    })
+}
+
+fn start_certs(
+    gateway: &Gateway,
+    config: &GatewayConfig,
+    acme: &meshgate_config::gateway::Acme,
+    store: Option<Arc<meshgate_config::store::Store>>,
+) -> Result<CertService> {
+    let cfg = serde_json::json!({
+        "state_dir": config.data_dir.join("certs"),
+        "farmer_domain": config.domains.first(),
+        "acme": {
+            "directory": acme.directory,
+            "contact_email": acme.contact.trim_start_matches("mailto:"),
+            "ca_root": acme.directory_ca,
+            "challenge": acme.challenge,
+        },
+        "dns": { "listen": acme.dns_listen.unwrap_or(([0, 0, 0, 0], 53).into()) },
+    });
+    let cfg: meshgate_certs::CertConfig =
+        serde_json::from_value(cfg).context("certificate manager configuration")?;
+    let manager = Arc::new(meshgate_certs::CertManager::new(cfg)?);
+    gateway
+        .inner()
+        .metrics
+        .register(|r| manager.register_metrics(r));
+    crate::api::register_status(gateway.inner(), manager.clone());
+    gateway.set_challenges(Arc::new(CertChallenges(manager.challenges())));
+    let resolver = manager.resolver();
+    gateway
+        .resolver()
+        .set_fallback(Arc::new(move |name: &str| resolver.lookup(name)));
+    // Terminate hosts of the route table (static routes; routed reservations are verified
+    // or covered by the wildcard). Verified domains not yet routed come from the store.
+    let (routed_tx, routed_rx) = tokio::sync::watch::channel(Arc::new(BTreeSet::new()));
+    gateway.on_routes_changed(Arc::new(move |table: &crate::routes::RouteTable| {
+        let hosts: BTreeSet<String> = table
+            .entries()
+            .filter(|e| e.route.mode == meshgate_config::route::Mode::Terminate)
+            .map(|e| e.route.host.clone())
+            .filter(|h| !h.starts_with("*."))
+            .collect();
+        routed_tx.send_if_modified(|cur| {
+            let changed = **cur != hosts;
+            if changed {
+                *cur = Arc::new(hosts);
+            }
+            changed
+        });
+    }));
+    let follower =
+        crate::api::follow_certificates(store, manager.clone(), routed_rx, CERT_FOLLOW_POLL);
+    let driver = manager.spawn();
+    let driver_abort = driver.abort_handle();
+    let watcher = tokio::spawn(async move {
+        match driver.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "certificate manager stopped"),
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => tracing::error!(error = %e, "certificate manager task failed"),
+            Ok(Ok(())) => {}
+        }
+    });
+    Ok(CertService {
+        manager,
+        driver: driver_abort,
+        tasks: vec![follower, watcher],
     })
 }
 
