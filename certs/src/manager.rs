@@ -19,6 +19,7 @@ use prometheus_client::registry::Registry;
 use rustls::ServerConfig;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -26,6 +27,9 @@ use tokio::sync::{Notify, mpsc};
 
 /// The longest the driver sleeps without re-checking its schedule.
 const MAX_IDLE: Duration = Duration::from_secs(3600);
+/// Backoff between attempts to bind the DNS-01 responder.
+const DNS_RETRY_INITIAL: Duration = Duration::from_secs(1);
+const DNS_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// One certificate's state, for the admin status endpoint (serialize to JSON).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -487,17 +491,40 @@ impl CertManager {
         tokio::spawn(async move { this.run().await })
     }
 
-    /// The driver: serves DNS-01 (when `dns.listen` is set and a farmer domain configured),
-    /// places the orders the scheduler asks for, installs results, and sleeps until the next
-    /// due time. Runs until its task is dropped/aborted; returns early only when the DNS
-    /// responder cannot bind.
-    pub async fn run(&self) -> Result<(), CertError> {
-        let _dns: Option<DnsServer> = match (&self.inner.dns_zone, self.inner.config.dns.listen) {
-            (Some(zone), Some(listen)) => {
-                Some(serve_dns(listen, vec![(zone.origin().clone(), zone.zone_handler())]).await?)
+    /// Serves the DNS-01 zone on `listen`, retrying a failed bind with backoff (1 s doubling
+    /// to 5 min); never returns, so the server lives as long as this future.
+    async fn serve_dns_with_retry(zone: ChallengeZone, listen: SocketAddr) {
+        let mut delay = DNS_RETRY_INITIAL;
+        let _server: DnsServer = loop {
+            match serve_dns(listen, vec![(zone.origin().clone(), zone.zone_handler())]).await {
+                Ok(server) => break server,
+                Err(e) => {
+                    tracing::error!(
+                        retry_in_secs = delay.as_secs(),
+                        "{e}; DNS-01 (the farmer wildcard) waits, other certificates go on"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(DNS_RETRY_MAX);
+                }
             }
-            _ => None,
         };
+        std::future::pending::<()>().await
+    }
+
+    /// The driver: serves DNS-01 (when `dns.listen` is set and a farmer domain configured;
+    /// a failed bind is retried with backoff while other orders go on), places the orders the
+    /// scheduler asks for, installs results, and sleeps until the next due time. Runs until
+    /// its task is dropped/aborted.
+    pub async fn run(&self) -> Result<(), CertError> {
+        let dns = async {
+            match (&self.inner.dns_zone, self.inner.config.dns.listen) {
+                (Some(zone), Some(listen)) => {
+                    Self::serve_dns_with_retry(zone.clone(), listen).await
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::pin!(dns);
         let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
         loop {
             let now = SystemTime::now();
@@ -533,6 +560,7 @@ impl CertManager {
                 .unwrap_or(MAX_IDLE)
                 .min(MAX_IDLE);
             tokio::select! {
+                _ = &mut dns => {}
                 Some(ev) = rx.recv() => self.handle(ev),
                 _ = self.inner.wake.notified() => {}
                 _ = tokio::time::sleep(idle) => {}

@@ -285,3 +285,42 @@ async fn status_reports_an_expired_certificate_as_expired() {
     assert_eq!(expired.state, "expired", "{expired:?}");
     assert_eq!(expired.not_after, status.not_after);
 }
+
+#[tokio::test]
+async fn dns_bind_failure_is_retried_while_other_orders_go_on() {
+    init_tracing();
+    let state = tempfile::tempdir().unwrap();
+    // Another process holds the DNS port.
+    let blocker = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = blocker.local_addr().unwrap().port();
+    let certs = CertManager::new(dev_config(
+        state.path(),
+        serde_json::json!({
+            "farmer_domain": "farm.test",
+            "dns": { "listen": format!("127.0.0.1:{port}") }
+        }),
+    ))
+    .unwrap();
+    let driver = certs.spawn();
+    certs.set_desired(["shop.test".to_string()]);
+    wait_for(&certs, "issuance without the DNS responder", 10, |c| {
+        c.status().len() == 2 && c.status().iter().all(|s| s.state == "valid")
+    })
+    .await;
+    assert!(!driver.is_finished(), "the driver keeps running");
+
+    // Once the port is free, a retry binds it.
+    drop(blocker);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "DNS responder never bound");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let server = SocketAddr::from(([127, 0, 0, 1], port));
+    let r = query(server, "_acme-challenge.farm.test.", RecordType::SOA).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    driver.abort();
+}
