@@ -37,8 +37,10 @@ impl ConfigError {
         }
     }
 
-    /// A semantic error about `field`, positioned on the line where `field`'s key appears
-    /// (dotted paths like `routes.3.backends` point at the table and key when found).
+    /// A semantic error about `field`, positioned on `field`'s key in `text`. Dotted paths
+    /// with indices (`route.2.pool.connect_timeout_ms`) are followed through the parsed
+    /// document, so they point into the third `[[route]]`; a key left to its default points
+    /// at the nearest enclosing table or key that is written.
     pub fn at_field(
         path: impl Into<PathBuf>,
         text: &str,
@@ -46,9 +48,9 @@ impl ConfigError {
         message: impl fmt::Display,
     ) -> Self {
         let path = path.into();
-        let key = field.rsplit('.').next().unwrap_or(field);
-        let (line, column) =
-            locate_key(text, key).map_or((None, None), |(l, c)| (Some(l), Some(c)));
+        let (line, column) = locate_field(text, field)
+            .map(|offset| line_col(text, offset))
+            .map_or((None, None), |(l, c)| (Some(l), Some(c)));
         ConfigError {
             path,
             line,
@@ -93,15 +95,52 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// First line where `key` is assigned (`key =` at the start of a line, ignoring indentation).
-fn locate_key(text: &str, key: &str) -> Option<(usize, usize)> {
-    text.lines().enumerate().find_map(|(i, l)| {
-        let trimmed = l.trim_start();
-        let rest = trimmed.strip_prefix(key)?;
-        rest.trim_start()
-            .starts_with('=')
-            .then(|| (i + 1, l.len() - trimmed.len() + 1))
-    })
+/// Byte offset of the deepest part of dotted `field` (keys and array indices) written in
+/// `text`: the key itself when present, else the closest enclosing key or array element.
+fn locate_field(text: &str, field: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let doc = DeTable::parse(text).ok()?;
+    let mut table: Option<&DeTable<'_>> = Some(doc.get_ref());
+    let mut array: Option<&[toml::Spanned<DeValue<'_>>]> = None;
+    let mut found = None;
+    for segment in field.split('.') {
+        let value = match (table, array) {
+            (Some(t), _) => match t.iter().find(|(k, _)| k.get_ref().as_ref() == segment) {
+                Some((key, value)) => {
+                    found = Some(key.span().start);
+                    value
+                }
+                None => break,
+            },
+            (None, Some(items)) => match segment.parse::<usize>().ok().and_then(|i| items.get(i)) {
+                Some(value) => {
+                    found = Some(element_start(value));
+                    value
+                }
+                None => break,
+            },
+            (None, None) => break,
+        };
+        (table, array) = match value.get_ref() {
+            DeValue::Table(t) => (Some(t), None),
+            DeValue::Array(a) => (None, Some(&a[..])),
+            _ => (None, None),
+        };
+    }
+    found
+}
+
+/// Where an array element is written: a `[[table]]` element's span does not always start at
+/// its header, so its first key stands in for it.
+fn element_start(value: &toml::Spanned<toml::de::DeValue<'_>>) -> usize {
+    match value.get_ref() {
+        toml::de::DeValue::Table(t) => t
+            .iter()
+            .map(|(k, _)| k.span().start)
+            .min()
+            .unwrap_or(value.span().start),
+        _ => value.span().start,
+    }
 }
 
 #[cfg(test)]
@@ -131,6 +170,25 @@ mod tests {
         let err = parse::<Demo>(Path::new("g.toml"), text).unwrap_err();
         assert_eq!(err.line, Some(3), "{err}");
         assert!(err.message.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn route_field_error_points_into_that_route() {
+        let text = "[[route]]\nhost = \"a.example\"\nbackends = []\n\
+                    [[route]]\nhost = \"b.example\"\nbackends = []\n\
+                    [[route]]\nhost = \"c.example\"\n  backends = []\n\
+                    [route.pool]\nconnect_timeout_ms = 0\n";
+        let err = ConfigError::at_field("g.toml", text, "route.2.backends", "x");
+        assert_eq!((err.line, err.column), (Some(9), Some(3)), "{err}");
+        let err = ConfigError::at_field("g.toml", text, "route.1.host", "x");
+        assert_eq!(err.line, Some(5), "{err}");
+        let err = ConfigError::at_field("g.toml", text, "route.2.pool.connect_timeout_ms", "x");
+        assert_eq!(err.line, Some(11), "{err}");
+        // Not written (a default): the route's first key.
+        let err = ConfigError::at_field("g.toml", text, "route.1.options.allow_plain_http", "x");
+        assert_eq!(err.line, Some(5), "{err}");
+        let err = ConfigError::at_field("g.toml", text, "nowhere.at_all", "x");
+        assert_eq!(err.line, None, "{err}");
     }
 
     #[test]

@@ -666,6 +666,21 @@ options = { proxy_protocol = true }
     }
 
     #[test]
+    fn route_errors_point_at_the_route_in_question() {
+        let route = |host: &str| {
+            format!("[[route]]\nhost = \"{host}\"\nbackends = [{{ addr = \"10.0.0.1:80\" }}]\n")
+        };
+        let dup = route("a.example") + &route("b.example") + &route("a.example");
+        let e = parse(&dup).unwrap_err();
+        assert!(e.message.contains("route.2.host"), "{e}");
+        assert_eq!(e.line, Some(8), "{e}");
+        let empty = route("a.example") + "[[route]]\nhost = \"b.example\"\nbackends = []\n";
+        let e = parse(&empty).unwrap_err();
+        assert!(e.message.contains("route.1.backends"), "{e}");
+        assert_eq!(e.line, Some(6), "{e}");
+    }
+
+    #[test]
     fn duplicate_and_empty_routes_refused() {
         let dup = "[[route]]\nhost = \"a.example\"\nbackends = [{ addr = \"10.0.0.1:80\" }]\n\
                    [[route]]\nhost = \"a.example\"\nbackends = [{ addr = \"10.0.0.1:80\" }]\n";
