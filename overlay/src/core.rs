@@ -10,7 +10,10 @@ use crate::addr::{Prefix, is_overlay_v6, prefix_of};
 use crate::identity::Identity;
 use crate::routing::{Nbr, Router, RoutingConfig};
 use crate::session::{Micros, SessionConfig, SessionError, SessionOut, Sessions};
-use crate::wire::{self, Control, PKT_DATA, PKT_SESSION_INIT, PKT_SESSION_RESP, PKT_UNREACHABLE};
+use crate::wire::{
+    self, Control, PKT_DATA, PKT_SESSION_INIT, PKT_SESSION_RESP, PKT_UNKNOWN_SESSION,
+    PKT_UNREACHABLE,
+};
 
 /// Observer of forwarded packets.
 pub type RelayTap = Box<dyn FnMut(&[u8]) + Send>;
@@ -79,6 +82,12 @@ pub struct Counters {
     pub e2e_bad_tag: u64,
     pub e2e_replayed: u64,
     pub e2e_unknown_session: u64,
+    /// Unknown-session notices sent (answering data for a session we do not have).
+    pub e2e_unknown_notices_sent: u64,
+    /// Valid unknown-session notices received: the session was dropped and re-initiated.
+    pub e2e_sessions_reset: u64,
+    /// Unknown-session notices about a session not in use here, ignored.
+    pub e2e_stale_notices: u64,
     pub e2e_expired: u64,
     pub e2e_bad_signature: u64,
     pub e2e_key_mismatch: u64,
@@ -342,15 +351,34 @@ impl NodeCore {
     fn local_packet(&mut self, ptype: u8, buf: BytesMut, now: Micros, out: &mut Vec<CoreOut>) {
         let mut sbuf = std::mem::take(&mut self.sbuf);
         let res = match ptype {
-            PKT_DATA => match self.sessions.open(now, buf) {
-                Ok((src, inner)) => {
-                    self.deliver_inner(src, inner, out);
-                    Ok(())
+            PKT_DATA => {
+                let src = wire::parse_routed(&buf).map(|h| h.src);
+                let idx = wire::data_fields(&buf).map(|(idx, _)| idx);
+                match self.sessions.open(now, buf) {
+                    Ok((src, inner)) => {
+                        self.deliver_inner(src, inner, out);
+                        Ok(())
+                    }
+                    Err(SessionError::UnknownSession) => {
+                        if let (Ok(src), Ok(idx)) = (src, idx)
+                            && self.sessions.answer_unknown(now, src, idx, &mut sbuf)
+                        {
+                            self.counters.e2e_unknown_notices_sent += 1;
+                        }
+                        Err(SessionError::UnknownSession)
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
+            }
             PKT_SESSION_INIT => self.sessions.handle_init(now, &buf, &mut sbuf),
             PKT_SESSION_RESP => self.sessions.handle_resp(now, &buf, &mut sbuf),
+            PKT_UNKNOWN_SESSION => {
+                let r = self.sessions.handle_unknown(now, &buf, &mut sbuf);
+                if r.is_ok() {
+                    self.counters.e2e_sessions_reset += 1;
+                }
+                r
+            }
             PKT_UNREACHABLE => {
                 if let (Ok(h), Ok(unreachable)) =
                     (wire::parse_routed(&buf), wire::decode_unreachable(&buf))
@@ -377,6 +405,7 @@ impl NodeCore {
                 SessionError::KeyMismatch => c.e2e_key_mismatch += 1,
                 SessionError::ReplayedInit => c.e2e_replayed_init += 1,
                 SessionError::Malformed => c.malformed_packet += 1,
+                SessionError::StaleNotice => c.e2e_stale_notices += 1,
                 SessionError::NotForUs | SessionError::WeakKey | SessionError::TooManyPeers => {
                     c.e2e_other += 1
                 }

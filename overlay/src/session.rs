@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::addr::{Prefix, prefix_for_key, prefix_of};
 use crate::identity::{Identity, verify};
-use crate::wire::{self, DATA_HEADER_LEN, SessionInit, SessionResp, TAG_LEN};
+use crate::wire::{self, DATA_HEADER_LEN, SessionInit, SessionResp, TAG_LEN, UnknownSession};
 
 /// Microseconds on the caller's clock (monotonic; virtual in the simulator).
 pub type Micros = u64;
@@ -73,6 +73,8 @@ pub enum SessionError {
     WeakKey,
     #[error("too many peers")]
     TooManyPeers,
+    #[error("unknown-session notice for a session not in use")]
+    StaleNotice,
 }
 
 /// What the session layer wants done.
@@ -85,6 +87,12 @@ pub enum SessionOut {
 }
 
 const REPLAY_WINDOW: u64 = 4096;
+/// An unknown-session notice goes to one peer prefix at most this often: one is enough to
+/// make the sender re-initiate, and each costs a signature.
+const UNKNOWN_NOTICE_INTERVAL: Micros = 1_000_000;
+/// Peer prefixes notified within the last interval at most: bounds the signatures spent on
+/// data packets with forged sources to this many per interval.
+const UNKNOWN_NOTICE_PEERS: usize = 256;
 /// Peers with session state at most (bounds memory against init floods from many keys).
 const MAX_PEERS: usize = 65_536;
 
@@ -150,6 +158,8 @@ impl ReplayWindow {
 }
 
 struct Session {
+    /// The peer's ed25519 key (verifies its unknown-session notices).
+    peer_key: [u8; 32],
     local_idx: u32,
     remote_idx: u32,
     send: ChaCha20Poly1305,
@@ -188,6 +198,8 @@ pub struct Sessions {
     by_idx: BTreeMap<u32, Prefix>,
     next_timestamp: u64,
     rng: Box<dyn FnMut() -> [u8; 32] + Send>,
+    /// When each peer prefix was last sent an unknown-session notice.
+    notified: BTreeMap<Prefix, Micros>,
     /// Sessions established (both roles), for status.
     pub established: u64,
 }
@@ -211,6 +223,7 @@ impl Sessions {
             by_idx: BTreeMap::new(),
             next_timestamp: first_timestamp,
             rng,
+            notified: BTreeMap::new(),
             established: 0,
         }
     }
@@ -341,6 +354,7 @@ impl Sessions {
         resp.signature = self.id.sign(&resp.signed_input(&init_hash));
         let (i2r, r2i) = derive_keys(&eph, &init.ephemeral, &init_hash, &resp)?;
         let session = Session {
+            peer_key: init.initiator_key,
             local_idx: idx,
             remote_idx: init.sender_idx,
             send: r2i,
@@ -390,6 +404,7 @@ impl Sessions {
         let local_idx = pending.idx;
         peer.pending = None;
         let session = Session {
+            peer_key: resp.responder_key,
             local_idx,
             remote_idx: resp.sender_idx,
             send: i2r,
@@ -461,6 +476,88 @@ impl Sessions {
         Ok((h.src, inner))
     }
 
+    /// A data packet from `src` carried receiver index `idx`, which names no session here
+    /// (typically: this node restarted and the sender still uses the old session). Answers
+    /// with a signed unknown-session notice so the sender sets up a new session at once
+    /// instead of black-holing traffic until its session expires. Rate-limited per peer
+    /// prefix and in total; returns whether a notice was sent.
+    pub fn answer_unknown(
+        &mut self,
+        now: Micros,
+        src: Ipv6Addr,
+        idx: u32,
+        out: &mut Vec<SessionOut>,
+    ) -> bool {
+        let prefix = prefix_of(&src);
+        if self.by_idx.contains_key(&idx)
+            || prefix == self.prefix
+            || !crate::addr::is_overlay_v6(&src)
+        {
+            return false;
+        }
+        if self
+            .notified
+            .get(&prefix)
+            .is_some_and(|t| now.saturating_sub(*t) < UNKNOWN_NOTICE_INTERVAL)
+        {
+            return false;
+        }
+        if self.notified.len() >= UNKNOWN_NOTICE_PEERS {
+            self.notified
+                .retain(|_, t| now.saturating_sub(*t) < UNKNOWN_NOTICE_INTERVAL);
+            if self.notified.len() >= UNKNOWN_NOTICE_PEERS {
+                return false;
+            }
+        }
+        self.notified.insert(prefix, now);
+        let mut notice = UnknownSession {
+            src: self.addr,
+            dst: src,
+            receiver_idx: idx,
+            signature: [0; 64],
+        };
+        notice.signature = self.id.sign(&notice.signed_input());
+        out.push(SessionOut::Send(notice.encode()));
+        true
+    }
+
+    /// An unknown-session notice: if it names the session we currently send on and is signed
+    /// by that session's peer, the session is dropped and a new one initiated (packets queue
+    /// meanwhile). Notices about any other index are ignored, so a relay can neither forge
+    /// one nor replay an old one against a live session.
+    pub fn handle_unknown(
+        &mut self,
+        now: Micros,
+        packet: &[u8],
+        out: &mut Vec<SessionOut>,
+    ) -> Result<(), SessionError> {
+        let m = UnknownSession::decode(packet).map_err(|_| SessionError::Malformed)?;
+        if m.dst != self.addr {
+            return Err(SessionError::NotForUs);
+        }
+        let prefix = prefix_of(&m.src);
+        let peer = self
+            .peers
+            .get_mut(&prefix)
+            .ok_or(SessionError::StaleNotice)?;
+        let cur = peer
+            .current
+            .as_ref()
+            .filter(|s| s.remote_idx == m.receiver_idx)
+            .ok_or(SessionError::StaleNotice)?;
+        if !verify(&cur.peer_key, &m.signed_input(), &m.signature) {
+            return Err(SessionError::BadSignature);
+        }
+        if let Some(s) = peer.current.take() {
+            self.by_idx.remove(&s.local_idx);
+        }
+        let dst = peer.addr.unwrap_or(m.src);
+        if peer.pending.is_none() {
+            self.start_init(now, prefix, dst, out);
+        }
+        Ok(())
+    }
+
     /// Retries unanswered inits, gives up on dead ones, drops expired sessions.
     pub fn tick(&mut self, now: Micros, out: &mut Vec<SessionOut>) {
         let cfg = self.cfg.clone();
@@ -495,6 +592,8 @@ impl Sessions {
                 }
             }
         }
+        self.notified
+            .retain(|_, t| now.saturating_sub(*t) < UNKNOWN_NOTICE_INTERVAL);
         self.peers.retain(|_, p| {
             p.current.is_some()
                 || p.previous.is_some()
@@ -754,5 +853,71 @@ mod tests {
             }
         }
         assert_eq!((inits, dropped), (5, 2));
+    }
+
+    #[test]
+    fn restarted_peer_with_the_same_key_gets_a_new_session() {
+        let (mut a, mut b) = pair(SessionConfig::default());
+        let _ = connect(&mut a, &mut b, 0, &[b"before"]);
+        // b restarts with the same identity: no sessions, a later init timestamp.
+        let mut m = 200u8;
+        let mut b = Sessions::new(
+            Identity::from_seed(&[2; 32]),
+            SessionConfig::default(),
+            1_000,
+            Box::new(move || {
+                m = m.wrapping_add(1);
+                [m; 32]
+            }),
+        );
+        let mut out = Vec::new();
+        a.seal(1_000, b.addr, Bytes::from_static(b"lost"), &mut out);
+        let data = sends(&mut out).remove(0);
+        let (idx, _) = wire::data_fields(&data).unwrap();
+        assert_eq!(
+            b.open(1_000, BytesMut::from(&data[..])),
+            Err(SessionError::UnknownSession)
+        );
+        assert!(b.answer_unknown(1_000, a.addr, idx, &mut out));
+        let notice = sends(&mut out).remove(0);
+        // Rate-limited per peer: no second notice within the interval.
+        assert!(!b.answer_unknown(2_000, a.addr, idx, &mut out));
+        assert!(out.is_empty());
+
+        // A notice naming another index, or not signed by the peer, changes nothing.
+        let mut other = UnknownSession::decode(&notice).unwrap();
+        other.receiver_idx ^= 1;
+        other.signature = b.id.sign(&other.signed_input());
+        assert_eq!(
+            a.handle_unknown(3_000, &other.encode(), &mut out),
+            Err(SessionError::StaleNotice)
+        );
+        let mut forged = UnknownSession::decode(&notice).unwrap();
+        forged.signature = Identity::from_seed(&[3; 32]).sign(&forged.signed_input());
+        assert_eq!(
+            a.handle_unknown(3_000, &forged.encode(), &mut out),
+            Err(SessionError::BadSignature)
+        );
+        assert!(out.is_empty());
+
+        // The genuine notice makes a re-initiate; data flows on the new session.
+        a.handle_unknown(3_000, &notice, &mut out).unwrap();
+        let init = sends(&mut out).remove(0);
+        assert_eq!(init[0], wire::PKT_SESSION_INIT);
+        a.seal(3_000, b.addr, Bytes::from_static(b"queued"), &mut out);
+        assert!(out.is_empty(), "queued while the new session is set up");
+        b.handle_init(3_000, &init, &mut out).unwrap();
+        let resp = sends(&mut out).remove(0);
+        a.handle_resp(3_000, &resp, &mut out).unwrap();
+        let data = sends(&mut out).remove(0);
+        assert_eq!(
+            &b.open(3_000, BytesMut::from(&data[..])).unwrap().1[..],
+            b"queued"
+        );
+        // Replaying the old notice later does not tear the new session down.
+        assert_eq!(
+            a.handle_unknown(4_000, &notice, &mut out),
+            Err(SessionError::StaleNotice)
+        );
     }
 }

@@ -232,6 +232,7 @@ pub const PKT_DATA: u8 = 1;
 pub const PKT_SESSION_INIT: u8 = 2;
 pub const PKT_SESSION_RESP: u8 = 3;
 pub const PKT_UNREACHABLE: u8 = 4;
+pub const PKT_UNKNOWN_SESSION: u8 = 5;
 
 /// type(1) hop_limit(1) src(16) dst(16).
 pub const ROUTED_HEADER_LEN: usize = 34;
@@ -244,6 +245,7 @@ pub const DEFAULT_HOP_LIMIT: u8 = 64;
 const INIT_LEN: usize = ROUTED_HEADER_LEN + 4 + 32 + 32 + 8 + 64;
 const RESP_LEN: usize = ROUTED_HEADER_LEN + 4 + 4 + 32 + 32 + 64;
 const UNREACHABLE_LEN: usize = ROUTED_HEADER_LEN + 16;
+const UNKNOWN_SESSION_LEN: usize = ROUTED_HEADER_LEN + 4 + 64;
 
 /// The common header of a routed packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,6 +267,7 @@ pub fn parse_routed(b: &[u8]) -> Result<RoutedHeader, WireError> {
         PKT_SESSION_INIT => (INIT_LEN, true),
         PKT_SESSION_RESP => (RESP_LEN, true),
         PKT_UNREACHABLE => (UNREACHABLE_LEN, true),
+        PKT_UNKNOWN_SESSION => (UNKNOWN_SESSION_LEN, true),
         value => {
             return Err(WireError::UnknownType {
                 what: "routed packet",
@@ -449,6 +452,56 @@ impl SessionResp {
     }
 }
 
+/// "I have no session with receiver index `receiver_idx`", signed by the node that received
+/// a data packet it cannot open (e.g. it restarted): the data's sender starts a new session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownSession {
+    /// The node that has no such session.
+    pub src: Ipv6Addr,
+    /// The sender of the data packet.
+    pub dst: Ipv6Addr,
+    /// The receiver index the data packet carried.
+    pub receiver_idx: u32,
+    /// `src`'s signature over [`UnknownSession::signed_input`].
+    pub signature: [u8; 64],
+}
+
+impl UnknownSession {
+    /// What the sender signs.
+    pub fn signed_input(&self) -> Vec<u8> {
+        let mut m = Vec::with_capacity(23 + 16 + 16 + 4);
+        m.extend_from_slice(b"meshgate-e2e-unknown-v1");
+        m.extend_from_slice(&self.src.octets());
+        m.extend_from_slice(&self.dst.octets());
+        m.extend_from_slice(&self.receiver_idx.to_be_bytes());
+        m
+    }
+
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(UNKNOWN_SESSION_LEN);
+        put_routed_header(&mut b, PKT_UNKNOWN_SESSION, &self.src, &self.dst);
+        b.put_u32(self.receiver_idx);
+        b.put_slice(&self.signature);
+        b.freeze()
+    }
+
+    pub fn decode(b: &[u8]) -> Result<UnknownSession, WireError> {
+        let h = parse_routed(b)?;
+        if h.ptype != PKT_UNKNOWN_SESSION {
+            return Err(WireError::Invalid("not an unknown-session packet"));
+        }
+        let mut r = Reader::new(&b[ROUTED_HEADER_LEN..], "unknown-session packet");
+        let m = UnknownSession {
+            src: h.src,
+            dst: h.dst,
+            receiver_idx: r.u32()?,
+            signature: r.array()?,
+        };
+        r.finish()?;
+        Ok(m)
+    }
+}
+
 /// "No route to `unreachable`", sent by a relay back to the packet's source.
 pub fn encode_unreachable(src: &Ipv6Addr, dst: &Ipv6Addr, unreachable: &Ipv6Addr) -> Bytes {
     let mut b = BytesMut::with_capacity(UNREACHABLE_LEN);
@@ -611,6 +664,16 @@ mod tests {
         let ib = init.encode();
         let rb = resp.encode();
         let ub = encode_unreachable(&src, &dst, &"600::9".parse().unwrap());
+        let unknown = UnknownSession {
+            src: dst,
+            dst: src,
+            receiver_idx: 0xdead_beef,
+            signature: [7; 64],
+        };
+        let kb = unknown.encode();
+        assert_eq!(kb.len(), 102);
+        assert_eq!(UnknownSession::decode(&kb).unwrap(), unknown);
+        assert!(UnknownSession::decode(&ub).is_err());
         assert_eq!(SessionInit::decode(&ib).unwrap(), init);
         assert_eq!(SessionResp::decode(&rb).unwrap(), resp);
         assert_eq!(
@@ -618,7 +681,7 @@ mod tests {
             "600::9".parse::<Ipv6Addr>().unwrap()
         );
         assert!(SessionInit::decode(&rb).is_err());
-        for b in [&ib, &rb, &ub] {
+        for b in [&ib, &rb, &ub, &kb] {
             let h = parse_routed(b).unwrap();
             assert_eq!(
                 (h.hop_limit, h.src == src || h.src == dst),
@@ -672,13 +735,14 @@ mod tests {
             let len = (lcg(&mut seed) as usize) % 300;
             let mut b: Vec<u8> = (0..len).map(|_| lcg(&mut seed)).collect();
             if let Some(first) = b.first_mut() {
-                *first = (round % 6) as u8; // hit every type byte often
+                *first = (round % 7) as u8; // hit every type byte often
             }
             let _ = Control::decode(&b);
             let _ = parse_routed(&b);
             let _ = SessionInit::decode(&b);
             let _ = SessionResp::decode(&b);
             let _ = decode_unreachable(&b);
+            let _ = UnknownSession::decode(&b);
             let _ = data_fields(&b);
             if b.len() >= 5 {
                 let _ = parse_frame_header(&b[..5].try_into().unwrap());
