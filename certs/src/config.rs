@@ -1,4 +1,4 @@
-//! Configuration of the certificate manager (a `[certs]` table of the gateway's TOML file).
+//! Configuration of the certificate manager; the gateway builds it from `[tls.acme]`.
 
 use crate::error::CertError;
 use serde::Deserialize;

@@ -234,6 +234,19 @@ pub struct Acme {
     /// default `0.0.0.0:53`.
     #[serde(default)]
     pub dns_listen: Option<SocketAddr>,
+    /// `false`: no built-in DNS-01 responder (the zone is served elsewhere). Default `true`.
+    #[serde(default = "default_true")]
+    pub dns_responder: bool,
+    /// SOA/NS name of the `_acme-challenge.<domain>` zone; default: the farmer domain.
+    #[serde(default)]
+    pub ns_host: Option<String>,
+    /// How long one ACME order may take, in seconds; default 90.
+    #[serde(default)]
+    pub order_timeout_secs: Option<f64>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_acme_directory() -> String {

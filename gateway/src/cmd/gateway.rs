@@ -173,19 +173,7 @@ fn start_certs(
     acme: &meshgate_config::gateway::Acme,
     store: Option<Arc<meshgate_config::store::Store>>,
 ) -> Result<CertService> {
-    let cfg = serde_json::json!({
-        "state_dir": config.data_dir.join("certs"),
-        "farmer_domain": config.domains.first(),
-        "acme": {
-            "directory": acme.directory,
-            "contact_email": acme.contact.trim_start_matches("mailto:"),
-            "ca_root": acme.directory_ca,
-            "challenge": acme.challenge,
-        },
-        "dns": { "listen": acme.dns_listen.unwrap_or(([0, 0, 0, 0], 53).into()) },
-    });
-    let cfg: meshgate_certs::CertConfig =
-        serde_json::from_value(cfg).context("certificate manager configuration")?;
+    let cfg = cert_config(config, acme)?;
     let manager = Arc::new(meshgate_certs::CertManager::new(cfg)?);
     gateway
         .inner()
@@ -232,6 +220,29 @@ fn start_certs(
         driver: driver_abort,
         tasks: vec![follower, watcher],
     })
+}
+
+/// The certificate manager's settings from `data_dir`, `domains` and `[tls.acme]`.
+fn cert_config(
+    config: &GatewayConfig,
+    acme: &meshgate_config::gateway::Acme,
+) -> Result<meshgate_certs::CertConfig> {
+    let dns_listen = acme
+        .dns_responder
+        .then(|| acme.dns_listen.unwrap_or(([0, 0, 0, 0], 53).into()));
+    let cfg = serde_json::json!({
+        "state_dir": config.data_dir.join("certs"),
+        "farmer_domain": config.domains.first(),
+        "acme": {
+            "directory": acme.directory,
+            "contact_email": acme.contact.trim_start_matches("mailto:"),
+            "ca_root": acme.directory_ca,
+            "challenge": acme.challenge,
+            "order_timeout_secs": acme.order_timeout_secs.unwrap_or(90.0),
+        },
+        "dns": { "listen": dns_listen, "ns_host": acme.ns_host },
+    });
+    serde_json::from_value(cfg).context("certificate manager configuration")
 }
 
 /// The addresses a custom domain may resolve to instead of CNAMEing here: the configured
@@ -305,6 +316,42 @@ mod tests {
 
     fn parse(text: &str) -> GatewayConfig {
         GatewayConfig::parse(Path::new("gateway.toml"), text).unwrap()
+    }
+
+    #[test]
+    fn acme_table_reaches_the_certificate_manager() {
+        let c = parse(
+            "domains = [\"gw.example.org\"]\n[tls.acme]\ncontact = \"mailto:ops@example.org\"\n\
+             challenge = \"tls-alpn-01\"\nns_host = \"ns1.example.org\"\n\
+             dns_listen = \"127.0.0.1:5353\"\norder_timeout_secs = 30\n",
+        );
+        let cert = cert_config(&c, c.tls.acme.as_ref().unwrap()).unwrap();
+        assert_eq!(cert.dns.ns_host.as_deref(), Some("ns1.example.org"));
+        assert_eq!(cert.dns.listen, Some("127.0.0.1:5353".parse().unwrap()));
+        assert_eq!(cert.acme.order_timeout_secs, 30.0);
+        assert_eq!(
+            cert.acme.challenge,
+            meshgate_certs::CustomChallenge::TlsAlpn01
+        );
+        assert_eq!(cert.farmer_domain.as_deref(), Some("gw.example.org"));
+        // Defaults: responder on :53, 90 s orders; `dns_responder = false` turns it off.
+        let c = parse("[tls.acme]\ncontact = \"mailto:ops@example.org\"\n");
+        let cert = cert_config(&c, c.tls.acme.as_ref().unwrap()).unwrap();
+        assert_eq!(cert.dns.listen, Some("0.0.0.0:53".parse().unwrap()));
+        assert_eq!(cert.acme.order_timeout_secs, 90.0);
+        let c = parse("[tls.acme]\ncontact = \"mailto:ops@example.org\"\ndns_responder = false\n");
+        let cert = cert_config(&c, c.tls.acme.as_ref().unwrap()).unwrap();
+        assert_eq!(cert.dns.listen, None);
+    }
+
+    #[test]
+    fn unknown_acme_challenge_is_a_located_error() {
+        let text = "[tls.acme]\ncontact = \"mailto:ops@example.org\"\nchallenge = \"dns-01\"\n";
+        let e = GatewayConfig::parse(Path::new("gateway.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gateway.toml:3"), "{e}");
+        assert!(e.contains("tls.acme.challenge"), "{e}");
     }
 
     #[test]
