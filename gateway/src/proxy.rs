@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshgate_config::route::BackendProtocol;
@@ -371,9 +371,7 @@ async fn forward(
         route: route.host.clone(),
     };
     let bytes_in = gw.metrics.bytes_in.get_or_create(&label).clone();
-    // Bodiless requests can be re-sent to another backend after an early failure.
-    let retryable = body.is_end_stream();
-    let mut body = Some(
+    let body = LentBody::new(
         body.map_frame(move |f| {
             if let Some(d) = f.data_ref() {
                 bytes_in.inc_by(d.len() as u64);
@@ -417,11 +415,7 @@ async fn forward(
             Ok(u) => u,
             Err(_) => return full(StatusCode::BAD_REQUEST, "The request target is not valid."),
         };
-        let mut breq = Request::new(if retryable {
-            empty()
-        } else {
-            body.take().unwrap_or_else(empty)
-        });
+        let mut breq = Request::new(body.lend());
         *breq.method_mut() = parts.method.clone();
         *breq.uri_mut() = uri;
         *breq.version_mut() = version;
@@ -464,8 +458,7 @@ async fn forward(
             }
         };
         // A request whose body went (even partly) to a backend is never replayed.
-        let again = retryable
-            && may_retry(&parts.method, false, &failure)
+        let again = may_retry(&parts.method, body.started(), &failure)
             && (failure == Failure::ConnectFailed || retries < MAX_REQUEST_RETRIES);
         if !again {
             return full(StatusCode::BAD_GATEWAY, "The site could not be reached.");
@@ -473,6 +466,69 @@ async fn forward(
         if failure != Failure::ConnectFailed {
             retries += 1;
         }
+    }
+}
+
+/// The client's request body, lent to one backend attempt at a time. It stays in the shared
+/// slot until hyper first polls it, so after a failed connect (nothing polled) the next
+/// backend gets it whole; once polled it counts as started and is never offered again.
+struct LentBody {
+    slot: Arc<std::sync::Mutex<Option<Body>>>,
+    started: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LentBody {
+    fn new(body: Body) -> Self {
+        LentBody {
+            slot: Arc::new(std::sync::Mutex::new(Some(body))),
+            started: Arc::default(),
+        }
+    }
+
+    /// A request body reading from the shared slot.
+    fn lend(&self) -> Body {
+        LentBody {
+            slot: self.slot.clone(),
+            started: self.started.clone(),
+        }
+        .boxed()
+    }
+
+    /// Whether any attempt has polled the body (some of it may have been sent).
+    fn started(&self) -> bool {
+        self.started.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn with_body<T>(&self, f: impl FnOnce(Option<&mut Body>) -> T) -> T {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        f(slot.as_mut())
+    }
+}
+
+impl hyper::body::Body for LentBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        self.started
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.with_body(|b| match b {
+            Some(b) => std::pin::Pin::new(b).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.with_body(|b| b.is_none_or(|b| b.is_end_stream()))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.with_body(|b| {
+            b.map_or_else(|| hyper::body::SizeHint::with_exact(0), |b| b.size_hint())
+        })
     }
 }
 

@@ -501,6 +501,72 @@ async fn all_backends_down_answers_503_within_the_connect_timeout() {
     assert!(started.elapsed() < Duration::from_millis(800));
 }
 
+/// An HTTP workload answering each request with its body.
+async fn body_echo_backend() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            conns.spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let body = req.into_body().collect().await?.to_bytes();
+                    Ok::<_, hyper::Error>(Response::new(Full::new(body)))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+            while conns.try_join_next().is_some() {}
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_whose_connect_failed_is_retried_with_its_body_intact() {
+    let dead = {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let (live, _task) = body_echo_backend().await;
+    // Round robin starts at the first backend: the dead one gets the first POST.
+    let gw = RealGateway::start_full(
+        &[dead, live],
+        "",
+        "[route.pool]\npolicy = \"round_robin\"\n",
+    )
+    .await;
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    for i in 0..4u8 {
+        let body: Bytes = (0..100_000u32).map(|n| (n as u8).wrapping_add(i)).collect();
+        let resp = client
+            .request(
+                Request::post(format!("http://{}/upload", gw.http))
+                    .header(http::header::HOST, HOST)
+                    .body(Full::new(body.clone()))
+                    .expect("request"),
+            )
+            .await
+            .expect("the gateway answers");
+        assert_eq!(resp.status(), StatusCode::OK, "POST {i}");
+        let back = resp.into_body().collect().await.expect("body").to_bytes();
+        assert!(
+            back == body,
+            "POST {i}: body changed ({} bytes back)",
+            back.len()
+        );
+    }
+    let status = gw.pool().status();
+    assert_eq!(status[0].addr, dead);
+    assert!(
+        status[0].errors >= 1,
+        "the dead backend was tried: {status:?}"
+    );
+    assert_eq!(status[1].requests, 4, "{status:?}");
+}
+
 /// A TCP echo workload for stream (passthrough-style) routes.
 async fn echo_backend() -> (SocketAddr, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
