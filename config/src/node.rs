@@ -4,7 +4,7 @@
 //! key = "/var/lib/meshgate/node.key"   # created (mode 0600) if absent
 //! listen = "[::]:9651"                 # optional: accept links from peers
 //! peers = ["203.0.113.7:9651"]         # links to keep up
-//! dead_peer_timeout_ms = 5000
+//! dead_peer_timeout_ms = 3000
 //! mode = "userspace"                   # or "tun" (needs CAP_NET_ADMIN)
 //! tun_name = "meshgate0"
 //! status_listen = "127.0.0.1:9652"     # local status endpoint (plain HTTP, JSON)
@@ -73,7 +73,8 @@ fn default_key() -> PathBuf {
     PathBuf::from("meshgate-node.key")
 }
 fn default_dead_peer_timeout_ms() -> u64 {
-    5000
+    // 3 s: detection plus reconvergence stays within the overlay's 5 s rerouting bound.
+    3000
 }
 fn default_tun_name() -> String {
     "meshgate0".to_string()
@@ -172,7 +173,7 @@ mod tests {
         let c = parse("").unwrap();
         assert_eq!(c.mode, NodeMode::Userspace);
         assert_eq!(c.status_listen, "127.0.0.1:9652".parse().unwrap());
-        assert_eq!(c.dead_peer_timeout(), Duration::from_secs(5));
+        assert_eq!(c.dead_peer_timeout(), Duration::from_secs(3));
         let c = parse(
             "key = \"k\"\nlisten = \"127.0.0.1:9651\"\npeers = [\"127.0.0.1:1\"]\n\
              mode = \"userspace\"\nexpose = [{ port = 8080, to = \"127.0.0.1:8080\" }]\n",

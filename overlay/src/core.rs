@@ -22,7 +22,8 @@ pub type RelayTap = Box<dyn FnMut(&[u8]) + Send>;
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
     pub mtu: usize,
-    /// A link silent for this long is declared dead.
+    /// A link silent for this long is declared dead. The default (3 s) leaves room, within
+    /// the 5 s rerouting budget, for the 100 ms tick and for routing to reconverge.
     pub dead_peer_timeout: Micros,
     /// Keepalive / RTT probe interval.
     pub hello_interval: Micros,
@@ -38,7 +39,7 @@ impl Default for CoreConfig {
     fn default() -> Self {
         CoreConfig {
             mtu: crate::DEFAULT_MTU,
-            dead_peer_timeout: 5_000_000,
+            dead_peer_timeout: 3_000_000,
             hello_interval: 1_000_000,
             hop_cost_us: 50,
             initial_cost_us: 100_000,

@@ -55,7 +55,7 @@ impl Default for NodeConfig {
             key_path: PathBuf::from("meshgate-node.key"),
             listen: None,
             peers: Vec::new(),
-            dead_peer_timeout: Duration::from_secs(5),
+            dead_peer_timeout: Duration::from_secs(3),
             hello_interval: Duration::from_millis(1000),
             mtu: DEFAULT_MTU,
             identity: None,
