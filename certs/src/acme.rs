@@ -141,11 +141,12 @@ impl AcmeClient {
         challenge: ChallengeType,
         targets: &ChallengeTargets<'_>,
         timeout: Duration,
+        replaces: Option<&str>,
     ) -> Result<IssuedPem, IssueError> {
         let mut published = Published::default();
         let result = tokio::time::timeout(
             timeout,
-            self.order_inner(names, challenge.clone(), targets, &mut published),
+            self.order_inner(names, challenge.clone(), targets, &mut published, replaces),
         )
         .await
         .unwrap_or_else(|_| {
@@ -163,15 +164,41 @@ impl AcmeClient {
         challenge: ChallengeType,
         targets: &ChallengeTargets<'_>,
         published: &mut Published,
+        replaces: Option<&str>,
     ) -> Result<IssuedPem, IssueError> {
         let what = format!("{challenge:?} order for {}", names.join(", "));
         let identifiers: Vec<Identifier> =
             names.iter().map(|n| Identifier::Dns(n.clone())).collect();
-        let mut order = self
-            .account
-            .new_order(&NewOrder::new(&identifiers))
-            .await
-            .map_err(|e| IssueError::acme(format!("{what}: new order"), &e))?;
+        // A renewal names the certificate it replaces (RFC 9773 §5); a server without ARI,
+        // or one refusing it, gets a plain order.
+        let replaced = replaces.and_then(certificate_identifier);
+        let with_replaces = match replaced {
+            Some(id) => {
+                match self
+                    .account
+                    .new_order(&NewOrder::new(&identifiers).replaces(id.clone()))
+                    .await
+                {
+                    Ok(order) => Some(order),
+                    Err(instant_acme::Error::Unsupported(_)) => None,
+                    Err(e) => {
+                        tracing::info!(
+                            "{what}: order replacing {id} refused ({e}); ordering afresh"
+                        );
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let mut order = match with_replaces {
+            Some(order) => order,
+            None => self
+                .account
+                .new_order(&NewOrder::new(&identifiers))
+                .await
+                .map_err(|e| IssueError::acme(format!("{what}: new order"), &e))?,
+        };
         self.orders_placed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(url = order.url(), "placed {what}");
 
@@ -299,25 +326,45 @@ impl AcmeClient {
 
     /// The ACME Renewal Information window for a certificate and when to ask again, when the
     /// server supports ARI.
-    pub async fn renewal_window(
-        &self,
-        chain_pem: &str,
-    ) -> Option<(SystemTime, SystemTime, Duration)> {
-        let chain = crate::pem::parse_chain(chain_pem).ok()?;
-        let id = CertificateIdentifier::try_from(&chain[0]).ok()?;
+    pub async fn renewal_window(&self, chain_pem: &str) -> AriLookup {
+        // An unidentifiable certificate will not become identifiable: the 2/3 rule stands.
+        let Some(id) = certificate_identifier(chain_pem) else {
+            return AriLookup::Unsupported;
+        };
         match self.account.renewal_info(&id).await {
-            Ok((info, retry_after)) => Some((
-                SystemTime::from(info.suggested_window.start),
-                SystemTime::from(info.suggested_window.end),
+            Ok((info, retry_after)) => AriLookup::Window {
+                start: SystemTime::from(info.suggested_window.start),
+                end: SystemTime::from(info.suggested_window.end),
                 retry_after,
-            )),
-            Err(instant_acme::Error::Unsupported(_)) => None,
-            Err(e) => {
-                tracing::debug!("ARI lookup failed: {e}");
-                None
-            }
+            },
+            Err(instant_acme::Error::Unsupported(_)) => AriLookup::Unsupported,
+            Err(e) => AriLookup::Failed(e.to_string()),
         }
     }
+}
+
+/// The outcome of one ARI lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AriLookup {
+    /// The server's suggested renewal window and when to ask again.
+    Window {
+        start: SystemTime,
+        end: SystemTime,
+        retry_after: Duration,
+    },
+    /// The server has no ARI (or the certificate cannot be identified): stop asking.
+    Unsupported,
+    /// A transient failure (network, server error): ask again later.
+    Failed(String),
+}
+
+/// The ARI identifier of the leaf of `chain_pem`, if it has one.
+fn certificate_identifier(chain_pem: &str) -> Option<CertificateIdentifier<'static>> {
+    let chain = crate::pem::parse_chain(chain_pem).ok()?;
+    let leaf = chain.first()?;
+    CertificateIdentifier::try_from(leaf)
+        .ok()
+        .map(CertificateIdentifier::into_owned)
 }
 
 fn save_account(store: &CertStore, account: &StoredAccount) -> Result<(), IssueError> {

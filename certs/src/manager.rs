@@ -1,7 +1,7 @@
 //! The certificate manager: owns the store, the resolver, the challenge responders, the DNS-01
 //! zone and the [`Scheduler`]; its tokio driver places the orders the scheduler asks for.
 
-use crate::acme::{AcmeClient, ChallengeTargets};
+use crate::acme::{AcmeClient, AriLookup, ChallengeTargets};
 use crate::challenge::ChallengeResponder;
 use crate::config::{CertConfig, CustomChallenge, Directory};
 use crate::devca::{DevCa, IssuedPem};
@@ -30,6 +30,8 @@ const MAX_IDLE: Duration = Duration::from_secs(3600);
 /// Backoff between attempts to bind the DNS-01 responder.
 const DNS_RETRY_INITIAL: Duration = Duration::from_secs(1);
 const DNS_RETRY_MAX: Duration = Duration::from_secs(300);
+/// Backoff (first, most) between failed ARI lookups.
+const ARI_RETRY: (Duration, Duration) = (Duration::from_secs(60), Duration::from_secs(86400));
 
 /// One certificate's state, for the admin status endpoint (serialize to JSON).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -444,6 +446,13 @@ impl CertManager {
                 .map_err(|e| IssueError::new(e.to_string()));
         }
         let client = self.acme_client().await?;
+        // The certificate this order renews, when it covers one of the names.
+        let replaces = self
+            .state()
+            .stored
+            .get(key)
+            .filter(|c| names.iter().any(|n| c.names.contains(n)))
+            .map(|c| c.chain_pem.clone());
         let targets = ChallengeTargets {
             responder: &self.inner.challenges,
             dns: self.inner.dns_zone.as_ref(),
@@ -463,7 +472,13 @@ impl CertManager {
         let mut errors: Vec<IssueError> = Vec::new();
         for challenge in plan {
             match client
-                .order(names, challenge.clone(), &targets, timeout)
+                .order(
+                    names,
+                    challenge.clone(),
+                    &targets,
+                    timeout,
+                    replaces.as_deref(),
+                )
                 .await
             {
                 Ok(pem) => return Ok(pem),
@@ -569,41 +584,33 @@ impl CertManager {
     }
 
     /// Fetches the ARI window of one certificate, again after each server-suggested delay
-    /// (clamped to 1 h – 1 day), for as long as that certificate is the one in service.
+    /// (clamped to 1 h – 1 day), for as long as that certificate is the one in service. A
+    /// failed lookup is retried with backoff; only a server without ARI ends it.
     async fn watch_renewal_info(
         &self,
         key: String,
         chain: String,
         tx: mpsc::UnboundedSender<Event>,
     ) {
-        let Ok(client) = self.acme_client().await else {
-            return;
+        let lookup = || async {
+            match self.acme_client().await {
+                Ok(client) => client.renewal_window(&chain).await,
+                Err(e) => AriLookup::Failed(e.message),
+            }
         };
-        loop {
-            let Some((start, end, retry_after)) = client.renewal_window(&chain).await else {
-                return; // ARI unsupported or failing: the 2/3 rule stands.
-            };
-            if tx
-                .send(Event::Window {
-                    key: key.clone(),
-                    start,
-                    end,
-                })
-                .is_err()
-            {
-                return;
-            }
-            let delay = retry_after.clamp(Duration::from_secs(3600), Duration::from_secs(86400));
-            tokio::time::sleep(delay).await;
-            let current = {
-                let st = self.state();
-                st.sched.is_desired(&key)
-                    && st.stored.get(&key).is_some_and(|c| c.chain_pem == chain)
-            };
-            if !current {
-                return;
-            }
-        }
+        let deliver = |start, end| {
+            tx.send(Event::Window {
+                key: key.clone(),
+                start,
+                end,
+            })
+            .is_ok()
+        };
+        let current = || {
+            let st = self.state();
+            st.sched.is_desired(&key) && st.stored.get(&key).is_some_and(|c| c.chain_pem == chain)
+        };
+        follow_renewal_info(lookup, deliver, current, ARI_RETRY).await;
     }
 
     fn handle(&self, ev: Event) {
@@ -705,5 +712,106 @@ impl CertManager {
         st.ari_pending.push(key.to_string());
         tracing::info!(name = %key, not_after = %rfc3339(validity.not_after), "certificate installed");
         Ok(validity)
+    }
+}
+
+/// Asks `lookup` for the ARI window until it reports ARI unsupported or `current` says the
+/// certificate is no longer in service: each window goes to `deliver` (false: stop) and the
+/// next lookup follows the server's delay; failures are retried after `retry.0` doubling up
+/// to `retry.1`.
+async fn follow_renewal_info<L, F>(
+    mut lookup: L,
+    mut deliver: impl FnMut(SystemTime, SystemTime) -> bool,
+    mut current: impl FnMut() -> bool,
+    retry: (Duration, Duration),
+) where
+    L: FnMut() -> F,
+    F: std::future::Future<Output = AriLookup>,
+{
+    let mut failures: u32 = 0;
+    loop {
+        let delay = match lookup().await {
+            AriLookup::Window {
+                start,
+                end,
+                retry_after,
+            } => {
+                failures = 0;
+                if !deliver(start, end) {
+                    return;
+                }
+                retry_after.clamp(Duration::from_secs(3600), Duration::from_secs(86400))
+            }
+            AriLookup::Unsupported => return, // the 2/3 rule stands
+            AriLookup::Failed(e) => {
+                let delay = retry.0.saturating_mul(1 << failures.min(20)).min(retry.1);
+                failures = failures.saturating_add(1);
+                tracing::warn!(
+                    retry_in_secs = delay.as_secs_f64(),
+                    "ARI lookup failed: {e}"
+                );
+                delay
+            }
+        };
+        tokio::time::sleep(delay).await;
+        if !current() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[tokio::test]
+    async fn failed_ari_lookups_are_retried_until_a_window_arrives() {
+        let calls = AtomicU32::new(0);
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let end = start + Duration::from_secs(60);
+        let lookup = || {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match n {
+                    0 | 1 => AriLookup::Failed("503 Service Unavailable".into()),
+                    _ => AriLookup::Window {
+                        start,
+                        end,
+                        retry_after: Duration::ZERO,
+                    },
+                }
+            }
+        };
+        let mut windows = Vec::new();
+        let retry = (Duration::from_millis(5), Duration::from_millis(20));
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            follow_renewal_info(
+                lookup,
+                |s, e| {
+                    windows.push((s, e));
+                    false // stop after the first window
+                },
+                || true,
+                retry,
+            ),
+        )
+        .await
+        .expect("a window arrives after the failures");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(windows, vec![(start, end)]);
+    }
+
+    #[tokio::test]
+    async fn unsupported_ari_stops_the_lookups() {
+        let calls = AtomicU32::new(0);
+        let lookup = || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { AriLookup::Unsupported }
+        };
+        let retry = (Duration::from_millis(1), Duration::from_millis(1));
+        follow_renewal_info(lookup, |_, _| true, || true, retry).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }
