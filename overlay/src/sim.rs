@@ -172,20 +172,20 @@ impl Sim {
         self.nodes[i].core.router.next_hop(&p).map(|n| n as usize)
     }
 
-    /// The route from `i` to `j` following next hops; `Err` names the problem.
-    pub fn path(&self, i: usize, j: usize) -> Result<Vec<usize>, String> {
+    /// The route from `i` to `j` following next hops; `Err` says why there is none.
+    pub fn path(&self, i: usize, j: usize) -> Result<Vec<usize>, PathError> {
         let mut path = vec![i];
         let mut at = i;
         while at != j {
             let Some(n) = self.next_hop(at, j) else {
-                return Err(format!("no route at {at} towards {j} (path {path:?})"));
+                return Err(PathError::NoRoute { to: j, path });
             };
             if path.contains(&n) {
-                return Err(format!("routing loop {path:?} -> {n}"));
+                return Err(PathError::Loop { path, next: n });
             }
             let up = self.links.get(&Sim::key(at, n)).is_some_and(|l| l.up);
             if !up || !self.nodes[n].alive {
-                return Err(format!("route {path:?} -> {n} uses a dead link or node"));
+                return Err(PathError::DeadHop { path, next: n });
             }
             path.push(n);
             at = n;
@@ -333,6 +333,40 @@ impl Sim {
                 self.apply(to, out, Some((&bytes, &trace)));
             }
         }
+    }
+}
+
+/// Why [`Sim::path`] found no usable route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathError {
+    /// The last node of `path` has no route towards `to` (not converged yet, or unreachable).
+    NoRoute { to: usize, path: Vec<usize> },
+    /// Following next hops from the end of `path` returns to a node on it: a forwarding
+    /// loop, which the routing protocol must never produce.
+    Loop { path: Vec<usize>, next: usize },
+    /// The route goes over a link or node that died and was not detected yet.
+    DeadHop { path: Vec<usize>, next: usize },
+}
+
+impl std::fmt::Display for PathError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PathError::NoRoute { to, path } => {
+                write!(f, "no route towards {to} at the end of {path:?}")
+            }
+            PathError::Loop { path, next } => write!(f, "forwarding loop {path:?} -> {next}"),
+            PathError::DeadHop { path, next } => {
+                write!(f, "route {path:?} -> {next} uses a dead link or node")
+            }
+        }
+    }
+}
+
+impl std::error::Error for PathError {}
+
+impl From<PathError> for String {
+    fn from(e: PathError) -> String {
+        e.to_string()
     }
 }
 

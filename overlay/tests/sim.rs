@@ -4,7 +4,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 
 use meshgate_overlay::core::CoreConfig;
-use meshgate_overlay::sim::{Sim, SimRng};
+use meshgate_overlay::sim::{PathError, Sim, SimRng};
 
 const MS: u64 = 1000;
 const HOP_COST: u64 = 50;
@@ -119,20 +119,71 @@ fn check_delivery(sim: &mut Sim, pairs: &[(usize, usize)]) {
     }
 }
 
-/// Runs until `ok` holds, in 100 ms steps, for at most `limit` µs; returns the time taken.
-fn time_until(sim: &mut Sim, limit: u64, mut ok: impl FnMut(&Sim) -> bool) -> u64 {
+/// Simulated time between loop checks and probe rounds while the network reconverges.
+const STEP: u64 = 100 * MS;
+
+/// Runs until `ok` holds, in [`STEP`]s, for at most `limit` µs; returns the time taken.
+/// Before every step, every next-hop chain between live nodes is followed and a probe
+/// packet is sent for every pair in `probes`: a forwarding loop, in the routing state or
+/// on a packet's way (the simulator checks each packet's trace), fails the test at once,
+/// whereas a missing route only means "not converged yet".
+fn reconverge(
+    sim: &mut Sim,
+    limit: u64,
+    dead: &BTreeSet<usize>,
+    probes: &[(usize, usize)],
+    mut ok: impl FnMut(&Sim) -> bool,
+) -> u64 {
     let t0 = sim.now();
-    while !ok(sim) {
+    let live: Vec<usize> = (0..sim.len()).filter(|i| !dead.contains(i)).collect();
+    let mut step = 0u64;
+    loop {
+        assert_loop_free(sim, &live);
+        if ok(sim) {
+            break;
+        }
         assert!(
-            sim.now() - t0 <= limit,
+            sim.now() - t0 < limit,
             "not converged within {} ms",
             limit / MS
         );
-        sim.run_for(100 * MS);
+        for &(a, b) in probes {
+            sim.send(a, b, format!("probe {step} from {a} to {b}").as_bytes());
+        }
+        step += 1;
+        sim.run_for(STEP);
     }
     let took = sim.now() - t0;
     assert!(took <= limit, "converged only after {} ms", took / MS);
+    // Let the last probes arrive (or be dropped): a loop on their way fails too.
+    sim.run_for(1_000 * MS);
+    assert_loop_free(sim, &live);
     took
+}
+
+/// No next-hop chain loops, and no node dropped a packet because it would have looped.
+fn assert_loop_free(sim: &Sim, live: &[usize]) {
+    for &i in live {
+        for &j in live {
+            if let Err(e @ PathError::Loop { .. }) = sim.path(i, j) {
+                panic!("t = {} ms: {i} -> {j}: {e}", sim.now() / MS);
+            }
+        }
+        let c = sim.counters(i);
+        assert_eq!(
+            (c.loops_prevented, c.hop_limit_exceeded),
+            (0, 0),
+            "t = {} ms: node {i} caught a looping packet",
+            sim.now() / MS
+        );
+    }
+}
+
+fn all_pairs(n: usize, dead: &BTreeSet<usize>) -> Vec<(usize, usize)> {
+    (0..n)
+        .flat_map(|a| (0..n).map(move |b| (a, b)))
+        .filter(|(a, b)| a != b && !dead.contains(a) && !dead.contains(b))
+        .collect()
 }
 
 #[test]
@@ -168,8 +219,10 @@ fn ring_of_six_reroutes_around_a_cut_link() {
         sim.cut(1, 2);
         let mut cut = BTreeSet::new();
         cut.insert((1, 2));
-        let took = time_until(&mut sim, 5_000 * MS, |s| {
-            check_all_pairs(s, &edges, &BTreeSet::new(), &cut).is_ok()
+        let none = BTreeSet::new();
+        let probes = all_pairs(6, &none);
+        let took = reconverge(&mut sim, 5_000 * MS, &none, &probes, |s| {
+            check_all_pairs(s, &edges, &none, &cut).is_ok()
         });
         slowest = slowest.max(took);
         assert_eq!(sim.path(0, 2).unwrap(), vec![0, 5, 4, 3, 2]);
@@ -209,7 +262,8 @@ fn grid_4x4_reroutes_around_a_dead_relay() {
     sim.kill(relay);
     let mut dead = BTreeSet::new();
     dead.insert(relay);
-    let took = time_until(&mut sim, 5_000 * MS, |s| {
+    let probes = all_pairs(16, &dead);
+    let took = reconverge(&mut sim, 5_000 * MS, &dead, &probes, |s| {
         check_all_pairs(s, &edges, &dead, &BTreeSet::new()).is_ok()
     });
     eprintln!("grid rerouted around {relay} in {} ms", took / MS);
@@ -259,7 +313,12 @@ fn random_200_nodes_all_pairs_and_relay_failures() {
     for &d in &dead {
         sim.kill(d);
     }
-    let took = time_until(&mut sim, 5_000 * MS, |s| {
+    let probes: Vec<_> = pairs
+        .iter()
+        .copied()
+        .filter(|(a, b)| !dead.contains(a) && !dead.contains(b))
+        .collect();
+    let took = reconverge(&mut sim, 5_000 * MS, &dead, &probes, |s| {
         check_all_pairs(s, &edges, &dead, &BTreeSet::new()).is_ok()
     });
     eprintln!("200 nodes rerouted around {dead:?} in {} ms", took / MS);
