@@ -448,18 +448,24 @@ async fn hostile_clients_do_not_starve_others() {
     // client keeps getting answers.
     let mut slow = Vec::new();
     for i in 0..80 {
-        let port = if i % 2 == 0 { gw.http } else { gw.https };
+        let tls = i % 2 == 1;
+        let port = if tls { gw.https } else { gw.http };
         slow.push(tokio::spawn(async move {
             let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .unwrap();
             let start = Instant::now();
-            // A request head that never ends, or a TLS record announcing 512 bytes.
-            let head: Vec<u8> = if i % 2 == 0 {
-                b"GET / HTTP/1.1\r\nHost: echo.test\r\nX-A: ".to_vec()
+            // A request head that never ends, or a plausible ClientHello: one 512-byte
+            // handshake record holding a 508-byte ClientHello (well under the size limit, so
+            // only the handshake timeout can end it).
+            let head: Vec<u8> = if tls {
+                vec![
+                    0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+                ]
             } else {
-                vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01]
+                b"GET / HTTP/1.1\r\nHost: echo.test\r\nX-A: ".to_vec()
             };
+            let mut answered = false;
             for b in head.iter().chain(std::iter::repeat(&b'a')) {
                 if s.write_all(&[*b]).await.is_err() {
                     break;
@@ -471,10 +477,13 @@ async fn hostile_clients_do_not_starve_others() {
                 let mut probe = [0u8; 256];
                 match tokio::time::timeout(Duration::from_millis(100), s.read(&mut probe)).await {
                     Err(_) => {}
-                    Ok(_) => break,
+                    Ok(n) => {
+                        answered = n.is_ok_and(|n| n > 0);
+                        break;
+                    }
                 }
             }
-            start.elapsed()
+            (tls, start.elapsed(), answered)
         }));
     }
     let gw_ref = &gw;
@@ -483,9 +492,25 @@ async fn hostile_clients_do_not_starve_others() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for s in slow {
-        let took = s.await.unwrap();
+        let (tls, took, answered) = s.await.unwrap();
         assert!(took < Duration::from_secs(5), "cut off after {took:?}");
+        if tls {
+            // The handshake timeout (1000 ms) ends it, silently: the size check would have
+            // answered at once with an alert.
+            assert!(
+                took >= Duration::from_millis(900),
+                "TLS cut off after {took:?}"
+            );
+            assert!(!answered, "a timed-out ClientHello gets no alert");
+        }
     }
+    let metrics = gw.admin_get("/metrics");
+    let timeouts = metrics
+        .lines()
+        .find(|l| l.contains("kind=\"handshake_timeout\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(timeouts, Some(40.0), "{metrics}");
 
     // Oversized header and too many headers: 431, and the next client is fine.
     let big = format!("X-Big: {}", "a".repeat(20_000));
