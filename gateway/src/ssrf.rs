@@ -26,7 +26,10 @@ fn refusal_v4(ip: Ipv4Addr) -> Option<&'static str> {
         Some("private")
     } else if ip.is_link_local() {
         Some("link-local")
-    } else if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || o[0] == 0 {
+    } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
+        Some("benchmarking (198.18.0.0/15)")
+    } else if ip.is_unspecified() || ip.is_multicast() || o[0] == 0 || o[0] >= 240 {
+        // 0.0.0.0/8 "this network", 240.0.0.0/4 reserved (with broadcast), multicast.
         Some("not a unicast host address")
     } else {
         None
@@ -37,14 +40,51 @@ fn refusal_v6(ip: Ipv6Addr) -> Option<&'static str> {
     let s = ip.segments();
     if ip.is_loopback() {
         Some("loopback")
+    } else if ip.is_unspecified() || ip.is_multicast() {
+        Some("not a unicast host address")
+    } else if s[..6] == [0; 6] {
+        // Deprecated IPv4-compatible `::a.b.c.d`: never a real backend, may reach IPv4.
+        Some("IPv4-compatible (deprecated)")
     } else if (s[0] & 0xfe00) == 0xfc00 {
         Some("private (unique local)")
     } else if (s[0] & 0xffc0) == 0xfe80 {
         Some("link-local")
-    } else if ip.is_unspecified() || ip.is_multicast() {
-        Some("not a unicast host address")
+    } else if (s[0] & 0xffc0) == 0xfec0 {
+        Some("site-local (deprecated)")
+    } else if embedded_v4(ip).iter().any(|v4| refusal_v4(*v4).is_some()) {
+        // NAT64 and 6to4 gateways would carry the connection to that IPv4 address.
+        Some("translated to a non-public IPv4")
     } else {
         None
+    }
+}
+
+/// IPv4 addresses a translation prefix embeds: NAT64 `64:ff9b::/96` (RFC 6052), local-use
+/// NAT64 `64:ff9b:1::/48` (RFC 8215; the /96 and /48 layouts), 6to4 `2002::/16` (RFC 3056).
+fn embedded_v4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
+    let s = ip.segments();
+    let b = ip.octets();
+    let last32 = Ipv4Addr::new(b[12], b[13], b[14], b[15]);
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        vec![last32]
+    } else if s[..3] == [0x64, 0xff9b, 1] {
+        // The operator picks the prefix length: a /96 puts the address in the last 32 bits,
+        // a /48 in bytes 6-7 and 9-10 (byte 8 is reserved). Both are checked; the empty
+        // (all-zero) one of a well-formed address is not an address.
+        let layouts = [last32, Ipv4Addr::new(b[6], b[7], b[9], b[10])];
+        let written: Vec<Ipv4Addr> = layouts
+            .into_iter()
+            .filter(|v| !v.is_unspecified())
+            .collect();
+        if written.is_empty() {
+            vec![last32]
+        } else {
+            written
+        }
+    } else if s[0] == 0x2002 {
+        vec![Ipv4Addr::new(b[2], b[3], b[4], b[5])]
+    } else {
+        Vec::new()
     }
 }
 
@@ -110,5 +150,50 @@ mod tests {
         let own: IpAddr = "203.0.113.9".parse().unwrap();
         assert!(refusal(own, &[own]).is_some());
         assert!(interface_addresses().iter().any(|a| a.is_loopback()));
+    }
+
+    #[test]
+    fn special_and_translated_ranges_refused() {
+        for bad in [
+            // IPv4 special ranges.
+            "198.18.0.1",
+            "198.19.255.254",
+            "240.0.0.1",
+            "255.255.255.255",
+            "0.1.2.3",
+            "224.0.0.1",
+            // NAT64 embedding private or loopback IPv4.
+            "64:ff9b::7f00:1",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b::192.168.1.1",
+            "64:ff9b:1::10.0.0.1",
+            "64:ff9b:1:a00:0:100:101:101",
+            // 6to4 embedding private IPv4.
+            "2002:a00:1::1",
+            "2002:c0a8:101::1",
+            "2002:7f00:1::",
+            // IPv4-compatible, site-local, multicast, unspecified.
+            "::10.0.0.1",
+            "::8.8.8.8",
+            "fec0::1",
+            "feff::1",
+            "ff02::1",
+            "::",
+            "::ffff:198.18.0.1",
+        ] {
+            assert!(refusal(bad.parse().unwrap(), &[]).is_some(), "{bad}");
+        }
+        for good in [
+            "198.20.0.1",
+            "198.17.255.255",
+            "223.255.255.254",
+            "64:ff9b::1.1.1.1",
+            "64:ff9b:1::8.8.8.8",
+            "64:ff9b:1:808:8:800::",
+            "2002:808:808::1",
+            "2a01:4f8::1",
+        ] {
+            assert!(refusal(good.parse().unwrap(), &[]).is_none(), "{good}");
+        }
     }
 }
