@@ -133,20 +133,65 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<(), CertError> {
         .map_err(|e| CertError::file(dir, format!("cannot set mode 0700: {e}")))
 }
 
-/// Writes `contents` to `path` with mode 0600 via a temporary file and rename.
+/// Writes `contents` to `path` with mode 0600, crash-safely: a fresh temporary file in the
+/// same directory (0600, fsynced) is renamed over `path`, then the directory is fsynced. A
+/// reader sees the old file or the new one, never a torn one.
 pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), CertError> {
-    let tmp = path.with_extension("tmp");
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{file_name}.{}.{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     let write = || -> std::io::Result<()> {
         let mut f = fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
         f.set_permissions(fs::Permissions::from_mode(0o600))?;
         f.write_all(contents)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
     };
-    write().map_err(|e| CertError::file(path, format!("cannot write: {e}")))
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        CertError::file(path, format!("cannot write: {e}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_files_are_0600_complete_and_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        let first = vec![b'a'; 50_000];
+        write_private(&path, &first).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(fs::read(&path).unwrap(), first);
+        // A stale, readable leftover of an interrupted write does not matter.
+        fs::write(dir.path().join("key.tmp"), b"junk").unwrap();
+        let second = vec![b'b'; 70_000];
+        write_private(&path, &second).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), second);
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let tmp_left = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .any(|n| n.starts_with(".key.pem."));
+        assert!(!tmp_left, "temporary files are renamed away");
+    }
 }

@@ -57,16 +57,45 @@ pub fn read_secret_file(path: &Path) -> Result<Option<Vec<u8>>, SecretError> {
     std::fs::read(path).map(Some).map_err(io_err(path))
 }
 
-/// Writes a new secret file with mode 0600 (fails if it exists).
+/// Writes a new secret file with mode 0600 (fails if it exists), crash-safely: the contents go
+/// to a fresh temporary file in the same directory (0600, fsynced), which is then hard-linked
+/// into place (atomic, and fails if `path` exists); the directory is fsynced so the new name
+/// survives a crash. A reader never sees a partial file.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), SecretError> {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(path))?;
-    file.write_all(contents).map_err(io_err(path))?;
-    file.sync_all().map_err(io_err(path))
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{file_name}.{}.{}.tmp",
+        std::process::id(),
+        hex(&random_bytes::<6>())
+    ));
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(contents)?;
+        file.sync_all()
+    };
+    let placed = write()
+        .map_err(io_err(&tmp))
+        .and_then(|()| std::fs::hard_link(&tmp, path).map_err(io_err(path)));
+    let _ = std::fs::remove_file(&tmp);
+    placed?;
+    sync_dir(dir).map_err(io_err(dir))
+}
+
+/// Makes a directory's entries (a new or renamed file) durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
@@ -252,6 +281,27 @@ impl ChallengeKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_file_is_0600_complete_and_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        let contents = vec![b'x'; 100_000];
+        write_secret_file(&path, &contents).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read(&path).unwrap(), contents);
+        assert_eq!(read_secret_file(&path).unwrap(), Some(contents.clone()));
+        // An existing file is kept; no temporary file is left behind either way.
+        let e = write_secret_file(&path, b"other").unwrap_err();
+        assert!(e.to_string().contains("admin.token"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), contents);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("admin.token")]);
+    }
 
     #[test]
     fn token_round_trip_and_mismatch() {
