@@ -77,6 +77,10 @@ pub struct Counters {
     pub no_route: u64,
     pub unreachable_sent: u64,
     pub unreachable_received: u64,
+    /// UNREACHABLEs not sent because the source /64 got one less than 100 ms ago.
+    pub unreachable_rate_limited: u64,
+    /// UNREACHABLEs received about a peer that sent us authenticated data < 3 s ago: ignored.
+    pub unreachable_ignored: u64,
     pub hop_limit_exceeded: u64,
     pub loops_prevented: u64,
     pub malformed_packet: u64,
@@ -126,6 +130,18 @@ struct NbrState {
 /// Updates held per probing link at most (a full table of a large network).
 const HELD_LIMIT: usize = 100_000;
 
+/// A relay sends at most one UNREACHABLE per this interval to one source /64: a flood of
+/// unroutable packets (possibly with forged sources) cannot make it flood errors back.
+const UNREACHABLE_INTERVAL: Micros = 100_000;
+/// Source /64s with a recent UNREACHABLE remembered at most; when full, no more are sent
+/// until entries age out (bounds memory and the total error rate).
+const UNREACHABLE_SOURCES: usize = 1024;
+/// An incoming UNREACHABLE about a peer from which authenticated data arrived within this
+/// long is ignored: UNREACHABLEs are unauthenticated (any relay can forge one), and that
+/// peer is demonstrably reachable. Same as the default dead-peer timeout: a real path loss
+/// is then handled by routing (retraction, local ICMPv6 error at the origin).
+const UNREACHABLE_IGNORE_IF_HEARD_WITHIN: Micros = 3_000_000;
+
 /// Public view of a neighbor.
 #[derive(Debug, Clone)]
 pub struct NbrView {
@@ -147,6 +163,8 @@ pub struct NodeCore {
     rbuf: Vec<(Nbr, Control)>,
     sbuf: Vec<SessionOut>,
     relay_tap: Option<RelayTap>,
+    /// When each source /64 was last sent an UNREACHABLE.
+    unreachable_sent_at: BTreeMap<Prefix, Micros>,
 }
 
 impl NodeCore {
@@ -177,6 +195,7 @@ impl NodeCore {
             rbuf: Vec::new(),
             sbuf: Vec::new(),
             relay_tap: None,
+            unreachable_sent_at: BTreeMap::new(),
         }
     }
 
@@ -341,12 +360,32 @@ impl NodeCore {
             None => {
                 self.counters.no_route += 1;
                 if h.ptype != PKT_UNREACHABLE {
-                    self.counters.unreachable_sent += 1;
-                    let u = wire::encode_unreachable(&self.addr, &h.src, &h.dst);
-                    self.route(u, out);
+                    if self.unreachable_allowed(prefix_of(&h.src), now) {
+                        self.counters.unreachable_sent += 1;
+                        let u = wire::encode_unreachable(&self.addr, &h.src, &h.dst);
+                        self.route(u, out);
+                    } else {
+                        self.counters.unreachable_rate_limited += 1;
+                    }
                 }
             }
         }
+    }
+
+    /// Per-source rate limit of generated UNREACHABLEs; records the send when allowed.
+    fn unreachable_allowed(&mut self, src: Prefix, now: Micros) -> bool {
+        let recent = |t: &Micros| now.saturating_sub(*t) < UNREACHABLE_INTERVAL;
+        if self.unreachable_sent_at.get(&src).is_some_and(recent) {
+            return false;
+        }
+        if self.unreachable_sent_at.len() >= UNREACHABLE_SOURCES {
+            self.unreachable_sent_at.retain(|_, t| recent(t));
+            if self.unreachable_sent_at.len() >= UNREACHABLE_SOURCES {
+                return false;
+            }
+        }
+        self.unreachable_sent_at.insert(src, now);
+        true
     }
 
     fn local_packet(&mut self, ptype: u8, buf: BytesMut, now: Micros, out: &mut Vec<CoreOut>) {
@@ -385,11 +424,19 @@ impl NodeCore {
                     (wire::parse_routed(&buf), wire::decode_unreachable(&buf))
                 {
                     self.counters.unreachable_received += 1;
-                    self.sessions.abandon(&unreachable);
-                    let invoking = minimal_invoking(&self.addr, &unreachable);
-                    out.push(CoreOut::Deliver(icmpv6_unreachable(
-                        &h.src, &self.addr, &invoking,
-                    )));
+                    if self.sessions.heard_from_within(
+                        &unreachable,
+                        now,
+                        UNREACHABLE_IGNORE_IF_HEARD_WITHIN,
+                    ) {
+                        self.counters.unreachable_ignored += 1;
+                    } else {
+                        self.sessions.abandon(&unreachable);
+                        let invoking = minimal_invoking(&self.addr, &unreachable);
+                        out.push(CoreOut::Deliver(icmpv6_unreachable(
+                            &h.src, &self.addr, &invoking,
+                        )));
+                    }
                 }
                 Ok(())
             }

@@ -167,6 +167,8 @@ struct Session {
     send_counter: u64,
     replay: ReplayWindow,
     created: Micros,
+    /// When a data packet last opened on this session.
+    last_received: Option<Micros>,
 }
 
 struct Pending {
@@ -362,6 +364,7 @@ impl Sessions {
             send_counter: 0,
             replay: ReplayWindow::default(),
             created: now,
+            last_received: None,
         };
         self.by_idx.insert(idx, peer_prefix);
         // The response must precede data sent on the new session.
@@ -412,6 +415,7 @@ impl Sessions {
             send_counter: 0,
             replay: ReplayWindow::default(),
             created: now,
+            last_received: None,
         };
         self.install(peer_prefix, resp.src, session, out);
         Ok(())
@@ -432,6 +436,18 @@ impl Sessions {
                 out.push(SessionOut::Send(seal_data(cur, &self.addr, &to, &p)));
             }
         }
+    }
+
+    /// Whether an authenticated data packet from `addr`'s /64 opened within `within` µs
+    /// before `now` (the peer is demonstrably reachable).
+    pub fn heard_from_within(&self, addr: &Ipv6Addr, now: Micros, within: Micros) -> bool {
+        self.peers.get(&prefix_of(addr)).is_some_and(|p| {
+            [p.current.as_ref(), p.previous.as_ref()]
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.last_received)
+                .any(|t| now.saturating_sub(t) < within)
+        })
     }
 
     /// Decrypts a data packet addressed to this node. Returns the peer's address (outer
@@ -471,6 +487,7 @@ impl Sessions {
             .decrypt_inout_detached(&nonce(counter), &aad, body.into(), &tag)
             .map_err(|_| SessionError::BadTag)?;
         s.replay.accept(counter);
+        s.last_received = Some(now);
         packet.truncate(len - TAG_LEN);
         let inner = packet.split_off(DATA_HEADER_LEN).freeze();
         Ok((h.src, inner))

@@ -207,6 +207,13 @@ impl Sim {
         p
     }
 
+    /// Puts a routed packet on the link from `from` to its neighbor `to`, as if `from`
+    /// had sent it (tests: forged or hand-made packets).
+    pub fn inject(&mut self, from: usize, to: usize, bytes: Bytes) {
+        let trace = vec![from];
+        self.send_over_link(from, to, Msg::Packet { bytes, trace });
+    }
+
     /// Packets delivered to node `i`'s L3 port since the last call.
     pub fn take_delivered(&mut self, i: usize) -> Vec<Bytes> {
         std::mem::take(&mut self.nodes[i].delivered)

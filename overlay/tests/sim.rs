@@ -332,3 +332,45 @@ fn random_200_nodes_all_pairs_and_relay_failures() {
         .sum();
     assert_eq!(loops, 0);
 }
+
+/// UNREACHABLEs: a relay rate-limits the ones it generates per source /64, and a node
+/// ignores one about a peer that sent it authenticated data moments ago (any relay on the
+/// way could have forged it).
+#[test]
+fn unreachables_are_rate_limited_and_ignored_for_live_peers() {
+    use meshgate_overlay::wire;
+    let edges = [(0, 1, 2 * MS), (1, 2, 2 * MS)];
+    let mut sim = build(5, 3, &edges);
+    sim.run_for(5_000 * MS);
+    check_delivery(&mut sim, &[(0, 2), (2, 0)]);
+    let is_icmp_unreachable = |p: &bytes::Bytes| p.len() >= 48 && p[6] == 58 && p[40] == 1;
+
+    // Relay 1 claims 2 is unreachable, while 0 heard from 2 within the last 3 s.
+    let forged = wire::encode_unreachable(&sim.address(1), &sim.address(0), &sim.address(2));
+    sim.inject(1, 0, forged.clone());
+    sim.run_for(100 * MS);
+    assert!(!sim.take_delivered(0).iter().any(is_icmp_unreachable));
+    let c = sim.counters(0);
+    assert_eq!((c.unreachable_received, c.unreachable_ignored), (1, 1));
+    check_delivery(&mut sim, &[(0, 2)]);
+    // Nothing heard from 2 for more than 3 s: the error is believed and reported.
+    sim.run_for(3_100 * MS);
+    sim.inject(1, 0, forged);
+    sim.run_for(100 * MS);
+    assert!(sim.take_delivered(0).iter().any(is_icmp_unreachable));
+    assert_eq!(sim.counters(0).unreachable_ignored, 1);
+
+    // 50 unroutable packets from 0's /64 at once: relay 1 answers one of them.
+    let stranger: std::net::Ipv6Addr = "7ab:cdef::1".parse().unwrap();
+    for k in 0..50 {
+        let mut b = bytes::BytesMut::new();
+        wire::put_data_header(&mut b, &sim.address(0), &stranger, 1, k);
+        b.extend_from_slice(&[0; wire::TAG_LEN]);
+        sim.inject(0, 1, b.freeze());
+    }
+    sim.run_for(50 * MS);
+    let c = sim.counters(1);
+    assert_eq!((c.no_route, c.unreachable_sent), (50, 1));
+    assert_eq!(c.unreachable_rate_limited, 49);
+    assert_eq!(sim.counters(0).unreachable_received, 3);
+}
