@@ -112,6 +112,8 @@ pub struct Counters {
     pub control_decrypt_failed: u64,
     pub control_malformed: u64,
     pub link_queue_drops: u64,
+    /// Packets for the L3 port dropped because its reader lags (backlog full).
+    pub deliver_backlog_drops: u64,
     pub routing: crate::routing::RoutingCounters,
 }
 

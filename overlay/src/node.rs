@@ -710,6 +710,8 @@ impl CoreTask {
                     if !self.pending_deliver.is_empty() {
                         if self.pending_deliver.len() < DELIVER_BACKLOG {
                             self.pending_deliver.push_back(b);
+                        } else {
+                            self.core.counters.deliver_backlog_drops += 1;
                         }
                         continue;
                     }
