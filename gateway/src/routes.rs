@@ -43,13 +43,22 @@ impl PoolFactory {
             .previous
             .as_ref()
             .and_then(|t| t.get_exact(&route.host));
+        let protocol = route.options.backend_protocol;
         if let Some(old) = old
             && old.route.backends == route.backends
             && *old.pool.config() == config
+            && old.pool.protocol() == protocol
         {
             return old.pool.clone();
         }
-        let pool = Pool::for_route(&route.host, &route.backends, config, self.dialer.clone());
+        // HTTP health probes speak the route's backend protocol.
+        let pool = Pool::for_route_speaking(
+            &route.host,
+            &route.backends,
+            config,
+            self.dialer.clone(),
+            protocol,
+        );
         if let Some(old) = old {
             pool.inherit(&old.pool);
         }

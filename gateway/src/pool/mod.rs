@@ -23,7 +23,7 @@ pub use metrics::{PoolMetrics, register_metrics};
 pub use retry::{Failure, MAX_REQUEST_RETRIES, is_idempotent, may_retry};
 
 use crate::dial::{BoxStream, Dialer};
-use meshgate_config::route::Backend;
+use meshgate_config::route::{Backend, BackendProtocol};
 use metrics::BackendMetrics;
 use select::{Candidate, PeakEwma, Rng};
 use serde::Serialize;
@@ -136,6 +136,8 @@ pub struct Pool {
 struct Shared {
     route: String,
     cfg: PoolConfig,
+    /// What the backends speak; HTTP health probes use it too.
+    protocol: BackendProtocol,
     dialer: Arc<dyn Dialer>,
     backends: Vec<BackendInfo>,
     state: Mutex<State>,
@@ -170,13 +172,26 @@ impl Pool {
         Pool::for_route("", backends, cfg, dialer)
     }
 
-    /// A pool whose metrics carry `route` (the route's host). Starts the active probe tasks
-    /// when the config asks for them (needs a tokio runtime); they stop when the pool is dropped.
+    /// A pool of HTTP/1.1 backends whose metrics carry `route` (the route's host); see
+    /// [`Pool::for_route_speaking`].
     pub fn for_route(
         route: &str,
         backends: &[Backend],
         cfg: PoolConfig,
         dialer: Arc<dyn Dialer>,
+    ) -> Arc<Pool> {
+        Pool::for_route_speaking(route, backends, cfg, dialer, BackendProtocol::Http1)
+    }
+
+    /// A pool whose metrics carry `route` (the route's host) and whose backends speak
+    /// `protocol` (HTTP probes use it). Starts the active probe tasks when the config asks for
+    /// them (needs a tokio runtime); they stop when the pool is dropped.
+    pub fn for_route_speaking(
+        route: &str,
+        backends: &[Backend],
+        cfg: PoolConfig,
+        dialer: Arc<dyn Dialer>,
+        protocol: BackendProtocol,
     ) -> Arc<Pool> {
         let infos: Vec<BackendInfo> = backends
             .iter()
@@ -199,6 +214,7 @@ impl Pool {
         let seed = seed_from(route, &infos);
         let shared = Arc::new(Shared {
             route: route.to_string(),
+            protocol,
             dialer,
             state: Mutex::new(State {
                 backends: states,
@@ -250,6 +266,11 @@ impl Pool {
                 s.latency = latency;
             }
         }
+    }
+
+    /// What the backends speak.
+    pub fn protocol(&self) -> BackendProtocol {
+        self.shared.protocol
     }
 
     pub fn config(&self) -> &PoolConfig {

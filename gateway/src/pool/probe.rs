@@ -7,7 +7,8 @@ use super::{HealthEvent, Shared};
 use crate::dial::Dialer;
 use bytes::Bytes;
 use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshgate_config::route::BackendProtocol;
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -33,9 +34,9 @@ pub(super) fn spawn_all(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
 }
 
 async fn probe_loop(shared: Weak<Shared>, index: usize, offset: Duration) {
-    let Some((cfg, dialer, addr)) = shared.upgrade().and_then(|s| {
+    let Some((cfg, dialer, addr, protocol)) = shared.upgrade().and_then(|s| {
         let addr = s.backends.get(index)?.addr;
-        Some((s.cfg.active.clone(), s.dialer.clone(), addr))
+        Some((s.cfg.active.clone(), s.dialer.clone(), addr, s.protocol))
     }) else {
         return;
     };
@@ -44,7 +45,7 @@ async fn probe_loop(shared: Weak<Shared>, index: usize, offset: Duration) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let ok = probe_once(dialer.as_ref(), addr, &cfg).await;
+        let ok = probe_once(dialer.as_ref(), addr, &cfg, protocol).await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
@@ -65,15 +66,20 @@ async fn probe_loop(shared: Weak<Shared>, index: usize, offset: Duration) {
     }
 }
 
-/// One probe within `timeout_ms`: a TCP connect, or an HTTP/1.1 GET whose status must be in
-/// the expected range.
-pub async fn probe_once(dialer: &dyn Dialer, addr: SocketAddr, cfg: &ActiveHealthConfig) -> bool {
+/// One probe within `timeout_ms`: a TCP connect, or a GET whose status must be in the
+/// expected range, over HTTP/1.1 or h2c (prior knowledge) as the backends speak.
+pub async fn probe_once(
+    dialer: &dyn Dialer,
+    addr: SocketAddr,
+    cfg: &ActiveHealthConfig,
+    protocol: BackendProtocol,
+) -> bool {
     let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
     let result = tokio::time::timeout(timeout, async {
         let stream = dialer.dial(addr).await.ok()?;
         match cfg.kind {
             ProbeKind::None | ProbeKind::Tcp => Some(true),
-            ProbeKind::Http => http_probe(stream, addr, cfg).await,
+            ProbeKind::Http => http_probe(stream, addr, cfg, protocol).await,
         }
     })
     .await;
@@ -84,20 +90,41 @@ async fn http_probe(
     stream: crate::dial::BoxStream,
     addr: SocketAddr,
     cfg: &ActiveHealthConfig,
+    protocol: BackendProtocol,
 ) -> Option<bool> {
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-            .await
-            .ok()?;
-    let driver = tokio::spawn(conn);
+    let io = TokioIo::new(stream);
     let host = cfg.host.clone().unwrap_or_else(|| addr.to_string());
     let request = http::Request::get(cfg.path.as_str())
-        .header(http::header::HOST, host)
-        .header(http::header::USER_AGENT, "meshgate-health-check")
-        .header(http::header::CONNECTION, "close")
-        .body(Empty::new())
-        .ok()?;
-    let response = sender.send_request(request).await;
+        .header(http::header::USER_AGENT, "meshgate-health-check");
+    let (response, driver) = match protocol {
+        BackendProtocol::Http1 => {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io)
+                .await
+                .ok()?;
+            let driver = tokio::spawn(conn);
+            let request = request
+                .header(http::header::HOST, host)
+                .header(http::header::CONNECTION, "close")
+                .body(Empty::new())
+                .ok()?;
+            (sender.send_request(request).await, driver)
+        }
+        BackendProtocol::H2c => {
+            let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+                TokioExecutor::new(),
+                io,
+            )
+            .await
+            .ok()?;
+            let driver = tokio::spawn(conn);
+            // h2 carries the host as `:authority`, taken from an absolute URI.
+            let uri = format!("http://{host}{}", cfg.path)
+                .parse::<http::Uri>()
+                .ok()?;
+            let request = request.uri(uri).body(Empty::new()).ok()?;
+            (sender.send_request(request).await, driver)
+        }
+    };
     driver.abort();
     let status = response.ok()?.status().as_u16();
     Some((cfg.expect_status_min..=cfg.expect_status_max).contains(&status))

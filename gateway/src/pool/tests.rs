@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::dial::DirectDialer;
+use meshgate_config::route::BackendProtocol;
 use tokio::net::TcpListener;
 
 fn backend(addr: SocketAddr) -> Backend {
@@ -304,15 +305,88 @@ async fn http_probes_check_the_status() {
         path: "/healthz".into(),
         ..ActiveHealthConfig::default()
     };
-    assert!(probe::probe_once(&DirectDialer, ok, &cfg).await);
-    assert!(!probe::probe_once(&DirectDialer, bad, &cfg).await);
-    assert!(!probe::probe_once(&DirectDialer, dead, &cfg).await);
+    assert!(probe::probe_once(&DirectDialer, ok, &cfg, BackendProtocol::Http1).await);
+    assert!(!probe::probe_once(&DirectDialer, bad, &cfg, BackendProtocol::Http1).await);
+    assert!(!probe::probe_once(&DirectDialer, dead, &cfg, BackendProtocol::Http1).await);
     let tcp = ActiveHealthConfig {
         kind: ProbeKind::Tcp,
         ..cfg
     };
-    assert!(probe::probe_once(&DirectDialer, bad, &tcp).await);
-    assert!(!probe::probe_once(&DirectDialer, dead, &tcp).await);
+    assert!(probe::probe_once(&DirectDialer, bad, &tcp, BackendProtocol::Http1).await);
+    assert!(!probe::probe_once(&DirectDialer, dead, &tcp, BackendProtocol::Http1).await);
+}
+
+#[tokio::test]
+async fn http_probes_speak_h2c_to_h2c_backends() {
+    use hyper::service::service_fn;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let h2c = listener.local_addr().expect("addr");
+    let _task = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let status = if req.uri().path() == "/healthz" {
+                        200
+                    } else {
+                        404
+                    };
+                    http::Response::builder()
+                        .status(status)
+                        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+            });
+        }
+    });
+    let cfg = ActiveHealthConfig {
+        kind: ProbeKind::Http,
+        path: "/healthz".into(),
+        ..ActiveHealthConfig::default()
+    };
+    assert!(probe::probe_once(&DirectDialer, h2c, &cfg, BackendProtocol::H2c).await);
+    // HTTP/1.1 is what marked h2c-only backends down.
+    assert!(!probe::probe_once(&DirectDialer, h2c, &cfg, BackendProtocol::Http1).await);
+    let missing = ActiveHealthConfig {
+        path: "/missing".into(),
+        ..cfg.clone()
+    };
+    assert!(!probe::probe_once(&DirectDialer, h2c, &missing, BackendProtocol::H2c).await);
+    // A pool built for an h2c route probes with h2c and keeps the backend up.
+    let active = PoolConfig {
+        active: ActiveHealthConfig {
+            interval_ms: 20,
+            fall: 1,
+            ..cfg
+        },
+        ..PoolConfig::default()
+    };
+    let p = Pool::for_route_speaking(
+        "h2c.test",
+        &[backend(h2c)],
+        active,
+        Arc::new(DirectDialer),
+        BackendProtocol::H2c,
+    );
+    assert_eq!(p.protocol(), BackendProtocol::H2c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(p.status()[0].available, "{:?}", p.status());
+    // The gateway's route table builds h2c routes' pools that way.
+    let route = meshgate_config::route::Route {
+        host: "h2c.test".into(),
+        backends: vec![backend(h2c)],
+        mode: meshgate_config::route::Mode::Terminate,
+        options: meshgate_config::route::RouteOptions {
+            backend_protocol: BackendProtocol::H2c,
+            ..Default::default()
+        },
+        pool: PoolConfig::default(),
+    };
+    let table = crate::routes::RouteTable::build(&[route], &[]);
+    let entry = table.lookup("h2c.test").expect("route");
+    assert_eq!(entry.pool.protocol(), BackendProtocol::H2c);
 }
 
 #[tokio::test]
