@@ -41,8 +41,40 @@ pub struct Rules {
 pub enum Input {
     /// A DNS check finished: `Ok` when the proof holds, else why not.
     Checked(Result<(), String>),
+    /// A DNS check could not tell (timeout, SERVFAIL, server unreachable): recorded, but it
+    /// neither proves nor disproves anything, so no status changes and no grace clock starts.
+    Inconclusive(String),
     /// The certificate layer has (or lost) a certificate for the domain.
     CertificateReady(bool),
+}
+
+/// Why a DNS check did not confirm the proof.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckFailure {
+    /// DNS answered, and the proof does not hold.
+    Failed(String),
+    /// DNS gave no usable answer; nothing is known.
+    Inconclusive(String),
+}
+
+impl CheckFailure {
+    /// The state machine's input for a check that ended with `result`.
+    pub fn input(result: Result<(), CheckFailure>) -> Input {
+        match result {
+            Ok(()) => Input::Checked(Ok(())),
+            Err(CheckFailure::Failed(reason)) => Input::Checked(Err(reason)),
+            Err(CheckFailure::Inconclusive(reason)) => Input::Inconclusive(reason),
+        }
+    }
+}
+
+impl std::fmt::Display for CheckFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckFailure::Failed(r) => f.write_str(r),
+            CheckFailure::Inconclusive(r) => write!(f, "inconclusive: {r}"),
+        }
+    }
 }
 
 /// Applies one input at time `now_ms` (unix ms) to a domain reservation. Returns true when
@@ -77,6 +109,10 @@ pub fn step(r: &mut Reservation, input: Input, now_ms: u64, rules: &Rules) -> bo
                 }
             }
             v.last_error = Some(reason);
+        }
+        Input::Inconclusive(reason) => {
+            v.last_checked_ms = Some(now_ms);
+            v.last_error = Some(format!("inconclusive (DNS gave no answer): {reason}"));
         }
         Input::CertificateReady(ready) => v.certificate_ready = ready,
     }
@@ -193,9 +229,10 @@ impl Verifier {
             .map_err(|e| format!("cannot build a DNS resolver: {e}"))
     }
 
-    /// Checks the proof for `fqdn` owned by `owner`: `Ok` or the reason it does not hold.
-    pub async fn check(&self, fqdn: &str, owner: &str) -> Result<(), String> {
-        let resolver = self.resolver()?;
+    /// Checks the proof for `fqdn` owned by `owner`: `Ok`, the reason it does not hold, or
+    /// why DNS could not tell.
+    pub async fn check(&self, fqdn: &str, owner: &str) -> Result<(), CheckFailure> {
+        let resolver = self.resolver().map_err(CheckFailure::Inconclusive)?;
         self.check_with(&resolver, fqdn, owner).await
     }
 
@@ -204,18 +241,27 @@ impl Verifier {
         resolver: &TokioResolver,
         fqdn: &str,
         owner: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), CheckFailure> {
+        use CheckFailure::{Failed, Inconclusive};
         let pointed = self.check_pointing(resolver, fqdn).await;
         let owned = self.check_challenge(resolver, fqdn, owner).await;
+        // A definite failure of either part decides; otherwise an unanswered part leaves
+        // the whole check inconclusive.
         match (pointed, owned) {
             (Ok(()), Ok(())) => Ok(()),
-            (Err(p), Ok(())) => Err(p),
-            (Ok(()), Err(o)) => Err(o),
-            (Err(p), Err(o)) => Err(format!("{p}; {o}")),
+            (Err(Failed(p)), Err(Failed(o))) => Err(Failed(format!("{p}; {o}"))),
+            (Err(Failed(e)), _) | (_, Err(Failed(e))) => Err(Failed(e)),
+            (Err(Inconclusive(p)), Err(Inconclusive(o))) => Err(Inconclusive(format!("{p}; {o}"))),
+            (Err(Inconclusive(e)), Ok(())) | (Ok(()), Err(Inconclusive(e))) => Err(Inconclusive(e)),
         }
     }
 
-    async fn check_pointing(&self, resolver: &TokioResolver, fqdn: &str) -> Result<(), String> {
+    async fn check_pointing(
+        &self,
+        resolver: &TokioResolver,
+        fqdn: &str,
+    ) -> Result<(), CheckFailure> {
+        use CheckFailure::{Failed, Inconclusive};
         let gw = &self.cfg.gateway_domain;
         let name = format!("{fqdn}.");
         let cname = match resolver.lookup(name.as_str(), RecordType::CNAME).await {
@@ -224,7 +270,7 @@ impl Verifier {
                 _ => None,
             }),
             Err(e) if e.is_no_records_found() || e.is_nx_domain() => None,
-            Err(e) => return Err(format!("DNS lookup of {fqdn} CNAME failed: {e}")),
+            Err(e) => return Err(Inconclusive(format!("DNS lookup of {fqdn} CNAME: {e}"))),
         };
         if let Some(target) = &cname
             && (target == gw || target.ends_with(&format!(".{gw}")))
@@ -240,7 +286,9 @@ impl Verifier {
                     _ => None,
                 })),
                 Err(e) if e.is_no_records_found() || e.is_nx_domain() => {}
-                Err(e) => return Err(format!("DNS lookup of {fqdn} {rtype} failed: {e}")),
+                Err(e) => {
+                    return Err(Inconclusive(format!("DNS lookup of {fqdn} {rtype}: {e}")));
+                }
             }
         }
         let foreign: Vec<String> = addrs
@@ -250,14 +298,14 @@ impl Verifier {
             .collect();
         let via = cname.map_or(String::new(), |t| format!(" (CNAME to {t})"));
         if addrs.is_empty() {
-            Err(format!(
+            Err(Failed(format!(
                 "{fqdn}{via} neither CNAMEs to {gw} nor resolves to the gateway's addresses"
-            ))
+            )))
         } else if !foreign.is_empty() {
-            Err(format!(
+            Err(Failed(format!(
                 "{fqdn}{via} resolves to {}, which is not this gateway (CNAME it to {gw})",
                 foreign.join(", ")
-            ))
+            )))
         } else {
             Ok(())
         }
@@ -268,7 +316,8 @@ impl Verifier {
         resolver: &TokioResolver,
         fqdn: &str,
         owner: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), CheckFailure> {
+        use CheckFailure::{Failed, Inconclusive};
         let name = challenge_name(fqdn);
         let expected = self.store.challenge_token(owner, fqdn);
         let values: Vec<String> = match resolver
@@ -289,17 +338,17 @@ impl Verifier {
                 })
                 .collect(),
             Err(e) if e.is_no_records_found() || e.is_nx_domain() => Vec::new(),
-            Err(e) => return Err(format!("DNS lookup of {name} TXT failed: {e}")),
+            Err(e) => return Err(Inconclusive(format!("DNS lookup of {name} TXT: {e}"))),
         };
         if values.iter().any(|v| v.trim() == expected) {
             Ok(())
         } else if values.is_empty() {
-            Err(format!("no TXT record at {name}"))
+            Err(Failed(format!("no TXT record at {name}")))
         } else {
-            Err(format!(
+            Err(Failed(format!(
                 "the TXT record at {name} does not hold the owner's token ({} other value(s))",
                 values.len()
-            ))
+            )))
         }
     }
 
@@ -326,7 +375,7 @@ impl Verifier {
             .iter()
             .map(|r| self.check_owned(&resolver, r.name.clone(), r.owner.clone()))
             .collect();
-        let results: HashMap<(String, String), Result<(), String>> =
+        let results: HashMap<(String, String), Result<(), CheckFailure>> =
             futures_util::stream::iter(checks)
                 .buffer_unordered(CONCURRENT_CHECKS)
                 .collect()
@@ -339,7 +388,7 @@ impl Verifier {
             // A domain deleted and re-created by someone else meanwhile: the check was for
             // the old owner, so it says nothing about this one.
             if let Some(result) = results.remove(&(r.name.clone(), r.owner.clone()))
-                && step(r, Input::Checked(result), now_ms, &rules)
+                && step(r, CheckFailure::input(result), now_ms, &rules)
             {
                 changed += 1;
                 tracing::info!(domain = %r.name, status = ?r.status, "domain status changed");
@@ -353,10 +402,10 @@ impl Verifier {
         resolver: &Result<TokioResolver, String>,
         name: String,
         owner: String,
-    ) -> ((String, String), Result<(), String>) {
+    ) -> ((String, String), Result<(), CheckFailure>) {
         let result = match resolver {
             Ok(res) => self.check_with(res, &name, &owner).await,
-            Err(e) => Err(e.clone()),
+            Err(e) => Err(CheckFailure::Inconclusive(e.clone())),
         };
         ((name, owner), result)
     }
@@ -364,14 +413,14 @@ impl Verifier {
     fn apply(
         &self,
         checked: &Reservation,
-        result: Result<(), String>,
+        result: Result<(), CheckFailure>,
         now_ms: u64,
     ) -> Result<Option<Reservation>, StoreError> {
         let rules = self.cfg.rules();
         self.store.update(&checked.key(), |r| {
             // The reservation was deleted and re-created by someone else meanwhile: the
             // check was for the old owner, so it says nothing about this one.
-            if r.owner == checked.owner && step(r, Input::Checked(result), now_ms, &rules) {
+            if r.owner == checked.owner && step(r, CheckFailure::input(result), now_ms, &rules) {
                 tracing::info!(domain = %r.name, status = ?r.status, "domain status changed");
             }
             Ok::<(), StoreError>(())
@@ -458,6 +507,32 @@ mod tests {
         let mut r = domain(Mode::Passthrough);
         step(&mut r, Input::Checked(Ok(())), 1, &RULES);
         assert_eq!(r.status, Status::Active);
+    }
+
+    #[test]
+    fn inconclusive_checks_change_nothing_and_start_no_grace_clock() {
+        let rules = Rules {
+            require_certificate: false,
+            grace_ms: 0,
+        };
+        let mut r = domain(Mode::Terminate);
+        step(&mut r, Input::Checked(Ok(())), 0, &rules);
+        assert_eq!(r.status, Status::Active);
+        let timeout = Input::Inconclusive("request timed out".into());
+        assert!(!step(&mut r, timeout.clone(), 10_000, &rules));
+        assert_eq!(r.status, Status::Active);
+        assert_eq!(r.verification.failing_since_ms, None);
+        assert_eq!(r.verification.last_checked_ms, Some(10_000));
+        assert!(
+            r.verification
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("inconclusive") && e.contains("timed out"))
+        );
+        // Nor does it verify a pending domain.
+        let mut p = domain(Mode::Passthrough);
+        assert!(!step(&mut p, timeout, 1, &rules));
+        assert_eq!(p.status, Status::Pending);
     }
 
     #[test]

@@ -251,3 +251,50 @@ async fn running_verifier_activates_on_request_and_routes_follow() {
     .expect("the domain is routed after an on-demand verification");
     task.abort();
 }
+
+#[tokio::test]
+async fn dns_outage_is_inconclusive_and_keeps_the_domain_active() {
+    // No grace at all: any failed proof would deactivate at once.
+    let s = setup(false, Duration::ZERO).await;
+    reserve(&s.store, SHOP, "alice", Mode::Terminate);
+    s.dns.cname(SHOP, FARM).await;
+    let token = s.store.challenge_token("alice", SHOP);
+    s.dns.txt(&challenge_name(SHOP), &[&token]).await;
+    s.verifier.check_all(1_000).await.unwrap();
+    assert_eq!(status(&s.store, SHOP).status, Status::Active);
+
+    let verifier_via = |nameserver| {
+        let mut cfg = VerifierConfig::new(FARM, vec![IpAddr::V4(GW_IP)]);
+        cfg.nameservers = vec![nameserver];
+        cfg.grace = Duration::ZERO;
+        cfg.timeout = Duration::from_millis(300);
+        Verifier::new(s.store.clone(), cfg).unwrap()
+    };
+    // The name server is down (nothing listens on its port).
+    let down = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    verifier_via(down).check_all(2_000).await.unwrap();
+    let r = status(&s.store, SHOP);
+    assert_eq!(r.status, Status::Active, "{:?}", r.verification);
+    assert_eq!(r.verification.failing_since_ms, None);
+    let err = r.verification.last_error.unwrap();
+    assert!(err.contains("inconclusive"), "{err}");
+    assert!(routed(&s.store, SHOP));
+
+    // A server that answers with an error code (REFUSED: not authoritative for the name).
+    let other = TestDns::start("elsewhere.test").await;
+    verifier_via(other.addr).check_all(3_000).await.unwrap();
+    let r = status(&s.store, SHOP);
+    assert_eq!(r.status, Status::Active, "{:?}", r.verification);
+    assert_eq!(r.verification.failing_since_ms, None);
+
+    // DNS back and the domain really repointed: that is a failure, deactivated (no grace).
+    s.dns.a(SHOP, &[ELSEWHERE_IP]).await;
+    s.verifier.check_all(4_000).await.unwrap();
+    assert!(matches!(
+        status(&s.store, SHOP).status,
+        Status::Deactivated { .. }
+    ));
+}
