@@ -106,6 +106,8 @@ pub struct Counters {
     pub links_down: u64,
     pub self_links: u64,
     pub handshake_failed: u64,
+    /// Inbound connections closed unanswered: too many handshakes already in progress.
+    pub handshakes_refused: u64,
     pub identity_mismatch: u64,
     pub bad_frame: u64,
     pub oversized_frame: u64,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -142,6 +142,7 @@ enum Event {
 #[derive(Debug, Clone, Copy)]
 enum Fault {
     HandshakeFailed,
+    HandshakeRefused,
     IdentityMismatch,
     Oversized,
     BadFrame,
@@ -168,6 +169,11 @@ const LINK_QUEUE: usize = 128;
 const OVERFLOW_LIMIT: usize = 1024;
 const DELIVER_BACKLOG: usize = 4096;
 const TICK: Duration = Duration::from_millis(100);
+/// Inbound handshakes in progress at most. A handshake costs X25519 operations and memory
+/// before the peer is authenticated; beyond this, new connections are closed at once
+/// (`handshakes_refused`). Existing links are unaffected; a flood of idle connections can
+/// delay new inbound links by at most the 5 s handshake timeout per wave.
+pub const MAX_INBOUND_HANDSHAKES: usize = 64;
 
 impl Node {
     /// Loads (or creates) the identity, binds the listener, starts dialing peers.
@@ -334,14 +340,23 @@ struct LinkCtx {
 }
 
 async fn accept_loop(l: TcpListener, ctx: LinkCtx) {
+    let handshakes = Arc::new(Semaphore::new(MAX_INBOUND_HANDSHAKES));
     loop {
         tokio::select! {
             _ = ctx.cancel.cancelled() => return,
             r = l.accept() => match r {
-                Ok((s, remote)) => {
-                    let ctx = ctx.clone();
-                    tokio::spawn(async move { run_link(s, remote, false, ctx).await; });
-                }
+                Ok((s, remote)) => match handshakes.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move {
+                            run_link(s, remote, false, ctx, Some(permit)).await;
+                        });
+                    }
+                    Err(_) => {
+                        drop(s);
+                        let _ = ctx.events.send(Event::Fault(Fault::HandshakeRefused)).await;
+                    }
+                },
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
@@ -360,7 +375,7 @@ async fn dial_loop(peer: SocketAddr, ctx: LinkCtx, min: Duration, max: Duration)
             r = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(peer)) => r,
         };
         if let Ok(Ok(s)) = connected {
-            run_link(s, peer, true, ctx.clone()).await;
+            run_link(s, peer, true, ctx.clone(), None).await;
         }
         if started.elapsed() > Duration::from_secs(10) {
             backoff = min; // the link was up for a while: start over
@@ -376,8 +391,15 @@ async fn dial_loop(peer: SocketAddr, ctx: LinkCtx, min: Duration, max: Duration)
     }
 }
 
-/// Handshake, then pump frames until the link ends.
-async fn run_link(stream: TcpStream, remote: SocketAddr, outbound: bool, ctx: LinkCtx) {
+/// Handshake, then pump frames until the link ends. `handshake_permit` (inbound links) is
+/// released once the handshake is over.
+async fn run_link(
+    stream: TcpStream,
+    remote: SocketAddr,
+    outbound: bool,
+    ctx: LinkCtx,
+    handshake_permit: Option<OwnedSemaphorePermit>,
+) {
     let _ = stream.set_nodelay(true);
     let (r, mut w) = stream.into_split();
     // Small buffer: large bodies bypass it (tokio reads straight into the frame buffer).
@@ -388,6 +410,7 @@ async fn run_link(stream: TcpStream, remote: SocketAddr, outbound: bool, ctx: Li
         link::handshake(&mut rw, &ctx.id, outbound),
     )
     .await;
+    drop(handshake_permit);
     let (transport, key) = match hs {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
@@ -665,6 +688,7 @@ impl CoreTask {
                 let c = &mut self.core.counters;
                 match f {
                     Fault::HandshakeFailed => c.handshake_failed += 1,
+                    Fault::HandshakeRefused => c.handshakes_refused += 1,
                     Fault::IdentityMismatch => c.identity_mismatch += 1,
                     Fault::Oversized => c.oversized_frame += 1,
                     Fault::BadFrame => c.bad_frame += 1,

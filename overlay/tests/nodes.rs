@@ -584,3 +584,34 @@ async fn delivery_backlog_overflow_is_counted() {
     drop(pa);
     a.shutdown().await;
 }
+
+/// Connections that never finish their handshake hold at most MAX_INBOUND_HANDSHAKES slots:
+/// further ones are closed at once and counted; once the idle ones go, peers link up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_inbound_handshakes_are_capped() {
+    use meshgate_overlay::node::MAX_INBOUND_HANDSHAKES;
+    use tokio::io::AsyncReadExt;
+    let a = Node::start(cfg(true, vec![])).await.unwrap();
+    let port = a.listen_addr().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..MAX_INBOUND_HANDSHAKES {
+        idle.push(tokio::net::TcpStream::connect(port).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(port).await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(1), extra.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "connection beyond the cap was kept: {closed:?}"
+    );
+    wait_for("refusal counted", 2, || {
+        a.status().counters.handshakes_refused >= 1
+    })
+    .await;
+    // The idle connections go away (their handshakes fail): a real peer links up.
+    drop(idle);
+    let b = Node::start(cfg(false, vec![port])).await.unwrap();
+    wait_for("route after the flood", 10, || has_route(&b, a.address())).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
