@@ -113,6 +113,8 @@ pub const METRIC_INFINITY: u32 = u32::MAX;
 const UPDATE_ENTRY_LEN: usize = 8 + 8 + 4 + 32 + 64;
 /// Updates per control message (keeps messages under the Noise limit).
 pub const MAX_UPDATES_PER_MESSAGE: usize = 500;
+// A full Updates message (type, count, entries) plus the Noise tag fits one Noise message.
+const _: () = assert!(3 + MAX_UPDATES_PER_MESSAGE * UPDATE_ENTRY_LEN + 16 <= MAX_NOISE_MESSAGE);
 
 /// What the prefix owner signs: label, prefix, seqno, router key.
 pub fn route_signature_input(prefix: &Prefix, seqno: u64, router_key: &[u8; 32]) -> [u8; 65] {
@@ -580,16 +582,17 @@ mod tests {
     }
 
     fn controls() -> Vec<Control> {
-        let u = |i: u8| RouteUpdate {
-            prefix: [6, i, 2, 3, 4, 5, 6, 7],
+        // Distinct entries for every index of a full message.
+        let u = |i: usize| RouteUpdate {
+            prefix: [6, (i >> 8) as u8, i as u8, 3, 4, 5, 6, 7],
             seqno: 1 << 40 | i as u64,
             metric: if i == 0 {
                 METRIC_INFINITY
             } else {
                 1000 * i as u32
             },
-            router_key: [i; 32],
-            signature: [i ^ 0x5a; 64],
+            router_key: [i as u8; 32],
+            signature: [(i as u8) ^ 0x5a; 64],
         };
         vec![
             Control::Hello {
@@ -597,17 +600,29 @@ mod tests {
             },
             Control::HelloAck { echo_us: u64::MAX },
             Control::Updates(vec![]),
-            Control::Updates(
-                (0..MAX_UPDATES_PER_MESSAGE as u8 as usize)
-                    .map(|i| u(i as u8))
-                    .collect(),
-            ),
+            Control::Updates((0..MAX_UPDATES_PER_MESSAGE).map(u).collect()),
             Control::SeqnoRequest {
                 prefix: [7; 8],
                 seqno: 9,
                 hop_count: 64,
             },
         ]
+    }
+
+    #[test]
+    fn a_full_updates_message_round_trips() {
+        let full = controls()
+            .into_iter()
+            .find(|c| matches!(c, Control::Updates(l) if !l.is_empty()))
+            .unwrap();
+        let Control::Updates(list) = &full else {
+            unreachable!()
+        };
+        assert_eq!(list.len(), MAX_UPDATES_PER_MESSAGE);
+        let b = full.encode();
+        assert_eq!(b.len(), 3 + MAX_UPDATES_PER_MESSAGE * UPDATE_ENTRY_LEN);
+        assert!(b.len() + 16 <= MAX_NOISE_MESSAGE, "fits one Noise message");
+        assert_eq!(Control::decode(&b).unwrap(), full);
     }
 
     #[test]
