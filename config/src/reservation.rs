@@ -254,8 +254,8 @@ impl Reservation {
     }
 
     /// The route the gateway serves for this reservation. `sticky` selects the `hash_cookie`
-    /// pool policy (default cookie). `redirect_https: false` has no `RouteOptions` field yet;
-    /// the default route behaviour (redirect unless plain HTTP is allowed) applies.
+    /// pool policy (default cookie). `redirect_https` is always `!allow_plain_http` (see
+    /// [`validate_options`]), which is what the route's `allow_plain_http` carries.
     pub fn to_route(&self, farmer_domain: &str) -> Route {
         Route {
             host: self.host(farmer_domain),
@@ -516,6 +516,14 @@ pub fn validate_options(field: &str, options: &Options) -> Result<(), FieldError
             "cannot both serve plain HTTP and redirect it to HTTPS; set redirect_https to false",
         ));
     }
+    // :80 either redirects or serves plain HTTP; there is no third behaviour to select.
+    if !options.redirect_https && !options.allow_plain_http {
+        return Err(FieldError::new(
+            format!("{field}.redirect_https"),
+            "plain HTTP on :80 is redirected to HTTPS unless allow_plain_http is true; \
+             set redirect_https to false only together with allow_plain_http = true",
+        ));
+    }
     Ok(())
 }
 
@@ -647,6 +655,23 @@ mod tests {
         assert!(b(&["0.0.0.0:80"]).is_err());
         assert!(b(&["10.0.0.1:0"]).is_err());
         assert!(b(&["10.0.0.1:80", "10.0.0.1:80"]).is_err());
+    }
+
+    #[test]
+    fn options_redirect_or_serve_plain_http() {
+        let o = |redirect_https, allow_plain_http| Options {
+            redirect_https,
+            allow_plain_http,
+            sticky: false,
+        };
+        assert!(validate_options("options", &o(true, false)).is_ok());
+        assert!(validate_options("options", &o(false, true)).is_ok());
+        let e = validate_options("options", &o(true, true)).unwrap_err();
+        assert_eq!(e.field, "options.allow_plain_http");
+        // Neither redirect nor plain HTTP was accepted and then ignored; it is refused.
+        let e = validate_options("options", &o(false, false)).unwrap_err();
+        assert_eq!(e.field, "options.redirect_https");
+        assert!(e.reason.contains("allow_plain_http"), "{}", e.reason);
     }
 
     #[test]

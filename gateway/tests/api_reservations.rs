@@ -385,6 +385,12 @@ async fn invalid_names_and_domains_get_400_with_the_reason() {
         ),
         (
             "/v1/names",
+            json!({"name": "ok", "backends": backends, "options": {"redirect_https": false}}),
+            "options.redirect_https",
+            "allow_plain_http",
+        ),
+        (
+            "/v1/names",
             json!({"name": "ok", "backends": backends, "options": {"fast": true}}),
             "options",
             "unknown field",
@@ -689,6 +695,44 @@ async fn cli_reserves_lists_and_deletes() {
     assert_eq!(v["reservations"].as_array().unwrap().len(), 1);
     let (ok, _, err) = cli(&srv, "", &["list"]).await;
     assert!(!ok && err.contains("MESHGATE_TOKEN"), "{err}");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn cli_update_turns_options_on_and_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path()).await;
+    let (ok, out, err) = cli(&srv, &srv.admin, &["token", "alice", "--json"]).await;
+    assert!(ok, "{err}");
+    let token: Value = serde_json::from_str(&out).unwrap();
+    let t = token["token"].as_str().unwrap().to_string();
+    let (ok, _, err) = cli(
+        &srv,
+        &t,
+        &["name", "web", "--backend", "10.1.1.1:80", "--sticky"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let options = || srv.store.get(&Key::name("web")).unwrap().unwrap().options;
+    let o = options();
+    assert!(o.sticky && !o.allow_plain_http && o.redirect_https);
+
+    // Each flag changes only its own option.
+    for (flag, sticky, plain) in [
+        ("--allow-plain-http", true, true),
+        ("--no-sticky", false, true),
+        ("--sticky", true, true),
+        ("--no-plain-http", true, false),
+        ("--no-sticky", false, false),
+    ] {
+        let (ok, _, err) = cli(&srv, &t, &["update", "web", flag]).await;
+        assert!(ok, "{flag}: {err}");
+        let o = options();
+        assert_eq!((o.sticky, o.allow_plain_http), (sticky, plain), "{flag}");
+        assert_eq!(o.redirect_https, !plain, "{flag}");
+    }
+    let (ok, _, err) = cli(&srv, &t, &["update", "web", "--sticky", "--no-sticky"]).await;
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
     srv.stop().await;
 }
 

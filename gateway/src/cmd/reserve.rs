@@ -71,7 +71,7 @@ enum Command {
         #[arg(long, value_enum)]
         mode: Option<ModeArg>,
         #[command(flatten)]
-        options: OptionFlags,
+        options: UpdateFlags,
     },
     /// Delete a reservation (a name, or a domain).
     Delete { target: String },
@@ -113,8 +113,49 @@ impl OptionFlags {
             "sticky": self.sticky,
         })
     }
-    fn given(&self) -> bool {
-        self.allow_plain_http || self.sticky
+}
+
+/// Option changes for `update`; options not mentioned keep their current value.
+#[derive(clap::Args, Debug)]
+struct UpdateFlags {
+    /// Serve plain HTTP on :80 instead of redirecting it to HTTPS.
+    #[arg(long, conflicts_with = "no_plain_http")]
+    allow_plain_http: bool,
+    /// Redirect plain HTTP on :80 to HTTPS again.
+    #[arg(long)]
+    no_plain_http: bool,
+    /// Keep each client on one backend.
+    #[arg(long, conflicts_with = "no_sticky")]
+    sticky: bool,
+    /// Stop keeping clients on one backend.
+    #[arg(long)]
+    no_sticky: bool,
+}
+
+impl UpdateFlags {
+    /// The full options object: `current` (the reservation's `options`) with the flags applied,
+    /// or `None` when no option flag was given.
+    fn apply(&self, current: &Value) -> Option<Value> {
+        let plain = match (self.allow_plain_http, self.no_plain_http) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        };
+        let sticky = match (self.sticky, self.no_sticky) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        };
+        if plain.is_none() && sticky.is_none() {
+            return None;
+        }
+        let flag = |name: &str| current[name].as_bool().unwrap_or(false);
+        let plain = plain.unwrap_or_else(|| flag("allow_plain_http"));
+        Some(json!({
+            "redirect_https": !plain,
+            "allow_plain_http": plain,
+            "sticky": sticky.unwrap_or_else(|| flag("sticky")),
+        }))
     }
 }
 
@@ -340,7 +381,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             mode,
             options,
         } => {
-            let (path, _) = api.locate(&target).await?;
+            let (path, current) = api.locate(&target).await?;
             let mut body = serde_json::Map::new();
             if !backends.is_empty() {
                 body.insert("backends".into(), json!(backends));
@@ -348,8 +389,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             if let Some(m) = mode {
                 body.insert("mode".into(), json!(m.as_str()));
             }
-            if options.given() {
-                body.insert("options".into(), options.json());
+            if let Some(o) = options.apply(&current["options"]) {
+                body.insert("options".into(), o);
             }
             let v = api
                 .expect(Method::PUT, &path, Some(Value::Object(body)))
