@@ -12,9 +12,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::body::Incoming;
+use hyper::client::conn::http2;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshgate_config::route::BackendProtocol;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,10 +24,116 @@ use std::time::{Duration, Instant};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Pooled keep-alive clients to backends, one per backend protocol.
+/// Pooled keep-alive connections to backends: hyper-util's pool for HTTP/1.1, one
+/// multiplexed connection per backend for h2c.
 pub struct Clients {
     h1: Client<AttemptConnector, Body>,
-    h2c: Client<AttemptConnector, Body>,
+    h2c: H2cConnections,
+}
+
+/// h2c backends: one multiplexed connection per backend address. hyper-util keys its pool by
+/// the URI authority, which h2 also sends as `:authority`; with this map the backend is the
+/// pool's choice while `:authority` is the host the client asked for.
+struct H2cConnections {
+    connector: AttemptConnector,
+    senders: std::sync::Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+}
+
+/// A failed request to a backend; `connect` when the backend received nothing of it.
+struct BackendError {
+    connect: bool,
+    error: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl BackendError {
+    fn connect(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        BackendError {
+            connect: true,
+            error: error.into(),
+        }
+    }
+}
+
+impl H2cConnections {
+    async fn send(
+        &self,
+        backend: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, BackendError> {
+        let req = match self.cached(backend) {
+            None => req,
+            Some(mut sender) => match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => {
+                    self.forget(backend);
+                    // A kept connection the backend closed meanwhile: a request it did not
+                    // take goes on a new connection.
+                    match e.take_message() {
+                        Some(req) => req,
+                        None => {
+                            return Err(BackendError {
+                                connect: false,
+                                error: e.into_error().into(),
+                            });
+                        }
+                    }
+                }
+            },
+        };
+        let mut sender = self.open(backend).await?;
+        sender.try_send_request(req).await.map_err(|mut e| {
+            self.forget(backend);
+            BackendError {
+                // Handed back unsent: the backend saw nothing of it.
+                connect: e.take_message().is_some(),
+                error: e.into_error().into(),
+            }
+        })
+    }
+
+    fn cached(&self, backend: SocketAddr) -> Option<http2::SendRequest<Body>> {
+        let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        match senders.get(&backend) {
+            Some(s) if !s.is_closed() => Some(s.clone()),
+            Some(_) => {
+                senders.remove(&backend);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn forget(&self, backend: SocketAddr) {
+        let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        if senders.get(&backend).is_some_and(|s| s.is_closed()) {
+            senders.remove(&backend);
+        }
+    }
+
+    async fn open(&self, backend: SocketAddr) -> Result<http2::SendRequest<Body>, BackendError> {
+        let uri = format!("http://{backend}/")
+            .parse::<http::Uri>()
+            .map_err(BackendError::connect)?;
+        let io = tower_service::Service::call(&mut self.connector.clone(), uri)
+            .await
+            .map_err(BackendError::connect)?;
+        let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(BackendError::connect)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(backend = %backend, error = %e, "h2c backend connection ended");
+            }
+        });
+        sender.ready().await.map_err(BackendError::connect)?;
+        self.senders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(backend, sender.clone());
+        Ok(sender)
+    }
 }
 
 tokio::task_local! {
@@ -80,9 +188,26 @@ impl Clients {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256);
         let h1 = b.build(connector.clone());
-        b.http2_only(true);
-        let h2c = b.build(connector);
+        let h2c = H2cConnections {
+            connector,
+            senders: Default::default(),
+        };
         Clients { h1, h2c }
+    }
+
+    async fn send(
+        &self,
+        protocol: BackendProtocol,
+        backend: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, BackendError> {
+        match protocol {
+            BackendProtocol::Http1 => self.h1.request(req).await.map_err(|e| BackendError {
+                connect: e.is_connect(),
+                error: e.into(),
+            }),
+            BackendProtocol::H2c => self.h2c.send(backend, req).await,
+        }
     }
 }
 
@@ -358,9 +483,19 @@ async fn forward(
         headers.insert(header::HOST, v);
     }
     set_forwarded(&mut headers, ci, host);
-    let (client, version) = match route.options.backend_protocol {
-        BackendProtocol::Http1 => (&gw.clients.h1, Version::HTTP_11),
-        BackendProtocol::H2c => (&gw.clients.h2c, Version::HTTP_2),
+    let protocol = route.options.backend_protocol;
+    // h1: the URI names the backend (hyper-util dials and pools by it) and Host is kept.
+    // h2c: the URI's authority is sent as `:authority`, so it is the client's host (already
+    // validated), which h2 carries instead of Host.
+    let (version, h2c_authority) = match protocol {
+        BackendProtocol::Http1 => (Version::HTTP_11, None),
+        BackendProtocol::H2c => {
+            let authority = headers
+                .remove(header::HOST)
+                .and_then(|v| v.to_str().ok().map(str::to_string))
+                .unwrap_or_else(|| host.to_string());
+            (Version::HTTP_2, Some(authority))
+        }
     };
     let pq = parts
         .uri
@@ -411,7 +546,8 @@ async fn forward(
         let attempt = pool_config.connect_attempt_timeout().min(left);
         let addr = lease.backend();
         tried.push(addr);
-        let uri = match format!("http://{addr}{pq}").parse::<http::Uri>() {
+        let authority = h2c_authority.clone().unwrap_or_else(|| addr.to_string());
+        let uri = match format!("http://{authority}{pq}").parse::<http::Uri>() {
             Ok(u) => u,
             Err(_) => return full(StatusCode::BAD_REQUEST, "The request target is not valid."),
         };
@@ -421,7 +557,7 @@ async fn forward(
         *breq.version_mut() = version;
         *breq.headers_mut() = headers.clone();
         let started = Instant::now();
-        let sent = CONNECT_ATTEMPT.scope(attempt, client.request(breq));
+        let sent = CONNECT_ATTEMPT.scope(attempt, gw.clients.send(protocol, addr, breq));
         let failure = match tokio::time::timeout(gw.timeouts.request(), sent).await {
             Err(_) => {
                 lease.report(Outcome::Timeout);
@@ -439,21 +575,24 @@ async fn forward(
                 ));
                 return response(gw, resp, client_upgrade, ci, &route.host, lease);
             }
-            Ok(Err(e)) if e.is_connect() => {
-                let timed_out = is_timeout(&e);
+            Ok(Err(BackendError {
+                connect: true,
+                error,
+            })) => {
+                let timed_out = is_timeout(&*error);
                 lease.report(if timed_out {
                     Outcome::Timeout
                 } else {
                     Outcome::ConnectFailed
                 });
                 gw.metrics.error(&route.host, "backend_connect");
-                tracing::warn!(route = %route.host, backend = %addr, error = %error_chain(&e), "backend connect failed");
+                tracing::warn!(route = %route.host, backend = %addr, error = %error_chain(&*error), "backend connect failed");
                 Failure::ConnectFailed
             }
-            Ok(Err(e)) => {
+            Ok(Err(BackendError { error, .. })) => {
                 lease.report(Outcome::Reset);
                 gw.metrics.error(&route.host, "backend_io");
-                tracing::warn!(route = %route.host, backend = %addr, error = %error_chain(&e), "backend request failed");
+                tracing::warn!(route = %route.host, backend = %addr, error = %error_chain(&*error), "backend request failed");
                 Failure::ClosedBeforeResponse
             }
         };

@@ -263,6 +263,9 @@ async fn grpc_style_h2_to_h2c(gw: &GatewayProcess) {
             let resp = fut.await.unwrap();
             assert_eq!(resp.status(), 200);
             assert_eq!(resp.headers()["content-type"], "application/grpc");
+            // `:authority` is the host the client asked for, not the backend's address.
+            assert_eq!(resp.headers()["x-seen-authority"], "grpc.test");
+            assert!(resp.headers().get("x-seen-host").is_none());
             let collected = resp.into_body().collect().await.unwrap();
             let trailers = collected.trailers().cloned().expect("trailers");
             assert_eq!(trailers["grpc-status"], "0");

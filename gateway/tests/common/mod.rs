@@ -339,6 +339,9 @@ pub async fn start_h2c_backend() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(serve_loop(l, true, |req: Request<Incoming>| async move {
+        // What the gateway sent as `:authority` (and Host, if any), answered as headers.
+        let authority = req.uri().authority().map(|a| a.to_string());
+        let host = req.headers().get("host").cloned();
         let ct = req
             .headers()
             .get("content-type")
@@ -369,6 +372,12 @@ pub async fn start_h2c_backend() -> SocketAddr {
             ct.parse()
                 .unwrap_or(http::HeaderValue::from_static("application/grpc")),
         );
+        if let Some(v) = authority.and_then(|a| a.parse().ok()) {
+            resp.headers_mut().insert("x-seen-authority", v);
+        }
+        if let Some(v) = host {
+            resp.headers_mut().insert("x-seen-host", v);
+        }
         resp
     }));
     addr
