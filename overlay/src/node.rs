@@ -116,6 +116,10 @@ pub struct Node {
     status: Arc<Mutex<NodeStatus>>,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// Keeps the core's event channel open while the node lives: a node with neither a
+    /// listener nor peers has no link task holding a sender, and the core task ends when
+    /// the channel closes.
+    _events: mpsc::Sender<Event>,
 }
 
 enum Event {
@@ -257,7 +261,7 @@ impl Node {
         )));
         let ctx = LinkCtx {
             id: id.clone(),
-            events: ev_tx,
+            events: ev_tx.clone(),
             cancel: cancel.clone(),
             drained,
             next_id,
@@ -287,6 +291,7 @@ impl Node {
             status,
             cancel,
             tasks,
+            _events: ev_tx,
         })
     }
 

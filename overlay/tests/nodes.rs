@@ -615,3 +615,22 @@ async fn concurrent_inbound_handshakes_are_capped() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A node with neither a listener nor peers (nothing to link to yet) keeps its L3 port
+/// working: packets to its own address come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_without_links_keeps_serving_its_l3_port() {
+    let a = Node::start(cfg(false, vec![])).await.unwrap();
+    let mut pa = a.take_l3_port().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let p = packet(a.address(), a.address(), b"to myself");
+    pa.tx
+        .send(p.clone())
+        .await
+        .expect("core task still running");
+    let got = tokio::time::timeout(Duration::from_secs(2), pa.rx.recv())
+        .await
+        .expect("delivery timed out");
+    assert_eq!(got, Some(p));
+    a.shutdown().await;
+}
