@@ -279,7 +279,8 @@ pub struct Timeouts {
     /// Time from a request to the backend's response head (504 after).
     #[serde(default = "d60000")]
     pub request_ms: u64,
-    /// Time to open a backend stream (502 after).
+    /// Budget for reaching a backend: queue wait and every connect attempt across backends
+    /// (503 when none answers in time). The default of each route's `pool.connect_timeout_ms`.
     #[serde(default = "d5000")]
     pub connect_ms: u64,
 }
