@@ -451,7 +451,7 @@ fn validate_label(field: &str, label: &str) -> Result<(), FieldError> {
 
 /// Validates a backend list: 1..=MAX_BACKENDS IP-literal `addr:port`, no port 0, no
 /// unspecified or multicast address, loopback only if the policy allows. Overlay addresses
-/// (200::/7, 400::/7) are ordinary IPv6 addresses here.
+/// (600::/7) are ordinary IPv6 addresses here.
 pub fn validate_backends(
     field: &str,
     backends: &[String],

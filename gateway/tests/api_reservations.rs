@@ -811,3 +811,37 @@ async fn certificates_only_for_verified_domains_then_active() {
     glue.abort();
     driver.abort();
 }
+
+#[test]
+fn openapi_overlay_range_and_error_responses_match_the_gateway() {
+    use std::net::{IpAddr, Ipv6Addr};
+    let text = include_str!("../../docs/admin-api.yaml");
+    let overlay = |v: u128| meshgate_overlay::is_overlay_address(&IpAddr::V6(Ipv6Addr::from(v)));
+    let ranges: Vec<&str> = text
+        .split("overlay addresses (")
+        .skip(1)
+        .filter_map(|r| r.split(')').next())
+        .flat_map(|list| list.split(", "))
+        .collect();
+    assert!(
+        !ranges.is_empty(),
+        "the backends schema names the overlay range"
+    );
+    for cidr in ranges {
+        let (net, len) = cidr.split_once('/').unwrap();
+        let first = u128::from(net.parse::<Ipv6Addr>().unwrap());
+        let len: u32 = len.parse().unwrap();
+        let last = first | (u128::MAX >> len);
+        assert!(overlay(first) && overlay(last), "{cidr} is the overlay");
+        assert!(
+            !overlay(first - 1) && !overlay(last + 1),
+            "{cidr} is all of it"
+        );
+    }
+    // Every operation documents the wrong-method and internal-error answers.
+    let paths = text.split("\ncomponents:").next().unwrap();
+    let operations = paths.matches("      responses:").count();
+    assert!(operations > 10);
+    assert_eq!(paths.matches("\"405\": ").count(), operations);
+    assert_eq!(paths.matches("\"500\": ").count(), operations);
+}
