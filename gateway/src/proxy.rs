@@ -490,9 +490,13 @@ async fn forward(
     let (version, h2c_authority) = match protocol {
         BackendProtocol::Http1 => (Version::HTTP_11, None),
         BackendProtocol::H2c => {
-            let authority = headers
-                .remove(header::HOST)
-                .and_then(|v| v.to_str().ok().map(str::to_string))
+            // The same precedence as `request_host`: the value that was validated.
+            let host_header = headers.remove(header::HOST);
+            let authority = parts
+                .uri
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .or_else(|| host_header.and_then(|v| v.to_str().ok().map(str::to_string)))
                 .unwrap_or_else(|| host.to_string());
             (Version::HTTP_2, Some(authority))
         }
