@@ -6,6 +6,9 @@
 //! and everything, the loopback reference included, is measured inside that namespace.
 //!
 //! `cargo run --release -p meshgate-bench --bin sockets`
+//!
+//! `... --bin sockets -- idle` or `-- many` measures only the idle-connections row or the
+//! 1000-stream aggregate and prints it without touching docs/benchmarks.md.
 
 use meshgate_overlay::addr::{prefix_of, prefix_string};
 use meshgate_overlay::{Identity, Node, NodeConfig};
@@ -25,6 +28,8 @@ const RUN_TIME: Duration = Duration::from_secs(4);
 const MANY_STREAMS: usize = 1000;
 const MANY_BYTES: usize = 1 << 20;
 const PINGS: usize = 2000;
+/// Idle established connections held open beside the ping-pong stream (a gateway's pool).
+const IDLE_CONNECTIONS: usize = 1000;
 
 type BoxIo = Pin<Box<dyn AsyncRw>>;
 trait AsyncRw: AsyncRead + AsyncWrite + Send {}
@@ -45,6 +50,19 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // A partial run prints its rows only: the report is written by full runs.
+    match std::env::args().nth(1).as_deref() {
+        Some("idle") => {
+            println!("{}", rt.block_on(idle_section())?);
+            return Ok(());
+        }
+        Some("many") => {
+            println!("{}", rt.block_on(many_section())?);
+            return Ok(());
+        }
+        Some(other) => anyhow::bail!("unknown part {other:?} (idle, many, or none for all)"),
+        None => {}
+    }
     let mut md = rt.block_on(bench(with_tun))?;
     drop(rt);
     // The same 1-hop stream with everything (both stacks, both nodes, the application) on
@@ -65,7 +83,7 @@ fn main() -> anyhow::Result<()> {
          nodes, the application) on one thread: {one_core:.2} Gbit/s; compare the two-worker \
          1-hop row above. Each stack runs one poll task and the application copies into and \
          out of smoltcp's buffers on its own tasks, so work already spreads over both cores; \
-         sharding one interface over several poll tasks was not built because the stack alone \
+         polling the stack's shards from several tasks was not built because the stack alone \
          (in-memory wire row) runs several times faster than the overlay path: the limit is \
          the overlay's per-packet work (link Noise and end-to-end AEAD on every hop).\n"
     ));
@@ -87,6 +105,7 @@ fn rerun_in_netns() -> anyhow::Result<()> {
         let status = std::process::Command::new("ip")
             .args(["netns", "exec", &name])
             .arg(exe)
+            .args(std::env::args_os().skip(1))
             .env(NETNS_ENV, "1")
             .status()?;
         anyhow::ensure!(status.success(), "benchmark inside the namespace failed");
@@ -441,28 +460,9 @@ async fn bench(with_tun: bool) -> anyhow::Result<String> {
         if one_hop >= 2.5 { "met" } else { "missed" }
     ));
 
-    md.push_str(&format!(
-        "### {MANY_STREAMS} concurrent streams × {} MiB, aggregate\n\n| path | Gbit/s | vs loopback |\n|---|---|---|\n",
-        MANY_BYTES >> 20
-    ));
-    let lo_many = median_of(|| many_once(&loopback)).await;
-    md.push_str(&format!("| {} | {lo_many:.2} | 1.00 |\n", loopback.label));
-    // 64 KiB buffers: 1000 streams × 2 ends × 2 buffers stay well inside memory.
-    let many = userspace_path(
-        1,
-        StackConfig {
-            socket_buffer: 64 * 1024,
-            ..StackConfig::default()
-        },
-    )
-    .await?;
-    let g = median_of(|| many_once(&many)).await;
-    md.push_str(&format!(
-        "| {} (64 KiB socket buffers) | {g:.2} | {:.2} |\n\n",
-        many.label,
-        g / lo_many
-    ));
-    drop(many);
+    md.push_str(&many_section().await?);
+
+    md.push_str(&idle_section().await?);
 
     md.push_str("### 1-byte ping-pong round trip\n\n| path | median RTT µs | added per hop µs |\n|---|---|---|\n");
     let lo_rtt = median_of(|| rtt(&loopback)).await;
@@ -485,5 +485,101 @@ async fn bench(with_tun: bool) -> anyhow::Result<String> {
             "missed"
         }
     ));
+    Ok(md)
+}
+
+/// The 1000-stream aggregate, kernel loopback beside one overlay hop.
+async fn many_section() -> anyhow::Result<String> {
+    let mut md = String::new();
+    let loopback = loopback_path().await?;
+    md.push_str(&format!(
+        "### {MANY_STREAMS} concurrent streams × {} MiB, aggregate\n\n| path | Gbit/s | vs loopback |\n|---|---|---|\n",
+        MANY_BYTES >> 20
+    ));
+    let lo_many = median_of(|| many_once(&loopback)).await;
+    md.push_str(&format!("| {} | {lo_many:.2} | 1.00 |\n", loopback.label));
+    // 64 KiB buffers: 1000 streams × 2 ends × 2 buffers stay well inside memory.
+    let many = userspace_path(
+        1,
+        StackConfig {
+            socket_buffer: 64 * 1024,
+            ..StackConfig::default()
+        },
+    )
+    .await?;
+    let g = median_of(|| many_once(&many)).await;
+    md.push_str(&format!(
+        "| {} (64 KiB socket buffers) | {g:.2} | {:.2} |\n\n",
+        many.label,
+        g / lo_many
+    ));
+    drop(many);
+    Ok(md)
+}
+
+/// CPU time of every thread of this process so far (scheduler statistics, nanoseconds).
+fn process_cpu() -> Duration {
+    let mut total = 0u64;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            total += stat
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Duration::from_nanos(total)
+}
+
+/// Ping-pong over one hop with none and then `IDLE_CONNECTIONS` idle established streams on
+/// the same two stacks: what idle sockets cost every packet. Returns (median RTT µs, process
+/// CPU µs per round trip: both stacks, both nodes, the application).
+async fn idle_rtt(path: &Path) -> (f64, f64) {
+    let cpu = process_cpu();
+    let r = rtt(path).await;
+    let cpu = (process_cpu() - cpu).as_secs_f64() * 1e6 / (PINGS + 100) as f64;
+    (r, cpu)
+}
+
+async fn idle_section() -> anyhow::Result<String> {
+    let p = userspace_path(1, StackConfig::default()).await?;
+    let mut rows = Vec::new();
+    let mut idle = Vec::new();
+    for target in [0, IDLE_CONNECTIONS] {
+        while idle.len() < target {
+            let mut s = (p.connect)().await;
+            // Ping mode: the server waits in a read, like a pooled keep-alive connection.
+            s.write_all(b"p").await.expect("write");
+            idle.push(s);
+        }
+        // Let handshakes and ACKs settle before measuring.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut rtts = Vec::new();
+        let mut cpus = Vec::new();
+        for _ in 0..RUNS {
+            let (r, c) = idle_rtt(&p).await;
+            rtts.push(r);
+            cpus.push(c);
+        }
+        rows.push((
+            target,
+            meshgate_bench::median(&mut rtts),
+            meshgate_bench::median(&mut cpus),
+        ));
+    }
+    drop(idle);
+    let mut md = format!(
+        "### 1-byte ping-pong beside idle connections\n\n{}; the idle streams \
+         are established between the same two stacks and wait in a read. CPU is the whole \
+         process's (both stacks, both nodes, the application) per round trip.\n\n\
+         | idle connections | median RTT µs | CPU µs per round trip |\n|---|---|---|\n",
+        p.label
+    );
+    for (n, r, c) in rows {
+        md.push_str(&format!("| {n} | {r:.1} | {c:.1} |\n"));
+    }
+    md.push('\n');
     Ok(md)
 }

@@ -1,35 +1,40 @@
-//! The smoltcp device: two packet queues between the interface and the L3 port.
+//! The smoltcp device: a shard's inbound queue and the stack's shared outbound queue.
 //!
 //! The device never drops a packet smoltcp hands it. `transmit` refuses (returns `None`) once
 //! the outbound queue holds `soft_limit` packets, so smoltcp keeps the data in its socket
 //! buffers and retries on a later poll: backpressure instead of loss (smoltcp recovers from loss
-//! slowly: 1 s minimum RTO, no SACK).
+//! slowly: 1 s minimum RTO, no SACK). All shards share one outbound queue, so the limit bounds
+//! what the whole stack has waiting for the L3 port.
 
 use bytes::{Bytes, BytesMut};
 use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use std::collections::VecDeque;
 
-pub(crate) struct QueueDevice {
-    pub inbound: VecDeque<Bytes>,
-    pub outbound: VecDeque<Bytes>,
-    mtu: usize,
+/// Packets produced by every shard, waiting for the L3 `tx` channel.
+pub(crate) struct Outbound {
+    pub queue: VecDeque<Bytes>,
     soft_limit: usize,
 }
 
-impl QueueDevice {
-    pub fn new(mtu: usize, soft_limit: usize) -> Self {
-        QueueDevice {
-            inbound: VecDeque::new(),
-            outbound: VecDeque::new(),
-            mtu,
-            soft_limit,
+impl Outbound {
+    pub fn new(soft_limit: usize) -> Self {
+        Outbound {
+            queue: VecDeque::new(),
+            soft_limit: soft_limit.max(1),
         }
     }
 
-    pub fn outbound_full(&self) -> bool {
-        self.outbound.len() >= self.soft_limit
+    pub fn full(&self) -> bool {
+        self.queue.len() >= self.soft_limit
     }
+}
+
+/// One shard's view of the L3 port for the duration of a smoltcp call.
+pub(crate) struct ShardDevice<'a> {
+    pub inbound: &'a mut VecDeque<Bytes>,
+    pub outbound: &'a mut Outbound,
+    pub mtu: usize,
 }
 
 pub(crate) struct RxToken(Bytes);
@@ -51,37 +56,47 @@ impl phy::TxToken for TxToken<'_> {
     }
 }
 
-impl Device for QueueDevice {
-    type RxToken<'a> = RxToken;
-    type TxToken<'a> = TxToken<'a>;
+impl Device for ShardDevice<'_> {
+    type RxToken<'b>
+        = RxToken
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = TxToken<'b>
+    where
+        Self: 'b;
 
     fn receive(&mut self, _now: Instant) -> Option<(RxToken, TxToken<'_>)> {
         // A reply generated while receiving (an RST, say) may exceed the soft limit: it is
         // bounded by the inbound batch, and the poll loop stops taking inbound packets while
         // the outbound queue is over its limit.
         let pkt = self.inbound.pop_front()?;
-        Some((RxToken(pkt), TxToken(&mut self.outbound)))
+        Some((RxToken(pkt), TxToken(&mut self.outbound.queue)))
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
-        if self.outbound_full() {
+        if self.outbound.full() {
             return None;
         }
-        Some(TxToken(&mut self.outbound))
+        Some(TxToken(&mut self.outbound.queue))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ip;
-        caps.max_transmission_unit = self.mtu;
-        caps.max_burst_size = None;
-        // Every packet on the overlay is authenticated end to end (AEAD), so verifying the TCP
-        // checksum again on receive buys nothing. We still compute it on transmit: kernel
-        // stacks behind a TUN endpoint check it.
-        let mut checksum = ChecksumCapabilities::default();
-        checksum.tcp = phy::Checksum::Tx;
-        checksum.icmpv6 = phy::Checksum::Tx;
-        caps.checksum = checksum;
-        caps
+        capabilities(self.mtu)
     }
+}
+
+fn capabilities(mtu: usize) -> DeviceCapabilities {
+    let mut caps = DeviceCapabilities::default();
+    caps.medium = Medium::Ip;
+    caps.max_transmission_unit = mtu;
+    caps.max_burst_size = None;
+    // Every packet on the overlay is authenticated end to end (AEAD), so verifying the TCP
+    // checksum again on receive buys nothing. We still compute it on transmit: kernel stacks
+    // behind a TUN endpoint check it.
+    let mut checksum = ChecksumCapabilities::default();
+    checksum.tcp = phy::Checksum::Tx;
+    checksum.icmpv6 = phy::Checksum::Tx;
+    caps.checksum = checksum;
+    caps
 }

@@ -8,6 +8,7 @@
 //!
 //! The crate does not depend on the overlay core: it takes the channel ends, address and MTU.
 
+mod demux;
 mod device;
 mod expose;
 mod stack;

@@ -1,7 +1,6 @@
 //! TCP streams and listeners of a userspace [`crate::Stack`].
 
-use crate::stack::{Shared, endpoint_v6, stopped_error};
-use smoltcp::iface::SocketHandle;
+use crate::stack::{Shared, SocketId, endpoint_v6, stopped_error};
 use smoltcp::socket::tcp;
 use std::io;
 use std::net::SocketAddrV6;
@@ -20,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 ///   as a kernel stack does.
 pub struct TcpStream {
     shared: Arc<Shared>,
-    handle: SocketHandle,
+    id: SocketId,
     local: SocketAddrV6,
     peer: SocketAddrV6,
     write_shut: bool,
@@ -38,13 +37,13 @@ impl std::fmt::Debug for TcpStream {
 impl TcpStream {
     pub(crate) fn new(
         shared: Arc<Shared>,
-        handle: SocketHandle,
+        id: SocketId,
         local: SocketAddrV6,
         peer: SocketAddrV6,
     ) -> Self {
         TcpStream {
             shared,
-            handle,
+            id,
             local,
             peer,
             write_shut: false,
@@ -63,7 +62,7 @@ impl TcpStream {
     pub fn abort(self) {
         {
             let mut inner = self.shared.lock();
-            inner.sockets.get_mut::<tcp::Socket>(self.handle).abort();
+            inner.socket_mut(self.id).abort();
         }
         // Drop orphans the (now closed) socket.
     }
@@ -90,13 +89,14 @@ impl AsyncRead for TcpStream {
         }
         let mut inner = self.shared.lock();
         let stopped = inner.stopped;
-        let socket = inner.sockets.get_mut::<tcp::Socket>(self.handle);
+        let socket = inner.socket_mut(self.id);
         match socket.recv_slice(buf.initialize_unfilled()) {
             Ok(0) => {
                 socket.register_recv_waker(cx.waker());
                 Poll::Pending
             }
             Ok(n) => {
+                inner.mark_dirty(self.id.shard);
                 drop(inner);
                 buf.advance(n);
                 // Reading opened the receive window: the poll task may owe the peer an update.
@@ -129,7 +129,7 @@ impl AsyncWrite for TcpStream {
         }
         let mut inner = self.shared.lock();
         let stopped = inner.stopped;
-        let socket = inner.sockets.get_mut::<tcp::Socket>(self.handle);
+        let socket = inner.socket_mut(self.id);
         if !socket.may_send() {
             drop(inner);
             return Poll::Ready(Err(self.reset_error(stopped)));
@@ -140,6 +140,7 @@ impl AsyncWrite for TcpStream {
                 Poll::Pending
             }
             Ok(n) => {
+                inner.mark_dirty(self.id.shard);
                 drop(inner);
                 self.shared.notify.notify_one();
                 Poll::Ready(Ok(n))
@@ -160,7 +161,8 @@ impl AsyncWrite for TcpStream {
         if !self.write_shut {
             self.write_shut = true;
             let mut inner = self.shared.lock();
-            inner.sockets.get_mut::<tcp::Socket>(self.handle).close();
+            inner.socket_mut(self.id).close();
+            inner.mark_dirty(self.id.shard);
             drop(inner);
             self.shared.notify.notify_one();
         }
@@ -171,13 +173,14 @@ impl AsyncWrite for TcpStream {
 impl Drop for TcpStream {
     fn drop(&mut self) {
         let mut inner = self.shared.lock();
-        let socket = inner.sockets.get_mut::<tcp::Socket>(self.handle);
+        let socket = inner.socket_mut(self.id);
         if socket.recv_queue() > 0 {
             socket.abort();
         } else {
             socket.close();
         }
-        inner.orphan(self.handle);
+        // Marks the shard dirty: the socket owes its peer a FIN or RST.
+        inner.orphan(self.id);
         drop(inner);
         self.shared.notify.notify_one();
     }
@@ -221,19 +224,21 @@ impl TcpListener {
             let Some(l) = inner.listeners.get_mut(&port) else {
                 return Poll::Ready(Err(stopped_error()));
             };
-            let Some(handle) = l.ready.pop_front() else {
+            let Some(id) = l.ready.pop_front() else {
                 l.waker = Some(cx.waker().clone());
                 return Poll::Pending;
             };
-            let socket = inner.sockets.get::<tcp::Socket>(handle);
-            match socket.remote_endpoint() {
+            // Taking one frees backlog room: shards short of spares get them back now rather
+            // than at their next state change (a SYN meeting no spare would be refused).
+            inner.refill_listener(port);
+            match inner.socket_mut(id).remote_endpoint() {
                 Some(remote) => {
                     let peer = endpoint_v6(remote);
-                    let stream = TcpStream::new(self.shared.clone(), handle, self.local, peer);
+                    let stream = TcpStream::new(self.shared.clone(), id, self.local, peer);
                     return Poll::Ready(Ok((stream, peer)));
                 }
                 // Reset before it was accepted: skip it.
-                None => inner.orphan(handle),
+                None => inner.orphan(id),
             }
         }
     }

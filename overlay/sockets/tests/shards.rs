@@ -1,0 +1,353 @@
+//! The stack's shards: connections spread over them, every packet reaches its connection's
+//! shard (inbound segments, the replies to our own connects), and malformed packets are
+//! harmless.
+
+mod common;
+
+use bytes::Bytes;
+use common::pattern;
+use meshgate_sockets::{Stack, StackConfig};
+use std::collections::HashSet;
+use std::net::{Ipv6Addr, SocketAddrV6};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+const A: Ipv6Addr = Ipv6Addr::new(0x400, 0, 0, 0, 0, 0, 0, 0xa);
+const B: Ipv6Addr = Ipv6Addr::new(0x400, 0, 0, 0, 0, 0, 0, 0xb);
+const TCP: u8 = 6;
+const ICMPV6: u8 = 58;
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+fn wire(mtu: usize, config: StackConfig) -> (Stack, Stack) {
+    let (a_tx, b_rx) = mpsc::channel(256);
+    let (b_tx, a_rx) = mpsc::channel(256);
+    (
+        Stack::with_config(A, mtu, a_tx, a_rx, config.clone()),
+        Stack::with_config(B, mtu, b_tx, b_rx, config),
+    )
+}
+
+/// Shards holding at least one connection, and how many shards there are.
+fn shards_in_use(stack: &Stack) -> (usize, usize) {
+    let per_shard = stack.connections_per_shard();
+    (
+        per_shard.iter().filter(|&&n| n > 0).count(),
+        per_shard.len(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_spread_over_shards_intact() {
+    let config = StackConfig {
+        socket_buffer: 64 * 1024,
+        ..StackConfig::default()
+    };
+    let (a, b) = wire(16384, config);
+    let listener = b.listen(8080).unwrap();
+    const STREAMS: usize = 300;
+    const SIZE: usize = 96 * 1024;
+    // The server echoes every stream back; all stay open until every stream has been
+    // accepted and has echoed, so the shards are counted with all connections present.
+    let all_done = Arc::new(tokio::sync::Barrier::new(2 * STREAMS + 1));
+    let server_done = all_done.clone();
+    let server = tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..STREAMS {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let done = server_done.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                let mut total = 0;
+                while total < SIZE {
+                    let n = s.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "early EOF");
+                    s.write_all(&buf[..n]).await.unwrap();
+                    total += n;
+                }
+                done.wait().await;
+                drop(s);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let data = Arc::new(pattern(11, SIZE + STREAMS));
+    let mut clients = Vec::new();
+    for i in 0..STREAMS {
+        let a = a.clone();
+        let data = data.clone();
+        let done = all_done.clone();
+        clients.push(tokio::spawn(async move {
+            let c = a.connect(SocketAddrV6::new(B, 8080, 0, 0)).await.unwrap();
+            let (mut r, mut w) = tokio::io::split(c);
+            let mine = &data[i..i + SIZE];
+            let (_, echoed) = tokio::join!(async { w.write_all(mine).await.unwrap() }, async {
+                let mut echoed = vec![0u8; SIZE];
+                r.read_exact(&mut echoed).await.unwrap();
+                echoed
+            });
+            assert!(echoed == mine, "stream {i} corrupted");
+            done.wait().await;
+        }));
+    }
+    let check = tokio::spawn(async move {
+        all_done.wait().await;
+        (shards_in_use(&a), shards_in_use(&b))
+    });
+    let ((a_used, shards), (b_used, _)) = tokio::time::timeout(Duration::from_secs(60), check)
+        .await
+        .expect("streams stalled")
+        .unwrap();
+    // 300 connections hashed over the shards leave (almost surely) none of them empty; one
+    // interface for everything would show as a single shard in use.
+    assert!(shards > 1, "the stack is not sharded");
+    assert!(
+        a_used * 4 >= shards * 3 && b_used * 4 >= shards * 3,
+        "connections not spread: client uses {a_used}, server {b_used} of {shards} shards"
+    );
+    for c in clients {
+        c.await.unwrap();
+    }
+    server.await.unwrap();
+}
+
+/// An IPv6 packet from `src` to `dst` carrying `payload` as protocol `next`.
+fn ipv6(next: u8, src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[next, 64]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A TCP segment without options or data, checksummed for `src` → `dst`.
+fn tcp_segment(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    ports: (u16, u16),
+    seq: u32,
+    ack: u32,
+    flags: u8,
+) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&ports.0.to_be_bytes());
+    t[2..4].copy_from_slice(&ports.1.to_be_bytes());
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[8..12].copy_from_slice(&ack.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    let mut sum = 0u32;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&src.octets());
+    add(&dst.octets());
+    add(&(t.len() as u32).to_be_bytes());
+    add(&[0, 0, 0, TCP]);
+    add(&t);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    t[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    t
+}
+
+/// A SYN the stack sent: (source port, destination port, sequence number).
+fn parse_syn(packet: &[u8]) -> Option<(u16, u16, u32)> {
+    if packet.len() < 60 || packet[6] != TCP {
+        return None;
+    }
+    let t = &packet[40..];
+    if t[13] & (SYN | ACK) != SYN {
+        return None;
+    }
+    Some((
+        u16::from_be_bytes([t[0], t[1]]),
+        u16::from_be_bytes([t[2], t[3]]),
+        u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+    ))
+}
+
+/// A hand-written peer answers the SYNs of many concurrent connects: each SYN-ACK must reach
+/// the shard holding the connecting socket (the shard its local port was picked for), or the
+/// stack resets it and the connect times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_replies_reach_their_shard() {
+    let (a_tx, mut peer_rx) = mpsc::channel::<Bytes>(1024);
+    let (peer_tx, a_rx) = mpsc::channel::<Bytes>(1024);
+    let a = Stack::with_config(
+        A,
+        1400,
+        a_tx,
+        a_rx,
+        StackConfig {
+            connect_timeout: Duration::from_secs(3),
+            ..StackConfig::default()
+        },
+    );
+    const CONNECTS: u16 = 128;
+    let mut connects = Vec::new();
+    for i in 0..CONNECTS {
+        let a = a.clone();
+        connects.push(tokio::spawn(async move {
+            a.connect(SocketAddrV6::new(B, 2000 + i, 0, 0)).await
+        }));
+    }
+    let mut answered = HashSet::new();
+    let peer = tokio::spawn(async move {
+        let mut resets = 0;
+        while answered.len() < usize::from(CONNECTS) {
+            let packet = tokio::time::timeout(Duration::from_secs(5), peer_rx.recv())
+                .await
+                .expect("the stack stopped sending SYNs")
+                .expect("stack gone");
+            if packet.len() > 53 && packet[6] == TCP && packet[40 + 13] & 0x04 != 0 {
+                resets += 1;
+            }
+            let Some((local_port, remote_port, seq)) = parse_syn(&packet) else {
+                continue;
+            };
+            if !answered.insert(local_port) {
+                continue;
+            }
+            let reply = tcp_segment(
+                B,
+                A,
+                (remote_port, local_port),
+                7_000_000,
+                seq.wrapping_add(1),
+                SYN | ACK,
+            );
+            peer_tx
+                .send(Bytes::from(ipv6(TCP, B, A, &reply)))
+                .await
+                .unwrap();
+        }
+        // Keep the channels open until every connect returned.
+        (peer_rx, peer_tx, resets)
+    });
+    let mut ports = HashSet::new();
+    for c in connects {
+        let stream = c
+            .await
+            .unwrap()
+            .expect("connect whose SYN-ACK was answered");
+        ports.insert(stream.local_addr().port());
+    }
+    assert_eq!(ports.len(), usize::from(CONNECTS));
+    let (_rx, _tx, resets) = peer.await.unwrap();
+    assert_eq!(resets, 0, "a SYN-ACK reached a shard without its socket");
+    let (used, shards) = shards_in_use(&a);
+    assert!(used > shards / 2, "connects used {used} of {shards} shards");
+}
+
+/// Truncated and garbage packets (to the demultiplexer and to smoltcp) change nothing: an open
+/// stream keeps working and new connections are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_packets_are_harmless() {
+    let (b_tx, mut from_b) = mpsc::channel::<Bytes>(1024);
+    let (to_b, b_rx) = mpsc::channel::<Bytes>(1024);
+    let b = Stack::new(B, 1400, b_tx, b_rx);
+    let (a_tx, mut from_a) = mpsc::channel::<Bytes>(1024);
+    let (to_a, a_rx) = mpsc::channel::<Bytes>(1024);
+    let a = Stack::new(A, 1400, a_tx, a_rx);
+    // The wire between them; the test injects extra packets toward B on `inject`.
+    let inject = to_b.clone();
+    tokio::spawn(async move {
+        while let Some(p) = from_a.recv().await {
+            if to_b.send(p).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(p) = from_b.recv().await {
+            if to_a.send(p).await.is_err() {
+                return;
+            }
+        }
+    });
+    let listener = b.listen(80).unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut c = a.connect(SocketAddrV6::new(B, 80, 0, 0)).await.unwrap();
+    let port = c.local_addr().port();
+
+    let syn = tcp_segment(A, B, (port, 80), 1, 0, SYN);
+    let segment = ipv6(TCP, A, B, &syn);
+    let quoted = {
+        let mut icmp = vec![1, 0, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&ipv6(TCP, B, A, &tcp_segment(B, A, (80, port), 1, 1, ACK)));
+        ipv6(ICMPV6, A, B, &icmp)
+    };
+    let mut bad: Vec<Vec<u8>> = vec![Vec::new(), vec![0x60], vec![0xff; 39], vec![0x60; 40]];
+    for len in 0..segment.len() {
+        bad.push(segment[..len].to_vec());
+    }
+    for len in 0..quoted.len() {
+        bad.push(quoted[..len].to_vec());
+    }
+    // An extension header whose length runs past the end, and one that never ends.
+    bad.push(ipv6(0, A, B, &[TCP, 200, 0, 0, 0, 0, 0, 0]));
+    bad.push(ipv6(0, A, B, &[0; 64]));
+    // An IPv6 header that claims more payload than there is.
+    let mut lying = segment.clone();
+    lying[4..6].copy_from_slice(&5000u16.to_be_bytes());
+    bad.push(lying);
+    // Deterministic garbage, half of it with an IPv6 version nibble.
+    for (i, seed) in (0..300u64).enumerate() {
+        let mut p = pattern(seed, 1 + (seed as usize * 7) % 120);
+        if i % 2 == 0 {
+            p[0] = 0x60;
+            if p.len() > 6 {
+                p[6] = [TCP, ICMPV6, 0, 43, 44, 60][i % 6];
+            }
+        }
+        bad.push(p);
+    }
+    for p in bad {
+        inject.send(Bytes::from(p)).await.unwrap();
+    }
+
+    // The established stream still works and so do new connections.
+    let mut echoed = [0u8; 5];
+    c.write_all(b"hello").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut echoed))
+        .await
+        .expect("stream stalled after malformed packets")
+        .unwrap();
+    assert_eq!(&echoed, b"hello");
+    let mut d = tokio::time::timeout(
+        Duration::from_secs(5),
+        a.connect(SocketAddrV6::new(B, 80, 0, 0)),
+    )
+    .await
+    .expect("connect stalled")
+    .unwrap();
+    d.write_all(b"again").await.unwrap();
+    d.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"again");
+    server.abort();
+}
