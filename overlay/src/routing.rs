@@ -586,6 +586,9 @@ impl Router {
         for p in affected {
             self.reselect(p, now, out);
         }
+        // Send the retractions of expired routes first: `flush` builds them from the table
+        // entries that the next line forgets.
+        self.flush(out);
         // Forget prefixes with no routes once their retraction went out.
         self.table
             .retain(|_, d| !d.routes.is_empty() || d.advertised.is_some());
@@ -790,5 +793,82 @@ mod tests {
         let me = Identity::from_seed(&[9; 32]);
         low.handle_updates(1, &[signed(&me, u64::MAX, 0)], 0, &mut out);
         assert_eq!(low.own_seqno(), u64::MAX);
+    }
+
+    /// Every update this router sent for `p`, as (neighbor, metric).
+    fn sent_for(out: &[(Nbr, Control)], p: &Prefix) -> Vec<(Nbr, u32)> {
+        out.iter()
+            .filter_map(|(n, c)| match c {
+                Control::Updates(l) => {
+                    Some(l.iter().filter(|u| u.prefix == *p).map(|u| (*n, u.metric)))
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    #[test]
+    fn unrefreshed_routes_expire_after_the_hold_time_and_are_retracted() {
+        let hold = RoutingConfig::default().route_hold;
+        let kept_owner = Identity::from_seed(&[1; 32]);
+        let stale_owner = Identity::from_seed(&[2; 32]);
+        let kept = prefix_for_key(&kept_owner.public_key());
+        let stale = prefix_for_key(&stale_owner.public_key());
+        let mut r = router();
+        let mut out = Vec::new();
+        r.neighbor_up(1, 100, &mut out);
+        r.neighbor_up(2, 100, &mut out);
+        r.handle_updates(
+            1,
+            &[signed(&kept_owner, 5, 1000), signed(&stale_owner, 5, 1000)],
+            0,
+            &mut out,
+        );
+        assert_eq!((r.next_hop(&kept), r.next_hop(&stale)), (Some(1), Some(1)));
+        // Only `kept` is refreshed (same seqno and metric, as a periodic update would be).
+        r.handle_updates(1, &[signed(&kept_owner, 5, 1000)], hold / 2, &mut out);
+
+        // Just before the hold time runs out both routes are still there.
+        out.clear();
+        r.tick(hold - 1, &mut out);
+        assert_eq!((r.next_hop(&kept), r.next_hop(&stale)), (Some(1), Some(1)));
+        assert!(
+            sent_for(&out, &stale)
+                .iter()
+                .all(|(_, m)| *m != METRIC_INFINITY)
+        );
+
+        // At the hold time the unrefreshed route is gone, and every neighbor is told so.
+        out.clear();
+        r.tick(hold, &mut out);
+        assert_eq!(r.next_hop(&stale), None);
+        assert!(
+            r.routes(Some)
+                .iter()
+                .all(|ri| ri.prefix != crate::addr::prefix_string(&stale))
+        );
+        let retractions = sent_for(&out, &stale);
+        assert_eq!(
+            retractions,
+            vec![(1, METRIC_INFINITY), (2, METRIC_INFINITY)],
+            "expired route must be retracted to all neighbors"
+        );
+        // The refreshed route is kept (its hold runs from the refresh).
+        assert_eq!(r.next_hop(&kept), Some(1));
+        assert_eq!(r.metric(&kept), Some(1100));
+        assert!(
+            sent_for(&out, &kept)
+                .iter()
+                .all(|(_, m)| *m != METRIC_INFINITY)
+        );
+
+        // Without a further refresh it expires one hold after the refresh.
+        out.clear();
+        r.tick(hold / 2 + hold - 1, &mut out);
+        assert_eq!(r.next_hop(&kept), Some(1));
+        r.tick(hold / 2 + hold, &mut out);
+        assert_eq!(r.next_hop(&kept), None);
+        assert!(sent_for(&out, &kept).contains(&(2, METRIC_INFINITY)));
     }
 }
