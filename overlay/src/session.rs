@@ -937,4 +937,93 @@ mod tests {
             Err(SessionError::StaleNotice)
         );
     }
+
+    /// The receiver index a data packet names (which session it was sealed on).
+    fn receiver_idx(data: &[u8]) -> u32 {
+        wire::data_fields(data).unwrap().0
+    }
+
+    #[test]
+    fn rekeys_after_the_time_limit_and_stops_accepting_old_keys_after_their_grace() {
+        let cfg = SessionConfig::default();
+        let (rekey, reject) = (cfg.rekey_after, cfg.reject_after);
+        let (mut a, mut b) = pair(cfg);
+        let first = connect(&mut a, &mut b, 0, &[b"hello"]);
+        let old_idx = receiver_idx(&first[0]);
+        b.open(0, BytesMut::from(&first[0][..])).unwrap();
+        let mut out = Vec::new();
+
+        // Just before the rekey interval: data only, still on the first session.
+        a.seal(rekey - 1, b.addr, Bytes::from_static(b"young"), &mut out);
+        let sent = sends(&mut out);
+        assert_eq!(sent.len(), 1, "no init before the rekey interval");
+        assert_eq!(receiver_idx(&sent[0]), old_idx);
+        b.open(rekey - 1, BytesMut::from(&sent[0][..])).unwrap();
+
+        // At the rekey interval: the packet still goes out on the old session (no stall),
+        // and a new key exchange starts.
+        a.seal(rekey, b.addr, Bytes::from_static(b"in flight"), &mut out);
+        let sent = sends(&mut out);
+        assert_eq!(sent.len(), 2, "data and an init: {sent:?}");
+        let in_flight = sent
+            .iter()
+            .find(|p| p[0] != wire::PKT_SESSION_INIT)
+            .expect("data packet");
+        assert_eq!(receiver_idx(in_flight), old_idx);
+        let init = sent
+            .iter()
+            .find(|p| p[0] == wire::PKT_SESSION_INIT)
+            .expect("init");
+        // One more packet sealed on the old session, delivered only after its grace.
+        a.seal(rekey, b.addr, Bytes::from_static(b"late"), &mut out);
+        let late = sends(&mut out);
+        assert_eq!(late.len(), 1, "one init per rekey, not one per packet");
+        assert_eq!(receiver_idx(&late[0]), old_idx);
+
+        b.handle_init(rekey, init, &mut out).unwrap();
+        let resp = sends(&mut out).remove(0);
+        a.handle_resp(rekey, &resp, &mut out).unwrap();
+        assert_eq!((a.established, b.established), (2, 2));
+
+        // Traffic continues on the new session, both ways.
+        a.seal(rekey + 1, b.addr, Bytes::from_static(b"fresh"), &mut out);
+        let fresh = sends(&mut out).remove(0);
+        let new_idx = receiver_idx(&fresh);
+        assert_ne!(new_idx, old_idx, "new session after the rekey interval");
+        assert_eq!(
+            &b.open(rekey + 1, BytesMut::from(&fresh[..])).unwrap().1[..],
+            b"fresh"
+        );
+        b.seal(rekey + 1, a.addr, Bytes::from_static(b"reply"), &mut out);
+        let reply = sends(&mut out).remove(0);
+        assert_eq!(
+            &a.open(rekey + 1, BytesMut::from(&reply[..])).unwrap().1[..],
+            b"reply"
+        );
+        // Within its grace the old session still opens packets that were in flight.
+        assert_eq!(
+            &b.open(rekey + 2, BytesMut::from(&in_flight[..])).unwrap().1[..],
+            b"in flight"
+        );
+
+        // Once the old session is `reject_after` old its keys are refused, whether or not
+        // the periodic tick has dropped it yet; the new session keeps working.
+        assert_eq!(
+            b.open(reject, BytesMut::from(&late[0][..])),
+            Err(SessionError::Expired)
+        );
+        b.tick(reject, &mut out);
+        assert_eq!(
+            b.open(reject, BytesMut::from(&late[0][..])),
+            Err(SessionError::UnknownSession)
+        );
+        a.seal(reject, b.addr, Bytes::from_static(b"still up"), &mut out);
+        let sent = sends(&mut out);
+        assert_eq!(sent.len(), 1, "the new session is not due for a rekey yet");
+        assert_eq!(receiver_idx(&sent[0]), new_idx);
+        assert_eq!(
+            &b.open(reject, BytesMut::from(&sent[0][..])).unwrap().1[..],
+            b"still up"
+        );
+    }
 }
