@@ -368,8 +368,47 @@ async fn accept_loop(l: TcpListener, ctx: LinkCtx) {
     }
 }
 
+/// Reconnect delays for one peer: the step starts at `min` and doubles after every attempt,
+/// up to `max`; each wait is the step scaled by a random factor in [0.5, 1] (jitter avoids
+/// synchronized reconnect storms after a shared outage, while keeping at least half the
+/// step so a dead peer is not hammered).
+#[derive(Debug, Clone)]
+pub(crate) struct ReconnectBackoff {
+    min: Duration,
+    max: Duration,
+    step: Duration,
+}
+
+impl ReconnectBackoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> ReconnectBackoff {
+        ReconnectBackoff {
+            min,
+            max,
+            step: min,
+        }
+    }
+
+    /// Start over from `min` (the last link was up for a while).
+    pub(crate) fn reset(&mut self) {
+        self.step = self.min;
+    }
+
+    /// The wait before the next attempt; advances the step.
+    pub(crate) fn next_delay(&mut self, rng: &mut impl rand::Rng) -> Duration {
+        use rand::RngExt;
+        // step/2 + step/2·u with u in [0, 1): computed this way it cannot round past `step`
+        // or overflow, even for a step near `Duration::MAX`.
+        let half = self.step / 2;
+        let wait = half
+            .saturating_add(half.mul_f64(rng.random::<f64>()))
+            .min(self.step);
+        self.step = self.step.saturating_mul(2).min(self.max);
+        wait
+    }
+}
+
 async fn dial_loop(peer: SocketAddr, ctx: LinkCtx, min: Duration, max: Duration) {
-    let mut backoff = min;
+    let mut backoff = ReconnectBackoff::new(min, max);
     loop {
         if ctx.cancel.is_cancelled() {
             return;
@@ -383,12 +422,9 @@ async fn dial_loop(peer: SocketAddr, ctx: LinkCtx, min: Duration, max: Duration)
             run_link(s, peer, true, ctx.clone(), None).await;
         }
         if started.elapsed() > Duration::from_secs(10) {
-            backoff = min; // the link was up for a while: start over
+            backoff.reset(); // the link was up for a while: start over
         }
-        // Full jitter in [backoff/2, backoff] avoids synchronized reconnect storms.
-        let jitter = 0.5 + rand::random::<f64>() * 0.5;
-        let wait = backoff.mul_f64(jitter);
-        backoff = (backoff * 2).min(max);
+        let wait = backoff.next_delay(&mut rand::rng());
         tokio::select! {
             _ = ctx.cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
@@ -827,5 +863,64 @@ fn send_frame(l: &mut LinkHandle, frame: OutFrame, counters: &mut Counters, cont
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(f)) => l.overflow.push_back(f),
         Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn delays(seed: u64, n: usize) -> Vec<Duration> {
+        let mut backoff =
+            ReconnectBackoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..n).map(|_| backoff.next_delay(&mut rng)).collect()
+    }
+
+    #[test]
+    fn reconnect_backoff_grows_exponentially_to_the_cap_with_jitter() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(30));
+        for seed in 0..50 {
+            for (k, wait) in delays(seed, 16).into_iter().enumerate() {
+                // Step k is min·2^k capped at max; the wait is in [step/2, step].
+                let step = min.saturating_mul(1 << k).min(max);
+                assert!(
+                    wait >= step / 2 && wait <= step,
+                    "seed {seed} attempt {k}: {wait:?} outside [{:?}, {step:?}]",
+                    step / 2
+                );
+            }
+        }
+        // Jittered: peers (independent random streams) do not wait in lockstep.
+        let a = delays(1, 16);
+        let b = delays(2, 16);
+        assert_ne!(a, b);
+        assert!(
+            a.iter().zip(&b).filter(|(x, y)| x != y).count() >= 14,
+            "most waits differ between peers: {a:?} vs {b:?}"
+        );
+        // ...and the jitter spans its range rather than sitting at one end.
+        let firsts: Vec<Duration> = (0..200).map(|s| delays(s, 1)[0]).collect();
+        assert!(firsts.iter().any(|d| *d < Duration::from_millis(60)));
+        assert!(firsts.iter().any(|d| *d > Duration::from_millis(90)));
+    }
+
+    #[test]
+    fn reconnect_backoff_starts_over_after_reset_and_survives_huge_bounds() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut backoff =
+            ReconnectBackoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        for _ in 0..10 {
+            backoff.next_delay(&mut rng);
+        }
+        backoff.reset();
+        assert!(backoff.next_delay(&mut rng) <= Duration::from_millis(100));
+        // Doubling saturates instead of overflowing (Duration's `* 2` would panic).
+        let mut huge = ReconnectBackoff::new(Duration::MAX / 3, Duration::MAX);
+        for _ in 0..4 {
+            assert!(huge.next_delay(&mut rng) >= Duration::MAX / 6);
+        }
     }
 }
