@@ -9,6 +9,7 @@
 //! tun_name = "meshgate0"
 //! status_listen = "127.0.0.1:9652"     # local status endpoint (plain HTTP, JSON)
 //! expose = [{ port = 8080, to = "127.0.0.1:8080" }]   # userspace mode only
+//! socket_buffer_kib = 256              # userspace mode only: per-stream TCP buffer
 //! ```
 
 use crate::file::{self, ConfigError};
@@ -46,7 +47,22 @@ pub struct NodeFileConfig {
     /// Overlay ports forwarded to local services (userspace mode).
     #[serde(default)]
     pub expose: Vec<Expose>,
+    /// Receive and send buffer of each userspace-stack TCP socket, in KiB (userspace mode;
+    /// absent = the stack's default, [`DEFAULT_SOCKET_BUFFER_KIB`]). It is the TCP window,
+    /// so one stream carries at most `buffer / RTT`.
+    #[serde(default)]
+    pub socket_buffer_kib: Option<u64>,
 }
+
+/// The userspace stack's per-socket buffer when `socket_buffer_kib` is absent (matches
+/// `meshgate_sockets::StackConfig::default()`).
+pub const DEFAULT_SOCKET_BUFFER_KIB: u64 = 256;
+/// Accepted `socket_buffer_kib` values. The lower bound holds two segments at the largest
+/// overlay MTU (32 KiB), below which a stream cannot keep a segment in flight while the
+/// previous one is acknowledged; the upper bound (64 MiB: 5 Gbit/s at 100 ms RTT) keeps a
+/// typo from committing gigabytes per stream (up to 2 × buffer each) and stays far below
+/// the 1 GiB window TCP window scaling allows.
+pub const SOCKET_BUFFER_KIB_RANGE: std::ops::RangeInclusive<u64> = 64..=65536;
 
 /// How the node's L3 port is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
@@ -102,6 +118,13 @@ impl NodeFileConfig {
         Duration::from_millis(self.dead_peer_timeout_ms)
     }
 
+    /// Per-socket buffer of the userspace stack, in bytes.
+    pub fn socket_buffer(&self) -> usize {
+        let kib = self.socket_buffer_kib.unwrap_or(DEFAULT_SOCKET_BUFFER_KIB);
+        // Validated to at most 64 MiB, so this fits even a 32-bit usize.
+        usize::try_from(kib.saturating_mul(1024)).unwrap_or(usize::MAX)
+    }
+
     fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
         let err = |field: &str, msg: String| ConfigError::at_field(path, text, field, msg);
         if self.dead_peer_timeout_ms < 500 {
@@ -122,6 +145,14 @@ impl NodeFileConfig {
                         .into(),
                 ));
             }
+            if self.socket_buffer_kib.is_some() {
+                return Err(err(
+                    "socket_buffer_kib",
+                    "only in mode = \"userspace\": in tun mode the kernel sizes TCP buffers \
+                     (net.ipv4.tcp_rmem / tcp_wmem)"
+                        .into(),
+                ));
+            }
             if self.tun_name.is_empty() || self.tun_name.len() > 15 {
                 return Err(err(
                     "tun_name",
@@ -138,6 +169,19 @@ impl NodeFileConfig {
                 format!(
                     "{}: the status endpoint is unauthenticated, bind it to loopback",
                     self.status_listen
+                ),
+            ));
+        }
+        if let Some(kib) = self.socket_buffer_kib
+            && !SOCKET_BUFFER_KIB_RANGE.contains(&kib)
+        {
+            return Err(err(
+                "socket_buffer_kib",
+                format!(
+                    "{kib} KiB is out of range: use {} to {} (the buffer is the TCP window, \
+                     so one stream carries at most buffer / RTT)",
+                    SOCKET_BUFFER_KIB_RANGE.start(),
+                    SOCKET_BUFFER_KIB_RANGE.end()
                 ),
             ));
         }
@@ -174,6 +218,8 @@ mod tests {
         assert_eq!(c.mode, NodeMode::Userspace);
         assert_eq!(c.status_listen, "127.0.0.1:9652".parse().unwrap());
         assert_eq!(c.dead_peer_timeout(), Duration::from_secs(3));
+        assert_eq!(c.socket_buffer_kib, None);
+        assert_eq!(c.socket_buffer(), 256 * 1024);
         let c = parse(
             "key = \"k\"\nlisten = \"127.0.0.1:9651\"\npeers = [\"127.0.0.1:1\"]\n\
              mode = \"userspace\"\nexpose = [{ port = 8080, to = \"127.0.0.1:8080\" }]\n",
@@ -181,6 +227,44 @@ mod tests {
         .unwrap();
         assert_eq!(c.expose[0].port, 8080);
         assert_eq!(c.peers.len(), 1);
+    }
+
+    #[test]
+    fn socket_buffer_kib_is_parsed_and_range_checked() {
+        let c = parse("socket_buffer_kib = 1024\n").unwrap();
+        assert_eq!(c.socket_buffer_kib, Some(1024));
+        assert_eq!(c.socket_buffer(), 1024 * 1024);
+        // Both ends of the range are accepted.
+        assert_eq!(
+            parse("socket_buffer_kib = 64\n").unwrap().socket_buffer(),
+            64 * 1024
+        );
+        assert_eq!(
+            parse("socket_buffer_kib = 65536\n")
+                .unwrap()
+                .socket_buffer(),
+            64 << 20
+        );
+        // Out of range: the error names the file, the key's line and the accepted range.
+        for bad in [0, 63, 65537, u64::MAX / 1024 + 1] {
+            let e = parse(&format!("key = \"k\"\nsocket_buffer_kib = {bad}\n")).unwrap_err();
+            assert_eq!(e.line, Some(2), "{e}");
+            assert!(
+                e.to_string()
+                    .starts_with("node.toml:2:1: socket_buffer_kib"),
+                "{e}"
+            );
+            assert!(e.message.contains("64 to 65536"), "{e}");
+        }
+        // Not a number / negative: refused by the parser, located too.
+        for bad in ["\"big\"", "-1", "1.5"] {
+            let e = parse(&format!("key = \"k\"\nsocket_buffer_kib = {bad}\n")).unwrap_err();
+            assert_eq!(e.line, Some(2), "{bad}: {e}");
+        }
+        // In tun mode the kernel owns the buffers: setting it is a mistake, said so.
+        let e = parse("mode = \"tun\"\nsocket_buffer_kib = 512\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("userspace"), "{e}");
     }
 
     #[test]

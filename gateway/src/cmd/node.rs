@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use meshgate_config::node::{NodeFileConfig, NodeMode};
 use meshgate_overlay::{Node, NodeConfig};
 use meshgate_sockets::tun::Tun;
-use meshgate_sockets::{Exposed, Stack, expose};
+use meshgate_sockets::{Exposed, Stack, StackConfig, expose};
 use serde_json::{Value, json};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -143,6 +143,14 @@ pub struct RunningNode {
     status_task: tokio::task::JoinHandle<()>,
 }
 
+/// Userspace-stack tuning from `node.toml`.
+fn stack_config(cfg: &NodeFileConfig) -> StackConfig {
+    StackConfig {
+        socket_buffer: cfg.socket_buffer(),
+        ..StackConfig::default()
+    }
+}
+
 impl RunningNode {
     pub async fn start(cfg: &NodeFileConfig) -> anyhow::Result<RunningNode> {
         let dead = cfg.dead_peer_timeout();
@@ -162,7 +170,8 @@ impl RunningNode {
             .context("the overlay node has no L3 port")?;
         let endpoint = match cfg.mode {
             NodeMode::Userspace => {
-                let stack = Stack::new(port.address, port.mtu, port.tx, port.rx);
+                let stack =
+                    Stack::with_config(port.address, port.mtu, port.tx, port.rx, stack_config(cfg));
                 let mut exposed = Vec::new();
                 for e in &cfg.expose {
                     exposed.push(
@@ -386,6 +395,25 @@ mod tests {
     use std::time::Instant;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    #[test]
+    fn socket_buffer_kib_reaches_the_stack_config() {
+        let parse =
+            |text: &str| NodeFileConfig::parse(std::path::Path::new("node.toml"), text).unwrap();
+        assert_eq!(
+            stack_config(&parse("socket_buffer_kib = 1024\n")).socket_buffer,
+            1024 * 1024
+        );
+        // Absent: the stack's own default, which the config crate's constant mirrors.
+        assert_eq!(
+            stack_config(&parse("")).socket_buffer,
+            StackConfig::default().socket_buffer
+        );
+        assert_eq!(
+            meshgate_config::node::DEFAULT_SOCKET_BUFFER_KIB * 1024,
+            StackConfig::default().socket_buffer as u64
+        );
+    }
+
     /// `meshgate node` from a node.toml: exposes an overlay port to a local service, and its
     /// status endpoint shows the peer, the route and the traffic.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -408,7 +436,8 @@ mod tests {
             &path,
             format!(
                 "key = \"{}\"\nlisten = \"127.0.0.1:0\"\nstatus_listen = \"127.0.0.1:0\"\n\
-                 dead_peer_timeout_ms = 2000\nexpose = [{{ port = 8080, to = \"{service_addr}\" }}]\n",
+                 dead_peer_timeout_ms = 2000\nsocket_buffer_kib = 128\n\
+                 expose = [{{ port = 8080, to = \"{service_addr}\" }}]\n",
                 dir.path().join("node.key").display()
             ),
         )
