@@ -1,18 +1,36 @@
 //! The gateway's embedded overlay node and the dialer that opens backend streams through its
 //! userspace TCP stack.
+//!
+//! When the node loses its route to a workload (the workload node died and its links went
+//! away), it answers every packet sent there with an ICMPv6 "no route" to its own stack. The
+//! userspace stack ignores ICMP, so a connection whose peer vanished would wait — an in-flight
+//! request until the response timeout, a connect until its attempt timeout. The dialer turns
+//! those errors into failures of every stream (and connect) to that address
+//! ([`Unreachables`]), so the proxy sees an early failure at once and retries elsewhere.
 
 use crate::dial::{BoxStream, DialFuture, Dialer};
 use anyhow::{Context, Result};
+use bytes::Bytes;
 use meshgate_config::gateway::Overlay;
 use meshgate_overlay::{Node, NodeConfig};
 use meshgate_sockets::Stack;
+use std::collections::HashMap;
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// Dials `[overlay address]:port` through a userspace stack on the overlay.
 #[derive(Clone)]
 pub struct OverlayDialer {
     pub stack: Stack,
+    /// Destinations the node reported unreachable: their streams fail at once.
+    pub unreachables: Unreachables,
 }
 
 impl Dialer for OverlayDialer {
@@ -24,16 +42,172 @@ impl Dialer for OverlayDialer {
                     "overlay backends are IPv6 addresses",
                 ));
             };
-            let stream = self.stack.connect(v6).await?;
-            Ok(Box::new(stream) as BoxStream)
+            // Taken before the SYN goes out: the "no route" it may draw cancels this token.
+            let lost = self.unreachables.token(*v6.ip());
+            let stream = tokio::select! {
+                s = self.stack.connect(v6) => s?,
+                () = lost.clone().cancelled_owned() => return Err(unreachable_error(*v6.ip())),
+            };
+            Ok(Box::new(OverlayStream {
+                inner: Some(stream),
+                token: lost.clone(),
+                lost: Box::pin(lost.cancelled_owned()),
+                dest: *v6.ip(),
+            }) as BoxStream)
         })
     }
 }
+
+/// Per overlay destination, a token cancelled when the node reports it unreachable; a
+/// cancelled token is replaced for later streams.
+#[derive(Clone, Default)]
+pub struct Unreachables {
+    tokens: Arc<Mutex<HashMap<Ipv6Addr, CancellationToken>>>,
+}
+
+impl Unreachables {
+    /// The token of `dest` for a new stream.
+    fn token(&self, dest: Ipv6Addr) -> CancellationToken {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let t = tokens.entry(dest).or_default();
+        if t.is_cancelled() {
+            *t = CancellationToken::new();
+        }
+        t.clone()
+    }
+
+    /// Fails every current stream to `dest`.
+    fn lost(&self, dest: Ipv6Addr) {
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = tokens.get(&dest) {
+            t.cancel();
+        }
+    }
+}
+
+/// The destination of an ICMPv6 destination unreachable that the node at `own` generated
+/// itself (source = its own address: no route to the invoking packet's destination). Such
+/// errors from elsewhere (relays, or any overlay peer sending ICMPv6 as data) are ignored:
+/// they are not authenticated, and routing withdraws a really lost destination here too.
+fn no_route_destination(packet: &[u8], own: &Ipv6Addr) -> Option<Ipv6Addr> {
+    // IPv6 header (40) + ICMPv6 header (8) + the invoking packet's IPv6 header (40).
+    if packet.len() < 88 || packet[0] >> 4 != 6 || packet[6] != 58 || packet[40] != 1 {
+        return None;
+    }
+    let octets = |at: usize| -> Option<[u8; 16]> { packet.get(at..at + 16)?.try_into().ok() };
+    let src = Ipv6Addr::from(octets(8)?);
+    let invoking_src = Ipv6Addr::from(octets(48 + 8)?);
+    if src != *own || invoking_src != *own {
+        return None;
+    }
+    Some(Ipv6Addr::from(octets(48 + 24)?))
+}
+
+fn unreachable_error(dest: Ipv6Addr) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::HostUnreachable,
+        format!("no overlay route to {dest}"),
+    )
+}
+
+/// A stream from the [`OverlayDialer`]: fails reads and writes once its destination is
+/// reported unreachable.
+struct OverlayStream {
+    /// Always `Some` until dropped.
+    inner: Option<meshgate_sockets::TcpStream>,
+    token: CancellationToken,
+    lost: Pin<Box<WaitForCancellationFutureOwned>>,
+    dest: Ipv6Addr,
+}
+
+impl OverlayStream {
+    fn check(&mut self, cx: &mut TaskContext<'_>) -> io::Result<()> {
+        match self.lost.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(unreachable_error(self.dest)),
+            Poll::Pending => Ok(()),
+        }
+    }
+
+    fn inner(&mut self) -> Pin<&mut meshgate_sockets::TcpStream> {
+        Pin::new(self.inner.as_mut().expect("stream present until dropped"))
+    }
+}
+
+impl Drop for OverlayStream {
+    fn drop(&mut self) {
+        // A stream to a lost destination is reset rather than closed: a FIN would be
+        // retransmitted (each time drawing another "no route") until the stack gives up.
+        if let Some(inner) = self.inner.take()
+            && self.token.is_cancelled()
+        {
+            inner.abort();
+        }
+    }
+}
+
+impl AsyncRead for OverlayStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        self.inner().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for OverlayStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check(cx)?;
+        self.inner().poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        self.inner().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        self.inner().poll_shutdown(cx)
+    }
+}
+
+/// Packets from the node to the stack, passed on unchanged after noting "no route" errors.
+fn watch_unreachables(
+    own: Ipv6Addr,
+    mut from_node: mpsc::Receiver<Bytes>,
+    capacity: usize,
+    unreachables: Unreachables,
+) -> mpsc::Receiver<Bytes> {
+    let (to_stack, rx) = mpsc::channel(capacity);
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(64);
+        while from_node.recv_many(&mut batch, 64).await > 0 {
+            for packet in batch.drain(..) {
+                if let Some(dest) = no_route_destination(&packet, &own) {
+                    unreachables.lost(dest);
+                }
+                if to_stack.send(packet).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Packets queued between the node's L3 port and the stack (the node's own default).
+const L3_QUEUE: usize = 1024;
 
 /// A running embedded node with its userspace stack.
 pub struct EmbeddedNode {
     pub node: Node,
     pub stack: Stack,
+    pub unreachables: Unreachables,
 }
 
 impl EmbeddedNode {
@@ -62,18 +236,69 @@ impl EmbeddedNode {
             .await
             .context("cannot start the overlay node")?;
         let port = node.take_l3_port().context("overlay node has no L3 port")?;
-        let stack = Stack::new(port.address, port.mtu, port.tx, port.rx);
-        Ok(EmbeddedNode { node, stack })
+        let unreachables = Unreachables::default();
+        let rx = watch_unreachables(port.address, port.rx, L3_QUEUE, unreachables.clone());
+        let stack = Stack::new(port.address, port.mtu, port.tx, rx);
+        Ok(EmbeddedNode {
+            node,
+            stack,
+            unreachables,
+        })
     }
 
     pub fn dialer(&self) -> OverlayDialer {
         OverlayDialer {
             stack: self.stack.clone(),
+            unreachables: self.unreachables.clone(),
         }
     }
 
     pub async fn shutdown(self) {
         self.stack.shutdown();
         self.node.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshgate_overlay::core::icmpv6_unreachable;
+
+    fn packet(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+        let mut p = vec![0u8; 60];
+        p[0] = 0x60;
+        p[6] = 6;
+        p[8..24].copy_from_slice(&src.octets());
+        p[24..40].copy_from_slice(&dst.octets());
+        p
+    }
+
+    #[test]
+    fn only_the_nodes_own_no_route_errors_name_a_lost_destination() {
+        let own: Ipv6Addr = "600:1::1".parse().unwrap();
+        let peer: Ipv6Addr = "600:2::1".parse().unwrap();
+        let relay: Ipv6Addr = "600:3::1".parse().unwrap();
+        let local = icmpv6_unreachable(&own, &own, &packet(own, peer));
+        assert_eq!(no_route_destination(&local, &own), Some(peer));
+        // From a relay or a peer: not authenticated, ignored.
+        let relayed = icmpv6_unreachable(&relay, &own, &packet(own, peer));
+        assert_eq!(no_route_destination(&relayed, &own), None);
+        // About someone else's packet, truncated, or not ICMPv6: ignored.
+        let other = icmpv6_unreachable(&own, &own, &packet(relay, peer));
+        assert_eq!(no_route_destination(&other, &own), None);
+        assert_eq!(no_route_destination(&local[..80], &own), None);
+        assert_eq!(no_route_destination(&packet(peer, own), &own), None);
+    }
+
+    #[test]
+    fn a_lost_destination_fails_its_current_streams_only() {
+        let u = Unreachables::default();
+        let a: Ipv6Addr = "600:2::1".parse().unwrap();
+        let b: Ipv6Addr = "600:3::1".parse().unwrap();
+        let (ta, tb) = (u.token(a), u.token(b));
+        u.lost(a);
+        assert!(ta.is_cancelled() && !tb.is_cancelled());
+        // Streams opened later (the destination may be back) get a fresh token.
+        assert!(!u.token(a).is_cancelled());
     }
 }

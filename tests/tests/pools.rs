@@ -202,7 +202,7 @@ struct RealGateway {
     http: SocketAddr,
     gateway: Gateway,
     task: JoinHandle<()>,
-    _node: Option<EmbeddedNode>,
+    node: Option<EmbeddedNode>,
     _dir: tempfile::TempDir,
 }
 
@@ -265,7 +265,7 @@ impl RealGateway {
             http,
             gateway,
             task,
-            _node: node,
+            node,
             _dir: dir,
         }
     }
@@ -636,103 +636,251 @@ async fn stream_routes_splice_through_the_pool_past_a_dead_backend() {
     splice.abort();
 }
 
-/// Three workload overlay nodes, each exposing its own HTTP service on overlay port 80; the
-/// gateway reaches them only through its embedded overlay node.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overlay_workloads_fail_over_under_load_and_come_back() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut services = three_workloads(None).await;
-    let mut nodes = Vec::new();
-    let mut exposed = Vec::new();
-    let mut backends = Vec::new();
-    let mut links = Vec::new();
-    for (i, service) in services.iter().enumerate() {
+/// A workload behind its own overlay node: an HTTP service on loopback exposed on overlay
+/// port 80 by the node's userspace stack. The node dials the gateway's node.
+struct OverlayWorkload {
+    service: Workload,
+    key: std::path::PathBuf,
+    gateway_link: SocketAddr,
+    node: Option<EmbeddedNode>,
+    exposed: Option<meshgate_sockets::Exposed>,
+}
+
+impl OverlayWorkload {
+    async fn start(id: usize, dir: &std::path::Path, gateway_link: SocketAddr) -> Self {
+        let mut w = OverlayWorkload {
+            service: Workload::start(id, Duration::ZERO).await,
+            key: dir.join(format!("workload-{id}.key")),
+            gateway_link,
+            node: None,
+            exposed: None,
+        };
+        w.start_node().await;
+        w
+    }
+
+    /// Starts the node from its key file (so with the same overlay address every time).
+    async fn start_node(&mut self) {
         let node = EmbeddedNode::start_with(NodeConfig {
-            key_path: dir.path().join(format!("workload-{i}.key")),
-            listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            key_path: self.key.clone(),
+            peers: vec![self.gateway_link],
             ..NodeConfig::default()
         })
         .await
         .expect("workload node");
-        exposed.push(meshgate_sockets::expose(&node.stack, 80, service.addr).expect("expose"));
-        backends.push(SocketAddr::from((node.node.address(), 80)));
-        links.push(format!(
-            "\"{}\"",
-            node.node.listen_addr().expect("link address")
-        ));
-        nodes.push(node);
+        self.exposed =
+            Some(meshgate_sockets::expose(&node.stack, 80, self.service.addr).expect("expose"));
+        self.node = Some(node);
     }
+
+    /// The backend address: `[overlay address]:80`.
+    fn backend(&self) -> SocketAddr {
+        let node = self.node.as_ref().expect("node running");
+        SocketAddr::from((node.node.address(), 80))
+    }
+
+    /// Kills the node like a killed process: its links close first, so nothing it still had
+    /// to say (no FIN, no RST for the gateway's connections) reaches the overlay.
+    async fn kill_node(&mut self) {
+        self.exposed = None;
+        if let Some(n) = self.node.take() {
+            n.node.shutdown().await;
+            n.stack.shutdown();
+        }
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds; panics with `what` after `limit`.
+async fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Three workload overlay nodes behind one route, reached only through the gateway's embedded
+/// overlay node. 20 000 GETs (concurrency 32); a quarter of the way through, one workload
+/// *node* is killed: its overlay links vanish, and the gateway's connections to it get no FIN
+/// or RST, only "no route" from its own node. No request may fail; the dead backend is
+/// ejected; a node restarted from the same key file is re-admitted and takes traffic again.
+/// Then the *service* behind another node dies under load (resets through the overlay): again
+/// no failed request, ejection, and re-admission once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_workload_node_killed_under_20k_gets_fails_no_request_and_comes_back() {
+    let test_started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The gateway's node listens for links; the workload nodes dial it.
     let overlay = format!(
-        "[overlay]\nkey_file = \"{}\"\npeers = [{}]\n",
+        "[overlay]\nkey_file = \"{}\"\nlisten = \"127.0.0.1:0\"\n",
         dir.path().join("gateway-node.key").display(),
-        links.join(", ")
     );
-    let gw = RealGateway::start_with(&backends, &overlay).await;
+    // The workloads' overlay addresses come from their key files: create the keys first.
+    let mut backends = Vec::new();
+    for id in 0..3 {
+        let key = meshgate_overlay::identity::Identity::load_or_create(
+            &dir.path().join(format!("workload-{id}.key")),
+        )
+        .expect("workload key");
+        backends.push(SocketAddr::from((key.address(), 80)));
+    }
+    // HTTP probes over the overlay notice a dead service behind a live node (a TCP probe
+    // would still connect) and bring a recovered backend back without waiting out its
+    // ejection backoff.
+    let gw = RealGateway::start_full(
+        &backends,
+        &overlay,
+        "[route.pool.active]\nkind = \"http\"\npath = \"/health\"\ninterval_ms = 200\n\
+         timeout_ms = 500\n",
+    )
+    .await;
+    let gateway_link = gw
+        .node
+        .as_ref()
+        .and_then(|n| n.node.listen_addr())
+        .expect("gateway link address");
+    let mut workloads = Vec::new();
+    for id in 0..3 {
+        workloads.push(OverlayWorkload::start(id, dir.path(), gateway_link).await);
+        assert_eq!(workloads[id].backend(), backends[id]);
+    }
     let pool = gw.pool();
     let client = load_client(IpAddr::from([127, 0, 0, 1]));
+    let served = |w: &OverlayWorkload| w.service.served.load(Ordering::Relaxed);
 
-    // Links come up in the background: wait until every workload has answered through them.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while services
-        .iter()
-        .any(|s| s.served.load(Ordering::Relaxed) == 0)
-    {
+    // Links and routes come up in the background: wait until every workload has answered.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while workloads.iter().any(|w| served(w) == 0) {
         assert!(
             Instant::now() < deadline,
-            "overlay never carried traffic to every workload"
-        );
-        let _ = load(&client, gw.http, 30, 3, None, None).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Warm-up failures (links still coming up) must not leave anything ejected for long.
-    let deadline = Instant::now() + Duration::from_secs(35);
-    while !pool.status().iter().all(|s| s.available) {
-        assert!(
-            Instant::now() < deadline,
-            "backends stay ejected: {:?}",
+            "overlay never carried traffic to every workload: {:?}",
             pool.status()
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = load(&client, gw.http, 30, 3, None, None).await;
     }
+    wait_for(Duration::from_secs(20), "all backends available", || {
+        pool.status().iter().all(|s| s.available)
+    })
+    .await;
+    let ejections_before = pool.status()[1].ejections;
+    let served_before_load = served(&workloads[1]);
 
-    // 3000 GETs; workload 1's service dies a third of the way through.
+    // 20 000 GETs at concurrency 32; workload node 1 dies a quarter of the way through.
+    let total = 20_000;
+    let progress = Arc::new(AtomicUsize::new(0));
+    let load_started = Instant::now();
+    let run = {
+        let (client, progress, addr) = (client.clone(), progress.clone(), gw.http);
+        tokio::spawn(async move { load(&client, addr, total, 32, None, Some(progress)).await })
+    };
+    wait_for(Duration::from_secs(30), "a quarter of the load", || {
+        progress.load(Ordering::Relaxed) >= total / 4
+    })
+    .await;
+    let served_at_kill = served(&workloads[1]) - served_before_load;
+    let killed_at = progress.load(Ordering::Relaxed);
+    workloads[1].kill_node().await;
+    let results = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("load bounded in time")
+        .expect("load");
+    let load_took = load_started.elapsed();
+    assert_eq!(results.len(), total);
+    let failures =
+        results
+            .iter()
+            .filter(|(s, _)| *s != 200)
+            .fold(HashMap::new(), |mut m, (s, _)| {
+                *m.entry(*s).or_insert(0usize) += 1;
+                m
+            });
+    let by = count_by_backend(&results);
+    let status = pool.status();
+    eprintln!(
+        "overlay: {total} GETs in {load_took:?}, node 1 killed after {killed_at} (it had served \
+         {served_at_kill}): responses by backend {by:?}, failures by status {failures:?}; \
+         node 1 then: {:?}",
+        status[1]
+    );
+    assert!(
+        failures.is_empty(),
+        "failed requests (status 0: client error or timeout): {failures:?}"
+    );
+    assert!(served_at_kill > 300, "node 1 took traffic before the kill");
+    assert!(by.get(&0).copied().unwrap_or(0) > 5000 && by.get(&2).copied().unwrap_or(0) > 5000);
+    assert!(!status[1].available, "killed node is out: {:?}", status[1]);
+    assert!(status[1].ejections > ejections_before, "{:?}", status[1]);
+
+    // The node comes back with the same key (same overlay address) and its service.
+    workloads[1].start_node().await;
+    let restarted = Instant::now();
+    wait_for(
+        Duration::from_secs(15),
+        "restarted node re-admitted",
+        || pool.status()[1].available,
+    )
+    .await;
+    let readmitted_after = restarted.elapsed();
+    let before = served(&workloads[1]);
+    let results = load(&client, gw.http, 600, 8, None, None).await;
+    assert!(results.iter().all(|(s, _)| *s == 200));
+    let served_again = served(&workloads[1]) - before;
+    eprintln!(
+        "restarted node 1 re-admitted after {readmitted_after:?}, then served {served_again} of 600"
+    );
+    assert!(
+        served_again > 60,
+        "re-admitted workload served {served_again} of 600: {:?}",
+        pool.status()
+    );
+
+    // The service behind node 0 dies under load; its node stays up and resets the streams.
+    let ejections_before = pool.status()[0].ejections;
     let progress = Arc::new(AtomicUsize::new(0));
     let run = {
         let (client, progress, addr) = (client.clone(), progress.clone(), gw.http);
-        tokio::spawn(async move { load(&client, addr, 3000, 16, None, Some(progress)).await })
+        tokio::spawn(async move { load(&client, addr, 4000, 16, None, Some(progress)).await })
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while progress.load(Ordering::Relaxed) < 1000 {
-        assert!(Instant::now() < deadline, "overlay load too slow");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    services[1].kill().await;
-    let results = run.await.expect("load");
+    wait_for(Duration::from_secs(30), "a quarter of the load", || {
+        progress.load(Ordering::Relaxed) >= 1000
+    })
+    .await;
+    workloads[0].service.kill().await;
+    let results = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("load bounded in time")
+        .expect("load");
     let failed = results.iter().filter(|(s, _)| *s != 200).count();
     eprintln!(
-        "overlay: 3000 GETs, workload 1 killed: responses by backend {:?}, failed {failed}",
+        "overlay: 4000 GETs, service behind node 0 killed: responses by backend {:?}, failed \
+         {failed}",
         count_by_backend(&results)
     );
     assert_eq!(failed, 0, "failed requests over the overlay: {failed}");
-    assert!(!pool.status()[1].available, "{:?}", pool.status()[1]);
-
-    services[1].restart().await;
-    let deadline = Instant::now() + Duration::from_secs(35);
-    while !pool.status()[1].available {
-        assert!(
-            Instant::now() < deadline,
-            "restarted workload never re-admitted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let before = services[1].served.load(Ordering::Relaxed);
-    let results = load(&client, gw.http, 300, 6, None, None).await;
+    let status = pool.status();
+    assert!(!status[0].available, "{:?}", status[0]);
+    assert!(status[0].ejections > ejections_before, "{:?}", status[0]);
+    workloads[0].service.restart().await;
+    wait_for(
+        Duration::from_secs(15),
+        "restarted service re-admitted",
+        || pool.status()[0].available,
+    )
+    .await;
+    let before = served(&workloads[0]);
+    let results = load(&client, gw.http, 600, 8, None, None).await;
     assert!(results.iter().all(|(s, _)| *s == 200));
-    let served = services[1].served.load(Ordering::Relaxed) - before;
-    assert!(served > 30, "re-admitted workload served {served} of 300");
-    drop(exposed);
+    let served_again = served(&workloads[0]) - before;
+    eprintln!(
+        "restarted service 0 served {served_again} of 600; test took {:?}",
+        test_started.elapsed()
+    );
+    assert!(
+        served_again > 60,
+        "re-admitted service served {served_again} of 600"
+    );
     drop(gw);
-    for n in nodes {
-        n.shutdown().await;
+    for mut w in workloads {
+        w.kill_node().await;
     }
 }
