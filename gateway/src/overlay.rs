@@ -5,8 +5,10 @@
 //! away), it answers every packet sent there with an ICMPv6 "no route" to its own stack. The
 //! userspace stack ignores ICMP, so a connection whose peer vanished would wait — an in-flight
 //! request until the response timeout, a connect until its attempt timeout. The dialer turns
-//! those errors into failures of every stream (and connect) to that address
-//! ([`Unreachables`]), so the proxy sees an early failure at once and retries elsewhere.
+//! those errors into failures ([`Unreachables`]) the way a kernel treats ICMP errors: a pending
+//! connect fails at once; an established stream only once the destination has stayed
+//! unreachable for [`ESTABLISHED_GRACE`] with nothing heard from it, so a short gap while
+//! routing moves to another path does not cut WebSockets or passthrough streams.
 
 use crate::dial::{BoxStream, DialFuture, Dialer};
 use anyhow::{Context, Result};
@@ -42,11 +44,11 @@ impl Dialer for OverlayDialer {
                     "overlay backends are IPv6 addresses",
                 ));
             };
-            // Taken before the SYN goes out: the "no route" it may draw cancels this token.
-            let lost = self.unreachables.token(*v6.ip());
+            // Taken before the SYN goes out: the "no route" it may draw cancels these tokens.
+            let (connecting, lost) = self.unreachables.tokens(*v6.ip());
             let stream = tokio::select! {
                 s = self.stack.connect(v6) => s?,
-                () = lost.clone().cancelled_owned() => return Err(unreachable_error(*v6.ip())),
+                () = connecting.cancelled_owned() => return Err(unreachable_error(*v6.ip())),
             };
             Ok(Box::new(OverlayStream {
                 inner: Some(stream),
@@ -58,29 +60,86 @@ impl Dialer for OverlayDialer {
     }
 }
 
-/// Per overlay destination, a token cancelled when the node reports it unreachable; a
-/// cancelled token is replaced for later streams.
+/// How long a destination must stay unreachable, with nothing heard from it, before its
+/// established streams fail. Routing finds an alternative path well within this when one
+/// exists; a destination still unreachable after it has most likely gone away.
+pub const ESTABLISHED_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Per overlay destination, two tokens: one for pending connects, cancelled at the first
+/// "no route"; one for established streams, cancelled when the destination stays unreachable.
+/// A cancelled token is replaced for later streams (the destination may be back).
 #[derive(Clone, Default)]
 pub struct Unreachables {
-    tokens: Arc<Mutex<HashMap<Ipv6Addr, CancellationToken>>>,
+    tokens: Arc<Mutex<HashMap<Ipv6Addr, DestinationTokens>>>,
+}
+
+#[derive(Default)]
+struct DestinationTokens {
+    connecting: CancellationToken,
+    established: CancellationToken,
 }
 
 impl Unreachables {
-    /// The token of `dest` for a new stream.
-    fn token(&self, dest: Ipv6Addr) -> CancellationToken {
+    /// (connect token, stream token) of `dest` for a new stream.
+    fn tokens(&self, dest: Ipv6Addr) -> (CancellationToken, CancellationToken) {
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         let t = tokens.entry(dest).or_default();
-        if t.is_cancelled() {
-            *t = CancellationToken::new();
+        for token in [&mut t.connecting, &mut t.established] {
+            if token.is_cancelled() {
+                *token = CancellationToken::new();
+            }
         }
-        t.clone()
+        (t.connecting.clone(), t.established.clone())
     }
 
-    /// Fails every current stream to `dest`.
-    fn lost(&self, dest: Ipv6Addr) {
+    /// Fails every pending connect to `dest`; with `established`, its streams too.
+    fn lost(&self, dest: Ipv6Addr, established: bool) {
         let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = tokens.get(&dest) {
-            t.cancel();
+            t.connecting.cancel();
+            if established {
+                t.established.cancel();
+            }
+        }
+    }
+}
+
+/// Since when each destination has been unreachable without a packet from it: decides when
+/// [`ESTABLISHED_GRACE`] has run out. Owned by the task between node and stack.
+#[derive(Default)]
+struct UnreachableSince {
+    since: HashMap<Ipv6Addr, std::time::Instant>,
+}
+
+/// Destinations tracked at once; beyond it the oldest entries are dropped (they only delay a
+/// stream failure, never cause one).
+const MAX_TRACKED_DESTINATIONS: usize = 4096;
+
+impl UnreachableSince {
+    /// A "no route" for `dest` at `now`: whether it has now lasted the grace.
+    fn no_route(&mut self, dest: Ipv6Addr, now: std::time::Instant) -> bool {
+        if self.since.len() >= MAX_TRACKED_DESTINATIONS && !self.since.contains_key(&dest) {
+            let cutoff = now.checked_sub(ESTABLISHED_GRACE * 10).unwrap_or(now);
+            self.since.retain(|_, t| *t > cutoff);
+            if self.since.len() >= MAX_TRACKED_DESTINATIONS {
+                self.since.clear();
+            }
+        }
+        let first = *self.since.entry(dest).or_insert(now);
+        if now.duration_since(first) >= ESTABLISHED_GRACE {
+            self.since.remove(&dest);
+            return true;
+        }
+        false
+    }
+
+    /// A packet arrived: its source is reachable again.
+    fn heard(&mut self, packet: &[u8]) {
+        if self.since.is_empty() {
+            return;
+        }
+        if let Some(src) = packet.get(8..24).and_then(|b| <[u8; 16]>::try_from(b).ok()) {
+            self.since.remove(&Ipv6Addr::from(src));
         }
     }
 }
@@ -186,10 +245,15 @@ fn watch_unreachables(
     let (to_stack, rx) = mpsc::channel(capacity);
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(64);
+        let mut since = UnreachableSince::default();
         while from_node.recv_many(&mut batch, 64).await > 0 {
             for packet in batch.drain(..) {
-                if let Some(dest) = no_route_destination(&packet, &own) {
-                    unreachables.lost(dest);
+                match no_route_destination(&packet, &own) {
+                    Some(dest) => {
+                        let gone = since.no_route(dest, std::time::Instant::now());
+                        unreachables.lost(dest, gone);
+                    }
+                    None => since.heard(&packet),
                 }
                 if to_stack.send(packet).await.is_err() {
                     return;
@@ -291,14 +355,38 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_destination_fails_its_current_streams_only() {
+    fn a_lost_destination_fails_connects_at_once_and_streams_when_gone() {
         let u = Unreachables::default();
         let a: Ipv6Addr = "600:2::1".parse().unwrap();
         let b: Ipv6Addr = "600:3::1".parse().unwrap();
-        let (ta, tb) = (u.token(a), u.token(b));
-        u.lost(a);
-        assert!(ta.is_cancelled() && !tb.is_cancelled());
-        // Streams opened later (the destination may be back) get a fresh token.
-        assert!(!u.token(a).is_cancelled());
+        let ((ca, sa), (cb, sb)) = (u.tokens(a), u.tokens(b));
+        u.lost(a, false);
+        assert!(ca.is_cancelled() && !sa.is_cancelled());
+        assert!(!cb.is_cancelled() && !sb.is_cancelled());
+        u.lost(a, true);
+        assert!(sa.is_cancelled() && !sb.is_cancelled());
+        // Streams opened later (the destination may be back) get fresh tokens.
+        let (c, s) = u.tokens(a);
+        assert!(!c.is_cancelled() && !s.is_cancelled());
+    }
+
+    #[test]
+    fn established_streams_survive_a_short_gap_and_fail_after_the_grace() {
+        let own: Ipv6Addr = "600:1::1".parse().unwrap();
+        let peer: Ipv6Addr = "600:2::1".parse().unwrap();
+        let t0 = std::time::Instant::now();
+        let mut since = UnreachableSince::default();
+        assert!(!since.no_route(peer, t0));
+        assert!(!since.no_route(peer, t0 + ESTABLISHED_GRACE / 2));
+        // Routing found another path: a packet from the peer arrives, the clock starts over.
+        since.heard(&packet(peer, own));
+        assert!(!since.no_route(peer, t0 + ESTABLISHED_GRACE));
+        assert!(!since.no_route(peer, t0 + ESTABLISHED_GRACE * 3 / 2));
+        // Still unreachable a whole grace after the new first error: gone.
+        assert!(since.no_route(peer, t0 + ESTABLISHED_GRACE * 2));
+        // Packets from others do not reset it.
+        assert!(!since.no_route(peer, t0 + ESTABLISHED_GRACE * 3));
+        since.heard(&packet("600:9::1".parse().unwrap(), own));
+        assert!(since.no_route(peer, t0 + ESTABLISHED_GRACE * 4));
     }
 }
