@@ -524,7 +524,7 @@ impl NodeCore {
         }
         if self.router.next_hop(&dprefix).is_none() {
             self.counters.no_route += 1;
-            self.sessions.abandon(&dst);
+            self.sessions.forget(&dst);
             out.push(CoreOut::Deliver(icmpv6_unreachable(
                 &self.addr, &self.addr, &packet,
             )));

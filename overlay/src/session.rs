@@ -635,6 +635,24 @@ impl Sessions {
     }
 }
 
+impl Sessions {
+    /// Our own routing has no path to `dst` (its node is gone, or routing is moving): drops
+    /// pending inits and queued packets, and stops sending on the current session, so the
+    /// first packet after the route returns starts a new handshake and waits behind it. Sending
+    /// it under the old keys would lose it if the peer restarted meanwhile. The old session
+    /// stays as `previous`, still accepting what the peer sends on it until the new one is up.
+    pub fn forget(&mut self, dst: &Ipv6Addr) -> usize {
+        let dropped = self.abandon(dst);
+        if let Some(peer) = self.peers.get_mut(&prefix_of(dst))
+            && let Some(current) = peer.current.take()
+            && let Some(older) = peer.previous.replace(current)
+        {
+            self.by_idx.remove(&older.local_idx);
+        }
+        dropped
+    }
+}
+
 fn packet_dst(p: &[u8]) -> Option<Ipv6Addr> {
     let d: [u8; 16] = p.get(24..40)?.try_into().ok()?;
     Some(Ipv6Addr::from(d))

@@ -560,6 +560,69 @@ async fn traffic_resumes_after_a_peer_restarts_with_the_same_key() {
     b2.shutdown().await;
 }
 
+/// A packet sent while the peer is gone finds no route: the sender forgets the session, so
+/// the first packet after the peer is back (same key) starts a new handshake behind which it
+/// waits, and arrives — no stale-session round trip, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_packet_after_a_same_key_restart_arrives_when_the_route_was_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut cb = cfg(true, vec![]);
+    cb.identity = None;
+    cb.key_path = dir.path().join("node.key");
+    cb.listen = Some(port);
+    let b = Node::start(cb.clone()).await.unwrap();
+    let mut ca = cfg(false, vec![port]);
+    ca.reconnect_max = Duration::from_millis(500);
+    let a = Node::start(ca).await.unwrap();
+    let b_addr = b.address();
+    wait_for("routes", 10, || {
+        has_route(&a, b_addr) && has_route(&b, a.address())
+    })
+    .await;
+    let mut pa = a.take_l3_port().unwrap();
+    let mut pb = b.take_l3_port().unwrap();
+    exchange(&mut pa, &mut pb, b"before the restart").await;
+    drop(pb);
+    b.shutdown().await;
+    wait_for("route gone", 5, || !has_route(&a, b_addr)).await;
+    pa.tx
+        .send(packet(a.address(), b_addr, b"while gone"))
+        .await
+        .unwrap();
+    let icmp = tokio::time::timeout(Duration::from_secs(2), pa.rx.recv())
+        .await
+        .expect("an unreachable while the peer is gone")
+        .unwrap();
+    assert_eq!(icmp[6], 58, "ICMPv6 no-route answer");
+
+    let b2 = Node::start(cb).await.unwrap();
+    let mut pb2 = b2.take_l3_port().unwrap();
+    wait_for("routes after the restart", 10, || {
+        has_route(&a, b_addr) && has_route(&b2, a.address())
+    })
+    .await;
+    pa.tx
+        .send(packet(a.address(), b_addr, b"first after"))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(2), pb2.rx.recv())
+        .await
+        .expect("the first packet after the restart arrives")
+        .unwrap();
+    assert!(got.ends_with(b"first after"));
+    assert_eq!(
+        a.status().counters.e2e_sessions_reset,
+        0,
+        "no stale session used"
+    );
+    a.shutdown().await;
+    b2.shutdown().await;
+}
+
 /// When the L3 port's reader lags, packets beyond the delivery backlog are dropped and
 /// counted, not lost silently.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

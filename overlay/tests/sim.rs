@@ -112,6 +112,11 @@ fn check_delivery(sim: &mut Sim, pairs: &[(usize, usize)]) {
     let mut got: Vec<Vec<bytes::Bytes>> = (0..sim.len()).map(|i| sim.take_delivered(i)).collect();
     for (b, p) in expect {
         let pos = got[b].iter().position(|g| *g == p);
+        if pos.is_none() {
+            for i in 0..sim.len() {
+                eprintln!("node {i} counters: {:?}", sim.counters(i));
+            }
+        }
         assert!(pos.is_some(), "packet to {b} not delivered");
         if let Some(pos) = pos {
             got[b].swap_remove(pos);
