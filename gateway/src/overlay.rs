@@ -12,10 +12,9 @@
 
 use crate::dial::{BoxStream, DialFuture, Dialer};
 use anyhow::{Context, Result};
-use bytes::Bytes;
 use meshgate_config::gateway::Overlay;
 use meshgate_overlay::{Node, NodeConfig};
-use meshgate_sockets::Stack;
+use meshgate_sockets::{InboundInspector, Stack, StackConfig};
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -24,7 +23,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// Dials `[overlay address]:port` through a userspace stack on the overlay.
@@ -235,37 +233,20 @@ impl AsyncWrite for OverlayStream {
     }
 }
 
-/// Packets from the node to the stack, passed on unchanged after noting "no route" errors.
-fn watch_unreachables(
-    own: Ipv6Addr,
-    mut from_node: mpsc::Receiver<Bytes>,
-    capacity: usize,
-    unreachables: Unreachables,
-) -> mpsc::Receiver<Bytes> {
-    let (to_stack, rx) = mpsc::channel(capacity);
-    tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(64);
-        let mut since = UnreachableSince::default();
-        while from_node.recv_many(&mut batch, 64).await > 0 {
-            for packet in batch.drain(..) {
-                match no_route_destination(&packet, &own) {
-                    Some(dest) => {
-                        let gone = since.no_route(dest, std::time::Instant::now());
-                        unreachables.lost(dest, gone);
-                    }
-                    None => since.heard(&packet),
-                }
-                if to_stack.send(packet).await.is_err() {
-                    return;
-                }
+/// Shown every packet from the node before the stack takes it: notes "no route" errors.
+fn unreachable_inspector(own: Ipv6Addr, unreachables: Unreachables) -> InboundInspector {
+    let since = Mutex::new(UnreachableSince::default());
+    Arc::new(move |packet: &[u8]| {
+        let mut since = since.lock().unwrap_or_else(|p| p.into_inner());
+        match no_route_destination(packet, &own) {
+            Some(dest) => {
+                let gone = since.no_route(dest, std::time::Instant::now());
+                unreachables.lost(dest, gone);
             }
+            None => since.heard(packet),
         }
-    });
-    rx
+    })
 }
-
-/// Packets queued between the node's L3 port and the stack (the node's own default).
-const L3_QUEUE: usize = 1024;
 
 /// A running embedded node with its userspace stack.
 pub struct EmbeddedNode {
@@ -301,8 +282,15 @@ impl EmbeddedNode {
             .context("cannot start the overlay node")?;
         let port = node.take_l3_port().context("overlay node has no L3 port")?;
         let unreachables = Unreachables::default();
-        let rx = watch_unreachables(port.address, port.rx, L3_QUEUE, unreachables.clone());
-        let stack = Stack::new(port.address, port.mtu, port.tx, rx);
+        let inspect = unreachable_inspector(port.address, unreachables.clone());
+        let stack = Stack::with_inspector(
+            port.address,
+            port.mtu,
+            port.tx,
+            port.rx,
+            StackConfig::default(),
+            Some(inspect),
+        );
         Ok(EmbeddedNode {
             node,
             stack,

@@ -16,5 +16,5 @@ mod tcp;
 pub mod tun;
 
 pub use expose::{Exposed, expose};
-pub use stack::{Stack, StackConfig, StackStats};
+pub use stack::{InboundInspector, Stack, StackConfig, StackStats};
 pub use tcp::{TcpListener, TcpStream};

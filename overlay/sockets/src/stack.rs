@@ -197,6 +197,20 @@ impl Stack {
         rx: mpsc::Receiver<Bytes>,
         config: StackConfig,
     ) -> Stack {
+        Self::with_inspector(address, mtu, tx, rx, config, None)
+    }
+
+    /// As [`Stack::with_config`], with `inspect` shown every inbound packet before the stack
+    /// takes it (on the poll task: keep it short). The gateway learns of its node's "no
+    /// route" errors this way without a task between node and stack.
+    pub fn with_inspector(
+        address: Ipv6Addr,
+        mtu: usize,
+        tx: mpsc::Sender<Bytes>,
+        rx: mpsc::Receiver<Bytes>,
+        config: StackConfig,
+        inspect: Option<InboundInspector>,
+    ) -> Stack {
         // IPv6 needs 1280; an IPv6 packet's payload length field caps it at 65535 + 40.
         let mtu = mtu.clamp(1280, 65535);
         let shard_hasher = RandomState::new();
@@ -253,7 +267,7 @@ impl Stack {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
         });
-        tokio::spawn(run(shared.clone(), tx, rx));
+        tokio::spawn(run(shared.clone(), tx, rx, inspect));
         Stack { shared }
     }
 
@@ -785,7 +799,15 @@ impl Inner {
 }
 
 /// The poll task.
-async fn run(shared: Arc<Shared>, tx: mpsc::Sender<Bytes>, mut rx: mpsc::Receiver<Bytes>) {
+/// Sees every inbound packet before the stack does ([`Stack::with_inspector`]).
+pub type InboundInspector = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+async fn run(
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Bytes>,
+    mut rx: mpsc::Receiver<Bytes>,
+    inspect: Option<InboundInspector>,
+) {
     let mut staged: Option<Bytes> = None;
     let mut rx_open = true;
     loop {
@@ -800,6 +822,9 @@ async fn run(shared: Arc<Shared>, tx: mpsc::Sender<Bytes>, mut rx: mpsc::Receive
             let mut taken = 0;
             if let Some(p) = staged.take() {
                 count(&shared.packets_in, &shared.bytes_in, p.len());
+                if let Some(f) = &inspect {
+                    f(&p);
+                }
                 inner.route_inbound(p);
                 taken += 1;
             }
@@ -807,6 +832,9 @@ async fn run(shared: Arc<Shared>, tx: mpsc::Sender<Bytes>, mut rx: mpsc::Receive
                 match rx.try_recv() {
                     Ok(p) => {
                         count(&shared.packets_in, &shared.bytes_in, p.len());
+                        if let Some(f) = &inspect {
+                            f(&p);
+                        }
                         inner.route_inbound(p);
                         taken += 1;
                     }
