@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
          out of smoltcp's buffers on its own tasks, so work already spreads over both cores; \
          polling the stack's shards from several tasks was not built because the stack alone \
          (in-memory wire row) runs several times faster than the overlay path: the limit is \
-         the overlay's per-packet work (link Noise and end-to-end AEAD on every hop).\n"
+         the overlay's per-packet work (end-to-end AEAD at both ends, link framing and task hand-offs at every node).\n"
     ));
     println!("{md}");
     meshgate_bench::write_section("sockets", &md)?;
