@@ -486,20 +486,17 @@ async fn link_to_self_is_refused() {
     a.shutdown().await;
 }
 
-/// A peer restarts with the same key file while the other end still holds a session with its
-/// previous run: one-way traffic resumes within seconds (the restarted node answers the
-/// stale session's data with a signed unknown-session notice and the sender re-initiates),
-/// instead of being black-holed until the old session expires.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn traffic_resumes_after_a_peer_restarts_with_the_same_key() {
-    let dir = tempfile::tempdir().unwrap();
+/// Node A linked to node B, whose key lives in a file under `dir`; a packet exchanged, then B
+/// shut down. Returns A, A's L3 port, B's config (to restart it with the same key) and B's
+/// address.
+async fn pair_with_restartable_peer(dir: &std::path::Path) -> (Node, L3Port, NodeConfig, Ipv6Addr) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
     let mut cb = cfg(true, vec![]);
     cb.identity = None;
-    cb.key_path = dir.path().join("node.key");
+    cb.key_path = dir.join("node.key");
     cb.listen = Some(port);
     let b = Node::start(cb.clone()).await.unwrap();
     let mut ca = cfg(false, vec![port]);
@@ -515,6 +512,17 @@ async fn traffic_resumes_after_a_peer_restarts_with_the_same_key() {
     exchange(&mut pa, &mut pb, b"before the restart").await;
     drop(pb);
     b.shutdown().await;
+    (a, pa, cb, b_addr)
+}
+
+/// A peer restarts with the same key file while the other end still holds a session with its
+/// previous run: one-way traffic resumes within seconds (the restarted node answers the
+/// stale session's data with a signed unknown-session notice and the sender re-initiates),
+/// instead of being black-holed until the old session expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_resumes_after_a_peer_restarts_with_the_same_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, mut pa, cb, b_addr) = pair_with_restartable_peer(dir.path()).await;
     wait_for("link down", 5, || a.status().peers.is_empty()).await;
 
     let b2 = Node::start(cb).await.unwrap();
@@ -566,28 +574,7 @@ async fn traffic_resumes_after_a_peer_restarts_with_the_same_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_packet_after_a_same_key_restart_arrives_when_the_route_was_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let mut cb = cfg(true, vec![]);
-    cb.identity = None;
-    cb.key_path = dir.path().join("node.key");
-    cb.listen = Some(port);
-    let b = Node::start(cb.clone()).await.unwrap();
-    let mut ca = cfg(false, vec![port]);
-    ca.reconnect_max = Duration::from_millis(500);
-    let a = Node::start(ca).await.unwrap();
-    let b_addr = b.address();
-    wait_for("routes", 10, || {
-        has_route(&a, b_addr) && has_route(&b, a.address())
-    })
-    .await;
-    let mut pa = a.take_l3_port().unwrap();
-    let mut pb = b.take_l3_port().unwrap();
-    exchange(&mut pa, &mut pb, b"before the restart").await;
-    drop(pb);
-    b.shutdown().await;
+    let (a, mut pa, cb, b_addr) = pair_with_restartable_peer(dir.path()).await;
     wait_for("route gone", 5, || !has_route(&a, b_addr)).await;
     pa.tx
         .send(packet(a.address(), b_addr, b"while gone"))
