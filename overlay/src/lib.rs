@@ -9,6 +9,7 @@ pub mod addr;
 pub mod core;
 pub mod identity;
 pub mod link;
+mod link_io;
 pub mod node;
 pub mod routing;
 pub mod session;

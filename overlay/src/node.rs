@@ -1,5 +1,6 @@
-//! The tokio runtime around [`NodeCore`]: TCP listener and dialers, per-link reader and
-//! writer tasks, one core task that owns all protocol state, and the L3 port.
+//! The tokio runtime around [`NodeCore`]: TCP listener and dialers that run link handshakes,
+//! one core task that owns all protocol state and every link's socket ([`LinkIo`]), and the
+//! L3 port.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv6Addr, SocketAddr};
@@ -8,15 +9,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::{CoreConfig, CoreOut, Counters, NodeCore};
 use crate::identity::{Identity, IdentityError, encode_hex};
 use crate::link::{self, LinkError};
+use crate::link_io::{LinkIo, OutFrame, ReadState};
 use crate::routing::{Nbr, RouteInfo};
 use crate::wire::FrameKind;
 use crate::{DEFAULT_MTU, L3Port};
@@ -127,18 +129,10 @@ enum Event {
         id: u64,
         key: [u8; 32],
         transport: Box<snow::TransportState>,
-        tx: mpsc::Sender<OutFrame>,
+        io: Box<LinkIo>,
         cancel: CancellationToken,
         remote: SocketAddr,
         outbound: bool,
-    },
-    Frame {
-        id: u64,
-        kind: FrameKind,
-        body: BytesMut,
-    },
-    LinkDown {
-        id: u64,
     },
     Fault(Fault),
 }
@@ -152,25 +146,23 @@ enum Fault {
     BadFrame,
 }
 
-/// A frame queued for a link writer: header and body kept apart so bodies are never copied.
-struct OutFrame {
-    head: [u8; crate::wire::FRAME_HEADER_LEN],
-    body: Bytes,
-}
-
 struct LinkHandle {
     transport: Box<snow::TransportState>,
-    tx: mpsc::Sender<OutFrame>,
-    overflow: VecDeque<OutFrame>,
+    io: Box<LinkIo>,
+    /// Cancelled when the link is gone: its dialer then reconnects.
     cancel: CancellationToken,
     remote: SocketAddr,
     outbound: bool,
     key: [u8; 32],
 }
 
-/// Frames queued per link writer (at the default MTU about 4 MiB).
+/// Frames queued on one link beyond which the core stops taking local packets (at the
+/// default MTU about 4 MiB): backpressure toward the L3 port.
 const LINK_QUEUE: usize = 128;
+/// Packets queued on one link at most; more are dropped (control messages always queue).
 const OVERFLOW_LIMIT: usize = 1024;
+/// Bytes read from one link per core round before the other links and the L3 port get a turn.
+const READ_BUDGET: usize = 256 * 1024;
 const DELIVER_BACKLOG: usize = 4096;
 const TICK: Duration = Duration::from_millis(100);
 /// Inbound handshakes in progress at most. A handshake costs X25519 operations and memory
@@ -241,7 +233,6 @@ impl Node {
             listen: listen_addr,
             ..NodeStatus::default()
         }));
-        let drained = Arc::new(Notify::new());
         let next_id = Arc::new(std::sync::atomic::AtomicU64::new(1));
         let mut tasks = Vec::new();
         let core_task = CoreTask {
@@ -257,13 +248,11 @@ impl Node {
             l3_in,
             l3_out,
             cancel.clone(),
-            drained.clone(),
         )));
         let ctx = LinkCtx {
             id: id.clone(),
             events: ev_tx.clone(),
             cancel: cancel.clone(),
-            drained,
             next_id,
         };
         if let Some(l) = listener {
@@ -340,7 +329,6 @@ struct LinkCtx {
     id: Identity,
     events: mpsc::Sender<Event>,
     cancel: CancellationToken,
-    drained: Arc<Notify>,
     next_id: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -471,7 +459,13 @@ async fn run_link(
     let id = ctx
         .next_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<OutFrame>(LINK_QUEUE);
+    // Bytes the handshake's reader took past the last handshake message belong to the first
+    // frames; they go to the core with the socket.
+    let leftover = r.buffer().to_vec();
+    let stream = match r.into_inner().reunite(w) {
+        Ok(s) => s,
+        Err(_) => return,
+    };
     let cancel = ctx.cancel.child_token();
     if ctx
         .events
@@ -479,7 +473,7 @@ async fn run_link(
             id,
             key,
             transport: Box::new(transport),
-            tx,
+            io: Box::new(LinkIo::new(stream, &leftover)),
             cancel: cancel.clone(),
             remote,
             outbound,
@@ -489,105 +483,61 @@ async fn run_link(
     {
         return;
     }
-    let wcancel = cancel.clone();
-    let drained = ctx.drained.clone();
-    let writer = tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(WRITE_BATCH);
-        loop {
-            let first = tokio::select! {
-                _ = wcancel.cancelled() => break,
-                f = rx.recv() => f,
-            };
-            let Some(frame) = first else { break };
-            batch.push(frame);
-            while batch.len() < WRITE_BATCH {
-                match rx.try_recv() {
-                    Ok(f) => batch.push(f),
-                    Err(_) => break,
-                }
-            }
-            drained.notify_one();
-            let ok = write_frames(&mut w, &batch).await.is_ok();
-            batch.clear();
-            if !ok {
-                break;
-            }
-        }
-        wcancel.cancel();
-        let _ = w.shutdown().await;
-    });
-    loop {
-        let f = tokio::select! {
-            _ = cancel.cancelled() => break,
-            f = link::read_frame(&mut r) => f,
-        };
-        match f {
-            Ok(Some((kind, body))) => {
-                if ctx
-                    .events
-                    .send(Event::Frame { id, kind, body })
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            Ok(None) => break,
-            Err(e) => {
-                let fault = if e.is_oversized() {
-                    Some(Fault::Oversized)
-                } else if matches!(e, LinkError::Frame(_)) {
-                    Some(Fault::BadFrame)
-                } else {
-                    None
-                };
-                if let Some(f) = fault {
-                    let _ = ctx.events.send(Event::Fault(f)).await;
-                }
-                break;
-            }
-        }
-    }
-    cancel.cancel();
-    let _ = ctx.events.send(Event::LinkDown { id }).await;
-    let _ = writer.await;
+    // The core owns the link now; it cancels `cancel` when the link is gone.
+    cancel.cancelled().await;
 }
 
-const WRITE_BATCH: usize = 32;
+/// What the links produced in one core round.
+enum LinkInput {
+    Frame(u64, FrameKind, BytesMut),
+    Down(u64, Option<Fault>),
+}
 
-/// Writes frames with vectored writes: headers and bodies go to the kernel without copies.
-async fn write_frames<W: tokio::io::AsyncWrite + Unpin>(
-    w: &mut W,
-    frames: &[OutFrame],
-) -> std::io::Result<()> {
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(frames.len() * 2);
-    for f in frames {
-        parts.push(&f.head);
-        parts.push(&f.body);
-    }
-    let (mut idx, mut off) = (0usize, 0usize);
-    while idx < parts.len() {
-        let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&parts[idx][off..])
-            .chain(parts[idx + 1..].iter().copied())
-            .map(std::io::IoSlice::new)
-            .collect();
-        let mut n = w.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+/// Polls every link: writes what was waiting for room, reads and decodes frames. `Ready`
+/// when there is input or a write made progress (congestion may have cleared).
+fn poll_links(
+    links: &mut BTreeMap<u64, LinkHandle>,
+    cx: &mut std::task::Context<'_>,
+    inbox: &mut Vec<LinkInput>,
+) -> std::task::Poll<()> {
+    use std::task::Poll;
+    let mut progress = false;
+    let mut frames = Vec::new();
+    for (&id, l) in links.iter_mut() {
+        match l.io.poll_flush(cx) {
+            Poll::Ready(Ok(_)) => progress = true,
+            Poll::Ready(Err(_)) => {
+                inbox.push(LinkInput::Down(id, None));
+                continue;
+            }
+            Poll::Pending => {}
         }
-        while idx < parts.len() {
-            let rem = parts[idx].len() - off;
-            if n >= rem {
-                n -= rem;
-                idx += 1;
-                off = 0;
-            } else {
-                off += n;
-                break;
+        match l.io.poll_read(cx, &mut frames, READ_BUDGET) {
+            Poll::Pending => {}
+            Poll::Ready(r) => {
+                inbox.extend(frames.drain(..).map(|(k, b)| LinkInput::Frame(id, k, b)));
+                match r {
+                    Ok(ReadState::Open) => {}
+                    Ok(ReadState::Eof) => inbox.push(LinkInput::Down(id, None)),
+                    Err(e) => {
+                        let fault = if e.is_oversized() {
+                            Some(Fault::Oversized)
+                        } else if matches!(e, LinkError::Frame(_)) {
+                            Some(Fault::BadFrame)
+                        } else {
+                            None
+                        };
+                        inbox.push(LinkInput::Down(id, fault));
+                    }
+                }
             }
         }
     }
-    Ok(())
+    if progress || !inbox.is_empty() {
+        Poll::Ready(())
+    } else {
+        Poll::Pending
+    }
 }
 
 struct CoreTask {
@@ -610,14 +560,14 @@ impl CoreTask {
         mut l3_in: mpsc::Receiver<Bytes>,
         l3_out: mpsc::Sender<Bytes>,
         cancel: CancellationToken,
-        drained: Arc<Notify>,
     ) {
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut out = Vec::new();
+        let mut inbox = Vec::new();
         let mut l3_open = true;
         loop {
-            let congested = self.links.values().any(|l| !l.overflow.is_empty());
+            let congested = self.links.values().any(|l| l.io.queued() > LINK_QUEUE);
             // Unbiased: under sustained inbound traffic the ticker (hellos, dead-peer checks)
             // and the local L3 port must still get their turn.
             tokio::select! {
@@ -643,7 +593,22 @@ impl CoreTask {
                         Err(_) => self.pending_deliver.clear(),
                     }
                 }
-                _ = drained.notified(), if congested => {}
+                _ = std::future::poll_fn(|cx| poll_links(&mut self.links, cx, &mut inbox)) => {
+                    let now = self.now();
+                    for input in inbox.drain(..) {
+                        match input {
+                            LinkInput::Frame(id, kind, body) => {
+                                self.frame(id, kind, body, now, &mut out)
+                            }
+                            LinkInput::Down(id, fault) => {
+                                if let Some(f) = fault {
+                                    self.fault(f);
+                                }
+                                self.close(id, now, &mut out);
+                            }
+                        }
+                    }
+                }
                 p = l3_in.recv(), if l3_open && !congested => {
                     match p {
                         Some(p) => {
@@ -661,7 +626,7 @@ impl CoreTask {
                 }
             }
             self.apply(&mut out, &l3_out);
-            self.flush_overflow();
+            self.flush_links(&mut out, &l3_out);
         }
         for l in self.links.values() {
             l.cancel.cancel();
@@ -675,7 +640,7 @@ impl CoreTask {
                 id,
                 key,
                 transport,
-                tx,
+                io,
                 cancel,
                 remote,
                 outbound,
@@ -684,8 +649,7 @@ impl CoreTask {
                     id,
                     LinkHandle {
                         transport,
-                        tx,
-                        overflow: VecDeque::new(),
+                        io,
                         cancel,
                         remote,
                         outbound,
@@ -695,46 +659,51 @@ impl CoreTask {
                 self.core.link_up(id, key, now, out);
                 self.publish_status();
             }
-            Event::LinkDown { id } => {
-                if let Some(l) = self.links.remove(&id) {
-                    l.cancel.cancel();
-                    self.core.link_down(id, now, out);
-                    self.publish_status();
-                }
-            }
-            Event::Frame { id, kind, body } => match kind {
-                FrameKind::Packet => self.core.packet(id, body, now, out),
-                FrameKind::Control => {
-                    let Some(l) = self.links.get_mut(&id) else {
-                        return;
-                    };
-                    match link::open_control(&mut l.transport, &body) {
-                        Ok(msg) => self.core.control(id, msg, now, out),
-                        Err(LinkError::Frame(_)) => {
-                            self.core.counters.control_malformed += 1;
-                            self.core.heard(id, now);
-                        }
-                        Err(_) => {
-                            self.core.counters.control_decrypt_failed += 1;
-                            self.close(id, now, out);
-                        }
+            Event::Fault(f) => self.fault(f),
+        }
+    }
+
+    fn frame(
+        &mut self,
+        id: Nbr,
+        kind: FrameKind,
+        body: BytesMut,
+        now: u64,
+        out: &mut Vec<CoreOut>,
+    ) {
+        match kind {
+            FrameKind::Packet => self.core.packet(id, body, now, out),
+            FrameKind::Control => {
+                let Some(l) = self.links.get_mut(&id) else {
+                    return;
+                };
+                match link::open_control(&mut l.transport, &body) {
+                    Ok(msg) => self.core.control(id, msg, now, out),
+                    Err(LinkError::Frame(_)) => {
+                        self.core.counters.control_malformed += 1;
+                        self.core.heard(id, now);
+                    }
+                    Err(_) => {
+                        self.core.counters.control_decrypt_failed += 1;
+                        self.close(id, now, out);
                     }
                 }
-                FrameKind::Handshake => {
-                    self.core.counters.bad_frame += 1;
-                    self.close(id, now, out);
-                }
-            },
-            Event::Fault(f) => {
-                let c = &mut self.core.counters;
-                match f {
-                    Fault::HandshakeFailed => c.handshake_failed += 1,
-                    Fault::HandshakeRefused => c.handshakes_refused += 1,
-                    Fault::IdentityMismatch => c.identity_mismatch += 1,
-                    Fault::Oversized => c.oversized_frame += 1,
-                    Fault::BadFrame => c.bad_frame += 1,
-                }
             }
+            FrameKind::Handshake => {
+                self.core.counters.bad_frame += 1;
+                self.close(id, now, out);
+            }
+        }
+    }
+
+    fn fault(&mut self, f: Fault) {
+        let c = &mut self.core.counters;
+        match f {
+            Fault::HandshakeFailed => c.handshake_failed += 1,
+            Fault::HandshakeRefused => c.handshakes_refused += 1,
+            Fault::IdentityMismatch => c.identity_mismatch += 1,
+            Fault::Oversized => c.oversized_frame += 1,
+            Fault::BadFrame => c.bad_frame += 1,
         }
     }
 
@@ -742,6 +711,7 @@ impl CoreTask {
         if let Some(l) = self.links.remove(&id) {
             l.cancel.cancel();
             self.core.link_down(id, now, out);
+            self.publish_status();
         }
     }
 
@@ -757,18 +727,17 @@ impl CoreTask {
                         continue;
                     };
                     if let Ok((head, body)) = link::seal_control_parts(&mut l.transport, &msg) {
-                        send_frame(l, OutFrame { head, body }, &mut self.core.counters, true);
+                        l.io.queue(OutFrame { head, body });
                     }
                 }
                 CoreOut::Packet(n, b) => {
                     if let Some(l) = self.links.get_mut(&n) {
-                        let head = crate::wire::frame_header(FrameKind::Packet, b.len());
-                        send_frame(
-                            l,
-                            OutFrame { head, body: b },
-                            &mut self.core.counters,
-                            false,
-                        );
+                        if l.io.queued() < OVERFLOW_LIMIT {
+                            let head = crate::wire::frame_header(FrameKind::Packet, b.len());
+                            l.io.queue(OutFrame { head, body: b });
+                        } else {
+                            self.core.counters.link_queue_drops += 1;
+                        }
                     }
                 }
                 CoreOut::Deliver(b) => {
@@ -798,21 +767,25 @@ impl CoreTask {
         out.clear();
     }
 
-    fn flush_overflow(&mut self) {
-        for l in self.links.values_mut() {
-            while let Some(f) = l.overflow.pop_front() {
-                match l.tx.try_send(f) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(f)) => {
-                        l.overflow.push_front(f);
-                        break;
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        l.overflow.clear();
-                        break;
-                    }
-                }
+    /// Writes what the links' sockets take now; a link whose socket failed goes down.
+    fn flush_links(&mut self, out: &mut Vec<CoreOut>, l3_out: &mpsc::Sender<Bytes>) {
+        // Each round removes at least one link, so this ends.
+        loop {
+            let failed: Vec<Nbr> = self
+                .links
+                .iter_mut()
+                .filter(|(_, l)| l.io.queued() > 0)
+                .filter_map(|(&id, l)| l.io.try_flush().is_err().then_some(id))
+                .collect();
+            if failed.is_empty() {
+                return;
             }
+            let now = self.now();
+            for id in failed {
+                self.close(id, now, out);
+            }
+            // The link-down updates for the remaining links.
+            self.apply(out, l3_out);
         }
     }
 
@@ -847,22 +820,6 @@ impl CoreTask {
         if let Ok(mut g) = self.status.lock() {
             *g = st;
         }
-    }
-}
-
-fn send_frame(l: &mut LinkHandle, frame: OutFrame, counters: &mut Counters, control: bool) {
-    if !l.overflow.is_empty() {
-        if control || l.overflow.len() < OVERFLOW_LIMIT {
-            l.overflow.push_back(frame);
-        } else {
-            counters.link_queue_drops += 1;
-        }
-        return;
-    }
-    match l.tx.try_send(frame) {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(f)) => l.overflow.push_back(f),
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
     }
 }
 

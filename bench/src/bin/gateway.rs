@@ -538,10 +538,19 @@ async fn main() -> Result<()> {
         wait_ok(s.port, "/").with_context(|| format!("{} not ready", s.name))?;
     }
     let _ = &backend;
+    if std::env::var_os("BENCH_HOLD").is_some() {
+        // Keep everything up for profiling by hand.
+        for s in servers {
+            eprintln!("{} port {} pid {}", s.name, s.port, s.child.id());
+        }
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    }
     let mut figures: Vec<Figures> = servers.iter().map(|_| Figures::default()).collect();
+    // BENCH_QUICK=1: wrk and h2load only, printed, docs untouched (for trying changes).
+    let quick = std::env::var_os("BENCH_QUICK").is_some();
     // Idle memory first, on fresh processes (after one request each), before load has grown
     // the allocators' free lists.
-    for (i, s) in servers.iter().enumerate() {
+    for (i, s) in servers.iter().enumerate().filter(|_| !quick) {
         figures[i].idle_bytes = idle_memory(s.child.id(), s.port, IDLE_CONNS).await?;
         eprintln!(
             "{}: {:.1} KiB per idle TLS connection",
@@ -557,8 +566,10 @@ async fn main() -> Result<()> {
             f.p50.push(p50);
             f.p99.push(p99);
             f.h2_rps.push(h2load(s.port)?);
-            f.handshakes.push(handshakes(s.port, false).await?);
-            f.resumed.push(handshakes(s.port, true).await?);
+            if !quick {
+                f.handshakes.push(handshakes(s.port, false).await?);
+                f.resumed.push(handshakes(s.port, true).await?);
+            }
             eprintln!(
                 "round {round} {}: wrk {rps:.0} req/s p50 {p50:.2} ms p99 {p99:.2} ms, h2 {:.0} req/s, handshakes {:.0}/s full, {:.0}/s resumed",
                 s.name,
@@ -633,7 +644,9 @@ async fn main() -> Result<()> {
         ratio(3, 1, hs_of),
     );
     println!("{md}");
-    write_section("gateway", &md)?;
+    if !quick {
+        write_section("gateway", &md)?;
+    }
     drop(direct);
     drop(gateway);
     drop(caddy);
