@@ -1,5 +1,6 @@
 //! TLS session resumption on :443, checked with `openssl s_client` against the real binary:
-//! a returning client resumes with the ticket it was given (TLS 1.3 PSK), still gets its
+//! the ticket handed out is stateless (it carries the encrypted session, not a cache key), a
+//! returning client resumes with it (TLS 1.3 PSK), still gets its
 //! answer, and a ticket offered under another server name is not resumed.
 
 mod common;
@@ -37,6 +38,31 @@ fn s_client(port: u16, host: &str, ca: &std::path::Path, out: &str, offer: Optio
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Bytes of the first session ticket s_client printed (the hex dump under "TLS session
+/// ticket:"), 0 if none.
+fn ticket_len(out: &str) -> usize {
+    let mut lines = out
+        .lines()
+        .skip_while(|l| !l.trim().starts_with("TLS session ticket:"));
+    lines.next();
+    lines
+        .map(str::trim)
+        .take_while(|l| {
+            l.len() > 7 && l.as_bytes()[4] == b' ' && l[..4].chars().all(|c| c.is_ascii_hexdigit())
+        })
+        // "0000 - 1a 2b 3c ...-... 7f   ascii": the hex bytes sit between "- " and the ASCII column.
+        .map(|l| {
+            l[7..]
+                .split("   ")
+                .next()
+                .unwrap_or("")
+                .split(|c: char| c == ' ' || c == '-')
+                .filter(|b| b.len() == 2 && b.chars().all(|c| c.is_ascii_hexdigit()))
+                .count()
+        })
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn returning_clients_resume_their_session() {
     let dir = tempfile::tempdir().unwrap();
@@ -56,6 +82,13 @@ async fn returning_clients_resume_their_session() {
     assert!(first.contains("New, TLSv1.3"), "{first}");
     assert!(first.contains("Verify return code: 0 (ok)"), "{first}");
     assert!(first.contains("HTTP/1.1 200"), "{first}");
+    // A stateless ticket carries the encrypted session state; a server-side session cache
+    // would hand out only a 32-byte lookup key (rustls's stateful tickets).
+    let ticket = ticket_len(&first);
+    assert!(
+        ticket > 64,
+        "ticket of {ticket} bytes is not a stateless ticket:\n{first}"
+    );
 
     let again = s_client(gw.https, "a.test", &ca, &sess("a2"), Some(&sess("a1")));
     assert!(again.contains("Reused, TLSv1.3"), "{again}");
