@@ -1,7 +1,7 @@
 //! TLS session resumption on :443, checked with `openssl s_client` against the real binary:
 //! the ticket handed out is stateless (it carries the encrypted session, not a cache key), a
-//! returning client resumes with it (TLS 1.3 PSK), still gets its
-//! answer, and a ticket offered under another server name is not resumed.
+//! returning client resumes with it (TLS 1.3 PSK) and still gets its answer, and a ticket
+//! offered under another server name is not resumed.
 
 mod common;
 
@@ -56,7 +56,7 @@ fn ticket_len(out: &str) -> usize {
                 .split("   ")
                 .next()
                 .unwrap_or("")
-                .split(|c: char| c == ' ' || c == '-')
+                .split([' ', '-'])
                 .filter(|b| b.len() == 2 && b.chars().all(|c| c.is_ascii_hexdigit()))
                 .count()
         })
