@@ -56,6 +56,22 @@ pub(crate) fn inbound_connection(packet: &[u8]) -> Option<ConnectionKey> {
     }
 }
 
+/// For a TCP segment opening a connection (SYN without ACK): its connection.
+pub(crate) fn connection_request(packet: &[u8]) -> Option<ConnectionKey> {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    let (next, payload) = transport(packet)?;
+    if next != NEXT_TCP || *payload.get(13)? & (SYN | ACK) != SYN {
+        return None;
+    }
+    let (src_port, dst_port) = ports(payload)?;
+    Some(ConnectionKey {
+        remote: source(packet)?,
+        remote_port: src_port,
+        local_port: dst_port,
+    })
+}
+
 fn source(packet: &[u8]) -> Option<Ipv6Addr> {
     let bytes: [u8; 16] = packet.get(8..24)?.try_into().ok()?;
     Some(Ipv6Addr::from(bytes))
@@ -141,6 +157,33 @@ mod tests {
                 local_port: 80
             })
         );
+    }
+
+    #[test]
+    fn connection_requests_are_syns_without_ack() {
+        let with_flags = |flags: u8| {
+            let mut t = tcp(40000, 80);
+            t[13] = flags;
+            ipv6(NEXT_TCP, REMOTE, LOCAL, &t)
+        };
+        let key = connection_request(&with_flags(0x02)).unwrap();
+        assert_eq!(
+            (key.remote, key.remote_port, key.local_port),
+            (REMOTE, 40000, 80)
+        );
+        for flags in [0x12, 0x10, 0x18, 0x04, 0x11, 0] {
+            assert_eq!(
+                connection_request(&with_flags(flags)),
+                None,
+                "flags {flags:#x}"
+            );
+        }
+        // Truncated before the flags byte, or not TCP.
+        let syn = with_flags(0x02);
+        assert_eq!(connection_request(&syn[..40 + 13]), None);
+        let mut udp = syn.clone();
+        udp[6] = 17;
+        assert_eq!(connection_request(&udp), None);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! Streams and listeners share the shards through one mutex and copy straight into and out of
 //! the smoltcp socket buffers. The poll task never spins.
 
-use crate::demux::{ConnectionKey, inbound_connection};
+use crate::demux::{ConnectionKey, connection_request, inbound_connection};
 use crate::device::{Outbound, ShardDevice};
 use crate::tcp::{TcpListener, TcpStream};
 use bytes::Bytes;
@@ -131,6 +131,26 @@ struct Shard {
     /// smoltcp's next timer for this shard as of its last poll (`None`: nothing scheduled).
     /// Valid until the shard is touched, and every touch marks it dirty.
     poll_at: Option<SmolInstant>,
+}
+
+impl Shard {
+    /// Whether a socket of this shard is connected, or connecting, as `key`. A socket in
+    /// TIME-WAIT does not count: the peer may open the connection anew.
+    fn holds(&self, key: ConnectionKey) -> bool {
+        self.sockets.iter().any(|(_, socket)| match socket {
+            smoltcp::socket::Socket::Tcp(t) => {
+                !matches!(
+                    t.state(),
+                    tcp::State::Closed | tcp::State::Listen | tcp::State::TimeWait
+                ) && t.local_endpoint().is_some_and(|l| l.port == key.local_port)
+                    && t.remote_endpoint().is_some_and(|r| {
+                        r.port == key.remote_port && r.addr == IpAddress::Ipv6(key.remote)
+                    })
+            }
+            #[allow(unreachable_patterns)]
+            _ => false,
+        })
+    }
 }
 
 pub(crate) struct Inner {
@@ -755,8 +775,17 @@ impl Inner {
         let mut changed = false;
         loop {
             let s = &mut self.shards[shard];
-            if s.inbound.is_empty() {
+            let Some(front) = s.inbound.front() else {
                 break;
+            };
+            if connection_request(front).is_some_and(|key| s.holds(key)) {
+                // A retransmitted SYN of a connection a socket here already holds (its SYN-ACK
+                // was slow or lost). smoltcp offers a segment to the sockets in slot order and a
+                // listening socket takes any SYN for its port, so a spare listener in a lower
+                // slot would open a second socket for the same connection and the two would
+                // split its segments. The holder retransmits its SYN-ACK on its own timer.
+                s.inbound.pop_front();
+                continue;
             }
             let mut device = ShardDevice {
                 inbound: &mut s.inbound,

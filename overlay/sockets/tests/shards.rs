@@ -135,6 +135,18 @@ fn tcp_segment(
     ack: u32,
     flags: u8,
 ) -> Vec<u8> {
+    tcp_segment_carrying(src, dst, ports, (seq, ack), flags, &[])
+}
+
+/// A TCP segment without options carrying `data`, checksummed for `src` → `dst`.
+fn tcp_segment_carrying(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    ports: (u16, u16),
+    (seq, ack): (u32, u32),
+    flags: u8,
+    data: &[u8],
+) -> Vec<u8> {
     let mut t = vec![0u8; 20];
     t[0..2].copy_from_slice(&ports.0.to_be_bytes());
     t[2..4].copy_from_slice(&ports.1.to_be_bytes());
@@ -143,6 +155,7 @@ fn tcp_segment(
     t[12] = 5 << 4;
     t[13] = flags;
     t[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    t.extend_from_slice(data);
     let mut sum = 0u32;
     let mut add = |bytes: &[u8]| {
         for pair in bytes.chunks(2) {
@@ -350,4 +363,103 @@ async fn malformed_packets_are_harmless() {
     d.read_exact(&mut echoed).await.unwrap();
     assert_eq!(&echoed, b"again");
     server.abort();
+}
+
+/// (source port, destination port, sequence number, flags) of a TCP segment the stack sent.
+fn parse_tcp(packet: &[u8]) -> Option<(u16, u16, u32, u8)> {
+    if packet.len() < 60 || packet[6] != TCP {
+        return None;
+    }
+    let t = &packet[40..];
+    Some((
+        u16::from_be_bytes([t[0], t[1]]),
+        u16::from_be_bytes([t[2], t[3]]),
+        u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+        t[13],
+    ))
+}
+
+/// The next SYN-ACK the stack sends to `port`: its sequence number.
+async fn syn_ack_to(rx: &mut mpsc::Receiver<Bytes>, port: u16) -> u32 {
+    loop {
+        let packet = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("no SYN-ACK within 5 s")
+            .expect("stack gone");
+        if let Some((_, dst, seq, flags)) = parse_tcp(&packet)
+            && dst == port
+            && flags & (SYN | ACK) == SYN | ACK
+        {
+            return seq;
+        }
+    }
+}
+
+/// A retransmitted SYN (its SYN-ACK was slow or lost) must reach the socket that already holds
+/// the connection, never a spare listening socket: smoltcp offers segments to sockets in slot
+/// order, and after churn the spare sits in a lower slot than the connection. Before the stack
+/// dropped such SYNs, the spare opened a second socket for the same connection; the peer's ACK
+/// and data then went to that one, and the accepted stream never saw them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retransmitted_syn_does_not_open_a_second_socket() {
+    let (peer_tx, b_rx) = mpsc::channel::<Bytes>(64);
+    let (b_tx, mut peer_rx) = mpsc::channel::<Bytes>(64);
+    let b = Stack::new(B, 1400, b_tx, b_rx);
+    let listener = b.listen(80).unwrap();
+    let send = |segment: Vec<u8>| {
+        let tx = peer_tx.clone();
+        async move {
+            tx.send(Bytes::from(ipv6(TCP, A, B, &segment)))
+                .await
+                .unwrap()
+        }
+    };
+    const PORT: u16 = 40000;
+    // A first connection on the same 4-tuple takes the shard's spare listener (slot 0); the
+    // stack adds a new spare (slot 1). Aborting it frees slot 0.
+    send(tcp_segment(A, B, (PORT, 80), 100, 0, SYN)).await;
+    let isn = syn_ack_to(&mut peer_rx, PORT).await;
+    send(tcp_segment(A, B, (PORT, 80), 101, isn.wrapping_add(1), ACK)).await;
+    let (first, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+        .await
+        .expect("first connection accepted")
+        .unwrap();
+    first.abort();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while b.connections_per_shard().iter().sum::<usize>() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the aborted connection's socket is removed");
+
+    // The connection again: the spare in slot 1 takes the SYN and the new spare lands in the
+    // freed slot 0, before it. Then the same SYN once more, as a retransmission.
+    let syn = tcp_segment(A, B, (PORT, 80), 5000, 0, SYN);
+    send(syn.clone()).await;
+    let isn = syn_ack_to(&mut peer_rx, PORT).await;
+    send(syn).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        b.connections_per_shard().iter().sum::<usize>(),
+        1,
+        "a retransmitted SYN opened a second socket for the connection"
+    );
+    // The handshake completes on the socket holding the connection, and its data arrives.
+    let ack = isn.wrapping_add(1);
+    send(tcp_segment(A, B, (PORT, 80), 5001, ack, ACK)).await;
+    let (mut second, peer) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+        .await
+        .expect("the connection is accepted")
+        .unwrap();
+    assert_eq!(peer.port(), PORT);
+    const PSH: u8 = 0x08;
+    let data = tcp_segment_carrying(A, B, (PORT, 80), (5001, ack), ACK | PSH, b"hello");
+    send(data).await;
+    let mut got = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), second.read_exact(&mut got))
+        .await
+        .expect("the data reached the accepted stream")
+        .unwrap();
+    assert_eq!(&got, b"hello");
 }
