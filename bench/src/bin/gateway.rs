@@ -12,6 +12,9 @@
 //! The backend is an nginx serving a 6-byte body. All three proxies use the same ECDSA P-256
 //! certificate. Access logs are off everywhere. Run:
 //! `cargo run --release -p meshgate-bench --bin gateway` (installs wrk, nginx, caddy if missing).
+//! `BENCH_QUICK=1`: wrk and h2load rounds only, printed, docs untouched (for trying changes).
+//! `BENCH_HOLD=1`: start everything, print ports and pids, and keep it up for 10 minutes (for
+//! profiling by hand).
 
 use anyhow::{Context, Result, bail};
 use meshgate_bench::{median, write_section};
