@@ -194,3 +194,70 @@ async fn thousand_concurrent_streams() {
     }
     server.await.unwrap();
 }
+
+/// Readers slower than the wire: receive windows close and reopen all the time (zero-window
+/// probes, window updates, FIN behind a closed window). Every stream must still arrive whole,
+/// its last byte included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_get_every_byte() {
+    const STREAMS: usize = 200;
+    let config = StackConfig {
+        socket_buffer: 16 * 1024,
+        ..StackConfig::default()
+    };
+    let (a, b) = wire(16384, config);
+    let listener = b.listen(7100).unwrap();
+    let server = tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..STREAMS {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 3000];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                s.write_all(&(got.len() as u64).to_be_bytes())
+                    .await
+                    .unwrap();
+                s.write_all(blake3::hash(&got).as_bytes()).await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let mut clients = Vec::new();
+    for i in 0..STREAMS {
+        let a = a.clone();
+        clients.push(tokio::spawn(async move {
+            let data = pattern(i as u64, 100_000 + i * 37);
+            let mut c = a.connect(SocketAddrV6::new(B, 7100, 0, 0)).await.unwrap();
+            c.write_all(&data).await.unwrap();
+            c.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            c.read_to_end(&mut answer).await.unwrap();
+            let len = u64::from_be_bytes(answer[..8].try_into().unwrap());
+            assert_eq!(len, data.len() as u64, "stream {i}: length");
+            assert_eq!(
+                &answer[8..],
+                blake3::hash(&data).as_bytes(),
+                "stream {i}: bytes"
+            );
+        }));
+    }
+    let all = async {
+        for c in clients {
+            c.await.unwrap();
+        }
+        server.await.unwrap();
+    };
+    tokio::time::timeout(Duration::from_secs(120), all)
+        .await
+        .expect("slow readers: streams done within 120 s");
+}
