@@ -463,3 +463,101 @@ async fn retransmitted_syn_does_not_open_a_second_socket() {
         .unwrap();
     assert_eq!(&got, b"hello");
 }
+
+/// Payload length of a TCP segment the stack sent (no options are assumed past the data
+/// offset field).
+fn tcp_payload_len(packet: &[u8]) -> usize {
+    let data_offset = usize::from(packet[40 + 12] >> 4) * 4;
+    packet.len().saturating_sub(40 + data_offset)
+}
+
+/// Fast retransmits must go out even when the stack's outbound queue is full. Many connections
+/// share few shards and the outbound queue holds one packet, so during one egress pass the
+/// first socket of a shard fills the queue. smoltcp 0.14 marks a fast retransmit done (and its
+/// timer idle) before the transmit, so a device that refused the transmit lost that
+/// retransmission for good: the connection kept data in flight with no timer running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_retransmits_survive_a_full_outbound_queue() {
+    const CONNECTIONS: u16 = 96;
+    let (a_tx, mut peer_rx) = mpsc::channel::<Bytes>(4096);
+    let (peer_tx, a_rx) = mpsc::channel::<Bytes>(4096);
+    let a = Stack::with_config(
+        A,
+        1400,
+        a_tx,
+        a_rx,
+        StackConfig {
+            outbound_queue: 1,
+            ..StackConfig::default()
+        },
+    );
+    let send = |segment: Vec<u8>| Bytes::from(ipv6(TCP, B, A, &segment));
+    let mut connects = Vec::new();
+    for i in 0..CONNECTIONS {
+        let a = a.clone();
+        connects.push(tokio::spawn(async move {
+            let mut s = a
+                .connect(SocketAddrV6::new(B, 3000 + i, 0, 0))
+                .await
+                .unwrap();
+            // Three segments' worth (the peer's MSS is the default 536 bytes): the peer
+            // "loses" the first and acknowledges none of them.
+            s.write_all(&pattern(u64::from(i), 3 * 536)).await.unwrap();
+            s
+        }));
+    }
+    // The peer accepts every connection (ISN 1000) and notes, per connection (A's port), the
+    // peer's port, the sequence number of A's first data byte and how many data segments came.
+    let mut conns: std::collections::HashMap<u16, (u16, u32, usize)> = Default::default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while conns.values().filter(|c| c.2 >= 3).count() < usize::from(CONNECTIONS) {
+        let packet = tokio::time::timeout_at(deadline, peer_rx.recv())
+            .await
+            .expect("the connections did not send their data")
+            .unwrap();
+        let Some((a_port, b_port, seq, flags)) = parse_tcp(&packet) else {
+            continue;
+        };
+        if flags & (SYN | ACK) == SYN {
+            let syn_ack = tcp_segment(B, A, (b_port, a_port), 1000, seq.wrapping_add(1), SYN | ACK);
+            peer_tx.send(send(syn_ack)).await.unwrap();
+        } else if tcp_payload_len(&packet) > 0 {
+            let c = conns.entry(a_port).or_insert((b_port, seq, 0));
+            c.2 += 1;
+        }
+    }
+    // Three duplicate ACKs per connection, all at once, so that the fast retransmits of many
+    // connections meet in the same egress passes.
+    for (&a_port, &(b_port, first, _)) in &conns {
+        for _ in 0..3 {
+            let dup = tcp_segment(B, A, (b_port, a_port), 1001, first, ACK);
+            peer_tx.send(send(dup)).await.unwrap();
+        }
+    }
+    // Every connection resends its first segment. Without a fast retransmit nothing would
+    // before the retransmission timeout (at least 1 s); a lost one leaves no timer at all.
+    let mut resent = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while resent.len() < conns.len() {
+        let Ok(packet) = tokio::time::timeout_at(deadline, peer_rx.recv()).await else {
+            let stuck: Vec<u16> = conns
+                .keys()
+                .filter(|p| !resent.contains(*p))
+                .copied()
+                .collect();
+            panic!(
+                "{} of {} connections never resent their first segment: {stuck:?}",
+                stuck.len(),
+                conns.len()
+            );
+        };
+        let packet = packet.unwrap();
+        if let Some((a_port, _, seq, _)) = parse_tcp(&packet)
+            && tcp_payload_len(&packet) > 0
+            && conns.get(&a_port).is_some_and(|c| c.1 == seq)
+        {
+            resent.insert(a_port);
+        }
+    }
+    drop(connects);
+}
