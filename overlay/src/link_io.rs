@@ -133,7 +133,9 @@ impl LinkIo {
 
     /// One vectored write of up to [`WRITE_BATCH`] queued frames.
     fn write_some(&mut self) -> io::Result<()> {
-        let mut slices: Vec<io::IoSlice<'_>> = Vec::with_capacity(2 * WRITE_BATCH);
+        // On the stack: this runs for every write on the hot path.
+        let mut slices = [io::IoSlice::new(&[]); 2 * WRITE_BATCH];
+        let mut used = 0;
         let mut skip = self.out_off;
         for f in self.out.iter().take(WRITE_BATCH) {
             for part in [&f.head[..], &f.body[..]] {
@@ -141,11 +143,12 @@ impl LinkIo {
                     skip -= part.len();
                     continue;
                 }
-                slices.push(io::IoSlice::new(&part[skip..]));
+                slices[used] = io::IoSlice::new(&part[skip..]);
+                used += 1;
                 skip = 0;
             }
         }
-        let mut n = self.stream.try_write_vectored(&slices)?;
+        let mut n = self.stream.try_write_vectored(&slices[..used])?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

@@ -493,16 +493,30 @@ enum LinkInput {
     Down(u64, Option<Fault>),
 }
 
-/// Polls every link: writes what was waiting for room, reads and decodes frames. `Ready`
-/// when there is input or a write made progress (congestion may have cleared).
+impl Fault {
+    /// The counted fault behind a link read error (I/O errors and EOF are not faults).
+    fn of_read_error(e: &LinkError) -> Option<Fault> {
+        if e.is_oversized() {
+            Some(Fault::Oversized)
+        } else if matches!(e, LinkError::Frame(_)) {
+            Some(Fault::BadFrame)
+        } else {
+            None
+        }
+    }
+}
+
+/// Polls every link: writes what was waiting for room, reads and decodes frames (through
+/// `frames`, a scratch buffer kept across rounds). `Ready` when there is input or a write
+/// made progress (congestion may have cleared).
 fn poll_links(
     links: &mut BTreeMap<u64, LinkHandle>,
     cx: &mut std::task::Context<'_>,
+    frames: &mut Vec<(FrameKind, BytesMut)>,
     inbox: &mut Vec<LinkInput>,
 ) -> std::task::Poll<()> {
     use std::task::Poll;
     let mut progress = false;
-    let mut frames = Vec::new();
     for (&id, l) in links.iter_mut() {
         match l.io.poll_flush(cx) {
             Poll::Ready(Ok(_)) => progress = true,
@@ -512,25 +526,14 @@ fn poll_links(
             }
             Poll::Pending => {}
         }
-        match l.io.poll_read(cx, &mut frames, READ_BUDGET) {
-            Poll::Pending => {}
-            Poll::Ready(r) => {
-                inbox.extend(frames.drain(..).map(|(k, b)| LinkInput::Frame(id, k, b)));
-                match r {
-                    Ok(ReadState::Open) => {}
-                    Ok(ReadState::Eof) => inbox.push(LinkInput::Down(id, None)),
-                    Err(e) => {
-                        let fault = if e.is_oversized() {
-                            Some(Fault::Oversized)
-                        } else if matches!(e, LinkError::Frame(_)) {
-                            Some(Fault::BadFrame)
-                        } else {
-                            None
-                        };
-                        inbox.push(LinkInput::Down(id, fault));
-                    }
-                }
-            }
+        let Poll::Ready(r) = l.io.poll_read(cx, frames, READ_BUDGET) else {
+            continue;
+        };
+        inbox.extend(frames.drain(..).map(|(k, b)| LinkInput::Frame(id, k, b)));
+        match r {
+            Ok(ReadState::Open) => {}
+            Ok(ReadState::Eof) => inbox.push(LinkInput::Down(id, None)),
+            Err(e) => inbox.push(LinkInput::Down(id, Fault::of_read_error(&e))),
         }
     }
     if progress || !inbox.is_empty() {
@@ -565,6 +568,7 @@ impl CoreTask {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut out = Vec::new();
         let mut inbox = Vec::new();
+        let mut frames = Vec::new();
         let mut l3_open = true;
         loop {
             let congested = self.links.values().any(|l| l.io.queued() > LINK_QUEUE);
@@ -593,7 +597,7 @@ impl CoreTask {
                         Err(_) => self.pending_deliver.clear(),
                     }
                 }
-                _ = std::future::poll_fn(|cx| poll_links(&mut self.links, cx, &mut inbox)) => {
+                _ = std::future::poll_fn(|cx| poll_links(&mut self.links, cx, &mut frames, &mut inbox)) => {
                     let now = self.now();
                     for input in inbox.drain(..) {
                         match input {

@@ -174,20 +174,40 @@ fn tcp_segment_carrying(
     t
 }
 
-/// A SYN the stack sent: (source port, destination port, sequence number).
-fn parse_syn(packet: &[u8]) -> Option<(u16, u16, u32)> {
+/// (source port, destination port, sequence number, flags) of a TCP segment the stack sent.
+fn parse_tcp(packet: &[u8]) -> Option<(u16, u16, u32, u8)> {
     if packet.len() < 60 || packet[6] != TCP {
         return None;
     }
     let t = &packet[40..];
-    if t[13] & (SYN | ACK) != SYN {
-        return None;
-    }
     Some((
         u16::from_be_bytes([t[0], t[1]]),
         u16::from_be_bytes([t[2], t[3]]),
         u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+        t[13],
     ))
+}
+
+/// A SYN the stack sent: (source port, destination port, sequence number).
+fn parse_syn(packet: &[u8]) -> Option<(u16, u16, u32)> {
+    let (src, dst, seq, flags) = parse_tcp(packet)?;
+    (flags & (SYN | ACK) == SYN).then_some((src, dst, seq))
+}
+
+/// A stack at `addr` whose L3 port a test plays by hand: (stack, what it sends, what to
+/// send it).
+fn raw_peer_of(
+    addr: Ipv6Addr,
+    config: StackConfig,
+    queue: usize,
+) -> (Stack, mpsc::Receiver<Bytes>, mpsc::Sender<Bytes>) {
+    let (stack_tx, from_stack) = mpsc::channel::<Bytes>(queue);
+    let (to_stack, stack_rx) = mpsc::channel::<Bytes>(queue);
+    (
+        Stack::with_config(addr, 1400, stack_tx, stack_rx, config),
+        from_stack,
+        to_stack,
+    )
 }
 
 /// A hand-written peer answers the SYNs of many concurrent connects: each SYN-ACK must reach
@@ -195,18 +215,11 @@ fn parse_syn(packet: &[u8]) -> Option<(u16, u16, u32)> {
 /// stack resets it and the connect times out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_replies_reach_their_shard() {
-    let (a_tx, mut peer_rx) = mpsc::channel::<Bytes>(1024);
-    let (peer_tx, a_rx) = mpsc::channel::<Bytes>(1024);
-    let a = Stack::with_config(
-        A,
-        1400,
-        a_tx,
-        a_rx,
-        StackConfig {
-            connect_timeout: Duration::from_secs(3),
-            ..StackConfig::default()
-        },
-    );
+    let config = StackConfig {
+        connect_timeout: Duration::from_secs(3),
+        ..StackConfig::default()
+    };
+    let (a, mut peer_rx, peer_tx) = raw_peer_of(A, config, 1024);
     const CONNECTS: u16 = 128;
     let mut connects = Vec::new();
     for i in 0..CONNECTS {
@@ -365,20 +378,6 @@ async fn malformed_packets_are_harmless() {
     server.abort();
 }
 
-/// (source port, destination port, sequence number, flags) of a TCP segment the stack sent.
-fn parse_tcp(packet: &[u8]) -> Option<(u16, u16, u32, u8)> {
-    if packet.len() < 60 || packet[6] != TCP {
-        return None;
-    }
-    let t = &packet[40..];
-    Some((
-        u16::from_be_bytes([t[0], t[1]]),
-        u16::from_be_bytes([t[2], t[3]]),
-        u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
-        t[13],
-    ))
-}
-
 /// The next SYN-ACK the stack sends to `port`: its sequence number.
 async fn syn_ack_to(rx: &mut mpsc::Receiver<Bytes>, port: u16) -> u32 {
     loop {
@@ -402,9 +401,7 @@ async fn syn_ack_to(rx: &mut mpsc::Receiver<Bytes>, port: u16) -> u32 {
 /// and data then went to that one, and the accepted stream never saw them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retransmitted_syn_does_not_open_a_second_socket() {
-    let (peer_tx, b_rx) = mpsc::channel::<Bytes>(64);
-    let (b_tx, mut peer_rx) = mpsc::channel::<Bytes>(64);
-    let b = Stack::new(B, 1400, b_tx, b_rx);
+    let (b, mut peer_rx, peer_tx) = raw_peer_of(B, StackConfig::default(), 64);
     let listener = b.listen(80).unwrap();
     let send = |segment: Vec<u8>| {
         let tx = peer_tx.clone();
@@ -479,18 +476,11 @@ fn tcp_payload_len(packet: &[u8]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fast_retransmits_survive_a_full_outbound_queue() {
     const CONNECTIONS: u16 = 96;
-    let (a_tx, mut peer_rx) = mpsc::channel::<Bytes>(4096);
-    let (peer_tx, a_rx) = mpsc::channel::<Bytes>(4096);
-    let a = Stack::with_config(
-        A,
-        1400,
-        a_tx,
-        a_rx,
-        StackConfig {
-            outbound_queue: 1,
-            ..StackConfig::default()
-        },
-    );
+    let config = StackConfig {
+        outbound_queue: 1,
+        ..StackConfig::default()
+    };
+    let (a, mut peer_rx, peer_tx) = raw_peer_of(A, config, 4096);
     let send = |segment: Vec<u8>| Bytes::from(ipv6(TCP, B, A, &segment));
     let mut connects = Vec::new();
     for i in 0..CONNECTIONS {
