@@ -5,9 +5,9 @@
 use crate::error::CertError;
 use crate::pem::{leaf_info, normalize_name};
 use crate::schedule::Validity;
+use meshgate_config::token::{Placement, write_private_file};
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// A certificate found in the store.
@@ -133,39 +133,11 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<(), CertError> {
         .map_err(|e| CertError::file(dir, format!("cannot set mode 0700: {e}")))
 }
 
-/// Writes `contents` to `path` with mode 0600, crash-safely: a fresh temporary file in the
-/// same directory (0600, fsynced) is renamed over `path`, then the directory is fsynced. A
+/// Writes `contents` to `path` with mode 0600, crash-safely, replacing what is there: a
 /// reader sees the old file or the new one, never a torn one.
 pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), CertError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{file_name}.{}.{:016x}.tmp",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.set_permissions(fs::Permissions::from_mode(0o600))?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        CertError::file(path, format!("cannot write: {e}"))
-    })
+    write_private_file(path, contents, Placement::Replace)
+        .map_err(|e| CertError::file(path, format!("cannot write: {}", e.source)))
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use subtle::ConstantTimeEq;
 
 const PREFIX: &str = "mg_";
@@ -57,11 +57,38 @@ pub fn read_secret_file(path: &Path) -> Result<Option<Vec<u8>>, SecretError> {
     std::fs::read(path).map(Some).map_err(io_err(path))
 }
 
-/// Writes a new secret file with mode 0600 (fails if it exists), crash-safely: the contents go
-/// to a fresh temporary file in the same directory (0600, fsynced), which is then hard-linked
-/// into place (atomic, and fails if `path` exists); the directory is fsynced so the new name
-/// survives a crash. A reader never sees a partial file.
+/// Writes a new secret file with mode 0600 (fails if it exists), crash-safely (see
+/// [`write_private_file`] with [`Placement::New`]). A reader never sees a partial file.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), SecretError> {
+    write_private_file(path, contents, Placement::New).map_err(|e| io_err(&e.path)(e.source))
+}
+
+/// How [`write_private_file`] puts the finished file at its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Only if nothing is there: a hard link, atomic, fails if the path exists.
+    New,
+    /// Over whatever is there: a rename, so a reader sees the old file or the new one.
+    Replace,
+}
+
+/// A [`write_private_file`] that failed: the file it failed on (the temporary file, the
+/// target or its directory) and why.
+#[derive(Debug)]
+pub struct PrivateWriteError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
+/// Writes `contents` to `path` with mode 0600, crash-safely: the contents go to a fresh
+/// temporary file in the same directory (0600, fsynced), which is then placed at `path` as
+/// `placement` says; the directory is fsynced so the name survives a crash. A reader never
+/// sees a partial file.
+pub fn write_private_file(
+    path: &Path,
+    contents: &[u8],
+    placement: Placement,
+) -> Result<(), PrivateWriteError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -75,6 +102,10 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), SecretError
         std::process::id(),
         hex(&random_bytes::<6>())
     ));
+    let failed_at = |at: &Path| {
+        let path = at.to_path_buf();
+        move |source| PrivateWriteError { path, source }
+    };
     let write = || -> std::io::Result<()> {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -85,12 +116,17 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), SecretError
         file.write_all(contents)?;
         file.sync_all()
     };
-    let placed = write()
-        .map_err(io_err(&tmp))
-        .and_then(|()| std::fs::hard_link(&tmp, path).map_err(io_err(path)));
+    let placed = write().map_err(failed_at(&tmp)).and_then(|()| {
+        match placement {
+            Placement::New => std::fs::hard_link(&tmp, path),
+            Placement::Replace => std::fs::rename(&tmp, path),
+        }
+        .map_err(failed_at(path))
+    });
+    // Gone already after a rename; after a hard link or a failure it is not needed.
     let _ = std::fs::remove_file(&tmp);
     placed?;
-    sync_dir(dir).map_err(io_err(dir))
+    sync_dir(dir).map_err(failed_at(dir))
 }
 
 /// Makes a directory's entries (a new or renamed file) durable.
