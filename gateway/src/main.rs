@@ -3,6 +3,11 @@
 use clap::{Parser, Subcommand};
 use meshgate_gateway::cmd;
 
+// glibc's malloc cost ~10% of the gateway's CPU per proxied request (perf); mimalloc's
+// thread-local free lists suit many small short-lived buffers.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "meshgate",

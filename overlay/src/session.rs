@@ -7,8 +7,10 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::Ipv6Addr;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use chacha20poly1305::{AeadInOut, ChaCha20Poly1305, KeyInit, Nonce, Tag};
+// ring's ChaCha20-Poly1305 seals a small packet 6.6× faster than the RustCrypto crate on the
+// bench machine (197 ns vs 1301 ns at 64 bytes; 2.3× at 32 KiB): see docs/benchmarks.md.
 use hkdf::Hkdf;
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use sha2::{Digest, Sha256};
 
 use crate::addr::{Prefix, prefix_for_key, prefix_of};
@@ -162,8 +164,8 @@ struct Session {
     peer_key: [u8; 32],
     local_idx: u32,
     remote_idx: u32,
-    send: ChaCha20Poly1305,
-    recv: ChaCha20Poly1305,
+    send: LessSafeKey,
+    recv: LessSafeKey,
     send_counter: u64,
     replay: ReplayWindow,
     created: Micros,
@@ -481,10 +483,15 @@ impl Sessions {
         }
         let aad = wire::data_aad(&packet);
         let len = packet.len();
-        let tag = Tag::try_from(&packet[len - TAG_LEN..]).map_err(|_| SessionError::Malformed)?;
-        let body = &mut packet[DATA_HEADER_LEN..len - TAG_LEN];
+        if len < DATA_HEADER_LEN + TAG_LEN {
+            return Err(SessionError::Malformed);
+        }
         s.recv
-            .decrypt_inout_detached(&nonce(counter), &aad, body.into(), &tag)
+            .open_in_place(
+                nonce(counter),
+                Aad::from(aad),
+                &mut packet[DATA_HEADER_LEN..],
+            )
             .map_err(|_| SessionError::BadTag)?;
         s.replay.accept(counter);
         s.last_received = Some(now);
@@ -671,7 +678,7 @@ fn derive_keys(
     peer_eph: &[u8; 32],
     init_hash: &[u8; 32],
     resp: &SessionResp,
-) -> Result<(ChaCha20Poly1305, ChaCha20Poly1305), SessionError> {
+) -> Result<(LessSafeKey, LessSafeKey), SessionError> {
     let shared = own_eph.diffie_hellman(&x25519_dalek::PublicKey::from(*peer_eph));
     if !shared.was_contributory() {
         return Err(SessionError::WeakKey);
@@ -688,7 +695,11 @@ fn derive_keys(
         .map_err(|_| SessionError::WeakKey)?;
     hk.expand(b"meshgate-e2e-v1 responder to initiator", &mut *r2i)
         .map_err(|_| SessionError::WeakKey)?;
-    let k = |b: &[u8; 32]| ChaCha20Poly1305::new_from_slice(b).map_err(|_| SessionError::WeakKey);
+    let k = |b: &[u8; 32]| {
+        UnboundKey::new(&CHACHA20_POLY1305, b)
+            .map(LessSafeKey::new)
+            .map_err(|_| SessionError::WeakKey)
+    };
     Ok((k(&i2r)?, k(&r2i)?))
 }
 
@@ -696,7 +707,8 @@ fn derive_keys(
 fn nonce(counter: u64) -> Nonce {
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&counter.to_be_bytes());
-    Nonce::from(n)
+    // Unique: the counter never repeats within a session (one key per session and direction).
+    Nonce::assume_unique_for_key(n)
 }
 
 fn seal_data(s: &mut Session, src: &Ipv6Addr, dst: &Ipv6Addr, packet: &[u8]) -> Bytes {
@@ -708,11 +720,13 @@ fn seal_data(s: &mut Session, src: &Ipv6Addr, dst: &Ipv6Addr, packet: &[u8]) -> 
     let aad = wire::data_aad(&b[..DATA_HEADER_LEN]);
     let body = &mut b[DATA_HEADER_LEN..];
     // Sealing cannot fail for packets below the AEAD's 256 GiB limit.
-    let tag = s
+    match s
         .send
-        .encrypt_inout_detached(&nonce(counter), &aad, body.into())
-        .unwrap_or_default();
-    b.put_slice(&tag);
+        .seal_in_place_separate_tag(nonce(counter), Aad::from(aad), body)
+    {
+        Ok(tag) => b.put_slice(tag.as_ref()),
+        Err(_) => b.put_bytes(0, TAG_LEN),
+    }
     b.freeze()
 }
 
@@ -789,6 +803,13 @@ mod tests {
             let mut t = BytesMut::from(&p[..]);
             t[i] ^= 1;
             assert!(b.open(3, t).is_err(), "flipped byte {i} accepted");
+        }
+        // Every truncation is refused, down to a header without a whole tag.
+        for n in 0..p.len() {
+            assert!(
+                b.open(3, BytesMut::from(&p[..n])).is_err(),
+                "{n} bytes accepted"
+            );
         }
         let mut hop = BytesMut::from(&p[..]);
         hop[1] = 3;

@@ -26,6 +26,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+// The workload node runs in this process; it uses the allocator the `meshgate` binary uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const HOST: &str = "localhost";
 const ROUNDS: usize = 3;
 const DURATION: &str = "2s";
@@ -583,6 +587,30 @@ async fn main() -> Result<()> {
         }
     }
 
+    if quick {
+        // Ratios within each round, then the median: meshgate rows against nginx (row 1).
+        for (i, s) in servers.iter().enumerate().filter(|(i, _)| *i != 1) {
+            let mut wrk: Vec<f64> = figures[i]
+                .wrk_rps
+                .iter()
+                .zip(&figures[1].wrk_rps)
+                .map(|(a, b)| a / b)
+                .collect();
+            let mut h2: Vec<f64> = figures[i]
+                .h2_rps
+                .iter()
+                .zip(&figures[1].h2_rps)
+                .map(|(a, b)| a / b)
+                .collect();
+            eprintln!(
+                "{} / nginx: wrk {:.2}×, h2load {:.2}×",
+                s.name,
+                median(&mut wrk),
+                median(&mut h2)
+            );
+        }
+        return Ok(());
+    }
     let med = |v: &[f64]| median(&mut v.to_vec());
     let rows: Vec<String> = servers
         .iter()

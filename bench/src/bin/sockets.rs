@@ -20,6 +20,10 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+// The nodes run in this process; they use the allocator the `meshgate` binary uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const NETNS_ENV: &str = "MESHGATE_BENCH_IN_NETNS";
 const RUNS: usize = 3;
 /// Each single-stream run sends this much or stops after `RUN_TIME`.
