@@ -484,6 +484,10 @@ async fn main() -> Result<()> {
     };
 
     // meshgate: TLS → embedded overlay node → workload node (here) → backend.
+    // The workload node runs in this process: no transparent huge pages, as `meshgate` (see
+    // gateway/src/main.rs). Set after nginx and Caddy started, which would inherit it.
+    // SAFETY: prctl with PR_SET_THP_DISABLE takes no pointers.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     let workload = Node::start(NodeConfig {
         key_path: d.join("workload.key"),
         listen: Some("127.0.0.1:0".parse()?),
