@@ -20,6 +20,7 @@ use anyhow::{Context, Result, bail};
 use meshgate_bench::{median, write_section};
 use meshgate_overlay::{Node, NodeConfig};
 use meshgate_sockets::Stack;
+use meshgate_sockets::tun::Tun;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -214,7 +215,12 @@ fn h2load(port: u16) -> Result<f64> {
             let rps = l.split(", ").nth(1)?.strip_suffix(" req/s")?;
             rps.parse().ok()
         })
-        .with_context(|| format!("h2load output: {text}"))
+        .with_context(|| {
+            format!(
+                "h2load output: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
 }
 
 /// Resident memory (KiB) of `pid` and its children.
@@ -390,6 +396,12 @@ struct Figures {
 async fn main() -> Result<()> {
     ensure_tools()?;
     let meshgate = meshgate_binary()?;
+    // With root and /dev/net/tun, everything runs again inside a network namespace of its own,
+    // where a workload node can have a TUN interface (the meshgate-tun row).
+    if meshgate_bench::can_enter_netns() {
+        return meshgate_bench::enter_netns();
+    }
+    let with_tun = meshgate_bench::in_netns();
     let dir = tempfile_dir()?;
     let d = dir.as_path();
     let (cert, key) = (d.join("cert.pem"), d.join("key.pem"));
@@ -424,6 +436,19 @@ async fn main() -> Result<()> {
 
     // The backend: nginx answering 6 bytes.
     let backend_port = free_port();
+    // The workload node in TUN mode, as on a workload host that runs the overlay as a system
+    // daemon: the backend listens on the node's overlay address too, and packets go from the
+    // node to the backend's kernel socket through the TUN interface (no userspace TCP, no
+    // splice, no second kernel connection).
+    let tun_workload = if with_tun {
+        Some(start_tun_workload(d).await?)
+    } else {
+        None
+    };
+    let tun_listen = tun_workload
+        .as_ref()
+        .map(|(node, _)| format!(" listen [{}]:{backend_port};", node.address()))
+        .unwrap_or_default();
     let backend = Proc {
         name: "backend",
         port: backend_port,
@@ -431,7 +456,7 @@ async fn main() -> Result<()> {
             d,
             "backend",
             &format!(
-                "server {{ listen 127.0.0.1:{backend_port}; location / {{ default_type text/plain; return 200 \"hello\\n\"; }} }}"
+                "server {{ listen 127.0.0.1:{backend_port};{tun_listen} location / {{ default_type text/plain; return 200 \"hello\\n\"; }} }}"
             ),
             "1",
         )?,
@@ -500,16 +525,20 @@ async fn main() -> Result<()> {
         meshgate_sockets::expose(&stack, 80, SocketAddr::from(([127, 0, 0, 1], backend_port)))?;
     let overlay_backend = SocketAddr::from((workload.address(), 80));
     let link = workload.listen_addr().context("workload link")?;
-    let start_meshgate = |name: &'static str, backend: SocketAddr, overlay: bool| -> Result<Proc> {
+    // `peer`: the workload node the gateway's embedded overlay node links to; none for a
+    // direct backend.
+    let start_meshgate = |name: &'static str,
+                          backend: SocketAddr,
+                          peer: Option<SocketAddr>|
+     -> Result<Proc> {
         let port = free_port();
         let config = d.join(format!("{name}.toml"));
-        let overlay_section = if overlay {
-            format!(
-                "[overlay]\nkey_file = \"{}/gateway-node.key\"\npeers = [\"{link}\"]\n",
+        let overlay_section = match peer {
+            Some(link) => format!(
+                "[overlay]\nkey_file = \"{}/{name}-node.key\"\npeers = [\"{link}\"]\n",
                 d.display()
-            )
-        } else {
-            "[security]\nallow_private_backends = true\n".to_string()
+            ),
+            None => "[security]\nallow_private_backends = true\n".to_string(),
         };
         write(
             &config,
@@ -537,21 +566,30 @@ async fn main() -> Result<()> {
                 .spawn()?,
         })
     };
-    let gateway = start_meshgate("meshgate", overlay_backend, true)?;
+    let gateway = start_meshgate("meshgate", overlay_backend, Some(link))?;
     let direct = start_meshgate(
         "meshgate-direct",
         SocketAddr::from(([127, 0, 0, 1], backend_port)),
-        false,
+        None,
     )?;
+    let tun_gateway = match &tun_workload {
+        Some((node, _)) => Some(start_meshgate(
+            "meshgate-tun",
+            SocketAddr::from((node.address(), backend_port)),
+            Some(node.listen_addr().context("TUN workload link")?),
+        )?),
+        None => None,
+    };
 
-    let servers = [&gateway, &nginx, &caddy, &direct];
-    for s in servers {
+    let mut servers = vec![&gateway, &nginx, &caddy, &direct];
+    servers.extend(tun_gateway.as_ref());
+    for s in &servers {
         wait_ok(s.port, "/").with_context(|| format!("{} not ready", s.name))?;
     }
     let _ = &backend;
     if std::env::var_os("BENCH_HOLD").is_some() {
         // Keep everything up for profiling by hand.
-        for s in servers {
+        for s in &servers {
             eprintln!("{} port {} pid {}", s.name, s.port, s.child.id());
         }
         tokio::time::sleep(Duration::from_secs(600)).await;
@@ -646,11 +684,27 @@ async fn main() -> Result<()> {
     let h2_of: fn(&Figures) -> &Vec<f64> = |f| &f.h2_rps;
     let hs_of: fn(&Figures) -> &Vec<f64> = |f| &f.handshakes;
     let res_of: fn(&Figures) -> &Vec<f64> = |f| &f.resumed;
+    let tun_note = if tun_gateway.is_some() {
+        format!(
+            " meshgate-tun (the workload node in TUN mode): wrk req/s {:.2}× nginx, {:.2}× \
+             Caddy; h2load req/s {:.2}× nginx, {:.2}× Caddy.",
+            ratio(4, 1, wrk_of),
+            ratio(4, 2, wrk_of),
+            ratio(4, 1, h2_of),
+            ratio(4, 2, h2_of),
+        )
+    } else {
+        " meshgate-tun: not run (needs root and /dev/net/tun for its network namespace)."
+            .to_string()
+    };
     let md = format!(
         "## gateway\n\n\
          Small keep-alive responses (6-byte body) on loopback, 2 cores shared by load generator and \
          servers. meshgate: TLS termination → embedded overlay node → overlay link → workload \
-         node → backend; meshgate-direct: the same gateway with the backend dialed directly (no \
+         node (userspace TCP, `expose`d to the backend over loopback TCP) → backend; \
+         meshgate-tun: the same, with the workload node in TUN mode and the backend listening on \
+         its overlay address (the kernel's TCP talks to the overlay through the TUN interface, as \
+         on a workload host running the overlay daemon); meshgate-direct: the same gateway with the backend dialed directly (no \
          overlay), to separate the gateway's cost from the overlay's. nginx 1.22 and Caddy 2.6: \
          TLS termination → backend directly. Same ECDSA P-256 certificate, access logs off, TLS 1.3 \
          everywhere (nginx 1.22 defaults to TLS ≤ 1.2, so its config enables 1.3). wrk: HTTP/1.1, \
@@ -665,7 +719,8 @@ async fn main() -> Result<()> {
          nginx, {:.2}× Caddy; full handshakes/s {:.2}× nginx, {:.2}× Caddy; resumed handshakes/s \
          {:.2}× nginx. Targets: ≥ 0.8× nginx and ≥ 1.5× Caddy req/s; handshakes/s ≥ nginx; \
          ≤ 20 KiB per idle connection. meshgate-direct: wrk req/s {:.2}× nginx, h2load req/s \
-         {:.2}× nginx, full handshakes/s {:.2}× nginx.\n",
+         {:.2}× nginx, full handshakes/s {:.2}× nginx.{tun_note} All rows run inside one \
+         network namespace made by the benchmark.\n",
         rows.join("\n"),
         ratio(0, 1, wrk_of),
         ratio(0, 2, wrk_of),
@@ -682,14 +737,45 @@ async fn main() -> Result<()> {
     if !quick {
         write_section("gateway", &md)?;
     }
+    drop(tun_gateway);
     drop(direct);
     drop(gateway);
     drop(caddy);
     drop(nginx);
     drop(backend);
     workload.shutdown().await;
+    if let Some((node, tun)) = tun_workload {
+        drop(tun);
+        node.shutdown().await;
+    }
     let _ = std::fs::remove_dir_all(d);
     Ok(())
+}
+
+/// A workload node whose L3 port is a TUN interface (inside the benchmark's namespace), ready
+/// once its overlay address can be bound.
+async fn start_tun_workload(d: &Path) -> Result<(Node, Tun)> {
+    // The namespace is the benchmark's own: skip duplicate address detection, so the address
+    // is usable at once instead of staying tentative.
+    for key in ["all", "default"] {
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/accept_dad"), "0");
+    }
+    let node = Node::start(NodeConfig {
+        key_path: d.join("workload-tun.key"),
+        listen: Some("127.0.0.1:0".parse()?),
+        ..NodeConfig::default()
+    })
+    .await?;
+    let port = node.take_l3_port().context("TUN workload L3 port")?;
+    let tun = Tun::start("mgbench0", port.address, port.mtu, port.tx, port.rx)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpListener::bind((node.address(), 0)).is_err() {
+        if Instant::now() > deadline {
+            bail!("TUN address {} never became usable", node.address());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((node, tun))
 }
 
 fn tempfile_dir() -> Result<PathBuf> {

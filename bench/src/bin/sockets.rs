@@ -24,7 +24,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const NETNS_ENV: &str = "MESHGATE_BENCH_IN_NETNS";
 const RUNS: usize = 3;
 /// Each single-stream run sends this much or stops after `RUN_TIME`.
 const STREAM_BYTES: u64 = 1 << 30;
@@ -40,16 +39,10 @@ trait AsyncRw: AsyncRead + AsyncWrite + Send {}
 impl<T: AsyncRead + AsyncWrite + Send> AsyncRw for T {}
 
 fn main() -> anyhow::Result<()> {
-    let root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false);
-    let have_tun = std::path::Path::new("/dev/net/tun").exists();
-    if root && have_tun && std::env::var_os(NETNS_ENV).is_none() {
-        return rerun_in_netns();
+    if meshgate_bench::can_enter_netns() {
+        return meshgate_bench::enter_netns();
     }
-    let with_tun = std::env::var_os(NETNS_ENV).is_some();
+    let with_tun = meshgate_bench::in_netns();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -94,29 +87,6 @@ fn main() -> anyhow::Result<()> {
     println!("{md}");
     meshgate_bench::write_section("sockets", &md)?;
     Ok(())
-}
-
-fn rerun_in_netns() -> anyhow::Result<()> {
-    let name = format!("mgbench-{}", std::process::id());
-    let ip = |args: &[&str]| std::process::Command::new("ip").args(args).status();
-    anyhow::ensure!(
-        ip(&["netns", "add", &name])?.success(),
-        "ip netns add failed"
-    );
-    let result = (|| {
-        anyhow::ensure!(ip(&["-n", &name, "link", "set", "lo", "up"])?.success());
-        let exe = std::env::current_exe()?;
-        let status = std::process::Command::new("ip")
-            .args(["netns", "exec", &name])
-            .arg(exe)
-            .args(std::env::args_os().skip(1))
-            .env(NETNS_ENV, "1")
-            .status()?;
-        anyhow::ensure!(status.success(), "benchmark inside the namespace failed");
-        Ok(())
-    })();
-    let _ = ip(&["netns", "del", &name]);
-    result
 }
 
 async fn start_node(peers: Vec<SocketAddr>) -> anyhow::Result<Node> {
