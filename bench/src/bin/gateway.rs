@@ -170,8 +170,8 @@ fn wait_ok(port: u16, path: &str) -> Result<()> {
     bail!("server on port {port} not answering")
 }
 
-/// (req/s, p50 ms, p99 ms) from wrk.
-fn wrk(port: u16, extra: &[&str]) -> Result<(f64, f64, f64)> {
+/// (req/s, p50 ms, p99 ms, requests) from wrk.
+fn wrk(port: u16, extra: &[&str]) -> Result<(f64, f64, f64, f64)> {
     let out = Command::new("wrk")
         .args(["-t2", "-c50", "-d", DURATION, "--latency"])
         .args(extra)
@@ -189,7 +189,12 @@ fn wrk(port: u16, extra: &[&str]) -> Result<(f64, f64, f64)> {
             .flatten()
             .unwrap_or(f64::NAN)
     };
-    Ok((rps, pct("50%"), pct("99%")))
+    // "  123456 requests in 2.00s, 10.01MB read"
+    let requests = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in ")?.0.parse().ok())
+        .with_context(|| format!("wrk output: {text}"))?;
+    Ok((rps, pct("50%"), pct("99%"), requests))
 }
 
 fn parse_ms(v: &str) -> Option<f64> {
@@ -223,8 +228,8 @@ fn h2load(port: u16) -> Result<f64> {
         })
 }
 
-/// Resident memory (KiB) of `pid` and its children.
-fn rss_kib(pid: u32) -> u64 {
+/// `pid` and its children (nginx: the master and its workers).
+fn with_children(pid: u32) -> Vec<u32> {
     let mut pids = vec![pid];
     if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
         pids.extend(
@@ -233,7 +238,13 @@ fn rss_kib(pid: u32) -> u64 {
                 .filter_map(|p| p.parse::<u32>().ok()),
         );
     }
-    pids.iter()
+    pids
+}
+
+/// Resident memory (KiB) of `pid` and its children.
+fn rss_kib(pid: u32) -> u64 {
+    with_children(pid)
+        .iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
         .filter_map(|s| {
             s.lines()
@@ -241,6 +252,26 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .sum()
+}
+
+/// CPU time (user + system, µs) used so far by the processes `pids` (all their threads).
+fn cpu_micros(pids: &[u32]) -> f64 {
+    // SAFETY: sysconf takes no pointers.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may hold spaces): state is field 3, utime
+            // and stime are fields 14 and 15.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .sum();
+    ticks as f64 * 1e6 / ticks_per_s
 }
 
 /// Opens `n` TLS connections (handshake done, no request) and measures the server's RSS growth
@@ -390,6 +421,11 @@ struct Figures {
     handshakes: Vec<f64>,
     resumed: Vec<f64>,
     idle_bytes: f64,
+    /// CPU µs per request during the wrk run: the proxy, the workload node (this process;
+    /// overlay rows only), the backend.
+    cpu_proxy: Vec<f64>,
+    cpu_node: Vec<f64>,
+    cpu_backend: Vec<f64>,
 }
 
 #[tokio::main]
@@ -609,8 +645,22 @@ async fn main() -> Result<()> {
     }
     for round in 0..ROUNDS {
         for (i, s) in servers.iter().enumerate() {
-            let (rps, p50, p99) = wrk(s.port, &[])?;
+            let me = std::process::id();
+            let cpu = || {
+                [
+                    cpu_micros(&with_children(s.child.id())),
+                    // This process alone: its children are the servers and load generators.
+                    cpu_micros(&[me]),
+                    cpu_micros(&with_children(backend.child.id())),
+                ]
+            };
+            let before = cpu();
+            let (rps, p50, p99, requests) = wrk(s.port, &[])?;
+            let after = cpu();
             let f = &mut figures[i];
+            f.cpu_proxy.push((after[0] - before[0]) / requests);
+            f.cpu_node.push((after[1] - before[1]) / requests);
+            f.cpu_backend.push((after[2] - before[2]) / requests);
             f.wrk_rps.push(rps);
             f.p50.push(p50);
             f.p99.push(p99);
@@ -629,7 +679,37 @@ async fn main() -> Result<()> {
         }
     }
 
+    let med = |v: &[f64]| median(&mut v.to_vec());
+    // The workload node runs in this process: its CPU counts for the overlay rows only.
+    let has_node = |name: &str| matches!(name, "meshgate" | "meshgate-tun");
+    let cpu_rows: Vec<String> = servers
+        .iter()
+        .zip(&figures)
+        .map(|(s, f)| {
+            let node = if has_node(s.name) {
+                med(&f.cpu_node)
+            } else {
+                0.0
+            };
+            let (proxy, backend) = (med(&f.cpu_proxy), med(&f.cpu_backend));
+            format!(
+                "| {} | {proxy:.1} | {} | {backend:.1} | {:.1} |",
+                s.name,
+                if has_node(s.name) {
+                    format!("{node:.1}")
+                } else {
+                    "–".into()
+                },
+                proxy + node + backend
+            )
+        })
+        .collect();
+    let cpu_table = format!(
+        "| server | proxy | workload node | backend | sum |\n|---|---|---|---|---|\n{}",
+        cpu_rows.join("\n")
+    );
     if quick {
+        eprintln!("CPU µs per request (wrk):\n{cpu_table}");
         // Ratios within each round, then the median: meshgate rows against nginx (row 1).
         for (i, s) in servers.iter().enumerate().filter(|(i, _)| *i != 1) {
             let mut wrk: Vec<f64> = figures[i]
@@ -653,7 +733,6 @@ async fn main() -> Result<()> {
         }
         return Ok(());
     }
-    let med = |v: &[f64]| median(&mut v.to_vec());
     let rows: Vec<String> = servers
         .iter()
         .zip(&figures)
@@ -720,7 +799,10 @@ async fn main() -> Result<()> {
          {:.2}× nginx. Targets: ≥ 0.8× nginx and ≥ 1.5× Caddy req/s; handshakes/s ≥ nginx; \
          ≤ 20 KiB per idle connection. meshgate-direct: wrk req/s {:.2}× nginx, h2load req/s \
          {:.2}× nginx, full handshakes/s {:.2}× nginx.{tun_note} All rows run inside one \
-         network namespace made by the benchmark.\n",
+         network namespace made by the benchmark.\n\n\
+         CPU time per request during the wrk runs (µs, user + system from /proc, medians of the \
+         rounds). The workload node runs inside the benchmark process; the backend is the same \
+         nginx for every row.\n\n{cpu_table}\n",
         rows.join("\n"),
         ratio(0, 1, wrk_of),
         ratio(0, 2, wrk_of),
