@@ -13,6 +13,7 @@ pub mod hello;
 pub mod io;
 pub mod metrics;
 pub mod overlay;
+pub mod overlay_metrics;
 pub mod pool;
 pub mod proxy;
 pub mod proxy_protocol;

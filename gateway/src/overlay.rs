@@ -298,6 +298,11 @@ impl EmbeddedNode {
         })
     }
 
+    /// The node's status and counters for the admin listener.
+    pub fn observer(&self) -> crate::overlay_metrics::OverlayObserver {
+        crate::overlay_metrics::OverlayObserver::new(self.node.status_source(), self.stack.clone())
+    }
+
     pub fn dialer(&self) -> OverlayDialer {
         OverlayDialer {
             stack: self.stack.clone(),

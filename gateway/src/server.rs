@@ -6,6 +6,7 @@ use crate::dial::Dialer;
 use crate::hello::{self, HelloError, Parse};
 use crate::io::{Activity, Rewind, Tracked};
 use crate::metrics::{Metrics, RequestLabel, RouteLabel};
+use crate::overlay_metrics::OverlayObserver;
 use crate::proxy::{self, Body, Clients, ConnInfo};
 use crate::routes::{RouteEntry, RouteTable};
 use crate::tls::{CertMap, CertResolver, DevCa};
@@ -65,6 +66,8 @@ pub struct Inner {
     started: Instant,
     /// `[admin] tls`: the admin listener's TLS (fixed until restart).
     pub(crate) admin_tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The embedded overlay node, shown in `/status` and `/metrics`.
+    overlay: std::sync::OnceLock<OverlayObserver>,
 }
 
 /// Called with each new route table (the certificate manager learns the names to serve).
@@ -266,6 +269,7 @@ impl Gateway {
             routes_hook: RwLock::default(),
             started: Instant::now(),
             admin_tls,
+            overlay: std::sync::OnceLock::new(),
         });
         inner.rebuild()?;
         Ok(Gateway { inner })
@@ -287,6 +291,16 @@ impl Gateway {
     pub fn set_challenges(&self, c: Arc<dyn Challenges>) {
         if let Ok(mut g) = self.inner.challenges.write() {
             *g = Some(c);
+        }
+    }
+
+    /// Shows the embedded overlay node in `/status` (`overlay`) and `/metrics`
+    /// (`meshgate_overlay_*`). Set once; later calls are ignored.
+    pub fn observe_overlay(&self, observer: OverlayObserver) {
+        if self.inner.overlay.set(observer.clone()).is_ok() {
+            self.inner
+                .metrics
+                .register(|r| r.register_collector(Box::new(observer)));
         }
     }
 
@@ -721,6 +735,7 @@ pub fn status_json(inner: &Inner) -> serde_json::Value {
         "connections": inner.metrics.connections.get(),
         "routes": routes,
         "certificates": {"names": names, "managed": managed},
+        "overlay": inner.overlay.get().map(OverlayObserver::status_json),
     })
 }
 

@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// `direct.test` (loopback, refused by the SSRF guard).
 struct Fixture {
     gw: GatewayProcess,
-    _workload: Workload,
+    workload: Workload,
     _dir: tempfile::TempDir,
     _ca: DevCa,
     backend_cert: Vec<u8>,
@@ -59,7 +59,7 @@ async fn fixture() -> Fixture {
     .await;
     Fixture {
         gw,
-        _workload: workload,
+        workload,
         _ca: other_ca,
         _dir: dir,
         backend_cert,
@@ -181,6 +181,39 @@ async fn gateway_end_to_end() {
         "{echo}"
     );
     assert!(gw.log().contains("access"), "access log lines expected");
+
+    // The embedded overlay node on the admin listener: its link to the workload node, its
+    // counters in /metrics.
+    let workload = fx.workload.node.node.address().to_string();
+    eventually(10, "the overlay link in /status and /metrics", || {
+        let status: serde_json::Value =
+            serde_json::from_str(&gw.admin_get("/status")).unwrap_or_default();
+        let overlay = &status["overlay"];
+        let linked = overlay["peers"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p["address"] == workload && p["state"] == "up")
+        });
+        let metrics = gw.admin_get("/metrics");
+        let value = |series: &str| {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(series))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        overlay["address"]
+            .as_str()
+            .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
+            .is_some_and(|a| meshgate_overlay::is_overlay_v6(&a))
+            && linked
+            && value("meshgate_overlay_peers ") == 1.0
+            && value("meshgate_overlay_events_total{event=\"packets_delivered\"}") > 0.0
+            && value("meshgate_overlay_bytes_total{event=\"bytes_sent\"}") > 100_000_000.0
+            && metrics.contains("meshgate_overlay_link_rtt_seconds{peer=\"")
+            && metrics.contains("meshgate_overlay_tcp_sockets ")
+    })
+    .await;
 }
 
 async fn big_upload_and_download(gw: &GatewayProcess) {

@@ -18,7 +18,7 @@ pub mod wire;
 
 pub use addr::{is_overlay_address, is_overlay_v6};
 pub use identity::Identity;
-pub use node::{Node, NodeConfig, NodeError, NodeStatus, PeerStatus};
+pub use node::{Node, NodeConfig, NodeError, NodeStatus, PeerStatus, StatusSource};
 
 /// Default overlay MTU (largest IPv6 packet carried). Links are TCP streams, so packets need
 /// not fit a physical MTU; the AEAD and per-packet handling costs are paid per packet, so

@@ -109,6 +109,17 @@ pub struct NodeStatus {
     pub counters: Counters,
 }
 
+/// The latest status a node published (the core refreshes it as links, routes and counters
+/// change).
+#[derive(Clone)]
+pub struct StatusSource(Arc<Mutex<NodeStatus>>);
+
+impl StatusSource {
+    pub fn get(&self) -> NodeStatus {
+        self.0.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
 /// A running overlay node.
 pub struct Node {
     address: Ipv6Addr,
@@ -306,7 +317,13 @@ impl Node {
 
     /// A snapshot of peers, routes and counters (refreshed every 100 ms).
     pub fn status(&self) -> NodeStatus {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+        self.status_source().get()
+    }
+
+    /// A handle that reads the node's latest status without holding the node (status
+    /// endpoints, metrics collectors).
+    pub fn status_source(&self) -> StatusSource {
+        StatusSource(self.status.clone())
     }
 
     /// Stops all tasks and closes all links.

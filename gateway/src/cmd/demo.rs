@@ -92,6 +92,7 @@ backends = [{{ addr = "{backend}" }}]
         Some(Arc::new(gw_node.dialer())),
         meshgate_overlay::is_overlay_address,
     )?;
+    gateway.observe_overlay(gw_node.observer());
     let bound = match gateway.bind() {
         Ok(b) => b,
         Err(e) if args.port != 0 => {

@@ -51,6 +51,9 @@ pub async fn run(args: Args) -> Result<()> {
         overlay,
         meshgate_overlay::is_overlay_address,
     )?;
+    if let Some(n) = &node {
+        gateway.observe_overlay(n.observer());
+    }
     let _services = start_services(&gateway, &config_copy).await?;
     let bound = gateway.bind()?;
     for l in bound.https.iter() {
