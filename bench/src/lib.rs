@@ -56,8 +56,9 @@ pub fn can_enter_netns() -> bool {
 }
 
 /// Runs this benchmark again, with the same arguments, inside a fresh network namespace with
-/// loopback up (and an address for resolvers), so TUN interfaces and their `600::/7` route never touch the host; every row
-/// (references included) is then measured inside it. The namespace is deleted afterwards.
+/// loopback up (and an address for resolvers), so TUN interfaces and their `600::/7` route
+/// never touch the host; every row (references included) is then measured inside it. The
+/// namespace is deleted afterwards.
 pub fn enter_netns() -> anyhow::Result<()> {
     let name = format!("mgbench-{}", std::process::id());
     let ip = |args: &[&str]| std::process::Command::new("ip").args(args).status();

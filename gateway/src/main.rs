@@ -35,8 +35,8 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     // mimalloc asks for transparent huge pages, so the first touch of its fresh memory zeroes
-    // 2 MiB at a time: each new backend connection's socket buffers then cost ~2 ms of page
-    // clearing and a whole huge page of RSS. 4 KiB pages are zeroed (and held) only where
+    // 2 MiB at a time: 50 new backend connections at once cost the gateway 89 ms of CPU (three
+    // quarters of it clearing pages) and whole huge pages of RSS. 4 KiB pages are zeroed (and held) only where
     // buffers are actually used.
     // SAFETY: prctl with PR_SET_THP_DISABLE takes no pointers.
     unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };

@@ -42,15 +42,20 @@ impl OverlayObserver {
 
     /// The node's status (address, peers, routes, counters) and the stack's counters.
     pub fn status_json(&self) -> Value {
-        let s = self.stack.stats();
         let mut doc = serde_json::to_value(self.node.get()).unwrap_or(Value::Null);
-        doc["stack"] = json!({
-            "packets_in": s.packets_in, "bytes_in": s.bytes_in,
-            "packets_out": s.packets_out, "bytes_out": s.bytes_out,
-            "tcp_sockets": s.sockets,
-        });
+        doc["stack"] = stack_status(&self.stack);
         doc
     }
+}
+
+/// A userspace stack's counters as shown in status documents (gateway and `meshgate node`).
+pub fn stack_status(stack: &Stack) -> Value {
+    let s = stack.stats();
+    json!({
+        "packets_in": s.packets_in, "bytes_in": s.bytes_in,
+        "packets_out": s.packets_out, "bytes_out": s.bytes_out,
+        "tcp_sockets": s.sockets,
+    })
 }
 
 /// Flattens the node's counters (`routing.*` becomes `routing_*`) into (name, value) pairs.

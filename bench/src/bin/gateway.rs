@@ -97,8 +97,8 @@ fn ensure_tools() -> Result<()> {
     Ok(())
 }
 
-fn meshgate_binary() -> Result<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+/// Builds the release `meshgate` binary.
+fn build_meshgate() -> Result<()> {
     let status = Command::new("cargo")
         .args([
             "build",
@@ -108,12 +108,16 @@ fn meshgate_binary() -> Result<PathBuf> {
             "--bin",
             "meshgate",
         ])
-        .current_dir(&root)
+        .current_dir(workspace_root())
         .status()?;
     if !status.success() {
         bail!("cannot build the meshgate binary");
     }
-    Ok(root.join("target/release/meshgate"))
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
@@ -430,8 +434,13 @@ struct Figures {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    ensure_tools()?;
-    let meshgate = meshgate_binary()?;
+    // Tools and the binary are ready before a re-run inside the namespace (which has no
+    // network for apt, and needs no second build).
+    if !meshgate_bench::in_netns() {
+        ensure_tools()?;
+        build_meshgate()?;
+    }
+    let meshgate = workspace_root().join("target/release/meshgate");
     // With root and /dev/net/tun, everything runs again inside a network namespace of its own,
     // where a workload node can have a TUN interface (the meshgate-tun row).
     if meshgate_bench::can_enter_netns() {
@@ -549,12 +558,7 @@ async fn main() -> Result<()> {
     // gateway/src/main.rs). Set after nginx and Caddy started, which would inherit it.
     // SAFETY: prctl with PR_SET_THP_DISABLE takes no pointers.
     unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-    let workload = Node::start(NodeConfig {
-        key_path: d.join("workload.key"),
-        listen: Some("127.0.0.1:0".parse()?),
-        ..NodeConfig::default()
-    })
-    .await?;
+    let workload = start_workload_node(d, "workload.key").await?;
     let port = workload.take_l3_port().context("workload L3 port")?;
     let stack = Stack::new(port.address, port.mtu, port.tx, port.rx);
     let _exposed =
@@ -643,9 +647,9 @@ async fn main() -> Result<()> {
             figures[i].idle_bytes / 1024.0
         );
     }
+    let me = std::process::id();
     for round in 0..ROUNDS {
         for (i, s) in servers.iter().enumerate() {
-            let me = std::process::id();
             let cpu = || {
                 [
                     cpu_micros(&with_children(s.child.id())),
@@ -686,21 +690,13 @@ async fn main() -> Result<()> {
         .iter()
         .zip(&figures)
         .map(|(s, f)| {
-            let node = if has_node(s.name) {
-                med(&f.cpu_node)
-            } else {
-                0.0
-            };
+            let node = has_node(s.name).then(|| med(&f.cpu_node));
             let (proxy, backend) = (med(&f.cpu_proxy), med(&f.cpu_backend));
             format!(
                 "| {} | {proxy:.1} | {} | {backend:.1} | {:.1} |",
                 s.name,
-                if has_node(s.name) {
-                    format!("{node:.1}")
-                } else {
-                    "–".into()
-                },
-                proxy + node + backend
+                node.map_or("–".into(), |n| format!("{n:.1}")),
+                proxy + node.unwrap_or(0.0) + backend
             )
         })
         .collect();
@@ -708,27 +704,26 @@ async fn main() -> Result<()> {
         "| server | proxy | workload node | backend | sum |\n|---|---|---|---|---|\n{}",
         cpu_rows.join("\n")
     );
+    // Each ratio is taken within one round (the servers ran back to back), then the median.
+    let ratio = |a: usize, b: usize, pick: fn(&Figures) -> &Vec<f64>| {
+        let mut r: Vec<f64> = pick(&figures[a])
+            .iter()
+            .zip(pick(&figures[b]))
+            .map(|(x, y)| x / y)
+            .collect();
+        median(&mut r)
+    };
+    let wrk_of: fn(&Figures) -> &Vec<f64> = |f| &f.wrk_rps;
+    let h2_of: fn(&Figures) -> &Vec<f64> = |f| &f.h2_rps;
     if quick {
         eprintln!("CPU µs per request (wrk):\n{cpu_table}");
-        // Ratios within each round, then the median: meshgate rows against nginx (row 1).
+        // Every other row against nginx (row 1).
         for (i, s) in servers.iter().enumerate().filter(|(i, _)| *i != 1) {
-            let mut wrk: Vec<f64> = figures[i]
-                .wrk_rps
-                .iter()
-                .zip(&figures[1].wrk_rps)
-                .map(|(a, b)| a / b)
-                .collect();
-            let mut h2: Vec<f64> = figures[i]
-                .h2_rps
-                .iter()
-                .zip(&figures[1].h2_rps)
-                .map(|(a, b)| a / b)
-                .collect();
             eprintln!(
                 "{} / nginx: wrk {:.2}×, h2load {:.2}×",
                 s.name,
-                median(&mut wrk),
-                median(&mut h2)
+                ratio(i, 1, wrk_of),
+                ratio(i, 1, h2_of)
             );
         }
         return Ok(());
@@ -750,17 +745,6 @@ async fn main() -> Result<()> {
             )
         })
         .collect();
-    // Each ratio is taken within one round (the servers ran back to back), then the median.
-    let ratio = |a: usize, b: usize, pick: fn(&Figures) -> &Vec<f64>| {
-        let mut r: Vec<f64> = pick(&figures[a])
-            .iter()
-            .zip(pick(&figures[b]))
-            .map(|(x, y)| x / y)
-            .collect();
-        median(&mut r)
-    };
-    let wrk_of: fn(&Figures) -> &Vec<f64> = |f| &f.wrk_rps;
-    let h2_of: fn(&Figures) -> &Vec<f64> = |f| &f.h2_rps;
     let hs_of: fn(&Figures) -> &Vec<f64> = |f| &f.handshakes;
     let res_of: fn(&Figures) -> &Vec<f64> = |f| &f.resumed;
     let tun_note = if tun_gateway.is_some() {
@@ -816,9 +800,7 @@ async fn main() -> Result<()> {
         ratio(3, 1, hs_of),
     );
     println!("{md}");
-    if !quick {
-        write_section("gateway", &md)?;
-    }
+    write_section("gateway", &md)?;
     drop(tun_gateway);
     drop(direct);
     drop(gateway);
@@ -834,6 +816,16 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// A workload node in this process, with its key in `d` and links on a loopback port.
+async fn start_workload_node(d: &Path, key_file: &str) -> Result<Node> {
+    Ok(Node::start(NodeConfig {
+        key_path: d.join(key_file),
+        listen: Some("127.0.0.1:0".parse()?),
+        ..NodeConfig::default()
+    })
+    .await?)
+}
+
 /// A workload node whose L3 port is a TUN interface (inside the benchmark's namespace), ready
 /// once its overlay address can be bound.
 async fn start_tun_workload(d: &Path) -> Result<(Node, Tun)> {
@@ -842,12 +834,7 @@ async fn start_tun_workload(d: &Path) -> Result<(Node, Tun)> {
     for key in ["all", "default"] {
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/accept_dad"), "0");
     }
-    let node = Node::start(NodeConfig {
-        key_path: d.join("workload-tun.key"),
-        listen: Some("127.0.0.1:0".parse()?),
-        ..NodeConfig::default()
-    })
-    .await?;
+    let node = start_workload_node(d, "workload-tun.key").await?;
     let port = node.take_l3_port().context("TUN workload L3 port")?;
     let tun = Tun::start("mgbench0", port.address, port.mtu, port.tx, port.rx)?;
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -114,14 +114,7 @@ enum Endpoint {
 impl Endpoint {
     fn status(&self) -> Value {
         match self {
-            Endpoint::Userspace { stack, .. } => {
-                let s = stack.stats();
-                json!({
-                    "packets_in": s.packets_in, "bytes_in": s.bytes_in,
-                    "packets_out": s.packets_out, "bytes_out": s.bytes_out,
-                    "tcp_sockets": s.sockets,
-                })
-            }
+            Endpoint::Userspace { stack, .. } => crate::overlay_metrics::stack_status(stack),
             Endpoint::Tun(t) => {
                 let s = t.stats();
                 json!({

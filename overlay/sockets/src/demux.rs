@@ -64,12 +64,7 @@ pub(crate) fn connection_request(packet: &[u8]) -> Option<ConnectionKey> {
     if next != NEXT_TCP || *payload.get(13)? & (SYN | ACK) != SYN {
         return None;
     }
-    let (src_port, dst_port) = ports(payload)?;
-    Some(ConnectionKey {
-        remote: source(packet)?,
-        remote_port: src_port,
-        local_port: dst_port,
-    })
+    inbound_connection(packet)
 }
 
 fn source(packet: &[u8]) -> Option<Ipv6Addr> {
