@@ -104,7 +104,7 @@ fn build_meshgate() -> Result<()> {
             "build",
             "--release",
             "-p",
-            "meshgate-gateway",
+            "meshgate",
             "--bin",
             "meshgate",
         ])
