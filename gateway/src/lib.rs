@@ -14,14 +14,16 @@
 //! the state shared by the layers ([`state`]) changes afterwards only where it is meant to
 //! (route table, certificates, the configuration on reload), each swapped whole.
 
+#![warn(unreachable_pub)]
+
 pub mod admin;
-pub mod classify;
+mod classify;
 mod gateway;
-pub mod http;
-pub mod io;
+mod http;
+mod io;
 pub mod listen;
-pub mod observe;
-pub mod passthrough;
+mod observe;
+mod passthrough;
 pub mod routes;
 mod state;
 pub mod tls;

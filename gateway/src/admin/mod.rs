@@ -3,7 +3,7 @@
 
 pub mod api;
 pub mod overlay;
-pub mod status;
+mod status;
 pub(crate) mod tls;
 
 use crate::http::body::{Body, full};

@@ -7,14 +7,14 @@
 
 /// What the classifier needs from a ClientHello.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ClientHello {
+pub(crate) struct ClientHello {
     /// The server name, lowercased, without a trailing dot.
     pub sni: Option<String>,
     pub alpn: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HelloError {
+pub(crate) enum HelloError {
     #[error("not a TLS handshake record")]
     NotTls,
     #[error("malformed ClientHello: {0}")]
@@ -25,7 +25,7 @@ pub enum HelloError {
 
 /// Outcome of feeding the bytes received so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Parse {
+pub(crate) enum Parse {
     NeedMore,
     Done(ClientHello),
 }
@@ -34,7 +34,7 @@ const HANDSHAKE: u8 = 22;
 const CLIENT_HELLO: u8 = 1;
 
 /// Parses `buf` (all bytes received so far). `max` bounds the bytes examined.
-pub fn parse(buf: &[u8], max: usize) -> Result<Parse, HelloError> {
+pub(crate) fn parse(buf: &[u8], max: usize) -> Result<Parse, HelloError> {
     // Reassemble the handshake message from consecutive handshake records.
     let mut handshake = Vec::new();
     let mut pos = 0;
@@ -184,12 +184,12 @@ fn parse_alpn(data: &[u8]) -> Result<Vec<Vec<u8>>, HelloError> {
 }
 
 /// A fatal TLS alert record (TLS 1.2 framing, understood by every client).
-pub fn alert(description: u8) -> [u8; 7] {
+pub(crate) fn alert(description: u8) -> [u8; 7] {
     [21, 3, 3, 0, 2, 2, description]
 }
-pub const ALERT_UNRECOGNIZED_NAME: u8 = 112;
-pub const ALERT_DECODE_ERROR: u8 = 50;
-pub const ALERT_INTERNAL_ERROR: u8 = 80;
+pub(crate) const ALERT_UNRECOGNIZED_NAME: u8 = 112;
+pub(crate) const ALERT_DECODE_ERROR: u8 = 50;
+pub(crate) const ALERT_INTERNAL_ERROR: u8 = 80;
 
 #[cfg(test)]
 mod tests {

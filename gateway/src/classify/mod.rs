@@ -2,8 +2,8 @@
 //! then decide from it and the route table alone what the connection becomes ([`decide`]):
 //! a passthrough stream, a terminated TLS session, an ACME TLS-ALPN-01 answer, or an alert.
 
-pub mod hello;
-pub mod read;
+pub(crate) mod hello;
+pub(crate) mod read;
 
 use crate::routes::{RouteEntry, RouteTable};
 use hello::ClientHello;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 /// What a client connection on :443 becomes.
 #[derive(Debug)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Splice the raw stream to the route's backend.
     Passthrough(Arc<RouteEntry>),
     /// Terminate TLS here and serve HTTP.
@@ -25,7 +25,7 @@ pub enum Decision {
 
 /// Why a connection is refused, and the alert that tells the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
+pub(crate) enum Rejection {
     /// No server name: routing needs one.
     NoSni,
     /// No route serves the name.
@@ -34,12 +34,12 @@ pub enum Rejection {
 
 impl Rejection {
     /// The TLS alert sent before closing.
-    pub fn alert(self) -> u8 {
+    pub(crate) fn alert(self) -> u8 {
         hello::ALERT_UNRECOGNIZED_NAME
     }
 
     /// The error kind counted in `meshgate_errors_total`.
-    pub fn kind(self) -> &'static str {
+    pub(crate) fn kind(self) -> &'static str {
         match self {
             Rejection::NoSni => "no_sni",
             Rejection::UnknownSni => "unknown_sni",
@@ -48,7 +48,7 @@ impl Rejection {
 }
 
 /// The pure decision for a parsed ClientHello.
-pub fn decide(hello: &ClientHello, routes: &RouteTable) -> Decision {
+pub(crate) fn decide(hello: &ClientHello, routes: &RouteTable) -> Decision {
     let Some(sni) = &hello.sni else {
         return Decision::Reject(Rejection::NoSni);
     };

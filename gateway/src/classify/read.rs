@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 /// Why no ClientHello came.
 #[derive(Debug)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     /// The first bytes are not a TLS handshake record: close without a word.
     NotTls,
     /// A malformed or oversized ClientHello: answer with a decode-error alert.
@@ -21,7 +21,7 @@ pub enum ReadError {
 }
 
 /// Reads until a whole ClientHello of at most `max` bytes has arrived, or `deadline`.
-pub async fn client_hello(
+pub(crate) async fn client_hello(
     stream: &mut TcpStream,
     max: usize,
     deadline: Instant,

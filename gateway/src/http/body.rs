@@ -7,19 +7,19 @@ use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use std::convert::Infallible;
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
 /// A whole body from bytes.
-pub fn from_bytes(bytes: Bytes) -> Body {
+pub(crate) fn from_bytes(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|n: Infallible| match n {}).boxed()
 }
 
-pub fn empty() -> Body {
+pub(crate) fn empty() -> Body {
     Empty::new().map_err(|n: Infallible| match n {}).boxed()
 }
 
 /// A short HTML page for `status` saying `text`.
-pub fn full(status: StatusCode, text: &'static str) -> Response<Body> {
+pub(crate) fn full(status: StatusCode, text: &'static str) -> Response<Body> {
     let body = format!(
         "<!doctype html><title>{0} {1}</title><h1>{0} {1}</h1><p>{2}</p>\n",
         status.as_u16(),

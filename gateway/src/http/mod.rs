@@ -1,9 +1,9 @@
 //! HTTP on a client connection: the hyper server (HTTP/1.1 and h2, header and size limits,
 //! idle watchdog), ACME HTTP-01 answers on plain HTTP ([`acme`]), and the proxy ([`proxy`]).
 
-pub mod acme;
-pub mod body;
-pub mod proxy;
+pub(crate) mod acme;
+pub(crate) mod body;
+pub(crate) mod proxy;
 
 use crate::io::Activity;
 use crate::state::Shared;
@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 /// Who is on the other side of a client connection.
 #[derive(Clone)]
-pub struct ConnInfo {
+pub(crate) struct ConnInfo {
     pub client: SocketAddr,
     /// `https` or `http`: what the client used.
     pub proto: &'static str,

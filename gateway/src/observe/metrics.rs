@@ -9,26 +9,26 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabel {
+pub(crate) struct RouteLabel {
     pub route: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabel {
+pub(crate) struct RequestLabel {
     pub route: String,
     /// `2xx`, `3xx`, `4xx`, `5xx`, or `stream` for passthrough connections.
     pub status: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ErrorLabel {
+pub(crate) struct ErrorLabel {
     pub route: String,
     pub kind: String,
 }
 
 type HistogramFamily = Family<RouteLabel, Histogram, fn() -> Histogram>;
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabel, Counter>,
     pub bytes_in: Family<RouteLabel, Counter>,
@@ -51,7 +51,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// The gateway's metrics; `extra` adds other components' to the same registry.
-    pub fn new(extra: impl FnOnce(&mut Registry)) -> Self {
+    pub(crate) fn new(extra: impl FnOnce(&mut Registry)) -> Self {
         let mut root = Registry::default();
         // Backend-pool metrics carry their own `meshgate_pool_` names.
         crate::upstream::pool::register_metrics(&mut root);
@@ -107,13 +107,13 @@ impl Metrics {
         }
     }
 
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 
-    pub fn error(&self, route: &str, kind: &str) {
+    pub(crate) fn error(&self, route: &str, kind: &str) {
         self.errors
             .get_or_create(&ErrorLabel {
                 route: route.to_string(),

@@ -1,5 +1,5 @@
 //! What the gateway tells its operator about traffic: Prometheus metrics, and the one
 //! logging-and-metrics phase that closes every proxied request and passthrough stream.
 
-pub mod log;
-pub mod metrics;
+pub(crate) mod log;
+pub(crate) mod metrics;

@@ -1,7 +1,7 @@
 //! TLS passthrough: the client's stream, ClientHello replayed first, spliced to a backend of
 //! the route (optionally after a PROXY v2 header), until either side closes or it idles.
 
-pub mod proxy_protocol;
+pub(crate) mod proxy_protocol;
 
 use crate::classify::hello;
 use crate::io::{Activity, Tracked};

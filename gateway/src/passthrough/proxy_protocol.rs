@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 
 /// The header for a TCP stream from `client` to the gateway's `local` address.
-pub fn header_v2(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+pub(crate) fn header_v2(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
     let c = client.ip().to_canonical();
     let l = local.ip().to_canonical();
     let mut out = SIGNATURE.to_vec();

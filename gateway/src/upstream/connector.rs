@@ -16,7 +16,7 @@ use std::time::Duration;
 
 /// Overlay addresses through the embedded node (when there is one), everything else through
 /// kernel sockets after the SSRF guard.
-pub struct GatewayDialer {
+pub(crate) struct GatewayDialer {
     pub overlay: Option<Arc<dyn Dialer>>,
     /// Decides which addresses belong to the overlay.
     pub is_overlay: fn(&IpAddr) -> bool,
@@ -51,12 +51,12 @@ impl Dialer for GatewayDialer {
 
 /// hyper-util connector: the request URI's authority is the backend `ip:port`.
 #[derive(Clone)]
-pub struct DialConnector {
+pub(crate) struct DialConnector {
     pub dialer: Arc<dyn Dialer>,
     pub connect_timeout: Duration,
 }
 
-pub struct DialedConn(TokioIo<BoxStream>);
+pub(crate) struct DialedConn(TokioIo<BoxStream>);
 
 impl tower_service::Service<Uri> for DialConnector {
     type Response = DialedConn;

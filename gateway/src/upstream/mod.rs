@@ -2,9 +2,9 @@
 //! turn a backend address into a byte stream (overlay node or kernel, behind the SSRF guard),
 //! and the HTTP clients that keep connections to backends alive.
 
-pub mod clients;
-pub mod connector;
+pub(crate) mod clients;
+pub(crate) mod connector;
 pub mod dial;
 pub mod overlay;
 pub mod pool;
-pub mod ssrf;
+pub(crate) mod ssrf;

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Why an address is refused, or `None` when it is a public address.
-pub fn refusal(ip: IpAddr, own: &[IpAddr]) -> Option<&'static str> {
+pub(crate) fn refusal(ip: IpAddr, own: &[IpAddr]) -> Option<&'static str> {
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -89,7 +89,7 @@ fn embedded_v4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
 }
 
 /// The host's interface addresses (for the "own addresses" rule).
-pub fn interface_addresses() -> Vec<IpAddr> {
+pub(crate) fn interface_addresses() -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a linked list we only read and then free with freeifaddrs.

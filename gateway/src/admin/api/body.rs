@@ -7,10 +7,10 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 /// Largest request body the API reads.
-pub const MAX_BODY: usize = 64 * 1024;
+pub(super) const MAX_BODY: usize = 64 * 1024;
 
 /// Reads the whole body (at most [`MAX_BODY`]) as a JSON object.
-pub async fn read_object<B>(body: B) -> Result<Object, ApiError>
+pub(super) async fn read_object<B>(body: B) -> Result<Object, ApiError>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -31,16 +31,16 @@ where
 }
 
 /// A request object whose fields are taken one by one; leftovers are unknown fields.
-pub struct Object(Map<String, Value>);
+pub(super) struct Object(Map<String, Value>);
 
 impl Object {
     /// A required string field.
-    pub fn string(&mut self, field: &str) -> Result<String, ApiError> {
+    pub(super) fn string(&mut self, field: &str) -> Result<String, ApiError> {
         self.opt_string(field)?
             .ok_or_else(|| ApiError::bad_request(field, "is required"))
     }
 
-    pub fn opt_string(&mut self, field: &str) -> Result<Option<String>, ApiError> {
+    pub(super) fn opt_string(&mut self, field: &str) -> Result<Option<String>, ApiError> {
         match self.0.remove(field) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
@@ -48,7 +48,7 @@ impl Object {
         }
     }
 
-    pub fn opt_strings(&mut self, field: &str) -> Result<Option<Vec<String>>, ApiError> {
+    pub(super) fn opt_strings(&mut self, field: &str) -> Result<Option<Vec<String>>, ApiError> {
         match self.0.remove(field) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Array(items)) => items
@@ -68,7 +68,7 @@ impl Object {
     }
 
     /// An optional field of any deserialisable type.
-    pub fn opt<T: DeserializeOwned>(&mut self, field: &str) -> Result<Option<T>, ApiError> {
+    pub(super) fn opt<T: DeserializeOwned>(&mut self, field: &str) -> Result<Option<T>, ApiError> {
         match self.0.remove(field) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => serde_json::from_value(v)
@@ -78,7 +78,7 @@ impl Object {
     }
 
     /// Refuses any field not taken.
-    pub fn finish(self) -> Result<(), ApiError> {
+    pub(super) fn finish(self) -> Result<(), ApiError> {
         match self.0.keys().next() {
             Some(k) => Err(ApiError::bad_request(k.as_str(), "unknown field")),
             None => Ok(()),

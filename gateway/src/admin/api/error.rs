@@ -67,7 +67,7 @@ impl From<StoreError> for ApiError {
 }
 
 /// A JSON response with `status`.
-pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+pub(super) fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
     let bytes = serde_json::to_vec_pretty(body).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status;
@@ -79,7 +79,7 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<F
 }
 
 /// An empty `204 No Content`.
-pub fn no_content() -> Response<Full<Bytes>> {
+pub(super) fn no_content() -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::NO_CONTENT;
     resp

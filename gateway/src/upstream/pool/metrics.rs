@@ -143,7 +143,7 @@ pub fn register_metrics(registry: &mut Registry) {
 
 /// One backend's metric handles.
 #[derive(Clone)]
-pub struct BackendMetrics {
+pub(super) struct BackendMetrics {
     labels: BackendLabels,
     pub requests: Counter,
     pub latency: Histogram,
@@ -153,7 +153,7 @@ pub struct BackendMetrics {
 }
 
 impl BackendMetrics {
-    pub fn new(route: &str, backend: &str) -> Self {
+    pub(super) fn new(route: &str, backend: &str) -> Self {
         let m = PoolMetrics::global();
         let labels = BackendLabels {
             route: route.to_string(),
@@ -172,7 +172,7 @@ impl BackendMetrics {
         }
     }
 
-    pub fn error(&self, kind: &str) {
+    pub(super) fn error(&self, kind: &str) {
         PoolMetrics::global()
             .errors
             .get_or_create(&ErrorLabels {
@@ -184,7 +184,7 @@ impl BackendMetrics {
     }
 
     /// Removes this backend's series (the pool is gone).
-    pub fn remove(&self) {
+    pub(super) fn remove(&self) {
         if !release(&self.labels) {
             return;
         }
@@ -204,7 +204,7 @@ impl BackendMetrics {
     }
 }
 
-pub fn route_refused(route: &str, overloaded: bool) {
+pub(super) fn route_refused(route: &str, overloaded: bool) {
     let m = PoolMetrics::global();
     let labels = RouteLabels {
         route: route.to_string(),
@@ -217,7 +217,7 @@ pub fn route_refused(route: &str, overloaded: bool) {
 }
 
 /// Removes a route's refusal counters, unless another pool still serves `route`.
-pub fn remove_route(route: &str, backends_released: bool) {
+pub(super) fn remove_route(route: &str, backends_released: bool) {
     if !backends_released {
         return;
     }

@@ -68,7 +68,7 @@ async fn probe_loop(shared: Weak<Shared>, index: usize, offset: Duration) {
 
 /// One probe within `timeout_ms`: a TCP connect, or a GET whose status must be in the
 /// expected range, over HTTP/1.1 or h2c (prior knowledge) as the backends speak.
-pub async fn probe_once(
+pub(super) async fn probe_once(
     dialer: &dyn Dialer,
     addr: SocketAddr,
     cfg: &ActiveHealthConfig,

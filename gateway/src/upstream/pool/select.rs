@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 /// What selection needs to know about an eligible backend.
 #[derive(Debug, Clone, Copy)]
-pub struct Candidate {
+pub(super) struct Candidate {
     /// Index of the backend in the pool.
     pub index: usize,
     pub addr: SocketAddr,
@@ -20,20 +20,20 @@ pub struct Candidate {
 
 /// SplitMix64: tiny, fast, good enough to pick two backends at random.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub(super) struct Rng(u64);
 
 impl Rng {
-    pub fn new(seed: u64) -> Self {
+    pub(super) fn new(seed: u64) -> Self {
         Rng(seed)
     }
 
-    pub fn next_u64(&mut self) -> u64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         mix64(self.0)
     }
 
     /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: usize) -> usize {
+    pub(super) fn below(&mut self, n: usize) -> usize {
         ((self.next_u64() as u128 * n as u128) >> 64) as usize
     }
 }
@@ -51,7 +51,7 @@ fn mix64(mut z: u64) -> u64 {
 /// few seconds (`FORGIVE_AFTER`), so one slow answer (a cold connection, a pause) is forgiven quickly
 /// and a recovered backend is noticed, while a backend that stays slow is re-measured as slow
 /// each time it is tried. Returns an index into `cands`.
-pub fn least_loaded(rng: &mut Rng, cands: &[Candidate]) -> Option<usize> {
+pub(super) fn least_loaded(rng: &mut Rng, cands: &[Candidate]) -> Option<usize> {
     match cands.len() {
         0 => None,
         1 => Some(0),
@@ -85,11 +85,11 @@ pub fn least_loaded(rng: &mut Rng, cands: &[Candidate]) -> Option<usize> {
 
 /// After this long without a sample, a slow backend is costed at the pool's median again
 /// (linearly on the way), so it is tried and re-measured.
-pub const FORGIVE_AFTER: Duration = Duration::from_secs(5);
+pub(super) const FORGIVE_AFTER: Duration = Duration::from_secs(5);
 
 /// Smooth weighted round robin (nginx's): spreads each backend's turns evenly through the
 /// cycle. `current` holds one running score per pool backend.
-pub fn round_robin(current: &mut [i64], cands: &[Candidate]) -> Option<usize> {
+pub(super) fn round_robin(current: &mut [i64], cands: &[Candidate]) -> Option<usize> {
     let mut total: i64 = 0;
     let mut best: Option<(usize, i64)> = None;
     for (i, c) in cands.iter().enumerate() {
@@ -113,7 +113,7 @@ pub fn round_robin(current: &mut [i64], cands: &[Candidate]) -> Option<usize> {
 /// a ring or Maglev because pools are small (an O(n) scan is nanoseconds), there is no table to
 /// rebuild when health changes, weights are exact, and when a backend leaves only its own keys
 /// move — and they return to it when it comes back.
-pub fn rendezvous(key: &[u8], cands: &[Candidate]) -> Option<usize> {
+pub(super) fn rendezvous(key: &[u8], cands: &[Candidate]) -> Option<usize> {
     let mut best: Option<(usize, f64)> = None;
     for (i, c) in cands.iter().enumerate() {
         let h = hash_key_backend(key, &c.addr);
@@ -150,7 +150,7 @@ fn hash_key_backend(key: &[u8], addr: &SocketAddr) -> u64 {
 /// Peak-EWMA latency: jumps up to a slower sample at once and decays towards faster samples
 /// with time constant `TAU`.
 #[derive(Debug, Clone, Default)]
-pub struct PeakEwma {
+pub(super) struct PeakEwma {
     value: f64,
     stamp: Option<Instant>,
 }
@@ -158,7 +158,7 @@ pub struct PeakEwma {
 const TAU: Duration = Duration::from_secs(5);
 
 impl PeakEwma {
-    pub fn observe(&mut self, sample: Duration, now: Instant) {
+    pub(super) fn observe(&mut self, sample: Duration, now: Instant) {
         let s = sample.as_secs_f64();
         match self.stamp {
             None => self.value = s,
@@ -176,12 +176,12 @@ impl PeakEwma {
     }
 
     /// The estimate in seconds, `None` before the first sample.
-    pub fn value(&self) -> Option<f64> {
+    pub(super) fn value(&self) -> Option<f64> {
         self.stamp.map(|_| self.value)
     }
 
     /// Time since the last sample.
-    pub fn idle(&self, now: Instant) -> Duration {
+    pub(super) fn idle(&self, now: Instant) -> Duration {
         self.stamp
             .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
     }
