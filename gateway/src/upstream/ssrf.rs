@@ -89,10 +89,12 @@ fn embedded_v4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
 }
 
 /// The host's interface addresses (for the "own addresses" rule).
+#[allow(unsafe_code)] // FFI: getifaddrs has no safe std equivalent.
 pub(crate) fn interface_addresses() -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a linked list we only read and then free with freeifaddrs.
+    // SAFETY: getifaddrs fills a linked list that we only read, each node and address checked
+    // for null and cast by its own `sa_family`, then free once with freeifaddrs.
     unsafe {
         if libc::getifaddrs(&mut ifap) != 0 {
             return out;
