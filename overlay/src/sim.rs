@@ -378,7 +378,7 @@ impl From<PathError> for String {
 }
 
 /// A minimal IPv6 packet (next header 59, "no next header") carrying `payload`.
-pub fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Bytes {
+pub(crate) fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Bytes {
     let mut p = Vec::with_capacity(40 + payload.len());
     p.extend_from_slice(&[0x60, 0, 0, 0]);
     p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
