@@ -441,14 +441,21 @@ async fn node_key_file_rules() {
 /// Dialers keep retrying with backoff: a peer that comes up late, or restarts, is reached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dialer_reconnects_to_late_and_restarted_peers() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Until the peer comes up, its port belongs to a listener that closes every connection
+    // unanswered: each accept is one failed attempt of the dialer.
+    let squatter = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = squatter.local_addr().unwrap();
     let mut ca = cfg(false, vec![port]);
     ca.reconnect_max = Duration::from_millis(800);
     let a = Node::start(ca).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await; // a few failed attempts
+    for attempt in 1..=3 {
+        let (s, _) = tokio::time::timeout(Duration::from_secs(5), squatter.accept())
+            .await
+            .unwrap_or_else(|_| panic!("dial attempt {attempt} never came"))
+            .unwrap();
+        drop(s);
+    }
+    drop(squatter);
     let mut cb = cfg(true, vec![]);
     cb.listen = Some(port);
     let b = Node::start(cb.clone()).await.unwrap();
@@ -668,7 +675,10 @@ async fn concurrent_inbound_handshakes_are_capped() {
 
 /// A node with neither a listener nor peers (nothing to link to yet) keeps its L3 port
 /// working: packets to its own address come back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+///
+/// Paused time: the sleep lets the node's tasks run until they wait (a core task that lost
+/// its event channel has exited by then), without a real delay.
+#[tokio::test(start_paused = true)]
 async fn node_without_links_keeps_serving_its_l3_port() {
     let a = Node::start(cfg(false, vec![])).await.unwrap();
     let mut pa = a.take_l3_port().unwrap();

@@ -302,9 +302,17 @@ async fn relay_killed_mid_transfer_stream_survives() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let forwarded = |r: &Option<Node>| r.as_ref().unwrap().status().counters.bytes_forwarded;
+    // The relay carrying the stream is the one that forwards the next 16 MiB.
     let before: Vec<u64> = relays.iter().map(forwarded).collect();
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let after: Vec<u64> = relays.iter().map(forwarded).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let after: Vec<u64> = loop {
+        let now: Vec<u64> = relays.iter().map(forwarded).collect();
+        if (0..2).any(|i| now[i] - before[i] >= 16 << 20) {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "no relay carries the transfer");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     let busy = if after[0] - before[0] >= after[1] - before[1] {
         0
     } else {

@@ -435,8 +435,17 @@ async fn retransmitted_syn_does_not_open_a_second_socket() {
     let syn = tcp_segment(A, B, (PORT, 80), 5000, 0, SYN);
     send(syn.clone()).await;
     let isn = syn_ack_to(&mut peer_rx, PORT).await;
+    let taken = b.stats().packets_in;
     send(syn).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The stack counts a packet in the same locked round that handles it, and the lock is
+    // taken again below: once the count moves, the retransmitted SYN has been handled.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while b.stats().packets_in == taken {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the retransmitted SYN reaches the stack");
     assert_eq!(
         b.connections_per_shard().iter().sum::<usize>(),
         1,
