@@ -223,6 +223,7 @@ async fn slow_readers_get_every_byte() {
                         break;
                     }
                     got.extend_from_slice(&buf[..n]);
+                    // The slowness under test, not a wait for anything.
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 s.write_all(&(got.len() as u64).to_be_bytes())
