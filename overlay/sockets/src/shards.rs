@@ -35,7 +35,7 @@ use tokio::sync::Notify;
 /// shard's flags once per round, O(SHARDS). Measured on an in-memory wire with 1000 idle
 /// connections beside a 1-byte ping-pong: one shard 150–190 µs per round trip, 16 or 32
 /// shards ~25 µs, against ~20 µs with no idle connections; 32 leaves room for thousands.
-pub(crate) const SHARDS: usize = 32;
+const SHARDS: usize = 32;
 const _: () = assert!(SHARDS <= 64, "dirty shards are a u64 bit set");
 
 /// Listening sockets kept ready per listener in each shard. Every inbound packet is followed by
@@ -284,7 +284,8 @@ impl Inner {
         Ok(SocketId { shard, handle })
     }
 
-    pub(crate) fn new_socket(&self) -> tcp::Socket<'static> {
+    /// A fresh TCP socket with the stack's buffers, congestion control and keep-alive.
+    fn new_socket(&self) -> tcp::Socket<'static> {
         let size = self.config.socket_buffer.max(4096);
         let rx = tcp::SocketBuffer::new(vec![0u8; size]);
         let tx = tcp::SocketBuffer::new(vec![0u8; size]);
