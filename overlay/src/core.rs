@@ -210,10 +210,6 @@ impl NodeCore {
         self.addr
     }
 
-    pub fn mtu(&self) -> usize {
-        self.cfg.mtu
-    }
-
     pub(crate) fn neighbors(&self) -> Vec<NbrView> {
         self.nbrs
             .iter()
@@ -319,7 +315,7 @@ impl NodeCore {
     }
 
     /// Any frame arrived on a link (keeps it alive).
-    pub fn heard(&mut self, nbr: Nbr, now: Micros) {
+    pub(crate) fn heard(&mut self, nbr: Nbr, now: Micros) {
         if let Some(st) = self.nbrs.get_mut(&nbr) {
             st.last_heard = now;
         }
@@ -559,7 +555,7 @@ impl NodeCore {
     }
 
     /// Snapshot of counters including routing's.
-    pub fn counters(&self) -> Counters {
+    pub(crate) fn counters(&self) -> Counters {
         let mut c = self.counters.clone();
         c.routing = self.router.counters.clone();
         c.sessions_established = self.sessions.established;

@@ -174,7 +174,7 @@ impl Identity {
 }
 
 /// Verifies an ed25519 signature (strict: rejects malleable encodings and small-order keys).
-pub fn verify(public_key: &[u8; 32], msg: &[u8], sig: &[u8; 64]) -> bool {
+pub(crate) fn verify(public_key: &[u8; 32], msg: &[u8], sig: &[u8; 64]) -> bool {
     let Ok(vk) = VerifyingKey::from_bytes(public_key) else {
         return false;
     };

@@ -79,7 +79,7 @@ pub struct Sim {
     /// Longest trace any packet had (hops).
     pub max_hops: usize,
     /// Packets forwarded in total.
-    pub forwarded: u64,
+    pub(crate) forwarded: u64,
 }
 
 const TICK: Micros = 100_000;
@@ -167,7 +167,7 @@ impl Sim {
     }
 
     /// The next hop node `i` uses towards node `j`.
-    pub fn next_hop(&self, i: usize, j: usize) -> Option<usize> {
+    pub(crate) fn next_hop(&self, i: usize, j: usize) -> Option<usize> {
         let p = prefix_of(&self.address(j));
         self.nodes[i].core.router.next_hop(&p).map(|n| n as usize)
     }

@@ -151,7 +151,7 @@ pub enum Control {
 }
 
 impl Control {
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut b = Vec::new();
         match self {
             Control::Hello { timestamp_us } => {
@@ -188,7 +188,7 @@ impl Control {
         b
     }
 
-    pub fn decode(b: &[u8]) -> Result<Control, WireError> {
+    pub(crate) fn decode(b: &[u8]) -> Result<Control, WireError> {
         let mut r = Reader::new(b, "control message");
         let msg = match r.u8()? {
             1 => Control::Hello {
