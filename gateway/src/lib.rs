@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod api;
 pub mod backend;
+mod clients;
 pub mod cmd;
 pub mod dial;
 pub mod hello;

@@ -1,13 +1,14 @@
 //! The gateway process: shared state, listeners, and the accept → classify → route → dial →
 //! splice path for each client connection.
 
-use crate::backend::{DialConnector, GatewayDialer};
+use crate::backend::GatewayDialer;
+use crate::clients::Clients;
 use crate::dial::Dialer;
 use crate::hello::{self, HelloError, Parse};
 use crate::io::{Activity, Rewind, Tracked};
 use crate::metrics::{Metrics, RequestLabel, RouteLabel};
 use crate::overlay_metrics::OverlayObserver;
-use crate::proxy::{self, Body, Clients, ConnInfo};
+use crate::proxy::{self, Body, ConnInfo};
 use crate::routes::{RouteEntry, RouteTable};
 use crate::tls::{CertMap, CertResolver, DevCa};
 use anyhow::{Context, Result};
@@ -55,7 +56,7 @@ pub struct Inner {
     pub resolver: Arc<CertResolver>,
     dev_ca: Option<DevCa>,
     tls: Arc<ServerConfig>,
-    pub clients: Clients,
+    pub(crate) clients: Clients,
     dialer: Arc<GatewayDialer>,
     pub metrics: Metrics,
     pub timeouts: Timeouts,
@@ -244,13 +245,6 @@ impl Gateway {
             allow_private: config.security.allow_private_backends.into(),
             own_addresses: own,
         });
-        let connector = DialConnector {
-            dialer: dialer.clone() as Arc<dyn Dialer>,
-            // Each request bounds its connect attempts by its route's pool settings
-            // (`proxy::AttemptConnector`), which may exceed `[timeouts] connect_ms`; this only
-            // caps a connect that nothing else bounds.
-            connect_timeout: std::time::Duration::from_secs(60),
-        };
         let inner = Arc::new(Inner {
             config_path,
             timeouts: config.timeouts.clone(),
@@ -261,7 +255,7 @@ impl Gateway {
             resolver,
             dev_ca,
             tls: Arc::new(tls),
-            clients: Clients::new(connector),
+            clients: Clients::new(dialer.clone() as Arc<dyn Dialer>),
             dialer,
             metrics: Metrics::default(),
             challenges: RwLock::default(),
