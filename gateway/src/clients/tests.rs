@@ -68,40 +68,63 @@ async fn text(resp: Response<Incoming>) -> String {
 
 const ATTEMPT: Duration = Duration::from_secs(5);
 
-/// An HTTP/1.1 backend answering `path host` for each request, and echoing the bytes of an
-/// upgraded (`Upgrade: echo`) stream; counts the connections it accepted.
-async fn h1_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+/// An HTTP/1.1 backend on loopback.
+struct TestBackend {
+    addr: SocketAddr,
+    /// Connections it accepted.
+    accepted: Arc<AtomicUsize>,
+    /// Lets the body of a `/held` response finish.
+    release: Arc<tokio::sync::Notify>,
+}
+
+/// Answers `path host` to each request (`/held`: after `release`), and echoes the bytes of an
+/// upgraded (`Upgrade: echo`) stream.
+async fn h1_backend() -> TestBackend {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (count, held) = (accepted.clone(), release.clone());
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
-            let svc = service_fn(|mut req: Request<Incoming>| async move {
-                if req.headers().get(header::UPGRADE).is_some() {
-                    let upgrade = hyper::upgrade::on(&mut req);
-                    tokio::spawn(async move {
-                        if let Ok(up) = upgrade.await {
-                            let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
-                            let _ = tokio::io::copy(&mut r, &mut w).await;
-                        }
+            let held = held.clone();
+            let svc = service_fn(move |mut req: Request<Incoming>| {
+                let held = held.clone();
+                async move {
+                    if req.headers().get(header::UPGRADE).is_some() {
+                        let upgrade = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            if let Ok(up) = upgrade.await {
+                                let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                                let _ = tokio::io::copy(&mut r, &mut w).await;
+                            }
+                        });
+                        let mut resp = Response::new(full(""));
+                        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                        resp.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                        resp.headers_mut()
+                            .insert(header::UPGRADE, HeaderValue::from_static("echo"));
+                        return Ok::<_, Infallible>(resp);
+                    }
+                    let host = req
+                        .headers()
+                        .get(header::HOST)
+                        .map(|h| h.to_str().unwrap_or("?").to_string())
+                        .unwrap_or_default();
+                    let text = format!("{} {host}", req.uri());
+                    if req.uri().path() != "/held" {
+                        return Ok(Response::new(full(&text)));
+                    }
+                    let later = futures_util::stream::once(async move {
+                        held.notified().await;
+                        Ok(hyper::body::Frame::data(Bytes::from(text)))
                     });
-                    let mut resp = Response::new(Full::new(Bytes::new()));
-                    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-                    resp.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                    resp.headers_mut()
-                        .insert(header::UPGRADE, HeaderValue::from_static("echo"));
-                    return Ok::<_, Infallible>(resp);
+                    Ok(Response::new(
+                        http_body_util::StreamBody::new(later).boxed(),
+                    ))
                 }
-                let host = req
-                    .headers()
-                    .get(header::HOST)
-                    .map(|h| h.to_str().unwrap_or("?").to_string())
-                    .unwrap_or_default();
-                let text = format!("{} {host}", req.uri());
-                Ok(Response::new(Full::new(Bytes::from(text))))
             });
             tokio::spawn(
                 hyper::server::conn::http1::Builder::new()
@@ -110,7 +133,15 @@ async fn h1_backend() -> (SocketAddr, Arc<AtomicUsize>) {
             );
         }
     });
-    (addr, accepted)
+    TestBackend {
+        addr,
+        accepted,
+        release,
+    }
+}
+
+fn full(text: &str) -> BoxBody<Bytes, Infallible> {
+    Full::new(Bytes::from(text.to_string())).boxed()
 }
 
 /// An h2c backend answering `:authority`; counts the connections it accepted.
@@ -152,7 +183,11 @@ const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
 #[tokio::test]
 async fn a_kept_connection_serves_the_next_requests() {
-    let (backend, accepted) = h1_backend().await;
+    let TestBackend {
+        addr: backend,
+        accepted,
+        ..
+    } = h1_backend().await;
     let clients = direct();
     for i in 0..3 {
         let resp = clients
@@ -174,7 +209,7 @@ async fn a_kept_connection_serves_the_next_requests() {
 
 #[tokio::test]
 async fn host_defaults_to_the_uri_authority() {
-    let (backend, _) = h1_backend().await;
+    let backend = h1_backend().await.addr;
     let clients = direct();
     let mut req = get(backend, "/");
     req.headers_mut().remove(header::HOST);
@@ -299,27 +334,40 @@ impl Dialer for GatedDialer {
 
 #[tokio::test]
 async fn a_connecting_request_takes_a_connection_returned_meanwhile() {
-    let (backend, accepted) = h1_backend().await;
+    let TestBackend {
+        addr: backend,
+        accepted,
+        release,
+    } = h1_backend().await;
     let dialer = Arc::new(GatedDialer {
         dials: AtomicUsize::new(0),
         gate: Semaphore::new(0),
     });
     let clients = Clients::new(dialer.clone());
-    // The first response's body is unread: its connection is busy.
+    // The first response's body is held: its connection is busy.
     let first = clients
-        .send(BackendProtocol::Http1, backend, get(backend, "/1"), ATTEMPT)
+        .send(
+            BackendProtocol::Http1,
+            backend,
+            get(backend, "/held"),
+            ATTEMPT,
+        )
         .await
         .expect("first response");
     let second = clients.send(BackendProtocol::Http1, backend, get(backend, "/2"), ATTEMPT);
     let read_first = async {
-        // The second request is dialling (held at the gate) by now.
-        while dialer.dials.load(Ordering::SeqCst) < 2 {
-            tokio::task::yield_now().await;
-        }
+        tokio::time::timeout(PATIENCE, async {
+            while dialer.dials.load(Ordering::SeqCst) < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the second request dials (held at the gate)");
+        release.notify_one();
         text(first).await
     };
     let (second, first) = tokio::join!(second, read_first);
-    assert_eq!(first, "/1 a.example");
+    assert_eq!(first, "/held a.example");
     assert_eq!(text(second.expect("second response")).await, "/2 a.example");
     assert_eq!(
         accepted.load(Ordering::SeqCst),
@@ -406,7 +454,11 @@ async fn a_reset_after_the_backend_read_the_request_is_not_a_connect_error() {
 
 #[tokio::test]
 async fn an_upgraded_connection_carries_the_stream_and_leaves_the_pool() {
-    let (backend, accepted) = h1_backend().await;
+    let TestBackend {
+        addr: backend,
+        accepted,
+        ..
+    } = h1_backend().await;
     let clients = direct();
     let mut req = get(backend, "/ws");
     req.headers_mut()
@@ -452,7 +504,11 @@ async fn h2c_requests_share_one_connection() {
 
 #[tokio::test]
 async fn idle_connections_expire() {
-    let (backend, accepted) = h1_backend().await;
+    let TestBackend {
+        addr: backend,
+        accepted,
+        ..
+    } = h1_backend().await;
     let clients = direct();
     let resp = clients
         .send(BackendProtocol::Http1, backend, get(backend, "/"), ATTEMPT)
@@ -481,7 +537,7 @@ async fn idle_connections_expire() {
 
 #[tokio::test]
 async fn idle_connections_per_backend_are_bounded() {
-    let (backend, _) = h1_backend().await;
+    let backend = h1_backend().await.addr;
     let clients = direct();
     let resp = clients
         .send(BackendProtocol::Http1, backend, get(backend, "/"), ATTEMPT)
