@@ -9,7 +9,7 @@ use crate::routes::RouteTable;
 use crate::state::{Shared, SharedParts};
 use crate::tls::{CertResolver, DevCa};
 use crate::upstream::clients::Clients;
-use crate::upstream::connector::{DialConnector, GatewayDialer};
+use crate::upstream::connector::GatewayDialer;
 use crate::upstream::dial::Dialer;
 use anyhow::Result;
 use meshgate_certs::CertManager;
@@ -108,12 +108,6 @@ impl Gateway {
             allow_private: config.security.allow_private_backends.into(),
             own_addresses: own,
         });
-        let connector = DialConnector {
-            dialer: dialer.clone() as Arc<dyn Dialer>,
-            // Each request bounds its connect attempts by its route's pool settings, which may
-            // exceed `[timeouts] connect_ms`; this only caps a connect that nothing else bounds.
-            connect_timeout: std::time::Duration::from_secs(60),
-        };
         let metrics = Metrics::new(|registry| {
             if let Some(o) = &observer {
                 registry.register_collector(Box::new(o.clone()));
@@ -134,7 +128,7 @@ impl Gateway {
             resolver,
             dev_ca,
             tls,
-            clients: Clients::new(connector),
+            clients: Clients::new(dialer.clone() as Arc<dyn Dialer>),
             dialer,
             metrics,
             certs,
