@@ -1,6 +1,6 @@
-//! A local development CA (rcgen) for the demo and tests that do not exercise ACME.
-//! `ca.pem` and `ca.key` live in one directory (mode 0700, files 0600); hand `ca.pem` to
-//! `curl --cacert`.
+//! The one local development CA (rcgen): `acme.directory = "local-dev-ca"`, the gateway's
+//! `[tls.dev_ca]`, the demo and tests that need certificates without ACME. `ca.pem` and
+//! `ca.key` live in one directory (mode 0700, files 0600); hand `ca.pem` to `curl --cacert`.
 
 use crate::error::CertError;
 use crate::store::{create_private_dir, write_private};
@@ -9,9 +9,14 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How long the leaves of [`DevCa::certified_key`] and [`DevCa::issue_der`] are valid.
+pub(crate) const LEAF_LIFETIME: Duration = Duration::from_secs(90 * 86400);
 
 pub struct DevCa {
     dir: PathBuf,
@@ -117,7 +122,20 @@ impl DevCa {
 
     /// Issues a leaf and returns it ready for a rustls resolver.
     pub fn certified_key(&self, names: &[String]) -> Result<Arc<CertifiedKey>, CertError> {
-        let pem = self.issue(names, Duration::from_secs(90 * 86400))?;
+        let pem = self.issue(names, LEAF_LIFETIME)?;
         crate::pem::certified_key(&pem.chain_pem, &pem.key_pem)
+    }
+
+    /// Issues a leaf as DER chain and key, for TLS servers other than the gateway (test
+    /// backends).
+    pub fn issue_der(
+        &self,
+        names: &[String],
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CertError> {
+        let pem = self.issue(names, LEAF_LIFETIME)?;
+        let chain = crate::pem::parse_chain(&pem.chain_pem)?;
+        let key = PrivateKeyDer::from_pem_slice(pem.key_pem.as_bytes())
+            .map_err(|e| CertError::Cert(format!("dev CA leaf key: {e}")))?;
+        Ok((chain, key))
     }
 }

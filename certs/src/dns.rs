@@ -48,7 +48,7 @@ fn parse_name(s: &str) -> Result<Name, CertError> {
 impl ChallengeZone {
     /// The zone for `domain` whose SOA/NS name `ns_host` (the gateway host the farmer's
     /// `_acme-challenge.<domain> NS` record points at).
-    pub fn new(domain: &str, ns_host: &str) -> Result<Self, CertError> {
+    pub(crate) fn new(domain: &str, ns_host: &str) -> Result<Self, CertError> {
         let origin = parse_name(&format!("_acme-challenge.{}", domain.trim_end_matches('.')))?;
         let ns = parse_name(ns_host)?;
         let rname = parse_name(&format!("hostmaster.{}", domain.trim_end_matches('.')))?;

@@ -3,7 +3,7 @@
 
 use crate::proxy::{Body, full};
 use crate::server::{Inner, api_handler, status_json};
-use crate::tls::{Always, DevCa, load_pem_files};
+use crate::tls::{Always, load_pem_files};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use meshgate_certs::DevCa;
 use meshgate_config::gateway::GatewayConfig;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -39,7 +40,7 @@ pub(crate) fn tls_acceptor(
         }
         _ => {
             let ca = dev_ca.context("admin.tls.dev_ca needs a [tls.dev_ca] table")?;
-            ca.issue(&dev_ca_names(config))
+            ca.certified_key(&dev_ca_names(config))
                 .context("admin.tls: cannot issue the admin certificate from the dev CA")?
         }
     };

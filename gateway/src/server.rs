@@ -9,7 +9,6 @@ use crate::metrics::{Metrics, RequestLabel, RouteLabel};
 use crate::overlay_metrics::OverlayObserver;
 use crate::proxy::{self, Body, Clients, ConnInfo};
 use crate::routes::{RouteEntry, RouteTable};
-use crate::tls::{CertMap, CertResolver, DevCa};
 use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
@@ -17,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use meshgate_certs::{CertMap, CertResolver, DevCa};
 use meshgate_config::gateway::{GatewayConfig, Limits, Timeouts};
 use meshgate_config::route::{Mode, Route};
 use rustls::ServerConfig;
@@ -129,7 +129,7 @@ impl Inner {
             for n in names {
                 let cert = match old.get(&n) {
                     Some(c) => c.clone(),
-                    None => ca.issue(std::slice::from_ref(&n))?,
+                    None => ca.certified_key(std::slice::from_ref(&n))?,
                 };
                 map.insert(n, cert);
             }
@@ -213,7 +213,7 @@ impl Gateway {
         is_overlay: fn(&IpAddr) -> bool,
     ) -> Result<Self> {
         let dev_ca = match &config.tls.dev_ca {
-            Some(d) => Some(DevCa::open(&d.dir)?),
+            Some(d) => Some(DevCa::load_or_create(&d.dir)?),
             None => None,
         };
         let admin_tls = crate::admin::tls_acceptor(&config, dev_ca.as_ref())?;

@@ -123,30 +123,16 @@ fn text(o: &Output) -> String {
 
 /// A CA and an admin certificate for 127.0.0.1 signed by it, as PEM files in `dir`.
 fn write_admin_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "admin test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
+    let ca = meshgate_certs::DevCa::load_or_create(dir.join("admin-ca")).unwrap();
+    let leaf = ca
+        .issue(&["127.0.0.1".to_string()], Duration::from_secs(86400))
         .unwrap();
-    let (ca, cert, key_path) = (
-        dir.join("admin-ca.pem"),
-        dir.join("admin.pem"),
-        dir.join("admin.key"),
-    );
-    std::fs::write(&ca, ca_cert.pem()).unwrap();
-    std::fs::write(&cert, leaf.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert, key_path) = (dir.join("admin.pem"), dir.join("admin.key"));
+    std::fs::write(&cert, leaf.chain_pem).unwrap();
+    std::fs::write(&key_path, leaf.key_pem).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    (ca, cert, key_path)
+    (ca.ca_pem_path(), cert, key_path)
 }
 
 #[test]

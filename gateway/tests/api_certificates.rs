@@ -172,7 +172,7 @@ async fn verified_domain_gets_certificate_goes_active_and_serves() {
     while !certs
         .status()
         .iter()
-        .any(|s| s.name == "static.example.net" && s.state == "valid")
+        .any(|s| s.name == "static.example.net" && s.state == meshgate_certs::CertState::Valid)
     {
         assert!(Instant::now() < deadline, "{:?}", certs.status());
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -9,7 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use meshgate_gateway::tls::DevCa;
+use meshgate_certs::DevCa;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,7 +30,7 @@ async fn fixture() -> Fixture {
     let http = start_http_backend().await;
     let h2c = start_h2c_backend().await;
     let ws = start_ws_backend().await;
-    let other_ca = DevCa::open(&dir.path().join("backend-ca")).unwrap();
+    let other_ca = DevCa::load_or_create(dir.path().join("backend-ca")).unwrap();
     let (tls, backend_cert, proxy_rx) = start_tls_backend(&other_ca, "pass.test", true).await;
     let mut workload = Workload::start(dir.path()).await;
     let o_http = workload.expose(80, http);

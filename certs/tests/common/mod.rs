@@ -11,7 +11,10 @@ use hickory_server::zone_handler::{AxfrPolicy, ZoneHandler, ZoneType};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use meshgate_certs::{CertConfig, CertManager, DevCa, DnsServer, offers_acme_tls, serve_dns};
+use meshgate_certs::{
+    AcmeConfig, CertConfig, CertManager, CertState, CustomChallenge, DevCa, DnsServer,
+    offers_acme_tls, serve_dns,
+};
 use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -373,20 +376,16 @@ pub async fn echo(tls: &mut tokio_rustls::client::TlsStream<TcpStream>, msg: &[u
     assert_eq!(buf, msg);
 }
 
-pub fn config(state_dir: &Path, pebble: &Pebble, challenge: &str) -> CertConfig {
-    serde_json::from_value(serde_json::json!({
-        "state_dir": state_dir,
-        "acme": {
-            "directory": pebble.directory_url,
-            "contact_email": "ops@meshgate.test",
-            "ca_root": pebble.https_root,
-            "challenge": challenge,
-            "order_timeout_secs": 30.0
-        },
-        "dns": { "listen": null },
-        "renewal": { "backoff_initial_secs": 30.0, "backoff_max_secs": 300.0 }
-    }))
-    .unwrap()
+pub fn config(state_dir: &Path, pebble: &Pebble, challenge: CustomChallenge) -> CertConfig {
+    let mut acme = AcmeConfig::new(pebble.directory_url.clone(), "ops@meshgate.test");
+    acme.ca_root = Some(pebble.https_root.clone());
+    acme.challenge = challenge;
+    acme.order_timeout_secs = 30.0;
+    let mut config = CertConfig::new(state_dir, acme);
+    config.dns.listen = None;
+    config.renewal.backoff_initial_secs = 30.0;
+    config.renewal.backoff_max_secs = 300.0;
+    config
 }
 
 /// Waits until `cond` holds on the manager's status, or panics with the status.
@@ -407,7 +406,7 @@ pub async fn wait_for(
     }
 }
 
-pub fn state_of(certs: &CertManager, name: &str) -> Option<&'static str> {
+pub fn state_of(certs: &CertManager, name: &str) -> Option<CertState> {
     certs
         .status()
         .into_iter()
@@ -465,7 +464,7 @@ impl Env {
         self.dns = Some(serve_dns(listen, zones).await.unwrap());
     }
 
-    pub fn config(&self, challenge: &str) -> CertConfig {
+    pub fn config(&self, challenge: CustomChallenge) -> CertConfig {
         config(self.state.path(), &self.pebble, challenge)
     }
 }

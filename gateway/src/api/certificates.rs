@@ -11,11 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// States in which the manager serves a certificate for the name.
-fn serving(state: &str) -> bool {
-    matches!(state, "valid" | "renewing" | "renewal-failing")
-}
-
 /// Verified domains whose reservation terminates TLS here (passthrough backends hold their
 /// own certificates).
 fn terminating(store: &Store, verified: &BTreeSet<String>) -> BTreeSet<String> {
@@ -87,7 +82,7 @@ pub fn follow_certificates(
 /// Records in the store which of `domains` have their certificate served.
 fn mark_ready(store: &Store, certs: &CertManager, domains: &BTreeSet<String>) {
     for status in certs.status() {
-        if !serving(status.state) || !domains.contains(&status.name) {
+        if !status.state.serves() || !domains.contains(&status.name) {
             continue;
         }
         let key = Key::domain(status.name.clone());

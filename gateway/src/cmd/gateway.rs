@@ -110,7 +110,7 @@ impl Drop for Services {
 }
 
 /// ACME challenges answered from the certificate manager's pending set.
-struct CertChallenges(Arc<meshgate_certs::challenge::ChallengeResponder>);
+struct CertChallenges(Arc<meshgate_certs::ChallengeResponder>);
 
 impl crate::server::Challenges for CertChallenges {
     fn http01(&self, token: &str) -> Option<String> {
@@ -156,10 +156,9 @@ pub async fn start_services(gateway: &Gateway, config: &GatewayConfig) -> Result
         None => None,
     };
     let certs = match &config.tls.acme {
-        Some(acme) => Some(start_certs(
+        Some(_) => Some(start_certs(
             gateway,
             config,
-            acme,
             reservations.as_ref().map(|r| r.store.clone()),
         )?),
         None => None,
@@ -173,21 +172,20 @@ pub async fn start_services(gateway: &Gateway, config: &GatewayConfig) -> Result
 fn start_certs(
     gateway: &Gateway,
     config: &GatewayConfig,
-    acme: &meshgate_config::gateway::Acme,
     store: Option<Arc<meshgate_config::store::Store>>,
 ) -> Result<CertService> {
-    let cfg = cert_config(config, acme)?;
-    let manager = Arc::new(meshgate_certs::CertManager::new(cfg)?);
+    let cfg = meshgate_certs::CertConfig::try_from(config)
+        .context("certificate manager configuration")?;
+    let manager = Arc::new(meshgate_certs::CertManager::with_resolver(
+        cfg,
+        gateway.resolver(),
+    )?);
     gateway
         .inner()
         .metrics
         .register(|r| manager.register_metrics(r));
     crate::api::register_status(gateway.inner(), manager.clone());
     gateway.set_challenges(Arc::new(CertChallenges(manager.challenges())));
-    let resolver = manager.resolver();
-    gateway
-        .resolver()
-        .set_fallback(Arc::new(move |name: &str| resolver.lookup(name)));
     // Terminate hosts of the route table (static routes; routed reservations are verified
     // or covered by the wildcard). Verified domains not yet routed come from the store.
     let (routed_tx, routed_rx) = tokio::sync::watch::channel(Arc::new(BTreeSet::new()));
@@ -223,29 +221,6 @@ fn start_certs(
         driver: driver_abort,
         tasks: vec![follower, watcher],
     })
-}
-
-/// The certificate manager's settings from `data_dir`, `domains` and `[tls.acme]`.
-fn cert_config(
-    config: &GatewayConfig,
-    acme: &meshgate_config::gateway::Acme,
-) -> Result<meshgate_certs::CertConfig> {
-    let dns_listen = acme
-        .dns_responder
-        .then(|| acme.dns_listen.unwrap_or(([0, 0, 0, 0], 53).into()));
-    let cfg = serde_json::json!({
-        "state_dir": config.data_dir.join("certs"),
-        "farmer_domain": config.domains.first(),
-        "acme": {
-            "directory": acme.directory,
-            "contact_email": acme.contact.trim_start_matches("mailto:"),
-            "ca_root": acme.directory_ca,
-            "challenge": acme.challenge,
-            "order_timeout_secs": acme.order_timeout_secs.unwrap_or(90.0),
-        },
-        "dns": { "listen": dns_listen, "ns_host": acme.ns_host },
-    });
-    serde_json::from_value(cfg).context("certificate manager configuration")
 }
 
 /// The addresses a custom domain may resolve to instead of CNAMEing here: the configured
@@ -319,32 +294,6 @@ mod tests {
 
     fn parse(text: &str) -> GatewayConfig {
         GatewayConfig::parse(Path::new("gateway.toml"), text).unwrap()
-    }
-
-    #[test]
-    fn acme_table_reaches_the_certificate_manager() {
-        let c = parse(
-            "domains = [\"gw.example.org\"]\n[tls.acme]\ncontact = \"mailto:ops@example.org\"\n\
-             challenge = \"tls-alpn-01\"\nns_host = \"ns1.example.org\"\n\
-             dns_listen = \"127.0.0.1:5353\"\norder_timeout_secs = 30\n",
-        );
-        let cert = cert_config(&c, c.tls.acme.as_ref().unwrap()).unwrap();
-        assert_eq!(cert.dns.ns_host.as_deref(), Some("ns1.example.org"));
-        assert_eq!(cert.dns.listen, Some("127.0.0.1:5353".parse().unwrap()));
-        assert_eq!(cert.acme.order_timeout_secs, 30.0);
-        assert_eq!(
-            cert.acme.challenge,
-            meshgate_certs::CustomChallenge::TlsAlpn01
-        );
-        assert_eq!(cert.farmer_domain.as_deref(), Some("gw.example.org"));
-        // Defaults: responder on :53, 90 s orders; `dns_responder = false` turns it off.
-        let c = parse("[tls.acme]\ncontact = \"mailto:ops@example.org\"\n");
-        let cert = cert_config(&c, c.tls.acme.as_ref().unwrap()).unwrap();
-        assert_eq!(cert.dns.listen, Some("0.0.0.0:53".parse().unwrap()));
-        assert_eq!(cert.acme.order_timeout_secs, 90.0);
-        let c = parse("[tls.acme]\ncontact = \"mailto:ops@example.org\"\ndns_responder = false\n");
-        let cert = cert_config(&c, c.tls.acme.as_ref().unwrap()).unwrap();
-        assert_eq!(cert.dns.listen, None);
     }
 
     #[test]
