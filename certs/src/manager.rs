@@ -92,17 +92,8 @@ enum Event {
 impl CertManager {
     /// Opens the store and loads its certificates; does no network I/O. The farmer wildcard
     /// (when `farmer_domain` is set) is desired from the start; stored certificates are
-    /// served as soon as their name is desired, by a resolver of its own.
+    /// served as soon as their name is desired, through [`Self::resolver`].
     pub fn new(config: CertConfig) -> Result<Self, CertError> {
-        Self::with_resolver(config, Arc::new(CertResolver::default()))
-    }
-
-    /// Like [`Self::new`], serving through `resolver` (the gateway's, which also holds its
-    /// configured certificates) and publishing challenge responses in its responder.
-    pub fn with_resolver(
-        config: CertConfig,
-        resolver: Arc<CertResolver>,
-    ) -> Result<Self, CertError> {
         let directory = config.acme.directory()?;
         config.renewal.validate()?;
         let contact = match directory {
@@ -135,6 +126,7 @@ impl CertManager {
                 Err(e) => tracing::warn!("certificate store: {e}; it will be re-issued if needed"),
             }
         }
+        let resolver = Arc::new(CertResolver::default());
         let challenges = resolver.challenges();
         let seed: u64 = rand::random();
         let manager = CertManager {
@@ -171,7 +163,8 @@ impl CertManager {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The rustls resolver for the :443 listener (exact SNI, then `*.parent`).
+    /// The rustls resolver for the :443 listener (exact SNI, then `*.parent`); the gateway
+    /// swaps its configured certificates into it too.
     pub fn resolver(&self) -> Arc<CertResolver> {
         self.inner.resolver.clone()
     }
