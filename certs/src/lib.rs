@@ -29,6 +29,8 @@
 //! ACME flow decisions live in `schedule::Scheduler`, a sans-IO state machine; the tokio
 //! driver in `manager` performs the orders it asks for.
 
+#![warn(unreachable_pub)]
+
 mod acme;
 mod challenge;
 mod config;

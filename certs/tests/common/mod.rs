@@ -106,6 +106,7 @@ impl Pebble {
         let mut cmd = Command::new("/usr/bin/pebble");
         // Pebble dies with the test process even when that is killed outright.
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        #[allow(unsafe_code)]
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(|| {
