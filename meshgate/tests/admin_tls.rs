@@ -1,82 +1,54 @@
 //! The admin listener over TLS (`[admin] tls`): the real `meshgate gateway` binary, the real
 //! `meshgate reserve` CLI with `--cacert`, curl, and a raw plain-HTTP client that must fail.
 
+use meshgate_testkit::curl::curl;
+use meshgate_testkit::net::silent_udp;
+use meshgate_testkit::process::GatewayProcess;
+use meshgate_testkit::tls::TestCa;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `meshgate gateway` process (killed on drop).
+/// A `meshgate gateway` process (killed on drop) and the name server it never hears from.
 struct Gateway {
-    child: Child,
-    dir: PathBuf,
+    process: GatewayProcess,
     admin: u16,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    _dns: std::net::UdpSocket,
 }
 
 impl Gateway {
     /// Starts the binary with loopback listeners, reservations for `gw.test`, a name server
     /// nobody answers on (the verifier stays on this machine) and `admin_tls` as `[admin] tls`.
     fn start(dir: &Path, admin_tls: &str, extra: &str) -> Gateway {
-        let (https, http, admin, dns) = (free_port(), free_port(), free_port(), free_port());
-        let config = format!(
-            "domains = [\"gw.test\"]\ndata_dir = \"{d}/data\"\n\
-             [listen]\nhttps = [\"127.0.0.1:{https}\"]\nhttp = [\"127.0.0.1:{http}\"]\n\
-             [admin]\nlisten = \"127.0.0.1:{admin}\"\ntls = {admin_tls}\n\
-             [reservations]\nnameservers = [\"127.0.0.1:{dns}\"]\nquery_timeout_ms = 200\n{extra}",
-            d = dir.display()
-        );
-        let path = dir.join("gateway.toml");
-        std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
-            .args(["gateway", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut g = Gateway {
-            child,
-            dir: dir.to_path_buf(),
-            admin,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = g.child.try_wait() {
-                panic!("gateway exited early ({status}): {}", g.log());
-            }
-            if std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "gateway not ready: {}", g.log());
-            std::thread::sleep(Duration::from_millis(50));
+        let (dns_socket, dns) = silent_udp();
+        let process =
+            GatewayProcess::start_with(Path::new(env!("CARGO_BIN_EXE_meshgate")), dir, |p| {
+                format!(
+                    "domains = [\"gw.test\"]\ndata_dir = \"{d}/data\"\n\
+                     [listen]\nhttps = [\"127.0.0.1:{https}\"]\nhttp = [\"127.0.0.1:{http}\"]\n\
+                     [admin]\nlisten = \"127.0.0.1:{admin}\"\ntls = {admin_tls}\n\
+                     [reservations]\nnameservers = [\"{dns}\"]\nquery_timeout_ms = 200\n{extra}",
+                    d = dir.display(),
+                    https = p.https,
+                    http = p.http,
+                    admin = p.admin,
+                )
+            });
+        Gateway {
+            admin: process.admin,
+            process,
+            _dns: dns_socket,
         }
-        g
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+        self.process.log()
     }
 
     fn admin_token(&self) -> String {
-        std::fs::read_to_string(self.dir.join("data/admin.token"))
+        std::fs::read_to_string(self.process.dir.join("data/admin.token"))
             .unwrap()
             .trim()
             .to_string()
@@ -97,22 +69,6 @@ impl Gateway {
     }
 }
 
-/// curl; returns (exit success, HTTP status, body).
-fn curl(args: &[&str]) -> (bool, u16, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "-m", "10", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (
-        out.status.success(),
-        code.trim().parse().unwrap_or(0),
-        body.to_string(),
-    )
-}
-
 fn text(o: &Output) -> String {
     format!(
         "stdout: {}\nstderr: {}",
@@ -123,16 +79,15 @@ fn text(o: &Output) -> String {
 
 /// A CA and an admin certificate for 127.0.0.1 signed by it, as PEM files in `dir`.
 fn write_admin_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let ca = meshgate_certs::DevCa::load_or_create(dir.join("admin-ca")).unwrap();
-    let leaf = ca
-        .issue(&["127.0.0.1".to_string()], Duration::from_secs(86400))
-        .unwrap();
-    let (cert, key_path) = (dir.join("admin.pem"), dir.join("admin.key"));
-    std::fs::write(&cert, leaf.chain_pem).unwrap();
-    std::fs::write(&key_path, leaf.key_pem).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    (ca.ca_pem_path(), cert, key_path)
+    let ca = TestCa::new("admin test CA");
+    let (ca_path, cert, key) = (
+        dir.join("admin-ca.pem"),
+        dir.join("admin.pem"),
+        dir.join("admin.key"),
+    );
+    ca.write_pem(&ca_path);
+    ca.issue(&["127.0.0.1"]).write_pem(&cert, &key);
+    (ca_path, cert, key)
 }
 
 #[test]
@@ -190,16 +145,19 @@ fn reserve_cli_over_admin_tls_and_plain_http_refused() {
     );
 
     // `/status` and `/metrics` are on the TLS listener too.
-    let (ok, code, body) = curl(&["--cacert", ca_s, &format!("{https}/status")]);
+    let c = curl(&["--cacert", ca_s, &format!("{https}/status")]);
+    let (ok, code, body) = (c.success, c.status, c.body);
     assert!(ok && code == 200, "{code} {body}");
     assert!(body.contains("\"routes\""), "{body}");
-    let (ok, code, _) = curl(&["--cacert", ca_s, &format!("{https}/metrics")]);
+    let c = curl(&["--cacert", ca_s, &format!("{https}/metrics")]);
+    let (ok, code) = (c.success, c.status);
     assert!(ok && code == 200, "{code}");
 
     // Plain HTTP to the TLS port gets no HTTP answer: not from curl, not from the CLI, not
     // from a raw request.
     let http = format!("http://127.0.0.1:{}", gw.admin);
-    let (_, code, body) = curl(&[&format!("{http}/status")]);
+    let c = curl(&[&format!("{http}/status")]);
+    let (code, body) = (c.status, c.body);
     assert_eq!(code, 0, "plain HTTP was answered: {body}");
     let out = gw.reserve(&http, &alice, &["list"], &[]);
     assert!(!out.status.success(), "{}", text(&out));
@@ -236,16 +194,18 @@ fn admin_tls_from_the_dev_ca() {
     let ca = dir.path().join("ca/ca.pem");
     let ca_s = ca.to_str().unwrap();
     let https = format!("https://127.0.0.1:{}", gw.admin);
-    let (ok, code, body) = curl(&["--cacert", ca_s, &format!("{https}/status")]);
+    let c = curl(&["--cacert", ca_s, &format!("{https}/status")]);
+    let (ok, code, body) = (c.success, c.status, c.body);
     assert!(ok && code == 200, "{code} {body}\n{}", gw.log());
     // `localhost` is on the certificate as well.
-    let (ok, code, body) = curl(&[
+    let c = curl(&[
         "--cacert",
         ca_s,
         &format!("https://localhost:{}/v1/whoami", gw.admin),
         "-H",
         &format!("Authorization: Bearer {}", gw.admin_token()),
     ]);
+    let (ok, code, body) = (c.success, c.status, c.body);
     assert!(ok && code == 200, "{code} {body}");
     let out = gw.reserve(&https, &gw.admin_token(), &["--cacert", ca_s, "list"], &[]);
     assert!(out.status.success(), "{}", text(&out));

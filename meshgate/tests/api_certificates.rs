@@ -4,38 +4,19 @@
 //! certificate manager's state.
 
 use meshgate::app::{self, GatewaySetup};
+use meshgate_certs::CertState;
 use meshgate_config::gateway::GatewayConfig;
 use meshgate_config::reservation::{Key, Options, Reservation, Status};
 use meshgate_config::route::Mode;
 use meshgate_config::store::{Store, StoreError};
 use meshgate_config::verify::{Input, Rules, step};
+use meshgate_testkit::curl::run_curl;
+use meshgate_testkit::http::fixed_backend;
+use meshgate_testkit::{eventually, eventually_ok};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
-
-/// A plain HTTP/1.1 backend answering `backend ok`.
-async fn backend() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\nconnection: close\r\n\r\nbackend ok")
-                    .await;
-            });
-        }
-    });
-    addr
-}
+use std::time::Duration;
 
 fn config(dir: &Path, backend: SocketAddr) -> GatewayConfig {
     let text = format!(
@@ -92,17 +73,13 @@ fn reserve(store: &Store, fqdn: &str, backend: SocketAddr, mode: Mode) {
 
 /// `curl` over HTTPS to `host` at `addr`, trusting only `ca`; (status, body).
 fn curl(addr: SocketAddr, host: &str, ca: &Path) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "-m", "10", "-w", "\n%{http_code}", "--cacert"])
-        .arg(ca)
-        .arg("--resolve")
-        .arg(format!("{host}:{}:127.0.0.1", addr.port()))
-        .arg(format!("https://{host}:{}/", addr.port()))
-        .output()
-        .expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
+    run_curl(&[
+        "--cacert",
+        ca.to_str().unwrap(),
+        "--resolve",
+        &format!("{host}:{}:127.0.0.1", addr.port()),
+        &format!("https://{host}:{}/", addr.port()),
+    ])
 }
 
 async fn admin_status(addr: SocketAddr) -> Value {
@@ -118,7 +95,8 @@ async fn admin_status(addr: SocketAddr) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verified_domain_gets_certificate_goes_active_and_serves() {
     let dir = tempfile::tempdir().unwrap();
-    let backend = backend().await;
+    let backend_server = fixed_backend("backend ok").await;
+    let backend = backend_server.addr();
     let config = config(dir.path(), backend);
     let services = app::gateway(GatewaySetup::new(config.clone()))
         .await
@@ -144,40 +122,43 @@ async fn verified_domain_gets_certificate_goes_active_and_serves() {
     reserve(&store, "pass.example.com", backend, Mode::Passthrough);
 
     let key = Key::domain("shop.example.com");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    let r = eventually_ok(Duration::from_secs(15), "shop.example.com active", || {
         let r = store.get(&key).unwrap().unwrap();
-        if r.status == Status::Active {
-            assert!(r.verification.certificate_ready);
-            break;
+        let status = certs.status();
+        async move {
+            if r.status == Status::Active {
+                Ok(r)
+            } else {
+                Err(format!("{r:?}; certs {status:?}"))
+            }
         }
-        assert!(
-            Instant::now() < deadline,
-            "shop.example.com not active: {r:?}; certs {:?}",
-            certs.status()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert!(r.verification.certificate_ready);
     let ca = config.data_dir.join("certs/dev-ca/ca.pem");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let body = eventually_ok(Duration::from_secs(10), "shop.example.com served", || {
         let (code, body) = curl(https, "shop.example.com", &ca);
-        if code == 200 {
-            assert_eq!(body, "backend ok");
-            break;
+        async move {
+            if code == 200 {
+                Ok(body)
+            } else {
+                Err(format!("{code} {body}"))
+            }
         }
-        assert!(Instant::now() < deadline, "not served: {code} {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !certs
-        .status()
-        .iter()
-        .any(|s| s.name == "static.example.net" && s.state == meshgate_certs::CertState::Valid)
-    {
-        assert!(Instant::now() < deadline, "{:?}", certs.status());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert_eq!(body, "backend ok");
+    eventually(
+        Duration::from_secs(10),
+        "a valid certificate for static.example.net",
+        || {
+            certs
+                .status()
+                .iter()
+                .any(|s| s.name == "static.example.net" && s.state == CertState::Valid)
+        },
+    )
+    .await;
     let (code, body) = curl(https, "static.example.net", &ca);
     assert_eq!((code, body.as_str()), (200, "backend ok"));
     let ordered: Vec<String> = certs.status().into_iter().map(|s| s.name).collect();

@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use meshgate_config::gateway::GatewayConfig;
 use meshgate_config::reservation::Policy;
 use meshgate_config::store::Store;
@@ -16,33 +16,26 @@ use meshgate_config::token::AdminToken;
 use meshgate_config::verify::{Verifier, VerifierConfig};
 use meshgate_gateway::admin::api::{Api, ApiConfig};
 use meshgate_gateway::{Gateway, GatewayParts, ReservationParts};
+use meshgate_testkit::eventually_ok;
+use meshgate_testkit::http::{Protocol, Served, serve_http};
 use serde_json::{Value, json};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A plain HTTP backend answering with its own marker and the request path.
-async fn backend() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let body = format!("backend saw {}", req.uri().path());
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+async fn backend() -> Served {
+    let (listener, _) = meshgate_testkit::listener().await;
+    serve_http(
+        listener,
+        Protocol::Http1,
+        |req: Request<Incoming>| async move {
+            Response::new(Full::new(Bytes::from(format!(
+                "backend saw {}",
+                req.uri().path()
+            ))))
+        },
+    )
 }
 
 async fn send(
@@ -95,7 +88,8 @@ allow_private_backends = true
 #[tokio::test]
 async fn reservation_serves_traffic_within_one_second() {
     let dir = tempfile::tempdir().unwrap();
-    let backend = backend().await;
+    let backend_server = backend().await;
+    let backend = backend_server.addr();
     let config = gateway_config(dir.path());
     let token_file = config.admin.token_file.clone().unwrap();
     let (admin_token, admin) = AdminToken::load_or_create(&token_file).unwrap();
@@ -184,7 +178,7 @@ async fn reservation_serves_traffic_within_one_second() {
     let created = Instant::now();
 
     // Poll (bounded) until the gateway serves it.
-    let served_after = loop {
+    let body = eventually_ok(Duration::from_secs(1), "the reservation served", || async {
         let (s, body) = send(
             &client,
             Method::GET,
@@ -195,15 +189,14 @@ async fn reservation_serves_traffic_within_one_second() {
         )
         .await;
         if s == StatusCode::OK {
-            assert_eq!(&body[..], b"backend saw /hello");
-            break created.elapsed();
+            Ok(body)
+        } else {
+            Err(format!("last status {s}"))
         }
-        assert!(
-            created.elapsed() < Duration::from_secs(1),
-            "not served within 1 s (last status {s})"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    })
+    .await;
+    let served_after = created.elapsed();
+    assert_eq!(&body[..], b"backend saw /hello");
     assert!(served_after < Duration::from_secs(1));
     eprintln!("served {served_after:?} after the API answered 201");
 
@@ -218,26 +211,27 @@ async fn reservation_serves_traffic_within_one_second() {
     )
     .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let deleted = Instant::now();
-    loop {
-        let (s, _) = send(
-            &client,
-            Method::GET,
-            format!("http://{http}/hello"),
-            Some(host),
-            None,
-            None,
-        )
-        .await;
-        if s != StatusCode::OK {
-            break;
-        }
-        assert!(
-            deleted.elapsed() < Duration::from_secs(1),
-            "still served 1 s after delete"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually_ok(
+        Duration::from_secs(1),
+        "the deleted reservation unrouted",
+        || async {
+            let (s, _) = send(
+                &client,
+                Method::GET,
+                format!("http://{http}/hello"),
+                Some(host),
+                None,
+                None,
+            )
+            .await;
+            if s != StatusCode::OK {
+                Ok(())
+            } else {
+                Err("still served")
+            }
+        },
+    )
+    .await;
 
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;

@@ -35,8 +35,7 @@ async fn start(dir: &Path) -> Server {
         gateway_addrs: vec!["198.51.100.7".parse().unwrap()],
     };
     let api = Arc::new(Api::new(store.clone(), admin_token, cfg));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, addr) = meshgate_testkit::listener().await;
     let task = tokio::spawn(api::serve(api, listener));
     Server {
         addr,
@@ -96,13 +95,13 @@ impl Server {
     async fn stop(self) {
         self.task.abort();
         let _ = self.task.await;
-        for _ in 0..200 {
-            if Arc::strong_count(&self.store) == 1 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("the store is still in use after the server stopped");
+        let store = &self.store;
+        meshgate_testkit::eventually(
+            Duration::from_secs(2),
+            "the store released after the server stopped",
+            || Arc::strong_count(store) == 1,
+        )
+        .await;
     }
 }
 

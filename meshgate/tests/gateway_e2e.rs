@@ -9,7 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use meshgate_certs::DevCa;
+use meshgate_testkit::eventually_blocking;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,18 +20,26 @@ struct Fixture {
     gw: GatewayProcess,
     workload: Workload,
     _dir: tempfile::TempDir,
-    _ca: DevCa,
+    _backends: Vec<Served>,
     backend_cert: Vec<u8>,
-    proxy_rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    tls_backend: TlsBackend,
 }
 
 async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let http = start_http_backend().await;
-    let h2c = start_h2c_backend().await;
-    let ws = start_ws_backend().await;
-    let other_ca = DevCa::load_or_create(dir.path().join("backend-ca")).unwrap();
-    let (tls, backend_cert, proxy_rx) = start_tls_backend(&other_ca, "pass.test", true).await;
+    let backends = vec![
+        http_backend().await,
+        h2c_backend().await,
+        ws_backend().await,
+    ];
+    let (http, h2c, ws) = (backends[0].addr(), backends[1].addr(), backends[2].addr());
+    // The passthrough backend's own CA, unknown to the gateway (curl trusts it by file).
+    let other_ca = TestCa::new("backend CA");
+    other_ca.write_pem(&dir.path().join("backend-ca").join("ca.pem"));
+    let leaf = other_ca.issue(&["pass.test"]);
+    let backend_cert = leaf.chain[0].to_vec();
+    let tls_backend = tls_backend(&leaf, true).await;
+    let tls = tls_backend.addr();
     let mut workload = Workload::start(dir.path()).await;
     let o_http = workload.expose(80, http);
     let o_h2c = workload.expose(81, h2c);
@@ -50,20 +58,22 @@ async fn fixture() -> Fixture {
         overlay = workload.gateway_overlay_section(dir.path()),
         dead = workload.node.node.address(),
     );
-    let gw = GatewayProcess::start(dir.path(), &body);
+    let gw = start_gateway(dir.path(), &body);
     // The overlay link comes up in the background: wait until a request gets through.
     let probe = &gw;
-    eventually(30, "the overlay to carry a request", || {
-        probe.curl("echo.test", "/echo", &[]).0 == 200
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the overlay to carry a request",
+        || probe.curl("echo.test", "/echo", &[]).0 == 200,
+    )
     .await;
     Fixture {
         gw,
         workload,
-        _ca: other_ca,
         _dir: dir,
+        _backends: backends,
         backend_cert,
-        proxy_rx,
+        tls_backend,
     }
 }
 
@@ -106,7 +116,8 @@ async fn gateway_end_to_end() {
     big_upload_and_download(gw).await;
     grpc_style_h2_to_h2c(gw).await;
     websocket_echo(gw).await;
-    passthrough_shows_backend_certificate(gw, &fx.backend_cert, &mut fx.proxy_rx).await;
+    passthrough_shows_backend_certificate(gw, &fx.backend_cert, &mut fx.tls_backend.proxy_headers)
+        .await;
 
     // Unknown SNI: TLS alert, curl fails the handshake; unknown Host on a known SNI: 404.
     let (status, _) = gw.curl("nope.test", "/", &[]);
@@ -143,14 +154,14 @@ async fn gateway_end_to_end() {
     assert!(!body.contains(":9"), "{body}");
 
     // :80 redirects with 308 unless the route allows plain HTTP.
-    let (status, head, _) = gw.curl_plain("echo.test", "/a?b=1");
+    let (status, head) = gw.curl_plain("echo.test", "/a?b=1");
     assert_eq!(status, 308, "{head}");
     assert!(
         head.to_ascii_lowercase()
             .contains("location: https://echo.test/a?b=1"),
         "{head}"
     );
-    let (status, body, _) = gw.curl_plain("plain.test", "/echo");
+    let (status, body) = gw.curl_plain("plain.test", "/echo");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"x-forwarded-proto\":\"http\""), "{body}");
 
@@ -185,41 +196,45 @@ async fn gateway_end_to_end() {
     // The embedded overlay node on the admin listener: its link to the workload node, its
     // counters in /metrics.
     let workload = fx.workload.node.node.address().to_string();
-    eventually(10, "the overlay link in /status and /metrics", || {
-        let status: serde_json::Value =
-            serde_json::from_str(&gw.admin_get("/status")).unwrap_or_default();
-        let overlay = &status["overlay"];
-        let linked = overlay["peers"].as_array().is_some_and(|p| {
-            p.iter()
-                .any(|p| p["address"] == workload && p["state"] == "up")
-        });
-        let metrics = gw.admin_get("/metrics");
-        let value = |series: &str| {
-            metrics
-                .lines()
-                .find(|l| l.starts_with(series))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        overlay["address"]
-            .as_str()
-            .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
-            .is_some_and(|a| meshgate_overlay::is_overlay_v6(&a))
-            && linked
-            && value("meshgate_overlay_peers ") == 1.0
-            && value("meshgate_overlay_events_total{event=\"packets_delivered\"}") > 0.0
-            && value("meshgate_overlay_bytes_total{event=\"bytes_sent\"}") > 100_000_000.0
-            && metrics.contains("meshgate_overlay_link_rtt_seconds{peer=\"")
-            && metrics.contains("meshgate_overlay_tcp_sockets ")
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the overlay link in /status and /metrics",
+        || {
+            let status: serde_json::Value =
+                serde_json::from_str(&gw.admin_get("/status")).unwrap_or_default();
+            let overlay = &status["overlay"];
+            let linked = overlay["peers"].as_array().is_some_and(|p| {
+                p.iter()
+                    .any(|p| p["address"] == workload && p["state"] == "up")
+            });
+            let metrics = gw.admin_get("/metrics");
+            let value = |series: &str| {
+                metrics
+                    .lines()
+                    .find(|l| l.starts_with(series))
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            overlay["address"]
+                .as_str()
+                .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
+                .is_some_and(|a| meshgate_overlay::is_overlay_v6(&a))
+                && linked
+                && value("meshgate_overlay_peers ") == 1.0
+                && value("meshgate_overlay_events_total{event=\"packets_delivered\"}") > 0.0
+                && value("meshgate_overlay_bytes_total{event=\"bytes_sent\"}") > 100_000_000.0
+                && metrics.contains("meshgate_overlay_link_rtt_seconds{peer=\"")
+                && metrics.contains("meshgate_overlay_tcp_sockets ")
+        },
+    )
     .await;
 }
 
 async fn big_upload_and_download(gw: &GatewayProcess) {
     const SIZE: u64 = 100 * 1024 * 1024;
     const CHUNK: u64 = 256 * 1024;
-    let tls = tls_connect(gw.https, "echo.test", &gw.ca(), &[b"http/1.1"]).await;
+    let tls = gw.tls("echo.test", &[b"http/1.1"]).await;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
@@ -248,7 +263,7 @@ async fn big_upload_and_download(gw: &GatewayProcess) {
         .header("host", "echo.test")
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
-    let tls = tls_connect(gw.https, "echo.test", &gw.ca(), &[b"http/1.1"]).await;
+    let tls = gw.tls("echo.test", &[b"http/1.1"]).await;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
@@ -275,7 +290,7 @@ async fn big_upload_and_download(gw: &GatewayProcess) {
 }
 
 async fn grpc_style_h2_to_h2c(gw: &GatewayProcess) {
-    let tls = tls_connect(gw.https, "grpc.test", &gw.ca(), &[b"h2"]).await;
+    let tls = gw.tls("grpc.test", &[b"h2"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (mut send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
@@ -312,7 +327,7 @@ async fn grpc_style_h2_to_h2c(gw: &GatewayProcess) {
 async fn ws_connect(
     gw: &GatewayProcess,
 ) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let tls = tls_connect(gw.https, "ws.test", &gw.ca(), &[b"http/1.1"]).await;
+    let tls = gw.tls("ws.test", &[b"http/1.1"]).await;
     let (ws, resp) = tokio_tungstenite::client_async("wss://ws.test/chat", tls)
         .await
         .unwrap();
@@ -433,7 +448,8 @@ mod base64_lite {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_clients_do_not_starve_others() {
     let dir = tempfile::tempdir().unwrap();
-    let http = start_http_backend().await;
+    let backend = http_backend().await;
+    let http = backend.addr();
     let body = format!(
         "[security]\nallow_private_backends = true\n\
          [timeouts]\nheader_ms = 1000\nhandshake_ms = 1000\n\
@@ -441,7 +457,7 @@ async fn hostile_clients_do_not_starve_others() {
          [[route]]\nhost = \"echo.test\"\nbackends = [{{ addr = \"{http}\" }}]\n\
          [[route]]\nhost = \"*.wild.test\"\nbackends = [{{ addr = \"{http}\" }}]\n"
     );
-    let gw = GatewayProcess::start(dir.path(), &body);
+    let gw = start_gateway(dir.path(), &body);
     let ok = |gw: &GatewayProcess| gw.curl("echo.test", "/echo", &[]).0 == 200;
     assert!(ok(&gw), "{}", gw.log());
 
@@ -454,7 +470,7 @@ async fn hostile_clients_do_not_starve_others() {
         &["--http1.1", "-H", &format!("Host: {injected}")],
     );
     assert_eq!(status, 400, "{body}");
-    let (status, head, _) = gw.curl_plain(injected, "/");
+    let (status, head) = gw.curl_plain(injected, "/");
     assert_eq!(status, 400, "{head}");
     assert!(!head.to_ascii_lowercase().contains("location:"), "{head}");
     let (status, body) = gw.curl("x.wild.test", "/echo", &[]);
@@ -522,10 +538,12 @@ async fn hostile_clients_do_not_starve_others() {
             (tls, start.elapsed(), answered)
         }));
     }
-    let gw_ref = &gw;
-    for _ in 0..5 {
-        assert!(ok(gw_ref), "normal client starved: {}", gw.log());
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    // A normal client is served all the while the slow ones are connected (at least five
+    // requests, one after another).
+    let mut probes = 0;
+    while probes < 5 || !slow.iter().all(|s| s.is_finished()) {
+        assert!(ok(&gw), "normal client starved: {}", gw.log());
+        probes += 1;
     }
     for s in slow {
         let (tls, took, answered) = s.await.unwrap();
@@ -572,13 +590,13 @@ async fn hostile_clients_do_not_starve_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reload_keeps_websocket_open() {
     let dir = tempfile::tempdir().unwrap();
-    let http = start_http_backend().await;
-    let ws = start_ws_backend().await;
+    let (http_backend, ws_backend) = (http_backend().await, ws_backend().await);
+    let (http, ws) = (http_backend.addr(), ws_backend.addr());
     let routes = format!(
         "[security]\nallow_private_backends = true\n\
          [[route]]\nhost = \"ws.test\"\nbackends = [{{ addr = \"{ws}\" }}]\n"
     );
-    let gw = GatewayProcess::start(dir.path(), &routes);
+    let gw = start_gateway(dir.path(), &routes);
     let mut socket = ws_connect(&gw).await;
     ws_roundtrip(&mut socket, "before").await;
     assert_eq!(
@@ -612,7 +630,7 @@ async fn reload_keeps_websocket_open() {
             .success()
     );
     let g = &gw;
-    eventually(10, "SIGHUP reload", || {
+    eventually(Duration::from_secs(10), "SIGHUP reload", || {
         g.curl("new.test", "/echo", &[]).0 == 0
     })
     .await;
@@ -682,15 +700,10 @@ fn demo_prints_a_working_curl_command() {
             .unwrap()
             .success()
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "demo exit status {status}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "demo did not stop on Ctrl-C");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let status = eventually_blocking(Duration::from_secs(10), "demo to stop on Ctrl-C", || {
+        child.try_wait().unwrap().ok_or("running")
+    });
+    assert!(status.success(), "demo exit status {status}");
     let ca_dir = curl.split_whitespace().nth(2).unwrap().to_string();
     assert!(
         !std::path::Path::new(&ca_dir).exists(),

@@ -66,8 +66,9 @@ fn ticket_len(out: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn returning_clients_resume_their_session() {
     let dir = tempfile::tempdir().unwrap();
-    let backend = start_http_backend().await;
-    let gw = GatewayProcess::start(
+    let server = http_backend().await;
+    let backend = server.addr();
+    let gw = start_gateway(
         dir.path(),
         &format!(
             "[security]\nallow_private_backends = true\n\

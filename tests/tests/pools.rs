@@ -10,10 +10,9 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use meshgate::app::{self, GatewaySetup};
 use meshgate_config::gateway::GatewayConfig;
 use meshgate_config::route::Backend;
@@ -22,13 +21,16 @@ use meshgate_gateway::upstream::dial::DirectDialer;
 use meshgate_gateway::upstream::overlay::EmbeddedNode;
 use meshgate_gateway::upstream::pool::{ClientInfo, Policy, Pool, PoolConfig, PoolError};
 use meshgate_overlay::NodeConfig;
+use meshgate_testkit::http::{Protocol, Served, serve_http, tcp_echo_backend};
+use meshgate_testkit::net::{BlackHole, Reserved, rebind, refusing};
+use meshgate_testkit::{eventually, eventually_ok, listener};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::{JoinHandle, JoinSet};
 
 /// A workload: a real HTTP/1.1 server answering `backend-<id>` after `delay`.
@@ -37,67 +39,51 @@ struct Workload {
     id: usize,
     delay: Duration,
     served: Arc<AtomicUsize>,
-    task: Option<JoinHandle<()>>,
+    server: Option<Served>,
+    /// Holds the address while the workload is down, so a restart gets it back.
+    _port: Reserved,
 }
 
 impl Workload {
     async fn start(id: usize, delay: Duration) -> Workload {
+        let port = Reserved::loopback();
         let mut w = Workload {
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            addr: port.addr(),
             id,
             delay,
             served: Arc::new(AtomicUsize::new(0)),
-            task: None,
+            server: None,
+            _port: port,
         };
         w.restart().await;
         w
     }
 
-    /// (Re)binds the same address and serves until killed.
+    /// (Re)binds its address and serves until killed.
     async fn restart(&mut self) {
-        let listener = TcpListener::bind(self.addr).await.expect("bind workload");
-        self.addr = listener.local_addr().expect("addr");
         let (id, delay, served) = (self.id, self.delay, self.served.clone());
-        self.task = Some(tokio::spawn(async move {
-            // Connections live in this set: killing the accept task closes them all.
-            let mut conns = JoinSet::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                let served = served.clone();
-                conns.spawn(async move {
-                    let svc = service_fn(move |_req: Request<Incoming>| {
-                        let served = served.clone();
-                        async move {
-                            if !delay.is_zero() {
-                                tokio::time::sleep(delay).await;
-                            }
-                            served.fetch_add(1, Ordering::Relaxed);
-                            Response::builder()
-                                .header("x-backend", id.to_string())
-                                .body(Full::new(Bytes::from(format!("backend-{id}"))))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-                while conns.try_join_next().is_some() {}
+        let handler = move |_req: Request<Incoming>| {
+            let served = served.clone();
+            async move {
+                // The workload's own latency (what makes it slow), not a wait in the test.
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                served.fetch_add(1, Ordering::Relaxed);
+                Response::builder()
+                    .header("x-backend", id.to_string())
+                    .body(Full::new(Bytes::from(format!("backend-{id}"))))
+                    .expect("response")
             }
-        }));
+        };
+        let listener = rebind(self.addr).await;
+        self.server = Some(serve_http(listener, Protocol::Http1, handler));
     }
 
     /// Stops listening and drops every open connection, like a killed process.
     async fn kill(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-            let _ = t.await;
-        }
-    }
-}
-
-impl Drop for Workload {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
+        if let Some(mut s) = self.server.take() {
+            s.kill().await;
         }
     }
 }
@@ -292,11 +278,10 @@ async fn killing_a_backend_under_load_fails_no_request_and_a_restart_is_readmitt
         let addr = gw.http;
         tokio::spawn(async move { load(&client, addr, 20_000, 32, None, Some(progress)).await })
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while progress.load(Ordering::Relaxed) < 5000 {
-        assert!(Instant::now() < deadline, "load too slow");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(Duration::from_secs(30), "a quarter of the load", || {
+        progress.load(Ordering::Relaxed) >= 5000
+    })
+    .await;
     workloads[1].kill().await;
     let served_at_kill = workloads[1].served.load(Ordering::Relaxed);
     let results = run.await.expect("load");
@@ -322,14 +307,12 @@ async fn killing_a_backend_under_load_fails_no_request_and_a_restart_is_readmitt
     // Restart on the same address: when its ejection ends it is tried on probation, confirmed
     // by its first success, and gets traffic again.
     workloads[1].restart().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pool.status()[1].available {
-        assert!(
-            Instant::now() < deadline,
-            "restarted backend never re-admitted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "the restarted backend re-admitted",
+        || pool.status()[1].available,
+    )
+    .await;
     let before = workloads[1].served.load(Ordering::Relaxed);
     let results = load(&client, gw.http, 600, 8, None, None).await;
     assert!(results.iter().all(|(s, _)| *s == 200));
@@ -399,31 +382,10 @@ async fn sticky_hashing_keeps_each_client_on_one_backend() {
     assert_eq!(used.len(), 3, "sessions use all backends");
 }
 
-/// A loopback address that accepts no connections: a listener with a backlog of one whose
-/// accept queue is full, so the kernel drops further SYNs and connects hang (a black hole
-/// that stays on this machine). Keep the returned values alive while it is used.
-async fn black_hole() -> (SocketAddr, tokio::net::TcpListener, Vec<TcpStream>) {
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .expect("bind");
-    let listener = socket.listen(0).expect("listen");
-    let addr = listener.local_addr().expect("addr");
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => fillers.push(s),
-            Ok(Err(e)) => panic!("filling the backlog of {addr}: {e}"),
-            Err(_) => return (addr, listener, fillers),
-        }
-    }
-    panic!("{addr} still accepts connections after filling its backlog");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn black_holed_backends_answer_503_within_the_connect_timeout() {
-    let (a, _la, _fa) = black_hole().await;
-    let (b, _lb, _fb) = black_hole().await;
+    let (hole_a, hole_b) = (BlackHole::new().await, BlackHole::new().await);
+    let (a, b) = (hole_a.addr, hole_b.addr);
     // Each attempt may take 400 ms, two backends: without a budget across retries the first
     // request would wait 800 ms (and 2 × [timeouts] connect_ms before attempts were capped).
     let gw = RealGateway::start_full(
@@ -497,34 +459,20 @@ async fn all_backends_down_answers_503_within_the_connect_timeout() {
 }
 
 /// An HTTP workload answering each request with its body.
-async fn body_echo_backend() -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        let mut conns = JoinSet::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            conns.spawn(async move {
-                let svc = service_fn(|req: Request<Incoming>| async move {
-                    let body = req.into_body().collect().await?.to_bytes();
-                    Ok::<_, hyper::Error>(Response::new(Full::new(body)))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-            while conns.try_join_next().is_some() {}
-        }
-    });
-    (addr, task)
+async fn body_echo_backend() -> Served {
+    let (l, _) = listener().await;
+    serve_http(l, Protocol::Http1, |req: Request<Incoming>| async move {
+        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+        Response::new(Full::new(body.unwrap_or_default()))
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_whose_connect_failed_is_retried_with_its_body_intact() {
-    let dead = {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        l.local_addr().expect("addr")
-    };
-    let (live, _task) = body_echo_backend().await;
+    let dead_port = refusing();
+    let dead = dead_port.addr();
+    let live_backend = body_echo_backend().await;
+    let live = live_backend.addr();
     // Round robin starts at the first backend: the dead one gets the first POST.
     let gw = RealGateway::start_full(
         &[dead, live],
@@ -562,29 +510,11 @@ async fn a_post_whose_connect_failed_is_retried_with_its_body_intact() {
     assert_eq!(status[1].requests, 4, "{status:?}");
 }
 
-/// A TCP echo workload for stream (passthrough-style) routes.
-async fn echo_backend() -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        let mut conns = JoinSet::new();
-        while let Ok((mut s, _)) = listener.accept().await {
-            conns.spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-            while conns.try_join_next().is_some() {}
-        }
-    });
-    (addr, task)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_routes_splice_through_the_pool_past_a_dead_backend() {
-    let (a, _ta) = echo_backend().await;
-    let (b, tb) = echo_backend().await;
-    tb.abort(); // b is dead from the start
-    let _ = tb.await;
+    let live = tcp_echo_backend().await;
+    let dead = refusing(); // b is dead from the start
+    let (a, b) = (live.addr(), dead.addr());
     let pool = Pool::for_route(
         "streams.e2e.test",
         &[
@@ -595,8 +525,7 @@ async fn stream_routes_splice_through_the_pool_past_a_dead_backend() {
         Arc::new(DirectDialer),
     );
     // A splice proxy: accept, pool.connect, copy both ways.
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let front = listener.local_addr().expect("addr");
+    let (listener, front) = listener().await;
     let p = pool.clone();
     let splice = tokio::spawn(async move {
         while let Ok((mut client, peer)) = listener.accept().await {
@@ -620,11 +549,10 @@ async fn stream_routes_splice_through_the_pool_past_a_dead_backend() {
         assert_eq!(back, msg);
     }
     // The splice task drops its lease just after the client sees EOF.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pool.status().iter().map(|s| s.in_flight).sum::<u32>() > 0 {
-        assert!(Instant::now() < deadline, "leases never released");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(Duration::from_secs(5), "the leases released", || {
+        pool.status().iter().map(|s| s.in_flight).sum::<u32>() == 0
+    })
+    .await;
     let status = pool.status();
     assert_eq!(status[0].requests, 200, "every stream on the live backend");
     assert!(!status[1].available, "the dead one is ejected");
@@ -685,15 +613,6 @@ impl OverlayWorkload {
     }
 }
 
-/// Polls `cond` every 20 ms until it holds; panics with `what` after `limit`.
-async fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Three workload overlay nodes behind one route, reached only through the gateway's embedded
 /// overlay node. 20 000 GETs (concurrency 32); a quarter of the way through, one workload
 /// *node* is killed: its overlay links vanish, and the gateway's connections to it get no FIN
@@ -744,18 +663,31 @@ async fn overlay_workload_node_killed_under_20k_gets_fails_no_request_and_comes_
     let served = |w: &OverlayWorkload| w.service.served.load(Ordering::Relaxed);
 
     // Links and routes come up in the background: wait until every workload has answered.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while workloads.iter().any(|w| served(w) == 0) {
-        assert!(
-            Instant::now() < deadline,
-            "overlay never carried traffic to every workload: {:?}",
-            pool.status()
-        );
-        let _ = load(&client, gw.http, 30, 3, None, None).await;
-    }
-    wait_for(Duration::from_secs(20), "all backends available", || {
-        pool.status().iter().all(|s| s.available)
-    })
+    eventually_ok(
+        Duration::from_secs(20),
+        "the overlay to carry traffic to every workload",
+        || async {
+            let _ = load(&client, gw.http, 30, 3, None, None).await;
+            if workloads.iter().all(|w| served(w) > 0) {
+                Ok(())
+            } else {
+                Err(pool.status())
+            }
+        },
+    )
+    .await;
+    eventually_ok(
+        Duration::from_secs(20),
+        "all backends available",
+        || async {
+            let status = pool.status();
+            if status.iter().all(|s| s.available) {
+                Ok(())
+            } else {
+                Err(status)
+            }
+        },
+    )
     .await;
     let ejections_before = pool.status()[1].ejections;
     let served_before_load = served(&workloads[1]);
@@ -768,7 +700,7 @@ async fn overlay_workload_node_killed_under_20k_gets_fails_no_request_and_comes_
         let (client, progress, addr) = (client.clone(), progress.clone(), gw.http);
         tokio::spawn(async move { load(&client, addr, total, 32, None, Some(progress)).await })
     };
-    wait_for(Duration::from_secs(30), "a quarter of the load", || {
+    eventually(Duration::from_secs(30), "a quarter of the load", || {
         progress.load(Ordering::Relaxed) >= total / 4
     })
     .await;
@@ -809,7 +741,7 @@ async fn overlay_workload_node_killed_under_20k_gets_fails_no_request_and_comes_
     // The node comes back with the same key (same overlay address) and its service.
     workloads[1].start_node().await;
     let restarted = Instant::now();
-    wait_for(
+    eventually(
         Duration::from_secs(15),
         "restarted node re-admitted",
         || pool.status()[1].available,
@@ -836,7 +768,7 @@ async fn overlay_workload_node_killed_under_20k_gets_fails_no_request_and_comes_
         let (client, progress, addr) = (client.clone(), progress.clone(), gw.http);
         tokio::spawn(async move { load(&client, addr, 4000, 16, None, Some(progress)).await })
     };
-    wait_for(Duration::from_secs(30), "a quarter of the load", || {
+    eventually(Duration::from_secs(30), "a quarter of the load", || {
         progress.load(Ordering::Relaxed) >= 1000
     })
     .await;
@@ -856,7 +788,7 @@ async fn overlay_workload_node_killed_under_20k_gets_fails_no_request_and_comes_
     assert!(!status[0].available, "{:?}", status[0]);
     assert!(status[0].ejections > ejections_before, "{:?}", status[0]);
     workloads[0].service.restart().await;
-    wait_for(
+    eventually(
         Duration::from_secs(15),
         "restarted service re-admitted",
         || pool.status()[0].available,

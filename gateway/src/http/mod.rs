@@ -22,6 +22,9 @@ pub(crate) struct ConnInfo {
     /// `https` or `http`: what the client used.
     pub proto: &'static str,
     pub activity: Activity,
+    /// The connection's span: h2 streams run on tasks of their own, so each request's span
+    /// names it as parent explicitly.
+    pub span: tracing::Span,
 }
 
 /// Serves HTTP/1.1 (and h2 when negotiated) on a client connection until it closes or idles.

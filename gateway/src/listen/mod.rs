@@ -132,6 +132,7 @@ async fn accept_loop(
                         client: peer,
                         proto: "http",
                         activity: activity.clone(),
+                        span: tracing::Span::current(),
                     };
                     http::serve(&shared, Tracked::new(stream, activity), ci, false).await
                 }

@@ -102,6 +102,7 @@ async fn terminate(
         client: peer,
         proto: "https",
         activity,
+        span: tracing::Span::current(),
     };
     http::serve(shared, tls, ci, h2).await;
 }

@@ -45,6 +45,7 @@ pub(crate) async fn handle(
     conn: ConnInfo,
 ) -> Result<Response<Body>, Infallible> {
     let span = tracing::info_span!(
+        parent: &conn.span,
         "request",
         route = tracing::field::Empty,
         backend = tracing::field::Empty
