@@ -9,6 +9,8 @@ use hickory_proto::rr::{Name, RData, RecordType};
 use meshgate_certs::{
     AcmeConfig, CertConfig, CertManager, CertMap, CertResolver, CertState, CertStore, DevCa,
 };
+use meshgate_testkit::eventually_async;
+use meshgate_testkit::net::Reserved;
 use rustls::pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use std::net::SocketAddr;
@@ -44,14 +46,15 @@ fn dev_config(state: &std::path::Path) -> CertConfig {
 async fn builtin_dns_responder_answers_only_the_challenge_zone() {
     init_tracing();
     let state = tempfile::tempdir().unwrap();
-    let port = free_port();
+    // The manager binds the responder itself; the TCP port is held for it meanwhile.
+    let reserved = Reserved::loopback();
+    let server = reserved.addr();
     let mut config = dev_config(state.path());
     config.farmer_domain = Some("farm.test".into());
-    config.dns.listen = Some(SocketAddr::from(([127, 0, 0, 1], port)));
+    config.dns.listen = Some(server);
     config.dns.ns_host = Some("gw.farm.test".into());
     let certs = CertManager::new(config).unwrap();
     let driver = certs.spawn();
-    let server = SocketAddr::from(([127, 0, 0, 1], port));
     let zone = certs.dns_zone().unwrap();
     zone.add_txt("token-one").await;
     zone.add_txt("token-two").await;
@@ -117,38 +120,37 @@ async fn dev_ca_persists_and_issues_leaves_that_verify() {
     ]);
     resolver.replace(certs.clone());
     let root = CertificateDer::from_pem_slice(ca.ca_pem().as_bytes()).unwrap();
-    let port = serve_resolver(resolver.clone()).await;
-    tls_connect(port, "demo.test", &root)
+    let addr = serve_resolver(resolver.clone()).await;
+    tls_connect(addr, "demo.test", &root)
         .await
         .expect("exact name");
-    tls_connect(port, "web.apps.test", &root)
+    tls_connect(addr, "web.apps.test", &root)
         .await
         .expect("wildcard");
     assert!(
-        tls_connect(port, "a.b.apps.test", &root).await.is_err(),
+        tls_connect(addr, "a.b.apps.test", &root).await.is_err(),
         "one label only"
     );
     assert!(
-        tls_connect(port, "other.test", &root).await.is_err(),
+        tls_connect(addr, "other.test", &root).await.is_err(),
         "unknown name"
     );
     certs.remove("demo.test");
     resolver.replace(certs);
     assert!(
-        tls_connect(port, "demo.test", &root).await.is_err(),
+        tls_connect(addr, "demo.test", &root).await.is_err(),
         "removed live"
     );
 }
 
-async fn serve_resolver(resolver: Arc<CertResolver>) -> u16 {
+async fn serve_resolver(resolver: Arc<CertResolver>) -> SocketAddr {
     let config = rustls::ServerConfig::builder_with_provider(meshgate_certs::crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, addr) = meshgate_testkit::listener().await;
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
@@ -165,7 +167,7 @@ async fn serve_resolver(resolver: Arc<CertResolver>) -> u16 {
             });
         }
     });
-    port
+    addr
 }
 
 #[tokio::test]
@@ -187,15 +189,15 @@ async fn manager_with_dev_ca_serves_only_desired_names() {
     );
     assert!(resolver.lookup("c.test").is_none());
     let root = CertificateDer::from_pem_slice(certs.dev_ca().unwrap().ca_pem().as_bytes()).unwrap();
-    let port = serve_resolver(resolver.clone()).await;
-    tls_connect(port, "b.test", &root)
+    let addr = serve_resolver(resolver.clone()).await;
+    tls_connect(addr, "b.test", &root)
         .await
         .expect("verifies against the dev CA");
 
     // A name leaving the desired set stops being served at once; the files stay.
     certs.set_desired(["a.test".to_string()]);
     assert!(resolver.lookup("b.test").is_none());
-    assert!(tls_connect(port, "b.test", &root).await.is_err());
+    assert!(tls_connect(addr, "b.test", &root).await.is_err());
     assert_eq!(certs.status().len(), 1);
     let store = CertStore::open(state.path()).unwrap();
     assert!(store.load("b.test").unwrap().is_some());
@@ -297,14 +299,16 @@ async fn dns_bind_failure_is_retried_while_other_orders_go_on() {
 
     // Once the port is free, a retry binds it.
     drop(blocker);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "DNS responder never bound");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually_async(
+        Duration::from_secs(20),
+        "the DNS responder to bind",
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
     let server = SocketAddr::from(([127, 0, 0, 1], port));
     let r = query(server, "_acme-challenge.farm.test.", RecordType::SOA).await;
     assert_eq!(r.metadata.response_code, ResponseCode::NoError);
