@@ -9,13 +9,11 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long the leaves of [`DevCa::certified_key`] and [`DevCa::issue_der`] are valid.
+/// How long the leaves of [`DevCa::certified_key`] and of `local-dev-ca` orders are valid.
 pub(crate) const LEAF_LIFETIME: Duration = Duration::from_secs(90 * 86400);
 
 pub struct DevCa {
@@ -32,9 +30,9 @@ impl std::fmt::Debug for DevCa {
 
 /// A leaf issued by the dev CA: chain PEM (leaf then CA) and private key PEM.
 #[derive(Debug, Clone)]
-pub struct IssuedPem {
-    pub chain_pem: String,
-    pub key_pem: String,
+pub(crate) struct IssuedPem {
+    pub(crate) chain_pem: String,
+    pub(crate) key_pem: String,
 }
 
 impl DevCa {
@@ -90,13 +88,12 @@ impl DevCa {
         &self.cert_pem
     }
 
-    /// Path of `ca.pem` on disk.
-    pub fn ca_pem_path(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-
     /// Issues a leaf (ECDSA P-256) for `names`, valid for `lifetime` from one minute ago.
-    pub fn issue(&self, names: &[String], lifetime: Duration) -> Result<IssuedPem, CertError> {
+    pub(crate) fn issue(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<IssuedPem, CertError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| CertError::Cert(format!("leaf key: {e}")))?;
         let mut params = CertificateParams::new(names.to_vec())
@@ -124,18 +121,5 @@ impl DevCa {
     pub fn certified_key(&self, names: &[String]) -> Result<Arc<CertifiedKey>, CertError> {
         let pem = self.issue(names, LEAF_LIFETIME)?;
         crate::pem::certified_key(&pem.chain_pem, &pem.key_pem)
-    }
-
-    /// Issues a leaf as DER chain and key, for TLS servers other than the gateway (test
-    /// backends).
-    pub fn issue_der(
-        &self,
-        names: &[String],
-    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CertError> {
-        let pem = self.issue(names, LEAF_LIFETIME)?;
-        let chain = crate::pem::parse_chain(&pem.chain_pem)?;
-        let key = PrivateKeyDer::from_pem_slice(pem.key_pem.as_bytes())
-            .map_err(|e| CertError::Cert(format!("dev CA leaf key: {e}")))?;
-        Ok((chain, key))
     }
 }

@@ -46,8 +46,8 @@ mod store;
 
 pub use challenge::{ChallengeResponder, offers_acme_tls};
 pub use config::{AcmeConfig, CertConfig, CustomChallenge, Directory, DnsConfig, RenewPolicy};
-pub use devca::{DevCa, IssuedPem};
-pub use dns::{ChallengeZone, DnsServer, serve_dns};
+pub use devca::DevCa;
+pub use dns::ChallengeZone;
 pub use error::{CertError, IssueError};
 pub use manager::CertManager;
 pub use resolver::{CertMap, CertResolver};

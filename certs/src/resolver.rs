@@ -38,7 +38,7 @@ impl std::fmt::Debug for CertResolver {
 impl CertResolver {
     /// The challenge responses the manager publishes (HTTP-01 tokens, TLS-ALPN-01
     /// certificates) and this resolver serves to `acme-tls/1` handshakes.
-    pub fn challenges(&self) -> Arc<ChallengeResponder> {
+    pub(crate) fn challenges(&self) -> Arc<ChallengeResponder> {
         self.challenges.clone()
     }
 
@@ -144,9 +144,10 @@ mod tests {
         assert!(r.lookup("x.b.example").is_none());
         // Reopening reuses the same CA.
         let again = DevCa::load_or_create(dir.path()).unwrap();
+        assert_eq!(again.ca_pem(), ca.ca_pem());
         assert_eq!(
-            std::fs::read(again.ca_pem_path()).unwrap(),
-            std::fs::read(ca.ca_pem_path()).unwrap()
+            std::fs::read_to_string(dir.path().join("ca.pem")).unwrap(),
+            ca.ca_pem()
         );
     }
 
