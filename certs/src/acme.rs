@@ -29,21 +29,20 @@ struct StoredAccount {
 }
 
 /// Where challenge responses are published during an order.
-pub struct ChallengeTargets<'a> {
+pub(crate) struct ChallengeTargets<'a> {
     pub responder: &'a ChallengeResponder,
     pub dns: Option<&'a ChallengeZone>,
 }
 
-pub struct AcmeClient {
+pub(crate) struct AcmeClient {
     account: Account,
-    directory: String,
     orders_placed: Arc<AtomicU64>,
 }
 
 impl AcmeClient {
     /// Loads the account stored in `store` for `directory`, or registers a new one with
     /// `contact` (persisted with mode 0600). `ca_root` is trusted for the server's HTTPS.
-    pub async fn connect(
+    pub(crate) async fn connect(
         directory: &str,
         contact: &str,
         ca_root: Option<&Path>,
@@ -92,7 +91,6 @@ impl AcmeClient {
             tracing::info!(%directory, id = account.id(), "reusing stored ACME account");
             return Ok(AcmeClient {
                 account,
-                directory: directory.to_string(),
                 orders_placed,
             });
         }
@@ -124,18 +122,13 @@ impl AcmeClient {
         tracing::info!(%directory, id = account.id(), "registered ACME account");
         Ok(AcmeClient {
             account,
-            directory: directory.to_string(),
             orders_placed,
         })
     }
 
-    pub fn directory(&self) -> &str {
-        &self.directory
-    }
-
     /// Places one order for `names`, answers its challenges with `challenge`, and returns the
     /// chain and a fresh ECDSA P-256 key. Published challenge responses are always removed.
-    pub async fn order(
+    pub(crate) async fn order(
         &self,
         names: &[String],
         challenge: ChallengeType,
@@ -326,7 +319,7 @@ impl AcmeClient {
 
     /// The ACME Renewal Information window for a certificate and when to ask again, when the
     /// server supports ARI.
-    pub async fn renewal_window(&self, chain_pem: &str) -> AriLookup {
+    pub(crate) async fn renewal_window(&self, chain_pem: &str) -> AriLookup {
         // An unidentifiable certificate will not become identifiable: the 2/3 rule stands.
         let Some(id) = certificate_identifier(chain_pem) else {
             return AriLookup::Unsupported;
@@ -345,7 +338,7 @@ impl AcmeClient {
 
 /// The outcome of one ARI lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AriLookup {
+pub(crate) enum AriLookup {
     /// The server's suggested renewal window and when to ask again.
     Window {
         start: SystemTime,

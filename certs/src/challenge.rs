@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 /// The ALPN protocol id of TLS-ALPN-01 (RFC 8737).
-pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+pub(crate) const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// True when a ClientHello offers `acme-tls/1`: the gateway then completes the handshake with
 /// [`ChallengeResponder::tls_alpn01_config`] (the validation connection carries no HTTP).

@@ -1,6 +1,6 @@
-//! A local development CA (rcgen) for the demo and tests that do not exercise ACME.
-//! `ca.pem` and `ca.key` live in one directory (mode 0700, files 0600); hand `ca.pem` to
-//! `curl --cacert`.
+//! The one local development CA (rcgen): `acme.directory = "local-dev-ca"`, the gateway's
+//! `[tls.dev_ca]`, the demo and tests that need certificates without ACME. `ca.pem` and
+//! `ca.key` live in one directory (mode 0700, files 0600); hand `ca.pem` to `curl --cacert`.
 
 use crate::error::CertError;
 use crate::store::{create_private_dir, write_private};
@@ -12,6 +12,9 @@ use rustls::sign::CertifiedKey;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How long the leaves of [`DevCa::certified_key`] and of `local-dev-ca` orders are valid.
+pub(crate) const LEAF_LIFETIME: Duration = Duration::from_secs(90 * 86400);
 
 pub struct DevCa {
     dir: PathBuf,
@@ -27,9 +30,9 @@ impl std::fmt::Debug for DevCa {
 
 /// A leaf issued by the dev CA: chain PEM (leaf then CA) and private key PEM.
 #[derive(Debug, Clone)]
-pub struct IssuedPem {
-    pub chain_pem: String,
-    pub key_pem: String,
+pub(crate) struct IssuedPem {
+    pub(crate) chain_pem: String,
+    pub(crate) key_pem: String,
 }
 
 impl DevCa {
@@ -85,13 +88,12 @@ impl DevCa {
         &self.cert_pem
     }
 
-    /// Path of `ca.pem` on disk.
-    pub fn ca_pem_path(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-
     /// Issues a leaf (ECDSA P-256) for `names`, valid for `lifetime` from one minute ago.
-    pub fn issue(&self, names: &[String], lifetime: Duration) -> Result<IssuedPem, CertError> {
+    pub(crate) fn issue(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<IssuedPem, CertError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| CertError::Cert(format!("leaf key: {e}")))?;
         let mut params = CertificateParams::new(names.to_vec())
@@ -117,7 +119,7 @@ impl DevCa {
 
     /// Issues a leaf and returns it ready for a rustls resolver.
     pub fn certified_key(&self, names: &[String]) -> Result<Arc<CertifiedKey>, CertError> {
-        let pem = self.issue(names, Duration::from_secs(90 * 86400))?;
+        let pem = self.issue(names, LEAF_LIFETIME)?;
         crate::pem::certified_key(&pem.chain_pem, &pem.key_pem)
     }
 }

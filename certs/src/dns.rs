@@ -48,7 +48,7 @@ fn parse_name(s: &str) -> Result<Name, CertError> {
 impl ChallengeZone {
     /// The zone for `domain` whose SOA/NS name `ns_host` (the gateway host the farmer's
     /// `_acme-challenge.<domain> NS` record points at).
-    pub fn new(domain: &str, ns_host: &str) -> Result<Self, CertError> {
+    pub(crate) fn new(domain: &str, ns_host: &str) -> Result<Self, CertError> {
         let origin = parse_name(&format!("_acme-challenge.{}", domain.trim_end_matches('.')))?;
         let ns = parse_name(ns_host)?;
         let rname = parse_name(&format!("hostmaster.{}", domain.trim_end_matches('.')))?;
@@ -105,15 +105,8 @@ impl ChallengeZone {
 }
 
 /// A running DNS server (UDP and TCP on one address); stops when dropped.
-pub struct DnsServer {
-    local_addr: SocketAddr,
+pub(crate) struct DnsServer {
     stop: Option<oneshot::Sender<()>>,
-}
-
-impl DnsServer {
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
 }
 
 impl Drop for DnsServer {
@@ -125,8 +118,7 @@ impl Drop for DnsServer {
 }
 
 /// Serves `zones` authoritatively on `listen` (UDP and TCP); other names are REFUSED.
-/// Port 0 picks a free port (see [`DnsServer::local_addr`]).
-pub async fn serve_dns(
+pub(crate) async fn serve_dns(
     listen: SocketAddr,
     zones: Vec<(Name, Arc<dyn ZoneHandler>)>,
 ) -> Result<DnsServer, CertError> {
@@ -154,8 +146,5 @@ pub async fn serve_dns(
         }
     });
     tracing::info!(%local_addr, "DNS-01 responder listening");
-    Ok(DnsServer {
-        local_addr,
-        stop: Some(stop),
-    })
+    Ok(DnsServer { stop: Some(stop) })
 }

@@ -14,7 +14,7 @@ pub struct IssueError {
 }
 
 impl IssueError {
-    pub fn new(message: impl Into<String>) -> Self {
+    pub(crate) fn new(message: impl Into<String>) -> Self {
         IssueError {
             message: message.into(),
             problem_type: None,
@@ -22,7 +22,7 @@ impl IssueError {
     }
 
     /// Wraps an instant-acme error, keeping the problem type of an ACME problem document.
-    pub fn acme(context: impl std::fmt::Display, err: &instant_acme::Error) -> Self {
+    pub(crate) fn acme(context: impl std::fmt::Display, err: &instant_acme::Error) -> Self {
         let problem_type = match err {
             instant_acme::Error::Api(p) => p.r#type.clone(),
             _ => None,
@@ -34,7 +34,7 @@ impl IssueError {
     }
 
     /// An error from an ACME problem document reported on a challenge or order.
-    pub fn problem(context: impl std::fmt::Display, p: &instant_acme::Problem) -> Self {
+    pub(crate) fn problem(context: impl std::fmt::Display, p: &instant_acme::Problem) -> Self {
         IssueError {
             message: format!("{context}: {p}"),
             problem_type: p.r#type.clone(),

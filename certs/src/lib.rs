@@ -6,14 +6,16 @@
 //!
 //! ```no_run
 //! # async fn wire() -> Result<(), meshgate_certs::CertError> {
-//! use meshgate_certs::{CertConfig, CertManager};
-//! let config: CertConfig = serde_json::from_str(r#"{
-//!     "state_dir": "/var/lib/meshgate/certs",
-//!     "farmer_domain": "gw.example.org",
-//!     "acme": { "directory": "letsencrypt", "contact_email": "ops@example.org" }
-//! }"#).unwrap();
+//! use meshgate_certs::{AcmeConfig, CertConfig, CertManager};
+//! // Or `CertConfig::try_from(&gateway_config)`, from `data_dir`, `domains` and `[tls.acme]`.
+//! let mut config = CertConfig::new(
+//!     "/var/lib/meshgate/certs",
+//!     AcmeConfig::new("letsencrypt", "ops@example.org"),
+//! );
+//! config.farmer_domain = Some("gw.example.org".into());
 //! let certs = CertManager::new(config)?;
-//! // :443 terminate: every handshake asks the resolver (exact name, then `*.parent`).
+//! // :443 terminate: every handshake asks the resolver (exact name, then `*.parent`); the
+//! // gateway swaps its configured certificates into the same resolver (`certs.resolver()`).
 //! let tls = certs.server_config(vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
 //! // :443 ClientHello offering `acme-tls/1` → use `certs.tls_alpn01_config()` instead
 //! //   (see `meshgate_certs::offers_acme_tls`).
@@ -24,29 +26,33 @@
 //! # let _ = tls; Ok(()) }
 //! ```
 //!
-//! ACME flow decisions live in [`schedule::Scheduler`], a sans-IO state machine; the tokio
-//! driver in [`manager`] performs the orders it asks for.
+//! ACME flow decisions live in `schedule::Scheduler`, a sans-IO state machine; the tokio
+//! driver in `manager` performs the orders it asks for.
 
-pub mod acme;
-pub mod challenge;
-pub mod config;
-pub mod devca;
-pub mod dns;
-pub mod error;
-pub mod manager;
-pub mod pem;
-pub mod resolver;
-pub mod schedule;
-pub mod store;
+#![warn(unreachable_pub)]
 
-pub use challenge::{ACME_TLS_ALPN, ChallengeResponder, offers_acme_tls};
-pub use config::{AcmeConfig, CertConfig, CustomChallenge, DnsConfig, RenewPolicy};
+mod acme;
+mod challenge;
+mod config;
+mod devca;
+mod dns;
+mod error;
+mod manager;
+mod pem;
+mod resolver;
+mod schedule;
+mod status;
+mod store;
+
+pub use challenge::{ChallengeResponder, offers_acme_tls};
+pub use config::{AcmeConfig, CertConfig, CustomChallenge, Directory, DnsConfig, RenewPolicy};
 pub use devca::DevCa;
-pub use dns::{ChallengeZone, DnsServer, serve_dns};
+pub use dns::ChallengeZone;
 pub use error::{CertError, IssueError};
-pub use manager::{CertManager, CertStatus};
-pub use resolver::CertResolver;
-pub use schedule::{Action, Scheduler, Validity};
+pub use manager::CertManager;
+pub use resolver::{CertMap, CertResolver};
+pub use schedule::Validity;
+pub use status::{CertState, CertStatus};
 pub use store::{CertStore, StoredCert};
 
 /// The rustls crypto provider used everywhere in this crate (ring; no aws-lc).

@@ -10,6 +10,7 @@ use crate::error::{CertError, IssueError};
 use crate::pem::{certified_key, leaf_info, normalize_name, rfc3339, unix_secs};
 use crate::resolver::CertResolver;
 use crate::schedule::{Action, Scheduler, Validity};
+use crate::status::{CertState, CertStatus};
 use crate::store::{CertStore, StoredCert};
 use instant_acme::ChallengeType;
 use prometheus_client::metrics::counter::Counter;
@@ -17,7 +18,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rustls::ServerConfig;
-use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,27 +32,6 @@ const DNS_RETRY_INITIAL: Duration = Duration::from_secs(1);
 const DNS_RETRY_MAX: Duration = Duration::from_secs(300);
 /// Backoff (first, most) between failed ARI lookups.
 const ARI_RETRY: (Duration, Duration) = (Duration::from_secs(60), Duration::from_secs(86400));
-
-/// One certificate's state, for the admin status endpoint (serialize to JSON).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct CertStatus {
-    /// The certificate's key: its primary name (`*.<domain>` for the farmer wildcard).
-    pub name: String,
-    /// Names the certificate covers.
-    pub names: Vec<String>,
-    /// `pending` (no cert yet), `ordering`, `valid`, `renewing`, `failed` (no cert, retrying),
-    /// `renewal-failing` (cert still valid, renewal retrying) or `expired` (the cert's
-    /// `not_after` has passed and no order is in flight).
-    pub state: &'static str,
-    pub not_before: Option<String>,
-    pub not_after: Option<String>,
-    pub renew_at: Option<String>,
-    /// Consecutive failed orders.
-    pub failures: u32,
-    pub next_retry: Option<String>,
-    /// The last failure, with the ACME problem detail and type when the server sent one.
-    pub last_error: Option<String>,
-}
 
 #[derive(Default, Clone)]
 struct Metrics {
@@ -113,7 +92,7 @@ enum Event {
 impl CertManager {
     /// Opens the store and loads its certificates; does no network I/O. The farmer wildcard
     /// (when `farmer_domain` is set) is desired from the start; stored certificates are
-    /// served as soon as their name is desired.
+    /// served as soon as their name is desired, through [`Self::resolver`].
     pub fn new(config: CertConfig) -> Result<Self, CertError> {
         let directory = config.acme.directory()?;
         config.renewal.validate()?;
@@ -147,14 +126,15 @@ impl CertManager {
                 Err(e) => tracing::warn!("certificate store: {e}; it will be re-issued if needed"),
             }
         }
-        let challenges = Arc::new(ChallengeResponder::default());
+        let resolver = Arc::new(CertResolver::default());
+        let challenges = resolver.challenges();
         let seed: u64 = rand::random();
         let manager = CertManager {
             inner: Arc::new(Inner {
                 directory,
                 contact,
                 store,
-                resolver: Arc::new(CertResolver::new(challenges.clone())),
+                resolver,
                 alpn_config: challenges.tls_alpn01_config(),
                 challenges,
                 farmer,
@@ -183,7 +163,8 @@ impl CertManager {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The rustls resolver for the :443 listener (exact SNI, then `*.parent`).
+    /// The rustls resolver for the :443 listener (exact SNI, then `*.parent`); the gateway
+    /// swaps its configured certificates into it too.
     pub fn resolver(&self) -> Arc<CertResolver> {
         self.inner.resolver.clone()
     }
@@ -332,39 +313,17 @@ impl CertManager {
             .iter()
             .map(|(key, names)| {
                 let v = st.sched.view(key);
-                let (validity, due, in_flight, failures, retry_at, last_error) = match v {
-                    Some(v) => (
-                        v.validity,
-                        v.due,
-                        v.in_flight,
-                        v.failures,
-                        v.retry_at,
-                        v.last_error,
-                    ),
-                    None => (None, None, false, 0, None, None),
-                };
-                // An expired certificate counts as none: it is served but no client accepts it.
-                let current = validity.is_some_and(|v| v.not_after > now);
-                let expired = validity.is_some() && !current;
-                let state = match (current, in_flight, failures > 0) {
-                    (false, false, _) if expired => "expired",
-                    (false, true, _) => "ordering",
-                    (true, true, _) => "renewing",
-                    (false, false, true) => "failed",
-                    (true, false, true) => "renewal-failing",
-                    (false, false, false) => "pending",
-                    (true, false, false) => "valid",
-                };
+                let validity = v.as_ref().and_then(|v| v.validity);
                 CertStatus {
                     name: key.clone(),
                     names: names.clone(),
-                    state,
+                    state: CertState::of(v.as_ref(), now),
                     not_before: validity.map(|v| rfc3339(v.not_before)),
                     not_after: validity.map(|v| rfc3339(v.not_after)),
-                    renew_at: due.map(rfc3339),
-                    failures,
-                    next_retry: retry_at.map(rfc3339),
-                    last_error,
+                    renew_at: v.as_ref().and_then(|v| v.due).map(rfc3339),
+                    failures: v.as_ref().map_or(0, |v| v.failures),
+                    next_retry: v.as_ref().and_then(|v| v.retry_at).map(rfc3339),
+                    last_error: v.and_then(|v| v.last_error),
                 }
             })
             .collect()
@@ -442,7 +401,7 @@ impl CertManager {
         if let Some(ca) = &self.inner.devca {
             self.inner.orders_placed.fetch_add(1, Ordering::Relaxed);
             return ca
-                .issue(names, Duration::from_secs(90 * 86400))
+                .issue(names, crate::devca::LEAF_LIFETIME)
                 .map_err(|e| IssueError::new(e.to_string()));
         }
         let client = self.acme_client().await?;
@@ -530,7 +489,7 @@ impl CertManager {
     /// a failed bind is retried with backoff while other orders go on), places the orders the
     /// scheduler asks for, installs results, and sleeps until the next due time. Runs until
     /// its task is dropped/aborted.
-    pub async fn run(&self) -> Result<(), CertError> {
+    pub(crate) async fn run(&self) -> Result<(), CertError> {
         let dns = async {
             match (&self.inner.dns_zone, self.inner.config.dns.listen) {
                 (Some(zone), Some(listen)) => {

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Parses a PEM chain (leaf first) and a PEM private key into a rustls `CertifiedKey`.
-pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, CertError> {
+pub(crate) fn certified_key(
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<CertifiedKey>, CertError> {
     let chain = parse_chain(chain_pem)?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| CertError::Cert(format!("private key PEM: {e}")))?;
@@ -19,7 +22,7 @@ pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>
 }
 
 /// All certificates of a PEM chain, in order.
-pub fn parse_chain(chain_pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
+pub(crate) fn parse_chain(chain_pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| CertError::Cert(format!("certificate PEM: {e}")))?;
@@ -32,7 +35,7 @@ pub fn parse_chain(chain_pem: &str) -> Result<Vec<CertificateDer<'static>>, Cert
 }
 
 /// Validity period and DNS names (SANs) of the first certificate of a PEM chain.
-pub fn leaf_info(chain_pem: &str) -> Result<(Validity, Vec<String>), CertError> {
+pub(crate) fn leaf_info(chain_pem: &str) -> Result<(Validity, Vec<String>), CertError> {
     let chain = parse_chain(chain_pem)?;
     let (_, leaf) = x509_parser::parse_x509_certificate(chain[0].as_ref())
         .map_err(|e| CertError::Cert(format!("leaf certificate: {e}")))?;
@@ -55,7 +58,7 @@ pub fn leaf_info(chain_pem: &str) -> Result<(Validity, Vec<String>), CertError> 
 
 /// Checks a DNS name (optionally `*.`-prefixed) and returns it lowercased. Names become file
 /// names and ACME identifiers, so only letters, digits, `-`, `_` and dots are allowed.
-pub fn normalize_name(name: &str) -> Result<String, CertError> {
+pub(crate) fn normalize_name(name: &str) -> Result<String, CertError> {
     let bad = |reason: &str| CertError::InvalidName {
         name: name.to_string(),
         reason: reason.to_string(),
@@ -83,7 +86,7 @@ pub fn normalize_name(name: &str) -> Result<String, CertError> {
 }
 
 /// Seconds since the Unix epoch, for status and metrics.
-pub fn unix_secs(t: SystemTime) -> i64 {
+pub(crate) fn unix_secs(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs() as i64),
@@ -91,7 +94,7 @@ pub fn unix_secs(t: SystemTime) -> i64 {
 }
 
 /// RFC 3339 text of a time, for the admin status.
-pub fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix_secs(t))
         .ok()
         .and_then(|t| {

@@ -19,7 +19,7 @@ pub struct Validity {
 }
 
 impl Validity {
-    pub fn lifetime(&self) -> Duration {
+    pub(crate) fn lifetime(&self) -> Duration {
         self.not_after
             .duration_since(self.not_before)
             .unwrap_or(Duration::ZERO)
@@ -28,7 +28,7 @@ impl Validity {
 
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Place an order for the certificate `key`; report the outcome with
     /// [`Scheduler::order_succeeded`] or [`Scheduler::order_failed`].
     PlaceOrder { key: String },
@@ -49,7 +49,7 @@ struct Entry {
 
 /// A read-only view of one certificate's schedule, for status reporting.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EntryView {
+pub(crate) struct EntryView {
     pub validity: Option<Validity>,
     pub due: Option<SystemTime>,
     pub in_flight: bool,
@@ -59,7 +59,7 @@ pub struct EntryView {
 }
 
 #[derive(Debug)]
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     policy: RenewPolicy,
     entries: BTreeMap<String, Entry>,
     rng: StdRng,
@@ -67,7 +67,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// `seed` makes the jitter reproducible in tests; use a random seed in production.
-    pub fn new(policy: RenewPolicy, seed: u64) -> Self {
+    pub(crate) fn new(policy: RenewPolicy, seed: u64) -> Self {
         Scheduler {
             policy,
             entries: BTreeMap::new(),
@@ -77,7 +77,7 @@ impl Scheduler {
 
     /// Replaces the desired set. Certificates leaving it are forgotten (an order in flight
     /// finishes, its result is dropped); returns the keys that left.
-    pub fn set_desired<I: IntoIterator<Item = String>>(&mut self, keys: I) -> Vec<String> {
+    pub(crate) fn set_desired<I: IntoIterator<Item = String>>(&mut self, keys: I) -> Vec<String> {
         let wanted: std::collections::BTreeSet<String> = keys.into_iter().collect();
         let mut removed = Vec::new();
         self.entries.retain(|k, e| {
@@ -96,12 +96,12 @@ impl Scheduler {
         removed
     }
 
-    pub fn is_desired(&self, key: &str) -> bool {
+    pub(crate) fn is_desired(&self, key: &str) -> bool {
         self.entries.get(key).is_some_and(|e| e.desired)
     }
 
     /// A certificate for `key` is in service (loaded from the store or just issued).
-    pub fn cert_installed(&mut self, key: &str, validity: Validity) {
+    pub(crate) fn cert_installed(&mut self, key: &str, validity: Validity) {
         let lifetime = validity.lifetime().as_secs_f64();
         let jitter = self.rng.random_range(0.0..=1.0) * self.policy.jitter_fraction * lifetime;
         let offset = (lifetime * self.policy.renew_at_fraction - jitter).max(0.0);
@@ -114,7 +114,7 @@ impl Scheduler {
 
     /// The ACME server's renewal window (ARI) for `key`'s current certificate: renewal moves
     /// to a random point in the window when that is earlier than the planned time.
-    pub fn renewal_window(&mut self, key: &str, start: SystemTime, end: SystemTime) {
+    pub(crate) fn renewal_window(&mut self, key: &str, start: SystemTime, end: SystemTime) {
         let span = end.duration_since(start).unwrap_or(Duration::ZERO);
         let pick = start + span.mul_f64(self.rng.random_range(0.0..=1.0));
         if let Some(e) = self.entries.get_mut(key) {
@@ -123,14 +123,14 @@ impl Scheduler {
     }
 
     /// Renew `key` at the next poll, regardless of its validity (an admin request).
-    pub fn force_renew(&mut self, key: &str) {
+    pub(crate) fn force_renew(&mut self, key: &str) {
         if let Some(e) = self.entries.get_mut(key) {
             e.forced = true;
             e.retry_at = None;
         }
     }
 
-    pub fn order_succeeded(&mut self, key: &str, validity: Validity) {
+    pub(crate) fn order_succeeded(&mut self, key: &str, validity: Validity) {
         let Some(e) = self.entries.get_mut(key) else {
             return;
         };
@@ -146,7 +146,7 @@ impl Scheduler {
     }
 
     /// Records a failed order; returns when the next attempt is allowed.
-    pub fn order_failed(&mut self, key: &str, now: SystemTime, error: String) -> SystemTime {
+    pub(crate) fn order_failed(&mut self, key: &str, now: SystemTime, error: String) -> SystemTime {
         let initial = self.policy.backoff_initial();
         let max = self.policy.backoff_max();
         let spread = self.rng.random_range(0.9..=1.1);
@@ -177,7 +177,7 @@ impl Scheduler {
     }
 
     /// The orders to place now. Each returned key is marked in flight.
-    pub fn poll(&mut self, now: SystemTime) -> Vec<Action> {
+    pub(crate) fn poll(&mut self, now: SystemTime) -> Vec<Action> {
         let mut out = Vec::new();
         for (k, e) in self.entries.iter_mut() {
             if Self::wants_order(e, now) {
@@ -190,7 +190,7 @@ impl Scheduler {
     }
 
     /// The earliest time a poll could return an action (`None`: nothing scheduled).
-    pub fn next_wakeup(&self) -> Option<SystemTime> {
+    pub(crate) fn next_wakeup(&self) -> Option<SystemTime> {
         self.entries
             .values()
             .filter(|e| e.desired && !e.in_flight)
@@ -211,7 +211,7 @@ impl Scheduler {
             .min()
     }
 
-    pub fn view(&self, key: &str) -> Option<EntryView> {
+    pub(crate) fn view(&self, key: &str) -> Option<EntryView> {
         self.entries.get(key).map(|e| EntryView {
             validity: e.validity,
             due: e.due,
@@ -220,15 +220,6 @@ impl Scheduler {
             retry_at: e.retry_at,
             last_error: e.last_error.clone(),
         })
-    }
-
-    /// Desired keys, sorted.
-    pub fn keys(&self) -> Vec<String> {
-        self.entries
-            .iter()
-            .filter(|(_, e)| e.desired)
-            .map(|(k, _)| k.clone())
-            .collect()
     }
 }
 

@@ -36,7 +36,7 @@ impl CertStore {
         Ok(CertStore { dir })
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
@@ -84,7 +84,7 @@ impl CertStore {
     }
 
     /// Every stored certificate; unreadable entries are returned as errors, not skipped silently.
-    pub fn load_all(&self) -> Vec<Result<StoredCert, CertError>> {
+    pub(crate) fn load_all(&self) -> Vec<Result<StoredCert, CertError>> {
         let certs = self.dir.join("certs");
         let entries = match fs::read_dir(&certs) {
             Ok(e) => e,
@@ -107,7 +107,7 @@ impl CertStore {
     }
 
     /// Reads a secret-bearing file of the store (e.g. `account.json`).
-    pub fn read_file(&self, name: &str) -> Result<Option<String>, CertError> {
+    pub(crate) fn read_file(&self, name: &str) -> Result<Option<String>, CertError> {
         let path = self.dir.join(name);
         match fs::read_to_string(&path) {
             Ok(s) => Ok(Some(s)),
@@ -117,7 +117,7 @@ impl CertStore {
     }
 
     /// Writes a file of the store with mode 0600.
-    pub fn write_file(&self, name: &str, contents: &[u8]) -> Result<(), CertError> {
+    pub(crate) fn write_file(&self, name: &str, contents: &[u8]) -> Result<(), CertError> {
         write_private(&self.dir.join(name), contents)
     }
 }

@@ -6,7 +6,11 @@ mod common;
 use common::*;
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
-use meshgate_certs::{CertConfig, CertManager, CertResolver, CertStore, DevCa};
+use meshgate_certs::{
+    AcmeConfig, CertConfig, CertManager, CertMap, CertResolver, CertState, CertStore, DevCa,
+};
+use meshgate_testkit::eventually_async;
+use meshgate_testkit::net::Reserved;
 use rustls::pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use std::net::SocketAddr;
@@ -31,35 +35,26 @@ async fn query(server: SocketAddr, name: &str, rtype: RecordType) -> Message {
     }
 }
 
-fn dev_config(state: &std::path::Path, extra: serde_json::Value) -> CertConfig {
-    let mut v = serde_json::json!({
-        "state_dir": state,
-        "acme": { "directory": "local-dev-ca", "contact_email": "" },
-        "dns": { "listen": null }
-    });
-    if let (Some(base), Some(more)) = (v.as_object_mut(), extra.as_object()) {
-        for (k, val) in more {
-            base.insert(k.clone(), val.clone());
-        }
-    }
-    serde_json::from_value(v).unwrap()
+/// A manager issuing from the development CA, without DNS responder or farmer domain.
+fn dev_config(state: &std::path::Path) -> CertConfig {
+    let mut config = CertConfig::new(state, AcmeConfig::new("local-dev-ca", ""));
+    config.dns.listen = None;
+    config
 }
 
 #[tokio::test]
 async fn builtin_dns_responder_answers_only_the_challenge_zone() {
     init_tracing();
     let state = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let certs = CertManager::new(dev_config(
-        state.path(),
-        serde_json::json!({
-            "farmer_domain": "farm.test",
-            "dns": { "listen": format!("127.0.0.1:{port}"), "ns_host": "gw.farm.test" }
-        }),
-    ))
-    .unwrap();
+    // The manager binds the responder itself; the TCP port is held for it meanwhile.
+    let reserved = Reserved::loopback();
+    let server = reserved.addr();
+    let mut config = dev_config(state.path());
+    config.farmer_domain = Some("farm.test".into());
+    config.dns.listen = Some(server);
+    config.dns.ns_host = Some("gw.farm.test".into());
+    let certs = CertManager::new(config).unwrap();
     let driver = certs.spawn();
-    let server = SocketAddr::from(([127, 0, 0, 1], port));
     let zone = certs.dns_zone().unwrap();
     zone.add_txt("token-one").await;
     zone.add_txt("token-two").await;
@@ -118,46 +113,44 @@ async fn dev_ca_persists_and_issues_leaves_that_verify() {
 
     // Leaves from the reloaded CA verify against the exported CA PEM (what curl --cacert uses).
     let resolver = Arc::new(CertResolver::default());
-    resolver.install(
-        &["demo.test".to_string()],
-        again.certified_key(&["demo.test".to_string()]).unwrap(),
-    );
-    resolver.install(
-        &["*.apps.test".to_string()],
-        again.certified_key(&["*.apps.test".to_string()]).unwrap(),
-    );
+    let key = |name: &str| again.certified_key(&[name.to_string()]).unwrap();
+    let mut certs = CertMap::from([
+        ("demo.test".to_string(), key("demo.test")),
+        ("*.apps.test".to_string(), key("*.apps.test")),
+    ]);
+    resolver.replace(certs.clone());
     let root = CertificateDer::from_pem_slice(ca.ca_pem().as_bytes()).unwrap();
-    let port = serve_resolver(resolver.clone()).await;
-    tls_connect(port, "demo.test", &root)
+    let addr = serve_resolver(resolver.clone()).await;
+    tls_connect(addr, "demo.test", &root)
         .await
         .expect("exact name");
-    tls_connect(port, "web.apps.test", &root)
+    tls_connect(addr, "web.apps.test", &root)
         .await
         .expect("wildcard");
     assert!(
-        tls_connect(port, "a.b.apps.test", &root).await.is_err(),
+        tls_connect(addr, "a.b.apps.test", &root).await.is_err(),
         "one label only"
     );
     assert!(
-        tls_connect(port, "other.test", &root).await.is_err(),
+        tls_connect(addr, "other.test", &root).await.is_err(),
         "unknown name"
     );
-    resolver.remove(&["demo.test".to_string()]);
+    certs.remove("demo.test");
+    resolver.replace(certs);
     assert!(
-        tls_connect(port, "demo.test", &root).await.is_err(),
+        tls_connect(addr, "demo.test", &root).await.is_err(),
         "removed live"
     );
 }
 
-async fn serve_resolver(resolver: Arc<CertResolver>) -> u16 {
+async fn serve_resolver(resolver: Arc<CertResolver>) -> SocketAddr {
     let config = rustls::ServerConfig::builder_with_provider(meshgate_certs::crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, addr) = meshgate_testkit::listener().await;
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
@@ -174,18 +167,18 @@ async fn serve_resolver(resolver: Arc<CertResolver>) -> u16 {
             });
         }
     });
-    port
+    addr
 }
 
 #[tokio::test]
 async fn manager_with_dev_ca_serves_only_desired_names() {
     init_tracing();
     let state = tempfile::tempdir().unwrap();
-    let certs = CertManager::new(dev_config(state.path(), serde_json::json!({}))).unwrap();
+    let certs = CertManager::new(dev_config(state.path())).unwrap();
     let driver = certs.spawn();
     certs.set_desired(["a.test".to_string(), "b.test".to_string()]);
     wait_for(&certs, "dev issuance", 10, |c| {
-        c.status().iter().all(|s| s.state == "valid") && c.status().len() == 2
+        c.status().iter().all(|s| s.state == CertState::Valid) && c.status().len() == 2
     })
     .await;
     let resolver = certs.resolver();
@@ -196,15 +189,15 @@ async fn manager_with_dev_ca_serves_only_desired_names() {
     );
     assert!(resolver.lookup("c.test").is_none());
     let root = CertificateDer::from_pem_slice(certs.dev_ca().unwrap().ca_pem().as_bytes()).unwrap();
-    let port = serve_resolver(resolver.clone()).await;
-    tls_connect(port, "b.test", &root)
+    let addr = serve_resolver(resolver.clone()).await;
+    tls_connect(addr, "b.test", &root)
         .await
         .expect("verifies against the dev CA");
 
     // A name leaving the desired set stops being served at once; the files stay.
     certs.set_desired(["a.test".to_string()]);
     assert!(resolver.lookup("b.test").is_none());
-    assert!(tls_connect(port, "b.test", &root).await.is_err());
+    assert!(tls_connect(addr, "b.test", &root).await.is_err());
     assert_eq!(certs.status().len(), 1);
     let store = CertStore::open(state.path()).unwrap();
     assert!(store.load("b.test").unwrap().is_some());
@@ -238,28 +231,27 @@ fn names_are_checked_before_touching_the_store() {
 #[test]
 fn config_errors_name_the_field() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = dev_config(dir.path(), serde_json::json!({}));
+    let mut config = dev_config(dir.path());
     config.acme.directory = "lets-encrypt".into();
     let err = CertManager::new(config).err().unwrap().to_string();
     assert!(
         err.contains("acme.directory") && err.contains("lets-encrypt"),
         "{err}"
     );
-    let config: CertConfig = serde_json::from_value(serde_json::json!({
-        "state_dir": dir.path(),
-        "acme": { "directory": "letsencrypt-staging", "contact_email": "ops@example.org" }
-    }))
-    .unwrap();
+    let config = CertConfig::new(
+        dir.path(),
+        AcmeConfig::new("letsencrypt-staging", "ops@example.org"),
+    );
     assert_eq!(
         config.acme.directory().unwrap(),
-        meshgate_certs::config::Directory::Acme(
+        meshgate_certs::Directory::Acme(
             "https://acme-staging-v02.api.letsencrypt.org/directory".into()
         )
     );
     assert_eq!(config.dns.listen, Some("0.0.0.0:53".parse().unwrap()));
     assert_eq!(config.acme.contact().unwrap(), "mailto:ops@example.org");
 
-    let mut config = dev_config(dir.path(), serde_json::json!({}));
+    let mut config = dev_config(dir.path());
     config.renewal.renew_at_fraction = 1.5;
     let err = CertManager::new(config).err().unwrap().to_string();
     assert!(err.contains("renewal.renew_at_fraction"), "{err}");
@@ -269,11 +261,11 @@ fn config_errors_name_the_field() {
 async fn status_reports_an_expired_certificate_as_expired() {
     init_tracing();
     let state = tempfile::tempdir().unwrap();
-    let certs = CertManager::new(dev_config(state.path(), serde_json::json!({}))).unwrap();
+    let certs = CertManager::new(dev_config(state.path())).unwrap();
     let driver = certs.spawn();
     certs.set_desired(["a.test".to_string()]);
     wait_for(&certs, "dev issuance", 10, |c| {
-        c.status().iter().all(|s| s.state == "valid") && c.status().len() == 1
+        c.status().iter().all(|s| s.state == CertState::Valid) && c.status().len() == 1
     })
     .await;
     driver.abort();
@@ -282,7 +274,7 @@ async fn status_reports_an_expired_certificate_as_expired() {
     // The dev CA issues for 90 days: 91 days on, the certificate is past its not_after.
     let later = std::time::SystemTime::now() + Duration::from_secs(91 * 86400);
     let expired = certs.status_at(later).remove(0);
-    assert_eq!(expired.state, "expired", "{expired:?}");
+    assert_eq!(expired.state, CertState::Expired, "{expired:?}");
     assert_eq!(expired.not_after, status.not_after);
 }
 
@@ -293,32 +285,30 @@ async fn dns_bind_failure_is_retried_while_other_orders_go_on() {
     // Another process holds the DNS port.
     let blocker = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = blocker.local_addr().unwrap().port();
-    let certs = CertManager::new(dev_config(
-        state.path(),
-        serde_json::json!({
-            "farmer_domain": "farm.test",
-            "dns": { "listen": format!("127.0.0.1:{port}") }
-        }),
-    ))
-    .unwrap();
+    let mut config = dev_config(state.path());
+    config.farmer_domain = Some("farm.test".into());
+    config.dns.listen = Some(SocketAddr::from(([127, 0, 0, 1], port)));
+    let certs = CertManager::new(config).unwrap();
     let driver = certs.spawn();
     certs.set_desired(["shop.test".to_string()]);
     wait_for(&certs, "issuance without the DNS responder", 10, |c| {
-        c.status().len() == 2 && c.status().iter().all(|s| s.state == "valid")
+        c.status().len() == 2 && c.status().iter().all(|s| s.state == CertState::Valid)
     })
     .await;
     assert!(!driver.is_finished(), "the driver keeps running");
 
     // Once the port is free, a retry binds it.
     drop(blocker);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "DNS responder never bound");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually_async(
+        Duration::from_secs(20),
+        "the DNS responder to bind",
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
     let server = SocketAddr::from(([127, 0, 0, 1], port));
     let r = query(server, "_acme-challenge.farm.test.", RecordType::SOA).await;
     assert_eq!(r.metadata.response_code, ResponseCode::NoError);

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use meshgate_certs::CertManager;
+use meshgate_certs::{CertManager, CertState, CustomChallenge};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
@@ -30,20 +30,20 @@ fn mode(path: &std::path::Path) -> u32 {
 }
 
 /// Issues `name` with the configured challenge and checks the served chain against Pebble's root.
-async fn issue_and_verify(challenge: &str, name: &str) {
+async fn issue_and_verify(challenge: CustomChallenge, name: &str) {
     let mut env = Env::new(&[(name, LO)], None).await;
     let certs = CertManager::new(env.config(challenge)).unwrap();
     env.start_dns(&certs).await;
-    let _gw = Gateway::start(&certs, env.http_port, env.tls_port, true).await;
+    let _gw = env.gateway(&certs, true).await;
     let driver = certs.spawn();
     certs.set_desired([name.to_string()]);
     wait_for(&certs, "issuance", 40, |c| {
-        state_of(c, name) == Some("valid")
+        state_of(c, name) == Some(CertState::Valid)
     })
     .await;
 
     let root = env.pebble.issuing_root().await;
-    let (mut tls, leaf) = tls_connect(env.tls_port, name, &root)
+    let (mut tls, leaf) = tls_connect(env.tls_addr, name, &root)
         .await
         .expect("served chain verifies against Pebble's root");
     assert_eq!(san_names(&leaf), vec![name.to_string()]);
@@ -63,34 +63,34 @@ async fn issue_and_verify(challenge: &str, name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http01_issues_a_verifiable_certificate() {
-    issue_and_verify("http-01", "shop.test").await;
+    issue_and_verify(CustomChallenge::Http01, "shop.test").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_alpn01_issues_a_verifiable_certificate() {
-    issue_and_verify("tls-alpn-01", "alpn.test").await;
+    issue_and_verify(CustomChallenge::TlsAlpn01, "alpn.test").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns01_issues_the_farmer_wildcard() {
     let mut env = Env::new(&[("farm.test", LO), ("web.farm.test", LO)], None).await;
-    let mut config = env.config("http-01");
+    let mut config = env.config(CustomChallenge::Http01);
     config.farmer_domain = Some("farm.test".into());
     let certs = CertManager::new(config).unwrap();
     env.start_dns(&certs).await;
     // No HTTP-01 responder at all: only DNS-01 can succeed.
-    let _gw = Gateway::start(&certs, env.http_port, env.tls_port, false).await;
+    let _gw = env.gateway(&certs, false).await;
     let driver = certs.spawn();
     // Names under the farmer domain ride on the wildcard; no order of their own.
     certs.set_desired(["web.farm.test".to_string(), "farm.test".to_string()]);
     wait_for(&certs, "wildcard issuance", 40, |c| {
-        state_of(c, "*.farm.test") == Some("valid")
+        state_of(c, "*.farm.test") == Some(CertState::Valid)
     })
     .await;
     assert_eq!(certs.status().len(), 1, "{:?}", certs.status());
     let root = env.pebble.issuing_root().await;
     for sni in ["farm.test", "web.farm.test", "anything.farm.test"] {
-        let (_, leaf) = tls_connect(env.tls_port, sni, &root)
+        let (_, leaf) = tls_connect(env.tls_addr, sni, &root)
             .await
             .unwrap_or_else(|e| panic!("{sni}: {e}"));
         let mut sans = san_names(&leaf);
@@ -102,7 +102,7 @@ async fn dns01_issues_the_farmer_wildcard() {
     }
     // Nested names are not covered by `*.farm.test`.
     assert!(
-        tls_connect(env.tls_port, "a.b.farm.test", &root)
+        tls_connect(env.tls_addr, "a.b.farm.test", &root)
             .await
             .is_err()
     );
@@ -120,14 +120,14 @@ async fn dns01_issues_the_farmer_wildcard() {
 async fn falls_back_to_tls_alpn01_when_http01_fails() {
     let name = "fallback.test";
     let mut env = Env::new(&[(name, LO)], None).await;
-    let certs = CertManager::new(env.config("http-01")).unwrap();
+    let certs = CertManager::new(env.config(CustomChallenge::Http01)).unwrap();
     env.start_dns(&certs).await;
     // Port 80 is not answering: HTTP-01 fails, TLS-ALPN-01 on 443 works.
-    let _gw = Gateway::start(&certs, env.http_port, env.tls_port, false).await;
+    let _gw = env.gateway(&certs, false).await;
     let driver = certs.spawn();
     certs.set_desired([name.to_string()]);
     wait_for(&certs, "fallback issuance", 60, |c| {
-        state_of(c, name) == Some("valid")
+        state_of(c, name) == Some(CertState::Valid)
     })
     .await;
     assert_eq!(
@@ -136,7 +136,7 @@ async fn falls_back_to_tls_alpn01_when_http01_fails() {
         "one failed http-01 order, one tls-alpn-01 order"
     );
     let root = env.pebble.issuing_root().await;
-    tls_connect(env.tls_port, name, &root)
+    tls_connect(env.tls_addr, name, &root)
         .await
         .expect("verifies");
     driver.abort();
@@ -147,25 +147,25 @@ async fn short_validity_renews_and_swaps_while_a_connection_stays_open() {
     let name = "renew.test";
     // 12 s certificates: renewal falls due at ~2/3 (7.4–8 s with jitter).
     let mut env = Env::new(&[(name, LO)], Some(12)).await;
-    let certs = CertManager::new(env.config("http-01")).unwrap();
+    let certs = CertManager::new(env.config(CustomChallenge::Http01)).unwrap();
     env.start_dns(&certs).await;
-    let _gw = Gateway::start(&certs, env.http_port, env.tls_port, true).await;
+    let _gw = env.gateway(&certs, true).await;
     let driver = certs.spawn();
     certs.set_desired([name.to_string()]);
     wait_for(&certs, "issuance", 40, |c| {
-        state_of(c, name) == Some("valid")
+        state_of(c, name) == Some(CertState::Valid)
     })
     .await;
     let root = env.pebble.issuing_root().await;
-    let (mut open, first) = tls_connect(env.tls_port, name, &root).await.unwrap();
+    let (mut open, first) = tls_connect(env.tls_addr, name, &root).await.unwrap();
     echo(&mut open, b"before").await;
 
     wait_for(&certs, "automatic renewal", 20, |c| c.orders_placed() >= 2).await;
     wait_for(&certs, "renewed cert installed", 20, |c| {
-        state_of(c, name) == Some("valid")
+        state_of(c, name) == Some(CertState::Valid)
     })
     .await;
-    let (_, second) = tls_connect(env.tls_port, name, &root).await.unwrap();
+    let (_, second) = tls_connect(env.tls_addr, name, &root).await.unwrap();
     assert_ne!(first, second, "new handshakes get the renewed certificate");
     // The connection opened before the swap is untouched.
     echo(&mut open, b"after the swap").await;
@@ -174,10 +174,10 @@ async fn short_validity_renews_and_swaps_while_a_connection_stays_open() {
     assert!(certs.renew_now(name));
     wait_for(&certs, "forced renewal", 20, |c| c.orders_placed() >= 3).await;
     wait_for(&certs, "forced cert installed", 20, |c| {
-        state_of(c, name) == Some("valid")
+        state_of(c, name) == Some(CertState::Valid)
     })
     .await;
-    let (_, third) = tls_connect(env.tls_port, name, &root).await.unwrap();
+    let (_, third) = tls_connect(env.tls_addr, name, &root).await.unwrap();
     assert_ne!(second, third);
     echo(&mut open, b"still open").await;
     assert!(
@@ -192,16 +192,16 @@ async fn unreachable_challenge_reports_the_problem_and_backs_off() {
     let name = "dead.test";
     // The name resolves to an address where nothing answers :80 or :443.
     let mut env = Env::new(&[(name, Ipv4Addr::new(127, 0, 0, 9))], None).await;
-    let certs = CertManager::new(env.config("http-01")).unwrap();
+    let certs = CertManager::new(env.config(CustomChallenge::Http01)).unwrap();
     env.start_dns(&certs).await;
-    let _gw = Gateway::start(&certs, env.http_port, env.tls_port, true).await;
+    let _gw = env.gateway(&certs, true).await;
     let mut registry = prometheus_client::registry::Registry::default();
     certs.register_metrics(&mut registry);
     let driver = certs.spawn();
     let t0 = Instant::now();
     certs.set_desired([name.to_string()]);
     wait_for(&certs, "failure", 60, |c| {
-        state_of(c, name) == Some("failed")
+        state_of(c, name) == Some(CertState::Failed)
     })
     .await;
 
@@ -235,7 +235,8 @@ async fn unreachable_challenge_reports_the_problem_and_backs_off() {
     );
     assert!(text.contains("connection refused"), "{text}");
 
-    // Backoff (30 s initial): no new order while waiting.
+    // Backoff (30 s initial): no new order while waiting. An order that must not happen
+    // cannot be awaited; the driver gets 1.5 s in which it would have placed it.
     let placed = certs.orders_placed();
     assert_eq!(placed, 2);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -248,7 +249,7 @@ async fn unreachable_challenge_reports_the_problem_and_backs_off() {
 async fn bad_contact_is_a_clear_error() {
     let env = Env::new(&[], None).await;
     // Rejected locally: not an address at all.
-    let mut config = env.config("http-01");
+    let mut config = env.config(CustomChallenge::Http01);
     config.acme.contact_email = "ops team@example.com".into();
     let err = CertManager::new(config)
         .err()
@@ -260,7 +261,7 @@ async fn bad_contact_is_a_clear_error() {
     );
 
     // Rejected by the ACME server: the problem type and detail come back.
-    let mut config = env.config("http-01");
+    let mut config = env.config(CustomChallenge::Http01);
     config.acme.contact_email = "not-an-email-address".into();
     let certs = CertManager::new(config).unwrap();
     let err = certs.connect_account().await.unwrap_err().to_string();
@@ -279,30 +280,31 @@ async fn bad_contact_is_a_clear_error() {
 async fn restart_reuses_stored_certificates_without_ordering() {
     let name = "restart.test";
     let mut env = Env::new(&[(name, LO)], None).await;
-    let first = CertManager::new(env.config("http-01")).unwrap();
+    let first = CertManager::new(env.config(CustomChallenge::Http01)).unwrap();
     env.start_dns(&first).await;
-    let gw = Gateway::start(&first, env.http_port, env.tls_port, true).await;
+    let gw = env.gateway(&first, true).await;
     let driver = first.spawn();
     first.set_desired([name.to_string()]);
     wait_for(&first, "issuance", 40, |c| {
-        state_of(c, name) == Some("valid")
+        state_of(c, name) == Some(CertState::Valid)
     })
     .await;
     let root = env.pebble.issuing_root().await;
-    let (_, issued) = tls_connect(env.tls_port, name, &root).await.unwrap();
+    let (_, issued) = tls_connect(env.tls_addr, name, &root).await.unwrap();
     driver.abort();
-    drop(gw);
+    gw.stop().await;
     drop(first);
     assert_eq!(env.pebble.orders_received(), 1);
 
     // "Restart": a new manager on the same state directory.
-    let second = CertManager::new(env.config("http-01")).unwrap();
-    let _gw = Gateway::start(&second, env.http_port, env.tls_port, true).await;
+    let second = CertManager::new(env.config(CustomChallenge::Http01)).unwrap();
+    let _gw = env.gateway(&second, true).await;
     let driver = second.spawn();
     second.set_desired([name.to_string()]);
-    assert_eq!(state_of(&second, name), Some("valid"));
+    assert_eq!(state_of(&second, name), Some(CertState::Valid));
+    // No order must follow: the driver gets a second in which it would have placed one.
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let (_, served) = tls_connect(env.tls_port, name, &root).await.unwrap();
+    let (_, served) = tls_connect(env.tls_addr, name, &root).await.unwrap();
     assert_eq!(served, issued, "the stored certificate is served");
     assert_eq!(second.orders_placed(), 0);
     assert_eq!(
@@ -318,23 +320,24 @@ async fn restart_reuses_stored_certificates_without_ordering() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreserved_sni_triggers_no_order() {
     let mut env = Env::new(&[("reserved.test", LO), ("stranger.test", LO)], None).await;
-    let certs = CertManager::new(env.config("tls-alpn-01")).unwrap();
+    let certs = CertManager::new(env.config(CustomChallenge::TlsAlpn01)).unwrap();
     env.start_dns(&certs).await;
-    let _gw = Gateway::start(&certs, env.http_port, env.tls_port, true).await;
+    let _gw = env.gateway(&certs, true).await;
     let driver = certs.spawn();
     certs.set_desired(["reserved.test".to_string()]);
     wait_for(&certs, "issuance", 40, |c| {
-        state_of(c, "reserved.test") == Some("valid")
+        state_of(c, "reserved.test") == Some(CertState::Valid)
     })
     .await;
     let root = env.pebble.issuing_root().await;
     for _ in 0..3 {
         assert!(
-            tls_connect(env.tls_port, "stranger.test", &root)
+            tls_connect(env.tls_addr, "stranger.test", &root)
                 .await
                 .is_err()
         );
     }
+    // No order must follow: the driver gets half a second in which it would have placed one.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(certs.orders_placed(), 1);
     assert_eq!(env.pebble.orders_received(), 1);

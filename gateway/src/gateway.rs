@@ -7,12 +7,11 @@ use crate::listen::{self, Bound};
 use crate::observe::metrics::Metrics;
 use crate::routes::RouteTable;
 use crate::state::{Shared, SharedParts};
-use crate::tls::{CertResolver, DevCa};
 use crate::upstream::clients::Clients;
 use crate::upstream::connector::GatewayDialer;
 use crate::upstream::dial::Dialer;
 use anyhow::Result;
-use meshgate_certs::CertManager;
+use meshgate_certs::{CertManager, CertResolver, DevCa};
 use meshgate_config::gateway::GatewayConfig;
 use meshgate_config::route::Route;
 use std::future::Future;
@@ -78,15 +77,14 @@ impl Gateway {
             certs,
         } = parts;
         let dev_ca = match &config.tls.dev_ca {
-            Some(d) => Some(DevCa::open(&d.dir)?),
+            Some(d) => Some(DevCa::load_or_create(&d.dir)?),
             None => None,
         };
         let admin_tls = crate::admin::tls::acceptor(&config, dev_ca.as_ref())?;
-        let fallback = certs.as_ref().map(|m| {
-            let managed = m.resolver();
-            Arc::new(move |name: &str| managed.lookup(name)) as crate::tls::Fallback
-        });
-        let resolver = Arc::new(CertResolver::new(fallback));
+        // One resolver: the configured certificates (files, dev CA) and the managed ones.
+        let resolver = certs
+            .as_ref()
+            .map_or_else(|| Arc::new(CertResolver::default()), |m| m.resolver());
         let tls = crate::tls::server_config(resolver.clone())?;
         let (overlay_dialer, is_overlay, observer) = match overlay {
             Some(o) => (Some(o.dialer), o.is_overlay, o.observer),

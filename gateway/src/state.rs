@@ -7,12 +7,11 @@ use crate::admin::api::Api;
 use crate::admin::overlay::OverlayObserver;
 use crate::observe::metrics::Metrics;
 use crate::routes::{PoolFactory, RouteTable};
-use crate::tls::{CertMap, CertResolver, DevCa};
 use crate::upstream::clients::Clients;
 use crate::upstream::connector::GatewayDialer;
 use crate::upstream::dial::Dialer;
 use anyhow::{Context, Result};
-use meshgate_certs::CertManager;
+use meshgate_certs::{CertManager, CertMap, CertResolver, DevCa};
 use meshgate_config::gateway::{GatewayConfig, Limits, Timeouts};
 use meshgate_config::route::{Mode, Route};
 use rustls::ServerConfig;
@@ -141,7 +140,7 @@ impl Shared {
             for n in names {
                 let cert = match old.get(&n) {
                     Some(c) => c.clone(),
-                    None => ca.issue(std::slice::from_ref(&n))?,
+                    None => ca.certified_key(std::slice::from_ref(&n))?,
                 };
                 map.insert(n, cert);
             }

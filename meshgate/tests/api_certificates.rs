@@ -4,6 +4,7 @@
 //! certificate manager's state.
 
 use meshgate::app::{self, GatewaySetup};
+use meshgate_certs::CertState;
 use meshgate_config::gateway::GatewayConfig;
 use meshgate_config::reservation::{Key, Options, Reservation, Status};
 use meshgate_config::route::Mode;
@@ -154,7 +155,7 @@ async fn verified_domain_gets_certificate_goes_active_and_serves() {
             certs
                 .status()
                 .iter()
-                .any(|s| s.name == "static.example.net" && s.state == "valid")
+                .any(|s| s.name == "static.example.net" && s.state == CertState::Valid)
         },
     )
     .await;

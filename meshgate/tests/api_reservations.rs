@@ -742,11 +742,10 @@ async fn certificates_only_for_verified_domains_then_active() {
     use meshgate_config::verify::{Input, Rules, step};
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("data"), FARM).unwrap());
-    let config: meshgate_certs::CertConfig = serde_json::from_value(json!({
-        "state_dir": dir.path().join("certs"),
-        "acme": {"directory": "local-dev-ca", "contact_email": "ops@farm.example"},
-    }))
-    .unwrap();
+    let config = meshgate_certs::CertConfig::new(
+        dir.path().join("certs"),
+        meshgate_certs::AcmeConfig::new("local-dev-ca", "ops@farm.example"),
+    );
     let certs = Arc::new(meshgate_certs::CertManager::new(config).unwrap());
     let driver = certs.spawn();
     for fqdn in ["verified.alice.test", "pending.alice.test"] {

@@ -1,28 +1,28 @@
-//! Test harness: a real Pebble (ACME test server) on loopback, a real DNS server (hickory,
-//! in process) answering the test names and the DNS-01 zone, and the gateway-side responders
-//! (:80-style HTTP-01 server, :443-style TLS server with `acme-tls/1` handling).
+//! Harness of the certificate tests: the test kit's Pebble (ACME test server) and DNS server on
+//! loopback, answering the test names and the DNS-01 zone, and the gateway-side responders
+//! (:80-style HTTP-01 server, :443-style TLS server with `acme-tls/1` handling) on listeners
+//! bound before Pebble learns their ports.
 #![allow(dead_code)]
 
-use hickory_server::net::runtime::TokioRuntimeProvider;
-use hickory_server::proto::rr::rdata::{A, NS, SOA};
-use hickory_server::proto::rr::{Name, RData, Record};
-use hickory_server::store::in_memory::InMemoryZoneHandler;
-use hickory_server::zone_handler::{AxfrPolicy, ZoneHandler, ZoneType};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use meshgate_certs::{CertConfig, CertManager, DevCa, DnsServer, offers_acme_tls, serve_dns};
-use rustls::pki_types::ServerName;
-use rustls::pki_types::pem::PemObject;
+use meshgate_certs::{
+    AcmeConfig, CertConfig, CertManager, CertState, CustomChallenge, offers_acme_tls,
+};
+use meshgate_testkit::dns::{DnsSockets, TestDns};
+use meshgate_testkit::eventually_ok;
+use meshgate_testkit::net::{Reserved, rebind};
+use meshgate_testkit::tls::{echo_roundtrip, peer_leaf, roots_of};
 use rustls_pki_types::CertificateDer;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+
+pub use meshgate_testkit::pebble::{Pebble, PebbleOptions};
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -34,193 +34,8 @@ pub fn init_tracing() {
         .try_init();
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// A Pebble process, killed when dropped.
-pub struct Pebble {
-    child: Child,
-    pub dir: tempfile::TempDir,
-    pub directory_url: String,
-    pub management: SocketAddr,
-    /// PEM root that signs Pebble's own HTTPS certificate (for `acme.ca_root`).
-    pub https_root: PathBuf,
-    pub log: PathBuf,
-}
-
-impl Drop for Pebble {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub struct PebbleOptions {
-    pub http_port: u16,
-    pub tls_port: u16,
-    pub dns: SocketAddr,
-    /// Certificate lifetime in seconds (Pebble's `certificateValidityPeriod`).
-    pub validity_secs: Option<u64>,
-}
-
-impl Pebble {
-    pub async fn start(opts: PebbleOptions) -> Pebble {
-        let dir = tempfile::tempdir().expect("tempdir");
-        // Pebble's HTTPS certificate, from a throwaway CA made with rcgen.
-        let ca = DevCa::load_or_create(dir.path().join("https-ca")).expect("https CA");
-        let leaf = ca
-            .issue(
-                &["localhost".to_string(), "127.0.0.1".to_string()],
-                Duration::from_secs(86400),
-            )
-            .expect("https leaf");
-        std::fs::write(dir.path().join("cert.pem"), &leaf.chain_pem).unwrap();
-        std::fs::write(dir.path().join("key.pem"), &leaf.key_pem).unwrap();
-        let (acme_port, mgmt_port) = (free_port(), free_port());
-        let mut config = serde_json::json!({
-            "pebble": {
-                "listenAddress": format!("127.0.0.1:{acme_port}"),
-                "managementListenAddress": format!("127.0.0.1:{mgmt_port}"),
-                "certificate": dir.path().join("cert.pem"),
-                "privateKey": dir.path().join("key.pem"),
-                "httpPort": opts.http_port,
-                "tlsPort": opts.tls_port,
-                "ocspResponderURL": "",
-                "externalAccountBindingRequired": false
-            }
-        });
-        if let Some(v) = opts.validity_secs {
-            config["pebble"]["certificateValidityPeriod"] = v.into();
-        }
-        let config_path = dir.path().join("pebble-config.json");
-        std::fs::write(&config_path, config.to_string()).unwrap();
-        let log = dir.path().join("pebble.log");
-        let log_file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new("/usr/bin/pebble");
-        // Pebble dies with the test process even when that is killed outright.
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd
-            .arg("-config")
-            .arg(&config_path)
-            .arg("-dnsserver")
-            .arg(opts.dns.to_string())
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .env("PEBBLE_AUTHZREUSE", "0")
-            .stdout(Stdio::from(log_file.try_clone().unwrap()))
-            .stderr(Stdio::from(log_file))
-            .spawn()
-            .expect("pebble is installed (scripts/install-test-deps.sh)");
-        let pebble = Pebble {
-            child,
-            https_root: ca.ca_pem_path(),
-            directory_url: format!("https://127.0.0.1:{acme_port}/dir"),
-            management: SocketAddr::from((Ipv4Addr::LOCALHOST, mgmt_port)),
-            log,
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for port in [acme_port, mgmt_port] {
-            while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "pebble did not start: {}",
-                    pebble.log_text()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        pebble
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Orders Pebble received, counted from its own log.
-    pub fn orders_received(&self) -> usize {
-        self.log_text().matches("POST /order-plz").count()
-    }
-
-    /// Pebble's issuing root (`/roots/0` on the management interface).
-    pub async fn issuing_root(&self) -> CertificateDer<'static> {
-        let pem = https_get(self.management, "/roots/0", &self.https_root).await;
-        CertificateDer::from_pem_slice(pem.as_bytes()).expect("root PEM")
-    }
-}
-
-/// GET over HTTPS with hyper, trusting `root_pem` only.
-pub async fn https_get(addr: SocketAddr, path: &str, root_pem: &Path) -> String {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(root_pem).unwrap())
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(meshgate_certs::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header("host", addr.to_string())
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let resp = send.send_request(req).await.unwrap();
-    assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    String::from_utf8(body.to_vec()).unwrap()
-}
-
-/// A zone answering `name A ip` for test names (what a real resolver would say about them).
-pub fn a_zone(origin: &str, records: &[(&str, Ipv4Addr)]) -> (Name, Arc<dyn ZoneHandler>) {
-    let origin = Name::from_ascii(origin).unwrap();
-    let mut zone = InMemoryZoneHandler::<TokioRuntimeProvider>::empty(
-        origin.clone(),
-        ZoneType::Primary,
-        AxfrPolicy::Deny,
-    );
-    let ns = Name::from_ascii("ns.test.").unwrap();
-    let soa = SOA::new(
-        ns.clone(),
-        Name::from_ascii("hostmaster.test.").unwrap(),
-        1,
-        60,
-        60,
-        60,
-        5,
-    );
-    assert!(zone.upsert_mut(Record::from_rdata(origin.clone(), 60, RData::SOA(soa)), 1));
-    assert!(zone.upsert_mut(Record::from_rdata(origin.clone(), 60, RData::NS(NS(ns))), 1));
-    for (name, ip) in records {
-        let name = Name::from_ascii(format!("{name}.")).unwrap();
-        assert!(zone.upsert_mut(Record::from_rdata(name, 60, RData::A(A(*ip))), 1));
-    }
-    (origin, Arc::new(zone))
-}
-
-/// The gateway side: HTTP-01 on `http_port`, TLS (resolver + `acme-tls/1`) on `tls_port`.
+/// The gateway side: HTTP-01 (when asked for) and TLS (resolver + `acme-tls/1`) for a manager.
 pub struct Gateway {
-    pub http_port: u16,
-    pub tls_port: u16,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -233,15 +48,10 @@ impl Drop for Gateway {
 }
 
 impl Gateway {
-    pub fn ports() -> (u16, u16) {
-        (free_port(), free_port())
-    }
-
-    /// Serves HTTP-01 (unless `http` is false) and TLS for `certs` on the given ports.
-    pub async fn start(certs: &CertManager, http_port: u16, tls_port: u16, http: bool) -> Gateway {
+    /// Serves HTTP-01 for `certs` on `http` (when given) and TLS on `tls`.
+    pub fn start(certs: &CertManager, http: Option<TcpListener>, tls: TcpListener) -> Gateway {
         let mut tasks = Vec::new();
-        if http {
-            let listener = bind(http_port).await;
+        if let Some(listener) = http {
             let certs = certs.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
@@ -276,12 +86,11 @@ impl Gateway {
                 }
             }));
         }
-        let listener = bind(tls_port).await;
         let certs = certs.clone();
         tasks.push(tokio::spawn(async move {
             let normal = certs.server_config(Vec::new());
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok((stream, _)) = tls.accept().await else {
                     return;
                 };
                 let (certs, normal) = (certs.clone(), normal.clone());
@@ -309,84 +118,48 @@ impl Gateway {
                 });
             }
         }));
-        Gateway {
-            http_port,
-            tls_port,
-            tasks,
+        Gateway { tasks }
+    }
+
+    /// Stops serving and returns once the listeners are closed (their ports can be bound again).
+    pub async fn stop(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
         }
     }
 }
 
-/// Binds a loopback port, waiting briefly for a previous (aborted) listener to let go.
-async fn bind(port: u16) -> TcpListener {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match TcpListener::bind(("127.0.0.1", port)).await {
-            Ok(l) => return l,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("bind 127.0.0.1:{port}: {e}"),
-        }
-    }
-}
-
-/// A TLS client that trusts only `root`: connects with `sni` and returns the stream and the
-/// served leaf certificate.
+/// A TLS client that trusts only `root`: connects to `addr` with `sni` and returns the stream
+/// and the served leaf certificate.
 pub async fn tls_connect(
-    port: u16,
+    addr: SocketAddr,
     sni: &str,
     root: &CertificateDer<'static>,
-) -> Result<
-    (
-        tokio_rustls::client::TlsStream<TcpStream>,
-        CertificateDer<'static>,
-    ),
-    std::io::Error,
-> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(meshgate_certs::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
-        .await?;
-    let leaf = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first().cloned())
-        .expect("peer certificate");
+) -> std::io::Result<(
+    tokio_rustls::client::TlsStream<TcpStream>,
+    CertificateDer<'static>,
+)> {
+    let tls = meshgate_testkit::tls::tls_connect(addr, sni, &roots_of([root.clone()]), &[]).await?;
+    let leaf = peer_leaf(&tls);
     Ok((tls, leaf))
 }
 
 /// Echo round trip on an established connection.
 pub async fn echo(tls: &mut tokio_rustls::client::TlsStream<TcpStream>, msg: &[u8]) {
-    tls.write_all(msg).await.unwrap();
-    let mut buf = vec![0u8; msg.len()];
-    tls.read_exact(&mut buf).await.unwrap();
-    assert_eq!(buf, msg);
+    echo_roundtrip(tls, msg).await
 }
 
-pub fn config(state_dir: &Path, pebble: &Pebble, challenge: &str) -> CertConfig {
-    serde_json::from_value(serde_json::json!({
-        "state_dir": state_dir,
-        "acme": {
-            "directory": pebble.directory_url,
-            "contact_email": "ops@meshgate.test",
-            "ca_root": pebble.https_root,
-            "challenge": challenge,
-            "order_timeout_secs": 30.0
-        },
-        "dns": { "listen": null },
-        "renewal": { "backoff_initial_secs": 30.0, "backoff_max_secs": 300.0 }
-    }))
-    .unwrap()
+pub fn config(state_dir: &Path, pebble: &Pebble, challenge: CustomChallenge) -> CertConfig {
+    let mut acme = AcmeConfig::new(pebble.directory_url.clone(), "ops@meshgate.test");
+    acme.ca_root = Some(pebble.https_root.clone());
+    acme.challenge = challenge;
+    acme.order_timeout_secs = 30.0;
+    let mut config = CertConfig::new(state_dir, acme);
+    config.dns.listen = None;
+    config.renewal.backoff_initial_secs = 30.0;
+    config.renewal.backoff_max_secs = 300.0;
+    config
 }
 
 /// Waits until `cond` holds on the manager's status, or panics with the status.
@@ -396,18 +169,18 @@ pub async fn wait_for(
     secs: u64,
     cond: impl Fn(&CertManager) -> bool,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond(certs) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; status: {:#?}",
-            certs.status()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_ok(Duration::from_secs(secs), what, || {
+        let result = if cond(certs) {
+            Ok(())
+        } else {
+            Err(format!("status: {:#?}", certs.status()))
+        };
+        async move { result }
+    })
+    .await
 }
 
-pub fn state_of(certs: &CertManager, name: &str) -> Option<&'static str> {
+pub fn state_of(certs: &CertManager, name: &str) -> Option<CertState> {
     certs
         .status()
         .into_iter()
@@ -415,14 +188,17 @@ pub fn state_of(certs: &CertManager, name: &str) -> Option<&'static str> {
         .map(|s| s.state)
 }
 
-/// Everything one ACME test needs.
+/// Everything one ACME test needs. The ports Pebble validates on are held from the start:
+/// a gateway listens on them, or (HTTP-01 not served) they refuse connections.
 pub struct Env {
     pub pebble: Pebble,
-    pub dns_port: u16,
-    pub dns: Option<DnsServer>,
+    dns_sockets: Option<DnsSockets>,
+    pub dns: Option<TestDns>,
     pub records: Vec<(String, Ipv4Addr)>,
-    pub http_port: u16,
-    pub tls_port: u16,
+    pub http_addr: SocketAddr,
+    pub tls_addr: SocketAddr,
+    http: Option<Reserved>,
+    tls: Option<Reserved>,
     pub state: tempfile::TempDir,
 }
 
@@ -430,42 +206,62 @@ impl Env {
     /// Starts Pebble; DNS for it comes from [`Env::start_dns`] (test names' A records).
     pub async fn new(records: &[(&str, Ipv4Addr)], validity_secs: Option<u64>) -> Env {
         init_tracing();
-        let (http_port, tls_port) = Gateway::ports();
-        let dns_port = free_port();
+        let (http, tls) = (Reserved::loopback(), Reserved::loopback());
+        let dns_sockets = DnsSockets::bind().await;
         let pebble = Pebble::start(PebbleOptions {
-            http_port,
-            tls_port,
-            dns: SocketAddr::from((Ipv4Addr::LOCALHOST, dns_port)),
+            http_port: http.port(),
+            tls_port: tls.port(),
+            dns: dns_sockets.addr(),
             validity_secs,
         })
         .await;
         Env {
             pebble,
-            dns_port,
+            dns_sockets: Some(dns_sockets),
             dns: None,
             records: records.iter().map(|(n, ip)| (n.to_string(), *ip)).collect(),
-            http_port,
-            tls_port,
+            http_addr: http.addr(),
+            tls_addr: tls.addr(),
+            http: Some(http),
+            tls: Some(tls),
             state: tempfile::tempdir().unwrap(),
         }
     }
 
     /// Serves the test names' A records and, for DNS-01, the manager's challenge zone.
     pub async fn start_dns(&mut self, certs: &CertManager) {
-        let recs: Vec<(&str, Ipv4Addr)> = self
-            .records
-            .iter()
-            .map(|(n, ip)| (n.as_str(), *ip))
+        let sockets = self.dns_sockets.take().expect("DNS started once");
+        let zones = certs
+            .dns_zone()
+            .map(|z| (z.origin().clone(), z.zone_handler()))
+            .into_iter()
             .collect();
-        let mut zones = vec![a_zone("test.", &recs)];
-        if let Some(z) = certs.dns_zone() {
-            zones.push((z.origin().clone(), z.zone_handler()));
+        let dns = TestDns::serve(sockets, "test.", zones).await;
+        for (name, ip) in &self.records {
+            dns.a(name, &[*ip]).await;
         }
-        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, self.dns_port));
-        self.dns = Some(serve_dns(listen, zones).await.unwrap());
+        self.dns = Some(dns);
     }
 
-    pub fn config(&self, challenge: &str) -> CertConfig {
+    /// Serves `certs` on the validation ports: TLS always, HTTP-01 when `http` (otherwise that
+    /// port refuses connections). A second gateway (after [`Gateway::stop`]) binds them again.
+    pub async fn gateway(&mut self, certs: &CertManager, http: bool) -> Gateway {
+        let http = match (http, self.http.take()) {
+            (false, reserved) => {
+                self.http = reserved;
+                None
+            }
+            (true, Some(reserved)) => Some(reserved.listen()),
+            (true, None) => Some(rebind(self.http_addr).await),
+        };
+        let tls = match self.tls.take() {
+            Some(reserved) => reserved.listen(),
+            None => rebind(self.tls_addr).await,
+        };
+        Gateway::start(certs, http, tls)
+    }
+
+    pub fn config(&self, challenge: CustomChallenge) -> CertConfig {
         config(self.state.path(), &self.pebble, challenge)
     }
 }

@@ -1,8 +1,9 @@
 //! TLS for the admin listener (`[admin] tls`): a certificate from files or issued by the dev
 //! CA, HTTP/1.1 only.
 
-use crate::tls::{Always, DevCa, load_pem_files};
+use crate::tls::{Always, load_pem_files};
 use anyhow::{Context, Result};
+use meshgate_certs::DevCa;
 use meshgate_config::gateway::GatewayConfig;
 use std::sync::Arc;
 use tokio_rustls::TlsAcceptor;
@@ -24,7 +25,7 @@ pub(crate) fn acceptor(
         }
         _ => {
             let ca = dev_ca.context("admin.tls.dev_ca needs a [tls.dev_ca] table")?;
-            ca.issue(&dev_ca_names(config))
+            ca.certified_key(&dev_ca_names(config))
                 .context("admin.tls: cannot issue the admin certificate from the dev CA")?
         }
     };

@@ -4,7 +4,7 @@
 //! certificate becomes active once it is valid.
 
 use anyhow::{Context, Result};
-use meshgate_certs::CertManager;
+use meshgate_certs::{CertConfig, CertManager};
 use meshgate_config::gateway::GatewayConfig;
 use meshgate_config::reservation::Key;
 use meshgate_config::route::Mode;
@@ -14,11 +14,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-
-/// States in which the manager serves a certificate for the name.
-fn serving(state: &str) -> bool {
-    matches!(state, "valid" | "renewing" | "renewal-failing")
-}
 
 /// Verified domains whose reservation terminates TLS here (passthrough backends hold their
 /// own certificates).
@@ -38,10 +33,10 @@ const CERT_FOLLOW_POLL: Duration = Duration::from_secs(1);
 
 /// The certificate manager for `[tls.acme]`, or `None` without it.
 pub fn manager(config: &GatewayConfig) -> Result<Option<Arc<CertManager>>> {
-    let Some(acme) = &config.tls.acme else {
+    if config.tls.acme.is_none() {
         return Ok(None);
-    };
-    let cfg = cert_config(config, acme)?;
+    }
+    let cfg = CertConfig::try_from(config).context("certificate manager configuration")?;
     Ok(Some(Arc::new(CertManager::new(cfg)?)))
 }
 
@@ -112,29 +107,6 @@ fn terminate_hosts(table: &RouteTable) -> BTreeSet<String> {
         .collect()
 }
 
-/// The certificate manager's settings from `data_dir`, `domains` and `[tls.acme]`.
-fn cert_config(
-    config: &GatewayConfig,
-    acme: &meshgate_config::gateway::Acme,
-) -> Result<meshgate_certs::CertConfig> {
-    let dns_listen = acme
-        .dns_responder
-        .then(|| acme.dns_listen.unwrap_or(([0, 0, 0, 0], 53).into()));
-    let cfg = serde_json::json!({
-        "state_dir": config.data_dir.join("certs"),
-        "farmer_domain": config.domains.first(),
-        "acme": {
-            "directory": acme.directory,
-            "contact_email": acme.contact.trim_start_matches("mailto:"),
-            "ca_root": acme.directory_ca,
-            "challenge": acme.challenge,
-            "order_timeout_secs": acme.order_timeout_secs.unwrap_or(90.0),
-        },
-        "dns": { "listen": dns_listen, "ns_host": acme.ns_host },
-    });
-    serde_json::from_value(cfg).context("certificate manager configuration")
-}
-
 /// Keeps `certs`' desired names equal to `routed` (the static terminate route hosts) ∪ the
 /// store's verified terminate-mode domains and, every `poll`, reports domains whose
 /// certificate is being served to the store (verified → active when the verifier requires
@@ -193,7 +165,7 @@ pub fn follow_certificates(
 /// Records in the store which of `domains` have their certificate served.
 fn mark_ready(store: &Store, certs: &CertManager, domains: &BTreeSet<String>) {
     for status in certs.status() {
-        if !serving(status.state) || !domains.contains(&status.name) {
+        if !status.state.serves() || !domains.contains(&status.name) {
             continue;
         }
         let key = Key::domain(status.name.clone());
@@ -211,36 +183,6 @@ fn mark_ready(store: &Store, certs: &CertManager, domains: &BTreeSet<String>) {
 mod tests {
     use super::*;
     use std::path::Path;
-
-    fn parse(text: &str) -> GatewayConfig {
-        GatewayConfig::parse(Path::new("gateway.toml"), text).unwrap()
-    }
-
-    #[test]
-    fn acme_table_reaches_the_certificate_manager() {
-        let c = parse(
-            "domains = [\"gw.example.org\"]\n[tls.acme]\ncontact = \"mailto:ops@example.org\"\n\
-             challenge = \"tls-alpn-01\"\nns_host = \"ns1.example.org\"\n\
-             dns_listen = \"127.0.0.1:5353\"\norder_timeout_secs = 30\n",
-        );
-        let cert = cert_config(&c, c.tls.acme.as_ref().unwrap()).unwrap();
-        assert_eq!(cert.dns.ns_host.as_deref(), Some("ns1.example.org"));
-        assert_eq!(cert.dns.listen, Some("127.0.0.1:5353".parse().unwrap()));
-        assert_eq!(cert.acme.order_timeout_secs, 30.0);
-        assert_eq!(
-            cert.acme.challenge,
-            meshgate_certs::CustomChallenge::TlsAlpn01
-        );
-        assert_eq!(cert.farmer_domain.as_deref(), Some("gw.example.org"));
-        // Defaults: responder on :53, 90 s orders; `dns_responder = false` turns it off.
-        let c = parse("[tls.acme]\ncontact = \"mailto:ops@example.org\"\n");
-        let cert = cert_config(&c, c.tls.acme.as_ref().unwrap()).unwrap();
-        assert_eq!(cert.dns.listen, Some("0.0.0.0:53".parse().unwrap()));
-        assert_eq!(cert.acme.order_timeout_secs, 90.0);
-        let c = parse("[tls.acme]\ncontact = \"mailto:ops@example.org\"\ndns_responder = false\n");
-        let cert = cert_config(&c, c.tls.acme.as_ref().unwrap()).unwrap();
-        assert_eq!(cert.dns.listen, None);
-    }
 
     #[test]
     fn unknown_acme_challenge_is_a_located_error() {
