@@ -346,8 +346,7 @@ fn is_valid_host(host: &str) -> bool {
         !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
     });
     let name_ok = name.is_none_or(|n| {
-        let n = n.strip_suffix('.').unwrap_or(n).to_ascii_lowercase();
-        n.parse::<std::net::Ipv4Addr>().is_ok() || meshgate_config::gateway::is_hostname(&n)
+        n.parse::<std::net::Ipv4Addr>().is_ok() || meshgate_config::host::HostName::parse(n).is_ok()
     });
     port_ok && name_ok
 }
@@ -406,11 +405,12 @@ pub async fn handle(
                 full(StatusCode::NOT_FOUND, "No site is served under this name."),
             )
         }
-        Some(entry) if ci.proto == "http" && !entry.route.options.allow_plain_http => {
-            (entry.route.host.clone(), redirect_https(&host, &req))
-        }
+        Some(entry) if ci.proto == "http" && !entry.route.options.allow_plain_http => (
+            entry.route.host.as_str().to_owned(),
+            redirect_https(&host, &req),
+        ),
         Some(entry) => (
-            entry.route.host.clone(),
+            entry.route.host.as_str().to_owned(),
             forward(&gw, &entry, req, &ci, &host).await,
         ),
     };
@@ -514,7 +514,7 @@ async fn forward(
         .map_or("/", |p| p.as_str())
         .to_string();
     let label = RouteLabel {
-        route: route.host.clone(),
+        route: route.host.as_str().to_owned(),
     };
     let bytes_in = gw.metrics.bytes_in.get_or_create(&label).clone();
     let body = LentBody::new(
@@ -537,7 +537,7 @@ async fn forward(
     let pool_config = entry.pool.config();
     let connect_deadline = Instant::now() + pool_config.connect_timeout();
     let no_backend = |why: &dyn std::fmt::Display| {
-        gw.metrics.error(&route.host, "no_backend");
+        gw.metrics.error(route.host.as_str(), "no_backend");
         tracing::warn!(route = %route.host, error = %why, "no backend available");
         full(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -572,7 +572,7 @@ async fn forward(
         let failure = match tokio::time::timeout(gw.timeouts.request(), sent).await {
             Err(_) => {
                 lease.report(Outcome::Timeout);
-                gw.metrics.error(&route.host, "backend_timeout");
+                gw.metrics.error(route.host.as_str(), "backend_timeout");
                 tracing::warn!(route = %route.host, backend = %addr, "backend response timed out");
                 return full(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -584,7 +584,7 @@ async fn forward(
                     resp.status().as_u16(),
                     started.elapsed(),
                 ));
-                return response(gw, resp, client_upgrade, ci, &route.host, lease);
+                return response(gw, resp, client_upgrade, ci, route.host.as_str(), lease);
             }
             Ok(Err(BackendError {
                 connect: true,
@@ -596,13 +596,13 @@ async fn forward(
                 } else {
                     Outcome::ConnectFailed
                 });
-                gw.metrics.error(&route.host, "backend_connect");
+                gw.metrics.error(route.host.as_str(), "backend_connect");
                 tracing::warn!(route = %route.host, backend = %addr, error = %error_chain(&*error), "backend connect failed");
                 Failure::ConnectFailed
             }
             Ok(Err(BackendError { error, .. })) => {
                 lease.report(Outcome::Reset);
-                gw.metrics.error(&route.host, "backend_io");
+                gw.metrics.error(route.host.as_str(), "backend_io");
                 tracing::warn!(route = %route.host, backend = %addr, error = %error_chain(&*error), "backend request failed");
                 Failure::ClosedBeforeResponse
             }

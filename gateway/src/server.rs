@@ -120,10 +120,10 @@ impl Inner {
             let mut names: Vec<String> = table
                 .entries()
                 .filter(|e| e.route.mode == Mode::Terminate)
-                .map(|e| e.route.host.clone())
+                .map(|e| e.route.host.to_string())
                 .collect();
             for d in &config.domains {
-                names.push(d.clone());
+                names.push(d.to_string());
                 names.push(format!("*.{d}"));
             }
             for n in names {
@@ -515,12 +515,16 @@ async fn serve_tls(inner: &Arc<Inner>, mut stream: TcpStream, peer: SocketAddr) 
             let tls = match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
-                    inner.metrics.error(&entry.route.host, "tls_handshake");
+                    inner
+                        .metrics
+                        .error(entry.route.host.as_str(), "tls_handshake");
                     tracing::info!(client = %peer, sni = %sni, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
-                    inner.metrics.error(&entry.route.host, "handshake_timeout");
+                    inner
+                        .metrics
+                        .error(entry.route.host.as_str(), "handshake_timeout");
                     return;
                 }
             };
@@ -579,7 +583,7 @@ async fn passthrough(
     let (mut b, lease) = match entry.pool.connect(&client).await {
         Ok(x) => x,
         Err(e) => {
-            inner.metrics.error(&route.host, "backend_connect");
+            inner.metrics.error(route.host.as_str(), "backend_connect");
             tracing::warn!(route = %route.host, error = %e, "no backend for passthrough stream");
             send_alert(&mut stream, hello::ALERT_INTERNAL_ERROR).await;
             return;
@@ -605,7 +609,7 @@ async fn passthrough(
     drop(lease);
     let (up, down) = moved.unwrap_or((0, 0));
     let label = RouteLabel {
-        route: route.host.clone(),
+        route: route.host.as_str().to_owned(),
     };
     let m = &inner.metrics;
     m.bytes_in
@@ -614,7 +618,7 @@ async fn passthrough(
     m.bytes_out.get_or_create(&label).inc_by(down);
     m.requests
         .get_or_create(&RequestLabel {
-            route: route.host.clone(),
+            route: route.host.as_str().to_owned(),
             status: "stream".into(),
         })
         .inc();

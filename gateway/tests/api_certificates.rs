@@ -4,12 +4,12 @@
 //! certificate manager's state.
 
 use meshgate_config::gateway::GatewayConfig;
-use meshgate_config::reservation::{Key, Options, Reservation, Status};
 use meshgate_config::route::Mode;
-use meshgate_config::store::{Store, StoreError};
-use meshgate_config::verify::{Input, Rules, step};
 use meshgate_gateway::cmd::gateway::start_services;
 use meshgate_gateway::server::Gateway;
+use meshgate_reservations::lifecycle::{Input, Rules, step};
+use meshgate_reservations::reservation::{Key, Options, Reservation, Status};
+use meshgate_reservations::store::{ReservationStore, ReservationStoreExt, StoreError};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -67,7 +67,7 @@ backends = [{{ addr = "{backend}" }}]
     GatewayConfig::parse(&dir.join("gateway.toml"), &text).unwrap()
 }
 
-fn reserve(store: &Store, fqdn: &str, backend: SocketAddr, mode: Mode) {
+fn reserve(store: &dyn ReservationStore, fqdn: &str, backend: SocketAddr, mode: Mode) {
     store
         .create(&Reservation::new(
             Key::domain(fqdn),
@@ -78,7 +78,7 @@ fn reserve(store: &Store, fqdn: &str, backend: SocketAddr, mode: Mode) {
             0,
         ))
         .unwrap();
-    // The DNS proof holds (the verifier's own DNS flow is tested in meshgate-config).
+    // The DNS proof holds (the verifier's own DNS flow is tested in meshgate-reservations).
     let rules = Rules {
         grace_ms: 60_000,
         require_certificate: true,
@@ -139,8 +139,8 @@ async fn verified_domain_gets_certificate_goes_active_and_serves() {
     };
     let store = services.store().unwrap().clone();
     let certs = services.certs().unwrap().clone();
-    reserve(&store, "shop.example.com", backend, Mode::Terminate);
-    reserve(&store, "pass.example.com", backend, Mode::Passthrough);
+    reserve(&*store, "shop.example.com", backend, Mode::Terminate);
+    reserve(&*store, "pass.example.com", backend, Mode::Passthrough);
 
     let key = Key::domain("shop.example.com");
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -3,9 +3,9 @@
 //! waiting for its certificate becomes active once it is valid.
 
 use meshgate_certs::CertManager;
-use meshgate_config::reservation::Key;
 use meshgate_config::route::Mode;
-use meshgate_config::store::Store;
+use meshgate_reservations::reservation::Key;
+use meshgate_reservations::store::{ReservationStore, SharedStore};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +18,7 @@ fn serving(state: &str) -> bool {
 
 /// Verified domains whose reservation terminates TLS here (passthrough backends hold their
 /// own certificates).
-fn terminating(store: &Store, verified: &BTreeSet<String>) -> BTreeSet<String> {
+fn terminating(store: &dyn ReservationStore, verified: &BTreeSet<String>) -> BTreeSet<String> {
     verified
         .iter()
         .filter(|d| {
@@ -35,7 +35,7 @@ fn terminating(store: &Store, verified: &BTreeSet<String>) -> BTreeSet<String> {
 /// certificates). Without a store only `routed` is followed. Runs until `routed`'s sender
 /// and the store's watch are dropped, or the task is aborted.
 pub fn follow_certificates(
-    store: Option<Arc<Store>>,
+    store: Option<SharedStore>,
     certs: Arc<CertManager>,
     mut routed: watch::Receiver<Arc<BTreeSet<String>>>,
     poll: Duration,
@@ -49,7 +49,7 @@ pub fn follow_certificates(
             let mut domains = BTreeSet::new();
             if let (Some(store), Some(v)) = (&store, verified.as_mut()) {
                 let now = v.borrow_and_update().clone();
-                domains = terminating(store, &now);
+                domains = terminating(&**store, &now);
                 want.extend(domains.iter().cloned());
             }
             if desired.as_ref() != Some(&want) {
@@ -57,7 +57,7 @@ pub fn follow_certificates(
                 desired = Some(want);
             }
             if let Some(store) = &store {
-                mark_ready(store, &certs, &domains);
+                mark_ready(&**store, &certs, &domains);
             }
             let verified_changed = async {
                 match verified.as_mut() {
@@ -85,7 +85,7 @@ pub fn follow_certificates(
 }
 
 /// Records in the store which of `domains` have their certificate served.
-fn mark_ready(store: &Store, certs: &CertManager, domains: &BTreeSet<String>) {
+fn mark_ready(store: &dyn ReservationStore, certs: &CertManager, domains: &BTreeSet<String>) {
     for status in certs.status() {
         if !serving(status.state) || !domains.contains(&status.name) {
             continue;

@@ -17,9 +17,10 @@ use bytes::Bytes;
 use error::json_response;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use meshgate_config::reservation::Policy;
-use meshgate_config::store::Store;
-use meshgate_config::token::{AdminToken, parse_token};
+use meshgate_reservations::reservation::Policy;
+use meshgate_reservations::store::redb::RedbStore;
+use meshgate_reservations::store::{ReservationStore, SharedStore};
+use meshgate_reservations::token::{AdminToken, parse_token};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -50,17 +51,17 @@ impl Caller {
 
 /// The admin API handler.
 pub struct Api {
-    store: Arc<Store>,
+    store: SharedStore,
     admin: AdminToken,
     cfg: ApiConfig,
 }
 
 impl Api {
-    pub fn new(store: Arc<Store>, admin: AdminToken, cfg: ApiConfig) -> Self {
+    pub fn new(store: SharedStore, admin: AdminToken, cfg: ApiConfig) -> Self {
         Api { store, admin, cfg }
     }
 
-    pub fn store(&self) -> &Arc<Store> {
+    pub fn store(&self) -> &SharedStore {
         &self.store
     }
 
@@ -161,10 +162,10 @@ impl Api {
     /// Runs a store call off the async threads (redb commits fsync).
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Store) -> T + Send + 'static,
+        f: impl FnOnce(&dyn ReservationStore) -> T + Send + 'static,
     ) -> Result<T, ApiError> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
+        tokio::task::spawn_blocking(move || f(&*store))
             .await
             .map_err(|e| {
                 tracing::error!("admin API store task failed: {e}");
@@ -236,7 +237,7 @@ pub fn handler(api: Arc<Api>) -> crate::server::ApiHandler {
 
 /// Everything reservations add to a running gateway: the store, the API and the verifier.
 pub struct Reservations {
-    pub store: Arc<Store>,
+    pub store: SharedStore,
     pub api: Arc<Api>,
     /// The re-validation task; abort it to stop verifying.
     pub verifier: tokio::task::JoinHandle<()>,
@@ -252,11 +253,12 @@ impl Reservations {
         farmer_domain: &str,
         admin_token_file: &std::path::Path,
         api_cfg: ApiConfig,
-        verifier_cfg: meshgate_config::verify::VerifierConfig,
+        verifier_cfg: meshgate_reservations::verify::VerifierConfig,
     ) -> anyhow::Result<Reservations> {
-        let store = Arc::new(Store::open(data_dir, farmer_domain)?);
+        let store: SharedStore = Arc::new(RedbStore::open(data_dir, farmer_domain)?);
         let (admin, _) = AdminToken::load_or_create(admin_token_file)?;
-        let verifier = meshgate_config::verify::Verifier::new(store.clone(), verifier_cfg)?.spawn();
+        let verifier =
+            meshgate_reservations::verify::Verifier::new(store.clone(), verifier_cfg)?.spawn();
         let api = Arc::new(Api::new(store.clone(), admin, api_cfg));
         Ok(Reservations {
             store,

@@ -4,7 +4,7 @@ use crate::overlay::EmbeddedNode;
 use crate::server::Gateway;
 use anyhow::{Context, Result};
 use meshgate_config::gateway::GatewayConfig;
-use meshgate_config::verify::VerifierConfig;
+use meshgate_reservations::verify::VerifierConfig;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -87,7 +87,7 @@ struct CertService {
 
 impl Services {
     /// The reservations store, when `domains` is set.
-    pub fn store(&self) -> Option<&Arc<meshgate_config::store::Store>> {
+    pub fn store(&self) -> Option<&meshgate_reservations::store::SharedStore> {
         self.reservations.as_ref().map(|r| &r.store)
     }
 
@@ -140,13 +140,13 @@ pub async fn start_services(gateway: &Gateway, config: &GatewayConfig) -> Result
                 .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
             let r = crate::api::Reservations::start(
                 &config.data_dir,
-                domain,
+                domain.as_str(),
                 &token_file,
                 crate::api::ApiConfig {
                     gateway_addrs: public,
                     ..Default::default()
                 },
-                verifier_config(config, domain),
+                verifier_config(config, domain.as_str()),
             )?;
             gateway.set_api(crate::api::handler(r.api.clone()));
             gateway.follow_reserved_routes(r.store.routes());
@@ -174,7 +174,7 @@ fn start_certs(
     gateway: &Gateway,
     config: &GatewayConfig,
     acme: &meshgate_config::gateway::Acme,
-    store: Option<Arc<meshgate_config::store::Store>>,
+    store: Option<meshgate_reservations::store::SharedStore>,
 ) -> Result<CertService> {
     let cfg = cert_config(config, acme)?;
     let manager = Arc::new(meshgate_certs::CertManager::new(cfg)?);
@@ -195,7 +195,7 @@ fn start_certs(
         let hosts: BTreeSet<String> = table
             .entries()
             .filter(|e| e.route.mode == meshgate_config::route::Mode::Terminate)
-            .map(|e| e.route.host.clone())
+            .map(|e| e.route.host.to_string())
             .filter(|h| !h.starts_with("*."))
             .collect();
         routed_tx.send_if_modified(|cur| {
