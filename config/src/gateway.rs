@@ -728,6 +728,47 @@ options = { proxy_protocol = true }
     }
 
     #[test]
+    fn hosts_follow_the_one_host_name_rule() {
+        let route = |host: &str| {
+            parse(&format!(
+                "[[route]]\nhost = \"{host}\"\nbackends = [{{ addr = \"10.0.0.1:80\" }}]\n"
+            ))
+        };
+        for good in [
+            "a.example",
+            "*.pass.example.org",
+            "xn--bcher-kva.example",
+            "10.0.0.1",
+        ] {
+            assert_eq!(route(good).unwrap().routes[0].host, good);
+        }
+        let wildcard = route("*.pass.example.org").unwrap();
+        assert_eq!(
+            wildcard.routes[0].host.wildcard_parent(),
+            Some("pass.example.org")
+        );
+        // Written hosts are canonical: lowercase, no trailing dot, no `_`, ASCII.
+        for bad in [
+            "A.example",
+            "a.example.",
+            "a_b.example",
+            "*.a_b.example",
+            "bücher.example",
+            "a.*.example",
+            "ab--cd.example",
+        ] {
+            let e = route(bad).unwrap_err();
+            assert!(e.message.contains("route.0.host"), "{bad}: {e}");
+            assert_eq!(e.line, Some(2), "{bad}: {e}");
+        }
+        let c = parse("domains = [\"gw.example.org\"]\n").unwrap();
+        assert_eq!(c.domains[0], "gw.example.org");
+        let e = parse("domains = [\"gw.example.org\", \"gw_2.example.org\"]\n").unwrap_err();
+        assert!(e.message.contains("domains.1"), "{e}");
+        assert!(e.message.contains("lowercase DNS name"), "{e}");
+    }
+
+    #[test]
     fn route_errors_point_at_the_route_in_question() {
         let route = |host: &str| {
             format!("[[route]]\nhost = \"{host}\"\nbackends = [{{ addr = \"10.0.0.1:80\" }}]\n")
