@@ -14,7 +14,7 @@
 //! A custom domain further needs two labels, a top-level label that is not all digits, not
 //! to be an IP address, and not to lie under the farmer's domain.
 
-use meshgate_config::host::{HostName, HostPattern, MAX_NAME_LEN};
+use meshgate_config::host::{HostName, HostNameError, HostPattern, MAX_NAME_LEN};
 use meshgate_config::pool::{Policy as PoolPolicy, PoolConfig};
 use meshgate_config::route::{Backend, Mode, Route, RouteOptions};
 use serde::{Deserialize, Serialize};
@@ -245,16 +245,6 @@ impl Reservation {
         }
     }
 
-    /// [`Reservation::host`] as a route host. Names and domains were validated as host names
-    /// when reserved, so this fails only on a record that was not (it then routes nothing).
-    fn host_pattern(&self, farmer_domain: &str) -> HostPattern {
-        let host = self.host(farmer_domain);
-        HostPattern::parse(&host).unwrap_or_else(|e| {
-            tracing::error!(reservation = %self.key(), "stored host `{host}` is invalid: {e}");
-            HostPattern::from(HostName::parse("invalid").expect("a valid name"))
-        })
-    }
-
     /// Whether this reservation belongs in the routing table now.
     pub(crate) fn is_routable(&self) -> bool {
         match self.kind {
@@ -265,10 +255,11 @@ impl Reservation {
 
     /// The route the gateway serves for this reservation. `sticky` selects the `hash_cookie`
     /// pool policy (default cookie). `redirect_https` is always `!allow_plain_http` (see
-    /// [`validate_options`]), which is what the route's `allow_plain_http` carries.
-    pub(crate) fn to_route(&self, farmer_domain: &str) -> Route {
-        Route {
-            host: self.host_pattern(farmer_domain),
+    /// [`validate_options`]), which is what the route's `allow_plain_http` carries. Fails
+    /// only for a record whose name was never validated as a host name.
+    pub(crate) fn to_route(&self, farmer_domain: &str) -> Result<Route, HostNameError> {
+        Ok(Route {
+            host: HostPattern::parse(&self.host(farmer_domain))?,
             backends: self
                 .backends
                 .iter()
@@ -292,7 +283,7 @@ impl Reservation {
                 },
                 ..PoolConfig::default()
             },
-        }
+        })
     }
 }
 
@@ -639,7 +630,7 @@ mod tests {
             updated_at: 1,
             verification: Verification::default(),
         };
-        let route = r.to_route(FARM);
+        let route = r.to_route(FARM).unwrap();
         assert_eq!(route.host, "alice.farm.example");
         assert_eq!(route.mode, Mode::Passthrough);
         assert!(route.options.allow_plain_http);
@@ -667,7 +658,7 @@ mod tests {
             updated_at: 1,
             verification: Verification::default(),
         };
-        let route = r.to_route(FARM);
+        let route = r.to_route(FARM).unwrap();
         assert_eq!(route.pool.policy, PoolPolicy::HashCookie);
         assert_eq!(
             route.pool.sticky_cookie,
@@ -675,6 +666,6 @@ mod tests {
         );
         assert_eq!(route.pool.validate(), Ok(()));
         r.options.sticky = false;
-        assert_eq!(r.to_route(FARM).pool.policy, PoolPolicy::LeastLoaded);
+        assert_eq!(r.to_route(FARM).unwrap().pool.policy, PoolPolicy::LeastLoaded);
     }
 }

@@ -122,7 +122,13 @@ impl RedbStore {
         let mut routes: Vec<Route> = all
             .iter()
             .filter(|r| r.is_routable())
-            .map(|r| r.to_route(&self.farmer_domain))
+            .filter_map(|r| {
+                r.to_route(&self.farmer_domain)
+                    .inspect_err(|e| {
+                        tracing::error!(reservation = %r.key(), "not routed, invalid host: {e}");
+                    })
+                    .ok()
+            })
             .collect();
         routes.sort_by(|a, b| a.host.cmp(&b.host));
         let verified: BTreeSet<String> = all
