@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A stream that first yields `prefix` (bytes already read while classifying), then `inner`.
-pub struct Rewind<S> {
+pub(crate) struct Rewind<S> {
     prefix: Bytes,
     inner: S,
 }
 
 impl<S> Rewind<S> {
-    pub fn new(prefix: Bytes, inner: S) -> Self {
+    pub(crate) fn new(prefix: Bytes, inner: S) -> Self {
         Rewind { prefix, inner }
     }
 }
@@ -66,7 +66,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 
 /// Last-activity clock shared between a stream and its watchdog.
 #[derive(Clone)]
-pub struct Activity {
+pub(crate) struct Activity {
     start: Instant,
     last_ms: Arc<AtomicU64>,
 }
@@ -87,7 +87,7 @@ impl Activity {
     }
 
     /// Completes once no byte moved for `idle`.
-    pub async fn idle(&self, idle: Duration) {
+    pub(crate) async fn idle(&self, idle: Duration) {
         loop {
             let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
             let since = self.start.elapsed().saturating_sub(last);
@@ -100,13 +100,13 @@ impl Activity {
 }
 
 /// Wraps a stream, touching `Activity` on every byte moved.
-pub struct Tracked<S> {
+pub(crate) struct Tracked<S> {
     inner: S,
     activity: Activity,
 }
 
 impl<S> Tracked<S> {
-    pub fn new(inner: S, activity: Activity) -> Self {
+    pub(crate) fn new(inner: S, activity: Activity) -> Self {
         Tracked { inner, activity }
     }
 }

@@ -1,23 +1,32 @@
-//! The gateway: listeners, SNI/Host classification, TLS, HTTP proxying, splicing, backend
-//! pools, admin API, and the `meshgate` subcommands.
+//! The gateway library: public ingress into overlay workloads. It owns the request path, by
+//! layer (each layer only calls the ones below it):
 //!
-//! Path of a connection: accept ([`server`]) → classify by ClientHello ([`hello`]) → route
-//! ([`routes`]) → dial ([`backend`], [`dial`]) → splice (passthrough) or proxy HTTP ([`proxy`]).
+//! | layer | module | owns |
+//! |---|---|---|
+//! | listen | [`listen`] | binding, accepting, connection limits, dispatch by listener kind |
+//! | classify | [`classify`] | reading the ClientHello and the pure decision it leads to |
+//! | passthrough | [`passthrough`] | splicing TLS streams by SNI (PROXY v2 header) |
+//! | http | [`http`] | the HTTP server on a client connection, HTTP-01, the proxy's phases |
+//! | upstream | [`upstream`] | backend pools, health, dialers (the seam to the overlay), clients |
+//! | admin | [`admin`] | the operator listener: `/status`, `/metrics`, `/reload`, the reservations API |
+//!
+//! [`Gateway`] is assembled once, from [`GatewayParts`], with every dependency given up front;
+//! the state shared by the layers ([`state`]) changes afterwards only where it is meant to
+//! (route table, certificates, the configuration on reload), each swapped whole.
+
+#![warn(unreachable_pub)]
 
 pub mod admin;
-pub mod api;
-pub mod backend;
-pub mod cmd;
-pub mod dial;
-pub mod hello;
-pub mod io;
-pub mod metrics;
-pub mod overlay;
-pub mod overlay_metrics;
-pub mod pool;
-pub mod proxy;
-pub mod proxy_protocol;
+mod classify;
+mod gateway;
+mod http;
+mod io;
+pub mod listen;
+mod observe;
+mod passthrough;
 pub mod routes;
-pub mod server;
-pub mod ssrf;
+mod state;
 pub mod tls;
+pub mod upstream;
+
+pub use gateway::{Gateway, GatewayParts, OverlayParts, ReservationParts};

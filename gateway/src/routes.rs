@@ -1,8 +1,8 @@
 //! The routing table: host → route, exact names first, then one-label `*.parent` wildcards.
 //! Built from static routes and reserved routes; swapped whole on reload.
 
-use crate::dial::{Dialer, DirectDialer};
-use crate::pool::{Pool, PoolConfig};
+use crate::upstream::dial::{Dialer, DirectDialer};
+use crate::upstream::pool::{Pool, PoolConfig};
 use meshgate_config::route::Route;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -207,7 +207,7 @@ mod tests {
 
     #[tokio::test]
     async fn rebuilt_pools_use_the_route_pool_and_keep_ejections() {
-        use crate::pool::{ClientInfo, Outcome, Policy};
+        use crate::upstream::pool::{ClientInfo, Outcome, Policy};
         let mut a = route("a.example", 1);
         a.pool.policy = Policy::RoundRobin;
         a.pool.connect_attempt_timeout_ms = Some(250);

@@ -1,7 +1,8 @@
-//! Certificates on :443: a per-SNI resolver whose entries are swapped live, loading PEM files,
-//! and a local development CA for the demo and tests.
+//! TLS on :443: the terminating server configuration, a per-SNI resolver whose entries are
+//! swapped live, loading PEM files, and a local development CA for the demo and tests.
 
 use anyhow::{Context, Result};
+use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
@@ -21,7 +22,7 @@ pub type Fallback = Arc<dyn Fn(&str) -> Option<Arc<CertifiedKey>> + Send + Sync>
 #[derive(Default)]
 pub struct CertResolver {
     certs: RwLock<Arc<CertMap>>,
-    fallback: RwLock<Option<Fallback>>,
+    fallback: Option<Fallback>,
 }
 
 impl std::fmt::Debug for CertResolver {
@@ -34,9 +35,10 @@ impl std::fmt::Debug for CertResolver {
 
 impl CertResolver {
     /// Names missing from the map are looked up in `fallback` (files and dev CA win).
-    pub fn set_fallback(&self, fallback: Fallback) {
-        if let Ok(mut g) = self.fallback.write() {
-            *g = Some(fallback);
+    pub fn new(fallback: Option<Fallback>) -> Self {
+        CertResolver {
+            certs: RwLock::default(),
+            fallback,
         }
     }
 
@@ -51,7 +53,7 @@ impl CertResolver {
         if let Some(c) = meshgate_certs::resolver::exact_or_wildcard(&map, name) {
             return Some(c);
         }
-        let fallback = self.fallback.read().ok()?.clone()?;
+        let fallback = self.fallback.as_ref()?;
         fallback(name)
     }
 
@@ -73,6 +75,33 @@ impl ResolvesServerCert for CertResolver {
         let name = hello.server_name()?.to_ascii_lowercase();
         self.get(&name)
     }
+}
+
+/// The server configuration for terminated TLS: certificates from `resolver`, ALPN h2 then
+/// http/1.1, safe default versions.
+pub fn server_config(resolver: Arc<CertResolver>) -> Result<Arc<ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Stateless session tickets (keys rotated every 6 h, never written anywhere): returning
+    // clients resume without a certificate signature, as with nginx's and Caddy's defaults.
+    // Routing is unaffected: it reads the SNI before the handshake.
+    tls.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    Ok(Arc::new(tls))
+}
+
+/// The server configuration answering an ACME TLS-ALPN-01 validation with `cert`.
+pub fn acme_tls_alpn_config(cert: Arc<CertifiedKey>) -> Result<Arc<ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Always(cert)));
+    config.alpn_protocols = vec![b"acme-tls/1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Serves one certificate whatever the name (TLS-ALPN-01 challenge connections).

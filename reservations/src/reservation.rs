@@ -666,6 +666,9 @@ mod tests {
         );
         assert_eq!(route.pool.validate(), Ok(()));
         r.options.sticky = false;
-        assert_eq!(r.to_route(FARM).unwrap().pool.policy, PoolPolicy::LeastLoaded);
+        assert_eq!(
+            r.to_route(FARM).unwrap().pool.policy,
+            PoolPolicy::LeastLoaded
+        );
     }
 }

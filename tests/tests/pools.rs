@@ -1,6 +1,6 @@
 //! Backend pools end to end on loopback: three real HTTP workloads behind one route.
 //!
-//! Most tests run the real gateway (`meshgate_gateway::server::Gateway`, the code behind
+//! Most tests run the real gateway (`meshgate::app::gateway`, the code behind
 //! `meshgate gateway`, in process so the test can read the route's pool status) with a plain
 //! HTTP route on a loopback listener; one puts the three workloads behind their own overlay
 //! nodes, reached through the gateway's embedded node. Per-route pool settings come from the
@@ -14,12 +14,13 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshgate::app::{self, GatewaySetup};
 use meshgate_config::gateway::GatewayConfig;
 use meshgate_config::route::Backend;
-use meshgate_gateway::dial::{Dialer, DirectDialer};
-use meshgate_gateway::overlay::EmbeddedNode;
-use meshgate_gateway::pool::{ClientInfo, Policy, Pool, PoolConfig, PoolError};
-use meshgate_gateway::server::Gateway;
+use meshgate_gateway::Gateway;
+use meshgate_gateway::upstream::dial::DirectDialer;
+use meshgate_gateway::upstream::overlay::EmbeddedNode;
+use meshgate_gateway::upstream::pool::{ClientInfo, Policy, Pool, PoolConfig, PoolError};
 use meshgate_overlay::NodeConfig;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -241,20 +242,14 @@ impl RealGateway {
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, &text).expect("write config");
         let config = GatewayConfig::parse(&path, &text).expect("valid gateway.toml");
-        let node = match &config.overlay {
-            Some(o) => Some(EmbeddedNode::start(o).await.expect("embedded overlay node")),
-            None => None,
-        };
-        let dialer = node
-            .as_ref()
-            .map(|n| Arc::new(n.dialer()) as Arc<dyn Dialer>);
-        let gateway = Gateway::new(
-            config,
-            Some(path),
-            dialer,
-            meshgate_overlay::is_overlay_address,
-        )
+        let app = app::gateway(GatewaySetup {
+            config_path: Some(path),
+            ..GatewaySetup::new(config)
+        })
+        .await
         .expect("gateway");
+        let gateway = app.gateway.clone();
+        let node = app.node;
         let bound = gateway.bind().expect("bind");
         let http = bound.http[0].local_addr().expect("addr");
         let g = gateway.clone();
@@ -272,7 +267,7 @@ impl RealGateway {
 
     /// The pool the gateway built for the route.
     fn pool(&self) -> Arc<Pool> {
-        let entry = self.gateway.inner().routes().lookup(HOST).expect("route");
+        let entry = self.gateway.routes().lookup(HOST).expect("route");
         entry.pool.clone()
     }
 }

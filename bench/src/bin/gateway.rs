@@ -100,14 +100,7 @@ fn ensure_tools() -> Result<()> {
 /// Builds the release `meshgate` binary.
 fn build_meshgate() -> Result<()> {
     let status = Command::new("cargo")
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "meshgate-gateway",
-            "--bin",
-            "meshgate",
-        ])
+        .args(["build", "--release", "-p", "meshgate", "--bin", "meshgate"])
         .current_dir(workspace_root())
         .status()?;
     if !status.success() {

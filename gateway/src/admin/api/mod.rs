@@ -1,0 +1,220 @@
+//! The reservations admin API (`/v1/…`, JSON over HTTP), described in `docs/admin-api.yaml`.
+//!
+//! The farmer's admin token creates deployer tokens; a deployer creates, lists, updates and
+//! deletes only its own name and domain reservations. The handler is mounted by the admin
+//! listener (which also serves `/metrics`); [`serve`] runs it alone on a listener.
+
+mod body;
+mod error;
+mod reservations;
+mod tokens;
+
+pub use error::ApiError;
+
+use bytes::Bytes;
+use error::json_response;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use meshgate_reservations::reservation::Policy;
+use meshgate_reservations::store::{ReservationStore, SharedStore};
+use meshgate_reservations::token::{AdminToken, parse_token};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// What the API needs besides the store and the admin token.
+#[derive(Debug, Clone, Default)]
+pub struct ApiConfig {
+    /// Reserved labels and backend rules.
+    pub policy: Policy,
+    /// The gateway's public addresses, shown to deployers as an alternative to a CNAME.
+    pub gateway_addrs: Vec<IpAddr>,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Caller {
+    Admin,
+    Deployer(String),
+}
+
+impl Caller {
+    fn may_act_for(&self, owner: &str) -> bool {
+        match self {
+            Caller::Admin => true,
+            Caller::Deployer(me) => me == owner,
+        }
+    }
+}
+
+/// The admin API handler.
+pub struct Api {
+    store: SharedStore,
+    admin: AdminToken,
+    cfg: ApiConfig,
+}
+
+impl Api {
+    pub fn new(store: SharedStore, admin: AdminToken, cfg: ApiConfig) -> Self {
+        Api { store, admin, cfg }
+    }
+
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+
+    /// Handles one request under `/v1/`; anything else is a JSON 404.
+    pub async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        self.handle_request(req).await
+    }
+
+    /// [`Api::handle`] for any request body type.
+    pub async fn handle_request<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        match self.dispatch(req).await {
+            Ok(resp) => resp,
+            Err(e) => e.into_response(),
+        }
+    }
+
+    async fn dispatch<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, ApiError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let path = req.uri().path().to_string();
+        let Some(rest) = path.strip_prefix("/v1/") else {
+            return Err(ApiError::not_found("path", format!("no API at {path}")));
+        };
+        let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        let method = req.method().clone();
+        let caller = self.authenticate(&req).await?;
+        let body = req.into_body();
+        use reservations::Which::{Domains, Names};
+        match (segments.as_slice(), &method) {
+            (["whoami"], &Method::GET) => Ok(whoami(&caller)),
+            (["tokens"], &Method::POST) => tokens::create(self, &caller, body).await,
+            (["tokens"], &Method::GET) => tokens::list(self, &caller).await,
+            (["tokens", id], &Method::DELETE) => tokens::delete(self, &caller, id).await,
+            (["names"], &Method::GET) => reservations::list(self, &caller, Names).await,
+            (["names"], &Method::POST) => reservations::create(self, &caller, Names, body).await,
+            (["names", n], &Method::GET) => reservations::get(self, &caller, Names, n).await,
+            (["names", n], &Method::PUT) => {
+                reservations::update(self, &caller, Names, n, body).await
+            }
+            (["names", n], &Method::DELETE) => reservations::delete(self, &caller, Names, n).await,
+            (["domains"], &Method::GET) => reservations::list(self, &caller, Domains).await,
+            (["domains"], &Method::POST) => {
+                reservations::create(self, &caller, Domains, body).await
+            }
+            (["domains", d], &Method::GET) => reservations::get(self, &caller, Domains, d).await,
+            (["domains", d], &Method::PUT) => {
+                reservations::update(self, &caller, Domains, d, body).await
+            }
+            (["domains", d], &Method::DELETE) => {
+                reservations::delete(self, &caller, Domains, d).await
+            }
+            (["domains", d, "verify"], &Method::POST) => {
+                reservations::verify_now(self, &caller, d).await
+            }
+            (["whoami" | "tokens" | "names" | "domains", ..], _) if known_path(&segments) => {
+                Err(ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method",
+                    format!("{method} is not allowed on {path}"),
+                ))
+            }
+            _ => Err(ApiError::not_found("path", format!("no API at {path}"))),
+        }
+    }
+
+    /// `Authorization: Bearer <token>`: the admin token, or a stored deployer token.
+    async fn authenticate<B>(&self, req: &Request<B>) -> Result<Caller, ApiError> {
+        let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+            return Err(ApiError::unauthorized(
+                "missing `Authorization: Bearer <token>` header",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| ApiError::unauthorized("expected `Authorization: Bearer <token>`"))?;
+        if self.admin.matches(token) {
+            return Ok(Caller::Admin);
+        }
+        let invalid = || ApiError::unauthorized("unknown or revoked token");
+        let parsed = parse_token(token).ok_or_else(invalid)?;
+        let id = parsed.id.to_string();
+        let stored = self.blocking(move |s| s.token(&id)).await??;
+        match stored {
+            Some(t) if parsed.matches(&t.hash) => Ok(Caller::Deployer(t.owner)),
+            _ => Err(invalid()),
+        }
+    }
+
+    /// Runs a store call off the async threads (redb commits fsync).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn ReservationStore) -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&*store))
+            .await
+            .map_err(|e| {
+                tracing::error!("admin API store task failed: {e}");
+                ApiError::internal()
+            })
+    }
+}
+
+fn known_path(segments: &[&str]) -> bool {
+    matches!(
+        segments,
+        ["whoami"]
+            | ["tokens"]
+            | ["tokens", _]
+            | ["names"]
+            | ["names", _]
+            | ["domains"]
+            | ["domains", _]
+            | ["domains", _, "verify"]
+    )
+}
+
+fn whoami(caller: &Caller) -> Response<Full<Bytes>> {
+    let body = match caller {
+        Caller::Admin => serde_json::json!({"role": "admin"}),
+        Caller::Deployer(owner) => serde_json::json!({"role": "deployer", "owner": owner}),
+    };
+    json_response(StatusCode::OK, &body)
+}
+
+/// Serves the API alone on `listener` (HTTP/1.1) until this future is dropped, which also
+/// closes its connections. The gateway's admin listener mounts [`handler`] instead, next to
+/// `/metrics`.
+pub async fn serve(api: Arc<Api>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => accepted?.0,
+            Some(_) = connections.join_next() => continue,
+        };
+        let api = api.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("admin API connection: {e}");
+            }
+        });
+    }
+}

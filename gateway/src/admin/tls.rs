@@ -1,0 +1,75 @@
+//! TLS for the admin listener (`[admin] tls`): a certificate from files or issued by the dev
+//! CA, HTTP/1.1 only.
+
+use crate::tls::{Always, DevCa, load_pem_files};
+use anyhow::{Context, Result};
+use meshgate_config::gateway::GatewayConfig;
+use std::sync::Arc;
+use tokio_rustls::TlsAcceptor;
+
+/// The admin listener's TLS acceptor from `[admin] tls`, or `None` for plain HTTP.
+pub(crate) fn acceptor(
+    config: &GatewayConfig,
+    dev_ca: Option<&DevCa>,
+) -> Result<Option<TlsAcceptor>> {
+    let Some(t) = &config.admin.tls else {
+        return Ok(None);
+    };
+    let cert = match (&t.cert, &t.key) {
+        (Some(cert), Some(key)) => {
+            warn_if_readable_by_others(key);
+            load_pem_files(cert, key)
+                .context("admin.tls: cannot load the admin certificate")?
+                .1
+        }
+        _ => {
+            let ca = dev_ca.context("admin.tls.dev_ca needs a [tls.dev_ca] table")?;
+            ca.issue(&dev_ca_names(config))
+                .context("admin.tls: cannot issue the admin certificate from the dev CA")?
+        }
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Always(cert)));
+    // The admin server speaks HTTP/1.1 only.
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(tls))))
+}
+
+/// Private keys are secrets (mode 0600); say so when the file is open to group or others.
+fn warn_if_readable_by_others(key: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(key)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            file = %key.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "admin TLS key is readable by group or others; chmod 600 it"
+        );
+    }
+}
+
+/// Names on a dev-CA admin certificate: the configured ones, else the listen address (both
+/// loopbacks when it is a wildcard) and `localhost`.
+fn dev_ca_names(config: &GatewayConfig) -> Vec<String> {
+    let names = config
+        .admin
+        .tls
+        .as_ref()
+        .map(|t| t.names.clone())
+        .unwrap_or_default();
+    if !names.is_empty() {
+        return names;
+    }
+    let ip = config.admin.listen.ip();
+    let mut names = if ip.is_unspecified() {
+        vec!["127.0.0.1".to_string(), "::1".to_string()]
+    } else {
+        vec![ip.to_string()]
+    };
+    names.push("localhost".into());
+    names
+}

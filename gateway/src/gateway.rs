@@ -1,0 +1,221 @@
+//! Assembly: a [`Gateway`] is built once from [`GatewayParts`], every dependency given up
+//! front, then bound and served. Nothing is set on it afterwards.
+
+use crate::admin::api::Api;
+use crate::admin::overlay::OverlayObserver;
+use crate::listen::{self, Bound};
+use crate::observe::metrics::Metrics;
+use crate::routes::RouteTable;
+use crate::state::{Shared, SharedParts};
+use crate::tls::{CertResolver, DevCa};
+use crate::upstream::clients::Clients;
+use crate::upstream::connector::{DialConnector, GatewayDialer};
+use crate::upstream::dial::Dialer;
+use anyhow::Result;
+use meshgate_certs::CertManager;
+use meshgate_config::gateway::GatewayConfig;
+use meshgate_config::route::Route;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// Everything a gateway is made of.
+pub struct GatewayParts {
+    pub config: GatewayConfig,
+    /// The file `reload` re-reads; `None` for a gateway assembled from a value.
+    pub config_path: Option<PathBuf>,
+    /// The embedded overlay node; `None` sends every backend through the host network.
+    pub overlay: Option<OverlayParts>,
+    /// The reservations API and the routes it reserves.
+    pub reservations: Option<ReservationParts>,
+    /// The ACME certificate manager: challenges answered, certificates served, status shown.
+    pub certs: Option<Arc<CertManager>>,
+}
+
+impl GatewayParts {
+    /// A gateway with nothing but its configuration.
+    pub fn new(config: GatewayConfig) -> Self {
+        GatewayParts {
+            config,
+            config_path: None,
+            overlay: None,
+            reservations: None,
+            certs: None,
+        }
+    }
+}
+
+/// The overlay as the gateway sees it: a dialer for overlay addresses and, for the admin
+/// listener, the node's status.
+pub struct OverlayParts {
+    pub dialer: Arc<dyn Dialer>,
+    /// Which backend addresses belong to the overlay.
+    pub is_overlay: fn(&IpAddr) -> bool,
+    pub observer: Option<OverlayObserver>,
+}
+
+pub struct ReservationParts {
+    pub api: Arc<Api>,
+    /// The reserved routes, merged with the static ones on every change.
+    pub routes: watch::Receiver<Arc<Vec<Route>>>,
+}
+
+/// A configured gateway, ready to bind and serve.
+#[derive(Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl Gateway {
+    pub fn new(parts: GatewayParts) -> Result<Self> {
+        let GatewayParts {
+            config,
+            config_path,
+            overlay,
+            reservations,
+            certs,
+        } = parts;
+        let dev_ca = match &config.tls.dev_ca {
+            Some(d) => Some(DevCa::open(&d.dir)?),
+            None => None,
+        };
+        let admin_tls = crate::admin::tls::acceptor(&config, dev_ca.as_ref())?;
+        let fallback = certs.as_ref().map(|m| {
+            let managed = m.resolver();
+            Arc::new(move |name: &str| managed.lookup(name)) as crate::tls::Fallback
+        });
+        let resolver = Arc::new(CertResolver::new(fallback));
+        let tls = crate::tls::server_config(resolver.clone())?;
+        let (overlay_dialer, is_overlay, observer) = match overlay {
+            Some(o) => (Some(o.dialer), o.is_overlay, o.observer),
+            None => (None, (|_: &IpAddr| false) as fn(&IpAddr) -> bool, None),
+        };
+        let mut own: Vec<IpAddr> = crate::upstream::ssrf::interface_addresses();
+        own.extend(
+            config
+                .listen
+                .https
+                .iter()
+                .chain(&config.listen.http)
+                .map(|a| a.ip())
+                .filter(|ip| !ip.is_unspecified()),
+        );
+        let dialer = Arc::new(GatewayDialer {
+            overlay: overlay_dialer,
+            is_overlay,
+            allow_private: config.security.allow_private_backends.into(),
+            own_addresses: own,
+        });
+        let connector = DialConnector {
+            dialer: dialer.clone() as Arc<dyn Dialer>,
+            // Each request bounds its connect attempts by its route's pool settings, which may
+            // exceed `[timeouts] connect_ms`; this only caps a connect that nothing else bounds.
+            connect_timeout: std::time::Duration::from_secs(60),
+        };
+        let metrics = Metrics::new(|registry| {
+            if let Some(o) = &observer {
+                registry.register_collector(Box::new(o.clone()));
+            }
+            if let Some(m) = &certs {
+                m.register_metrics(registry);
+            }
+        });
+        let (api, reserved) = match reservations {
+            Some(r) => (Some(r.api), Some(r.routes)),
+            None => (None, None),
+        };
+        let follow = reserved.clone();
+        let shared = Arc::new(Shared::new(SharedParts {
+            config,
+            config_path,
+            reserved,
+            resolver,
+            dev_ca,
+            tls,
+            clients: Clients::new(connector),
+            dialer,
+            metrics,
+            certs,
+            api,
+            admin_tls,
+            overlay: observer,
+        })?);
+        if let Some(rx) = follow {
+            follow_reserved_routes(Arc::downgrade(&shared), rx);
+        }
+        Ok(Gateway { shared })
+    }
+
+    /// Re-reads the config file and applies it; returns the number of routes.
+    pub fn reload(&self) -> Result<usize> {
+        self.shared.reload()
+    }
+
+    /// Applies `config` as a reload would.
+    pub fn apply(&self, config: GatewayConfig) -> Result<usize> {
+        self.shared.apply(config)
+    }
+
+    /// The route table now.
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.shared.routes()
+    }
+
+    /// Every route table from now on (the current one first).
+    pub fn watch_routes(&self) -> watch::Receiver<Arc<RouteTable>> {
+        self.shared.routes.subscribe()
+    }
+
+    /// Names a certificate is served for from the gateway's own map (files, dev CA, ACME).
+    pub fn certificate_names(&self) -> Vec<String> {
+        self.shared.resolver.names()
+    }
+
+    /// Binds every configured listener (dual-stack on `[::]`).
+    pub fn bind(&self) -> Result<Bound> {
+        let c = self.shared.config();
+        Bound::new(&c.listen.https, &c.listen.http, c.admin.listen)
+    }
+
+    /// Binds the given HTTPS listeners and the configured admin listener (no plain HTTP).
+    pub fn bind_listeners(&self, https: &[SocketAddr]) -> Result<Bound> {
+        let c = self.shared.config();
+        Bound::new(https, &[], c.admin.listen)
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn serve(&self, bound: Bound, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let control: Arc<dyn crate::admin::Control> = Arc::new(self.clone());
+        let mut tasks = tokio::task::JoinSet::new();
+        listen::spawn_all(&mut tasks, &self.shared, control, bound);
+        shutdown.await;
+        tasks.abort_all();
+        Ok(())
+    }
+}
+
+impl crate::admin::Control for Gateway {
+    fn reload(&self) -> Result<usize> {
+        self.shared.reload()
+    }
+}
+
+/// Rebuilds the table on every change of the reserved routes, while the gateway lives.
+fn follow_reserved_routes(
+    shared: std::sync::Weak<Shared>,
+    mut rx: watch::Receiver<Arc<Vec<Route>>>,
+) {
+    tokio::spawn(async move {
+        rx.mark_unchanged();
+        while rx.changed().await.is_ok() {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            if let Err(e) = shared.rebuild() {
+                tracing::error!(error = %format!("{e:#}"), "cannot apply reserved routes");
+            }
+        }
+    });
+}

@@ -1,0 +1,75 @@
+//! HTTP on a client connection: the hyper server (HTTP/1.1 and h2, header and size limits,
+//! idle watchdog), ACME HTTP-01 answers on plain HTTP ([`acme`]), and the proxy ([`proxy`]).
+
+pub(crate) mod acme;
+pub(crate) mod body;
+pub(crate) mod proxy;
+
+use crate::io::Activity;
+use crate::state::Shared;
+use http::Request;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Who is on the other side of a client connection.
+#[derive(Clone)]
+pub(crate) struct ConnInfo {
+    pub client: SocketAddr,
+    /// `https` or `http`: what the client used.
+    pub proto: &'static str,
+    pub activity: Activity,
+    /// The connection's span: h2 streams run on tasks of their own, so each request's span
+    /// names it as parent explicitly.
+    pub span: tracing::Span,
+}
+
+/// Serves HTTP/1.1 (and h2 when negotiated) on a client connection until it closes or idles.
+pub(crate) async fn serve<S>(shared: &Arc<Shared>, io: S, ci: ConnInfo, h2: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.timeouts.header())
+        .max_buf_size(shared.limits.max_header_bytes.max(8192))
+        .max_headers(shared.limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(shared.limits.max_header_bytes).unwrap_or(u32::MAX))
+        // No extended CONNECT (RFC 8441): browsers then open WebSockets over HTTP/1.1,
+        // which the proxy tunnels.
+        .max_concurrent_streams(256);
+    let builder = if h2 { builder.http2_only() } else { builder };
+    let activity = ci.activity.clone();
+    let svc_shared = shared.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let shared = svc_shared.clone();
+        let ci = ci.clone();
+        async move {
+            if ci.proto == "http"
+                && let Some(resp) = acme::http01(&shared, &req)
+            {
+                return Ok(resp);
+            }
+            proxy::handle(shared, req, ci).await
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::select! {
+        r = conn => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+        }
+        _ = activity.idle(shared.timeouts.idle()) => {
+            tracing::debug!("client connection idle, closing");
+        }
+    }
+}

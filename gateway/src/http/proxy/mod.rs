@@ -1,0 +1,138 @@
+//! The HTTP proxy for terminated TLS (and plain-HTTP routes on :80). A request goes through
+//! named phases over its [`RequestContext`], each in its own module:
+//!
+//! 1. [`route`]: pick the route by host (or answer 400, 404, or a redirect to HTTPS);
+//! 2. [`request`]: build the upstream request (pure: hop-by-hop removal, forwarding headers);
+//! 3. [`connect`]: pick a backend and send, with retries, each attempt's timeout an argument;
+//! 4. [`error`]: the response when no backend answered;
+//! 5. [`response`]: the backend's response to the client (upgrades become tunnels);
+//! 6. [`crate::observe::log`]: metrics and the access log, shared with passthrough streams.
+
+mod body;
+mod connect;
+mod error;
+mod request;
+mod response;
+mod route;
+
+use super::ConnInfo;
+use super::body::Body;
+use crate::observe::log::{self, Outcome};
+use crate::observe::metrics::RouteLabel;
+use crate::state::Shared;
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use route::Picked;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::Instrument;
+
+/// What the phases share about one request.
+pub(crate) struct RequestContext {
+    pub(crate) start: Instant,
+    pub(crate) method: Method,
+    pub(crate) path: String,
+    pub(crate) conn: ConnInfo,
+}
+
+/// Serves one request arriving on a client connection, in a span of its own that the phases
+/// fill with route and backend.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    conn: ConnInfo,
+) -> Result<Response<Body>, Infallible> {
+    let span = tracing::info_span!(
+        parent: &conn.span,
+        "request",
+        route = tracing::field::Empty,
+        backend = tracing::field::Empty
+    );
+    Ok(phases(&shared, req, conn).instrument(span).await)
+}
+
+async fn phases(shared: &Shared, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    let cx = RequestContext {
+        start: Instant::now(),
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+        conn,
+    };
+    let (route, host, resp) = match route::pick(shared, &req, &cx.conn) {
+        Picked::Refused(resp) => return resp,
+        Picked::Answer { route, host, resp } => (route, host, resp),
+        Picked::Forward(entry, host) => {
+            tracing::Span::current().record("route", entry.route.host.as_str());
+            let resp = forward(shared, &entry, req, &cx, &host).await;
+            (entry.route.host.as_str().to_owned(), host, resp)
+        }
+    };
+    log::finished(
+        &shared.metrics,
+        &route,
+        cx.start.elapsed(),
+        Outcome::Response {
+            status: resp.status(),
+            host: &host,
+            method: &cx.method,
+            path: &cx.path,
+        },
+    );
+    let out = shared
+        .metrics
+        .bytes_out
+        .get_or_create(&RouteLabel { route })
+        .clone();
+    resp.map(|b| {
+        b.map_frame(move |f| {
+            if let Some(d) = f.data_ref() {
+                out.inc_by(d.len() as u64);
+            }
+            f
+        })
+        .boxed()
+    })
+}
+
+/// Phases 2–5 for a request that has a route.
+async fn forward(
+    shared: &Shared,
+    entry: &crate::routes::RouteEntry,
+    req: Request<Incoming>,
+    cx: &RequestContext,
+    host: &str,
+) -> Response<Body> {
+    let route = &entry.route;
+    let upstream = request::build(req, &cx.conn, host, route.options.backend_protocol);
+    let client_upgrade = upstream.client_upgrade;
+    let bytes_in = shared
+        .metrics
+        .bytes_in
+        .get_or_create(&RouteLabel {
+            route: route.host.as_str().to_owned(),
+        })
+        .clone();
+    let body = body::LentBody::new(
+        upstream
+            .body
+            .map_frame(move |f| {
+                if let Some(d) = f.data_ref() {
+                    bytes_in.inc_by(d.len() as u64);
+                }
+                f
+            })
+            .boxed(),
+    );
+    match connect::send(shared, entry, &upstream.head, &body, &cx.conn).await {
+        Ok((resp, lease)) => response::relay(
+            resp,
+            client_upgrade,
+            &cx.conn,
+            shared.timeouts.idle(),
+            lease,
+        ),
+        Err(failure) => error::response(failure),
+    }
+}

@@ -1,0 +1,63 @@
+//! Phase 5, the backend's response to the client: hop-by-hop headers removed, the body
+//! streamed with the backend's slot held until it ends, and an accepted upgrade turned into a
+//! tunnel between the two upgraded connections.
+
+use super::error;
+use super::request::strip_hop_by_hop;
+use crate::http::ConnInfo;
+use crate::http::body::{Body, empty};
+use crate::upstream::pool::Lease;
+use http::{Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use std::time::Duration;
+use tracing::Instrument;
+
+pub(crate) fn relay(
+    mut resp: Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    conn: &ConnInfo,
+    idle: Duration,
+    lease: Lease,
+) -> Response<Body> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return error::unexpected_upgrade();
+        };
+        let backend_upgrade = hyper::upgrade::on(&mut resp);
+        let activity = conn.activity.clone();
+        let tunnel = async move {
+            // The lease (the backend's in-flight slot) lives as long as the tunnel.
+            let _lease = lease;
+            let (c, b) = match tokio::join!(client_upgrade, backend_upgrade) {
+                (Ok(c), Ok(b)) => (c, b),
+                _ => return,
+            };
+            let mut c = TokioIo::new(c);
+            let mut b = TokioIo::new(b);
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut c, &mut b) => {
+                    if let Ok((up, down)) = r {
+                        tracing::debug!(up, down, "upgraded stream closed");
+                    }
+                }
+                _ = activity.idle(idle) => {
+                    tracing::debug!("upgraded stream idle, closing");
+                }
+            }
+        };
+        tokio::spawn(tunnel.in_current_span());
+        let (parts, _) = resp.into_parts();
+        return Response::from_parts(parts, empty());
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::TE);
+    // The lease is released when the response body ends (or the client goes away).
+    let body = body.map_frame(move |f| {
+        let _ = &lease;
+        f
+    });
+    Response::from_parts(parts, body.boxed())
+}

@@ -1,0 +1,124 @@
+//! Prometheus metrics served on the admin listener: the gateway's own families, the backend
+//! pools' and whatever the assembly adds (overlay node, certificate manager) at construction.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RequestLabel {
+    pub route: String,
+    /// `2xx`, `3xx`, `4xx`, `5xx`, or `stream` for passthrough connections.
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ErrorLabel {
+    pub route: String,
+    pub kind: String,
+}
+
+type HistogramFamily = Family<RouteLabel, Histogram, fn() -> Histogram>;
+
+pub(crate) struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabel, Counter>,
+    pub bytes_in: Family<RouteLabel, Counter>,
+    pub bytes_out: Family<RouteLabel, Counter>,
+    pub errors: Family<ErrorLabel, Counter>,
+    pub latency: HistogramFamily,
+    pub connections: Gauge,
+    pub handshakes: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new(|_| {})
+    }
+}
+
+impl Metrics {
+    /// The gateway's metrics; `extra` adds other components' to the same registry.
+    pub(crate) fn new(extra: impl FnOnce(&mut Registry)) -> Self {
+        let mut root = Registry::default();
+        // Backend-pool metrics carry their own `meshgate_pool_` names.
+        crate::upstream::pool::register_metrics(&mut root);
+        let registry = root.sub_registry_with_prefix("meshgate");
+        let requests = Family::<RequestLabel, Counter>::default();
+        let bytes_in = Family::<RouteLabel, Counter>::default();
+        let bytes_out = Family::<RouteLabel, Counter>::default();
+        let errors = Family::<ErrorLabel, Counter>::default();
+        let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        let connections = Gauge::default();
+        let handshakes = Counter::default();
+        registry.register(
+            "requests",
+            "HTTP requests (and passthrough streams) per route and status class",
+            requests.clone(),
+        );
+        registry.register(
+            "received_bytes",
+            "Bytes received from clients per route",
+            bytes_in.clone(),
+        );
+        registry.register(
+            "sent_bytes",
+            "Bytes sent to clients per route",
+            bytes_out.clone(),
+        );
+        registry.register("errors", "Errors per route and kind", errors.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Time to the backend's response head (HTTP) or stream length (passthrough)",
+            latency.clone(),
+        );
+        registry.register(
+            "client_connections",
+            "Open client connections",
+            connections.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "Completed TLS handshakes",
+            handshakes.clone(),
+        );
+        extra(&mut root);
+        Metrics {
+            registry: root,
+            requests,
+            bytes_in,
+            bytes_out,
+            errors,
+            latency,
+            connections,
+            handshakes,
+        }
+    }
+
+    pub(crate) fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub(crate) fn error(&self, route: &str, kind: &str) {
+        self.errors
+            .get_or_create(&ErrorLabel {
+                route: route.to_string(),
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,203 @@
+//! The state every connection reads, assembled once by [`crate::Gateway`]. Immutable after
+//! assembly except what is meant to change, each swapped whole: the configuration (reload),
+//! the route table, the certificate map and the SSRF switch. Connections already open keep
+//! the snapshot they took.
+
+use crate::admin::api::Api;
+use crate::admin::overlay::OverlayObserver;
+use crate::observe::metrics::Metrics;
+use crate::routes::{PoolFactory, RouteTable};
+use crate::tls::{CertMap, CertResolver, DevCa};
+use crate::upstream::clients::Clients;
+use crate::upstream::connector::GatewayDialer;
+use crate::upstream::dial::Dialer;
+use anyhow::{Context, Result};
+use meshgate_certs::CertManager;
+use meshgate_config::gateway::{GatewayConfig, Limits, Timeouts};
+use meshgate_config::route::{Mode, Route};
+use rustls::ServerConfig;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+use tokio::sync::watch;
+
+pub(crate) struct Shared {
+    pub(crate) config_path: Option<PathBuf>,
+    config: RwLock<Arc<GatewayConfig>>,
+    /// Routes from the reservations store, merged with the static ones on each rebuild.
+    pub(crate) reserved: Option<watch::Receiver<Arc<Vec<Route>>>>,
+    /// The current route table; subscribers (the certificate follower) see every new one.
+    pub(crate) routes: watch::Sender<Arc<RouteTable>>,
+    pub(crate) resolver: Arc<CertResolver>,
+    dev_ca: Option<DevCa>,
+    /// Terminating TLS on :443 (resolver above; ALPN h2 and http/1.1; stateless tickets).
+    pub(crate) tls: Arc<ServerConfig>,
+    pub(crate) clients: Clients,
+    pub(crate) dialer: Arc<GatewayDialer>,
+    pub(crate) metrics: Metrics,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) limits: Limits,
+    /// The ACME certificate manager: challenges, managed certificates, their status.
+    pub(crate) certs: Option<Arc<CertManager>>,
+    /// The reservations API mounted under `/v1/` on the admin listener.
+    pub(crate) api: Option<Arc<Api>>,
+    pub(crate) started: Instant,
+    /// `[admin] tls`: the admin listener's TLS (fixed until restart).
+    pub(crate) admin_tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The embedded overlay node, shown in `/status` and `/metrics`.
+    pub(crate) overlay: Option<OverlayObserver>,
+}
+
+/// What [`Shared::new`] is built from (the parts of [`crate::GatewayParts`] it keeps).
+pub(crate) struct SharedParts {
+    pub(crate) config: GatewayConfig,
+    pub(crate) config_path: Option<PathBuf>,
+    pub(crate) reserved: Option<watch::Receiver<Arc<Vec<Route>>>>,
+    pub(crate) resolver: Arc<CertResolver>,
+    pub(crate) dev_ca: Option<DevCa>,
+    pub(crate) tls: Arc<ServerConfig>,
+    pub(crate) clients: Clients,
+    pub(crate) dialer: Arc<GatewayDialer>,
+    pub(crate) metrics: Metrics,
+    pub(crate) certs: Option<Arc<CertManager>>,
+    pub(crate) api: Option<Arc<Api>>,
+    pub(crate) admin_tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) overlay: Option<OverlayObserver>,
+}
+
+impl Shared {
+    /// Builds the state and its first route table and certificate map.
+    pub(crate) fn new(p: SharedParts) -> Result<Self> {
+        let shared = Shared {
+            config_path: p.config_path,
+            timeouts: p.config.timeouts.clone(),
+            limits: p.config.limits.clone(),
+            config: RwLock::new(Arc::new(p.config)),
+            reserved: p.reserved,
+            routes: watch::Sender::new(Arc::default()),
+            resolver: p.resolver,
+            dev_ca: p.dev_ca,
+            tls: p.tls,
+            clients: p.clients,
+            dialer: p.dialer,
+            metrics: p.metrics,
+            certs: p.certs,
+            api: p.api,
+            started: Instant::now(),
+            admin_tls: p.admin_tls,
+            overlay: p.overlay,
+        };
+        shared.rebuild()?;
+        Ok(shared)
+    }
+
+    /// The route table now (a connection or request keeps the one it took).
+    pub(crate) fn routes(&self) -> Arc<RouteTable> {
+        self.routes.borrow().clone()
+    }
+
+    pub(crate) fn config(&self) -> Arc<GatewayConfig> {
+        self.config
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Rebuilds the route table and certificates from the current config and reservations.
+    pub(crate) fn rebuild(&self) -> Result<()> {
+        let config = self.config();
+        let reserved = self
+            .reserved
+            .as_ref()
+            .map(|r| r.borrow().clone())
+            .unwrap_or_default();
+        let pools = PoolFactory {
+            dialer: self.dialer.clone() as Arc<dyn Dialer>,
+            // Each route's `[route.pool]`; unset connect timeouts come from `[timeouts]`.
+            connect_ms: self.timeouts.connect_ms,
+            previous: Some(self.routes()),
+        };
+        let table = RouteTable::build_with(&config.routes, &reserved, &pools);
+        let certs = self.build_certs(&config, &table)?;
+        self.resolver.replace(certs);
+        self.routes.send_replace(Arc::new(table));
+        Ok(())
+    }
+
+    fn build_certs(&self, config: &GatewayConfig, table: &RouteTable) -> Result<CertMap> {
+        let old = self.resolver.snapshot();
+        let mut map = CertMap::new();
+        if let Some(ca) = &self.dev_ca {
+            let mut names: Vec<String> = table
+                .entries()
+                .filter(|e| e.route.mode == Mode::Terminate)
+                .map(|e| e.route.host.to_string())
+                .collect();
+            for d in &config.domains {
+                names.push(d.to_string());
+                names.push(format!("*.{d}"));
+            }
+            for n in names {
+                let cert = match old.get(&n) {
+                    Some(c) => c.clone(),
+                    None => ca.issue(std::slice::from_ref(&n))?,
+                };
+                map.insert(n, cert);
+            }
+        }
+        for files in &config.tls.certificates {
+            let (names, cert) = crate::tls::load_pem_files(&files.cert, &files.key)?;
+            for n in names {
+                map.insert(n, cert.clone());
+            }
+        }
+        // Names placed by the certificate manager (ACME) survive rebuilds.
+        for (n, c) in old.iter() {
+            map.entry(n.clone()).or_insert_with(|| c.clone());
+        }
+        Ok(map)
+    }
+
+    /// Re-reads the config file and applies routes, certificates and security switches.
+    /// Listener, admin and overlay changes need a restart (logged).
+    pub(crate) fn reload(&self) -> Result<usize> {
+        let path = self
+            .config_path
+            .as_ref()
+            .context("this gateway was started without a config file")?;
+        let new = GatewayConfig::load(path)?;
+        self.apply(new)
+    }
+
+    pub(crate) fn apply(&self, new: GatewayConfig) -> Result<usize> {
+        let old = self.config();
+        if new.listen != old.listen || new.admin != old.admin || new.overlay != old.overlay {
+            tracing::warn!("listener, admin or overlay changes take effect after a restart");
+        }
+        if new.timeouts != old.timeouts || new.limits != old.limits {
+            tracing::warn!("timeout and limit changes take effect after a restart");
+        }
+        if new.reservations != old.reservations {
+            tracing::warn!("[reservations] changes take effect after a restart");
+        }
+        let allow_private = new.security.allow_private_backends;
+        let previous = std::mem::replace(
+            &mut *self.config.write().map_err(|_| anyhow::anyhow!("lock"))?,
+            Arc::new(new),
+        );
+        if let Err(e) = self.rebuild() {
+            if let Ok(mut c) = self.config.write() {
+                *c = previous;
+            }
+            return Err(e);
+        }
+        // Only a config that applied may relax the SSRF guard.
+        self.dialer
+            .allow_private
+            .store(allow_private, Ordering::Relaxed);
+        let n = self.routes().len();
+        tracing::info!(routes = n, "configuration applied");
+        Ok(n)
+    }
+}

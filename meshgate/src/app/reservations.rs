@@ -1,0 +1,143 @@
+//! Reservations in a gateway process: the store in `data_dir`, the admin token file, the
+//! custom-domain verifier and the API the admin listener mounts, all from `domains` and
+//! `[reservations]`.
+
+use anyhow::{Context, Result};
+use meshgate_config::gateway::GatewayConfig;
+use meshgate_gateway::admin::api::{Api, ApiConfig};
+use meshgate_reservations::store::SharedStore;
+use meshgate_reservations::store::redb::RedbStore;
+use meshgate_reservations::token::AdminToken;
+use meshgate_reservations::verify::{Verifier, VerifierConfig};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// The store, the API over it and the verifier task (aborted on drop).
+pub struct Reservations {
+    pub store: SharedStore,
+    pub api: Arc<Api>,
+    verifier: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Reservations {
+    fn drop(&mut self) {
+        self.verifier.abort();
+    }
+}
+
+impl Reservations {
+    /// Opens the store for the first of `domains` (none: no reservations), loads or creates
+    /// the admin token (0600) and starts the domain verifier on the current runtime.
+    pub fn start(config: &GatewayConfig) -> Result<Option<Reservations>> {
+        let Some(domain) = config.domains.first() else {
+            return Ok(None);
+        };
+        let token_file = config
+            .admin
+            .token_file
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("admin.token"));
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+        let store: SharedStore = Arc::new(RedbStore::open(&config.data_dir, domain.as_str())?);
+        let (admin, _) = AdminToken::load_or_create(&token_file)?;
+        let verifier =
+            Verifier::new(store.clone(), verifier_config(config, domain.as_str()))?.spawn();
+        let api_config = ApiConfig {
+            gateway_addrs: public_addresses(config),
+            ..Default::default()
+        };
+        let api = Arc::new(Api::new(store.clone(), admin, api_config));
+        tracing::info!(domain = %domain, token_file = %token_file.display(), "reservations enabled");
+        Ok(Some(Reservations {
+            store,
+            api,
+            verifier,
+        }))
+    }
+}
+
+/// The addresses a custom domain may resolve to instead of CNAMEing here: the configured
+/// `reservations.public_addresses`, else the non-wildcard, non-loopback HTTPS listen addresses.
+fn public_addresses(config: &GatewayConfig) -> Vec<IpAddr> {
+    if !config.reservations.public_addresses.is_empty() {
+        return config.reservations.public_addresses.clone();
+    }
+    config
+        .listen
+        .https
+        .iter()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
+        .collect()
+}
+
+/// The custom-domain verifier's settings from `[reservations]`.
+fn verifier_config(config: &GatewayConfig, domain: &str) -> VerifierConfig {
+    let r = &config.reservations;
+    VerifierConfig {
+        nameservers: r.nameservers.clone(),
+        interval: r.interval(),
+        grace: r.grace(),
+        require_certificate: r.require_certificate,
+        timeout: r.query_timeout(),
+        ..VerifierConfig::new(domain, public_addresses(config))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::time::Duration;
+
+    fn parse(text: &str) -> GatewayConfig {
+        GatewayConfig::parse(Path::new("gateway.toml"), text).unwrap()
+    }
+
+    #[test]
+    fn reservations_table_reaches_the_verifier() {
+        let c = parse(
+            "domains = [\"gw.example.org\"]\n[listen]\nhttps = [\"[::]:443\"]\n\
+             [reservations]\nnameservers = [\"127.0.0.1:5353\"]\n\
+             public_addresses = [\"203.0.113.7\", \"2001:db8::7\"]\ninterval_secs = 42\n\
+             grace_secs = 7\nrequire_certificate = true\nquery_timeout_ms = 900\n",
+        );
+        let v = verifier_config(&c, "gw.example.org");
+        assert_eq!(v.gateway_domain, "gw.example.org");
+        assert_eq!(v.nameservers, vec!["127.0.0.1:5353".parse().unwrap()]);
+        assert_eq!(
+            v.gateway_addrs,
+            vec![
+                "203.0.113.7".parse::<IpAddr>().unwrap(),
+                "2001:db8::7".parse().unwrap()
+            ]
+        );
+        assert_eq!(v.interval, Duration::from_secs(42));
+        assert_eq!(v.grace, Duration::from_secs(7));
+        assert!(v.require_certificate);
+        assert_eq!(v.timeout, Duration::from_millis(900));
+    }
+
+    #[test]
+    fn without_reservations_table_listeners_give_the_addresses() {
+        let c =
+            parse("[listen]\nhttps = [\"[::]:443\", \"198.51.100.1:443\", \"127.0.0.1:8443\"]\n");
+        let v = verifier_config(&c, "gw.example.org");
+        assert_eq!(
+            v.gateway_addrs,
+            vec!["198.51.100.1".parse::<IpAddr>().unwrap()]
+        );
+        assert!(v.nameservers.is_empty());
+        assert_eq!(v.interval, Duration::from_secs(300));
+        assert_eq!(v.grace, Duration::from_secs(3600));
+        assert!(!v.require_certificate);
+        // With only `[::]:443`, nothing is known: the CNAME proof is the only one.
+        let c = parse("");
+        assert!(
+            verifier_config(&c, "gw.example.org")
+                .gateway_addrs
+                .is_empty()
+        );
+    }
+}
