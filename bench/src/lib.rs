@@ -1,4 +1,5 @@
-//! Shared helpers for the benchmarks in `bench/src/bin/`: statistics and the report file.
+//! Shared helpers for the benchmarks in `bench/src/bin/`: statistics, the report file and the
+//! network namespace the TUN rows run in.
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +16,7 @@ pub fn median(samples: &mut [f64]) -> f64 {
 }
 
 /// `docs/benchmarks.md` at the workspace root.
-pub fn report_path() -> PathBuf {
+fn report_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md")
 }
 

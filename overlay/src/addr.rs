@@ -12,9 +12,7 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 /// The first byte of every overlay address, with the low bit cleared.
-pub const PREFIX_BYTE: u8 = 0x06;
-/// Prefix length of the overlay range.
-pub const PREFIX_LEN: u8 = 7;
+pub(crate) const PREFIX_BYTE: u8 = 0x06;
 const ADDRESS_LABEL: &[u8] = b"meshgate-overlay-address-v1";
 
 /// The /64 a node owns: the first 8 bytes of its address.
@@ -34,7 +32,7 @@ pub fn is_overlay_v6(ip: &Ipv6Addr) -> bool {
 }
 
 /// The overlay address derived from an ed25519 public key.
-pub fn address_for_key(public_key: &[u8; 32]) -> Ipv6Addr {
+pub(crate) fn address_for_key(public_key: &[u8; 32]) -> Ipv6Addr {
     let mut h = blake3::Hasher::new();
     h.update(ADDRESS_LABEL);
     h.update(public_key);
@@ -54,7 +52,7 @@ pub fn prefix_of(ip: &Ipv6Addr) -> Prefix {
 }
 
 /// The /64 prefix owned by the holder of a public key.
-pub fn prefix_for_key(public_key: &[u8; 32]) -> Prefix {
+pub(crate) fn prefix_for_key(public_key: &[u8; 32]) -> Prefix {
     prefix_of(&address_for_key(public_key))
 }
 

@@ -16,7 +16,7 @@ use crate::wire::{
 };
 
 /// Observer of forwarded packets.
-pub type RelayTap = Box<dyn FnMut(&[u8]) + Send>;
+pub(crate) type RelayTap = Box<dyn FnMut(&[u8]) + Send>;
 
 /// Core tuning.
 #[derive(Debug, Clone)]
@@ -121,7 +121,6 @@ pub struct Counters {
 
 #[derive(Debug, Clone)]
 struct NbrState {
-    key: [u8; 32],
     srtt: Option<u32>,
     cost: u32,
     last_heard: Micros,
@@ -146,13 +145,12 @@ const UNREACHABLE_SOURCES: usize = 1024;
 /// is then handled by routing (retraction, local ICMPv6 error at the origin).
 const UNREACHABLE_IGNORE_IF_HEARD_WITHIN: Micros = 3_000_000;
 
-/// Public view of a neighbor.
+/// A neighbor as the node's status shows it.
 #[derive(Debug, Clone)]
-pub struct NbrView {
-    pub nbr: Nbr,
-    pub key: [u8; 32],
-    pub srtt_us: Option<u32>,
-    pub cost: u32,
+pub(crate) struct NbrView {
+    pub(crate) nbr: Nbr,
+    pub(crate) srtt_us: Option<u32>,
+    pub(crate) cost: u32,
 }
 
 pub struct NodeCore {
@@ -160,10 +158,10 @@ pub struct NodeCore {
     addr: Ipv6Addr,
     prefix: Prefix,
     cfg: CoreConfig,
-    pub router: Router,
-    pub sessions: Sessions,
+    pub(crate) router: Router,
+    pub(crate) sessions: Sessions,
     nbrs: BTreeMap<Nbr, NbrState>,
-    pub counters: Counters,
+    pub(crate) counters: Counters,
     rbuf: Vec<(Nbr, Control)>,
     sbuf: Vec<SessionOut>,
     relay_tap: Option<RelayTap>,
@@ -204,7 +202,7 @@ impl NodeCore {
     }
 
     /// Sees every packet this node forwards for others (tests check relays see ciphertext).
-    pub fn set_relay_tap(&mut self, tap: RelayTap) {
+    pub(crate) fn set_relay_tap(&mut self, tap: RelayTap) {
         self.relay_tap = Some(tap);
     }
 
@@ -212,16 +210,11 @@ impl NodeCore {
         self.addr
     }
 
-    pub fn mtu(&self) -> usize {
-        self.cfg.mtu
-    }
-
-    pub fn neighbors(&self) -> Vec<NbrView> {
+    pub(crate) fn neighbors(&self) -> Vec<NbrView> {
         self.nbrs
             .iter()
             .map(|(n, s)| NbrView {
                 nbr: *n,
-                key: s.key,
                 srtt_us: s.srtt,
                 cost: s.cost,
             })
@@ -245,7 +238,6 @@ impl NodeCore {
         self.nbrs.insert(
             nbr,
             NbrState {
-                key,
                 srtt: None,
                 cost,
                 last_heard: now,
@@ -257,7 +249,7 @@ impl NodeCore {
     }
 
     /// A link closed.
-    pub fn link_down(&mut self, nbr: Nbr, now: Micros, out: &mut Vec<CoreOut>) {
+    pub(crate) fn link_down(&mut self, nbr: Nbr, now: Micros, out: &mut Vec<CoreOut>) {
         if self.nbrs.remove(&nbr).is_some() {
             self.counters.links_down += 1;
             self.router.neighbor_down(nbr, now, &mut self.rbuf);
@@ -323,7 +315,7 @@ impl NodeCore {
     }
 
     /// Any frame arrived on a link (keeps it alive).
-    pub fn heard(&mut self, nbr: Nbr, now: Micros) {
+    pub(crate) fn heard(&mut self, nbr: Nbr, now: Micros) {
         if let Some(st) = self.nbrs.get_mut(&nbr) {
             st.last_heard = now;
         }
@@ -563,7 +555,7 @@ impl NodeCore {
     }
 
     /// Snapshot of counters including routing's.
-    pub fn counters(&self) -> Counters {
+    pub(crate) fn counters(&self) -> Counters {
         let mut c = self.counters.clone();
         c.routing = self.router.counters.clone();
         c.sessions_established = self.sessions.established;
@@ -572,7 +564,7 @@ impl NodeCore {
 }
 
 /// (src, dst) of a well-formed IPv6 packet no larger than `mtu`.
-pub fn parse_ipv6(p: &[u8], mtu: usize) -> Option<(Ipv6Addr, Ipv6Addr)> {
+pub(crate) fn parse_ipv6(p: &[u8], mtu: usize) -> Option<(Ipv6Addr, Ipv6Addr)> {
     if p.len() < 40 || p.len() > mtu || p[0] >> 4 != 6 {
         return None;
     }

@@ -151,7 +151,7 @@ impl Identity {
         self.signing.verifying_key().to_bytes()
     }
 
-    /// The node's overlay address (see [`addr::address_for_key`]).
+    /// The node's overlay address (see `addr::address_for_key`).
     pub fn address(&self) -> Ipv6Addr {
         addr::address_for_key(&self.public_key())
     }
@@ -162,18 +162,19 @@ impl Identity {
     }
 
     /// The X25519 secret derived from the ed25519 key (for the Noise static key).
-    pub fn x25519_secret(&self) -> Zeroizing<[u8; 32]> {
+    pub(crate) fn x25519_secret(&self) -> Zeroizing<[u8; 32]> {
         Zeroizing::new(self.signing.to_scalar_bytes())
     }
 
     /// The X25519 public key matching [`Identity::x25519_secret`].
-    pub fn x25519_public(&self) -> [u8; 32] {
+    #[cfg(test)]
+    pub(crate) fn x25519_public(&self) -> [u8; 32] {
         self.signing.verifying_key().to_montgomery().to_bytes()
     }
 }
 
 /// Verifies an ed25519 signature (strict: rejects malleable encodings and small-order keys).
-pub fn verify(public_key: &[u8; 32], msg: &[u8], sig: &[u8; 64]) -> bool {
+pub(crate) fn verify(public_key: &[u8; 32], msg: &[u8], sig: &[u8; 64]) -> bool {
     let Ok(vk) = VerifyingKey::from_bytes(public_key) else {
         return false;
     };
@@ -181,7 +182,7 @@ pub fn verify(public_key: &[u8; 32], msg: &[u8], sig: &[u8; 64]) -> bool {
 }
 
 /// The X25519 public key bound to an ed25519 public key, if the key is a valid point.
-pub fn x25519_for_ed25519(public_key: &[u8; 32]) -> Option<[u8; 32]> {
+pub(crate) fn x25519_for_ed25519(public_key: &[u8; 32]) -> Option<[u8; 32]> {
     let vk = VerifyingKey::from_bytes(public_key).ok()?;
     if vk.is_weak() {
         return None;

@@ -15,8 +15,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::identity::{Identity, x25519_for_ed25519};
 use crate::wire::{self, FRAME_HEADER_LEN, FrameKind, MAX_NOISE_MESSAGE, WireError};
 
-pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
-pub const PROLOGUE: &[u8] = b"meshgate-link-v1";
+pub(crate) const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
+pub(crate) const PROLOGUE: &[u8] = b"meshgate-link-v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -34,7 +34,7 @@ pub enum LinkError {
 
 impl LinkError {
     /// Whether the peer sent an oversized frame.
-    pub fn is_oversized(&self) -> bool {
+    pub(crate) fn is_oversized(&self) -> bool {
         matches!(self, LinkError::Frame(WireError::Oversized { .. }))
     }
 }
@@ -66,7 +66,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 }
 
 /// Writes one frame.
-pub async fn write_frame<W: AsyncWrite + Unpin>(
+pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     kind: FrameKind,
     body: &[u8],
@@ -85,7 +85,7 @@ pub fn seal_control(t: &mut snow::TransportState, msg: &wire::Control) -> Result
 }
 
 /// Encrypts a control message: (frame header, frame body).
-pub fn seal_control_parts(
+pub(crate) fn seal_control_parts(
     t: &mut snow::TransportState,
     msg: &wire::Control,
 ) -> Result<([u8; FRAME_HEADER_LEN], Bytes), LinkError> {

@@ -1,13 +1,13 @@
 //! Babel-derived distance-vector routing (RFC 8966 ideas), sans-IO.
 //!
 //! * link cost = smoothed one-way latency estimate (RTT/2, µs) + a small per-hop cost;
-//! * route metric = sum of link costs; metric [`METRIC_INFINITY`] retracts a route;
+//! * route metric = sum of link costs; metric `METRIC_INFINITY` retracts a route;
 //! * (seqno, metric) feasibility distances per prefix: an update is usable only if its seqno
 //!   is newer, or equal with a strictly smaller metric, than anything we advertised — this
 //!   keeps the route graph loop-free at all times;
 //! * triggered updates and retractions on change, periodic full updates, expiry;
 //! * seqno requests when only unfeasible routes remain; the owner bumps its seqno, but only
-//!   by at most [`MAX_SEQNO_REQUEST_AHEAD`] past what it (or, for relays, the newest signed
+//!   by at most `MAX_SEQNO_REQUEST_AHEAD` past what it (or, for relays, the newest signed
 //!   announcement) has: a hostile neighbor cannot push a seqno to `u64::MAX`;
 //! * hysteresis: a route is replaced only by one better by more than `hysteresis_us`;
 //! * every announcement carries the prefix owner's signature over (prefix, seqno, router
@@ -31,7 +31,7 @@ pub type Nbr = u64;
 /// requests ask for `FD.seqno + 1` where FD came from a signed announcement, so they are at
 /// most 1 ahead of the owner; a far-ahead request can only be an attempt to exhaust the
 /// owner's seqno space (after which it could never announce a newer route).
-pub const MAX_SEQNO_REQUEST_AHEAD: u64 = 256;
+pub(crate) const MAX_SEQNO_REQUEST_AHEAD: u64 = 256;
 
 #[derive(Debug, Clone)]
 pub struct RoutingConfig {
@@ -66,7 +66,7 @@ pub struct RoutingCounters {
     pub forged_prefix: u64,
     pub seqno_requests_sent: u64,
     pub seqno_requests_received: u64,
-    /// Seqno requests asking too far ahead (see [`MAX_SEQNO_REQUEST_AHEAD`]), dropped.
+    /// Seqno requests asking too far ahead (see `MAX_SEQNO_REQUEST_AHEAD`), dropped.
     pub seqno_requests_refused: u64,
     pub route_switches: u64,
 }
@@ -109,7 +109,7 @@ pub struct RouteInfo {
 }
 
 /// The routing state machine of one node.
-pub struct Router {
+pub(crate) struct Router {
     id: Identity,
     prefix: Prefix,
     cfg: RoutingConfig,
@@ -119,12 +119,12 @@ pub struct Router {
     table: BTreeMap<Prefix, Dest>,
     triggered: Vec<Prefix>,
     last_periodic: Micros,
-    pub counters: RoutingCounters,
+    pub(crate) counters: RoutingCounters,
 }
 
 impl Router {
     /// `first_seqno` must exceed seqnos of this identity's earlier runs (real nodes: Unix ms).
-    pub fn new(id: Identity, cfg: RoutingConfig, first_seqno: u64, now: Micros) -> Router {
+    pub(crate) fn new(id: Identity, cfg: RoutingConfig, first_seqno: u64, now: Micros) -> Router {
         let key = id.public_key();
         let prefix = prefix_for_key(&key);
         let signature = id.sign(&route_signature_input(&prefix, first_seqno, &key));
@@ -142,21 +142,24 @@ impl Router {
         }
     }
 
-    pub fn own_prefix(&self) -> Prefix {
+    #[cfg(test)]
+    pub(crate) fn own_prefix(&self) -> Prefix {
         self.prefix
     }
 
-    pub fn own_seqno(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn own_seqno(&self) -> u64 {
         self.seqno
     }
 
     /// The neighbor to forward traffic for `prefix` to.
-    pub fn next_hop(&self, prefix: &Prefix) -> Option<Nbr> {
+    pub(crate) fn next_hop(&self, prefix: &Prefix) -> Option<Nbr> {
         self.table.get(prefix).and_then(|d| d.selected)
     }
 
     /// The metric of the selected route to `prefix`.
-    pub fn metric(&self, prefix: &Prefix) -> Option<u32> {
+    #[cfg(test)]
+    pub(crate) fn metric(&self, prefix: &Prefix) -> Option<u32> {
         let d = self.table.get(prefix)?;
         let n = d.selected?;
         Some(total(d.routes.get(&n)?.metric, *self.nbrs.get(&n)?))
@@ -238,14 +241,14 @@ impl Router {
     }
 
     /// A new authenticated link with initial cost (µs).
-    pub fn neighbor_up(&mut self, nbr: Nbr, cost: u32, out: &mut Vec<(Nbr, Control)>) {
+    pub(crate) fn neighbor_up(&mut self, nbr: Nbr, cost: u32, out: &mut Vec<(Nbr, Control)>) {
         self.nbrs.insert(nbr, cost.max(1));
         let dump = self.full_dump();
         self.send_updates(Some(nbr), dump, out);
     }
 
     /// A link went down: its routes are gone.
-    pub fn neighbor_down(&mut self, nbr: Nbr, now: Micros, out: &mut Vec<(Nbr, Control)>) {
+    pub(crate) fn neighbor_down(&mut self, nbr: Nbr, now: Micros, out: &mut Vec<(Nbr, Control)>) {
         self.nbrs.remove(&nbr);
         let affected: Vec<Prefix> = self
             .table
@@ -259,7 +262,13 @@ impl Router {
     }
 
     /// The link cost to a neighbor changed.
-    pub fn set_cost(&mut self, nbr: Nbr, cost: u32, now: Micros, out: &mut Vec<(Nbr, Control)>) {
+    pub(crate) fn set_cost(
+        &mut self,
+        nbr: Nbr,
+        cost: u32,
+        now: Micros,
+        out: &mut Vec<(Nbr, Control)>,
+    ) {
         let Some(c) = self.nbrs.get_mut(&nbr) else {
             return;
         };
@@ -277,7 +286,7 @@ impl Router {
     }
 
     /// Route updates received from a neighbor.
-    pub fn handle_updates(
+    pub(crate) fn handle_updates(
         &mut self,
         nbr: Nbr,
         list: &[RouteUpdate],
@@ -477,7 +486,7 @@ impl Router {
     }
 
     /// A seqno request from a neighbor.
-    pub fn handle_request(
+    pub(crate) fn handle_request(
         &mut self,
         nbr: Nbr,
         prefix: Prefix,
@@ -553,7 +562,7 @@ impl Router {
     }
 
     /// Sends pending triggered updates to all neighbors.
-    pub fn flush(&mut self, out: &mut Vec<(Nbr, Control)>) {
+    pub(crate) fn flush(&mut self, out: &mut Vec<(Nbr, Control)>) {
         if self.triggered.is_empty() {
             return;
         }
@@ -574,7 +583,7 @@ impl Router {
     }
 
     /// Expiry, periodic updates and repeated seqno requests.
-    pub fn tick(&mut self, now: Micros, out: &mut Vec<(Nbr, Control)>) {
+    pub(crate) fn tick(&mut self, now: Micros, out: &mut Vec<(Nbr, Control)>) {
         let mut affected = Vec::new();
         for (p, d) in self.table.iter_mut() {
             let before = d.routes.len();
@@ -602,7 +611,7 @@ impl Router {
     }
 
     /// The routing table, for status.
-    pub fn routes(&self, nbr_name: impl Fn(Nbr) -> Option<Nbr>) -> Vec<RouteInfo> {
+    pub(crate) fn routes(&self, nbr_name: impl Fn(Nbr) -> Option<Nbr>) -> Vec<RouteInfo> {
         self.table
             .iter()
             .map(|(p, d)| {
@@ -623,14 +632,6 @@ impl Router {
                 }
             })
             .collect()
-    }
-
-    /// Prefixes with a selected route.
-    pub fn reachable(&self) -> impl Iterator<Item = &Prefix> {
-        self.table
-            .iter()
-            .filter(|(_, d)| d.selected.is_some())
-            .map(|(p, _)| p)
     }
 }
 

@@ -52,7 +52,7 @@ impl Default for SessionConfig {
 
 /// Why an incoming end-to-end packet was refused (each is counted by the node).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum SessionError {
+pub(crate) enum SessionError {
     #[error("malformed packet")]
     Malformed,
     #[error("no session for receiver index")]
@@ -81,11 +81,11 @@ pub enum SessionError {
 
 /// What the session layer wants done.
 #[derive(Debug)]
-pub enum SessionOut {
+pub(crate) enum SessionOut {
     /// Route this packet (init, response or data) towards its destination.
     Send(Bytes),
-    /// Packets to this destination were dropped: no session could be set up.
-    GaveUp { dst: Ipv6Addr, dropped: usize },
+    /// Packets were dropped: no session to their destination could be set up.
+    GaveUp { dropped: usize },
 }
 
 const REPLAY_WINDOW: u64 = 4096;
@@ -100,7 +100,7 @@ const MAX_PEERS: usize = 65_536;
 
 /// Sliding replay window over packet counters.
 #[derive(Debug, Clone)]
-pub struct ReplayWindow {
+pub(crate) struct ReplayWindow {
     /// One more than the highest counter accepted (0: none yet).
     top: u64,
     bits: Box<[u64; (REPLAY_WINDOW / 64) as usize]>,
@@ -117,7 +117,7 @@ impl Default for ReplayWindow {
 
 impl ReplayWindow {
     /// Whether `c` would be accepted (not seen, not too old).
-    pub fn check(&self, c: u64) -> bool {
+    pub(crate) fn check(&self, c: u64) -> bool {
         if c >= self.top {
             return true;
         }
@@ -143,7 +143,7 @@ impl ReplayWindow {
     }
 
     /// Marks `c` as seen; call only after the packet authenticated.
-    pub fn accept(&mut self, c: u64) {
+    pub(crate) fn accept(&mut self, c: u64) {
         if c >= self.top {
             let advance = c + 1 - self.top;
             if advance >= REPLAY_WINDOW {
@@ -193,7 +193,7 @@ struct Peer {
 }
 
 /// All end-to-end sessions of one node.
-pub struct Sessions {
+pub(crate) struct Sessions {
     id: Identity,
     addr: Ipv6Addr,
     prefix: Prefix,
@@ -205,13 +205,13 @@ pub struct Sessions {
     /// When each peer prefix was last sent an unknown-session notice.
     notified: BTreeMap<Prefix, Micros>,
     /// Sessions established (both roles), for status.
-    pub established: u64,
+    pub(crate) established: u64,
 }
 
 impl Sessions {
     /// `first_timestamp` must exceed any init timestamp this identity used before (real
     /// nodes use the Unix time in ns); `rng` supplies key material (seeded in the simulator).
-    pub fn new(
+    pub(crate) fn new(
         id: Identity,
         cfg: SessionConfig,
         first_timestamp: u64,
@@ -232,11 +232,6 @@ impl Sessions {
         }
     }
 
-    /// Number of peers with an established session.
-    pub fn active(&self) -> usize {
-        self.peers.values().filter(|p| p.current.is_some()).count()
-    }
-
     fn new_idx(&mut self) -> u32 {
         loop {
             let r = (self.rng)();
@@ -248,7 +243,13 @@ impl Sessions {
     }
 
     /// Encrypts a local IPv6 packet for `dst` or queues it while a session is set up.
-    pub fn seal(&mut self, now: Micros, dst: Ipv6Addr, packet: Bytes, out: &mut Vec<SessionOut>) {
+    pub(crate) fn seal(
+        &mut self,
+        now: Micros,
+        dst: Ipv6Addr,
+        packet: Bytes,
+        out: &mut Vec<SessionOut>,
+    ) {
         let prefix = prefix_of(&dst);
         let cfg = self.cfg.clone();
         let peer = self.peers.entry(prefix).or_default();
@@ -269,7 +270,7 @@ impl Sessions {
         } else if peer.queue.len() < cfg.queue_limit {
             peer.queue.push_back(packet);
         } else {
-            out.push(SessionOut::GaveUp { dst, dropped: 1 });
+            out.push(SessionOut::GaveUp { dropped: 1 });
         }
         if start_init {
             self.start_init(now, prefix, dst, out);
@@ -316,7 +317,7 @@ impl Sessions {
     }
 
     /// Handles a session init addressed to this node; returns the response to route back.
-    pub fn handle_init(
+    pub(crate) fn handle_init(
         &mut self,
         now: Micros,
         packet: &[u8],
@@ -378,7 +379,7 @@ impl Sessions {
     }
 
     /// Handles a session response to one of our inits.
-    pub fn handle_resp(
+    pub(crate) fn handle_resp(
         &mut self,
         now: Micros,
         packet: &[u8],
@@ -442,7 +443,7 @@ impl Sessions {
 
     /// Whether an authenticated data packet from `addr`'s /64 opened within `within` µs
     /// before `now` (the peer is demonstrably reachable).
-    pub fn heard_from_within(&self, addr: &Ipv6Addr, now: Micros, within: Micros) -> bool {
+    pub(crate) fn heard_from_within(&self, addr: &Ipv6Addr, now: Micros, within: Micros) -> bool {
         self.peers.get(&prefix_of(addr)).is_some_and(|p| {
             [p.current.as_ref(), p.previous.as_ref()]
                 .into_iter()
@@ -454,7 +455,7 @@ impl Sessions {
 
     /// Decrypts a data packet addressed to this node. Returns the peer's address (outer
     /// source, authenticated) and the inner IPv6 packet.
-    pub fn open(
+    pub(crate) fn open(
         &mut self,
         now: Micros,
         mut packet: BytesMut,
@@ -505,7 +506,7 @@ impl Sessions {
     /// with a signed unknown-session notice so the sender sets up a new session at once
     /// instead of black-holing traffic until its session expires. Rate-limited per peer
     /// prefix and in total; returns whether a notice was sent.
-    pub fn answer_unknown(
+    pub(crate) fn answer_unknown(
         &mut self,
         now: Micros,
         src: Ipv6Addr,
@@ -549,7 +550,7 @@ impl Sessions {
     /// by that session's peer, the session is dropped and a new one initiated (packets queue
     /// meanwhile). Notices about any other index are ignored, so a relay can neither forge
     /// one nor replay an old one against a live session.
-    pub fn handle_unknown(
+    pub(crate) fn handle_unknown(
         &mut self,
         now: Micros,
         packet: &[u8],
@@ -583,7 +584,7 @@ impl Sessions {
     }
 
     /// Retries unanswered inits, gives up on dead ones, drops expired sessions.
-    pub fn tick(&mut self, now: Micros, out: &mut Vec<SessionOut>) {
+    pub(crate) fn tick(&mut self, now: Micros, out: &mut Vec<SessionOut>) {
         let cfg = self.cfg.clone();
         let mut retry = Vec::new();
         for peer in self.peers.values_mut() {
@@ -604,7 +605,6 @@ impl Sessions {
                     peer.pending = None;
                     if !peer.queue.is_empty() {
                         out.push(SessionOut::GaveUp {
-                            dst: peer.addr.unwrap_or(Ipv6Addr::UNSPECIFIED),
                             dropped: peer.queue.len(),
                         });
                         peer.queue.clear();
@@ -628,7 +628,7 @@ impl Sessions {
     }
 
     /// Forgets pending inits and queued packets for a destination (e.g. it became unreachable).
-    pub fn abandon(&mut self, dst: &Ipv6Addr) -> usize {
+    pub(crate) fn abandon(&mut self, dst: &Ipv6Addr) -> usize {
         let prefix = prefix_of(dst);
         let Some(peer) = self.peers.get_mut(&prefix) else {
             return 0;
@@ -648,7 +648,7 @@ impl Sessions {
     /// first packet after the route returns starts a new handshake and waits behind it. Sending
     /// it under the old keys would lose it if the peer restarted meanwhile. The old session
     /// stays as `previous`, still accepting what the peer sends on it until the new one is up.
-    pub fn forget(&mut self, dst: &Ipv6Addr) -> usize {
+    pub(crate) fn forget(&mut self, dst: &Ipv6Addr) -> usize {
         let dropped = self.abandon(dst);
         if let Some(peer) = self.peers.get_mut(&prefix_of(dst))
             && let Some(current) = peer.current.take()

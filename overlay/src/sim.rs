@@ -79,7 +79,7 @@ pub struct Sim {
     /// Longest trace any packet had (hops).
     pub max_hops: usize,
     /// Packets forwarded in total.
-    pub forwarded: u64,
+    pub(crate) forwarded: u64,
 }
 
 const TICK: Micros = 100_000;
@@ -167,7 +167,7 @@ impl Sim {
     }
 
     /// The next hop node `i` uses towards node `j`.
-    pub fn next_hop(&self, i: usize, j: usize) -> Option<usize> {
+    pub(crate) fn next_hop(&self, i: usize, j: usize) -> Option<usize> {
         let p = prefix_of(&self.address(j));
         self.nodes[i].core.router.next_hop(&p).map(|n| n as usize)
     }
@@ -378,7 +378,7 @@ impl From<PathError> for String {
 }
 
 /// A minimal IPv6 packet (next header 59, "no next header") carrying `payload`.
-pub fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Bytes {
+pub(crate) fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Bytes {
     let mut p = Vec::with_capacity(40 + payload.len());
     p.extend_from_slice(&[0x60, 0, 0, 0]);
     p.extend_from_slice(&(payload.len() as u16).to_be_bytes());

@@ -30,11 +30,11 @@ pub enum WireError {
 // Link frames: u32 body length, u8 kind, body.
 
 /// Bytes before a frame body: u32 length + u8 kind.
-pub const FRAME_HEADER_LEN: usize = 5;
+pub(crate) const FRAME_HEADER_LEN: usize = 5;
 /// Hard maximum of a frame body. Larger announced lengths close the link.
-pub const MAX_FRAME_BODY: usize = 66 * 1024;
+pub(crate) const MAX_FRAME_BODY: usize = 66 * 1024;
 /// Largest Noise message (handshake or control ciphertext).
-pub const MAX_NOISE_MESSAGE: usize = 65535;
+pub(crate) const MAX_NOISE_MESSAGE: usize = 65535;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -48,7 +48,9 @@ pub enum FrameKind {
 }
 
 /// Parses a frame header; `Err` means the link must be closed.
-pub fn parse_frame_header(h: &[u8; FRAME_HEADER_LEN]) -> Result<(FrameKind, usize), WireError> {
+pub(crate) fn parse_frame_header(
+    h: &[u8; FRAME_HEADER_LEN],
+) -> Result<(FrameKind, usize), WireError> {
     let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
     let kind = match h[4] {
         1 => FrameKind::Handshake,
@@ -79,7 +81,7 @@ pub fn parse_frame_header(h: &[u8; FRAME_HEADER_LEN]) -> Result<(FrameKind, usiz
 }
 
 /// Encodes a frame header for `len` body bytes.
-pub fn frame_header(kind: FrameKind, len: usize) -> [u8; FRAME_HEADER_LEN] {
+pub(crate) fn frame_header(kind: FrameKind, len: usize) -> [u8; FRAME_HEADER_LEN] {
     let l = (len as u32).to_be_bytes();
     [l[0], l[1], l[2], l[3], kind as u8]
 }
@@ -100,24 +102,28 @@ pub fn encode_frame(kind: FrameKind, body: &[u8]) -> Bytes {
 pub struct RouteUpdate {
     pub prefix: Prefix,
     pub seqno: u64,
-    /// Sender's metric (µs); [`METRIC_INFINITY`] is a retraction.
+    /// Sender's metric (µs); `METRIC_INFINITY` is a retraction.
     pub metric: u32,
     /// The prefix owner's ed25519 key (router id).
     pub router_key: [u8; 32],
-    /// Owner's signature over [`route_signature_input`].
+    /// Owner's signature over `route_signature_input`.
     pub signature: [u8; 64],
 }
 
 /// Metric of an unreachable (retracted) route.
-pub const METRIC_INFINITY: u32 = u32::MAX;
+pub(crate) const METRIC_INFINITY: u32 = u32::MAX;
 const UPDATE_ENTRY_LEN: usize = 8 + 8 + 4 + 32 + 64;
 /// Updates per control message (keeps messages under the Noise limit).
-pub const MAX_UPDATES_PER_MESSAGE: usize = 500;
+pub(crate) const MAX_UPDATES_PER_MESSAGE: usize = 500;
 // A full Updates message (type, count, entries) plus the Noise tag fits one Noise message.
 const _: () = assert!(3 + MAX_UPDATES_PER_MESSAGE * UPDATE_ENTRY_LEN + 16 <= MAX_NOISE_MESSAGE);
 
 /// What the prefix owner signs: label, prefix, seqno, router key.
-pub fn route_signature_input(prefix: &Prefix, seqno: u64, router_key: &[u8; 32]) -> [u8; 65] {
+pub(crate) fn route_signature_input(
+    prefix: &Prefix,
+    seqno: u64,
+    router_key: &[u8; 32],
+) -> [u8; 65] {
     let mut m = [0u8; 65];
     m[..17].copy_from_slice(b"meshgate-route-v1");
     m[17..25].copy_from_slice(prefix);
@@ -145,7 +151,7 @@ pub enum Control {
 }
 
 impl Control {
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut b = Vec::new();
         match self {
             Control::Hello { timestamp_us } => {
@@ -182,7 +188,7 @@ impl Control {
         b
     }
 
-    pub fn decode(b: &[u8]) -> Result<Control, WireError> {
+    pub(crate) fn decode(b: &[u8]) -> Result<Control, WireError> {
         let mut r = Reader::new(b, "control message");
         let msg = match r.u8()? {
             1 => Control::Hello {
@@ -231,19 +237,19 @@ impl Control {
 // Routed packets: type, hop limit, source, destination, type-specific fields.
 
 pub const PKT_DATA: u8 = 1;
-pub const PKT_SESSION_INIT: u8 = 2;
-pub const PKT_SESSION_RESP: u8 = 3;
-pub const PKT_UNREACHABLE: u8 = 4;
-pub const PKT_UNKNOWN_SESSION: u8 = 5;
+pub(crate) const PKT_SESSION_INIT: u8 = 2;
+pub(crate) const PKT_SESSION_RESP: u8 = 3;
+pub(crate) const PKT_UNREACHABLE: u8 = 4;
+pub(crate) const PKT_UNKNOWN_SESSION: u8 = 5;
 
 /// type(1) hop_limit(1) src(16) dst(16).
-pub const ROUTED_HEADER_LEN: usize = 34;
+pub(crate) const ROUTED_HEADER_LEN: usize = 34;
 /// Data header: routed header + receiver index(4) + counter(8).
-pub const DATA_HEADER_LEN: usize = ROUTED_HEADER_LEN + 12;
+pub(crate) const DATA_HEADER_LEN: usize = ROUTED_HEADER_LEN + 12;
 /// Poly1305 tag.
 pub const TAG_LEN: usize = 16;
 /// Hop limit set by the originator.
-pub const DEFAULT_HOP_LIMIT: u8 = 64;
+pub(crate) const DEFAULT_HOP_LIMIT: u8 = 64;
 const INIT_LEN: usize = ROUTED_HEADER_LEN + 4 + 32 + 32 + 8 + 64;
 const RESP_LEN: usize = ROUTED_HEADER_LEN + 4 + 4 + 32 + 32 + 64;
 const UNREACHABLE_LEN: usize = ROUTED_HEADER_LEN + 16;
@@ -251,15 +257,15 @@ const UNKNOWN_SESSION_LEN: usize = ROUTED_HEADER_LEN + 4 + 64;
 
 /// The common header of a routed packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RoutedHeader {
-    pub ptype: u8,
-    pub hop_limit: u8,
-    pub src: Ipv6Addr,
-    pub dst: Ipv6Addr,
+pub(crate) struct RoutedHeader {
+    pub(crate) ptype: u8,
+    pub(crate) hop_limit: u8,
+    pub(crate) src: Ipv6Addr,
+    pub(crate) dst: Ipv6Addr,
 }
 
 /// Validates a routed packet's header and its type-specific length.
-pub fn parse_routed(b: &[u8]) -> Result<RoutedHeader, WireError> {
+pub(crate) fn parse_routed(b: &[u8]) -> Result<RoutedHeader, WireError> {
     if b.len() < ROUTED_HEADER_LEN {
         return Err(WireError::Truncated("routed packet"));
     }
@@ -310,13 +316,13 @@ fn put_routed_header(b: &mut BytesMut, ptype: u8, src: &Ipv6Addr, dst: &Ipv6Addr
 }
 
 /// Fields of a data packet header after the routed header.
-pub fn data_fields(b: &[u8]) -> Result<(u32, u64), WireError> {
+pub(crate) fn data_fields(b: &[u8]) -> Result<(u32, u64), WireError> {
     let mut r = Reader::new(b.get(ROUTED_HEADER_LEN..).unwrap_or(&[]), "data packet");
     Ok((r.u32()?, r.u64()?))
 }
 
 /// Associated data of a data packet: the header without the hop limit (relays change it).
-pub fn data_aad(header: &[u8]) -> [u8; DATA_HEADER_LEN - 1] {
+pub(crate) fn data_aad(header: &[u8]) -> [u8; DATA_HEADER_LEN - 1] {
     let mut aad = [0u8; DATA_HEADER_LEN - 1];
     if header.len() >= DATA_HEADER_LEN {
         aad[0] = header[0];
@@ -340,20 +346,20 @@ pub fn put_data_header(
 
 /// End-to-end session initiation (initiator → responder).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SessionInit {
-    pub src: Ipv6Addr,
-    pub dst: Ipv6Addr,
-    pub sender_idx: u32,
-    pub initiator_key: [u8; 32],
-    pub ephemeral: [u8; 32],
+pub(crate) struct SessionInit {
+    pub(crate) src: Ipv6Addr,
+    pub(crate) dst: Ipv6Addr,
+    pub(crate) sender_idx: u32,
+    pub(crate) initiator_key: [u8; 32],
+    pub(crate) ephemeral: [u8; 32],
     /// Strictly increasing per initiator (replayed inits are refused).
-    pub timestamp: u64,
-    pub signature: [u8; 64],
+    pub(crate) timestamp: u64,
+    pub(crate) signature: [u8; 64],
 }
 
 impl SessionInit {
     /// What the initiator signs.
-    pub fn signed_input(&self) -> Vec<u8> {
+    pub(crate) fn signed_input(&self) -> Vec<u8> {
         let mut m = Vec::with_capacity(20 + 16 + 16 + 4 + 32 + 32 + 8);
         m.extend_from_slice(b"meshgate-e2e-init-v1");
         m.extend_from_slice(&self.src.octets());
@@ -365,7 +371,7 @@ impl SessionInit {
         m
     }
 
-    pub fn encode(&self) -> Bytes {
+    pub(crate) fn encode(&self) -> Bytes {
         let mut b = BytesMut::with_capacity(INIT_LEN);
         put_routed_header(&mut b, PKT_SESSION_INIT, &self.src, &self.dst);
         b.put_u32(self.sender_idx);
@@ -376,7 +382,7 @@ impl SessionInit {
         b.freeze()
     }
 
-    pub fn decode(b: &[u8]) -> Result<SessionInit, WireError> {
+    pub(crate) fn decode(b: &[u8]) -> Result<SessionInit, WireError> {
         let h = parse_routed(b)?;
         if h.ptype != PKT_SESSION_INIT {
             return Err(WireError::Invalid("not a session init"));
@@ -398,19 +404,19 @@ impl SessionInit {
 
 /// End-to-end session response (responder → initiator).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SessionResp {
-    pub src: Ipv6Addr,
-    pub dst: Ipv6Addr,
-    pub sender_idx: u32,
-    pub receiver_idx: u32,
-    pub responder_key: [u8; 32],
-    pub ephemeral: [u8; 32],
-    pub signature: [u8; 64],
+pub(crate) struct SessionResp {
+    pub(crate) src: Ipv6Addr,
+    pub(crate) dst: Ipv6Addr,
+    pub(crate) sender_idx: u32,
+    pub(crate) receiver_idx: u32,
+    pub(crate) responder_key: [u8; 32],
+    pub(crate) ephemeral: [u8; 32],
+    pub(crate) signature: [u8; 64],
 }
 
 impl SessionResp {
     /// What the responder signs; binds the whole init via its hash.
-    pub fn signed_input(&self, init_hash: &[u8; 32]) -> Vec<u8> {
+    pub(crate) fn signed_input(&self, init_hash: &[u8; 32]) -> Vec<u8> {
         let mut m = Vec::with_capacity(20 + 32 + 16 + 16 + 8 + 64);
         m.extend_from_slice(b"meshgate-e2e-resp-v1");
         m.extend_from_slice(init_hash);
@@ -423,7 +429,7 @@ impl SessionResp {
         m
     }
 
-    pub fn encode(&self) -> Bytes {
+    pub(crate) fn encode(&self) -> Bytes {
         let mut b = BytesMut::with_capacity(RESP_LEN);
         put_routed_header(&mut b, PKT_SESSION_RESP, &self.src, &self.dst);
         b.put_u32(self.sender_idx);
@@ -434,7 +440,7 @@ impl SessionResp {
         b.freeze()
     }
 
-    pub fn decode(b: &[u8]) -> Result<SessionResp, WireError> {
+    pub(crate) fn decode(b: &[u8]) -> Result<SessionResp, WireError> {
         let h = parse_routed(b)?;
         if h.ptype != PKT_SESSION_RESP {
             return Err(WireError::Invalid("not a session response"));
@@ -457,20 +463,20 @@ impl SessionResp {
 /// "I have no session with receiver index `receiver_idx`", signed by the node that received
 /// a data packet it cannot open (e.g. it restarted): the data's sender starts a new session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UnknownSession {
+pub(crate) struct UnknownSession {
     /// The node that has no such session.
-    pub src: Ipv6Addr,
+    pub(crate) src: Ipv6Addr,
     /// The sender of the data packet.
-    pub dst: Ipv6Addr,
+    pub(crate) dst: Ipv6Addr,
     /// The receiver index the data packet carried.
-    pub receiver_idx: u32,
+    pub(crate) receiver_idx: u32,
     /// `src`'s signature over [`UnknownSession::signed_input`].
-    pub signature: [u8; 64],
+    pub(crate) signature: [u8; 64],
 }
 
 impl UnknownSession {
     /// What the sender signs.
-    pub fn signed_input(&self) -> Vec<u8> {
+    pub(crate) fn signed_input(&self) -> Vec<u8> {
         let mut m = Vec::with_capacity(23 + 16 + 16 + 4);
         m.extend_from_slice(b"meshgate-e2e-unknown-v1");
         m.extend_from_slice(&self.src.octets());
@@ -479,7 +485,7 @@ impl UnknownSession {
         m
     }
 
-    pub fn encode(&self) -> Bytes {
+    pub(crate) fn encode(&self) -> Bytes {
         let mut b = BytesMut::with_capacity(UNKNOWN_SESSION_LEN);
         put_routed_header(&mut b, PKT_UNKNOWN_SESSION, &self.src, &self.dst);
         b.put_u32(self.receiver_idx);
@@ -487,7 +493,7 @@ impl UnknownSession {
         b.freeze()
     }
 
-    pub fn decode(b: &[u8]) -> Result<UnknownSession, WireError> {
+    pub(crate) fn decode(b: &[u8]) -> Result<UnknownSession, WireError> {
         let h = parse_routed(b)?;
         if h.ptype != PKT_UNKNOWN_SESSION {
             return Err(WireError::Invalid("not an unknown-session packet"));
@@ -513,7 +519,7 @@ pub fn encode_unreachable(src: &Ipv6Addr, dst: &Ipv6Addr, unreachable: &Ipv6Addr
 }
 
 /// The unreachable address in an unreachable packet.
-pub fn decode_unreachable(b: &[u8]) -> Result<Ipv6Addr, WireError> {
+pub(crate) fn decode_unreachable(b: &[u8]) -> Result<Ipv6Addr, WireError> {
     let h = parse_routed(b)?;
     if h.ptype != PKT_UNREACHABLE {
         return Err(WireError::Invalid("not an unreachable"));

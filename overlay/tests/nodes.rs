@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use meshgate_overlay::{Identity, L3Port, Node, NodeConfig};
+use meshgate_testkit::{eventually, listener};
 
 fn packet(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Bytes {
     let mut p = vec![0x60, 0, 0, 0];
@@ -25,17 +26,6 @@ fn cfg(listen: bool, peers: Vec<SocketAddr>) -> NodeConfig {
         dead_peer_timeout: Duration::from_secs(2),
         hello_interval: Duration::from_millis(200),
         ..NodeConfig::default()
-    }
-}
-
-async fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -64,7 +54,7 @@ async fn two_nodes_exchange_packets_both_ways() {
     let a = Node::start(cfg(false, vec![b.listen_addr().unwrap()]))
         .await
         .unwrap();
-    wait_for("routes", 10, || {
+    eventually(Duration::from_secs(10), "routes", || {
         has_route(&a, b.address()) && has_route(&b, a.address())
     })
     .await;
@@ -133,7 +123,7 @@ async fn relays_see_only_ciphertext_and_stream_survives_relay_death() {
     // Neither A nor C listens: both are reachable only through their outbound links.
     let a = Node::start(cfg(false, relays.clone())).await.unwrap();
     let c = Node::start(cfg(false, relays)).await.unwrap();
-    wait_for("routes A<->C", 10, || {
+    eventually(Duration::from_secs(10), "routes A<->C", || {
         has_route(&a, c.address()) && has_route(&c, a.address())
     })
     .await;
@@ -203,7 +193,7 @@ mod hostile {
     use tokio::net::TcpStream;
 
     async fn counter(n: &Node, what: &str, f: impl Fn(&meshgate_overlay::core::Counters) -> u64) {
-        wait_for(what, 5, || f(&n.status().counters) > 0).await;
+        eventually(Duration::from_secs(5), what, || f(&n.status().counters) > 0).await;
     }
 
     /// Reads until EOF (the node closed the link); fails if it stays open.
@@ -234,7 +224,7 @@ mod hostile {
         let mut ca = cfg(false, vec![b.listen_addr().unwrap()]);
         ca.identity = Some(a_id.clone());
         let a = Node::start(ca).await.unwrap();
-        wait_for("routes", 10, || {
+        eventually(Duration::from_secs(10), "routes", || {
             has_route(&a, c.address()) && has_route(&c, a.address())
         })
         .await;
@@ -395,7 +385,7 @@ async fn local_packets_are_checked_and_unroutable_ones_answered() {
         "destination unreachable, no route"
     );
     assert_eq!(&icmp[48..], &p[..]);
-    wait_for("counters", 5, || {
+    eventually(Duration::from_secs(5), "counters", || {
         let c = a.status().counters;
         c.local_bad_source == 1
             && c.local_bad_destination == 1
@@ -441,27 +431,39 @@ async fn node_key_file_rules() {
 /// Dialers keep retrying with backoff: a peer that comes up late, or restarts, is reached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dialer_reconnects_to_late_and_restarted_peers() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Until the peer comes up, its port belongs to a listener that closes every connection
+    // unanswered: each accept is one failed attempt of the dialer.
+    let (squatter, port) = listener().await;
     let mut ca = cfg(false, vec![port]);
     ca.reconnect_max = Duration::from_millis(800);
     let a = Node::start(ca).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await; // a few failed attempts
+    for attempt in 1..=3 {
+        let (s, _) = tokio::time::timeout(Duration::from_secs(5), squatter.accept())
+            .await
+            .unwrap_or_else(|_| panic!("dial attempt {attempt} never came"))
+            .unwrap();
+        drop(s);
+    }
+    drop(squatter);
     let mut cb = cfg(true, vec![]);
     cb.listen = Some(port);
     let b = Node::start(cb.clone()).await.unwrap();
-    wait_for("route to late peer", 5, || has_route(&a, b.address())).await;
+    eventually(Duration::from_secs(5), "route to late peer", || {
+        has_route(&a, b.address())
+    })
+    .await;
     let b_addr = b.address();
     b.shutdown().await;
-    wait_for("route withdrawn", 5, || {
+    eventually(Duration::from_secs(5), "route withdrawn", || {
         !has_route(&a, b_addr) && a.status().peers.is_empty()
     })
     .await;
     cb.identity = Some(Identity::generate());
     let b2 = Node::start(cb).await.unwrap();
-    wait_for("route to restarted peer", 5, || has_route(&a, b2.address())).await;
+    eventually(Duration::from_secs(5), "route to restarted peer", || {
+        has_route(&a, b2.address())
+    })
+    .await;
     assert!(a.status().counters.links_up >= 2);
     a.shutdown().await;
     b2.shutdown().await;
@@ -477,7 +479,7 @@ async fn link_to_self_is_refused() {
     let mut c = cfg(true, vec![port]);
     c.listen = Some(port);
     let a = Node::start(c).await.unwrap();
-    wait_for("self link refused", 5, || {
+    eventually(Duration::from_secs(5), "self link refused", || {
         a.status().counters.self_links >= 2
     })
     .await;
@@ -503,7 +505,7 @@ async fn pair_with_restartable_peer(dir: &std::path::Path) -> (Node, L3Port, Nod
     ca.reconnect_max = Duration::from_millis(500);
     let a = Node::start(ca).await.unwrap();
     let b_addr = b.address();
-    wait_for("routes", 10, || {
+    eventually(Duration::from_secs(10), "routes", || {
         has_route(&a, b_addr) && has_route(&b, a.address())
     })
     .await;
@@ -523,12 +525,15 @@ async fn pair_with_restartable_peer(dir: &std::path::Path) -> (Node, L3Port, Nod
 async fn traffic_resumes_after_a_peer_restarts_with_the_same_key() {
     let dir = tempfile::tempdir().unwrap();
     let (a, mut pa, cb, b_addr) = pair_with_restartable_peer(dir.path()).await;
-    wait_for("link down", 5, || a.status().peers.is_empty()).await;
+    eventually(Duration::from_secs(5), "link down", || {
+        a.status().peers.is_empty()
+    })
+    .await;
 
     let b2 = Node::start(cb).await.unwrap();
     assert_eq!(b2.address(), b_addr, "same key file, same address");
     let mut pb2 = b2.take_l3_port().unwrap();
-    wait_for("routes after the restart", 10, || {
+    eventually(Duration::from_secs(10), "routes after the restart", || {
         has_route(&a, b_addr) && has_route(&b2, a.address())
     })
     .await;
@@ -555,12 +560,12 @@ async fn traffic_resumes_after_a_peer_restarts_with_the_same_key() {
     eprintln!("delivery resumed {:?} after the restart", t0.elapsed());
     assert_eq!(&got[8..40], &packet(a.address(), b_addr, b"")[8..40]);
     // Status snapshots lag by up to 100 ms.
-    wait_for("notice counted", 2, || {
+    eventually(Duration::from_secs(2), "notice counted", || {
         let k = b2.status().counters;
         k.e2e_unknown_session >= 1 && k.e2e_unknown_notices_sent >= 1
     })
     .await;
-    wait_for("reset counted", 2, || {
+    eventually(Duration::from_secs(2), "reset counted", || {
         a.status().counters.e2e_sessions_reset == 1
     })
     .await;
@@ -575,7 +580,10 @@ async fn traffic_resumes_after_a_peer_restarts_with_the_same_key() {
 async fn first_packet_after_a_same_key_restart_arrives_when_the_route_was_lost() {
     let dir = tempfile::tempdir().unwrap();
     let (a, mut pa, cb, b_addr) = pair_with_restartable_peer(dir.path()).await;
-    wait_for("route gone", 5, || !has_route(&a, b_addr)).await;
+    eventually(Duration::from_secs(5), "route gone", || {
+        !has_route(&a, b_addr)
+    })
+    .await;
     pa.tx
         .send(packet(a.address(), b_addr, b"while gone"))
         .await
@@ -588,7 +596,7 @@ async fn first_packet_after_a_same_key_restart_arrives_when_the_route_was_lost()
 
     let b2 = Node::start(cb).await.unwrap();
     let mut pb2 = b2.take_l3_port().unwrap();
-    wait_for("routes after the restart", 10, || {
+    eventually(Duration::from_secs(10), "routes after the restart", || {
         has_route(&a, b_addr) && has_route(&b2, a.address())
     })
     .await;
@@ -624,7 +632,7 @@ async fn delivery_backlog_overflow_is_counted() {
         // Addressed to ourselves: delivered straight back to the (unread) L3 port.
         pa.tx.send(packet(me, me, &k.to_be_bytes())).await.unwrap();
     }
-    wait_for("all packets handled", 5, || {
+    eventually(Duration::from_secs(5), "all packets handled", || {
         a.status().counters.packets_delivered == sent
     })
     .await;
@@ -654,21 +662,27 @@ async fn concurrent_inbound_handshakes_are_capped() {
         matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
         "connection beyond the cap was kept: {closed:?}"
     );
-    wait_for("refusal counted", 2, || {
+    eventually(Duration::from_secs(2), "refusal counted", || {
         a.status().counters.handshakes_refused >= 1
     })
     .await;
     // The idle connections go away (their handshakes fail): a real peer links up.
     drop(idle);
     let b = Node::start(cfg(false, vec![port])).await.unwrap();
-    wait_for("route after the flood", 10, || has_route(&b, a.address())).await;
+    eventually(Duration::from_secs(10), "route after the flood", || {
+        has_route(&b, a.address())
+    })
+    .await;
     a.shutdown().await;
     b.shutdown().await;
 }
 
 /// A node with neither a listener nor peers (nothing to link to yet) keeps its L3 port
 /// working: packets to its own address come back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+///
+/// Paused time: the sleep lets the node's tasks run until they wait (a core task that lost
+/// its event channel has exited by then), without a real delay.
+#[tokio::test(start_paused = true)]
 async fn node_without_links_keeps_serving_its_l3_port() {
     let a = Node::start(cfg(false, vec![])).await.unwrap();
     let mut pa = a.take_l3_port().unwrap();

@@ -253,7 +253,8 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// CPU time (user + system, µs) used so far by the processes `pids` (all their threads).
 fn cpu_micros(pids: &[u32]) -> f64 {
-    // SAFETY: sysconf takes no pointers.
+    // SAFETY: sysconf takes an integer name and no pointers; it only reads a system value.
+    #[allow(unsafe_code)]
     let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let ticks: u64 = pids
         .iter()
@@ -549,8 +550,12 @@ async fn main() -> Result<()> {
     // meshgate: TLS → embedded overlay node → workload node (here) → backend.
     // The workload node runs in this process: no transparent huge pages, as `meshgate` (see
     // gateway/src/main.rs). Set after nginx and Caddy started, which would inherit it.
-    // SAFETY: prctl with PR_SET_THP_DISABLE takes no pointers.
-    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    // SAFETY: prctl with PR_SET_THP_DISABLE takes only integers (no pointers) and changes
+    // only this process's huge-page policy, which no Rust invariant depends on.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0)
+    };
     let workload = start_workload_node(d, "workload.key").await?;
     let port = workload.take_l3_port().context("workload L3 port")?;
     let stack = Stack::new(port.address, port.mtu, port.tx, port.rx);

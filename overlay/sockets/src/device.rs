@@ -23,14 +23,14 @@ pub(crate) struct Outbound {
 }
 
 impl Outbound {
-    pub fn new(soft_limit: usize) -> Self {
+    pub(crate) fn new(soft_limit: usize) -> Self {
         Outbound {
             queue: VecDeque::new(),
             soft_limit: soft_limit.max(1),
         }
     }
 
-    pub fn full(&self) -> bool {
+    pub(crate) fn full(&self) -> bool {
         self.queue.len() >= self.soft_limit
     }
 }

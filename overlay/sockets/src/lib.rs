@@ -8,13 +8,16 @@
 //!
 //! The crate does not depend on the overlay core: it takes the channel ends, address and MTU.
 
+mod config;
 mod demux;
 mod device;
 mod expose;
+mod shards;
 mod stack;
 mod tcp;
 pub mod tun;
 
+pub use config::StackConfig;
 pub use expose::{Exposed, expose};
-pub use stack::{InboundInspector, Stack, StackConfig, StackStats};
+pub use stack::{InboundInspector, Stack, StackStats};
 pub use tcp::{TcpListener, TcpStream};

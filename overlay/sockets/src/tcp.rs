@@ -1,6 +1,6 @@
 //! TCP streams and listeners of a userspace [`crate::Stack`].
 
-use crate::stack::{Shared, SocketId, endpoint_v6, stopped_error};
+use crate::shards::{Shared, SocketId, endpoint_v6, stopped_error};
 use smoltcp::socket::tcp;
 use std::io;
 use std::net::SocketAddrV6;
@@ -214,7 +214,7 @@ impl TcpListener {
         std::future::poll_fn(|cx| self.poll_accept(cx)).await
     }
 
-    pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(TcpStream, SocketAddrV6)>> {
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(TcpStream, SocketAddrV6)>> {
         let mut inner = self.shared.lock();
         if inner.stopped {
             return Poll::Ready(Err(stopped_error()));

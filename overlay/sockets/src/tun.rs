@@ -1,7 +1,7 @@
 //! The TUN endpoint: kernel sockets reach the overlay through a TUN interface.
 //!
 //! Needs CAP_NET_ADMIN. [`Tun::start`] creates the interface, assigns the node's address with
-//! prefix length [`OVERLAY_PREFIX_LEN`] (so the kernel installs the connected route for the
+//! prefix length `OVERLAY_PREFIX_LEN` (so the kernel installs the connected route for the
 //! whole overlay range `600::/7` on the interface: no separate route to manage, and it goes
 //! away with the interface) and pumps packets between the interface and the L3 port.
 //!
@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Prefix length assigned with the node address: the overlay range `600::/7`.
-pub const OVERLAY_PREFIX_LEN: u8 = 7;
+const OVERLAY_PREFIX_LEN: u8 = 7;
 
 /// Packet counters of a TUN endpoint.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -5,6 +5,7 @@ mod common;
 use meshgate_overlay::addr::{prefix_of, prefix_string};
 use meshgate_overlay::{Identity, Node, NodeConfig};
 use meshgate_sockets::{Stack, StackConfig};
+use meshgate_testkit::{eventually, eventually_ok};
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -48,19 +49,13 @@ async fn chain(n: usize) -> Vec<Node> {
 
 async fn wait_route(node: &Node, to: Ipv6Addr) {
     let want = prefix_string(&prefix_of(&to));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if node
-            .status()
+    eventually(Duration::from_secs(20), &format!("a route to {to}"), || {
+        node.status()
             .routes
             .iter()
             .any(|r| r.prefix == want && r.next_hop.is_some())
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no route to {to} after 20 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }
 
 /// Writes `total` bytes of position-dependent data; returns their hash.
@@ -296,15 +291,19 @@ async fn relay_killed_mid_transfer_stream_survives() {
     });
 
     // Wait until an eighth has arrived, then stop the relay that is carrying the stream.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while received.load(std::sync::atomic::Ordering::Relaxed) < TOTAL / 8 {
-        assert!(Instant::now() < deadline, "transfer did not start");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(Duration::from_secs(60), "an eighth of the transfer", || {
+        received.load(std::sync::atomic::Ordering::Relaxed) >= TOTAL / 8
+    })
+    .await;
     let forwarded = |r: &Option<Node>| r.as_ref().unwrap().status().counters.bytes_forwarded;
+    // The relay carrying the stream is the one that forwards the next 16 MiB.
     let before: Vec<u64> = relays.iter().map(forwarded).collect();
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let after: Vec<u64> = relays.iter().map(forwarded).collect();
+    let after: Vec<u64> = eventually_ok(Duration::from_secs(60), "a relay carrying it", || {
+        let now: Vec<u64> = relays.iter().map(forwarded).collect();
+        let carried = (0..2).any(|i| now[i] - before[i] >= 16 << 20);
+        async move { if carried { Ok(now) } else { Err(now) } }
+    })
+    .await;
     let busy = if after[0] - before[0] >= after[1] - before[1] {
         0
     } else {

@@ -7,6 +7,7 @@ mod common;
 use bytes::Bytes;
 use common::pattern;
 use meshgate_sockets::{Stack, StackConfig};
+use meshgate_testkit::eventually;
 use std::collections::HashSet;
 use std::net::{Ipv6Addr, SocketAddrV6};
 use std::sync::Arc;
@@ -422,21 +423,28 @@ async fn retransmitted_syn_does_not_open_a_second_socket() {
         .expect("first connection accepted")
         .unwrap();
     first.abort();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while b.connections_per_shard().iter().sum::<usize>() > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the aborted connection's socket is removed");
+    eventually(
+        Duration::from_secs(5),
+        "the aborted connection's socket removed",
+        || b.connections_per_shard().iter().sum::<usize>() == 0,
+    )
+    .await;
 
     // The connection again: the spare in slot 1 takes the SYN and the new spare lands in the
     // freed slot 0, before it. Then the same SYN once more, as a retransmission.
     let syn = tcp_segment(A, B, (PORT, 80), 5000, 0, SYN);
     send(syn.clone()).await;
     let isn = syn_ack_to(&mut peer_rx, PORT).await;
+    let taken = b.stats().packets_in;
     send(syn).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The stack counts a packet in the same locked round that handles it, and the lock is
+    // taken again below: once the count moves, the retransmitted SYN has been handled.
+    eventually(
+        Duration::from_secs(5),
+        "the retransmitted SYN taken",
+        || b.stats().packets_in > taken,
+    )
+    .await;
     assert_eq!(
         b.connections_per_shard().iter().sum::<usize>(),
         1,

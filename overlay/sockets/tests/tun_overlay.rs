@@ -8,8 +8,9 @@ use meshgate_overlay::addr::{prefix_of, prefix_string};
 use meshgate_overlay::{Identity, Node, NodeConfig};
 use meshgate_sockets::tun::Tun;
 use meshgate_sockets::{Stack, expose};
+use meshgate_testkit::{eventually, listener};
 use std::net::Ipv6Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn start_node(peers: Vec<std::net::SocketAddr>) -> Node {
@@ -25,22 +26,18 @@ async fn start_node(peers: Vec<std::net::SocketAddr>) -> Node {
 
 async fn wait_route(node: &Node, to: Ipv6Addr) {
     let want = prefix_string(&prefix_of(&to));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !node
-        .status()
-        .routes
-        .iter()
-        .any(|r| r.prefix == want && r.next_hop.is_some())
-    {
-        assert!(Instant::now() < deadline, "no route to {to}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(20), &format!("a route to {to}"), || {
+        node.status()
+            .routes
+            .iter()
+            .any(|r| r.prefix == want && r.next_hop.is_some())
+    })
+    .await;
 }
 
 /// A minimal HTTP/1.1 server: answers every request with `page` and closes.
 async fn http_server(page: &'static [u8]) -> std::net::SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
+    let (l, addr) = listener().await;
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {

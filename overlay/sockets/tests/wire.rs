@@ -116,10 +116,13 @@ async fn unread_data_on_drop_resets() {
     let (a, b) = wire(1400, StackConfig::default());
     let listener = b.listen(82).unwrap();
     let mut c = a.connect(SocketAddrV6::new(B, 82, 0, 0)).await.unwrap();
-    let (s, _) = listener.accept().await.unwrap();
-    c.write_all(b"never read").await.unwrap();
-    // Let the data arrive, then drop the server side without reading it.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (mut s, _) = listener.accept().await.unwrap();
+    // One write, so one segment: once its first byte is read, the rest is in the receive
+    // buffer. Then drop the server side without reading it.
+    c.write_all(b"xnever read").await.unwrap();
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"x");
     drop(s);
     let err = tokio::time::timeout(Duration::from_secs(5), c.read(&mut [0u8; 16]))
         .await
@@ -220,6 +223,7 @@ async fn slow_readers_get_every_byte() {
                         break;
                     }
                     got.extend_from_slice(&buf[..n]);
+                    // The slowness under test, not a wait for anything.
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 s.write_all(&(got.len() as u64).to_be_bytes())

@@ -1,0 +1,26 @@
+//! The shared test kit of the meshgate workspace (a dev-dependency only).
+//!
+//! - [`net`]: listeners handed over already bound, reserved ports for child processes,
+//!   refusing and silent addresses;
+//! - [`eventually`]: polling a condition within a bounded deadline;
+//! - [`http`], [`ws`], [`tls`]: HTTP/1.1, h2c, WebSocket, TCP and TLS backends, TLS clients
+//!   and a throwaway CA; [`pattern`]: payloads that reveal corruption;
+//! - [`process`], [`curl`]: the `meshgate gateway` binary as a fixture and curl as a client;
+//! - [`pebble`], [`dns`]: an ACME server and an authoritative DNS server on loopback.
+//!
+//! Everything listens and connects on loopback only. The kit depends on no meshgate crate,
+//! so every crate can use it without a dependency cycle.
+
+pub mod curl;
+pub mod dns;
+pub mod eventually;
+pub mod http;
+pub mod net;
+pub mod pattern;
+pub mod pebble;
+pub mod process;
+pub mod tls;
+pub mod ws;
+
+pub use eventually::{eventually, eventually_async, eventually_blocking, eventually_ok};
+pub use net::{Reserved, listener, std_listener};
