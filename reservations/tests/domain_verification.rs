@@ -1,15 +1,13 @@
 //! Custom-domain proof against a real DNS server started by the test: pending → verified →
 //! active, the refusals, and deactivation of a repointed domain after the grace period.
 
-mod common;
-
-use common::TestDns;
 use meshgate_config::route::Mode;
 use meshgate_reservations::clock::now_unix;
 use meshgate_reservations::reservation::{Key, Options, Reservation, Status, challenge_name};
 use meshgate_reservations::store::redb::RedbStore;
 use meshgate_reservations::store::{ReservationStore, SharedStore};
 use meshgate_reservations::verify::{Verifier, VerifierConfig};
+use meshgate_testkit::dns::TestDns;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
