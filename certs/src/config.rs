@@ -54,7 +54,7 @@ impl TryFrom<&GatewayConfig> for CertConfig {
         };
         Ok(CertConfig {
             state_dir: config.data_dir.join("certs"),
-            farmer_domain: config.domains.first().cloned(),
+            farmer_domain: config.domains.first().map(|d| d.to_string()),
             acme: AcmeConfig {
                 directory: acme.directory.clone(),
                 contact_email: acme.contact.trim_start_matches("mailto:").to_string(),

@@ -56,33 +56,16 @@ pub(crate) fn leaf_info(chain_pem: &str) -> Result<(Validity, Vec<String>), Cert
     Ok((validity, names))
 }
 
-/// Checks a DNS name (optionally `*.`-prefixed) and returns it lowercased. Names become file
-/// names and ACME identifiers, so only letters, digits, `-`, `_` and dots are allowed.
+/// Checks a DNS name (optionally `*.`-prefixed) and returns it lowercased, by the one host
+/// name rule ([`meshgate_config::host::HostPattern`]). Names become file names and ACME
+/// identifiers, so only letters, digits, `-` and dots get through.
 pub(crate) fn normalize_name(name: &str) -> Result<String, CertError> {
-    let bad = |reason: &str| CertError::InvalidName {
-        name: name.to_string(),
-        reason: reason.to_string(),
-    };
-    let lower = name.trim_end_matches('.').to_ascii_lowercase();
-    let rest = lower.strip_prefix("*.").unwrap_or(&lower);
-    if rest.is_empty() || rest.len() > 253 {
-        return Err(bad("empty or longer than 253 characters"));
-    }
-    for label in rest.split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return Err(bad("empty label or label longer than 63 characters"));
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(bad("only a-z, 0-9, '-', '_' and '.' are allowed"));
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return Err(bad("a label starts or ends with '-'"));
-        }
-    }
-    Ok(lower)
+    meshgate_config::host::HostPattern::parse(name)
+        .map(String::from)
+        .map_err(|e| CertError::InvalidName {
+            name: name.to_string(),
+            reason: e.to_string(),
+        })
 }
 
 /// Seconds since the Unix epoch, for status and metrics.

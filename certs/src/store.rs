@@ -5,7 +5,7 @@
 use crate::error::CertError;
 use crate::pem::{leaf_info, normalize_name};
 use crate::schedule::Validity;
-use meshgate_config::token::{Placement, write_private_file};
+use meshgate_config::private_file::{Placement, write_private_file};
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};

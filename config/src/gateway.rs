@@ -2,44 +2,77 @@
 //! (see `docs/configuration.md`); errors name the file, line, field and what is expected.
 
 use crate::file::{self, ConfigError};
-use crate::route::{Mode, Route};
+use crate::host::{HostName, HostPattern};
+use crate::pool::PoolConfig;
+use crate::route::{Backend, Mode, Route, RouteOptions};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The whole `gateway.toml`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// The whole `gateway.toml`, validated.
+#[derive(Debug, Clone, PartialEq)]
 pub struct GatewayConfig {
     /// The farmer's domain(s): `<name>.<domain>` reservations live under these.
-    #[serde(default)]
-    pub domains: Vec<String>,
+    pub domains: Vec<HostName>,
     /// Where state (certificates, stores) lives.
-    #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
-    #[serde(default)]
     pub listen: Listeners,
-    #[serde(default)]
     pub admin: Admin,
     /// The embedded overlay node; absent means no overlay backends.
-    #[serde(default)]
     pub overlay: Option<Overlay>,
-    #[serde(default)]
     pub tls: Tls,
-    #[serde(default)]
     pub timeouts: Timeouts,
-    #[serde(default)]
     pub limits: Limits,
-    #[serde(default)]
     pub security: Security,
     /// Custom-domain verification for reservations.
-    #[serde(default)]
     pub reservations: Reservations,
     /// Static routes, `[[route]]` tables.
-    #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
+}
+
+/// `gateway.toml` as written. Hosts are still text here so that validation can name the
+/// field of a bad one (a serde error has a position but no field path) before they become
+/// [`HostName`]s and [`HostPattern`]s.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatewayFile {
+    #[serde(default)]
+    domains: Vec<String>,
+    #[serde(default = "default_data_dir")]
+    data_dir: PathBuf,
+    #[serde(default)]
+    listen: Listeners,
+    #[serde(default)]
+    admin: Admin,
+    #[serde(default)]
+    overlay: Option<Overlay>,
+    #[serde(default)]
+    tls: Tls,
+    #[serde(default)]
+    timeouts: Timeouts,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    security: Security,
+    #[serde(default)]
+    reservations: Reservations,
+    #[serde(default, rename = "route")]
+    routes: Vec<RouteFile>,
+}
+
+/// A `[[route]]` table as written: [`Route`] with its host still text.
+#[derive(Deserialize)]
+struct RouteFile {
+    host: String,
+    backends: Vec<Backend>,
+    #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
+    options: RouteOptions,
+    #[serde(default)]
+    pool: PoolConfig,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -390,20 +423,33 @@ impl GatewayConfig {
 
     /// Parses and validates TOML text named `path` in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let config: GatewayConfig = file::parse(path, text)?;
-        config.validate(path, text)?;
-        Ok(config)
+        let written: GatewayFile = file::parse(path, text)?;
+        written.validate(path, text)
     }
+}
 
-    fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+/// `text`, if it is a host name written in canonical form (lowercase, no trailing dot).
+fn canonical_host(text: &str) -> Option<HostName> {
+    HostName::parse(text).ok().filter(|h| h.as_str() == text)
+}
+
+/// `text`, if it is a route host written in canonical form.
+fn canonical_pattern(text: &str) -> Option<HostPattern> {
+    HostPattern::parse(text).ok().filter(|h| h.as_str() == text)
+}
+
+impl GatewayFile {
+    fn validate(self, path: &Path, text: &str) -> Result<GatewayConfig, ConfigError> {
         let err = |field: &str, msg: String| ConfigError::at_field(path, text, field, msg);
+        let mut domains = Vec::with_capacity(self.domains.len());
         for (i, d) in self.domains.iter().enumerate() {
-            if !is_hostname(d) {
+            let Some(domain) = canonical_host(d) else {
                 return Err(err(
                     &format!("domains.{i}"),
                     format!("`{d}` is not a lowercase DNS name like `gw.example.org`"),
                 ));
-            }
+            };
+            domains.push(domain);
         }
         if self.listen.https.is_empty() && self.listen.http.is_empty() {
             return Err(err(
@@ -451,13 +497,10 @@ impl GatewayConfig {
         }
         self.validate_admin_tls(&err)?;
         self.validate_reservations(&err)?;
+        let mut routes: Vec<Route> = Vec::with_capacity(self.routes.len());
         let mut seen = HashSet::new();
-        for (i, r) in self.routes.iter().enumerate() {
-            let host_ok = match r.host.strip_prefix("*.") {
-                Some(suffix) => is_hostname(suffix),
-                None => is_hostname(&r.host),
-            };
-            if !host_ok {
+        for (i, r) in self.routes.into_iter().enumerate() {
+            let Some(host) = canonical_pattern(&r.host) else {
                 return Err(err(
                     &format!("route.{i}.host"),
                     format!(
@@ -465,8 +508,8 @@ impl GatewayConfig {
                         r.host
                     ),
                 ));
-            }
-            if !seen.insert(r.host.as_str()) {
+            };
+            if !seen.insert(host.clone()) {
                 return Err(err(
                     &format!("route.{i}.host"),
                     format!("`{}` is routed twice", r.host),
@@ -487,8 +530,27 @@ impl GatewayConfig {
             if let Err((field, msg)) = r.pool.validate() {
                 return Err(err(&format!("route.{i}.{field}"), msg));
             }
+            routes.push(Route {
+                host,
+                backends: r.backends,
+                mode: r.mode,
+                options: r.options,
+                pool: r.pool,
+            });
         }
-        Ok(())
+        Ok(GatewayConfig {
+            domains,
+            data_dir: self.data_dir,
+            listen: self.listen,
+            admin: self.admin,
+            overlay: self.overlay,
+            tls: self.tls,
+            timeouts: self.timeouts,
+            limits: self.limits,
+            security: self.security,
+            reservations: self.reservations,
+            routes,
+        })
     }
 
     fn validate_admin_tls(
@@ -549,7 +611,7 @@ impl GatewayConfig {
             ));
         }
         for n in &t.names {
-            if n.parse::<IpAddr>().is_err() && !is_hostname(n) {
+            if n.parse::<IpAddr>().is_err() && canonical_host(n).is_none() {
                 return Err(err(
                     "admin.tls.names",
                     format!("`{n}` is neither an IP address nor a lowercase DNS name"),
@@ -602,20 +664,6 @@ impl GatewayConfig {
         }
         Ok(())
     }
-}
-
-/// A lowercase DNS name: dot-separated labels of `a-z0-9-` (and `_`), none empty or over 63.
-pub fn is_hostname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        })
 }
 
 #[cfg(test)]
@@ -676,6 +724,47 @@ options = { proxy_protocol = true }
         let e = parse(text).unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.message.contains("route.0.host"), "{e}");
+        assert!(e.message.contains("lowercase DNS name"), "{e}");
+    }
+
+    #[test]
+    fn hosts_follow_the_one_host_name_rule() {
+        let route = |host: &str| {
+            parse(&format!(
+                "[[route]]\nhost = \"{host}\"\nbackends = [{{ addr = \"10.0.0.1:80\" }}]\n"
+            ))
+        };
+        for good in [
+            "a.example",
+            "*.pass.example.org",
+            "xn--bcher-kva.example",
+            "10.0.0.1",
+        ] {
+            assert_eq!(route(good).unwrap().routes[0].host, good);
+        }
+        let wildcard = route("*.pass.example.org").unwrap();
+        assert_eq!(
+            wildcard.routes[0].host.wildcard_parent(),
+            Some("pass.example.org")
+        );
+        // Written hosts are canonical: lowercase, no trailing dot, no `_`, ASCII.
+        for bad in [
+            "A.example",
+            "a.example.",
+            "a_b.example",
+            "*.a_b.example",
+            "bücher.example",
+            "a.*.example",
+            "ab--cd.example",
+        ] {
+            let e = route(bad).unwrap_err();
+            assert!(e.message.contains("route.0.host"), "{bad}: {e}");
+            assert_eq!(e.line, Some(2), "{bad}: {e}");
+        }
+        let c = parse("domains = [\"gw.example.org\"]\n").unwrap();
+        assert_eq!(c.domains[0], "gw.example.org");
+        let e = parse("domains = [\"gw.example.org\", \"gw_2.example.org\"]\n").unwrap_err();
+        assert!(e.message.contains("domains.1"), "{e}");
         assert!(e.message.contains("lowercase DNS name"), "{e}");
     }
 

@@ -1,11 +1,12 @@
-//! meshgate configuration: the TOML files, the reservation model, validation and the stores.
+//! meshgate configuration: the types of `gateway.toml` and `node.toml`, their TOML parsing
+//! and validation, routes and pools, the one validated [`host::HostName`], and the private
+//! file writer for secrets the configuration names. No runtime, store or DNS code: those
+//! live in the crates that use this one.
 
 pub mod file;
 pub mod gateway;
+pub mod host;
 pub mod node;
 pub mod pool;
-pub mod reservation;
+pub mod private_file;
 pub mod route;
-pub mod store;
-pub mod token;
-pub mod verify;

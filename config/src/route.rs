@@ -1,6 +1,7 @@
 //! A route: which host goes to which backends, and how. Static routes come from
 //! `gateway.toml`; reservations are turned into routes by the reservation store.
 
+use crate::host::HostPattern;
 use crate::pool::PoolConfig;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -50,10 +51,10 @@ pub struct RouteOptions {
     pub backend_protocol: BackendProtocol,
 }
 
-/// A host (exact lowercase FQDN, or `*.suffix` wildcard) and where its traffic goes.
+/// A host (exact name, or `*.suffix` wildcard) and where its traffic goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
-    pub host: String,
+    pub host: HostPattern,
     pub backends: Vec<Backend>,
     #[serde(default)]
     pub mode: Mode,

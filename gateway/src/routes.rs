@@ -42,7 +42,7 @@ impl PoolFactory {
         let old = self
             .previous
             .as_ref()
-            .and_then(|t| t.get_exact(&route.host));
+            .and_then(|t| t.get_exact(route.host.as_str()));
         let protocol = route.options.backend_protocol;
         if let Some(old) = old
             && old.route.backends == route.backends
@@ -53,7 +53,7 @@ impl PoolFactory {
         }
         // HTTP health probes speak the route's backend protocol.
         let pool = Pool::for_route_speaking(
-            &route.host,
+            route.host.as_str(),
             &route.backends,
             config,
             self.dialer.clone(),
@@ -94,10 +94,9 @@ impl RouteTable {
                 route: r.clone(),
                 pool: pools.pool_for(r),
             });
-            let host = r.host.to_ascii_lowercase();
-            match host.strip_prefix("*.") {
+            match r.host.wildcard_parent() {
                 Some(parent) => t.wildcard.insert(parent.to_string(), entry),
-                None => t.exact.insert(host, entry),
+                None => t.exact.insert(r.host.to_string(), entry),
             };
         }
         t
@@ -158,7 +157,7 @@ mod tests {
 
     fn route(host: &str, port: u16) -> Route {
         Route {
-            host: host.into(),
+            host: host.parse().unwrap(),
             backends: vec![Backend {
                 addr: ([10, 0, 0, 1], port).into(),
                 weight: 1,

@@ -131,10 +131,10 @@ impl Shared {
             let mut names: Vec<String> = table
                 .entries()
                 .filter(|e| e.route.mode == Mode::Terminate)
-                .map(|e| e.route.host.clone())
+                .map(|e| e.route.host.to_string())
                 .collect();
             for d in &config.domains {
-                names.push(d.clone());
+                names.push(d.to_string());
                 names.push(format!("*.{d}"));
             }
             for n in names {

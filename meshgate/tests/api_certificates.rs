@@ -6,10 +6,10 @@
 use meshgate::app::{self, GatewaySetup};
 use meshgate_certs::CertState;
 use meshgate_config::gateway::GatewayConfig;
-use meshgate_config::reservation::{Key, Options, Reservation, Status};
 use meshgate_config::route::Mode;
-use meshgate_config::store::{Store, StoreError};
-use meshgate_config::verify::{Input, Rules, step};
+use meshgate_reservations::lifecycle::{Input, Rules, step};
+use meshgate_reservations::reservation::{Key, Options, Reservation, Status};
+use meshgate_reservations::store::{ReservationStore, ReservationStoreExt, StoreError};
 use meshgate_testkit::curl::run_curl;
 use meshgate_testkit::http::fixed_backend;
 use meshgate_testkit::{eventually, eventually_ok};
@@ -47,7 +47,7 @@ backends = [{{ addr = "{backend}" }}]
     GatewayConfig::parse(&dir.join("gateway.toml"), &text).unwrap()
 }
 
-fn reserve(store: &Store, fqdn: &str, backend: SocketAddr, mode: Mode) {
+fn reserve(store: &dyn ReservationStore, fqdn: &str, backend: SocketAddr, mode: Mode) {
     store
         .create(&Reservation::new(
             Key::domain(fqdn),
@@ -58,7 +58,7 @@ fn reserve(store: &Store, fqdn: &str, backend: SocketAddr, mode: Mode) {
             0,
         ))
         .unwrap();
-    // The DNS proof holds (the verifier's own DNS flow is tested in meshgate-config).
+    // The DNS proof holds (the verifier's own DNS flow is tested in meshgate-reservations).
     let rules = Rules {
         grace_ms: 60_000,
         require_certificate: true,
@@ -118,8 +118,8 @@ async fn verified_domain_gets_certificate_goes_active_and_serves() {
     };
     let store = services.reservations.as_ref().unwrap().store.clone();
     let certs = services.certs.as_ref().unwrap().manager.clone();
-    reserve(&store, "shop.example.com", backend, Mode::Terminate);
-    reserve(&store, "pass.example.com", backend, Mode::Passthrough);
+    reserve(&*store, "shop.example.com", backend, Mode::Terminate);
+    reserve(&*store, "pass.example.com", backend, Mode::Passthrough);
 
     let key = Key::domain("shop.example.com");
     let r = eventually_ok(Duration::from_secs(15), "shop.example.com active", || {

@@ -10,12 +10,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use meshgate_config::gateway::GatewayConfig;
-use meshgate_config::reservation::Policy;
-use meshgate_config::store::Store;
-use meshgate_config::token::AdminToken;
-use meshgate_config::verify::{Verifier, VerifierConfig};
 use meshgate_gateway::admin::api::{Api, ApiConfig};
 use meshgate_gateway::{Gateway, GatewayParts, ReservationParts};
+use meshgate_reservations::reservation::Policy;
+use meshgate_reservations::store::SharedStore;
+use meshgate_reservations::store::redb::RedbStore;
+use meshgate_reservations::token::AdminToken;
+use meshgate_reservations::verify::{Verifier, VerifierConfig};
 use meshgate_testkit::eventually_ok;
 use meshgate_testkit::http::{Protocol, Served, serve_http};
 use serde_json::{Value, json};
@@ -98,7 +99,7 @@ async fn reservation_serves_traffic_within_one_second() {
     // No domains are reserved here, so the verifier never queries; keep it off the network.
     verifier.nameservers = vec!["127.0.0.1:9".parse().unwrap()];
     // Assembled by hand rather than by `meshgate::app`: this API allows loopback backends.
-    let store = Arc::new(Store::open(&config.data_dir, "farm.example").unwrap());
+    let store: SharedStore = Arc::new(RedbStore::open(&config.data_dir, "farm.example").unwrap());
     let verifier = Verifier::new(store.clone(), verifier).unwrap().spawn();
     let api = Arc::new(Api::new(
         store.clone(),

@@ -7,10 +7,11 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use meshgate_config::reservation::{Key, Policy};
-use meshgate_config::store::Store;
-use meshgate_config::token::AdminToken;
 use meshgate_gateway::admin::api::{self, Api, ApiConfig};
+use meshgate_reservations::reservation::{Key, Policy};
+use meshgate_reservations::store::redb::RedbStore;
+use meshgate_reservations::store::{ReservationStoreExt, SharedStore};
+use meshgate_reservations::token::AdminToken;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -21,14 +22,14 @@ const FARM: &str = "farm.example";
 
 struct Server {
     addr: SocketAddr,
-    store: Arc<Store>,
+    store: SharedStore,
     admin: String,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
 async fn start(dir: &Path) -> Server {
-    let store = Arc::new(Store::open(&dir.join("data"), FARM).unwrap());
+    let store: SharedStore = Arc::new(RedbStore::open(&dir.join("data"), FARM).unwrap());
     let (admin_token, admin) = AdminToken::load_or_create(&dir.join("admin.token")).unwrap();
     let cfg = ApiConfig {
         policy: Policy::default(),
@@ -737,11 +738,11 @@ async fn cli_update_turns_options_on_and_off() {
 
 #[tokio::test]
 async fn certificates_only_for_verified_domains_then_active() {
-    use meshgate_config::reservation::{Options, Reservation, Status};
     use meshgate_config::route::Mode;
-    use meshgate_config::verify::{Input, Rules, step};
+    use meshgate_reservations::lifecycle::{Input, Rules, step};
+    use meshgate_reservations::reservation::{Options, Reservation, Status};
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(&dir.path().join("data"), FARM).unwrap());
+    let store: SharedStore = Arc::new(RedbStore::open(&dir.path().join("data"), FARM).unwrap());
     let config = meshgate_certs::CertConfig::new(
         dir.path().join("certs"),
         meshgate_certs::AcmeConfig::new("local-dev-ca", "ops@farm.example"),
@@ -767,7 +768,7 @@ async fn certificates_only_for_verified_domains_then_active() {
     store
         .update(&Key::domain("verified.alice.test"), |r| {
             step(r, Input::Checked(Ok(())), 1, &rules);
-            Ok::<(), meshgate_config::store::StoreError>(())
+            Ok::<(), meshgate_reservations::store::StoreError>(())
         })
         .unwrap();
     let (_routed_tx, routed) = tokio::sync::watch::channel(Arc::new(Default::default()));

@@ -72,7 +72,7 @@ mod tests {
 
     fn route(host: &str, mode: Mode) -> Route {
         Route {
-            host: host.into(),
+            host: host.parse().unwrap(),
             backends: vec![Backend {
                 addr: ([10, 0, 0, 1], 80).into(),
                 weight: 1,

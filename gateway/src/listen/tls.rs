@@ -87,12 +87,16 @@ async fn terminate(
     let tls = match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
-            shared.metrics.error(&entry.route.host, "tls_handshake");
+            shared
+                .metrics
+                .error(entry.route.host.as_str(), "tls_handshake");
             tracing::info!(route = %entry.route.host, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
-            shared.metrics.error(&entry.route.host, "handshake_timeout");
+            shared
+                .metrics
+                .error(entry.route.host.as_str(), "handshake_timeout");
             return;
         }
     };

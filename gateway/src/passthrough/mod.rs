@@ -29,7 +29,7 @@ pub(crate) async fn splice(
     let (mut b, lease) = match entry.pool.connect(&client).await {
         Ok(x) => x,
         Err(e) => {
-            shared.metrics.error(&route.host, "backend_connect");
+            shared.metrics.error(route.host.as_str(), "backend_connect");
             tracing::warn!(error = %e, "no backend for passthrough stream");
             let _ = stream
                 .write_all(&hello::alert(hello::ALERT_INTERNAL_ERROR))
@@ -59,7 +59,7 @@ pub(crate) async fn splice(
     let (up, down) = moved.unwrap_or((0, 0));
     log::finished(
         &shared.metrics,
-        &route.host,
+        route.host.as_str(),
         start.elapsed(),
         Outcome::Stream {
             up: up + prefix.len() as u64,

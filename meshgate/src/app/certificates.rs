@@ -6,10 +6,10 @@
 use anyhow::{Context, Result};
 use meshgate_certs::{CertConfig, CertManager};
 use meshgate_config::gateway::GatewayConfig;
-use meshgate_config::reservation::Key;
 use meshgate_config::route::Mode;
-use meshgate_config::store::Store;
 use meshgate_gateway::routes::RouteTable;
+use meshgate_reservations::reservation::Key;
+use meshgate_reservations::store::{ReservationStore, SharedStore};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 /// Verified domains whose reservation terminates TLS here (passthrough backends hold their
 /// own certificates).
-fn terminating(store: &Store, verified: &BTreeSet<String>) -> BTreeSet<String> {
+fn terminating(store: &dyn ReservationStore, verified: &BTreeSet<String>) -> BTreeSet<String> {
     verified
         .iter()
         .filter(|d| {
@@ -61,7 +61,7 @@ impl CertService {
     /// domains in `store` not yet routed.
     pub fn start(
         manager: Arc<CertManager>,
-        store: Option<Arc<Store>>,
+        store: Option<SharedStore>,
         mut routes: watch::Receiver<Arc<RouteTable>>,
     ) -> CertService {
         let (routed_tx, routed_rx) =
@@ -102,7 +102,7 @@ fn terminate_hosts(table: &RouteTable) -> BTreeSet<String> {
     table
         .entries()
         .filter(|e| e.route.mode == Mode::Terminate)
-        .map(|e| e.route.host.clone())
+        .map(|e| e.route.host.to_string())
         .filter(|h| !h.starts_with("*."))
         .collect()
 }
@@ -113,7 +113,7 @@ fn terminate_hosts(table: &RouteTable) -> BTreeSet<String> {
 /// certificates). Without a store only `routed` is followed. Runs until `routed`'s sender
 /// and the store's watch are dropped, or the task is aborted.
 pub fn follow_certificates(
-    store: Option<Arc<Store>>,
+    store: Option<SharedStore>,
     certs: Arc<CertManager>,
     mut routed: watch::Receiver<Arc<BTreeSet<String>>>,
     poll: Duration,
@@ -127,7 +127,7 @@ pub fn follow_certificates(
             let mut domains = BTreeSet::new();
             if let (Some(store), Some(v)) = (&store, verified.as_mut()) {
                 let now = v.borrow_and_update().clone();
-                domains = terminating(store, &now);
+                domains = terminating(&**store, &now);
                 want.extend(domains.iter().cloned());
             }
             if desired.as_ref() != Some(&want) {
@@ -135,7 +135,7 @@ pub fn follow_certificates(
                 desired = Some(want);
             }
             if let Some(store) = &store {
-                mark_ready(store, &certs, &domains);
+                mark_ready(&**store, &certs, &domains);
             }
             let verified_changed = async {
                 match verified.as_mut() {
@@ -163,7 +163,7 @@ pub fn follow_certificates(
 }
 
 /// Records in the store which of `domains` have their certificate served.
-fn mark_ready(store: &Store, certs: &CertManager, domains: &BTreeSet<String>) {
+fn mark_ready(store: &dyn ReservationStore, certs: &CertManager, domains: &BTreeSet<String>) {
     for status in certs.status() {
         if !status.state.serves() || !domains.contains(&status.name) {
             continue;

@@ -4,16 +4,17 @@
 
 use anyhow::{Context, Result};
 use meshgate_config::gateway::GatewayConfig;
-use meshgate_config::store::Store;
-use meshgate_config::token::AdminToken;
-use meshgate_config::verify::{Verifier, VerifierConfig};
 use meshgate_gateway::admin::api::{Api, ApiConfig};
+use meshgate_reservations::store::SharedStore;
+use meshgate_reservations::store::redb::RedbStore;
+use meshgate_reservations::token::AdminToken;
+use meshgate_reservations::verify::{Verifier, VerifierConfig};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 /// The store, the API over it and the verifier task (aborted on drop).
 pub struct Reservations {
-    pub store: Arc<Store>,
+    pub store: SharedStore,
     pub api: Arc<Api>,
     verifier: tokio::task::JoinHandle<()>,
 }
@@ -38,9 +39,10 @@ impl Reservations {
             .unwrap_or_else(|| config.data_dir.join("admin.token"));
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
-        let store = Arc::new(Store::open(&config.data_dir, domain)?);
+        let store: SharedStore = Arc::new(RedbStore::open(&config.data_dir, domain.as_str())?);
         let (admin, _) = AdminToken::load_or_create(&token_file)?;
-        let verifier = Verifier::new(store.clone(), verifier_config(config, domain))?.spawn();
+        let verifier =
+            Verifier::new(store.clone(), verifier_config(config, domain.as_str()))?.spawn();
         let api_config = ApiConfig {
             gateway_addrs: public_addresses(config),
             ..Default::default()

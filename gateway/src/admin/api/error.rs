@@ -3,8 +3,8 @@
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::Full;
-use meshgate_config::reservation::FieldError;
-use meshgate_config::store::StoreError;
+use meshgate_reservations::reservation::FieldError;
+use meshgate_reservations::store::StoreError;
 
 /// An API refusal: a status, the field at fault and why.
 #[derive(Debug, Clone, PartialEq, Eq)]

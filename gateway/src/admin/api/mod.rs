@@ -15,9 +15,9 @@ use bytes::Bytes;
 use error::json_response;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use meshgate_config::reservation::Policy;
-use meshgate_config::store::Store;
-use meshgate_config::token::{AdminToken, parse_token};
+use meshgate_reservations::reservation::Policy;
+use meshgate_reservations::store::{ReservationStore, SharedStore};
+use meshgate_reservations::token::{AdminToken, parse_token};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -48,17 +48,17 @@ impl Caller {
 
 /// The admin API handler.
 pub struct Api {
-    store: Arc<Store>,
+    store: SharedStore,
     admin: AdminToken,
     cfg: ApiConfig,
 }
 
 impl Api {
-    pub fn new(store: Arc<Store>, admin: AdminToken, cfg: ApiConfig) -> Self {
+    pub fn new(store: SharedStore, admin: AdminToken, cfg: ApiConfig) -> Self {
         Api { store, admin, cfg }
     }
 
-    pub fn store(&self) -> &Arc<Store> {
+    pub fn store(&self) -> &SharedStore {
         &self.store
     }
 
@@ -159,10 +159,10 @@ impl Api {
     /// Runs a store call off the async threads (redb commits fsync).
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Store) -> T + Send + 'static,
+        f: impl FnOnce(&dyn ReservationStore) -> T + Send + 'static,
     ) -> Result<T, ApiError> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
+        tokio::task::spawn_blocking(move || f(&*store))
             .await
             .map_err(|e| {
                 tracing::error!("admin API store task failed: {e}");

@@ -6,12 +6,13 @@ use super::{Api, ApiError, Caller};
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
-use meshgate_config::reservation::{
+use meshgate_config::route::Mode;
+use meshgate_reservations::clock::now_unix;
+use meshgate_reservations::reservation::{
     Key, Kind, Options, Reservation, challenge_name, validate_backends, validate_fqdn,
     validate_name, validate_options, validate_owner,
 };
-use meshgate_config::route::Mode;
-use meshgate_config::store::{StoreError, now_unix};
+use meshgate_reservations::store::{ReservationStoreExt, StoreError};
 use serde_json::Value;
 
 /// Which collection a request addresses.
@@ -248,14 +249,14 @@ where
                 if !who.may_act_for(&r.owner) {
                     return Err(forbidden(fwhich, &fkey));
                 }
-                if let Some(b) = backends {
-                    r.backends = b;
+                if let Some(b) = &backends {
+                    r.backends.clone_from(b);
                 }
                 if let Some(m) = mode {
                     r.mode = m;
                 }
-                if let Some(o) = options {
-                    r.options = o;
+                if let Some(o) = &options {
+                    r.options.clone_from(o);
                 }
                 r.updated_at = now_unix();
                 Ok::<(), ApiError>(())

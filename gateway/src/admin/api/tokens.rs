@@ -6,9 +6,9 @@ use super::{Api, ApiError, Caller};
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
-use meshgate_config::reservation::validate_owner;
-use meshgate_config::store::now_unix;
-use meshgate_config::token::{StoredToken, new_token};
+use meshgate_reservations::clock::now_unix;
+use meshgate_reservations::reservation::validate_owner;
+use meshgate_reservations::token::{StoredToken, new_token};
 
 fn admin_only(caller: &Caller) -> Result<(), ApiError> {
     match caller {

@@ -37,7 +37,7 @@ pub(crate) async fn send(
     // budget, so black-holed backends cannot make a request wait n × the attempt timeout.
     let connect_deadline = Instant::now() + pool_config.connect_timeout();
     let no_backend = |why: &dyn std::fmt::Display| {
-        shared.metrics.error(&route.host, "no_backend");
+        shared.metrics.error(route.host.as_str(), "no_backend");
         tracing::warn!(error = %why, "no backend available");
         Failure::NoBackend
     };
@@ -63,7 +63,7 @@ pub(crate) async fn send(
         let failure = match tokio::time::timeout(shared.timeouts.request(), sent).await {
             Err(_) => {
                 lease.report(Outcome::Timeout);
-                shared.metrics.error(&route.host, "backend_timeout");
+                shared.metrics.error(route.host.as_str(), "backend_timeout");
                 tracing::warn!("backend response timed out");
                 return Err(Failure::Timeout);
             }
@@ -84,13 +84,13 @@ pub(crate) async fn send(
                 } else {
                     Outcome::ConnectFailed
                 });
-                shared.metrics.error(&route.host, "backend_connect");
+                shared.metrics.error(route.host.as_str(), "backend_connect");
                 tracing::warn!(error = %error_chain(&*error), "backend connect failed");
                 pool::Failure::ConnectFailed
             }
             Ok(Err(BackendError { error, .. })) => {
                 lease.report(Outcome::Reset);
-                shared.metrics.error(&route.host, "backend_io");
+                shared.metrics.error(route.host.as_str(), "backend_io");
                 tracing::warn!(error = %error_chain(&*error), "backend request failed");
                 pool::Failure::ClosedBeforeResponse
             }

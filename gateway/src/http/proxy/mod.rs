@@ -66,7 +66,7 @@ async fn phases(shared: &Shared, req: Request<Incoming>, conn: ConnInfo) -> Resp
         Picked::Forward(entry, host) => {
             tracing::Span::current().record("route", entry.route.host.as_str());
             let resp = forward(shared, &entry, req, &cx, &host).await;
-            (entry.route.host.clone(), host, resp)
+            (entry.route.host.as_str().to_owned(), host, resp)
         }
     };
     log::finished(
@@ -111,7 +111,7 @@ async fn forward(
         .metrics
         .bytes_in
         .get_or_create(&RouteLabel {
-            route: route.host.clone(),
+            route: route.host.as_str().to_owned(),
         })
         .clone();
     let body = body::LentBody::new(

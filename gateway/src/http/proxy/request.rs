@@ -220,8 +220,7 @@ pub(crate) fn is_valid_host(host: &str) -> bool {
         !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
     });
     let name_ok = name.is_none_or(|n| {
-        let n = n.strip_suffix('.').unwrap_or(n).to_ascii_lowercase();
-        n.parse::<std::net::Ipv4Addr>().is_ok() || meshgate_config::gateway::is_hostname(&n)
+        n.parse::<std::net::Ipv4Addr>().is_ok() || meshgate_config::host::HostName::parse(n).is_ok()
     });
     port_ok && name_ok
 }

@@ -46,7 +46,7 @@ pub(crate) fn pick<B>(shared: &Shared, req: &Request<B>, conn: &ConnInfo) -> Pic
         Some(entry) if conn.proto == "http" && !entry.route.options.allow_plain_http => {
             tracing::Span::current().record("route", entry.route.host.as_str());
             Picked::Answer {
-                route: entry.route.host.clone(),
+                route: entry.route.host.as_str().to_owned(),
                 resp: error::redirect_https(&host, req),
                 host,
             }

@@ -375,7 +375,7 @@ async fn http_probes_speak_h2c_to_h2c_backends() {
     assert!(p.status()[0].available, "{:?}", p.status());
     // The gateway's route table builds h2c routes' pools that way.
     let route = meshgate_config::route::Route {
-        host: "h2c.test".into(),
+        host: "h2c.test".parse().unwrap(),
         backends: vec![backend(h2c)],
         mode: meshgate_config::route::Mode::Terminate,
         options: meshgate_config::route::RouteOptions {

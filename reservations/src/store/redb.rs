@@ -1,4 +1,4 @@
-//! The reservation store: an embedded redb database in the data directory.
+//! The single-gateway reservation store: an embedded redb database in the data directory.
 //!
 //! Every change is one redb write transaction (durable on commit, atomic across crashes). After
 //! each commit the store recomputes the routable reservations and publishes them on a
@@ -7,13 +7,14 @@
 //!
 //! Records are JSON so fields can be added without a migration.
 
+use super::{Refused, ReservationStore, StoreError};
 use crate::reservation::{Key, Kind, Reservation};
-use crate::route::Route;
-use crate::token::{ChallengeKey, SecretError, StoredToken};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use crate::token::{ChallengeKey, StoredToken};
+use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use meshgate_config::route::Route;
 use std::collections::BTreeSet;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::{Notify, watch};
 
@@ -21,23 +22,8 @@ const RESERVATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("reserva
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 
 /// File names inside the data directory.
-pub const DB_FILE: &str = "reservations.redb";
-pub const CHALLENGE_KEY_FILE: &str = "challenge.key";
-
-/// Store failures.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("reservation store {path}: {message}")]
-    Open { path: PathBuf, message: String },
-    #[error("reservation store: {0}")]
-    Db(String),
-    #[error("reservation store: record {key} is unreadable: {message}")]
-    Corrupt { key: String, message: String },
-    #[error("{key} is already reserved")]
-    Conflict { key: String, owner: String },
-    #[error(transparent)]
-    Secret(#[from] SecretError),
-}
+const DB_FILE: &str = "reservations.redb";
+const CHALLENGE_KEY_FILE: &str = "challenge.key";
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
@@ -47,20 +33,8 @@ fn record_key(key: &Key) -> String {
     format!("{}/{}", key.kind.as_str(), key.name)
 }
 
-/// Current time in unix seconds.
-pub fn now_unix() -> u64 {
-    now_unix_ms() / 1000
-}
-
-/// Current time in unix milliseconds.
-pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The persistent reservation and token store.
-pub struct Store {
+/// The persistent reservation and token store of one gateway.
+pub struct RedbStore {
     db: Database,
     farmer_domain: String,
     challenge_key: ChallengeKey,
@@ -69,18 +43,18 @@ pub struct Store {
     verify_now: Arc<Notify>,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
+        f.debug_struct("RedbStore")
             .field("farmer_domain", &self.farmer_domain)
             .finish_non_exhaustive()
     }
 }
 
-impl Store {
+impl RedbStore {
     /// Opens (or creates) the store in `data_dir` for a gateway serving `farmer_domain`.
     /// Creates the directory (0700), the database (0600) and the challenge key (0600).
-    pub fn open(data_dir: &Path, farmer_domain: &str) -> Result<Store, StoreError> {
+    pub fn open(data_dir: &Path, farmer_domain: &str) -> Result<RedbStore, StoreError> {
         let open_err = |message: String| StoreError::Open {
             path: data_dir.to_path_buf(),
             message,
@@ -102,7 +76,7 @@ impl Store {
         txn.open_table(RESERVATIONS).map_err(db_err)?;
         txn.open_table(TOKENS).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
-        let store = Store {
+        let store = RedbStore {
             db,
             farmer_domain: farmer_domain.trim_end_matches('.').to_ascii_lowercase(),
             challenge_key,
@@ -114,96 +88,13 @@ impl Store {
         Ok(store)
     }
 
-    /// The farmer's domain names are reserved under.
-    pub fn farmer_domain(&self) -> &str {
-        &self.farmer_domain
-    }
-
-    /// The TXT value `owner` must publish at `_meshgate-challenge.<fqdn>`.
-    pub fn challenge_token(&self, owner: &str, fqdn: &str) -> String {
-        self.challenge_key.token_for(owner, fqdn)
-    }
-
-    /// Routes of every routable reservation (all names, active domains), sorted by host.
-    /// Updated after every committed change.
-    pub fn routes(&self) -> watch::Receiver<Arc<Vec<Route>>> {
-        self.routes.subscribe()
-    }
-
-    /// FQDNs of verified and active domains: the names the certificate layer may order
-    /// certificates for (names are covered by the farmer's wildcard certificate).
-    pub fn verified_domains(&self) -> watch::Receiver<Arc<BTreeSet<String>>> {
-        self.verified.subscribe()
-    }
-
-    /// Asks the verifier to check pending domains now instead of at its next tick.
-    pub fn request_verification(&self) {
-        self.verify_now.notify_one();
-    }
-
-    /// What the verifier waits on besides its interval.
-    pub fn verification_requests(&self) -> Arc<Notify> {
-        self.verify_now.clone()
-    }
-
-    /// One reservation.
-    pub fn get(&self, key: &Key) -> Result<Option<Reservation>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(RESERVATIONS).map_err(db_err)?;
-        let k = record_key(key);
-        match table.get(k.as_str()).map_err(db_err)? {
-            Some(v) => decode(&k, v.value()).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    /// Reservations, optionally only one owner's and/or one kind, sorted by kind then name.
-    pub fn list(
-        &self,
-        owner: Option<&str>,
-        kind: Option<Kind>,
-    ) -> Result<Vec<Reservation>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(RESERVATIONS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for item in table.iter().map_err(db_err)? {
-            let (k, v) = item.map_err(db_err)?;
-            let r: Reservation = decode(k.value(), v.value())?;
-            if owner.is_none_or(|o| o == r.owner) && kind.is_none_or(|kd| kd == r.kind) {
-                out.push(r);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Inserts a new reservation; `Conflict` if the key is taken (by anyone).
-    pub fn create(&self, r: &Reservation) -> Result<(), StoreError> {
-        let key = r.key();
-        let k = record_key(&key);
-        let bytes = encode(r)?;
-        let txn = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut table = txn.open_table(RESERVATIONS).map_err(db_err)?;
-            if let Some(existing) = table.get(k.as_str()).map_err(db_err)? {
-                let existing: Reservation = decode(&k, existing.value())?;
-                return Err(StoreError::Conflict {
-                    key: key.to_string(),
-                    owner: existing.owner,
-                });
-            }
-            table.insert(k.as_str(), bytes.as_slice()).map_err(db_err)?;
-        }
-        txn.commit().map_err(db_err)?;
-        self.publish()
-    }
-
-    /// Changes a reservation inside one transaction. `f` sees the current record and may
-    /// refuse (its error is returned and nothing is written). `Ok(None)` if it does not exist.
-    pub fn update<E: From<StoreError>>(
+    /// Runs `f` on the current record of `key` inside one write transaction, writing the
+    /// record back when `f` changed it and accepts. `Ok(None)` if there is no such record.
+    fn edit(
         &self,
         key: &Key,
-        f: impl FnOnce(&mut Reservation) -> Result<(), E>,
-    ) -> Result<Option<Reservation>, E> {
+        f: &mut dyn FnMut(&mut Reservation) -> Result<(), Refused>,
+    ) -> Result<Option<Reservation>, StoreError> {
         let k = record_key(key);
         let txn = self.db.begin_write().map_err(db_err)?;
         let updated = {
@@ -213,9 +104,8 @@ impl Store {
                 None => return Ok(None),
             };
             let mut next = current.clone();
-            f(&mut next)?;
-            if next == current {
-                return Ok(Some(next));
+            if f(&mut next).is_err() || next == current {
+                return Ok(Some(current));
             }
             let bytes = encode(&next)?;
             table.insert(k.as_str(), bytes.as_slice()).map_err(db_err)?;
@@ -226,136 +116,19 @@ impl Store {
         Ok(Some(updated))
     }
 
-    /// Applies `f` to each existing reservation of `keys` in one transaction (one commit, one
-    /// publish), e.g. a verification round. Missing keys are skipped. Returns the updated
-    /// records.
-    pub fn update_many(
-        &self,
-        keys: &[Key],
-        mut f: impl FnMut(&mut Reservation),
-    ) -> Result<Vec<Reservation>, StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        let mut out = Vec::with_capacity(keys.len());
-        {
-            let mut table = txn.open_table(RESERVATIONS).map_err(db_err)?;
-            for key in keys {
-                let k = record_key(key);
-                let current = match table.get(k.as_str()).map_err(db_err)? {
-                    Some(v) => decode::<Reservation>(&k, v.value())?,
-                    None => continue,
-                };
-                let mut next = current.clone();
-                f(&mut next);
-                if next != current {
-                    let bytes = encode(&next)?;
-                    table.insert(k.as_str(), bytes.as_slice()).map_err(db_err)?;
-                }
-                out.push(next);
-            }
-        }
-        txn.commit().map_err(db_err)?;
-        self.publish()?;
-        Ok(out)
-    }
-
-    /// Deletes a reservation if `allow` accepts it. `Ok(None)` if it does not exist.
-    pub fn delete<E: From<StoreError>>(
-        &self,
-        key: &Key,
-        allow: impl FnOnce(&Reservation) -> Result<(), E>,
-    ) -> Result<Option<Reservation>, E> {
-        let k = record_key(key);
-        let txn = self.db.begin_write().map_err(db_err)?;
-        let removed = {
-            let mut table = txn.open_table(RESERVATIONS).map_err(db_err)?;
-            let current = match table.get(k.as_str()).map_err(db_err)? {
-                Some(v) => decode::<Reservation>(&k, v.value())?,
-                None => return Ok(None),
-            };
-            allow(&current)?;
-            table.remove(k.as_str()).map_err(db_err)?;
-            current
-        };
-        txn.commit().map_err(db_err)?;
-        self.publish()?;
-        Ok(Some(removed))
-    }
-
-    /// Records whether the certificate layer holds a certificate for `fqdn`; a verified
-    /// domain waiting for one becomes active.
-    pub fn set_certificate_ready(
-        &self,
-        fqdn: &str,
-        ready: bool,
-    ) -> Result<Option<Reservation>, StoreError> {
-        let rules = crate::verify::Rules {
-            require_certificate: true,
-            grace_ms: u64::MAX,
-        };
-        self.update(&Key::domain(fqdn), |r| {
-            crate::verify::step(
-                r,
-                crate::verify::Input::CertificateReady(ready),
-                now_unix_ms(),
-                &rules,
-            );
-            Ok::<(), StoreError>(())
-        })
-    }
-
-    /// Stores a deployer token (hash only).
-    pub fn insert_token(&self, token: &StoredToken) -> Result<(), StoreError> {
-        let bytes = encode(token)?;
-        let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(TOKENS)
-            .map_err(db_err)?
-            .insert(token.id.as_str(), bytes.as_slice())
-            .map_err(db_err)?;
-        txn.commit().map_err(db_err)
-    }
-
-    /// A deployer token by id.
-    pub fn token(&self, id: &str) -> Result<Option<StoredToken>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(TOKENS).map_err(db_err)?;
-        match table.get(id).map_err(db_err)? {
-            Some(v) => decode(id, v.value()).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    /// Every deployer token (hashes only).
-    pub fn tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(TOKENS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for item in table.iter().map_err(db_err)? {
-            let (k, v) = item.map_err(db_err)?;
-            out.push(decode(k.value(), v.value())?);
-        }
-        Ok(out)
-    }
-
-    /// Revokes a deployer token; false if there was none.
-    pub fn delete_token(&self, id: &str) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        let existed = txn
-            .open_table(TOKENS)
-            .map_err(db_err)?
-            .remove(id)
-            .map_err(db_err)?
-            .is_some();
-        txn.commit().map_err(db_err)?;
-        Ok(existed)
-    }
-
     /// Recomputes and publishes routes and verified domains (only if they changed).
     fn publish(&self) -> Result<(), StoreError> {
         let all = self.list(None, None)?;
         let mut routes: Vec<Route> = all
             .iter()
             .filter(|r| r.is_routable())
-            .map(|r| r.to_route(&self.farmer_domain))
+            .filter_map(|r| {
+                r.to_route(&self.farmer_domain)
+                    .inspect_err(|e| {
+                        tracing::error!(reservation = %r.key(), "not routed, invalid host: {e}");
+                    })
+                    .ok()
+            })
             .collect();
         routes.sort_by(|a, b| a.host.cmp(&b.host));
         let verified: BTreeSet<String> = all
@@ -378,6 +151,183 @@ impl Store {
             true
         });
         Ok(())
+    }
+}
+
+impl ReservationStore for RedbStore {
+    fn farmer_domain(&self) -> &str {
+        &self.farmer_domain
+    }
+
+    fn challenge_token(&self, owner: &str, fqdn: &str) -> String {
+        self.challenge_key.token_for(owner, fqdn)
+    }
+
+    fn routes(&self) -> watch::Receiver<Arc<Vec<Route>>> {
+        self.routes.subscribe()
+    }
+
+    fn verified_domains(&self) -> watch::Receiver<Arc<BTreeSet<String>>> {
+        self.verified.subscribe()
+    }
+
+    fn request_verification(&self) {
+        self.verify_now.notify_one();
+    }
+
+    fn verification_requests(&self) -> Arc<Notify> {
+        self.verify_now.clone()
+    }
+
+    fn get(&self, key: &Key) -> Result<Option<Reservation>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(RESERVATIONS).map_err(db_err)?;
+        let k = record_key(key);
+        match table.get(k.as_str()).map_err(db_err)? {
+            Some(v) => decode(&k, v.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn list(
+        &self,
+        owner: Option<&str>,
+        kind: Option<Kind>,
+    ) -> Result<Vec<Reservation>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(RESERVATIONS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(db_err)? {
+            let (k, v) = item.map_err(db_err)?;
+            let r: Reservation = decode(k.value(), v.value())?;
+            if owner.is_none_or(|o| o == r.owner) && kind.is_none_or(|kd| kd == r.kind) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn create(&self, r: &Reservation) -> Result<(), StoreError> {
+        let key = r.key();
+        let k = record_key(&key);
+        let bytes = encode(r)?;
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(RESERVATIONS).map_err(db_err)?;
+            if let Some(existing) = table.get(k.as_str()).map_err(db_err)? {
+                let existing: Reservation = decode(&k, existing.value())?;
+                return Err(StoreError::Conflict {
+                    key: key.to_string(),
+                    owner: existing.owner,
+                });
+            }
+            table.insert(k.as_str(), bytes.as_slice()).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        self.publish()
+    }
+
+    fn update_with(
+        &self,
+        key: &Key,
+        edit: &mut dyn FnMut(&mut Reservation) -> Result<(), Refused>,
+    ) -> Result<Option<Reservation>, StoreError> {
+        self.edit(key, edit)
+    }
+
+    fn update_many(
+        &self,
+        keys: &[Key],
+        edit: &mut dyn FnMut(&mut Reservation),
+    ) -> Result<Vec<Reservation>, StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let mut out = Vec::with_capacity(keys.len());
+        {
+            let mut table = txn.open_table(RESERVATIONS).map_err(db_err)?;
+            for key in keys {
+                let k = record_key(key);
+                let current = match table.get(k.as_str()).map_err(db_err)? {
+                    Some(v) => decode::<Reservation>(&k, v.value())?,
+                    None => continue,
+                };
+                let mut next = current.clone();
+                edit(&mut next);
+                if next != current {
+                    let bytes = encode(&next)?;
+                    table.insert(k.as_str(), bytes.as_slice()).map_err(db_err)?;
+                }
+                out.push(next);
+            }
+        }
+        txn.commit().map_err(db_err)?;
+        self.publish()?;
+        Ok(out)
+    }
+
+    fn delete_with(
+        &self,
+        key: &Key,
+        allow: &mut dyn FnMut(&Reservation) -> Result<(), Refused>,
+    ) -> Result<Option<Reservation>, StoreError> {
+        let k = record_key(key);
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let removed = {
+            let mut table = txn.open_table(RESERVATIONS).map_err(db_err)?;
+            let current = match table.get(k.as_str()).map_err(db_err)? {
+                Some(v) => decode::<Reservation>(&k, v.value())?,
+                None => return Ok(None),
+            };
+            if allow(&current).is_err() {
+                return Ok(Some(current));
+            }
+            table.remove(k.as_str()).map_err(db_err)?;
+            current
+        };
+        txn.commit().map_err(db_err)?;
+        self.publish()?;
+        Ok(Some(removed))
+    }
+
+    fn insert_token(&self, token: &StoredToken) -> Result<(), StoreError> {
+        let bytes = encode(token)?;
+        let txn = self.db.begin_write().map_err(db_err)?;
+        txn.open_table(TOKENS)
+            .map_err(db_err)?
+            .insert(token.id.as_str(), bytes.as_slice())
+            .map_err(db_err)?;
+        txn.commit().map_err(db_err)
+    }
+
+    fn token(&self, id: &str) -> Result<Option<StoredToken>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(TOKENS).map_err(db_err)?;
+        match table.get(id).map_err(db_err)? {
+            Some(v) => decode(id, v.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(TOKENS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(db_err)? {
+            let (k, v) = item.map_err(db_err)?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn delete_token(&self, id: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let existed = txn
+            .open_table(TOKENS)
+            .map_err(db_err)?
+            .remove(id)
+            .map_err(db_err)?
+            .is_some();
+        txn.commit().map_err(db_err)?;
+        Ok(existed)
     }
 }
 

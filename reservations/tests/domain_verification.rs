@@ -1,13 +1,13 @@
 //! Custom-domain proof against a real DNS server started by the test: pending → verified →
 //! active, the refusals, and deactivation of a repointed domain after the grace period.
 
-mod common;
-
-use common::TestDns;
-use meshgate_config::reservation::{Key, Options, Reservation, Status, challenge_name};
 use meshgate_config::route::Mode;
-use meshgate_config::store::{Store, now_unix};
-use meshgate_config::verify::{Verifier, VerifierConfig};
+use meshgate_reservations::clock::now_unix;
+use meshgate_reservations::reservation::{Key, Options, Reservation, Status, challenge_name};
+use meshgate_reservations::store::redb::RedbStore;
+use meshgate_reservations::store::{ReservationStore, SharedStore};
+use meshgate_reservations::verify::{Verifier, VerifierConfig};
+use meshgate_testkit::dns::TestDns;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,7 @@ const SHOP: &str = "shop.customer.test";
 
 struct Setup {
     dns: TestDns,
-    store: Arc<Store>,
+    store: SharedStore,
     verifier: Verifier,
     _dir: tempfile::TempDir,
 }
@@ -27,7 +27,7 @@ struct Setup {
 async fn setup(require_certificate: bool, grace: Duration) -> Setup {
     let dns = TestDns::start("customer.test").await;
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path(), FARM).unwrap());
+    let store = Arc::new(RedbStore::open(dir.path(), FARM).unwrap()) as SharedStore;
     let mut cfg = VerifierConfig::new(FARM, vec![IpAddr::V4(GW_IP)]);
     cfg.nameservers = vec![dns.addr];
     cfg.require_certificate = require_certificate;
@@ -42,7 +42,7 @@ async fn setup(require_certificate: bool, grace: Duration) -> Setup {
     }
 }
 
-fn reserve(store: &Store, fqdn: &str, owner: &str, mode: Mode) {
+fn reserve(store: &dyn ReservationStore, fqdn: &str, owner: &str, mode: Mode) {
     let r = Reservation::new(
         Key::domain(fqdn),
         owner,
@@ -54,51 +54,51 @@ fn reserve(store: &Store, fqdn: &str, owner: &str, mode: Mode) {
     store.create(&r).unwrap();
 }
 
-fn status(store: &Store, fqdn: &str) -> Reservation {
+fn status(store: &dyn ReservationStore, fqdn: &str) -> Reservation {
     store.get(&Key::domain(fqdn)).unwrap().unwrap()
 }
 
-fn routed(store: &Store, host: &str) -> bool {
+fn routed(store: &dyn ReservationStore, host: &str) -> bool {
     store.routes().borrow().iter().any(|r| r.host == host)
 }
 
 #[tokio::test]
 async fn verified_flow_pending_verified_active() {
     let s = setup(true, Duration::from_secs(60)).await;
-    reserve(&s.store, SHOP, "alice", Mode::Terminate);
+    reserve(&*s.store, SHOP, "alice", Mode::Terminate);
     let mut verified = s.store.verified_domains();
 
     // Nothing published yet: stays pending, with the reason recorded.
     s.verifier.check_all(1_000).await.unwrap();
-    let r = status(&s.store, SHOP);
+    let r = status(&*s.store, SHOP);
     assert_eq!(r.status, Status::Pending);
     let err = r.verification.last_error.unwrap();
     assert!(err.contains("no TXT record"), "{err}");
-    assert!(!routed(&s.store, SHOP));
+    assert!(!routed(&*s.store, SHOP));
 
     s.dns.cname(SHOP, FARM).await;
     let token = s.store.challenge_token("alice", SHOP);
     s.dns.txt(&challenge_name(SHOP), &[&token]).await;
     assert_eq!(s.verifier.check_all(2_000).await.unwrap(), 1);
-    let r = status(&s.store, SHOP);
+    let r = status(&*s.store, SHOP);
     assert_eq!(r.status, Status::Verified, "{:?}", r.verification);
     assert!(verified.has_changed().unwrap());
     assert!(verified.borrow_and_update().contains(SHOP));
-    assert!(!routed(&s.store, SHOP), "verified is not yet serving");
+    assert!(!routed(&*s.store, SHOP), "verified is not yet serving");
 
     // The certificate layer reports a certificate: active and routed.
     s.store.set_certificate_ready(SHOP, true).unwrap();
-    assert_eq!(status(&s.store, SHOP).status, Status::Active);
-    assert!(routed(&s.store, SHOP));
+    assert_eq!(status(&*s.store, SHOP).status, Status::Active);
+    assert!(routed(&*s.store, SHOP));
     // A later re-validation keeps it active.
     s.verifier.check_all(3_000).await.unwrap();
-    assert_eq!(status(&s.store, SHOP).status, Status::Active);
+    assert_eq!(status(&*s.store, SHOP).status, Status::Active);
 }
 
 #[tokio::test]
 async fn a_records_of_only_the_gateway_count_as_pointed() {
     let s = setup(false, Duration::from_secs(60)).await;
-    reserve(&s.store, SHOP, "alice", Mode::Terminate);
+    reserve(&*s.store, SHOP, "alice", Mode::Terminate);
     s.dns
         .txt(
             &challenge_name(SHOP),
@@ -108,7 +108,7 @@ async fn a_records_of_only_the_gateway_count_as_pointed() {
 
     s.dns.a(SHOP, &[GW_IP, ELSEWHERE_IP]).await;
     s.verifier.check_all(1_000).await.unwrap();
-    let r = status(&s.store, SHOP);
+    let r = status(&*s.store, SHOP);
     assert_eq!(r.status, Status::Pending);
     let err = r.verification.last_error.unwrap();
     assert!(
@@ -118,8 +118,8 @@ async fn a_records_of_only_the_gateway_count_as_pointed() {
 
     s.dns.a(SHOP, &[GW_IP]).await;
     s.verifier.check_all(2_000).await.unwrap();
-    assert_eq!(status(&s.store, SHOP).status, Status::Active);
-    assert!(routed(&s.store, SHOP));
+    assert_eq!(status(&*s.store, SHOP).status, Status::Active);
+    assert!(routed(&*s.store, SHOP));
 }
 
 #[tokio::test]
@@ -129,7 +129,7 @@ async fn refusals_wrong_cname_missing_txt_foreign_token() {
     let notxt = "notxt.customer.test";
     let stolen = "stolen.customer.test";
     for d in [wrong, notxt, stolen] {
-        reserve(&s.store, d, "alice", Mode::Passthrough);
+        reserve(&*s.store, d, "alice", Mode::Passthrough);
     }
     // Wrong CNAME (to a host elsewhere), with a correct TXT.
     s.dns.a("other.customer.test", &[ELSEWHERE_IP]).await;
@@ -155,9 +155,9 @@ async fn refusals_wrong_cname_missing_txt_foreign_token() {
         assert_eq!(s.verifier.check_all(now).await.unwrap(), 0);
     }
     let reason = |d| {
-        let r = status(&s.store, d);
+        let r = status(&*s.store, d);
         assert_eq!(r.status, Status::Pending, "{d}");
-        assert!(!routed(&s.store, d), "{d}");
+        assert!(!routed(&*s.store, d), "{d}");
         r.verification.last_error.unwrap()
     };
     let e = reason(wrong);
@@ -179,7 +179,7 @@ async fn refusals_wrong_cname_missing_txt_foreign_token() {
 async fn repointed_domain_is_deactivated_after_grace() {
     let grace = Duration::from_secs(30);
     let s = setup(false, grace).await;
-    reserve(&s.store, SHOP, "alice", Mode::Terminate);
+    reserve(&*s.store, SHOP, "alice", Mode::Terminate);
     s.dns.cname(SHOP, FARM).await;
     s.dns
         .txt(
@@ -189,7 +189,7 @@ async fn repointed_domain_is_deactivated_after_grace() {
         .await;
     let t0 = 1_000_000;
     s.verifier.check_all(t0).await.unwrap();
-    assert_eq!(status(&s.store, SHOP).status, Status::Active);
+    assert_eq!(status(&*s.store, SHOP).status, Status::Active);
     let mut routes = s.store.routes();
     routes.borrow_and_update();
 
@@ -197,15 +197,15 @@ async fn repointed_domain_is_deactivated_after_grace() {
     s.dns.a("other.customer.test", &[ELSEWHERE_IP]).await;
     s.dns.cname(SHOP, "other.customer.test").await;
     s.verifier.check_all(t0 + 1_000).await.unwrap();
-    let r = status(&s.store, SHOP);
+    let r = status(&*s.store, SHOP);
     assert_eq!(r.status, Status::Active, "within grace it keeps serving");
     assert_eq!(r.verification.failing_since_ms, Some(t0 + 1_000));
     s.verifier.check_all(t0 + 30_999).await.unwrap();
-    assert_eq!(status(&s.store, SHOP).status, Status::Active);
+    assert_eq!(status(&*s.store, SHOP).status, Status::Active);
     assert!(!routes.has_changed().unwrap());
 
     s.verifier.check_all(t0 + 31_000).await.unwrap();
-    match status(&s.store, SHOP).status {
+    match status(&*s.store, SHOP).status {
         Status::Deactivated { reason } => {
             assert!(
                 reason.contains("grace") && reason.contains("203.0.113.9"),
@@ -223,7 +223,7 @@ async fn repointed_domain_is_deactivated_after_grace() {
 async fn running_verifier_activates_on_request_and_routes_follow() {
     let dns = TestDns::start("customer.test").await;
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path(), FARM).unwrap());
+    let store = Arc::new(RedbStore::open(dir.path(), FARM).unwrap()) as SharedStore;
     let mut cfg = VerifierConfig::new(FARM, vec![IpAddr::V4(GW_IP)]);
     cfg.nameservers = vec![dns.addr];
     cfg.interval = Duration::from_secs(3600);
@@ -237,7 +237,7 @@ async fn running_verifier_activates_on_request_and_routes_follow() {
         &[&store.challenge_token("alice", SHOP)],
     )
     .await;
-    reserve(&store, SHOP, "alice", Mode::Terminate);
+    reserve(&*store, SHOP, "alice", Mode::Terminate);
     store.request_verification();
     tokio::time::timeout(Duration::from_secs(5), async {
         loop {
@@ -256,12 +256,12 @@ async fn running_verifier_activates_on_request_and_routes_follow() {
 async fn dns_outage_is_inconclusive_and_keeps_the_domain_active() {
     // No grace at all: any failed proof would deactivate at once.
     let s = setup(false, Duration::ZERO).await;
-    reserve(&s.store, SHOP, "alice", Mode::Terminate);
+    reserve(&*s.store, SHOP, "alice", Mode::Terminate);
     s.dns.cname(SHOP, FARM).await;
     let token = s.store.challenge_token("alice", SHOP);
     s.dns.txt(&challenge_name(SHOP), &[&token]).await;
     s.verifier.check_all(1_000).await.unwrap();
-    assert_eq!(status(&s.store, SHOP).status, Status::Active);
+    assert_eq!(status(&*s.store, SHOP).status, Status::Active);
 
     let verifier_via = |nameserver| {
         let mut cfg = VerifierConfig::new(FARM, vec![IpAddr::V4(GW_IP)]);
@@ -276,17 +276,17 @@ async fn dns_outage_is_inconclusive_and_keeps_the_domain_active() {
         .local_addr()
         .unwrap();
     verifier_via(down).check_all(2_000).await.unwrap();
-    let r = status(&s.store, SHOP);
+    let r = status(&*s.store, SHOP);
     assert_eq!(r.status, Status::Active, "{:?}", r.verification);
     assert_eq!(r.verification.failing_since_ms, None);
     let err = r.verification.last_error.unwrap();
     assert!(err.contains("inconclusive"), "{err}");
-    assert!(routed(&s.store, SHOP));
+    assert!(routed(&*s.store, SHOP));
 
     // A server that answers with an error code (REFUSED: not authoritative for the name).
     let other = TestDns::start("elsewhere.test").await;
     verifier_via(other.addr).check_all(3_000).await.unwrap();
-    let r = status(&s.store, SHOP);
+    let r = status(&*s.store, SHOP);
     assert_eq!(r.status, Status::Active, "{:?}", r.verification);
     assert_eq!(r.verification.failing_since_ms, None);
 
@@ -294,7 +294,7 @@ async fn dns_outage_is_inconclusive_and_keeps_the_domain_active() {
     s.dns.a(SHOP, &[ELSEWHERE_IP]).await;
     s.verifier.check_all(4_000).await.unwrap();
     assert!(matches!(
-        status(&s.store, SHOP).status,
+        status(&*s.store, SHOP).status,
         Status::Deactivated { .. }
     ));
 }

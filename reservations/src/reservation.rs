@@ -2,32 +2,32 @@
 //! with its backends and switches. Validation here is the single source of the rules the admin
 //! API enforces; every refusal names the field and the reason.
 //!
-//! Name rules, compared with the system we replace (`[a-z0-9-_]`, 3–64 chars):
+//! Names and custom domains are [`HostName`]s (its rule: lowercase LDH labels of 1–63
+//! chars, no `_`, punycode for IDN, at most 253 chars in all). Compared with the system we
+//! replace (`[a-z0-9-_]`, 3–64 chars):
 //! - at most 63 chars: a DNS label cannot be longer (RFC 1035 §2.3.4), so a 64-char name could
 //!   never resolve;
 //! - no `_`: not valid in host names (RFC 952/1123) and public CAs refuse certificates for it;
 //! - at least 1 char: any valid label works; a minimum length protected nothing;
-//! - no leading/trailing `-` (RFC 1123), and `--` in positions 3–4 only as a valid IDNA
-//!   A-label (`xn--…`), since RFC 5891 reserves those labels;
 //! - the farmer's infrastructure labels (`www`, `api`, `ns1`, …) are reserved.
+//!
+//! A custom domain further needs two labels, a top-level label that is not all digits, not
+//! to be an IP address, and not to lie under the farmer's domain.
 
-use crate::pool::{Policy as PoolPolicy, PoolConfig};
-use crate::route::{Backend, Mode, Route, RouteOptions};
+use meshgate_config::host::{HostName, HostNameError, HostPattern, MAX_NAME_LEN};
+use meshgate_config::pool::{Policy as PoolPolicy, PoolConfig};
+use meshgate_config::route::{Backend, Mode, Route, RouteOptions};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-/// Longest DNS label (RFC 1035).
-pub const MAX_LABEL_LEN: usize = 63;
-/// Longest host name in text form without the trailing dot (RFC 1035: 255 octets on the wire).
-pub const MAX_FQDN_LEN: usize = 253;
 /// Most backends one reservation may list.
-pub const MAX_BACKENDS: usize = 32;
+const MAX_BACKENDS: usize = 32;
 /// Label of the TXT record that proves ownership of a custom domain.
-pub const CHALLENGE_LABEL: &str = "_meshgate-challenge";
+const CHALLENGE_LABEL: &str = "_meshgate-challenge";
 
 /// Labels a deployer cannot reserve: names the farmer's own services, mail, DNS and ACME use.
-pub const RESERVED_NAMES: &[&str] = &[
+const RESERVED_NAMES: &[&str] = &[
     "www",
     "api",
     "admin",
@@ -246,7 +246,7 @@ impl Reservation {
     }
 
     /// Whether this reservation belongs in the routing table now.
-    pub fn is_routable(&self) -> bool {
+    pub(crate) fn is_routable(&self) -> bool {
         match self.kind {
             Kind::Name => true,
             Kind::Domain => self.status.is_active(),
@@ -255,10 +255,11 @@ impl Reservation {
 
     /// The route the gateway serves for this reservation. `sticky` selects the `hash_cookie`
     /// pool policy (default cookie). `redirect_https` is always `!allow_plain_http` (see
-    /// [`validate_options`]), which is what the route's `allow_plain_http` carries.
-    pub fn to_route(&self, farmer_domain: &str) -> Route {
-        Route {
-            host: self.host(farmer_domain),
+    /// [`validate_options`]), which is what the route's `allow_plain_http` carries. Fails
+    /// only for a record whose name was never validated as a host name.
+    pub(crate) fn to_route(&self, farmer_domain: &str) -> Result<Route, HostNameError> {
+        Ok(Route {
+            host: HostPattern::parse(&self.host(farmer_domain))?,
             backends: self
                 .backends
                 .iter()
@@ -282,7 +283,7 @@ impl Reservation {
                 },
                 ..PoolConfig::default()
             },
-        }
+        })
     }
 }
 
@@ -319,17 +320,17 @@ pub fn validate_name(
             "a name is one DNS label: it must not contain `.` (reserve a custom domain instead)",
         ));
     }
-    validate_label(field, &lower)?;
-    let host_len = lower.len() + 1 + farmer_domain.len();
-    if host_len > MAX_FQDN_LEN {
+    let label = host_name(field, &lower)?;
+    let host_len = label.as_str().len() + 1 + farmer_domain.len();
+    if host_len > MAX_NAME_LEN {
         return Err(FieldError::new(
             field,
             format!(
-                "`{lower}.{farmer_domain}` is {host_len} chars; a host name has at most {MAX_FQDN_LEN}"
+                "`{label}.{farmer_domain}` is {host_len} chars; a host name has at most {MAX_NAME_LEN}"
             ),
         ));
     }
-    Ok(lower)
+    Ok(label.into_string())
 }
 
 /// `ns`, `ns1`, `ns02`, …: name-server labels.
@@ -339,54 +340,30 @@ fn is_ns_label(label: &str) -> bool {
         .is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Validates and normalises a custom FQDN: lowercase, no trailing dot, every label a valid
-/// LDH label (IDN only as punycode `xn--`), not an IP literal, no wildcard, not under
+/// Validates and normalises a custom FQDN: a [`HostName`] (lowercase, no trailing dot, IDN
+/// only as punycode) of at least two labels, not an IP literal, no wildcard, not under
 /// `farmer_domain`.
 pub fn validate_fqdn(field: &str, fqdn: &str, farmer_domain: &str) -> Result<String, FieldError> {
-    if fqdn.is_empty() {
-        return Err(FieldError::new(field, "must not be empty"));
-    }
-    if !fqdn.is_ascii() {
-        let hint = match idna::domain_to_ascii_strict(fqdn) {
-            Ok(ascii) => format!(" (`{ascii}`)"),
-            Err(_) => String::new(),
-        };
-        return Err(FieldError::new(
-            field,
-            format!("internationalised names must be given in punycode form{hint}"),
-        ));
-    }
     let lower = fqdn.to_ascii_lowercase();
-    let lower = lower.strip_suffix('.').unwrap_or(&lower).to_string();
-    if lower.parse::<IpAddr>().is_ok() || lower.starts_with('[') {
+    let bare = lower.strip_suffix('.').unwrap_or(&lower);
+    if bare.parse::<IpAddr>().is_ok() || bare.starts_with('[') {
         return Err(FieldError::new(
             field,
             "an IP address is not a domain; reserve a host name",
         ));
     }
-    if lower.contains('*') {
+    if bare.contains('*') {
         return Err(FieldError::new(field, "wildcards cannot be reserved"));
     }
-    if lower.len() > MAX_FQDN_LEN {
-        return Err(FieldError::new(
-            field,
-            format!(
-                "is {} chars; a host name has at most {MAX_FQDN_LEN}",
-                lower.len()
-            ),
-        ));
-    }
-    let labels: Vec<&str> = lower.split('.').collect();
-    if labels.len() < 2 {
+    let name = host_name(field, fqdn)?;
+    if name.labels().count() < 2 {
         return Err(FieldError::new(
             field,
             "must be a fully qualified domain with at least two labels",
         ));
     }
-    for label in &labels {
-        validate_label(field, label)?;
-    }
-    if labels
+    if name
+        .labels()
         .last()
         .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
     {
@@ -396,57 +373,18 @@ pub fn validate_fqdn(field: &str, fqdn: &str, farmer_domain: &str) -> Result<Str
         ));
     }
     let farmer = farmer_domain.to_ascii_lowercase();
-    if lower == farmer || lower.ends_with(&format!(".{farmer}")) {
+    if name == farmer.as_str() || name.as_str().ends_with(&format!(".{farmer}")) {
         return Err(FieldError::new(
             field,
             format!("is under the gateway's domain `{farmer}`; reserve a name instead"),
         ));
     }
-    Ok(lower)
+    Ok(name.into_string())
 }
 
-/// One lowercase LDH label, 1–63 chars; `xn--` labels must be valid punycode.
-fn validate_label(field: &str, label: &str) -> Result<(), FieldError> {
-    if label.is_empty() {
-        return Err(FieldError::new(field, "contains an empty label"));
-    }
-    if label.len() > MAX_LABEL_LEN {
-        return Err(FieldError::new(
-            field,
-            format!(
-                "label `{label}` is {} chars; a DNS label has at most {MAX_LABEL_LEN}",
-                label.len()
-            ),
-        ));
-    }
-    if let Some(bad) = label
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
-    {
-        return Err(FieldError::new(
-            field,
-            format!("label `{label}` contains `{bad}`; only a-z, 0-9 and `-` are allowed"),
-        ));
-    }
-    if label.starts_with('-') || label.ends_with('-') {
-        return Err(FieldError::new(
-            field,
-            format!("label `{label}` must not start or end with `-`"),
-        ));
-    }
-    if label.get(2..4) == Some("--") {
-        let valid_a_label = label.starts_with("xn--")
-            && idna::domain_to_ascii_strict(label).is_ok_and(|ascii| ascii == label);
-        if !valid_a_label {
-            return Err(FieldError::new(
-                field,
-                format!(
-                    "label `{label}` has `--` in positions 3-4, reserved for valid punycode (`xn--`) labels"
-                ),
-            ));
-        }
-    }
-    Ok(())
+/// `text` as a [`HostName`], refused with `field` and the rule it breaks.
+fn host_name(field: &str, text: &str) -> Result<HostName, FieldError> {
+    HostName::parse(text).map_err(|e| FieldError::new(field, e.to_string()))
 }
 
 /// Validates a backend list: 1..=MAX_BACKENDS IP-literal `addr:port`, no port 0, no
@@ -692,7 +630,7 @@ mod tests {
             updated_at: 1,
             verification: Verification::default(),
         };
-        let route = r.to_route(FARM);
+        let route = r.to_route(FARM).unwrap();
         assert_eq!(route.host, "alice.farm.example");
         assert_eq!(route.mode, Mode::Passthrough);
         assert!(route.options.allow_plain_http);
@@ -720,7 +658,7 @@ mod tests {
             updated_at: 1,
             verification: Verification::default(),
         };
-        let route = r.to_route(FARM);
+        let route = r.to_route(FARM).unwrap();
         assert_eq!(route.pool.policy, PoolPolicy::HashCookie);
         assert_eq!(
             route.pool.sticky_cookie,
@@ -728,6 +666,9 @@ mod tests {
         );
         assert_eq!(route.pool.validate(), Ok(()));
         r.options.sticky = false;
-        assert_eq!(r.to_route(FARM).pool.policy, PoolPolicy::LeastLoaded);
+        assert_eq!(
+            r.to_route(FARM).unwrap().pool.policy,
+            PoolPolicy::LeastLoaded
+        );
     }
 }

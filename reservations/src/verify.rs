@@ -1,4 +1,5 @@
-//! Custom-domain proof: the state machine (sans-IO) and the DNS checks that feed it.
+//! Custom-domain proof: the DNS checks that feed the lifecycle state machine
+//! ([`crate::lifecycle`]), and the verifier task that runs them against the store.
 //!
 //! A domain becomes active only when both hold:
 //! - **pointing**: it CNAMEs to the gateway's domain (or a name under it), or every A/AAAA it
@@ -6,51 +7,26 @@
 //! - **ownership**: `_meshgate-challenge.<fqdn>` has a TXT string equal to the owner's
 //!   challenge token (see [`crate::token::ChallengeKey::token_for`]).
 //!
-//! States: `pending` → (proof holds) → `verified` → (certificate ready, or passthrough, or
-//! certificates not required) → `active`. A verified or active domain whose proof fails keeps
-//! serving for the grace period, then becomes `deactivated` with the reason; when the proof
-//! holds again it is verified (and activated) again. The verifier re-checks every domain
-//! periodically and on request.
+//! The verifier re-checks every domain periodically and on request.
 
-use crate::reservation::{Key, Kind, Reservation, Status, challenge_name};
-use crate::route::Mode;
-use crate::store::{Store, StoreError, now_unix_ms};
+use crate::clock::now_unix_ms;
+use crate::lifecycle::{Input, Rules, step};
+use crate::reservation::{Key, Kind, Reservation, challenge_name};
+use crate::store::{SharedStore, StoreError};
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Most DNS checks a verification round runs at once.
-pub const CONCURRENT_CHECKS: usize = 16;
-
-/// The verification rules the state machine applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rules {
-    /// How long a verified/active domain may fail its proof before it is deactivated.
-    pub grace_ms: u64,
-    /// Terminate-mode domains become active only once the certificate layer has a certificate.
-    pub require_certificate: bool,
-}
-
-/// What the state machine is fed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Input {
-    /// A DNS check finished: `Ok` when the proof holds, else why not.
-    Checked(Result<(), String>),
-    /// A DNS check could not tell (timeout, SERVFAIL, server unreachable): recorded, but it
-    /// neither proves nor disproves anything, so no status changes and no grace clock starts.
-    Inconclusive(String),
-    /// The certificate layer has (or lost) a certificate for the domain.
-    CertificateReady(bool),
-}
+const CONCURRENT_CHECKS: usize = 16;
 
 /// Why a DNS check did not confirm the proof.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CheckFailure {
+enum CheckFailure {
     /// DNS answered, and the proof does not hold.
     Failed(String),
     /// DNS gave no usable answer; nothing is known.
@@ -59,7 +35,7 @@ pub enum CheckFailure {
 
 impl CheckFailure {
     /// The state machine's input for a check that ended with `result`.
-    pub fn input(result: Result<(), CheckFailure>) -> Input {
+    fn input(result: Result<(), CheckFailure>) -> Input {
         match result {
             Ok(()) => Input::Checked(Ok(())),
             Err(CheckFailure::Failed(reason)) => Input::Checked(Err(reason)),
@@ -75,54 +51,6 @@ impl std::fmt::Display for CheckFailure {
             CheckFailure::Inconclusive(r) => write!(f, "inconclusive: {r}"),
         }
     }
-}
-
-/// Applies one input at time `now_ms` (unix ms) to a domain reservation. Returns true when
-/// its status changed. Names are left untouched.
-pub fn step(r: &mut Reservation, input: Input, now_ms: u64, rules: &Rules) -> bool {
-    if r.kind != Kind::Domain {
-        return false;
-    }
-    let before = r.status.clone();
-    let v = &mut r.verification;
-    match input {
-        Input::Checked(Ok(())) => {
-            v.last_checked_ms = Some(now_ms);
-            v.last_error = None;
-            v.failing_since_ms = None;
-            if matches!(r.status, Status::Pending | Status::Deactivated { .. }) {
-                r.status = Status::Verified;
-            }
-        }
-        Input::Checked(Err(reason)) => {
-            v.last_checked_ms = Some(now_ms);
-            if matches!(r.status, Status::Verified | Status::Active) {
-                let since = *v.failing_since_ms.get_or_insert(now_ms);
-                if now_ms.saturating_sub(since) >= rules.grace_ms {
-                    r.status = Status::Deactivated {
-                        reason: format!(
-                            "the DNS proof failed for longer than the {} s grace period: {reason}",
-                            rules.grace_ms / 1000
-                        ),
-                    };
-                    v.failing_since_ms = None;
-                }
-            }
-            v.last_error = Some(reason);
-        }
-        Input::Inconclusive(reason) => {
-            v.last_checked_ms = Some(now_ms);
-            v.last_error = Some(format!("inconclusive (DNS gave no answer): {reason}"));
-        }
-        Input::CertificateReady(ready) => v.certificate_ready = ready,
-    }
-    let can_serve = r.mode == Mode::Passthrough
-        || !rules.require_certificate
-        || r.verification.certificate_ready;
-    if r.status == Status::Verified && can_serve && r.verification.failing_since_ms.is_none() {
-        r.status = Status::Active;
-    }
-    r.status != before
 }
 
 /// How the verifier reaches DNS and what counts as "pointed at this gateway".
@@ -180,13 +108,13 @@ pub enum VerifyError {
 
 /// Checks domains over DNS and drives their state machines in the store.
 pub struct Verifier {
-    store: Arc<Store>,
+    store: SharedStore,
     cfg: VerifierConfig,
     nameservers: Vec<SocketAddr>,
 }
 
 impl Verifier {
-    pub fn new(store: Arc<Store>, cfg: VerifierConfig) -> Result<Self, VerifyError> {
+    pub fn new(store: SharedStore, cfg: VerifierConfig) -> Result<Self, VerifyError> {
         let nameservers = if cfg.nameservers.is_empty() {
             system_nameservers()
         } else {
@@ -227,13 +155,6 @@ impl Verifier {
         builder
             .build()
             .map_err(|e| format!("cannot build a DNS resolver: {e}"))
-    }
-
-    /// Checks the proof for `fqdn` owned by `owner`: `Ok`, the reason it does not hold, or
-    /// why DNS could not tell.
-    pub async fn check(&self, fqdn: &str, owner: &str) -> Result<(), CheckFailure> {
-        let resolver = self.resolver().map_err(CheckFailure::Inconclusive)?;
-        self.check_with(&resolver, fqdn, owner).await
     }
 
     async fn check_with(
@@ -352,19 +273,6 @@ impl Verifier {
         }
     }
 
-    /// Checks one domain now and applies the result. `Ok(None)` if it does not exist.
-    pub async fn check_domain(
-        &self,
-        fqdn: &str,
-        now_ms: u64,
-    ) -> Result<Option<Reservation>, StoreError> {
-        let Some(r) = self.store.get(&Key::domain(fqdn))? else {
-            return Ok(None);
-        };
-        let result = self.check(fqdn, &r.owner).await;
-        self.apply(&r, result, now_ms)
-    }
-
     /// Checks every domain once at time `now_ms` (up to [`CONCURRENT_CHECKS`] at a time) and
     /// applies all results in one store transaction. Returns how many changed status.
     pub async fn check_all(&self, now_ms: u64) -> Result<usize, StoreError> {
@@ -382,19 +290,24 @@ impl Verifier {
                 .await;
         let keys: Vec<Key> = domains.iter().map(Reservation::key).collect();
         let rules = self.cfg.rules();
-        let mut changed = 0;
-        let mut results = results;
-        self.store.update_many(&keys, |r| {
+        // Whether each record's status changed, by key: a backend may re-run the edit, so
+        // the last run's answer counts.
+        let mut changed = HashMap::new();
+        let updated = self.store.update_many(&keys, &mut |r| {
             // A domain deleted and re-created by someone else meanwhile: the check was for
             // the old owner, so it says nothing about this one.
-            if let Some(result) = results.remove(&(r.name.clone(), r.owner.clone()))
-                && step(r, CheckFailure::input(result), now_ms, &rules)
-            {
-                changed += 1;
-                tracing::info!(domain = %r.name, status = ?r.status, "domain status changed");
-            }
+            let result = results.get(&(r.name.clone(), r.owner.clone())).cloned();
+            let moved =
+                result.is_some_and(|result| step(r, CheckFailure::input(result), now_ms, &rules));
+            changed.insert(r.key(), moved);
         })?;
-        Ok(changed)
+        for r in updated
+            .iter()
+            .filter(|r| changed.get(&r.key()) == Some(&true))
+        {
+            tracing::info!(domain = %r.name, status = ?r.status, "domain status changed");
+        }
+        Ok(changed.values().filter(|moved| **moved).count())
     }
 
     async fn check_owned(
@@ -410,25 +323,8 @@ impl Verifier {
         ((name, owner), result)
     }
 
-    fn apply(
-        &self,
-        checked: &Reservation,
-        result: Result<(), CheckFailure>,
-        now_ms: u64,
-    ) -> Result<Option<Reservation>, StoreError> {
-        let rules = self.cfg.rules();
-        self.store.update(&checked.key(), |r| {
-            // The reservation was deleted and re-created by someone else meanwhile: the
-            // check was for the old owner, so it says nothing about this one.
-            if r.owner == checked.owner && step(r, CheckFailure::input(result), now_ms, &rules) {
-                tracing::info!(domain = %r.name, status = ?r.status, "domain status changed");
-            }
-            Ok::<(), StoreError>(())
-        })
-    }
-
     /// Re-validates every domain each `interval`, and at once when the store asks.
-    pub async fn run(self) {
+    async fn run(self) {
         let wake = self.store.verification_requests();
         loop {
             if let Err(e) = self.check_all(now_unix_ms()).await {
@@ -441,7 +337,7 @@ impl Verifier {
         }
     }
 
-    /// Runs [`Verifier::run`] on the current tokio runtime.
+    /// Runs the verifier (see [`Verifier::run`]) on the current tokio runtime.
     pub fn spawn(self) -> tokio::task::JoinHandle<()> {
         tokio::spawn(self.run())
     }
@@ -458,109 +354,4 @@ fn system_nameservers() -> Vec<SocketAddr> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::reservation::{Options, Verification};
-
-    fn domain(mode: Mode) -> Reservation {
-        Reservation {
-            kind: Kind::Domain,
-            name: "shop.example".into(),
-            owner: "alice".into(),
-            backends: vec!["[400::1]:80".parse().unwrap()],
-            mode,
-            options: Options::default(),
-            status: Status::Pending,
-            created_at: 0,
-            updated_at: 0,
-            verification: Verification::default(),
-        }
-    }
-
-    const RULES: Rules = Rules {
-        grace_ms: 60_000,
-        require_certificate: true,
-    };
-
-    #[test]
-    fn pending_verified_active_with_certificate() {
-        let mut r = domain(Mode::Terminate);
-        assert!(!step(
-            &mut r,
-            Input::Checked(Err("no TXT".into())),
-            1,
-            &RULES
-        ));
-        assert_eq!(r.status, Status::Pending);
-        assert_eq!(r.verification.last_error.as_deref(), Some("no TXT"));
-        assert!(step(&mut r, Input::Checked(Ok(())), 2, &RULES));
-        assert_eq!(r.status, Status::Verified);
-        assert!(step(&mut r, Input::CertificateReady(true), 3, &RULES));
-        assert_eq!(r.status, Status::Active);
-    }
-
-    #[test]
-    fn passthrough_needs_no_certificate() {
-        let mut r = domain(Mode::Passthrough);
-        step(&mut r, Input::Checked(Ok(())), 1, &RULES);
-        assert_eq!(r.status, Status::Active);
-    }
-
-    #[test]
-    fn inconclusive_checks_change_nothing_and_start_no_grace_clock() {
-        let rules = Rules {
-            require_certificate: false,
-            grace_ms: 0,
-        };
-        let mut r = domain(Mode::Terminate);
-        step(&mut r, Input::Checked(Ok(())), 0, &rules);
-        assert_eq!(r.status, Status::Active);
-        let timeout = Input::Inconclusive("request timed out".into());
-        assert!(!step(&mut r, timeout.clone(), 10_000, &rules));
-        assert_eq!(r.status, Status::Active);
-        assert_eq!(r.verification.failing_since_ms, None);
-        assert_eq!(r.verification.last_checked_ms, Some(10_000));
-        assert!(
-            r.verification
-                .last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("inconclusive") && e.contains("timed out"))
-        );
-        // Nor does it verify a pending domain.
-        let mut p = domain(Mode::Passthrough);
-        assert!(!step(&mut p, timeout, 1, &rules));
-        assert_eq!(p.status, Status::Pending);
-    }
-
-    #[test]
-    fn failing_proof_deactivates_after_grace_only() {
-        let rules = Rules {
-            require_certificate: false,
-            ..RULES
-        };
-        let mut r = domain(Mode::Terminate);
-        step(&mut r, Input::Checked(Ok(())), 0, &rules);
-        assert_eq!(r.status, Status::Active);
-        step(&mut r, Input::Checked(Err("moved".into())), 10_000, &rules);
-        step(&mut r, Input::Checked(Err("moved".into())), 69_999, &rules);
-        assert_eq!(r.status, Status::Active, "still within grace");
-        // A blip that recovers resets the clock.
-        step(&mut r, Input::Checked(Ok(())), 70_000, &rules);
-        step(&mut r, Input::Checked(Err("moved".into())), 80_000, &rules);
-        step(&mut r, Input::Checked(Err("moved".into())), 139_999, &rules);
-        assert_eq!(r.status, Status::Active);
-        assert!(step(
-            &mut r,
-            Input::Checked(Err("moved".into())),
-            140_000,
-            &rules
-        ));
-        assert!(matches!(&r.status, Status::Deactivated { reason } if reason.contains("moved")));
-        // Pointed back: verified and active again.
-        step(&mut r, Input::Checked(Ok(())), 200_000, &rules);
-        assert_eq!(r.status, Status::Active);
-    }
 }

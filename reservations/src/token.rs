@@ -10,10 +10,10 @@
 //!   TXT record published for one owner does not prove ownership for another, and a token for
 //!   one gateway is worthless on another.
 
+use meshgate_config::private_file::{Placement, write_private_file};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use subtle::ConstantTimeEq;
 
 const PREFIX: &str = "mg_";
@@ -41,7 +41,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SecretError + '_ {
 }
 
 /// Reads a secret file, refusing it if group or others can read it. `Ok(None)` when missing.
-pub fn read_secret_file(path: &Path) -> Result<Option<Vec<u8>>, SecretError> {
+fn read_secret_file(path: &Path) -> Result<Option<Vec<u8>>, SecretError> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -59,79 +59,8 @@ pub fn read_secret_file(path: &Path) -> Result<Option<Vec<u8>>, SecretError> {
 
 /// Writes a new secret file with mode 0600 (fails if it exists), crash-safely (see
 /// [`write_private_file`] with [`Placement::New`]). A reader never sees a partial file.
-pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), SecretError> {
+fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), SecretError> {
     write_private_file(path, contents, Placement::New).map_err(|e| io_err(&e.path)(e.source))
-}
-
-/// How [`write_private_file`] puts the finished file at its path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Placement {
-    /// Only if nothing is there: a hard link, atomic, fails if the path exists.
-    New,
-    /// Over whatever is there: a rename, so a reader sees the old file or the new one.
-    Replace,
-}
-
-/// A [`write_private_file`] that failed: the file it failed on (the temporary file, the
-/// target or its directory) and why.
-#[derive(Debug)]
-pub struct PrivateWriteError {
-    pub path: PathBuf,
-    pub source: std::io::Error,
-}
-
-/// Writes `contents` to `path` with mode 0600, crash-safely: the contents go to a fresh
-/// temporary file in the same directory (0600, fsynced), which is then placed at `path` as
-/// `placement` says; the directory is fsynced so the name survives a crash. A reader never
-/// sees a partial file.
-pub fn write_private_file(
-    path: &Path,
-    contents: &[u8],
-    placement: Placement,
-) -> Result<(), PrivateWriteError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{file_name}.{}.{}.tmp",
-        std::process::id(),
-        hex(&random_bytes::<6>())
-    ));
-    let failed_at = |at: &Path| {
-        let path = at.to_path_buf();
-        move |source| PrivateWriteError { path, source }
-    };
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        file.write_all(contents)?;
-        file.sync_all()
-    };
-    let placed = write().map_err(failed_at(&tmp)).and_then(|()| {
-        match placement {
-            Placement::New => std::fs::hard_link(&tmp, path),
-            Placement::Replace => std::fs::rename(&tmp, path),
-        }
-        .map_err(failed_at(path))
-    });
-    // Gone already after a rename; after a hard link or a failure it is not needed.
-    let _ = std::fs::remove_file(&tmp);
-    placed?;
-    sync_dir(dir).map_err(failed_at(dir))
-}
-
-/// Makes a directory's entries (a new or renamed file) durable.
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
@@ -270,7 +199,7 @@ impl AdminToken {
 
 /// The server key challenge tokens are derived from.
 #[derive(Clone)]
-pub struct ChallengeKey([u8; 32]);
+pub(crate) struct ChallengeKey([u8; 32]);
 
 impl std::fmt::Debug for ChallengeKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -279,12 +208,13 @@ impl std::fmt::Debug for ChallengeKey {
 }
 
 impl ChallengeKey {
-    pub fn from_bytes(key: [u8; 32]) -> Self {
+    #[cfg(test)]
+    fn from_bytes(key: [u8; 32]) -> Self {
         ChallengeKey(key)
     }
 
     /// Loads the key from a 0600 file (64 hex chars), creating it when missing.
-    pub fn load_or_create(path: &Path) -> Result<Self, SecretError> {
+    pub(crate) fn load_or_create(path: &Path) -> Result<Self, SecretError> {
         match read_secret_file(path)? {
             Some(bytes) => {
                 let text = String::from_utf8_lossy(&bytes);
@@ -304,7 +234,7 @@ impl ChallengeKey {
     }
 
     /// The TXT value that proves `owner` controls `fqdn`.
-    pub fn token_for(&self, owner: &str, fqdn: &str) -> String {
+    pub(crate) fn token_for(&self, owner: &str, fqdn: &str) -> String {
         let mut h = blake3::Hasher::new_keyed(&self.0);
         h.update(b"meshgate-challenge-v1\0");
         h.update(owner.as_bytes());

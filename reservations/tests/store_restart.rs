@@ -1,9 +1,11 @@
 //! The store survives restarts and publishes every change on the routes watch channel.
 
-use meshgate_config::reservation::{Key, Kind, Options, Reservation, Status};
 use meshgate_config::route::Mode;
-use meshgate_config::store::{Store, StoreError, now_unix};
-use meshgate_config::token::{StoredToken, new_token};
+use meshgate_reservations::clock::now_unix;
+use meshgate_reservations::reservation::{Key, Kind, Options, Reservation, Status};
+use meshgate_reservations::store::redb::RedbStore as Store;
+use meshgate_reservations::store::{ReservationStore, ReservationStoreExt, StoreError};
+use meshgate_reservations::token::{StoredToken, new_token};
 use std::time::Duration;
 
 const FARM: &str = "farm.example";
@@ -76,7 +78,7 @@ async fn restart_keeps_every_reservation_and_token() {
     );
     let stored = store.token(&token.id).unwrap().unwrap();
     assert_eq!(stored.owner, "alice");
-    let parsed = meshgate_config::token::parse_token(&token.token).unwrap();
+    let parsed = meshgate_reservations::token::parse_token(&token.token).unwrap();
     assert!(parsed.matches(&stored.hash));
     // The same challenge key survives, so published TXT records stay valid; another data
     // directory (another gateway) has another key.
