@@ -187,7 +187,6 @@ mod tests {
     use meshgate_overlay::{Identity, Node, NodeConfig};
     use meshgate_sockets::Stack;
     use std::net::SocketAddrV6;
-    use std::time::Instant;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// `meshgate node` from a node.toml: exposes an overlay port to a local service, and its
@@ -233,11 +232,12 @@ mod tests {
         let port = client.take_l3_port().unwrap();
         let stack = Stack::new(port.address, port.mtu, port.tx, port.rx);
         let want = prefix_string(&prefix_of(&workload));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !client.status().routes.iter().any(|r| r.prefix == want) {
-            assert!(Instant::now() < deadline, "no route to the workload node");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        meshgate_testkit::eventually(
+            Duration::from_secs(20),
+            "a route to the workload node",
+            || client.status().routes.iter().any(|r| r.prefix == want),
+        )
+        .await;
         let mut s = stack
             .connect(SocketAddrV6::new(workload, 8080, 0, 0))
             .await

@@ -406,11 +406,10 @@ async fn active_probes_take_a_failing_backend_out_and_bring_it_back() {
         ..PoolConfig::default()
     };
     let p = pool(&[good, flaky], cfg);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while p.status()[1].state != HealthState::Down {
-        assert!(Instant::now() < deadline, "never marked down");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    meshgate_testkit::eventually(Duration::from_secs(5), "flaky marked down", || {
+        p.status()[1].state == HealthState::Down
+    })
+    .await;
     for _ in 0..50 {
         assert_eq!(p.pick(&client(1), &[]).await.expect("pick").backend(), good);
     }
@@ -421,10 +420,10 @@ async fn active_probes_take_a_failing_backend_out_and_bring_it_back() {
             held.push(s);
         }
     });
-    while !p.status()[1].available {
-        assert!(Instant::now() < deadline, "never re-admitted");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    meshgate_testkit::eventually(Duration::from_secs(5), "flaky re-admitted", || {
+        p.status()[1].available
+    })
+    .await;
     let mut on_flaky = 0;
     for _ in 0..100 {
         if p.pick(&client(1), &[]).await.expect("pick").backend() == flaky {
