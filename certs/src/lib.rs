@@ -50,6 +50,7 @@ pub use devca::DevCa;
 pub use dns::ChallengeZone;
 pub use error::{CertError, IssueError};
 pub use manager::CertManager;
+pub use pem::load_pem_files;
 pub use resolver::{CertMap, CertResolver};
 pub use schedule::Validity;
 pub use status::{CertState, CertStatus};

@@ -5,8 +5,24 @@ use crate::schedule::Validity;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Loads a certificate chain and its private key from PEM files (`[[tls.certificates]]`,
+/// `[admin] tls`): the DNS names the leaf covers, and the rustls key. Errors name the file.
+pub fn load_pem_files(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<String>, Arc<CertifiedKey>), CertError> {
+    let chain_pem = std::fs::read_to_string(cert)
+        .map_err(|e| CertError::file(cert, format!("cannot read certificates: {e}")))?;
+    let key_pem = std::fs::read_to_string(key)
+        .map_err(|e| CertError::file(key, format!("cannot read a PEM private key: {e}")))?;
+    let (_, names) = leaf_info(&chain_pem).map_err(|e| CertError::file(cert, e))?;
+    let certified = certified_key(&chain_pem, &key_pem).map_err(|e| CertError::file(key, e))?;
+    Ok((names, certified))
+}
 
 /// Parses a PEM chain (leaf first) and a PEM private key into a rustls `CertifiedKey`.
 pub(crate) fn certified_key(

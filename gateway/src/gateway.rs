@@ -6,7 +6,7 @@ use crate::admin::overlay::OverlayObserver;
 use crate::listen::{self, Bound};
 use crate::observe::metrics::Metrics;
 use crate::routes::RouteTable;
-use crate::state::{Shared, SharedParts};
+use crate::state::Shared;
 use crate::upstream::clients::Clients;
 use crate::upstream::connector::GatewayDialer;
 use crate::upstream::dial::Dialer;
@@ -17,7 +17,7 @@ use meshgate_config::route::Route;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
 /// Everything a gateway is made of.
@@ -119,10 +119,13 @@ impl Gateway {
             None => (None, None),
         };
         let follow = reserved.clone();
-        let shared = Arc::new(Shared::new(SharedParts {
-            config,
+        let shared = Arc::new(Shared {
             config_path,
+            timeouts: config.timeouts.clone(),
+            limits: config.limits.clone(),
+            config: RwLock::new(Arc::new(config)),
             reserved,
+            routes: watch::Sender::new(Arc::default()),
             resolver,
             dev_ca,
             tls,
@@ -131,9 +134,11 @@ impl Gateway {
             metrics,
             certs,
             api,
+            started: std::time::Instant::now(),
             admin_tls,
             overlay: observer,
-        })?);
+        });
+        shared.rebuild()?;
         if let Some(rx) = follow {
             follow_reserved_routes(Arc::downgrade(&shared), rx);
         }
@@ -158,11 +163,6 @@ impl Gateway {
     /// Every route table from now on (the current one first).
     pub fn watch_routes(&self) -> watch::Receiver<Arc<RouteTable>> {
         self.shared.routes.subscribe()
-    }
-
-    /// Names a certificate is served for from the gateway's own map (files, dev CA, ACME).
-    pub fn certificate_names(&self) -> Vec<String> {
-        self.shared.resolver.names()
     }
 
     /// Binds every configured listener (dual-stack on `[::]`).
@@ -210,4 +210,42 @@ fn follow_reserved_routes(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::pool::ClientInfo;
+
+    fn gateway_config(text: &str) -> GatewayConfig {
+        GatewayConfig::parse(std::path::Path::new("g.toml"), text).expect("test config parses")
+    }
+
+    #[tokio::test]
+    async fn failed_reload_keeps_ssrf_guard_on() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = listener.local_addr().unwrap();
+        let listen = "listen = { https = [\"127.0.0.1:0\"], http = [] }\n";
+        let route = format!(
+            "[[route]]\nhost = \"a.example.org\"\nbackends = [{{ addr = \"{backend}\" }}]\n"
+        );
+        let gw = Gateway::new(GatewayParts::new(gateway_config(&format!(
+            "{listen}{route}"
+        ))))
+        .expect("gateway starts");
+        // Relaxes the guard but cannot apply: its certificate files do not exist.
+        let broken = gateway_config(&format!(
+            "{listen}[security]\nallow_private_backends = true\n\
+             [[tls.certificates]]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n{route}"
+        ));
+        assert!(gw.apply(broken).is_err());
+        let entry = gw.routes().lookup("a.example.org").expect("route");
+        let lease = entry
+            .pool
+            .pick(&ClientInfo::from_ip("192.0.2.1".parse().unwrap()), &[])
+            .await
+            .expect("lease");
+        let dialed = lease.dial().await.map(|_| ()).map_err(|e| e.error.kind());
+        assert_eq!(dialed, Err(std::io::ErrorKind::PermissionDenied));
+    }
 }

@@ -1,4 +1,5 @@
-//! The state every connection reads, assembled once by [`crate::Gateway`]. Immutable after
+//! The state every connection reads, assembled once by [`crate::Gateway`] (which then
+//! builds its first route table and certificate map with [`Shared::rebuild`]). Immutable after
 //! assembly except what is meant to change, each swapped whole: the configuration (reload),
 //! the route table, the certificate map and the SSRF switch. Connections already open keep
 //! the snapshot they took.
@@ -18,18 +19,18 @@ use rustls::ServerConfig;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
 use tokio::sync::watch;
 
 pub(crate) struct Shared {
     pub(crate) config_path: Option<PathBuf>,
-    config: RwLock<Arc<GatewayConfig>>,
+    /// Swapped whole on reload; read with [`Shared::config`].
+    pub(crate) config: RwLock<Arc<GatewayConfig>>,
     /// Routes from the reservations store, merged with the static ones on each rebuild.
     pub(crate) reserved: Option<watch::Receiver<Arc<Vec<Route>>>>,
     /// The current route table; subscribers (the certificate follower) see every new one.
     pub(crate) routes: watch::Sender<Arc<RouteTable>>,
     pub(crate) resolver: Arc<CertResolver>,
-    dev_ca: Option<DevCa>,
+    pub(crate) dev_ca: Option<DevCa>,
     /// Terminating TLS on :443 (resolver above; ALPN h2 and http/1.1; stateless tickets).
     pub(crate) tls: Arc<ServerConfig>,
     pub(crate) clients: Clients,
@@ -41,56 +42,14 @@ pub(crate) struct Shared {
     pub(crate) certs: Option<Arc<CertManager>>,
     /// The reservations API mounted under `/v1/` on the admin listener.
     pub(crate) api: Option<Arc<Api>>,
-    pub(crate) started: Instant,
+    pub(crate) started: std::time::Instant,
     /// `[admin] tls`: the admin listener's TLS (fixed until restart).
     pub(crate) admin_tls: Option<tokio_rustls::TlsAcceptor>,
     /// The embedded overlay node, shown in `/status` and `/metrics`.
     pub(crate) overlay: Option<OverlayObserver>,
 }
 
-/// What [`Shared::new`] is built from (the parts of [`crate::GatewayParts`] it keeps).
-pub(crate) struct SharedParts {
-    pub(crate) config: GatewayConfig,
-    pub(crate) config_path: Option<PathBuf>,
-    pub(crate) reserved: Option<watch::Receiver<Arc<Vec<Route>>>>,
-    pub(crate) resolver: Arc<CertResolver>,
-    pub(crate) dev_ca: Option<DevCa>,
-    pub(crate) tls: Arc<ServerConfig>,
-    pub(crate) clients: Clients,
-    pub(crate) dialer: Arc<GatewayDialer>,
-    pub(crate) metrics: Metrics,
-    pub(crate) certs: Option<Arc<CertManager>>,
-    pub(crate) api: Option<Arc<Api>>,
-    pub(crate) admin_tls: Option<tokio_rustls::TlsAcceptor>,
-    pub(crate) overlay: Option<OverlayObserver>,
-}
-
 impl Shared {
-    /// Builds the state and its first route table and certificate map.
-    pub(crate) fn new(p: SharedParts) -> Result<Self> {
-        let shared = Shared {
-            config_path: p.config_path,
-            timeouts: p.config.timeouts.clone(),
-            limits: p.config.limits.clone(),
-            config: RwLock::new(Arc::new(p.config)),
-            reserved: p.reserved,
-            routes: watch::Sender::new(Arc::default()),
-            resolver: p.resolver,
-            dev_ca: p.dev_ca,
-            tls: p.tls,
-            clients: p.clients,
-            dialer: p.dialer,
-            metrics: p.metrics,
-            certs: p.certs,
-            api: p.api,
-            started: Instant::now(),
-            admin_tls: p.admin_tls,
-            overlay: p.overlay,
-        };
-        shared.rebuild()?;
-        Ok(shared)
-    }
-
     /// The route table now (a connection or request keeps the one it took).
     pub(crate) fn routes(&self) -> Arc<RouteTable> {
         self.routes.borrow().clone()
@@ -146,7 +105,7 @@ impl Shared {
             }
         }
         for files in &config.tls.certificates {
-            let (names, cert) = crate::tls::load_pem_files(&files.cert, &files.key)?;
+            let (names, cert) = meshgate_certs::load_pem_files(&files.cert, &files.key)?;
             for n in names {
                 map.insert(n, cert.clone());
             }

@@ -3,6 +3,10 @@
 //! active and serves HTTPS; passthrough domains get no certificate; `/status` reports the
 //! certificate manager's state.
 
+mod common;
+
+use common::InProcess;
+
 use meshgate::app::{self, GatewaySetup};
 use meshgate_certs::CertState;
 use meshgate_config::gateway::GatewayConfig;
@@ -105,17 +109,7 @@ async fn verified_domain_gets_certificate_goes_active_and_serves() {
     let bound = gateway.bind().unwrap();
     let https = bound.https[0].local_addr().unwrap();
     let admin = bound.admin.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = {
-        let gateway = gateway.clone();
-        tokio::spawn(async move {
-            gateway
-                .serve(bound, async {
-                    let _ = stop_rx.await;
-                })
-                .await
-        })
-    };
+    let serving = InProcess::serve(&gateway, bound);
     let store = services.reservations.as_ref().unwrap().store.clone();
     let certs = services.certs.as_ref().unwrap().manager.clone();
     reserve(&*store, "shop.example.com", backend, Mode::Terminate);
@@ -193,6 +187,5 @@ async fn verified_domain_gets_certificate_goes_active_and_serves() {
     );
 
     drop(services);
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
+    serving.stop().await;
 }

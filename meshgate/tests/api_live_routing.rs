@@ -2,6 +2,10 @@
 //! serves traffic through the running gateway within one second, with no restart; deleting it
 //! stops the traffic.
 
+mod common;
+
+use common::InProcess;
+
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
@@ -123,17 +127,7 @@ async fn reservation_serves_traffic_within_one_second() {
     let bound = gateway.bind().unwrap();
     let http = bound.http[0].local_addr().unwrap();
     let admin_addr = bound.admin.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = {
-        let gateway = gateway.clone();
-        tokio::spawn(async move {
-            gateway
-                .serve(bound, async {
-                    let _ = stop_rx.await;
-                })
-                .await
-        })
-    };
+    let serving = InProcess::serve(&gateway, bound);
 
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
@@ -234,7 +228,6 @@ async fn reservation_serves_traffic_within_one_second() {
     )
     .await;
 
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
+    serving.stop().await;
     verifier.abort();
 }

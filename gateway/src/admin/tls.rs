@@ -1,9 +1,10 @@
 //! TLS for the admin listener (`[admin] tls`): a certificate from files or issued by the dev
 //! CA, HTTP/1.1 only.
 
-use crate::tls::{Always, load_pem_files};
+use crate::tls::Always;
 use anyhow::{Context, Result};
 use meshgate_certs::DevCa;
+use meshgate_certs::load_pem_files;
 use meshgate_config::gateway::GatewayConfig;
 use std::sync::Arc;
 use tokio_rustls::TlsAcceptor;

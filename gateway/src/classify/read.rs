@@ -1,9 +1,9 @@
-//! Reading a ClientHello off a client connection, bounded in size and time. The bytes read are
-//! kept, to be replayed to rustls or to a passthrough backend.
+//! Reading a ClientHello off a client connection, bounded in size and time (the bytes read are
+//! kept, to be replayed to rustls or to a passthrough backend), and answering with an alert.
 
 use super::hello::{self, ClientHello, HelloError, Parse};
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -41,4 +41,10 @@ pub(crate) async fn client_hello(
             Err(_) => return Err(ReadError::Timeout),
         }
     }
+}
+
+/// Sends the TLS alert `description` and closes the connection.
+pub(crate) async fn send_alert(stream: &mut TcpStream, description: u8) {
+    let _ = stream.write_all(&hello::alert(description)).await;
+    let _ = stream.shutdown().await;
 }

@@ -2,7 +2,7 @@
 //! and carry the decision out: splice, terminate TLS and serve HTTP, answer a TLS-ALPN-01
 //! validation, or refuse with an alert.
 
-use crate::classify::read::{self, ReadError};
+use crate::classify::read::{self, ReadError, send_alert};
 use crate::classify::{self, Decision, hello};
 use crate::http::{self, ConnInfo};
 use crate::io::{Activity, Rewind, Tracked};
@@ -16,11 +16,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::Instrument;
-
-async fn send_alert(stream: &mut TcpStream, description: u8) {
-    let _ = stream.write_all(&hello::alert(description)).await;
-    let _ = stream.shutdown().await;
-}
 
 pub(super) async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     let deadline = Instant::now() + shared.timeouts.handshake();

@@ -4,6 +4,7 @@
 pub(crate) mod proxy_protocol;
 
 use crate::classify::hello;
+use crate::classify::read::send_alert;
 use crate::io::{Activity, Tracked};
 use crate::observe::log::{self, Outcome};
 use crate::routes::RouteEntry;
@@ -31,10 +32,7 @@ pub(crate) async fn splice(
         Err(e) => {
             shared.metrics.error(route.host.as_str(), "backend_connect");
             tracing::warn!(error = %e, "no backend for passthrough stream");
-            let _ = stream
-                .write_all(&hello::alert(hello::ALERT_INTERNAL_ERROR))
-                .await;
-            let _ = stream.shutdown().await;
+            send_alert(&mut stream, hello::ALERT_INTERNAL_ERROR).await;
             return;
         }
     };

@@ -20,6 +20,37 @@ pub fn start_gateway(dir: &Path, body: &str) -> GatewayProcess {
     GatewayProcess::start(Path::new(env!("CARGO_BIN_EXE_meshgate")), dir, body)
 }
 
+/// A gateway serving its listeners on a task of its own, in this test process, until
+/// [`InProcess::stop`].
+pub struct InProcess {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    pub fn serve(
+        gateway: &meshgate_gateway::Gateway,
+        bound: meshgate_gateway::listen::Bound,
+    ) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let gateway = gateway.clone();
+        let task = tokio::spawn(async move {
+            gateway
+                .serve(bound, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        InProcess { stop, task }
+    }
+
+    /// Stops serving and waits (up to 5 s) for the listeners to close.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.task).await;
+    }
+}
+
 /// A workload overlay node in the test process exposing loopback services on overlay ports.
 pub struct Workload {
     pub node: EmbeddedNode,

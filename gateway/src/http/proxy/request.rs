@@ -334,8 +334,16 @@ mod tests {
         );
     }
 
-    fn parts(req: Request<()>) -> Parts {
-        req.into_parts().0
+    /// The upstream head of `req` from a fixed client.
+    fn head_of(
+        req: Request<()>,
+        proto: &str,
+        host: &str,
+        protocol: BackendProtocol,
+        upgrade: Option<HeaderValue>,
+    ) -> UpstreamHead {
+        let client = "192.0.2.9:4000".parse().unwrap();
+        head(req.into_parts().0, client, proto, host, protocol, upgrade)
     }
 
     #[test]
@@ -346,9 +354,8 @@ mod tests {
             .header("x-forwarded-host", "evil")
             .body(())
             .unwrap();
-        let head = head(
-            parts(req),
-            "192.0.2.9:4000".parse().unwrap(),
+        let head = head_of(
+            req,
             "https",
             "app.example.org",
             BackendProtocol::Http1,
@@ -374,14 +381,7 @@ mod tests {
             .version(Version::HTTP_2)
             .body(())
             .unwrap();
-        let head = head(
-            parts(req),
-            "192.0.2.9:4000".parse().unwrap(),
-            "https",
-            "app.example.org",
-            BackendProtocol::H2c,
-            None,
-        );
+        let head = head_of(req, "https", "app.example.org", BackendProtocol::H2c, None);
         assert_eq!(head.version, Version::HTTP_2);
         assert_eq!(head.authority.as_deref(), Some("app.example.org"));
         assert!(head.headers.get("host").is_none());
@@ -401,14 +401,7 @@ mod tests {
             .unwrap();
         let up = upgrade_of(&req);
         assert_eq!(up.as_ref().unwrap(), "websocket");
-        let head = head(
-            parts(req),
-            "192.0.2.9:4000".parse().unwrap(),
-            "http",
-            "a.example",
-            BackendProtocol::Http1,
-            up,
-        );
+        let head = head_of(req, "http", "a.example", BackendProtocol::Http1, up);
         assert_eq!(head.headers.get("connection").unwrap(), "upgrade");
         assert_eq!(head.headers.get("upgrade").unwrap(), "websocket");
     }
@@ -419,14 +412,7 @@ mod tests {
             .header("cookie", "a=1; mg=backend-2; b=3")
             .body(())
             .unwrap();
-        let head = head(
-            parts(req),
-            "192.0.2.9:4000".parse().unwrap(),
-            "https",
-            "a.example",
-            BackendProtocol::Http1,
-            None,
-        );
+        let head = head_of(req, "https", "a.example", BackendProtocol::Http1, None);
         assert_eq!(head.cookie("mg").as_deref(), Some("backend-2"));
         assert_eq!(head.cookie("zz"), None);
     }
