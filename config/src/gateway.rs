@@ -225,6 +225,9 @@ pub struct Overlay {
     /// Peers to connect to, `host:port`.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// `[overlay.limits]`: limits against hostile peers (see `overlay_limits`).
+    #[serde(default)]
+    pub limits: crate::overlay_limits::OverlayLimits,
 }
 
 /// Where certificates come from. Several sources may be combined; files win over the dev CA.
@@ -537,6 +540,9 @@ impl GatewayFile {
                 options: r.options,
                 pool: r.pool,
             });
+        }
+        if let Some((key, msg)) = self.overlay.as_ref().and_then(|o| o.limits.invalid()) {
+            return Err(err(&format!("overlay.limits.{key}"), msg));
         }
         Ok(GatewayConfig {
             domains,

@@ -7,6 +7,7 @@ pub mod file;
 pub mod gateway;
 pub mod host;
 pub mod node;
+pub mod overlay_limits;
 pub mod pool;
 pub mod private_file;
 pub mod route;

@@ -10,6 +10,9 @@
 //! status_listen = "127.0.0.1:9652"     # local status endpoint (plain HTTP, JSON)
 //! expose = [{ port = 8080, to = "127.0.0.1:8080" }]   # userspace mode only
 //! socket_buffer_kib = 256              # userspace mode only: per-stream TCP buffer
+//!
+//! [limits]                             # overlay limits, see `overlay_limits`
+//! max_links = 256
 //! ```
 
 use crate::file::{self, ConfigError};
@@ -52,6 +55,9 @@ pub struct NodeFileConfig {
     /// so one stream carries at most `buffer / RTT`.
     #[serde(default)]
     pub socket_buffer_kib: Option<u64>,
+    /// `[limits]`: the overlay's limits against hostile peers (see `overlay_limits`).
+    #[serde(default)]
+    pub limits: crate::overlay_limits::OverlayLimits,
 }
 
 /// The userspace stack's per-socket buffer when `socket_buffer_kib` is absent (matches
@@ -184,6 +190,9 @@ impl NodeFileConfig {
                     SOCKET_BUFFER_KIB_RANGE.end()
                 ),
             ));
+        }
+        if let Some((key, msg)) = self.limits.invalid() {
+            return Err(err(&format!("limits.{key}"), msg));
         }
         let mut seen = HashSet::new();
         for (i, e) in self.expose.iter().enumerate() {

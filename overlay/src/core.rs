@@ -2,12 +2,13 @@
 //! forwarding. The tokio runtime and the simulator both drive this same code.
 
 use std::collections::BTreeMap;
-use std::net::Ipv6Addr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use bytes::{Bytes, BytesMut};
 
 use crate::addr::{Prefix, is_overlay_v6, prefix_of};
 use crate::identity::Identity;
+use crate::limits::Limits;
 use crate::routing::{Nbr, Router, RoutingConfig};
 use crate::session::{Micros, SessionConfig, SessionError, SessionOut, Sessions};
 use crate::wire::{
@@ -33,6 +34,7 @@ pub struct CoreConfig {
     pub initial_cost_us: u32,
     pub routing: RoutingConfig,
     pub session: SessionConfig,
+    pub limits: Limits,
 }
 
 impl Default for CoreConfig {
@@ -45,6 +47,7 @@ impl Default for CoreConfig {
             initial_cost_us: 100_000,
             routing: RoutingConfig::default(),
             session: SessionConfig::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -58,6 +61,11 @@ pub enum CoreOut {
     Packet(Nbr, Bytes),
     /// Deliver an IPv6 packet to the local L3 port.
     Deliver(Bytes),
+    /// Tell the local stack that `dst` is unreachable (a typed event, never packet bytes).
+    Unreachable {
+        dst: Ipv6Addr,
+        reason: crate::UnreachableReason,
+    },
     /// Close a link (dead or misbehaving).
     Close(Nbr),
 }
@@ -116,22 +124,58 @@ pub struct Counters {
     pub link_queue_drops: u64,
     /// Packets for the L3 port dropped because its reader lags (backlog full).
     pub deliver_backlog_drops: u64,
+    /// Typed events for the L3 port dropped because its reader lags.
+    pub l3_events_dropped: u64,
+    /// Routed packets from a link whose source lies in this node's own /64: forged, dropped.
+    pub spoofed_own_source: u64,
+    /// Control frames dropped because their link's queue was full.
+    pub link_control_drops: u64,
+    /// Links closed because their socket took no byte for `write_stall_timeout`.
+    pub link_write_stalls: u64,
+    /// Links closed because their Hello exchange did not complete within `hello_timeout`.
+    pub hello_timeouts: u64,
+    /// Control messages dropped from links that had not completed their Hello exchange.
+    pub unverified_dropped: u64,
+    /// Inbound links refused: `max_links` reached.
+    pub links_refused: u64,
+    /// Inbound links refused: `max_links_per_ip` reached for the remote address.
+    pub links_refused_per_ip: u64,
+    /// Session inits for this node refused by the per-link token bucket.
+    pub session_inits_rate_limited: u64,
+    /// Peer entries evicted (least recently used) to make room in the session table.
+    pub e2e_peers_evicted: u64,
+    /// Session inits refused: timestamp outside the replay window.
+    pub e2e_init_outside_window: u64,
+    /// Session inits refused: the replay cache was full of initiators still in the window.
+    pub e2e_replay_cache_full: u64,
     pub routing: crate::routing::RoutingCounters,
+}
+
+/// Where a link came from: inbound links count against the link limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkOrigin {
+    /// Accepted from this remote address.
+    Inbound(IpAddr),
+    /// Dialed by this node (a configured peer): always admitted.
+    Outbound,
 }
 
 #[derive(Debug, Clone)]
 struct NbrState {
     srtt: Option<u32>,
     cost: u32,
+    origin: LinkOrigin,
+    up_since: Micros,
     last_heard: Micros,
     last_hello: Micros,
-    /// Updates received before the first RTT sample (the link joins routing only once its
-    /// cost is known, so the first announcements carry real metrics).
-    held: Vec<crate::wire::RouteUpdate>,
+    /// Update messages received before the first RTT sample (the link joins routing only
+    /// once its cost is known, so the first announcements carry real metrics). At most
+    /// `limits.unverified_messages`.
+    held: Vec<Vec<crate::wire::RouteUpdate>>,
+    /// Session-init token bucket, in thousandths of a token.
+    init_tokens: u64,
+    init_refilled: Micros,
 }
-
-/// Updates held per probing link at most (a full table of a large network).
-const HELD_LIMIT: usize = 100_000;
 
 /// A relay sends at most one UNREACHABLE per this interval to one source /64: a flood of
 /// unroutable packets (possibly with forged sources) cannot make it flood errors back.
@@ -184,11 +228,19 @@ impl NodeCore {
             key: id.public_key(),
             addr,
             prefix: prefix_of(&addr),
-            router: Router::new(id.clone(), cfg.routing.clone(), epoch, now),
+            router: Router::new(
+                id.clone(),
+                cfg.routing.clone(),
+                cfg.limits.max_routes,
+                epoch,
+                now,
+            ),
+            // Session-init timestamps are Unix µs: `epoch` is the Unix time in ms at `now`.
             sessions: Sessions::new(
                 id,
                 cfg.session.clone(),
-                epoch.saturating_mul(1_000_000),
+                &cfg.limits,
+                epoch.saturating_mul(1000).saturating_sub(now),
                 rng,
             ),
             cfg,
@@ -225,24 +277,55 @@ impl NodeCore {
         out.extend(self.rbuf.drain(..).map(|(n, c)| CoreOut::Control(n, c)));
     }
 
-    /// An authenticated link to the node with ed25519 key `key` is up.
-    pub fn link_up(&mut self, nbr: Nbr, key: [u8; 32], now: Micros, out: &mut Vec<CoreOut>) {
+    /// An authenticated link to the node with ed25519 key `key` is up. Inbound links beyond
+    /// the link limits are closed at once.
+    pub fn link_up(
+        &mut self,
+        nbr: Nbr,
+        key: [u8; 32],
+        origin: LinkOrigin,
+        now: Micros,
+        out: &mut Vec<CoreOut>,
+    ) {
         if key == self.key {
             // A link to ourselves (e.g. our own address among the peers) is useless.
             self.counters.self_links += 1;
             out.push(CoreOut::Close(nbr));
             return;
         }
+        if let LinkOrigin::Inbound(ip) = origin {
+            let inbound = || {
+                self.nbrs.values().filter_map(|s| match s.origin {
+                    LinkOrigin::Inbound(i) => Some(i),
+                    LinkOrigin::Outbound => None,
+                })
+            };
+            if inbound().count() >= self.cfg.limits.max_links {
+                self.counters.links_refused += 1;
+                out.push(CoreOut::Close(nbr));
+                return;
+            }
+            if inbound().filter(|i| *i == ip).count() >= self.cfg.limits.max_links_per_ip {
+                self.counters.links_refused_per_ip += 1;
+                out.push(CoreOut::Close(nbr));
+                return;
+            }
+        }
         self.counters.links_up += 1;
         let cost = self.cfg.initial_cost_us;
+        let burst = u64::from(self.cfg.limits.session_init_burst) * 1000;
         self.nbrs.insert(
             nbr,
             NbrState {
                 srtt: None,
                 cost,
+                origin,
+                up_since: now,
                 last_heard: now,
                 last_hello: now,
                 held: Vec::new(),
+                init_tokens: burst,
+                init_refilled: now,
             },
         );
         out.push(CoreOut::Control(nbr, Control::Hello { timestamp_us: now }));
@@ -288,8 +371,8 @@ impl NodeCore {
                     st.cost = cost;
                     let held = std::mem::take(&mut st.held);
                     self.router.neighbor_up(nbr, cost, &mut self.rbuf);
-                    if !held.is_empty() {
-                        self.router.handle_updates(nbr, &held, now, &mut self.rbuf);
+                    for list in held {
+                        self.router.handle_updates(nbr, &list, now, &mut self.rbuf);
                     }
                 } else if cost.abs_diff(st.cost) as u64 * 8 > st.cost as u64 {
                     // Small cost changes are noise: only tell routing about > 1/8 changes.
@@ -298,8 +381,10 @@ impl NodeCore {
                 }
             }
             Control::Updates(list) if st.srtt.is_none() => {
-                if st.held.len() + list.len() <= HELD_LIMIT {
-                    st.held.extend(list);
+                if st.held.len() < self.cfg.limits.unverified_messages {
+                    st.held.push(list);
+                } else {
+                    self.counters.unverified_dropped += 1;
                 }
             }
             Control::Updates(list) => self.router.handle_updates(nbr, &list, now, &mut self.rbuf),
@@ -331,7 +416,17 @@ impl NodeCore {
                 return;
             }
         };
+        if prefix_of(&h.src) == self.prefix {
+            // Only this node sends from its /64, and never to itself over a link: forged
+            // (e.g. to make an UNREACHABLE look like this node's own).
+            self.counters.spoofed_own_source += 1;
+            return;
+        }
         if prefix_of(&h.dst) == self.prefix {
+            if h.ptype == PKT_SESSION_INIT && !self.init_allowed(nbr, now) {
+                self.counters.session_inits_rate_limited += 1;
+                return;
+            }
             self.local_packet(h.ptype, buf, now, out);
             return;
         }
@@ -365,6 +460,29 @@ impl NodeCore {
                     }
                 }
             }
+        }
+    }
+
+    /// Per-link token bucket for session inits addressed to this node (each costs a
+    /// signature check, a key exchange and a signature); takes a token when allowed.
+    fn init_allowed(&mut self, nbr: Nbr, now: Micros) -> bool {
+        let l = &self.cfg.limits;
+        let (rate, burst) = (
+            u64::from(l.session_inits_per_sec),
+            u64::from(l.session_init_burst) * 1000,
+        );
+        let Some(st) = self.nbrs.get_mut(&nbr) else {
+            return false;
+        };
+        // Thousandths of a token per µs elapsed: rate / 1000.
+        let refill = now.saturating_sub(st.init_refilled).saturating_mul(rate) / 1000;
+        st.init_tokens = st.init_tokens.saturating_add(refill).min(burst);
+        st.init_refilled = now;
+        if st.init_tokens >= 1000 {
+            st.init_tokens -= 1000;
+            true
+        } else {
+            false
         }
     }
 
@@ -416,6 +534,8 @@ impl NodeCore {
                 r
             }
             PKT_UNREACHABLE => {
+                // Unauthenticated: reported to the stack as what it is (a relay's claim),
+                // and never allowed to cancel a session setup.
                 if let (Ok(h), Ok(unreachable)) =
                     (wire::parse_routed(&buf), wire::decode_unreachable(&buf))
                 {
@@ -427,11 +547,10 @@ impl NodeCore {
                     ) {
                         self.counters.unreachable_ignored += 1;
                     } else {
-                        self.sessions.abandon(&unreachable);
-                        let invoking = minimal_invoking(&self.addr, &unreachable);
-                        out.push(CoreOut::Deliver(icmpv6_unreachable(
-                            &h.src, &self.addr, &invoking,
-                        )));
+                        out.push(CoreOut::Unreachable {
+                            dst: unreachable,
+                            reason: crate::UnreachableReason::ReportedByRelay { relay: h.src },
+                        });
                     }
                 }
                 Ok(())
@@ -450,9 +569,9 @@ impl NodeCore {
                 SessionError::ReplayedInit => c.e2e_replayed_init += 1,
                 SessionError::Malformed => c.malformed_packet += 1,
                 SessionError::StaleNotice => c.e2e_stale_notices += 1,
-                SessionError::NotForUs | SessionError::WeakKey | SessionError::TooManyPeers => {
-                    c.e2e_other += 1
-                }
+                SessionError::InitOutsideWindow => c.e2e_init_outside_window += 1,
+                SessionError::ReplayCacheFull => c.e2e_replay_cache_full += 1,
+                SessionError::NotForUs | SessionError::WeakKey => c.e2e_other += 1,
             }
         }
         self.sessions_out(&mut sbuf, out);
@@ -517,9 +636,10 @@ impl NodeCore {
         if self.router.next_hop(&dprefix).is_none() {
             self.counters.no_route += 1;
             self.sessions.forget(&dst);
-            out.push(CoreOut::Deliver(icmpv6_unreachable(
-                &self.addr, &self.addr, &packet,
-            )));
+            out.push(CoreOut::Unreachable {
+                dst,
+                reason: crate::UnreachableReason::NoRoute,
+            });
             return;
         }
         self.counters.packets_sent += 1;
@@ -533,8 +653,14 @@ impl NodeCore {
     /// Timers: hellos, dead peers, routing and session maintenance. Call every ~100 ms.
     pub fn tick(&mut self, now: Micros, out: &mut Vec<CoreOut>) {
         let mut dead = Vec::new();
+        let hello_timeout = self.cfg.limits.hello_timeout;
         for (n, st) in self.nbrs.iter_mut() {
             if now.saturating_sub(st.last_heard) >= self.cfg.dead_peer_timeout {
+                self.counters.dead_peers += 1;
+                dead.push(*n);
+            } else if st.srtt.is_none() && now.saturating_sub(st.up_since) >= hello_timeout {
+                // Heard from, but never answered a Hello: not a working link.
+                self.counters.hello_timeouts += 1;
                 dead.push(*n);
             } else if now.saturating_sub(st.last_hello) >= self.cfg.hello_interval {
                 st.last_hello = now;
@@ -542,7 +668,6 @@ impl NodeCore {
             }
         }
         for n in dead {
-            self.counters.dead_peers += 1;
             out.push(CoreOut::Close(n));
             self.link_down(n, now, out);
         }
@@ -559,6 +684,7 @@ impl NodeCore {
         let mut c = self.counters.clone();
         c.routing = self.router.counters.clone();
         c.sessions_established = self.sessions.established;
+        c.e2e_peers_evicted = self.sessions.evicted;
         c
     }
 }
@@ -577,45 +703,126 @@ pub(crate) fn parse_ipv6(p: &[u8], mtu: usize) -> Option<(Ipv6Addr, Ipv6Addr)> {
     Some((Ipv6Addr::from(src), Ipv6Addr::from(dst)))
 }
 
-fn minimal_invoking(src: &Ipv6Addr, dst: &Ipv6Addr) -> Vec<u8> {
-    let mut p = vec![0u8; 40];
-    p[0] = 0x60;
-    p[6] = 59; // no next header
-    p[7] = 64;
-    p[8..24].copy_from_slice(&src.octets());
-    p[24..40].copy_from_slice(&dst.octets());
-    p
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::test_init;
 
-/// An ICMPv6 destination unreachable (code 0, no route) about `invoking`, from `from` to `to`.
-pub fn icmpv6_unreachable(from: &Ipv6Addr, to: &Ipv6Addr, invoking: &[u8]) -> Bytes {
-    // RFC 4443: include as much of the invoking packet as fits in the minimum MTU.
-    let inv = &invoking[..invoking.len().min(1280 - 48)];
-    let plen = 8 + inv.len();
-    let mut p = Vec::with_capacity(40 + plen);
-    p.extend_from_slice(&[0x60, 0, 0, 0]);
-    p.extend_from_slice(&(plen as u16).to_be_bytes());
-    p.push(58);
-    p.push(64);
-    p.extend_from_slice(&from.octets());
-    p.extend_from_slice(&to.octets());
-    p.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
-    p.extend_from_slice(inv);
-    let mut sum: u32 = 0;
-    let mut add = |b: &[u8]| {
-        for c in b.chunks(2) {
-            sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-        }
-    };
-    add(&from.octets());
-    add(&to.octets());
-    add(&(plen as u32).to_be_bytes());
-    add(&[0, 0, 0, 58]);
-    add(&p[40..]);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
+    fn core(limits: Limits) -> NodeCore {
+        let mut n = 0u8;
+        NodeCore::new(
+            Identity::from_seed(&[1; 32]),
+            CoreConfig {
+                limits,
+                ..CoreConfig::default()
+            },
+            1,
+            0,
+            Box::new(move || {
+                n = n.wrapping_add(1);
+                [n; 32]
+            }),
+        )
     }
-    let ck = !(sum as u16);
-    p[42..44].copy_from_slice(&ck.to_be_bytes());
-    Bytes::from(p)
+
+    fn key(k: u8) -> [u8; 32] {
+        Identity::from_seed(&[k; 32]).public_key()
+    }
+
+    fn closed(out: &[CoreOut], nbr: Nbr) -> bool {
+        out.iter()
+            .any(|o| matches!(o, CoreOut::Close(n) if *n == nbr))
+    }
+
+    /// Issue 13, item 3: each init costs a verify, a key exchange and a signature.
+    #[test]
+    fn session_inits_are_rate_limited_per_link() {
+        let mut c = core(Limits::default());
+        let mut out = Vec::new();
+        c.link_up(1, key(2), LinkOrigin::Outbound, 0, &mut out);
+        c.link_up(2, key(3), LinkOrigin::Outbound, 0, &mut out);
+        // Core time 0 is Unix time 1 ms (epoch 1): init timestamps near 1000 µs are fresh.
+        for k in 0..100u8 {
+            let init = test_init(&Identity::from_seed(&[100 + k; 32]), c.addr, 1000);
+            c.packet(1, BytesMut::from(&init[..]), 0, &mut out);
+        }
+        assert_eq!(c.sessions.established, 40, "the burst");
+        assert_eq!(c.counters.session_inits_rate_limited, 60);
+        // Another link has its own bucket; the flooding link refills at 20 per second.
+        let init = test_init(&Identity::from_seed(&[250; 32]), c.addr, 1000);
+        c.packet(2, BytesMut::from(&init[..]), 0, &mut out);
+        assert_eq!(c.sessions.established, 41);
+        for k in 0..30u8 {
+            let init = test_init(&Identity::from_seed(&[30 + k; 32]), c.addr, 1_000_000);
+            c.packet(1, BytesMut::from(&init[..]), 1_000_000, &mut out);
+        }
+        assert_eq!(c.sessions.established, 61);
+    }
+
+    /// Issue 13, item 4: a link still probing held up to 100,000 unchecked updates and was
+    /// kept as long as it kept talking.
+    #[test]
+    fn unverified_link_holds_a_few_messages_and_goes_without_a_hello_exchange() {
+        let limits = Limits::default();
+        let (held, timeout) = (limits.unverified_messages, limits.hello_timeout);
+        let mut c = core(limits);
+        let mut out = Vec::new();
+        let ip = IpAddr::from([192, 0, 2, 1]);
+        c.link_up(1, key(2), LinkOrigin::Inbound(ip), 0, &mut out);
+        for _ in 0..1000 {
+            c.control(1, Control::Updates(Vec::new()), 0, &mut out);
+        }
+        assert_eq!(c.nbrs[&1].held.len(), held);
+        assert_eq!(c.counters.unverified_dropped, (1000 - held) as u64);
+        // The peer keeps sending Hellos (never dead) but never answers ours.
+        let mut t = 0;
+        while t < timeout {
+            out.clear();
+            c.control(1, Control::Hello { timestamp_us: t }, t, &mut out);
+            c.tick(t, &mut out);
+            assert!(!closed(&out, 1), "closed early at {t} µs");
+            t += 500_000;
+        }
+        c.control(1, Control::Hello { timestamp_us: t }, t, &mut out);
+        c.tick(t, &mut out);
+        assert!(closed(&out, 1));
+        assert_eq!((c.counters.hello_timeouts, c.counters.dead_peers), (1, 0));
+        assert!(c.nbrs.is_empty());
+    }
+
+    /// Issue 13, item 4: the number of links was unlimited.
+    #[test]
+    fn inbound_links_are_capped_in_total_and_per_ip() {
+        let mut c = core(Limits {
+            max_links: 3,
+            max_links_per_ip: 2,
+            ..Limits::default()
+        });
+        let (a, b, d) = (
+            IpAddr::from([192, 0, 2, 1]),
+            IpAddr::from([192, 0, 2, 2]),
+            IpAddr::from([192, 0, 2, 3]),
+        );
+        let mut out = Vec::new();
+        for (nbr, ip) in [(1, a), (2, a), (3, a), (4, b), (5, d)] {
+            c.link_up(
+                nbr,
+                key(10 + nbr as u8),
+                LinkOrigin::Inbound(ip),
+                0,
+                &mut out,
+            );
+        }
+        assert!(!closed(&out, 1) && !closed(&out, 2) && !closed(&out, 4));
+        assert!(closed(&out, 3), "third link from one address");
+        assert!(closed(&out, 5), "fourth inbound link");
+        assert_eq!(
+            (c.counters.links_refused_per_ip, c.counters.links_refused),
+            (1, 1)
+        );
+        // Links this node dialed (configured peers) are always admitted.
+        c.link_up(6, key(16), LinkOrigin::Outbound, 0, &mut out);
+        assert!(!closed(&out, 6));
+        assert_eq!(c.nbrs.len(), 4);
+    }
 }

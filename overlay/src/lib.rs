@@ -8,6 +8,7 @@
 pub mod addr;
 pub mod core;
 pub mod identity;
+pub mod limits;
 pub mod link;
 mod link_io;
 pub mod node;
@@ -18,6 +19,7 @@ pub mod wire;
 
 pub use addr::{is_overlay_address, is_overlay_v6};
 pub use identity::Identity;
+pub use limits::Limits;
 pub use node::{Node, NodeConfig, NodeError, NodeStatus, PeerStatus, StatusSource};
 
 /// Default overlay MTU (largest IPv6 packet carried). Links are TCP streams, so packets need
@@ -25,6 +27,26 @@ pub use node::{Node, NodeConfig, NodeError, NodeStatus, PeerStatus, StatusSource
 /// large packets give the userspace TCP stack above far more throughput. 32 KiB keeps
 /// per-packet latency and buffering moderate. See `docs/protocol.md`.
 pub const DEFAULT_MTU: usize = 32 * 1024;
+
+/// Why the node tells its local stack that a destination is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnreachableReason {
+    /// This node's own routing has no route to the destination (authoritative: the local
+    /// stack may fail connections to it).
+    NoRoute,
+    /// A relay (`relay`, an unauthenticated claim of the packet's source) said it has no
+    /// route. Anyone on the path can forge this: informational only.
+    ReportedByRelay { relay: std::net::Ipv6Addr },
+}
+
+/// A typed event from the node to its local stack (never packet bytes that a peer shapes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum L3Event {
+    Unreachable {
+        dst: std::net::Ipv6Addr,
+        reason: UnreachableReason,
+    },
+}
 
 /// The node's packet interface (see `docs/architecture.md`). Bounded channels are the
 /// backpressure: a full `tx` makes the sender wait.
@@ -37,4 +59,7 @@ pub struct L3Port {
     pub tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
     /// Packets delivered to this node.
     pub rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    /// Typed events (a destination became unreachable). Dropping the receiver is fine: the
+    /// node then discards them; a lagging reader loses them (`l3_events_dropped`).
+    pub events: tokio::sync::mpsc::Receiver<L3Event>,
 }

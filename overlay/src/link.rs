@@ -89,7 +89,19 @@ pub(crate) fn seal_control_parts(
     t: &mut snow::TransportState,
     msg: &wire::Control,
 ) -> Result<([u8; FRAME_HEADER_LEN], Bytes), LinkError> {
-    let plain = msg.encode();
+    seal_plain_parts(t, &msg.encode())
+}
+
+/// Bytes a control frame with `plain_len` bytes of encoded message takes on the wire.
+pub(crate) fn sealed_frame_len(plain_len: usize) -> usize {
+    FRAME_HEADER_LEN + plain_len + 16
+}
+
+/// Encrypts an encoded control message: (frame header, frame body).
+pub(crate) fn seal_plain_parts(
+    t: &mut snow::TransportState,
+    plain: &[u8],
+) -> Result<([u8; FRAME_HEADER_LEN], Bytes), LinkError> {
     let mut buf = vec![0u8; plain.len() + 16];
     if buf.len() > MAX_NOISE_MESSAGE {
         return Err(WireError::Oversized {
@@ -99,7 +111,7 @@ pub(crate) fn seal_control_parts(
         }
         .into());
     }
-    let n = t.write_message(&plain, &mut buf)?;
+    let n = t.write_message(plain, &mut buf)?;
     buf.truncate(n);
     Ok((wire::frame_header(FrameKind::Control, n), Bytes::from(buf)))
 }

@@ -15,6 +15,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
 
 use crate::link::LinkError;
+use crate::session::Micros;
 use crate::wire::{self, FRAME_HEADER_LEN, FrameKind};
 
 /// A frame queued for a link: header and body kept apart so bodies are never copied.
@@ -56,12 +57,89 @@ const WRITE_BATCH: usize = 64;
 /// Read buffer growth step: several small frames per read system call, one read per large one.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// A link's bounded send queue (sans-IO): frames and bytes are capped, and the time of the
+/// last progress tells when the peer stopped taking bytes.
+pub(crate) struct OutQueue {
+    frames: VecDeque<OutFrame>,
+    /// Bytes of `frames.front()` already written.
+    off: usize,
+    /// Bytes queued, the front frame's written part included.
+    bytes: usize,
+    max_frames: usize,
+    max_bytes: usize,
+    /// When bytes were last written, or the queue last went from empty to non-empty.
+    progress_at: Micros,
+}
+
+impl OutQueue {
+    pub(crate) fn new(max_frames: usize, max_bytes: usize) -> OutQueue {
+        OutQueue {
+            frames: VecDeque::new(),
+            off: 0,
+            bytes: 0,
+            max_frames: max_frames.max(1),
+            max_bytes,
+            progress_at: 0,
+        }
+    }
+
+    /// Queues `f`, or returns it when the queue is full (the caller drops and counts it).
+    /// An empty queue always takes one frame, so a frame larger than `max_bytes` still goes.
+    pub(crate) fn push(&mut self, f: OutFrame, now: Micros) -> Result<(), OutFrame> {
+        if !self.has_room(f.len()) {
+            return Err(f);
+        }
+        if self.frames.is_empty() {
+            self.progress_at = now;
+        }
+        self.bytes += f.len();
+        self.frames.push_back(f);
+        Ok(())
+    }
+
+    /// `n` bytes of the queue's front were written at `now`.
+    pub(crate) fn written(&mut self, mut n: usize, now: Micros) {
+        if n > 0 {
+            self.progress_at = now;
+        }
+        while let Some(f) = self.frames.front() {
+            let rest = f.len() - self.off;
+            if n < rest {
+                self.off += n;
+                self.bytes -= n;
+                break;
+            }
+            n -= rest;
+            self.bytes -= rest;
+            self.off = 0;
+            self.frames.pop_front();
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Whether a frame of `len` bytes would be queued now.
+    pub(crate) fn has_room(&self, len: usize) -> bool {
+        self.frames.is_empty()
+            || (self.frames.len() < self.max_frames && self.bytes + len <= self.max_bytes)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Whether frames have waited `timeout` without a byte written.
+    pub(crate) fn stalled(&self, now: Micros, timeout: Micros) -> bool {
+        !self.frames.is_empty() && now.saturating_sub(self.progress_at) >= timeout
+    }
+}
+
 pub(crate) struct LinkIo {
     stream: TcpStream,
     rbuf: BytesMut,
-    out: VecDeque<OutFrame>,
-    /// Bytes of `out.front()` already written.
-    out_off: usize,
+    out: OutQueue,
 }
 
 /// What one poll of a link's read side produced.
@@ -75,19 +153,20 @@ pub(crate) enum ReadState {
 
 impl LinkIo {
     /// Takes over a link's socket after the handshake, with bytes already read past it.
-    pub(crate) fn new(stream: TcpStream, leftover: &[u8]) -> LinkIo {
+    pub(crate) fn new(stream: TcpStream, leftover: &[u8], out: OutQueue) -> LinkIo {
         let mut rbuf = BytesMut::with_capacity(READ_CHUNK.max(leftover.len()));
         rbuf.extend_from_slice(leftover);
-        LinkIo {
-            stream,
-            rbuf,
-            out: VecDeque::new(),
-            out_off: 0,
-        }
+        LinkIo { stream, rbuf, out }
     }
 
-    pub(crate) fn queue(&mut self, f: OutFrame) {
-        self.out.push_back(f);
+    /// Queues a frame; `false` when the link's queue is full (the frame is dropped).
+    pub(crate) fn queue(&mut self, f: OutFrame, now: Micros) -> bool {
+        self.out.push(f, now).is_ok()
+    }
+
+    /// Whether a frame of `len` bytes would be queued now.
+    pub(crate) fn has_room(&self, len: usize) -> bool {
+        self.out.has_room(len)
     }
 
     /// Frames waiting for the socket.
@@ -95,10 +174,15 @@ impl LinkIo {
         self.out.len()
     }
 
+    /// Whether frames have waited `timeout` without the socket taking a byte.
+    pub(crate) fn stalled(&self, now: Micros, timeout: Micros) -> bool {
+        self.out.stalled(now, timeout)
+    }
+
     /// Writes as much of the queue as the socket takes now. `Err`: the link is broken.
-    pub(crate) fn try_flush(&mut self) -> io::Result<()> {
+    pub(crate) fn try_flush(&mut self, now: Micros) -> io::Result<()> {
         while !self.out.is_empty() {
-            match self.write_some() {
+            match self.write_some(now) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
@@ -109,7 +193,11 @@ impl LinkIo {
 
     /// Like [`LinkIo::try_flush`], and when the socket is full, arranges a wake-up for when
     /// it has room. `Ready(Ok(true))` when something was written.
-    pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+    pub(crate) fn poll_flush(
+        &mut self,
+        cx: &mut Context<'_>,
+        now: Micros,
+    ) -> Poll<io::Result<bool>> {
         let mut wrote = false;
         while !self.out.is_empty() {
             match self.stream.poll_write_ready(cx) {
@@ -117,7 +205,7 @@ impl LinkIo {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {}
             }
-            match self.write_some() {
+            match self.write_some(now) {
                 Ok(()) => wrote = true,
                 // Readiness was stale; tokio cleared it, so the next poll registers.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -132,12 +220,12 @@ impl LinkIo {
     }
 
     /// One vectored write of up to [`WRITE_BATCH`] queued frames.
-    fn write_some(&mut self) -> io::Result<()> {
+    fn write_some(&mut self, now: Micros) -> io::Result<()> {
         // On the stack: this runs for every write on the hot path.
         let mut slices = [io::IoSlice::new(&[]); 2 * WRITE_BATCH];
         let mut used = 0;
-        let mut skip = self.out_off;
-        for f in self.out.iter().take(WRITE_BATCH) {
+        let mut skip = self.out.off;
+        for f in self.out.frames.iter().take(WRITE_BATCH) {
             for part in [&f.head[..], &f.body[..]] {
                 if skip >= part.len() {
                     skip -= part.len();
@@ -148,20 +236,11 @@ impl LinkIo {
                 skip = 0;
             }
         }
-        let mut n = self.stream.try_write_vectored(&slices[..used])?;
+        let n = self.stream.try_write_vectored(&slices[..used])?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        while let Some(f) = self.out.front() {
-            let rest = f.len() - self.out_off;
-            if n < rest {
-                self.out_off += n;
-                break;
-            }
-            n -= rest;
-            self.out_off = 0;
-            self.out.pop_front();
-        }
+        self.out.written(n, now);
         Ok(())
     }
 
@@ -223,6 +302,41 @@ mod tests {
             let got: Vec<Vec<u8>> = frames.iter().map(|(_, b)| b.to_vec()).collect();
             assert_eq!(got, bodies, "chunk {chunk}");
         }
+    }
+
+    fn frame(len: usize) -> OutFrame {
+        OutFrame {
+            head: wire::frame_header(FrameKind::Packet, len),
+            body: Bytes::from(vec![0u8; len]),
+        }
+    }
+
+    #[test]
+    fn out_queue_is_bounded_in_frames_and_bytes_and_notices_a_stall() {
+        let per = FRAME_HEADER_LEN + 95;
+        let mut q = OutQueue::new(4, 3 * per);
+        assert!(q.push(frame(95), 10).is_ok());
+        assert!(q.push(frame(95), 20).is_ok());
+        assert!(q.push(frame(95), 30).is_ok());
+        assert!(q.push(frame(95), 40).is_err(), "byte limit");
+        assert_eq!(q.len(), 3);
+        // Stalled once nothing was written for the timeout since the queue filled up.
+        assert!(!q.stalled(1_000, 1_000));
+        assert!(q.stalled(1_010, 1_000));
+        // Partial progress counts as progress.
+        q.written(per + 1, 1_500);
+        assert_eq!(q.len(), 2);
+        assert!(!q.stalled(2_000, 1_000));
+        assert!(q.stalled(2_500, 1_000));
+        q.written(2 * per - 1, 2_600);
+        assert!(q.is_empty() && !q.stalled(9_999, 1_000));
+        // Frame limit, and an oversized frame still goes alone into an empty queue.
+        let mut q = OutQueue::new(2, 10);
+        assert!(q.push(frame(100), 0).is_ok());
+        assert!(q.push(frame(1), 0).is_err());
+        let mut q = OutQueue::new(2, 1 << 20);
+        assert!(q.push(frame(1), 0).is_ok() && q.push(frame(1), 0).is_ok());
+        assert!(q.push(frame(1), 0).is_err(), "frame limit");
     }
 
     #[test]

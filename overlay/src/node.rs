@@ -15,13 +15,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::{CoreConfig, CoreOut, Counters, NodeCore};
+use crate::core::{CoreConfig, CoreOut, Counters, LinkOrigin, NodeCore};
 use crate::identity::{Identity, IdentityError, encode_hex};
+use crate::limits::Limits;
 use crate::link::{self, LinkError};
-use crate::link_io::{LinkIo, OutFrame, ReadState};
+use crate::link_io::{LinkIo, OutFrame, OutQueue, ReadState};
 use crate::routing::{Nbr, RouteInfo};
 use crate::wire::FrameKind;
-use crate::{DEFAULT_MTU, L3Port};
+use crate::{DEFAULT_MTU, L3Event, L3Port};
 
 /// How to run a node. Only `key_path` (or `identity`) is required.
 #[derive(Debug, Clone)]
@@ -49,6 +50,8 @@ pub struct NodeConfig {
     pub relay_tap: Option<mpsc::Sender<Bytes>>,
     /// Session tuning (rekey limits).
     pub session: crate::session::SessionConfig,
+    /// Limits against hostile peers (queues, links, routes, sessions).
+    pub limits: Limits,
 }
 
 impl Default for NodeConfig {
@@ -66,6 +69,7 @@ impl Default for NodeConfig {
             reconnect_max: Duration::from_secs(30),
             relay_tap: None,
             session: Default::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -167,11 +171,6 @@ struct LinkHandle {
     key: [u8; 32],
 }
 
-/// Frames queued on one link beyond which the core stops taking local packets (at the
-/// default MTU about 4 MiB): backpressure toward the L3 port.
-const LINK_QUEUE: usize = 128;
-/// Packets queued on one link at most; more are dropped (control messages always queue).
-const OVERFLOW_LIMIT: usize = 1024;
 /// Bytes read from one link per core round before the other links and the L3 port get a turn.
 const READ_BUDGET: usize = 256 * 1024;
 const DELIVER_BACKLOG: usize = 4096;
@@ -218,6 +217,7 @@ impl Node {
             dead_peer_timeout: cfg.dead_peer_timeout.as_micros() as u64,
             hello_interval: cfg.hello_interval.as_micros() as u64,
             session: cfg.session.clone(),
+            limits: cfg.limits.clone(),
             ..CoreConfig::default()
         };
         let start = Instant::now();
@@ -235,6 +235,7 @@ impl Node {
         }
         let (l3_tx, l3_in) = mpsc::channel::<Bytes>(cfg.l3_queue.max(1));
         let (l3_out, l3_rx) = mpsc::channel::<Bytes>(cfg.l3_queue.max(1));
+        let (l3_events, l3_events_rx) = mpsc::channel::<L3Event>(cfg.l3_queue.max(1));
         let (ev_tx, ev_rx) = mpsc::channel::<Event>(1024);
         let cancel = CancellationToken::new();
         let status = Arc::new(Mutex::new(NodeStatus {
@@ -251,6 +252,8 @@ impl Node {
             start,
             links: BTreeMap::new(),
             pending_deliver: VecDeque::new(),
+            l3_events,
+            write_stall_timeout: cfg.limits.write_stall_timeout,
             status: status.clone(),
             base_status: status.lock().map(|s| s.clone()).unwrap_or_default(),
         };
@@ -265,6 +268,7 @@ impl Node {
             events: ev_tx.clone(),
             cancel: cancel.clone(),
             next_id,
+            queue_limits: (cfg.limits.link_queue_frames, cfg.limits.link_queue_bytes),
         };
         if let Some(l) = listener {
             tasks.push(tokio::spawn(accept_loop(l, ctx.clone())));
@@ -287,6 +291,7 @@ impl Node {
                 mtu,
                 tx: l3_tx,
                 rx: l3_rx,
+                events: l3_events_rx,
             })),
             status,
             cancel,
@@ -347,6 +352,8 @@ struct LinkCtx {
     events: mpsc::Sender<Event>,
     cancel: CancellationToken,
     next_id: Arc<std::sync::atomic::AtomicU64>,
+    /// (frames, bytes) each link's send queue holds at most.
+    queue_limits: (usize, usize),
 }
 
 async fn accept_loop(l: TcpListener, ctx: LinkCtx) {
@@ -490,7 +497,11 @@ async fn run_link(
             id,
             key,
             transport: Box::new(transport),
-            io: Box::new(LinkIo::new(stream, &leftover)),
+            io: Box::new(LinkIo::new(
+                stream,
+                &leftover,
+                OutQueue::new(ctx.queue_limits.0, ctx.queue_limits.1),
+            )),
             cancel: cancel.clone(),
             remote,
             outbound,
@@ -528,6 +539,7 @@ impl Fault {
 /// made progress (congestion may have cleared).
 fn poll_links(
     links: &mut BTreeMap<u64, LinkHandle>,
+    now: u64,
     cx: &mut std::task::Context<'_>,
     frames: &mut Vec<(FrameKind, BytesMut)>,
     inbox: &mut Vec<LinkInput>,
@@ -535,7 +547,7 @@ fn poll_links(
     use std::task::Poll;
     let mut progress = false;
     for (&id, l) in links.iter_mut() {
-        match l.io.poll_flush(cx) {
+        match l.io.poll_flush(cx, now) {
             Poll::Ready(Ok(_)) => progress = true,
             Poll::Ready(Err(_)) => {
                 inbox.push(LinkInput::Down(id, None));
@@ -565,6 +577,9 @@ struct CoreTask {
     start: Instant,
     links: BTreeMap<u64, LinkHandle>,
     pending_deliver: VecDeque<Bytes>,
+    /// Typed events for the local stack (bounded; dropped and counted when full).
+    l3_events: mpsc::Sender<L3Event>,
+    write_stall_timeout: u64,
     status: Arc<Mutex<NodeStatus>>,
     base_status: NodeStatus,
 }
@@ -588,7 +603,6 @@ impl CoreTask {
         let mut frames = Vec::new();
         let mut l3_open = true;
         loop {
-            let congested = self.links.values().any(|l| l.io.queued() > LINK_QUEUE);
             // Unbiased: under sustained inbound traffic the ticker (hellos, dead-peer checks)
             // and the local L3 port must still get their turn.
             tokio::select! {
@@ -606,6 +620,7 @@ impl CoreTask {
                 _ = ticker.tick() => {
                     let now = self.now();
                     self.core.tick(now, &mut out);
+                    self.close_stalled(now, &mut out);
                     self.publish_status();
                 }
                 permit = l3_out.reserve(), if !self.pending_deliver.is_empty() => {
@@ -614,7 +629,10 @@ impl CoreTask {
                         Err(_) => self.pending_deliver.clear(),
                     }
                 }
-                _ = std::future::poll_fn(|cx| poll_links(&mut self.links, cx, &mut frames, &mut inbox)) => {
+                _ = std::future::poll_fn(|cx| {
+                    let now = self.start.elapsed().as_micros() as u64;
+                    poll_links(&mut self.links, now, cx, &mut frames, &mut inbox)
+                }) => {
                     let now = self.now();
                     for input in inbox.drain(..) {
                         match input {
@@ -630,7 +648,9 @@ impl CoreTask {
                         }
                     }
                 }
-                p = l3_in.recv(), if l3_open && !congested => {
+                // Never gated on the links: a full link drops its own packets (counted), it
+                // does not hold back the L3 port or other links.
+                p = l3_in.recv(), if l3_open => {
                     match p {
                         Some(p) => {
                             let now = self.now();
@@ -677,7 +697,12 @@ impl CoreTask {
                         key,
                     },
                 );
-                self.core.link_up(id, key, now, out);
+                let origin = if outbound {
+                    LinkOrigin::Outbound
+                } else {
+                    LinkOrigin::Inbound(remote.ip())
+                };
+                self.core.link_up(id, key, origin, now, out);
                 self.publish_status();
             }
             Event::Fault(f) => self.fault(f),
@@ -736,7 +761,23 @@ impl CoreTask {
         }
     }
 
+    /// Closes links whose socket took no byte for the write-stall timeout (a peer that does
+    /// not read).
+    fn close_stalled(&mut self, now: u64, out: &mut Vec<CoreOut>) {
+        let stalled: Vec<Nbr> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.io.stalled(now, self.write_stall_timeout))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stalled {
+            self.core.counters.link_write_stalls += 1;
+            self.close(id, now, out);
+        }
+    }
+
     fn apply(&mut self, out: &mut Vec<CoreOut>, l3_out: &mpsc::Sender<Bytes>) {
+        let now = self.now();
         let mut i = 0;
         // `close` may append more outputs; index instead of draining.
         while i < out.len() {
@@ -747,18 +788,31 @@ impl CoreTask {
                     let Some(l) = self.links.get_mut(&n) else {
                         continue;
                     };
-                    if let Ok((head, body)) = link::seal_control_parts(&mut l.transport, &msg) {
-                        l.io.queue(OutFrame { head, body });
+                    // Room is checked before sealing: a sealed frame that is then dropped
+                    // would put the peer's Noise nonce out of step.
+                    let plain = msg.encode();
+                    if !l.io.has_room(link::sealed_frame_len(plain.len())) {
+                        self.core.counters.link_control_drops += 1;
+                        continue;
+                    }
+                    if let Ok((head, body)) = link::seal_plain_parts(&mut l.transport, &plain) {
+                        l.io.queue(OutFrame { head, body }, now);
                     }
                 }
                 CoreOut::Packet(n, b) => {
                     if let Some(l) = self.links.get_mut(&n) {
-                        if l.io.queued() < OVERFLOW_LIMIT {
-                            let head = crate::wire::frame_header(FrameKind::Packet, b.len());
-                            l.io.queue(OutFrame { head, body: b });
-                        } else {
+                        let head = crate::wire::frame_header(FrameKind::Packet, b.len());
+                        if !l.io.queue(OutFrame { head, body: b }, now) {
                             self.core.counters.link_queue_drops += 1;
                         }
+                    }
+                }
+                CoreOut::Unreachable { dst, reason } => {
+                    if let Err(mpsc::error::TrySendError::Full(_)) = self
+                        .l3_events
+                        .try_send(L3Event::Unreachable { dst, reason })
+                    {
+                        self.core.counters.l3_events_dropped += 1;
                     }
                 }
                 CoreOut::Deliver(b) => {
@@ -792,11 +846,12 @@ impl CoreTask {
     fn flush_links(&mut self, out: &mut Vec<CoreOut>, l3_out: &mpsc::Sender<Bytes>) {
         // Each round removes at least one link, so this ends.
         loop {
+            let now = self.now();
             let failed: Vec<Nbr> = self
                 .links
                 .iter_mut()
                 .filter(|(_, l)| l.io.queued() > 0)
-                .filter_map(|(&id, l)| l.io.try_flush().is_err().then_some(id))
+                .filter_map(|(&id, l)| l.io.try_flush(now).is_err().then_some(id))
                 .collect();
             if failed.is_empty() {
                 return;

@@ -69,6 +69,8 @@ pub struct RoutingCounters {
     /// Seqno requests asking too far ahead (see `MAX_SEQNO_REQUEST_AHEAD`), dropped.
     pub seqno_requests_refused: u64,
     pub route_switches: u64,
+    /// Announcements of new prefixes refused because the table was full (`max_routes`).
+    pub routes_refused: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +119,9 @@ pub(crate) struct Router {
     signature: [u8; 64],
     nbrs: BTreeMap<Nbr, u32>,
     table: BTreeMap<Prefix, Dest>,
+    /// Prefixes in `table` at most: new prefixes beyond it are refused, known ones are
+    /// never evicted to make room.
+    max_routes: usize,
     triggered: Vec<Prefix>,
     last_periodic: Micros,
     pub(crate) counters: RoutingCounters,
@@ -124,7 +129,13 @@ pub(crate) struct Router {
 
 impl Router {
     /// `first_seqno` must exceed seqnos of this identity's earlier runs (real nodes: Unix ms).
-    pub(crate) fn new(id: Identity, cfg: RoutingConfig, first_seqno: u64, now: Micros) -> Router {
+    pub(crate) fn new(
+        id: Identity,
+        cfg: RoutingConfig,
+        max_routes: usize,
+        first_seqno: u64,
+        now: Micros,
+    ) -> Router {
         let key = id.public_key();
         let prefix = prefix_for_key(&key);
         let signature = id.sign(&route_signature_input(&prefix, first_seqno, &key));
@@ -136,6 +147,7 @@ impl Router {
             signature,
             nbrs: BTreeMap::new(),
             table: BTreeMap::new(),
+            max_routes,
             triggered: Vec::new(),
             last_periodic: now,
             counters: RoutingCounters::default(),
@@ -325,6 +337,14 @@ impl Router {
                 self.bump_seqno(u.seqno.saturating_add(1));
                 self.triggered.push(self.prefix);
             }
+            return;
+        }
+        if !self.table.contains_key(&u.prefix)
+            && u.metric != METRIC_INFINITY
+            && self.table.len() >= self.max_routes
+        {
+            // Checked before the signature: a full table costs no verification.
+            self.counters.routes_refused += 1;
             return;
         }
         if u.metric == METRIC_INFINITY {
@@ -659,6 +679,7 @@ mod tests {
         Router::new(
             Identity::from_seed(&[9; 32]),
             RoutingConfig::default(),
+            16_384,
             1,
             0,
         )
@@ -780,6 +801,7 @@ mod tests {
         let mut top = Router::new(
             Identity::from_seed(&[9; 32]),
             RoutingConfig::default(),
+            16_384,
             u64::MAX,
             0,
         );
@@ -871,5 +893,44 @@ mod tests {
         r.tick(hold / 2 + hold, &mut out);
         assert_eq!(r.next_hop(&kept), None);
         assert!(sent_for(&out, &kept).contains(&(2, METRIC_INFINITY)));
+    }
+
+    /// Issue 13, item 4: self-made keys could each announce a prefix that every node stores.
+    #[test]
+    fn a_full_table_refuses_new_prefixes_and_keeps_the_routes_it_has() {
+        let owners: Vec<Identity> = (1..=3).map(|k| Identity::from_seed(&[k; 32])).collect();
+        let prefix = |o: &Identity| prefix_for_key(&o.public_key());
+        let mut r = Router::new(
+            Identity::from_seed(&[9; 32]),
+            RoutingConfig::default(),
+            2,
+            1,
+            0,
+        );
+        let mut out = Vec::new();
+        r.neighbor_up(1, 100, &mut out);
+        let updates: Vec<RouteUpdate> = owners.iter().map(|o| signed(o, 5, 1000)).collect();
+        r.handle_updates(1, &updates, 0, &mut out);
+        assert_eq!(r.table.len(), 2);
+        assert_eq!(r.next_hop(&prefix(&owners[2])), None, "refused");
+        assert_eq!(r.counters.routes_refused, 1);
+        let verified = r.counters.signatures_verified;
+        // Known prefixes still update; a refused one costs no signature check.
+        r.handle_updates(
+            1,
+            &[signed(&owners[0], 6, 900), signed(&owners[2], 6, 1000)],
+            1,
+            &mut out,
+        );
+        assert_eq!(r.counters.signatures_verified, verified + 1);
+        assert_eq!(r.metric(&prefix(&owners[0])), Some(1000));
+        assert_eq!(r.counters.routes_refused, 2);
+        // Once a prefix is retracted and forgotten, there is room again.
+        let mut gone = signed(&owners[1], 5, 1000);
+        gone.metric = METRIC_INFINITY;
+        r.handle_updates(1, &[gone], 2, &mut out);
+        r.tick(3, &mut out);
+        r.handle_updates(1, &[signed(&owners[2], 6, 1000)], 4, &mut out);
+        assert_eq!(r.next_hop(&prefix(&owners[2])), Some(1));
     }
 }

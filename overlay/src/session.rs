@@ -73,8 +73,10 @@ pub(crate) enum SessionError {
     NotForUs,
     #[error("weak key exchange")]
     WeakKey,
-    #[error("too many peers")]
-    TooManyPeers,
+    #[error("session init timestamp outside the replay window")]
+    InitOutsideWindow,
+    #[error("replay cache full")]
+    ReplayCacheFull,
     #[error("unknown-session notice for a session not in use")]
     StaleNotice,
 }
@@ -95,8 +97,6 @@ const UNKNOWN_NOTICE_INTERVAL: Micros = 1_000_000;
 /// Peer prefixes notified within the last interval at most: bounds the signatures spent on
 /// data packets with forged sources to this many per interval.
 const UNKNOWN_NOTICE_PEERS: usize = 256;
-/// Peers with session state at most (bounds memory against init floods from many keys).
-const MAX_PEERS: usize = 65_536;
 
 /// Sliding replay window over packet counters.
 #[derive(Debug, Clone)]
@@ -189,7 +189,9 @@ struct Peer {
     previous: Option<Session>,
     pending: Option<Pending>,
     queue: VecDeque<Bytes>,
-    last_init_timestamp: u64,
+    /// Last time this entry was used (sealed for, opened from, init or response): the least
+    /// recently used entry is evicted when the table is full.
+    last_used: Micros,
 }
 
 /// All end-to-end sessions of one node.
@@ -198,9 +200,21 @@ pub(crate) struct Sessions {
     addr: Ipv6Addr,
     prefix: Prefix,
     cfg: SessionConfig,
+    /// Peer entries at most (`Limits::max_session_peers`).
+    max_peers: usize,
     peers: BTreeMap<Prefix, Peer>,
     by_idx: BTreeMap<u32, Prefix>,
     next_timestamp: u64,
+    /// Unix µs at core time 0: init timestamps are wall-clock times.
+    clock_offset: u64,
+    /// Inits from outside `now ± window` are refused.
+    init_window: Micros,
+    /// Highest init timestamp accepted per initiator, kept while inside the window: the
+    /// replay protection. At most `replay_cache_limit` entries.
+    replay_cache: BTreeMap<Prefix, u64>,
+    replay_cache_limit: usize,
+    /// Peer entries evicted to make room.
+    pub(crate) evicted: u64,
     rng: Box<dyn FnMut() -> [u8; 32] + Send>,
     /// When each peer prefix was last sent an unknown-session notice.
     notified: BTreeMap<Prefix, Micros>,
@@ -209,12 +223,14 @@ pub(crate) struct Sessions {
 }
 
 impl Sessions {
-    /// `first_timestamp` must exceed any init timestamp this identity used before (real
-    /// nodes use the Unix time in ns); `rng` supplies key material (seeded in the simulator).
+    /// `clock_offset` is the Unix time in µs at core time 0 (init timestamps are wall-clock
+    /// µs, checked against a window by responders); `rng` supplies key material (seeded in
+    /// the simulator).
     pub(crate) fn new(
         id: Identity,
         cfg: SessionConfig,
-        first_timestamp: u64,
+        limits: &crate::limits::Limits,
+        clock_offset: u64,
         rng: Box<dyn FnMut() -> [u8; 32] + Send>,
     ) -> Sessions {
         let addr = id.address();
@@ -223,13 +239,48 @@ impl Sessions {
             addr,
             id,
             cfg,
+            max_peers: limits.max_session_peers.max(1),
             peers: BTreeMap::new(),
             by_idx: BTreeMap::new(),
-            next_timestamp: first_timestamp,
+            next_timestamp: 0,
+            clock_offset,
+            init_window: limits.session_init_window,
+            replay_cache: BTreeMap::new(),
+            replay_cache_limit: limits.session_init_replay_cache,
+            evicted: 0,
             rng,
             notified: BTreeMap::new(),
             established: 0,
         }
+    }
+
+    fn wall(&self, now: Micros) -> u64 {
+        self.clock_offset.saturating_add(now)
+    }
+
+    /// Makes sure `prefix` has an entry, marked used at `now`; a full table first evicts its
+    /// least recently used entry (its sessions end; the peer re-initiates when it needs one).
+    fn admit_peer(&mut self, prefix: Prefix, now: Micros) {
+        if !self.peers.contains_key(&prefix) && self.peers.len() >= self.max_peers {
+            let lru = self
+                .peers
+                .iter()
+                .min_by_key(|(_, p)| p.last_used)
+                .map(|(k, _)| *k);
+            if let Some(old) = lru.and_then(|k| self.peers.remove(&k)) {
+                self.evicted += 1;
+                let idxs = [old.current.as_ref(), old.previous.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(|s| s.local_idx)
+                    .chain(old.pending.as_ref().map(|p| p.idx));
+                for idx in idxs {
+                    self.by_idx.remove(&idx);
+                }
+            }
+        }
+        let peer = self.peers.entry(prefix).or_default();
+        peer.last_used = peer.last_used.max(now);
     }
 
     fn new_idx(&mut self) -> u32 {
@@ -252,6 +303,7 @@ impl Sessions {
     ) {
         let prefix = prefix_of(&dst);
         let cfg = self.cfg.clone();
+        self.admit_peer(prefix, now);
         let peer = self.peers.entry(prefix).or_default();
         peer.addr = Some(dst);
         let usable = peer
@@ -286,8 +338,9 @@ impl Sessions {
     ) {
         let idx = self.new_idx();
         let eph = x25519_dalek::StaticSecret::from((self.rng)());
-        let timestamp = self.next_timestamp;
-        self.next_timestamp += 1;
+        // Wall-clock µs, strictly increasing even if the clock stalls.
+        let timestamp = self.next_timestamp.max(self.wall(now));
+        self.next_timestamp = timestamp + 1;
         let mut init = SessionInit {
             src: self.addr,
             dst,
@@ -301,6 +354,7 @@ impl Sessions {
         let encoded = init.encode();
         let init_hash = transcript_hash(&encoded);
         self.by_idx.insert(idx, prefix);
+        self.admit_peer(prefix, now);
         let peer = self.peers.entry(prefix).or_default();
         if let Some(old) = peer.pending.take() {
             self.by_idx.remove(&old.idx);
@@ -334,15 +388,24 @@ impl Sessions {
         if !verify(&init.initiator_key, &init.signed_input(), &init.signature) {
             return Err(SessionError::BadSignature);
         }
-        let last = self
-            .peers
+        let wall = self.wall(now);
+        if init.timestamp.abs_diff(wall) > self.init_window {
+            return Err(SessionError::InitOutsideWindow);
+        }
+        if self
+            .replay_cache
             .get(&peer_prefix)
-            .map_or(0, |p| p.last_init_timestamp);
-        if init.timestamp <= last {
+            .is_some_and(|last| init.timestamp <= *last)
+        {
             return Err(SessionError::ReplayedInit);
         }
-        if self.peers.len() >= MAX_PEERS && !self.peers.contains_key(&peer_prefix) {
-            return Err(SessionError::TooManyPeers);
+        if self.replay_cache.len() >= self.replay_cache_limit
+            && !self.replay_cache.contains_key(&peer_prefix)
+        {
+            self.expire_replay_cache(wall);
+            if self.replay_cache.len() >= self.replay_cache_limit {
+                return Err(SessionError::ReplayCacheFull);
+            }
         }
         let idx = self.new_idx();
         let eph = x25519_dalek::StaticSecret::from((self.rng)());
@@ -372,10 +435,17 @@ impl Sessions {
         self.by_idx.insert(idx, peer_prefix);
         // The response must precede data sent on the new session.
         out.push(SessionOut::Send(resp.encode()));
-        self.install(peer_prefix, init.src, session, out);
-        let peer = self.peers.entry(peer_prefix).or_default();
-        peer.last_init_timestamp = init.timestamp;
+        self.replay_cache.insert(peer_prefix, init.timestamp);
+        self.install(peer_prefix, init.src, session, now, out);
         Ok(())
+    }
+
+    /// Forgets initiators whose last init left the window: an init that old is refused by
+    /// the window check anyway.
+    fn expire_replay_cache(&mut self, wall: u64) {
+        let window = self.init_window;
+        self.replay_cache
+            .retain(|_, ts| ts.saturating_add(window) >= wall);
     }
 
     /// Handles a session response to one of our inits.
@@ -420,12 +490,20 @@ impl Sessions {
             created: now,
             last_received: None,
         };
-        self.install(peer_prefix, resp.src, session, out);
+        self.install(peer_prefix, resp.src, session, now, out);
         Ok(())
     }
 
-    fn install(&mut self, prefix: Prefix, addr: Ipv6Addr, s: Session, out: &mut Vec<SessionOut>) {
+    fn install(
+        &mut self,
+        prefix: Prefix,
+        addr: Ipv6Addr,
+        s: Session,
+        now: Micros,
+        out: &mut Vec<SessionOut>,
+    ) {
         self.established += 1;
+        self.admit_peer(prefix, now);
         let peer = self.peers.entry(prefix).or_default();
         if let Some(old) = peer.previous.take() {
             self.by_idx.remove(&old.local_idx);
@@ -496,6 +574,7 @@ impl Sessions {
             .map_err(|_| SessionError::BadTag)?;
         s.replay.accept(counter);
         s.last_received = Some(now);
+        peer.last_used = peer.last_used.max(now);
         packet.truncate(len - TAG_LEN);
         let inner = packet.split_off(DATA_HEADER_LEN).freeze();
         Ok((h.src, inner))
@@ -618,12 +697,10 @@ impl Sessions {
         }
         self.notified
             .retain(|_, t| now.saturating_sub(*t) < UNKNOWN_NOTICE_INTERVAL);
-        self.peers.retain(|_, p| {
-            p.current.is_some()
-                || p.previous.is_some()
-                || p.pending.is_some()
-                || p.last_init_timestamp != 0
-        });
+        self.peers
+            .retain(|_, p| p.current.is_some() || p.previous.is_some() || p.pending.is_some());
+        let wall = self.wall(now);
+        self.expire_replay_cache(wall);
         out.extend(retry.into_iter().map(SessionOut::Send));
     }
 
@@ -730,9 +807,130 @@ fn seal_data(s: &mut Session, src: &Ipv6Addr, dst: &Ipv6Addr, packet: &[u8]) -> 
     b.freeze()
 }
 
+/// A signed session init from `from` to `dst` (tests play throwaway-key initiators).
+#[cfg(test)]
+pub(crate) fn test_init(from: &Identity, dst: Ipv6Addr, timestamp: u64) -> Bytes {
+    let eph = x25519_dalek::StaticSecret::from([5u8; 32]);
+    let mut init = SessionInit {
+        src: from.address(),
+        dst,
+        sender_idx: 7,
+        initiator_key: from.public_key(),
+        ephemeral: x25519_dalek::PublicKey::from(&eph).to_bytes(),
+        timestamp,
+        signature: [0; 64],
+    };
+    init.signature = from.sign(&init.signed_input());
+    init.encode()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::Limits;
+
+    fn responder(limits: &Limits) -> Sessions {
+        let mut n = 0u8;
+        Sessions::new(
+            Identity::from_seed(&[2; 32]),
+            SessionConfig::default(),
+            limits,
+            0,
+            Box::new(move || {
+                n = n.wrapping_add(1);
+                [n; 32]
+            }),
+        )
+    }
+
+    fn throwaway(k: u8) -> Identity {
+        Identity::from_seed(&[k; 32])
+    }
+
+    const DAY: Micros = 86_400_000_000;
+
+    /// Issue 13, item 3: throwaway keys filled the table; two days later, with every session
+    /// expired, an honest newcomer still got `TooManyPeers`.
+    #[test]
+    fn idle_and_least_recently_used_peers_make_room_for_newcomers() {
+        let limits = Limits {
+            max_session_peers: 4,
+            ..Limits::default()
+        };
+        let mut b = responder(&limits);
+        let mut out = Vec::new();
+        for k in 0..4 {
+            b.handle_init(0, &test_init(&throwaway(100 + k), b.addr, 0), &mut out)
+                .unwrap();
+        }
+        assert_eq!(b.peers.len(), 4);
+        // Two simulated days later every session has expired: the entries are gone.
+        let later = 2 * DAY;
+        b.tick(later, &mut out);
+        assert!(b.peers.is_empty(), "idle entries kept: {}", b.peers.len());
+        let honest = throwaway(1);
+        b.handle_init(later, &test_init(&honest, b.addr, later), &mut out)
+            .unwrap();
+        // A table full of live entries: a newcomer evicts the least recently used one.
+        for k in 0..3 {
+            let t = later + 1 + k as u64;
+            b.handle_init(t, &test_init(&throwaway(110 + k), b.addr, t), &mut out)
+                .unwrap();
+        }
+        let t = later + 10;
+        b.handle_init(t, &test_init(&throwaway(120), b.addr, t), &mut out)
+            .unwrap();
+        assert_eq!((b.peers.len(), b.evicted), (4, 1));
+        assert!(
+            !b.peers.contains_key(&prefix_of(&honest.address())),
+            "the least recently used entry is the one evicted"
+        );
+        // Evicted sessions leave no index behind.
+        assert_eq!(b.by_idx.len(), 4);
+    }
+
+    #[test]
+    fn inits_outside_the_window_or_replayed_inside_it_are_refused() {
+        let limits = Limits {
+            session_init_window: 60_000_000,
+            session_init_replay_cache: 2,
+            ..Limits::default()
+        };
+        let mut b = responder(&limits);
+        let mut out = Vec::new();
+        let now = DAY;
+        let a = throwaway(1);
+        for ts in [now - 61_000_000, now + 61_000_000] {
+            assert_eq!(
+                b.handle_init(now, &test_init(&a, b.addr, ts), &mut out),
+                Err(SessionError::InitOutsideWindow)
+            );
+        }
+        let init = test_init(&a, b.addr, now - 30_000_000);
+        b.handle_init(now, &init, &mut out).unwrap();
+        assert_eq!(
+            b.handle_init(now + 1, &init, &mut out),
+            Err(SessionError::ReplayedInit)
+        );
+        // The replay cache is bounded: full of initiators inside the window, newcomers wait.
+        b.handle_init(now, &test_init(&throwaway(2), b.addr, now), &mut out)
+            .unwrap();
+        let c = throwaway(3);
+        assert_eq!(
+            b.handle_init(now, &test_init(&c, b.addr, now), &mut out),
+            Err(SessionError::ReplayCacheFull)
+        );
+        // Once those entries leave the window, there is room again (and their old inits
+        // are refused by the window).
+        let later = now + 61_000_000;
+        b.tick(later, &mut out);
+        b.handle_init(later, &test_init(&c, b.addr, later), &mut out)
+            .unwrap();
+        assert_eq!(
+            b.handle_init(later, &init, &mut out),
+            Err(SessionError::InitOutsideWindow)
+        );
+    }
 
     fn pair(cfg: SessionConfig) -> (Sessions, Sessions) {
         let mut n = 0u8;
@@ -749,10 +947,17 @@ mod tests {
             Sessions::new(
                 Identity::from_seed(&[1; 32]),
                 cfg.clone(),
+                &crate::limits::Limits::default(),
                 10,
                 Box::new(rng),
             ),
-            Sessions::new(Identity::from_seed(&[2; 32]), cfg, 10, Box::new(rng2)),
+            Sessions::new(
+                Identity::from_seed(&[2; 32]),
+                cfg,
+                &crate::limits::Limits::default(),
+                10,
+                Box::new(rng2),
+            ),
         )
     }
 
@@ -920,6 +1125,7 @@ mod tests {
         let mut b = Sessions::new(
             Identity::from_seed(&[2; 32]),
             SessionConfig::default(),
+            &crate::limits::Limits::default(),
             1_000,
             Box::new(move || {
                 m = m.wrapping_add(1);

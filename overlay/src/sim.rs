@@ -10,7 +10,7 @@ use std::net::Ipv6Addr;
 use bytes::{Bytes, BytesMut};
 
 use crate::addr::prefix_of;
-use crate::core::{CoreConfig, CoreOut, Counters, NodeCore};
+use crate::core::{CoreConfig, CoreOut, Counters, LinkOrigin, NodeCore};
 use crate::identity::Identity;
 use crate::session::Micros;
 use crate::wire::Control;
@@ -65,6 +65,7 @@ struct SimNode {
     key: [u8; 32],
     alive: bool,
     delivered: Vec<Bytes>,
+    events: Vec<crate::L3Event>,
 }
 
 /// The simulator.
@@ -97,6 +98,7 @@ impl Sim {
                     core: NodeCore::new(id, cfg.clone(), 1, 0, Box::new(move || r.bytes32())),
                     alive: true,
                     delivered: Vec::new(),
+                    events: Vec::new(),
                 }
             })
             .collect();
@@ -142,11 +144,28 @@ impl Sim {
         self.links
             .insert(Sim::key(a, b), Link { latency, up: true });
         let (ka, kb) = (self.pubkey(a), self.pubkey(b));
+        // The lower-numbered node dials: the other sees an inbound link from 10.0.0.a.
+        let (dialer, acceptor) = (a.min(b), a.max(b));
+        let from = LinkOrigin::Inbound(std::net::IpAddr::from([10, 0, 0, dialer as u8]));
         let mut out = Vec::new();
-        self.nodes[a].core.link_up(b as u64, kb, self.now, &mut out);
+        let origin = if a == dialer {
+            LinkOrigin::Outbound
+        } else {
+            from
+        };
+        self.nodes[a]
+            .core
+            .link_up(b as u64, kb, origin, self.now, &mut out);
         self.apply(a, out, None);
         let mut out = Vec::new();
-        self.nodes[b].core.link_up(a as u64, ka, self.now, &mut out);
+        let origin = if b == acceptor {
+            from
+        } else {
+            LinkOrigin::Outbound
+        };
+        self.nodes[b]
+            .core
+            .link_up(a as u64, ka, origin, self.now, &mut out);
         self.apply(b, out, None);
     }
 
@@ -200,7 +219,13 @@ impl Sim {
 
     /// Injects an IPv6 packet (next header 59) with `payload` from `i` to `j`'s address.
     pub fn send(&mut self, i: usize, j: usize, payload: &[u8]) -> Bytes {
-        let p = ipv6_packet(self.address(i), self.address(j), payload);
+        let dst = self.address(j);
+        self.send_to(i, dst, payload)
+    }
+
+    /// Injects an IPv6 packet (next header 59) with `payload` from `i` to any address.
+    pub fn send_to(&mut self, i: usize, dst: Ipv6Addr, payload: &[u8]) -> Bytes {
+        let p = ipv6_packet(self.address(i), dst, payload);
         let mut out = Vec::new();
         self.nodes[i].core.local(p.clone(), self.now, &mut out);
         self.apply(i, out, None);
@@ -212,6 +237,11 @@ impl Sim {
     pub fn inject(&mut self, from: usize, to: usize, bytes: Bytes) {
         let trace = vec![from];
         self.send_over_link(from, to, Msg::Packet { bytes, trace });
+    }
+
+    /// Typed L3 events (unreachables) node `i` raised since the last call.
+    pub fn take_events(&mut self, i: usize) -> Vec<crate::L3Event> {
+        std::mem::take(&mut self.nodes[i].events)
     }
 
     /// Packets delivered to node `i`'s L3 port since the last call.
@@ -264,6 +294,9 @@ impl Sim {
                     self.send_over_link(from, to, Msg::Packet { bytes, trace });
                 }
                 CoreOut::Deliver(b) => self.nodes[from].delivered.push(b),
+                CoreOut::Unreachable { dst, reason } => self.nodes[from]
+                    .events
+                    .push(crate::L3Event::Unreachable { dst, reason }),
                 CoreOut::Close(n) => {
                     // Closing a TCP link: the other end sees it go down (if it is alive).
                     let to = n as usize;

@@ -4,7 +4,7 @@ use std::net::{Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
-use meshgate_overlay::{Identity, L3Port, Node, NodeConfig};
+use meshgate_overlay::{Identity, L3Event, L3Port, Node, NodeConfig, UnreachableReason};
 use meshgate_testkit::{eventually, listener};
 
 fn packet(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Bytes {
@@ -349,12 +349,106 @@ mod hostile {
         c.shutdown().await;
     }
 
+    /// Issue 13, item 1: a peer links in with a fresh key, floods Hellos and never reads the
+    /// answers. Its link's queue stays bounded, the link is closed once its socket takes
+    /// nothing for the write-stall timeout, and meanwhile the node keeps taking packets from
+    /// its L3 port and carrying them on its other links.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_never_reads_stalls_only_its_own_link() {
+        let mut ca = cfg(true, vec![]);
+        ca.limits.write_stall_timeout = 3_000_000;
+        let a = Node::start(ca).await.unwrap();
+        let b = Node::start(cfg(false, vec![a.listen_addr().unwrap()]))
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(10), "routes", || {
+            has_route(&a, b.address()) && has_route(&b, a.address())
+        })
+        .await;
+        let mut pa = a.take_l3_port().unwrap();
+        let mut pb = b.take_l3_port().unwrap();
+        exchange(&mut pa, &mut pb, b"before").await;
+
+        // The attacker, on a runtime of its own (another machine): a small receive buffer, a
+        // valid handshake, then only writes.
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = sent.clone();
+        let target = a.listen_addr().unwrap();
+        let flood = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                sock.set_recv_buffer_size(4096).unwrap();
+                let mut s = sock.connect(target).await.unwrap();
+                let (mut t, _) = link::handshake(&mut s, &Identity::generate(), true)
+                    .await
+                    .unwrap();
+                // Paced (50,000 a second, below what the node answers) so that the answers
+                // fill the kernel's buffers rather than being dropped from the link's queue
+                // at once. Bounded: at most 400,000 Hellos, until the node closes the link.
+                for batch in 0..400u64 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let mut buf = Vec::new();
+                    for k in 0..1000 {
+                        let hello = Control::Hello {
+                            timestamp_us: batch * 1000 + k,
+                        };
+                        buf.extend_from_slice(&link::seal_control(&mut t, &hello).unwrap());
+                    }
+                    if s.write_all(&buf).await.is_err() {
+                        return;
+                    }
+                    counted.fetch_add(1000, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        });
+        eventually(Duration::from_secs(10), "the flood is under way", || {
+            a.status().counters.link_control_drops > 0
+        })
+        .await;
+        // The L3 port and the other link keep working, promptly, while the attacker's link
+        // is full and still up.
+        for k in 0..5u8 {
+            let t0 = std::time::Instant::now();
+            exchange(&mut pa, &mut pb, &[b'a', k]).await;
+            exchange(&mut pb, &mut pa, &[b'b', k]).await;
+            assert!(
+                t0.elapsed() < Duration::from_secs(1),
+                "slow: {:?}",
+                t0.elapsed()
+            );
+        }
+        assert_eq!(a.status().peers.len(), 2, "the stalled link is still there");
+        eventually(Duration::from_secs(20), "stalled link closed", || {
+            a.status().counters.link_write_stalls == 1
+        })
+        .await;
+        eventually(Duration::from_secs(10), "the flood ends", || {
+            flood.is_finished()
+        })
+        .await;
+        flood.join().unwrap();
+        let c = a.status().counters;
+        eprintln!(
+            "{} Hellos sent, {} answers dropped",
+            sent.load(std::sync::atomic::Ordering::Relaxed),
+            c.link_control_drops
+        );
+        assert_eq!(c.link_queue_drops, 0, "no packet of the good link dropped");
+        exchange(&mut pa, &mut pb, b"after").await;
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
     fn link_key(n: &Node) -> [u8; 32] {
         meshgate_overlay::identity::decode_hex32(&n.status().public_key).unwrap()
     }
 }
 
-/// Packets the node must not carry are refused and counted; no route gives an ICMPv6 error.
+/// Packets the node must not carry are refused and counted; no route gives a typed event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_packets_are_checked_and_unroutable_ones_answered() {
     let a = Node::start(cfg(true, vec![])).await.unwrap();
@@ -371,20 +465,21 @@ async fn local_packets_are_checked_and_unroutable_ones_answered() {
         .await
         .unwrap();
     pa.tx.send(Bytes::from_static(b"not ipv6")).await.unwrap();
-    // No route: an ICMPv6 destination unreachable comes back, quoting the packet.
+    // No route: a typed "unreachable" event comes back (no packet bytes).
     let p = packet(me, stranger, b"nobody home");
     pa.tx.send(p.clone()).await.unwrap();
-    let icmp = tokio::time::timeout(Duration::from_secs(2), pa.rx.recv())
+    let ev = tokio::time::timeout(Duration::from_secs(2), pa.events.recv())
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(icmp[6], 58, "ICMPv6");
     assert_eq!(
-        (icmp[40], icmp[41]),
-        (1, 0),
-        "destination unreachable, no route"
+        ev,
+        L3Event::Unreachable {
+            dst: stranger,
+            reason: UnreachableReason::NoRoute
+        }
     );
-    assert_eq!(&icmp[48..], &p[..]);
+    assert!(pa.rx.try_recv().is_err(), "no ICMPv6 bytes on the port");
     eventually(Duration::from_secs(5), "counters", || {
         let c = a.status().counters;
         c.local_bad_source == 1
@@ -588,11 +683,17 @@ async fn first_packet_after_a_same_key_restart_arrives_when_the_route_was_lost()
         .send(packet(a.address(), b_addr, b"while gone"))
         .await
         .unwrap();
-    let icmp = tokio::time::timeout(Duration::from_secs(2), pa.rx.recv())
+    let ev = tokio::time::timeout(Duration::from_secs(2), pa.events.recv())
         .await
         .expect("an unreachable while the peer is gone")
         .unwrap();
-    assert_eq!(icmp[6], 58, "ICMPv6 no-route answer");
+    assert_eq!(
+        ev,
+        L3Event::Unreachable {
+            dst: b_addr,
+            reason: UnreachableReason::NoRoute
+        }
+    );
 
     let b2 = Node::start(cb).await.unwrap();
     let mut pb2 = b2.take_l3_port().unwrap();

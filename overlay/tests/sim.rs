@@ -5,6 +5,7 @@ use std::collections::{BTreeSet, BinaryHeap};
 
 use meshgate_overlay::core::CoreConfig;
 use meshgate_overlay::sim::{PathError, Sim, SimRng};
+use meshgate_overlay::{L3Event, UnreachableReason};
 
 const MS: u64 = 1000;
 const HOP_COST: u64 = 50;
@@ -348,21 +349,27 @@ fn unreachables_are_rate_limited_and_ignored_for_live_peers() {
     let mut sim = build(5, 3, &edges);
     sim.run_for(5_000 * MS);
     check_delivery(&mut sim, &[(0, 2), (2, 0)]);
-    let is_icmp_unreachable = |p: &bytes::Bytes| p.len() >= 48 && p[6] == 58 && p[40] == 1;
+    let relay_report = L3Event::Unreachable {
+        dst: sim.address(2),
+        reason: UnreachableReason::ReportedByRelay {
+            relay: sim.address(1),
+        },
+    };
 
     // Relay 1 claims 2 is unreachable, while 0 heard from 2 within the last 3 s.
     let forged = wire::encode_unreachable(&sim.address(1), &sim.address(0), &sim.address(2));
     sim.inject(1, 0, forged.clone());
     sim.run_for(100 * MS);
-    assert!(!sim.take_delivered(0).iter().any(is_icmp_unreachable));
+    assert!(sim.take_events(0).is_empty());
     let c = sim.counters(0);
     assert_eq!((c.unreachable_received, c.unreachable_ignored), (1, 1));
     check_delivery(&mut sim, &[(0, 2)]);
-    // Nothing heard from 2 for more than 3 s: the error is believed and reported.
+    // Nothing heard from 2 for more than 3 s: the claim is passed on as a relay's report.
     sim.run_for(3_100 * MS);
     sim.inject(1, 0, forged);
     sim.run_for(100 * MS);
-    assert!(sim.take_delivered(0).iter().any(is_icmp_unreachable));
+    assert_eq!(sim.take_events(0), vec![relay_report]);
+    assert!(sim.take_delivered(0).is_empty(), "no ICMPv6 bytes");
     assert_eq!(sim.counters(0).unreachable_ignored, 1);
 
     // 50 unroutable packets from 0's /64 at once: relay 1 answers one of them.
@@ -378,4 +385,49 @@ fn unreachables_are_rate_limited_and_ignored_for_live_peers() {
     assert_eq!((c.no_route, c.unreachable_sent), (50, 1));
     assert_eq!(c.unreachable_rate_limited, 49);
     assert_eq!(sim.counters(0).unreachable_received, 3);
+}
+
+/// Issue 13, item 2: a node that sent packets claiming the gateway's own address as source
+/// got "unreachable" errors that looked like the gateway's own, and forged errors abandoned
+/// pending session setups.
+#[test]
+fn forged_unreachables_neither_pose_as_the_node_nor_cancel_a_session_setup() {
+    use meshgate_overlay::wire;
+    let edges = [(0, 1, 2 * MS), (1, 2, 2 * MS)];
+    let mut sim = build(6, 3, &edges);
+    sim.run_for(5_000 * MS);
+    let (a0, a1, a2) = (sim.address(0), sim.address(1), sim.address(2));
+
+    // Packets from a link claiming 0's own /64 as source are dropped and counted.
+    sim.inject(1, 0, wire::encode_unreachable(&a0, &a0, &a2));
+    let mut data = bytes::BytesMut::new();
+    wire::put_data_header(&mut data, &a0, &a0, 1, 0);
+    data.extend_from_slice(&[0; wire::TAG_LEN]);
+    sim.inject(1, 0, data.freeze());
+    sim.run_for(100 * MS);
+    let c = sim.counters(0);
+    assert_eq!((c.spoofed_own_source, c.unreachable_received), (2, 0));
+    assert!(sim.take_events(0).is_empty() && sim.take_delivered(0).is_empty());
+
+    // 0 starts a session to 2; relay 1 claims 2 is unreachable before the response is back.
+    let p = sim.send(0, 2, b"first packet");
+    sim.inject(1, 0, wire::encode_unreachable(&a1, &a0, &a2));
+    sim.run_for(100 * MS);
+    assert_eq!(sim.counters(0).unreachable_received, 1);
+    assert_eq!(sim.take_delivered(2), vec![p], "setup went on");
+    assert_eq!(sim.counters(0).session_setup_drops, 0);
+    assert_eq!(sim.counters(0).sessions_established, 1);
+
+    // The node's own "no route" is a typed event for its stack.
+    let stranger: std::net::Ipv6Addr = "7ab:cdef::1".parse().unwrap();
+    let mut sim2 = build(7, 1, &[]);
+    sim2.send_to(0, stranger, b"x");
+    assert_eq!(
+        sim2.take_events(0),
+        vec![L3Event::Unreachable {
+            dst: stranger,
+            reason: UnreachableReason::NoRoute
+        }]
+    );
+    assert!(sim2.take_delivered(0).is_empty());
 }

@@ -2,10 +2,11 @@
 //! userspace TCP stack.
 //!
 //! When the node loses its route to a workload (the workload node died and its links went
-//! away), it answers every packet sent there with an ICMPv6 "no route" to its own stack. The
-//! userspace stack ignores ICMP, so a connection whose peer vanished would wait — an in-flight
-//! request until the response timeout, a connect until its attempt timeout. The dialer turns
-//! those errors into failures ([`Unreachables`]) the way a kernel treats ICMP errors: a pending
+//! away), it answers every packet sent there with a typed "no route" event on its L3 port
+//! ([`L3Event`], never packet bytes, which a peer could forge). Without it a connection whose
+//! peer vanished would wait — an in-flight request until the response timeout, a connect
+//! until its attempt timeout. The dialer turns those events into failures ([`Unreachables`])
+//! the way a kernel treats ICMP errors: a pending
 //! connect fails at once; an established stream only once the destination has stayed
 //! unreachable for [`ESTABLISHED_GRACE`] with nothing heard from it, so a short gap while
 //! routing moves to another path does not cut WebSockets or passthrough streams.
@@ -13,7 +14,8 @@
 use crate::upstream::dial::{BoxStream, DialFuture, Dialer};
 use anyhow::{Context, Result};
 use meshgate_config::gateway::Overlay;
-use meshgate_overlay::{Node, NodeConfig};
+use meshgate_config::overlay_limits::OverlayLimits;
+use meshgate_overlay::{L3Event, Limits, Node, NodeConfig, UnreachableReason};
 use meshgate_sockets::{InboundInspector, Stack, StackConfig};
 use std::collections::HashMap;
 use std::future::Future;
@@ -142,24 +144,6 @@ impl UnreachableSince {
     }
 }
 
-/// The destination of an ICMPv6 destination unreachable that the node at `own` generated
-/// itself (source = its own address: no route to the invoking packet's destination). Such
-/// errors from elsewhere (relays, or any overlay peer sending ICMPv6 as data) are ignored:
-/// they are not authenticated, and routing withdraws a really lost destination here too.
-fn no_route_destination(packet: &[u8], own: &Ipv6Addr) -> Option<Ipv6Addr> {
-    // IPv6 header (40) + ICMPv6 header (8) + the invoking packet's IPv6 header (40).
-    if packet.len() < 88 || packet[0] >> 4 != 6 || packet[6] != 58 || packet[40] != 1 {
-        return None;
-    }
-    let octets = |at: usize| -> Option<[u8; 16]> { packet.get(at..at + 16)?.try_into().ok() };
-    let src = Ipv6Addr::from(octets(8)?);
-    let invoking_src = Ipv6Addr::from(octets(48 + 8)?);
-    if src != *own || invoking_src != *own {
-        return None;
-    }
-    Some(Ipv6Addr::from(octets(48 + 24)?))
-}
-
 fn unreachable_error(dest: Ipv6Addr) -> io::Error {
     io::Error::new(
         io::ErrorKind::HostUnreachable,
@@ -233,19 +217,56 @@ impl AsyncWrite for OverlayStream {
     }
 }
 
-/// Shown every packet from the node before the stack takes it: notes "no route" errors.
-fn unreachable_inspector(own: Ipv6Addr, unreachables: Unreachables) -> InboundInspector {
-    let since = Mutex::new(UnreachableSince::default());
+/// Shown every packet from the node before the stack takes it: a packet from a destination
+/// means it is reachable again.
+fn heard_inspector(since: Arc<Mutex<UnreachableSince>>) -> InboundInspector {
     Arc::new(move |packet: &[u8]| {
-        let mut since = since.lock().unwrap_or_else(|p| p.into_inner());
-        match no_route_destination(packet, &own) {
-            Some(dest) => {
-                let gone = since.no_route(dest, std::time::Instant::now());
-                unreachables.lost(dest, gone);
-            }
-            None => since.heard(packet),
-        }
+        since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .heard(packet);
     })
+}
+
+/// One event from the node. Only the node's own "no route" counts: a relay's report is an
+/// unauthenticated claim (routing withdraws a really lost destination here too).
+fn on_event(ev: L3Event, since: &Mutex<UnreachableSince>, unreachables: &Unreachables) {
+    match ev {
+        L3Event::Unreachable {
+            dst,
+            reason: UnreachableReason::NoRoute,
+        } => {
+            let gone = since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .no_route(dst, std::time::Instant::now());
+            unreachables.lost(dst, gone);
+        }
+        L3Event::Unreachable {
+            reason: UnreachableReason::ReportedByRelay { .. },
+            ..
+        } => {}
+    }
+}
+
+/// The overlay's limits from `[overlay.limits]` (also `node.toml`'s `[limits]`).
+pub fn overlay_limits(l: &OverlayLimits) -> Limits {
+    let ms = |v: u64| v.saturating_mul(1000);
+    Limits {
+        link_queue_frames: l.link_queue_frames as usize,
+        link_queue_bytes: (l.link_queue_kib as usize).saturating_mul(1024),
+        write_stall_timeout: ms(l.link_write_stall_ms),
+        hello_timeout: ms(l.hello_timeout_ms),
+        unverified_messages: l.unverified_messages as usize,
+        max_links: l.max_links as usize,
+        max_links_per_ip: l.max_links_per_ip as usize,
+        max_routes: l.max_routes as usize,
+        max_session_peers: l.max_session_peers as usize,
+        session_init_window: ms(l.session_init_window_ms),
+        session_init_replay_cache: l.session_init_replay_cache as usize,
+        session_inits_per_sec: l.session_inits_per_sec,
+        session_init_burst: l.session_init_burst,
+    }
 }
 
 /// A running embedded node with its userspace stack.
@@ -271,6 +292,7 @@ impl EmbeddedNode {
             key_path: cfg.key_file.clone(),
             listen: cfg.listen,
             peers,
+            limits: overlay_limits(&cfg.limits),
             ..NodeConfig::default()
         };
         Self::start_with(node_cfg).await
@@ -280,9 +302,17 @@ impl EmbeddedNode {
         let node = Node::start(node_cfg)
             .await
             .context("cannot start the overlay node")?;
-        let port = node.take_l3_port().context("overlay node has no L3 port")?;
+        let mut port = node.take_l3_port().context("overlay node has no L3 port")?;
         let unreachables = Unreachables::default();
-        let inspect = unreachable_inspector(port.address, unreachables.clone());
+        let since = Arc::new(Mutex::new(UnreachableSince::default()));
+        let inspect = heard_inspector(since.clone());
+        let events_unreachables = unreachables.clone();
+        // Ends when the node stops (its core task holds the sender).
+        tokio::spawn(async move {
+            while let Some(ev) = port.events.recv().await {
+                on_event(ev, &since, &events_unreachables);
+            }
+        });
         let stack = Stack::with_inspector(
             port.address,
             port.mtu,
@@ -314,7 +344,6 @@ impl EmbeddedNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshgate_overlay::core::icmpv6_unreachable;
 
     fn packet(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
         let mut p = vec![0u8; 60];
@@ -326,20 +355,26 @@ mod tests {
     }
 
     #[test]
-    fn only_the_nodes_own_no_route_errors_name_a_lost_destination() {
-        let own: Ipv6Addr = "600:1::1".parse().unwrap();
+    fn only_the_nodes_own_no_route_events_fail_streams() {
         let peer: Ipv6Addr = "600:2::1".parse().unwrap();
         let relay: Ipv6Addr = "600:3::1".parse().unwrap();
-        let local = icmpv6_unreachable(&own, &own, &packet(own, peer));
-        assert_eq!(no_route_destination(&local, &own), Some(peer));
-        // From a relay or a peer: not authenticated, ignored.
-        let relayed = icmpv6_unreachable(&relay, &own, &packet(own, peer));
-        assert_eq!(no_route_destination(&relayed, &own), None);
-        // About someone else's packet, truncated, or not ICMPv6: ignored.
-        let other = icmpv6_unreachable(&own, &own, &packet(relay, peer));
-        assert_eq!(no_route_destination(&other, &own), None);
-        assert_eq!(no_route_destination(&local[..80], &own), None);
-        assert_eq!(no_route_destination(&packet(peer, own), &own), None);
+        let u = Unreachables::default();
+        let since = Mutex::new(UnreachableSince::default());
+        let (connecting, _) = u.tokens(peer);
+        // A relay's claim is not authenticated: ignored.
+        let relayed = L3Event::Unreachable {
+            dst: peer,
+            reason: UnreachableReason::ReportedByRelay { relay },
+        };
+        on_event(relayed, &since, &u);
+        assert!(!connecting.is_cancelled());
+        // The node's own "no route" fails pending connects.
+        let own = L3Event::Unreachable {
+            dst: peer,
+            reason: UnreachableReason::NoRoute,
+        };
+        on_event(own, &since, &u);
+        assert!(connecting.is_cancelled());
     }
 
     #[test]

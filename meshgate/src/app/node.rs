@@ -78,6 +78,7 @@ impl RunningNode {
             peers: cfg.peers.clone(),
             dead_peer_timeout: dead,
             hello_interval: dead / 5,
+            limits: meshgate_gateway::upstream::overlay::overlay_limits(&cfg.limits),
             ..NodeConfig::default()
         })
         .await
