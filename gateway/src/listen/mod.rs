@@ -133,6 +133,7 @@ async fn accept_loop(
                         proto: "http",
                         activity: activity.clone(),
                         span: tracing::Span::current(),
+                        tls: None,
                     };
                     http::serve(&shared, Tracked::new(stream, activity), ci, false).await
                 }
