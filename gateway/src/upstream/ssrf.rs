@@ -1,6 +1,6 @@
 //! SSRF guard: a public gateway must not let a route reach into the gateway host's own
 //! services or private networks unless the operator allows it. The addresses that count as
-//! the gateway's own (interfaces, listen IPs, `reservations.public_addresses`) are re-read at
+//! the gateway's own (interfaces, every listener's IP, `reservations.public_addresses`) are re-read at
 //! runtime, so a reservation cannot loop the gateway into itself through an address it gained
 //! after start or one it has only behind NAT.
 
@@ -33,6 +33,7 @@ impl Known {
                     .https
                     .iter()
                     .chain(&config.listen.http)
+                    .chain([&config.admin.listen, &config.api.listen])
                     .map(|a| a.ip()),
             )
             .chain(config.reservations.public_addresses.iter().copied())
