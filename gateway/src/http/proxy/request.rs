@@ -645,8 +645,10 @@ mod tests {
         assert_eq!(offer("WebSocket/13, h2c").unwrap(), "WebSocket/13");
         assert!(offer("h2c").is_none());
         assert!(offer("tls/1.2").is_none());
-        let mut custom = RouteOptions::default();
-        custom.upgrades = vec!["h2c".into(), "foo".into()];
+        let custom = RouteOptions {
+            upgrades: vec!["h2c".into(), "foo".into()],
+            ..RouteOptions::default()
+        };
         assert!(allowed_upgrade(&HeaderValue::from_static("h2c"), &custom).is_none());
         assert_eq!(
             allowed_upgrade(&HeaderValue::from_static("foo"), &custom).unwrap(),
