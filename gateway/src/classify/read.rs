@@ -3,7 +3,7 @@
 
 use super::hello::{self, ClientHello, HelloError, Parse};
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -20,9 +20,10 @@ pub(crate) enum ReadError {
     Closed,
 }
 
-/// Reads until a whole ClientHello of at most `max` bytes has arrived, or `deadline`.
-pub(crate) async fn client_hello(
-    stream: &mut TcpStream,
+/// Reads until a whole ClientHello of at most `max` bytes has arrived, or `deadline`. Generic
+/// over the stream so the fuzz targets can drive it with chunked in-memory input.
+pub(crate) async fn client_hello<S: AsyncRead + Unpin>(
+    stream: &mut S,
     max: usize,
     deadline: Instant,
 ) -> Result<(ClientHello, Bytes), ReadError> {
