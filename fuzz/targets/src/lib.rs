@@ -17,8 +17,11 @@ pub use sockets::demux;
 /// Seed inputs made by the real encoders (rustls, the overlay's nodes), for `examples/seeds`.
 pub mod seeds;
 
+/// A target body: any bytes, never a panic.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its cargo-fuzz binary and corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("client_hello", client_hello),
     ("client_hello_reader", client_hello_reader),
     ("link_frames", link_frames),

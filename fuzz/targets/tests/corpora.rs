@@ -26,7 +26,7 @@ fn every_corpus_file_of_every_target_passes() {
 
 #[test]
 fn every_target_has_a_cargo_fuzz_binary() {
-    let bins = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz_targets");
+    let bins = Path::new(env!("CARGO_MANIFEST_DIR")).join("../libfuzzer/fuzz_targets");
     for (name, _) in meshgate_fuzz_targets::TARGETS {
         let file = bins.join(format!("{name}.rs"));
         let text =
