@@ -27,7 +27,11 @@ pub enum HelloOutcome {
 
 /// [`hello::parse`] on all bytes received so far.
 pub fn parse_client_hello(buf: &[u8], max: usize) -> HelloOutcome {
-    match hello::parse(buf, max) {
+    outcome(hello::parse(buf, max))
+}
+
+fn outcome(parsed: Result<hello::Parse, hello::HelloError>) -> HelloOutcome {
+    match parsed {
         Ok(hello::Parse::Done(h)) => HelloOutcome::Done {
             sni: h.sni,
             alpn: h.alpn,
@@ -61,4 +65,20 @@ pub async fn read_client_hello<S: AsyncRead + Unpin>(
 /// The PROXY v2 header the gateway sends before a passthrough stream.
 pub fn proxy_v2_header(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
     crate::passthrough::proxy_protocol::header_v2(client, local)
+}
+
+/// The reader's incremental parse, fed `buf` cut at each of `cuts` (ascending) and then whole:
+/// the outcome after each feed, up to the first that is not [`HelloOutcome::NeedMore`].
+pub fn parse_client_hello_in_steps(buf: &[u8], max: usize, cuts: &[usize]) -> Vec<HelloOutcome> {
+    let mut r = hello::Reassembly::default();
+    let mut out = Vec::new();
+    for &cut in cuts.iter().chain([&buf.len()]) {
+        let outcome = outcome(r.parse(&buf[..cut.min(buf.len())], max));
+        let done = outcome != HelloOutcome::NeedMore;
+        out.push(outcome);
+        if done {
+            break;
+        }
+    }
+    out
 }

@@ -3,7 +3,8 @@
 
 use crate::{XorShift, block_on};
 use meshgate_gateway::fuzzing::{
-    HelloOutcome, parse_client_hello, proxy_v2_header, read_client_hello,
+    HelloOutcome, parse_client_hello, parse_client_hello_in_steps, proxy_v2_header,
+    read_client_hello,
 };
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -30,7 +31,24 @@ pub fn client_hello(data: &[u8]) {
         return;
     };
     let max = max_for(b);
-    let HelloOutcome::Done { sni, alpn } = parse_client_hello(buf, max) else {
+    let whole = parse_client_hello(buf, max);
+    // Fed in pieces (as the reader feeds it), each answer is the one for that prefix.
+    let mut sizes = XorShift::new(u64::from(b) + buf.len() as u64);
+    let mut cuts = Vec::new();
+    let mut at = 0;
+    while at < buf.len() && cuts.len() < 64 {
+        at += 1 + sizes.next() as usize % 64;
+        cuts.push(at.min(buf.len()));
+    }
+    let steps = parse_client_hello_in_steps(buf, max, &cuts);
+    for (outcome, cut) in steps.iter().zip(cuts.iter().chain([&buf.len()])) {
+        assert_eq!(
+            outcome,
+            &parse_client_hello(&buf[..*cut], max),
+            "cut at {cut}"
+        );
+    }
+    let HelloOutcome::Done { sni, alpn } = whole else {
         return;
     };
     if let Some(name) = &sni {
