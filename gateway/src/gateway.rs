@@ -14,6 +14,7 @@ use anyhow::Result;
 use meshgate_certs::{CertManager, CertResolver, DevCa};
 use meshgate_config::gateway::GatewayConfig;
 use meshgate_config::route::Route;
+use meshgate_reservations::token::AdminToken;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -31,6 +32,8 @@ pub struct GatewayParts {
     pub reservations: Option<ReservationParts>,
     /// The ACME certificate manager: challenges answered, certificates served, status shown.
     pub certs: Option<Arc<CertManager>>,
+    /// The farmer's admin token; without it `POST /reload` is refused (SIGHUP still works).
+    pub admin_token: Option<AdminToken>,
 }
 
 impl GatewayParts {
@@ -42,11 +45,12 @@ impl GatewayParts {
             overlay: None,
             reservations: None,
             certs: None,
+            admin_token: None,
         }
     }
 }
 
-/// The overlay as the gateway sees it: a dialer for overlay addresses and, for the admin
+/// The overlay as the gateway sees it: a dialer for overlay addresses and, for the operator's
 /// listener, the node's status.
 pub struct OverlayParts {
     pub dialer: Arc<dyn Dialer>,
@@ -55,6 +59,8 @@ pub struct OverlayParts {
     pub observer: Option<OverlayObserver>,
 }
 
+/// The reservations: the API served on the deployers' listener (`[api]`) and the routes it
+/// reserves.
 pub struct ReservationParts {
     pub api: Arc<Api>,
     /// The reserved routes, merged with the static ones on every change.
@@ -75,12 +81,28 @@ impl Gateway {
             overlay,
             reservations,
             certs,
+            admin_token,
         } = parts;
         let dev_ca = match &config.tls.dev_ca {
             Some(d) => Some(DevCa::load_or_create(&d.dir)?),
             None => None,
         };
-        let admin_tls = crate::admin::tls::acceptor(&config, dev_ca.as_ref())?;
+        let admin_tls = crate::admin::tls::acceptor(
+            "admin",
+            config.admin.tls.as_ref(),
+            config.admin.listen,
+            dev_ca.as_ref(),
+        )?;
+        // The deployers' listener exists only with the reservations API.
+        let api_tls = match &reservations {
+            Some(_) => crate::admin::tls::acceptor(
+                "api",
+                config.api.tls.as_ref(),
+                config.api.listen,
+                dev_ca.as_ref(),
+            )?,
+            None => None,
+        };
         // One resolver: the configured certificates (files, dev CA) and the managed ones.
         let resolver = certs
             .as_ref()
@@ -90,21 +112,11 @@ impl Gateway {
             Some(o) => (Some(o.dialer), o.is_overlay, o.observer),
             None => (None, (|_: &IpAddr| false) as fn(&IpAddr) -> bool, None),
         };
-        let mut own: Vec<IpAddr> = crate::upstream::ssrf::interface_addresses();
-        own.extend(
-            config
-                .listen
-                .https
-                .iter()
-                .chain(&config.listen.http)
-                .map(|a| a.ip())
-                .filter(|ip| !ip.is_unspecified()),
-        );
         let dialer = Arc::new(GatewayDialer {
             overlay: overlay_dialer,
             is_overlay,
             allow_private: config.security.allow_private_backends.into(),
-            own_addresses: own,
+            guard: crate::upstream::ssrf::Guard::new(&config),
         });
         let metrics = Metrics::new(|registry| {
             if let Some(o) = &observer {
@@ -134,14 +146,18 @@ impl Gateway {
             metrics,
             certs,
             api,
+            admin_token,
             started: std::time::Instant::now(),
             admin_tls,
+            api_tls,
             overlay: observer,
+            via: crate::http::proxy::loops::Identity::random(),
         });
         shared.rebuild()?;
         if let Some(rx) = follow {
             follow_reserved_routes(Arc::downgrade(&shared), rx);
         }
+        refresh_own_addresses(Arc::downgrade(&shared));
         Ok(Gateway { shared })
     }
 
@@ -165,16 +181,29 @@ impl Gateway {
         self.shared.routes.subscribe()
     }
 
-    /// Binds every configured listener (dual-stack on `[::]`).
+    /// Binds every configured listener (dual-stack on `[::]`): HTTPS, HTTP, the operator's,
+    /// and the deployers' when the gateway has the reservations API.
     pub fn bind(&self) -> Result<Bound> {
         let c = self.shared.config();
-        Bound::new(&c.listen.https, &c.listen.http, c.admin.listen)
+        Bound::new(
+            &c.listen.https,
+            &c.listen.http,
+            c.admin.listen,
+            self.api_listen(),
+        )
     }
 
-    /// Binds the given HTTPS listeners and the configured admin listener (no plain HTTP).
+    /// Binds the given HTTPS listeners, the configured operator's listener and the
+    /// deployers' when there is one (no plain HTTP).
     pub fn bind_listeners(&self, https: &[SocketAddr]) -> Result<Bound> {
         let c = self.shared.config();
-        Bound::new(https, &[], c.admin.listen)
+        Bound::new(https, &[], c.admin.listen, self.api_listen())
+    }
+
+    /// `[api] listen` when the reservations API runs.
+    fn api_listen(&self) -> Option<SocketAddr> {
+        let c = self.shared.config();
+        self.shared.api.as_ref().map(|_| c.api.listen)
     }
 
     /// Serves until `shutdown` completes.
@@ -208,6 +237,29 @@ fn follow_reserved_routes(
             if let Err(e) = shared.rebuild() {
                 tracing::error!(error = %format!("{e:#}"), "cannot apply reserved routes");
             }
+        }
+    });
+}
+
+/// Re-reads the gateway's own addresses for the SSRF guard every
+/// `security.own_addresses_refresh_secs`, while the gateway lives (reloads refresh too).
+fn refresh_own_addresses(shared: std::sync::Weak<Shared>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        loop {
+            let Some(every) = shared
+                .upgrade()
+                .map(|s| s.config().security.own_addresses_refresh())
+            else {
+                return;
+            };
+            tokio::time::sleep(every).await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            shared.dialer.guard.refresh(&shared.config());
         }
     });
 }
@@ -247,5 +299,56 @@ mod tests {
             .expect("lease");
         let dialed = lease.dial().await.map(|_| ()).map_err(|e| e.error.kind());
         assert_eq!(dialed, Err(std::io::ErrorKind::PermissionDenied));
+    }
+
+    /// How the gateway's dialer answers for each route's backend: `Err(PermissionDenied)`
+    /// when the SSRF guard refuses it, else whatever connecting gave (within 1 s).
+    async fn dials(gw: &Gateway, hosts: &[&str]) -> Vec<Result<(), std::io::ErrorKind>> {
+        let mut out = Vec::new();
+        for h in hosts {
+            let entry = gw.routes().lookup(h).expect("route");
+            let lease = entry
+                .pool
+                .pick(&ClientInfo::from_ip("192.0.2.1".parse().unwrap()), &[])
+                .await
+                .expect("lease");
+            let dialed = tokio::time::timeout(std::time::Duration::from_secs(1), lease.dial())
+                .await
+                .map_or(Err(std::io::ErrorKind::TimedOut), |r| {
+                    r.map(|_| ()).map_err(|e| e.error.kind())
+                });
+            out.push(dialed);
+        }
+        out
+    }
+
+    /// Items 9 and 12: the gateway's public address behind NAT (`public_addresses`, taken on
+    /// reload, no restart) and IPv4 reached through IPv4-translated, Teredo and operator NAT64
+    /// addresses are refused before any connect.
+    #[tokio::test]
+    async fn public_addresses_and_translated_ipv4_are_refused() {
+        let listen = "listen = { https = [\"127.0.0.1:0\"], http = [] }\n";
+        let routes = "[[route]]\nhost = \"self.example.org\"\nbackends = [{ addr = \"203.0.113.7:443\" }]\n\
+             [[route]]\nhost = \"siit.example.org\"\nbackends = [{ addr = \"[::ffff:0:127.0.0.1]:9\" }]\n\
+             [[route]]\nhost = \"teredo.example.org\"\nbackends = [{ addr = \"[2001:0:a00:1::1]:9\" }]\n\
+             [[route]]\nhost = \"nat64.example.org\"\nbackends = [{ addr = \"[2001:db8:64::10.0.0.1]:9\" }]\n";
+        let gw = Gateway::new(GatewayParts::new(gateway_config(&format!(
+            "{listen}[security]\nnat64_prefixes = [\"2001:db8:64::/96\"]\n{routes}"
+        ))))
+        .expect("gateway starts");
+        let denied = Err(std::io::ErrorKind::PermissionDenied);
+        let translated = [
+            "siit.example.org",
+            "teredo.example.org",
+            "nat64.example.org",
+        ];
+        assert_eq!(dials(&gw, &translated).await, vec![denied; 3]);
+        // Not (yet) known as the gateway's own: dialed (and failing, or timing out, here).
+        assert_ne!(dials(&gw, &["self.example.org"]).await, vec![denied]);
+        gw.apply(gateway_config(&format!(
+            "{listen}[reservations]\npublic_addresses = [\"203.0.113.7\"]\n{routes}"
+        )))
+        .expect("reload applies");
+        assert_eq!(dials(&gw, &["self.example.org"]).await, vec![denied]);
     }
 }

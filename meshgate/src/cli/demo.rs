@@ -75,6 +75,8 @@ https = ["127.0.0.1:{port}"]
 http = []
 [admin]
 listen = "127.0.0.1:0"
+[api]
+listen = "127.0.0.1:0"
 [tls.dev_ca]
 dir = "{dir}/ca"
 [[route]]
@@ -112,6 +114,7 @@ backends = [{{ addr = "{backend}" }}]
         .context("no https listener")?
         .local_addr()?;
     let admin = bound.admin.local_addr()?;
+    let token_file = dir.join("admin.token");
 
     // 4. Wait until the overlay carries a stream end to end.
     wait_for_overlay(gw_node, backend).await?;
@@ -127,6 +130,10 @@ backends = [{{ addr = "{backend}" }}]
     );
     println!("  workload {backend} (overlay) → sample service {service_addr}");
     println!("  metrics  http://{admin}/metrics   status http://{admin}/status");
+    println!(
+        "  reload   curl -X POST -H \"Authorization: Bearer $(cat {})\" http://{admin}/reload",
+        token_file.display()
+    );
     println!();
     println!("URL: https://{DEMO_HOST}:{port}/");
     println!("Try:");
