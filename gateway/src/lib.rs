@@ -18,6 +18,8 @@
 
 pub mod admin;
 mod classify;
+#[doc(hidden)]
+pub mod fuzzing;
 mod gateway;
 mod http;
 mod io;

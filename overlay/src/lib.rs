@@ -7,6 +7,8 @@
 
 pub mod addr;
 pub mod core;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod limits;
 pub mod link;

@@ -12,6 +12,8 @@ mod config;
 mod demux;
 mod device;
 mod expose;
+#[doc(hidden)]
+pub mod fuzzing;
 mod shards;
 mod stack;
 mod tcp;
