@@ -34,6 +34,7 @@ async fn start(dir: &Path) -> Server {
     let cfg = ApiConfig {
         policy: Policy::default(),
         gateway_addrs: vec!["198.51.100.7".parse().unwrap()],
+        ..ApiConfig::default()
     };
     let api = Arc::new(Api::new(store.clone(), admin_token, cfg));
     let (listener, addr) = meshgate_testkit::listener().await;
@@ -184,7 +185,7 @@ async fn deployers_see_and_change_only_their_own() {
     assert_eq!(shop.backends, vec!["[400:1:2::3]:8080".parse().unwrap()]);
     assert!(
         srv.store
-            .get(&Key::domain("blog.bob.test"))
+            .get(&Key::domain("blog.bob.test", "bob"))
             .unwrap()
             .is_some()
     );
@@ -752,13 +753,13 @@ async fn certificates_only_for_verified_domains_then_active() {
     for fqdn in ["verified.alice.test", "pending.alice.test"] {
         store
             .create(&Reservation::new(
-                Key::domain(fqdn),
+                Key::domain(fqdn, "alice"),
                 "alice",
                 vec!["10.0.0.1:80".parse().unwrap()],
                 Mode::Terminate,
                 Options::default(),
                 0,
-            ))
+            ), 100)
             .unwrap();
     }
     let rules = Rules {
@@ -766,7 +767,7 @@ async fn certificates_only_for_verified_domains_then_active() {
         require_certificate: true,
     };
     store
-        .update(&Key::domain("verified.alice.test"), |r| {
+        .update(&Key::domain("verified.alice.test", "alice"), |r| {
             step(r, Input::Checked(Ok(())), 1, &rules);
             Ok::<(), meshgate_reservations::store::StoreError>(())
         })
@@ -795,7 +796,7 @@ async fn certificates_only_for_verified_domains_then_active() {
     .await
     .expect("the verified domain gets a certificate and goes active");
     let r = store
-        .get(&Key::domain("verified.alice.test"))
+        .get(&Key::domain("verified.alice.test", "alice"))
         .unwrap()
         .unwrap();
     assert_eq!(r.status, Status::Active);
@@ -803,7 +804,7 @@ async fn certificates_only_for_verified_domains_then_active() {
     let ordered: Vec<String> = certs.status().into_iter().map(|s| s.name).collect();
     assert_eq!(ordered, vec!["verified.alice.test".to_string()]);
     let pending = store
-        .get(&Key::domain("pending.alice.test"))
+        .get(&Key::domain("pending.alice.test", "alice"))
         .unwrap()
         .unwrap();
     assert_eq!(pending.status, Status::Pending);

@@ -4,6 +4,7 @@
 //! its endpoint and status server.
 
 pub mod certificates;
+pub mod consent;
 pub mod node;
 pub mod process;
 pub mod reservations;
@@ -72,7 +73,11 @@ pub async fn gateway(setup: GatewaySetup) -> Result<AppGateway> {
     if let Some(n) = &node {
         tracing::info!(address = %n.node.address(), "overlay node started");
     }
-    let reservations = Reservations::start(&config)?;
+    let reservations = Reservations::start(
+        &config,
+        node.as_ref()
+            .map(|n| Arc::new(n.dialer()) as Arc<dyn meshgate_gateway::upstream::dial::Dialer>),
+    )?;
     let manager = certificates::manager(&config)?;
     let parts = GatewayParts {
         overlay: node.as_ref().map(|n| OverlayParts {
