@@ -203,3 +203,16 @@ consent_timeout_ms = {TIMEOUT_MS}
     serving.stop().await;
     app.shutdown().await;
 }
+
+/// The reservations crate's own copy of the overlay range (it does not depend on the overlay)
+/// is the overlay's.
+#[test]
+fn needs_consent_is_exactly_the_overlay_range() {
+    use meshgate_reservations::reservation::needs_consent;
+    use std::net::{IpAddr, Ipv6Addr};
+    for v in [0u128, 0x05ff << 112, 0x0600 << 112, 0x06a1 << 112, (0x0800 << 112) - 1, 0x0800 << 112, u128::MAX] {
+        let ip = IpAddr::V6(Ipv6Addr::from(v));
+        assert_eq!(needs_consent(ip), meshgate_overlay::is_overlay_address(&ip), "{ip}");
+    }
+    assert!(!needs_consent("10.0.0.1".parse().unwrap()));
+}
