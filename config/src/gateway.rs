@@ -690,7 +690,10 @@ impl GatewayFile {
         }
         for (field, value) in [
             ("reservations.pending_expiry_secs", r.pending_expiry_secs),
-            ("reservations.consent_interval_secs", r.consent_interval_secs),
+            (
+                "reservations.consent_interval_secs",
+                r.consent_interval_secs,
+            ),
             ("reservations.consent_timeout_ms", r.consent_timeout_ms),
         ] {
             if value == 0 {

@@ -126,9 +126,9 @@ impl ConsentGrant {
                 };
                 let id_ok = !id.is_empty()
                     && id.len() <= 64
-                    && id
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+                    && id.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b)
+                    });
                 if !id_ok {
                     return Err(format!(
                         "owner: deployer id `{id}` is not 1-64 chars of a-z, 0-9, `-`, `_`, `.`"

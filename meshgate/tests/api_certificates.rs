@@ -53,14 +53,17 @@ backends = [{{ addr = "{backend}" }}]
 
 fn reserve(store: &dyn ReservationStore, fqdn: &str, backend: SocketAddr, mode: Mode) {
     store
-        .create(&Reservation::new(
-            Key::domain(fqdn, "alice"),
-            "alice",
-            vec![backend],
-            mode,
-            Options::default(),
-            0,
-        ), 100)
+        .create(
+            &Reservation::new(
+                Key::domain(fqdn, "alice"),
+                "alice",
+                vec![backend],
+                mode,
+                Options::default(),
+                0,
+            ),
+            100,
+        )
         .unwrap();
     // The DNS proof holds (the verifier's own DNS flow is tested in meshgate-reservations).
     let rules = Rules {

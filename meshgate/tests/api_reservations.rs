@@ -150,7 +150,12 @@ async fn deployers_see_and_change_only_their_own() {
     // Another's name: 403. Another's domain: a deployer addresses only its own claim on a
     // domain (several deployers may claim one), so there is none: 404.
     for (token, path, expected, reason) in [
-        (&bob, "/v1/names/shop", StatusCode::FORBIDDEN, "another deployer"),
+        (
+            &bob,
+            "/v1/names/shop",
+            StatusCode::FORBIDDEN,
+            "another deployer",
+        ),
         (
             &alice,
             "/v1/domains/blog.bob.test",
@@ -757,14 +762,17 @@ async fn certificates_only_for_verified_domains_then_active() {
     let driver = certs.spawn();
     for fqdn in ["verified.alice.test", "pending.alice.test"] {
         store
-            .create(&Reservation::new(
-                Key::domain(fqdn, "alice"),
-                "alice",
-                vec!["10.0.0.1:80".parse().unwrap()],
-                Mode::Terminate,
-                Options::default(),
-                0,
-            ), 100)
+            .create(
+                &Reservation::new(
+                    Key::domain(fqdn, "alice"),
+                    "alice",
+                    vec!["10.0.0.1:80".parse().unwrap()],
+                    Mode::Terminate,
+                    Options::default(),
+                    0,
+                ),
+                100,
+            )
             .unwrap();
     }
     let rules = Rules {
@@ -878,71 +886,139 @@ async fn squatting_is_refused_claims_labels_scripts_and_quota() {
 
     // A squatter's pending claim used to answer the real owner `409 already reserved`.
     let (s, v) = srv
-        .call(Method::POST, "/v1/domains", Some(&mallory), Some(domain("shop.example.com")))
+        .call(
+            Method::POST,
+            "/v1/domains",
+            Some(&mallory),
+            Some(domain("shop.example.com")),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let (s, v) = srv
-        .call(Method::POST, "/v1/domains", Some(&owner), Some(domain("shop.example.com")))
+        .call(
+            Method::POST,
+            "/v1/domains",
+            Some(&owner),
+            Some(domain("shop.example.com")),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     // Each sees its own claim, with its own TXT token.
     let (_, mine) = srv
-        .call(Method::GET, "/v1/domains/shop.example.com", Some(&owner), None)
+        .call(
+            Method::GET,
+            "/v1/domains/shop.example.com",
+            Some(&owner),
+            None,
+        )
         .await;
     let (_, theirs) = srv
-        .call(Method::GET, "/v1/domains/shop.example.com", Some(&mallory), None)
+        .call(
+            Method::GET,
+            "/v1/domains/shop.example.com",
+            Some(&mallory),
+            None,
+        )
         .await;
     assert_eq!(mine["owner"], "owner");
     assert_eq!(theirs["owner"], "mallory");
-    assert_ne!(mine["dns"]["challenge"]["value"], theirs["dns"]["challenge"]["value"]);
+    assert_ne!(
+        mine["dns"]["challenge"]["value"],
+        theirs["dns"]["challenge"]["value"]
+    );
     // The admin must say which claim it means.
     let (s, v) = srv
-        .call(Method::GET, "/v1/domains/shop.example.com", Some(&srv.admin), None)
+        .call(
+            Method::GET,
+            "/v1/domains/shop.example.com",
+            Some(&srv.admin),
+            None,
+        )
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     let (s, v) = srv
-        .call(Method::GET, "/v1/domains/shop.example.com?owner=owner", Some(&srv.admin), None)
+        .call(
+            Method::GET,
+            "/v1/domains/shop.example.com?owner=owner",
+            Some(&srv.admin),
+            None,
+        )
         .await;
     assert_eq!((s, v["owner"].as_str()), (StatusCode::OK, Some("owner")));
 
     // Labels mail clients look up under the farmer's domain are the farmer's.
     for label in ["mta-sts", "openpgpkey", "autoconfig", "autodiscover"] {
         let (s, v) = srv
-            .call(Method::POST, "/v1/names", Some(&mallory), Some(name_body(label)))
+            .call(
+                Method::POST,
+                "/v1/names",
+                Some(&mallory),
+                Some(name_body(label)),
+            )
             .await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{label}");
         assert_error(&v, "name", "reserved");
     }
     // `xn--pypal-4ve` is `pаypal` with a Cyrillic `а`: refused as a name and in a domain.
     let (s, v) = srv
-        .call(Method::POST, "/v1/names", Some(&mallory), Some(name_body("xn--pypal-4ve")))
+        .call(
+            Method::POST,
+            "/v1/names",
+            Some(&mallory),
+            Some(name_body("xn--pypal-4ve")),
+        )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert_error(&v, "name", "mixes scripts");
     let (s, v) = srv
-        .call(Method::POST, "/v1/domains", Some(&mallory), Some(domain("xn--pypal-4ve.com")))
+        .call(
+            Method::POST,
+            "/v1/domains",
+            Some(&mallory),
+            Some(domain("xn--pypal-4ve.com")),
+        )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert_error(&v, "fqdn", "mixes scripts");
     // One script is fine, IDN included (`bücher`).
     let (s, v) = srv
-        .call(Method::POST, "/v1/names", Some(&mallory), Some(name_body("xn--bcher-kva")))
+        .call(
+            Method::POST,
+            "/v1/names",
+            Some(&mallory),
+            Some(name_body("xn--bcher-kva")),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
 
     // Quota: mallory holds 2 (a claim and a name); the third is the last.
     let (s, _) = srv
-        .call(Method::POST, "/v1/names", Some(&mallory), Some(name_body("third")))
+        .call(
+            Method::POST,
+            "/v1/names",
+            Some(&mallory),
+            Some(name_body("third")),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED);
     let (s, v) = srv
-        .call(Method::POST, "/v1/names", Some(&mallory), Some(name_body("fourth")))
+        .call(
+            Method::POST,
+            "/v1/names",
+            Some(&mallory),
+            Some(name_body("fourth")),
+        )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
     assert_error(&v, "owner", "reservations.max_per_owner");
     // Other deployers are not affected.
     let (s, _) = srv
-        .call(Method::POST, "/v1/names", Some(&owner), Some(name_body("fourth")))
+        .call(
+            Method::POST,
+            "/v1/names",
+            Some(&owner),
+            Some(name_body("fourth")),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED);
     srv.stop().await;

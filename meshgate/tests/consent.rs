@@ -27,7 +27,13 @@ const INTERVAL_S: u64 = 1;
 const GRACE_S: u64 = 3;
 const TIMEOUT_MS: u64 = 1000;
 
-async fn call(api: &Api, method: Method, path: &str, token: &str, body: Option<Value>) -> (StatusCode, Value) {
+async fn call(
+    api: &Api,
+    method: Method,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
     let req = Request::builder()
         .method(method)
@@ -38,7 +44,10 @@ async fn call(api: &Api, method: Method, path: &str, token: &str, body: Option<V
     let resp = api.handle_request(req).await;
     let status = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 /// GET `http://<gateway :80>/` for `host`: the status the client sees.
@@ -100,7 +109,14 @@ consent_timeout_ms = {TIMEOUT_MS}
         let api = api.clone();
         let admin = admin.clone();
         async move {
-            let (s, v) = call(&api, Method::POST, "/v1/tokens", admin.trim(), Some(json!({ "owner": owner }))).await;
+            let (s, v) = call(
+                &api,
+                Method::POST,
+                "/v1/tokens",
+                admin.trim(),
+                Some(json!({ "owner": owner })),
+            )
+            .await;
             assert_eq!(s, StatusCode::CREATED, "{v}");
             v["token"].as_str().unwrap().to_string()
         }
@@ -125,7 +141,11 @@ consent_timeout_ms = {TIMEOUT_MS}
         let r = reserve(mallory.clone(), "stolen");
         async move {
             let (s, v) = r.await;
-            if v["error"]["reason"].as_str().unwrap_or("").contains("cannot ask") {
+            if v["error"]["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("cannot ask")
+            {
                 Err(v)
             } else {
                 Ok((s, v))
@@ -136,7 +156,10 @@ consent_timeout_ms = {TIMEOUT_MS}
     assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
     assert_eq!(v["error"]["field"], "backends[0]", "{v}");
     let reason = v["error"]["reason"].as_str().unwrap();
-    assert!(reason.contains("does not consent") && reason.contains("stolen.farm.test"), "{reason}");
+    assert!(
+        reason.contains("does not consent") && reason.contains("stolen.farm.test"),
+        "{reason}"
+    );
     assert_eq!(get(http, "stolen.farm.test").await, StatusCode::NOT_FOUND);
 
     // 2. The node consents to alice's host: reserved and served.
@@ -159,19 +182,32 @@ consent_timeout_ms = {TIMEOUT_MS}
     // one interval plus one query.
     consent.send_replace(Arc::new(Vec::new()));
     let revoked = Instant::now();
-    eventually_ok(Duration::from_secs(10), "shop withdrawn after revocation", || async {
-        match get(http, "shop.farm.test").await {
-            StatusCode::NOT_FOUND => Ok(()),
-            other => Err(other),
-        }
-    })
+    eventually_ok(
+        Duration::from_secs(10),
+        "shop withdrawn after revocation",
+        || async {
+            match get(http, "shop.farm.test").await {
+                StatusCode::NOT_FOUND => Ok(()),
+                other => Err(other),
+            }
+        },
+    )
     .await;
     let took = revoked.elapsed();
     let bound = Duration::from_secs(INTERVAL_S) + Duration::from_millis(TIMEOUT_MS);
-    assert!(took <= bound + Duration::from_secs(1), "withdrawn after {took:?}, bound {bound:?}");
+    assert!(
+        took <= bound + Duration::from_secs(1),
+        "withdrawn after {took:?}, bound {bound:?}"
+    );
     let (_, v) = call(&api, Method::GET, "/v1/names/shop", &alice, None).await;
     assert_eq!(v["consent"][0]["state"], "refused", "{v}");
-    assert!(v["consent"][0]["reason"].as_str().unwrap().contains("does not consent"), "{v}");
+    assert!(
+        v["consent"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not consent"),
+        "{v}"
+    );
 
     // 4. Consent again, then the node stops answering: the last-known consent holds for the
     // grace period only.
@@ -185,12 +221,16 @@ consent_timeout_ms = {TIMEOUT_MS}
     .await;
     drop(consent_server);
     let silent = Instant::now();
-    eventually_ok(Duration::from_secs(15), "shop withdrawn after the grace", || async {
-        match get(http, "shop.farm.test").await {
-            StatusCode::NOT_FOUND => Ok(()),
-            other => Err(other),
-        }
-    })
+    eventually_ok(
+        Duration::from_secs(15),
+        "shop withdrawn after the grace",
+        || async {
+            match get(http, "shop.farm.test").await {
+                StatusCode::NOT_FOUND => Ok(()),
+                other => Err(other),
+            }
+        },
+    )
     .await;
     let took = silent.elapsed();
     assert!(
@@ -198,7 +238,10 @@ consent_timeout_ms = {TIMEOUT_MS}
         "kept only {took:?} of the {GRACE_S} s grace"
     );
     let bound = Duration::from_secs(GRACE_S + INTERVAL_S) + Duration::from_millis(TIMEOUT_MS);
-    assert!(took <= bound + Duration::from_secs(1), "withdrawn after {took:?}, bound {bound:?}");
+    assert!(
+        took <= bound + Duration::from_secs(1),
+        "withdrawn after {took:?}, bound {bound:?}"
+    );
 
     serving.stop().await;
     app.shutdown().await;
@@ -210,9 +253,21 @@ consent_timeout_ms = {TIMEOUT_MS}
 fn needs_consent_is_exactly_the_overlay_range() {
     use meshgate_reservations::reservation::needs_consent;
     use std::net::{IpAddr, Ipv6Addr};
-    for v in [0u128, 0x05ff << 112, 0x0600 << 112, 0x06a1 << 112, (0x0800 << 112) - 1, 0x0800 << 112, u128::MAX] {
+    for v in [
+        0u128,
+        0x05ff << 112,
+        0x0600 << 112,
+        0x06a1 << 112,
+        (0x0800 << 112) - 1,
+        0x0800 << 112,
+        u128::MAX,
+    ] {
         let ip = IpAddr::V6(Ipv6Addr::from(v));
-        assert_eq!(needs_consent(ip), meshgate_overlay::is_overlay_address(&ip), "{ip}");
+        assert_eq!(
+            needs_consent(ip),
+            meshgate_overlay::is_overlay_address(&ip),
+            "{ip}"
+        );
     }
     assert!(!needs_consent("10.0.0.1".parse().unwrap()));
 }

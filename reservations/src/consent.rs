@@ -348,7 +348,13 @@ mod tests {
     #[test]
     fn grants_by_host_or_qualified_owner_and_port() {
         let mut r = name("alice");
-        apply(&mut r, &listed(vec![host("shop.gw.example", vec![])]), FARM, 1, &RULES);
+        apply(
+            &mut r,
+            &listed(vec![host("shop.gw.example", vec![])]),
+            FARM,
+            1,
+            &RULES,
+        );
         assert_eq!(r.consent[0].state, ConsentState::Granted);
         let mut r = name("alice");
         let owner = ConsentGrant {
@@ -364,10 +370,19 @@ mod tests {
         assert_eq!(r.consent[0].state, ConsentState::Refused);
         // The wrong port or another host: refused, and the reason says how to consent.
         let mut r = name("mallory");
-        apply(&mut r, &listed(vec![host("shop.gw.example", vec![9000])]), FARM, 1, &RULES);
+        apply(
+            &mut r,
+            &listed(vec![host("shop.gw.example", vec![9000])]),
+            FARM,
+            1,
+            &RULES,
+        );
         assert_eq!(r.consent[0].state, ConsentState::Refused);
         let reason = r.consent[0].reason.clone().unwrap();
-        assert!(reason.contains("{ host = \"shop.gw.example\" }"), "{reason}");
+        assert!(
+            reason.contains("{ host = \"shop.gw.example\" }"),
+            "{reason}"
+        );
     }
 
     #[test]
@@ -392,7 +407,13 @@ mod tests {
     #[test]
     fn entries_follow_the_backend_list() {
         let mut r = name("alice");
-        apply(&mut r, &listed(vec![host("shop.gw.example", vec![])]), FARM, 1, &RULES);
+        apply(
+            &mut r,
+            &listed(vec![host("shop.gw.example", vec![])]),
+            FARM,
+            1,
+            &RULES,
+        );
         r.backends = vec![SocketAddr::from((node(), 9090))];
         apply(&mut r, &HashMap::new(), FARM, 2, &RULES);
         assert_eq!(r.consent.len(), 1);

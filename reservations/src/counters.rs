@@ -36,15 +36,51 @@ impl Counters {
     pub fn snapshot(&self) -> Vec<(&'static str, &'static str, u64)> {
         let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
         vec![
-            ("refused_quota", "Reservations refused: the deployer is at reservations.max_per_owner", v(&self.refused_quota)),
-            ("refused_reserved_label", "Names refused: the label is reserved for the farmer", v(&self.refused_reserved)),
-            ("refused_mixed_script", "Names and domains refused: a punycode label mixes scripts", v(&self.refused_mixed_script)),
-            ("refused_consent", "Reservations refused: an overlay backend's node does not consent", v(&self.refused_consent)),
-            ("pending_expired", "Domain claims deleted unproven after reservations.pending_expiry_secs", v(&self.pending_expired)),
-            ("claims_dropped", "Domain claims dropped: another deployer proved the domain first", v(&self.claims_dropped)),
-            ("consent_queries", "Consent queries answered by overlay nodes", v(&self.consent_queries)),
-            ("consent_queries_failed", "Consent queries without a usable answer", v(&self.consent_queries_failed)),
-            ("consent_withdrawn", "Overlay backends withdrawn: their node's consent is gone", v(&self.consent_withdrawn)),
+            (
+                "refused_quota",
+                "Reservations refused: the deployer is at reservations.max_per_owner",
+                v(&self.refused_quota),
+            ),
+            (
+                "refused_reserved_label",
+                "Names refused: the label is reserved for the farmer",
+                v(&self.refused_reserved),
+            ),
+            (
+                "refused_mixed_script",
+                "Names and domains refused: a punycode label mixes scripts",
+                v(&self.refused_mixed_script),
+            ),
+            (
+                "refused_consent",
+                "Reservations refused: an overlay backend's node does not consent",
+                v(&self.refused_consent),
+            ),
+            (
+                "pending_expired",
+                "Domain claims deleted unproven after reservations.pending_expiry_secs",
+                v(&self.pending_expired),
+            ),
+            (
+                "claims_dropped",
+                "Domain claims dropped: another deployer proved the domain first",
+                v(&self.claims_dropped),
+            ),
+            (
+                "consent_queries",
+                "Consent queries answered by overlay nodes",
+                v(&self.consent_queries),
+            ),
+            (
+                "consent_queries_failed",
+                "Consent queries without a usable answer",
+                v(&self.consent_queries_failed),
+            ),
+            (
+                "consent_withdrawn",
+                "Overlay backends withdrawn: their node's consent is gone",
+                v(&self.consent_withdrawn),
+            ),
         ]
     }
 }

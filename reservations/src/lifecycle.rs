@@ -209,7 +209,11 @@ mod tests {
             grace_ms: 0,
             require_certificate: false,
         };
-        let mut batch = vec![claim("squatter", 10), claim("owner", 20), claim("third", 30)];
+        let mut batch = vec![
+            claim("squatter", 10),
+            claim("owner", 20),
+            claim("third", 30),
+        ];
         step(&mut batch[1], Input::Checked(Ok(())), 40_000, &rules);
         assert_eq!(
             settle(&mut batch, 40_000, 3_600_000),

@@ -356,11 +356,13 @@ async fn a_pending_claim_does_not_block_the_owner_who_proves_first() {
     );
     s.store.create(&old, 100).unwrap();
     s.verifier.check_all(now_ms + 1_000).await.unwrap();
-    assert!(s.store.domain_claims("idle.customer.test").unwrap().is_empty());
-    s.verifier
-        .check_all(now_ms + 259_200_000)
-        .await
-        .unwrap();
+    assert!(
+        s.store
+            .domain_claims("idle.customer.test")
+            .unwrap()
+            .is_empty()
+    );
+    s.verifier.check_all(now_ms + 259_200_000).await.unwrap();
     assert!(
         s.store
             .get(&Key::domain(SHOP, "squatter"))

@@ -137,14 +137,17 @@ async fn changes_appear_on_the_routes_watch() {
 
     // A pending domain is not routed.
     store
-        .create(&Reservation::new(
-            Key::domain("shop.customer.test", "alice"),
-            "alice",
-            vec!["10.0.0.1:80".parse().unwrap()],
-            Mode::Terminate,
-            Options::default(),
-            now_unix(),
-        ), 100)
+        .create(
+            &Reservation::new(
+                Key::domain("shop.customer.test", "alice"),
+                "alice",
+                vec!["10.0.0.1:80".parse().unwrap()],
+                Mode::Terminate,
+                Options::default(),
+                now_unix(),
+            ),
+            100,
+        )
         .unwrap();
     assert!(!routes.has_changed().unwrap());
 

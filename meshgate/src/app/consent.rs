@@ -9,8 +9,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use meshgate_gateway::upstream::dial::Dialer;
 use meshgate_reservations::consent::{
-    Answer, CONSENT_PATH, CONSENT_PORT, ConsentDoc, ConsentGrant, ConsentSource,
-    MAX_CONSENT_BYTES,
+    Answer, CONSENT_PATH, CONSENT_PORT, ConsentDoc, ConsentGrant, ConsentSource, MAX_CONSENT_BYTES,
 };
 use std::future::Future;
 use std::net::{Ipv6Addr, SocketAddr};
@@ -40,10 +39,9 @@ impl ConsentSource for OverlayConsentSource {
             match tokio::time::timeout(self.timeout, self.ask(node)).await {
                 Ok(Ok(doc)) => Answer::Listed(doc),
                 Ok(Err(e)) => Answer::Unanswered(e),
-                Err(_) => Answer::Unanswered(format!(
-                    "no answer within {} ms",
-                    self.timeout.as_millis()
-                )),
+                Err(_) => {
+                    Answer::Unanswered(format!("no answer within {} ms", self.timeout.as_millis()))
+                }
             }
         })
     }

@@ -6,12 +6,12 @@
 //! counters }, "endpoint": { packets/bytes in and out }, "expose": [{ port, to }],
 //! "consent": { allow, answered, cut } }`.
 
+use super::consent::{ConsentServer, serve_on_listener, serve_on_stack};
 use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use super::consent::{ConsentServer, serve_on_listener, serve_on_stack};
 use meshgate_config::node::{CONSENT_PORT, ConsentGrant, NodeFileConfig, NodeMode};
 use meshgate_overlay::{Node, NodeConfig};
 use meshgate_sockets::tun::Tun;

@@ -3,9 +3,9 @@
 //! gateway's overlay dialer) and the API the admin listener mounts, all from `domains` and
 //! `[reservations]`.
 
+use super::consent::OverlayConsentSource;
 use anyhow::{Context, Result};
 use meshgate_config::gateway::GatewayConfig;
-use super::consent::OverlayConsentSource;
 use meshgate_gateway::admin::api::{Api, ApiConfig, ConsentCheck};
 use meshgate_gateway::upstream::dial::Dialer;
 use meshgate_reservations::consent::{self, Checker};

@@ -80,7 +80,10 @@ fn reload_consent_on_sighup(path: PathBuf, consent: node::ConsentHandle) -> anyh
         while hup.recv().await.is_some() {
             match NodeFileConfig::load(&path) {
                 Ok(cfg) => {
-                    tracing::info!(grants = cfg.consent.allow.len(), "consent reloaded on SIGHUP");
+                    tracing::info!(
+                        grants = cfg.consent.allow.len(),
+                        "consent reloaded on SIGHUP"
+                    );
                     consent.set(cfg.consent.allow);
                 }
                 Err(e) => tracing::error!("consent reload refused, previous list kept: {e}"),

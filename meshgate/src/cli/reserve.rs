@@ -596,7 +596,10 @@ mod tests {
             "http://[2001:db8::1]:9090",
         ] {
             let w = cleartext_warning(remote).unwrap_or_default();
-            assert!(w.contains("in clear") && w.contains("https://"), "{remote}: {w}");
+            assert!(
+                w.contains("in clear") && w.contains("https://"),
+                "{remote}: {w}"
+            );
         }
         for local in [
             "http://127.0.0.1:9090",

@@ -248,7 +248,9 @@ mod tests {
         assert_eq!(s.get(&key).unwrap().unwrap().owner, "alice");
         assert_eq!(s.delete(&key, |_| Err(Refusal::No)), Err(Refusal::No));
         assert!(s.get(&key).unwrap().is_some());
-        let missing = s.update(&Key::domain("none.example", "alice"), |_| Ok::<(), Refusal>(()));
+        let missing = s.update(&Key::domain("none.example", "alice"), |_| {
+            Ok::<(), Refusal>(())
+        });
         assert_eq!(missing, Ok(None));
         let removed = s.delete(&key, |_| Ok::<(), Refusal>(())).unwrap();
         assert_eq!(removed.map(|r| r.name), Some("shop.example".to_string()));

@@ -376,9 +376,7 @@ impl ReservationStore for RedbStore {
 
 /// Records written before domains could have several claims were keyed `domain/<fqdn>`;
 /// they become `domain/<fqdn>/<owner>`.
-fn migrate_domain_keys(
-    table: &mut ::redb::Table<&str, &[u8]>,
-) -> Result<(), StoreError> {
+fn migrate_domain_keys(table: &mut ::redb::Table<&str, &[u8]>) -> Result<(), StoreError> {
     let mut old = Vec::new();
     for item in table.iter().map_err(db_err)? {
         let (k, v) = item.map_err(db_err)?;

@@ -153,9 +153,7 @@ impl Api {
             (["tokens", id], &Method::DELETE) => tokens::delete(self, &caller, id).await,
             (["names"], &Method::GET) => reservations::list(self, &caller, Names).await,
             (["names"], &Method::POST) => reservations::create(self, &caller, Names, body).await,
-            (["names", n], &Method::GET) => {
-                reservations::get(self, &caller, Names, n, owner).await
-            }
+            (["names", n], &Method::GET) => reservations::get(self, &caller, Names, n, owner).await,
             (["names", n], &Method::PUT) => {
                 reservations::update(self, &caller, Names, n, owner, body).await
             }
