@@ -19,7 +19,10 @@ pub struct GatewayConfig {
     /// Where state (certificates, stores) lives.
     pub data_dir: PathBuf,
     pub listen: Listeners,
+    /// The operator's listener: `/metrics`, `/status`, `POST /reload`.
     pub admin: Admin,
+    /// The deployers' listener: the reservations API (`/v1/…`).
+    pub api: ApiListener,
     /// The embedded overlay node; absent means no overlay backends.
     pub overlay: Option<Overlay>,
     pub tls: Tls,
@@ -46,6 +49,8 @@ struct GatewayFile {
     listen: Listeners,
     #[serde(default)]
     admin: Admin,
+    #[serde(default)]
+    api: ApiListener,
     #[serde(default)]
     overlay: Option<Overlay>,
     #[serde(default)]
@@ -107,19 +112,27 @@ fn default_http() -> Vec<SocketAddr> {
     vec![SocketAddr::from(([0u16; 8], 80))]
 }
 
-/// The admin listener: `/metrics`, `/status`, `POST /reload`, `/v1/*`.
+/// The operator's listener: `/metrics`, `/status`, `POST /reload` (admin token). Keep it on
+/// loopback or a management network; deployers use [`ApiListener`].
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     /// Default `127.0.0.1:9090` (loopback only).
     #[serde(default = "default_admin")]
     pub listen: SocketAddr,
-    /// File holding the farmer's admin token (mode 0600), used by the reservations API.
+    /// File holding the farmer's admin token (mode 0600): `POST /reload` and the reservations
+    /// API's farmer calls need it.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
-    /// Serve the admin listener over TLS; absent = plain HTTP.
+    /// Serve the operator's listener over TLS; absent = plain HTTP.
     #[serde(default)]
-    pub tls: Option<AdminTls>,
+    pub tls: Option<ListenerTls>,
+    /// Connections open at once on this listener; more wait in the accept queue.
+    #[serde(default = "d64")]
+    pub max_connections: usize,
+    /// Connections open at once from one client address (IPv6: one /64); more are closed.
+    #[serde(default = "d16")]
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for Admin {
@@ -128,25 +141,72 @@ impl Default for Admin {
             listen: default_admin(),
             token_file: None,
             tls: None,
+            max_connections: d64(),
+            max_connections_per_ip: d16(),
         }
     }
 }
 
-/// `[admin] tls = { cert = "chain.pem", key = "key.pem" }` or `tls = { dev_ca = true }`.
+/// The deployers' listener (`[api]`): the reservations API, bound when `domains` is set.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiListener {
+    /// Default `127.0.0.1:9091` (loopback only); deployers elsewhere need e.g. `[::]:9091`
+    /// with `tls`, since their tokens travel in every request.
+    #[serde(default = "default_api")]
+    pub listen: SocketAddr,
+    /// Serve the API over TLS; absent = plain HTTP.
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    /// Connections open at once on this listener; more wait in the accept queue.
+    #[serde(default = "d256")]
+    pub max_connections: usize,
+    /// Connections open at once from one client address (IPv6: one /64); more are closed.
+    #[serde(default = "d16")]
+    pub max_connections_per_ip: usize,
+}
+
+impl Default for ApiListener {
+    fn default() -> Self {
+        ApiListener {
+            listen: default_api(),
+            tls: None,
+            max_connections: d256(),
+            max_connections_per_ip: d16(),
+        }
+    }
+}
+
+fn default_api() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9091))
+}
+
+fn d16() -> usize {
+    16
+}
+fn d64() -> usize {
+    64
+}
+fn d256() -> usize {
+    256
+}
+
+/// TLS for the operator's or the deployers' listener (`[admin] tls`, `[api] tls`):
+/// `{ cert = "chain.pem", key = "key.pem" }` or `{ dev_ca = true }`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct AdminTls {
+pub struct ListenerTls {
     /// PEM certificate chain (leaf first).
     #[serde(default)]
     pub cert: Option<PathBuf>,
     /// PEM private key (mode 0600).
     #[serde(default)]
     pub key: Option<PathBuf>,
-    /// Issue the admin certificate from `[tls.dev_ca]` instead of files.
+    /// Issue the listener's certificate from `[tls.dev_ca]` instead of files.
     #[serde(default)]
     pub dev_ca: bool,
-    /// Names (DNS names or IP addresses) the dev-CA certificate covers; default: the admin
-    /// listen address (or `127.0.0.1` and `::1` when it is unspecified) and `localhost`.
+    /// Names (DNS names or IP addresses) the dev-CA certificate covers; default: the
+    /// listener's address (or `127.0.0.1` and `::1` when it is unspecified) and `localhost`.
     #[serde(default)]
     pub names: Vec<String>,
 }
@@ -424,9 +484,21 @@ pub struct Limits {
     /// Largest ClientHello accepted before the connection is closed.
     #[serde(default = "d16384")]
     pub max_client_hello_bytes: usize,
-    /// Concurrent client connections over all listeners; more wait in the accept queue.
+    /// Concurrent client connections on the HTTPS listeners; more wait in the accept queue.
     #[serde(default = "d20000")]
     pub max_connections: usize,
+    /// Concurrent client connections on the plain HTTP listeners (their own slots, so :80
+    /// cannot starve :443); more wait in the accept queue.
+    #[serde(default = "d4096")]
+    pub max_http_connections: usize,
+    /// Concurrent connections from one client address (IPv6: one /64) over the HTTPS and
+    /// HTTP listeners together; more are closed at once.
+    #[serde(default = "d256")]
+    pub max_connections_per_ip: usize,
+}
+
+fn d4096() -> usize {
+    4096
 }
 
 fn d100() -> usize {
@@ -449,6 +521,8 @@ impl Default for Limits {
             max_headers: d100(),
             max_client_hello_bytes: d16384(),
             max_connections: d20000(),
+            max_http_connections: d4096(),
+            max_connections_per_ip: d256(),
         }
     }
 }
@@ -545,7 +619,9 @@ impl GatewayFile {
                 ),
             ));
         }
-        self.validate_admin_tls(&err)?;
+        self.validate_listener_tls("admin", self.admin.tls.as_ref(), &err)?;
+        self.validate_listener_tls("api", self.api.tls.as_ref(), &err)?;
+        self.validate_connection_limits(&err)?;
         self.validate_reservations(&err)?;
         let mut routes: Vec<Route> = Vec::with_capacity(self.routes.len());
         let mut seen = HashSet::new();
@@ -593,6 +669,7 @@ impl GatewayFile {
             data_dir: self.data_dir,
             listen: self.listen,
             admin: self.admin,
+            api: self.api,
             overlay: self.overlay,
             tls: self.tls,
             timeouts: self.timeouts,
@@ -603,19 +680,23 @@ impl GatewayFile {
         })
     }
 
-    fn validate_admin_tls(
+    /// `[admin] tls` or `[api] tls` (`table` names which).
+    fn validate_listener_tls(
         &self,
+        table: &str,
+        tls: Option<&ListenerTls>,
         err: &impl Fn(&str, String) -> ConfigError,
     ) -> Result<(), ConfigError> {
-        let Some(t) = &self.admin.tls else {
+        let Some(t) = tls else {
             return Ok(());
         };
+        let at = format!("{table}.tls");
         // `tls = { … }` inline puts every key on the `tls =` line; `[admin.tls]` on its own.
         let err = |field: &str, msg: String| {
             let mut e = err(field, msg);
             if e.line.is_none() {
-                let at = err("admin.tls", String::new());
-                (e.line, e.column) = (at.line, at.column);
+                let located = err(&at, String::new());
+                (e.line, e.column) = (located.line, located.column);
             }
             e
         };
@@ -623,50 +704,99 @@ impl GatewayFile {
             (Some(_), Some(_), false) => {}
             (None, None, true) if self.tls.dev_ca.is_none() => {
                 return Err(err(
-                    "admin.tls.dev_ca",
+                    &format!("{at}.dev_ca"),
                     "needs a `[tls.dev_ca]` table with the CA's `dir`".into(),
                 ));
             }
             (None, None, true) => {}
             (Some(_), None, false) => {
                 return Err(err(
-                    "admin.tls",
+                    &at,
                     "`cert` is given without `key`; both PEM files are expected".into(),
                 ));
             }
             (None, Some(_), false) => {
                 return Err(err(
-                    "admin.tls",
+                    &at,
                     "`key` is given without `cert`; both PEM files are expected".into(),
                 ));
             }
             (None, None, false) => {
                 return Err(err(
-                    "admin.tls",
+                    &at,
                     "expected `{ cert = \"chain.pem\", key = \"key.pem\" }` or `{ dev_ca = true }`"
                         .into(),
                 ));
             }
             (_, _, true) => {
                 return Err(err(
-                    "admin.tls",
+                    &at,
                     "`dev_ca = true` and `cert`/`key` exclude each other; choose one".into(),
                 ));
             }
         }
         if !t.names.is_empty() && !t.dev_ca {
             return Err(err(
-                "admin.tls.names",
+                &format!("{at}.names"),
                 "only used with `dev_ca = true`; a certificate file carries its own names".into(),
             ));
         }
         for n in &t.names {
             if n.parse::<IpAddr>().is_err() && canonical_host(n).is_none() {
                 return Err(err(
-                    "admin.tls.names",
+                    &format!("{at}.names"),
                     format!("`{n}` is neither an IP address nor a lowercase DNS name"),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Every listener's slots and per-client cap are positive, and the operator's and the
+    /// deployers' listeners are apart.
+    fn validate_connection_limits(
+        &self,
+        err: &impl Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        for (field, v) in [
+            ("limits.max_connections", self.limits.max_connections),
+            (
+                "limits.max_http_connections",
+                self.limits.max_http_connections,
+            ),
+            (
+                "limits.max_connections_per_ip",
+                self.limits.max_connections_per_ip,
+            ),
+            ("admin.max_connections", self.admin.max_connections),
+            (
+                "admin.max_connections_per_ip",
+                self.admin.max_connections_per_ip,
+            ),
+            ("api.max_connections", self.api.max_connections),
+            (
+                "api.max_connections_per_ip",
+                self.api.max_connections_per_ip,
+            ),
+        ] {
+            if v == 0 {
+                return Err(err(
+                    field,
+                    "expected a positive number of connections".into(),
+                ));
+            }
+        }
+        let (a, b) = (self.admin.listen, self.api.listen);
+        if a.port() != 0
+            && a.port() == b.port()
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        {
+            return Err(err(
+                "api.listen",
+                format!(
+                    "`{b}` overlaps `admin.listen` (`{a}`); the deployers' API and the operator's endpoints need listeners of their own"
+                ),
+            ));
         }
         Ok(())
     }
@@ -968,5 +1098,82 @@ mod reservations_and_admin_tls_tests {
         assert!(e.message.contains("admin.tls.names"), "{e}");
         let e = parse("[admin]\ntls = { certificate = \"a.pem\" }\n").unwrap_err();
         assert!(e.message.contains("certificate"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod listener_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
+        GatewayConfig::parse(Path::new("gateway.toml"), text)
+    }
+
+    #[test]
+    fn operator_and_api_listeners_default_to_loopback_with_their_own_slots() {
+        let c = parse("").unwrap();
+        assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.api.listen, "127.0.0.1:9091".parse().unwrap());
+        assert!(c.api.tls.is_none());
+        assert_eq!(
+            (c.admin.max_connections, c.admin.max_connections_per_ip),
+            (64, 16)
+        );
+        assert_eq!(
+            (c.api.max_connections, c.api.max_connections_per_ip),
+            (256, 16)
+        );
+        let l = &c.limits;
+        assert_eq!(
+            (
+                l.max_connections,
+                l.max_http_connections,
+                l.max_connections_per_ip
+            ),
+            (20000, 4096, 256)
+        );
+        let c = parse(
+            "[api]\nlisten = \"[::]:9443\"\ntls = { cert = \"a.pem\", key = \"k.pem\" }\n\
+             max_connections = 10\nmax_connections_per_ip = 2\n\
+             [limits]\nmax_http_connections = 5\nmax_connections_per_ip = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.api.listen, "[::]:9443".parse().unwrap());
+        assert!(c.api.tls.is_some());
+        assert_eq!(
+            (c.api.max_connections, c.api.max_connections_per_ip),
+            (10, 2)
+        );
+        assert_eq!(
+            (
+                c.limits.max_http_connections,
+                c.limits.max_connections_per_ip
+            ),
+            (5, 3)
+        );
+    }
+
+    #[test]
+    fn bad_listener_values_are_located() {
+        let e = parse("[api]\ntls = { cert = \"a.pem\" }\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(
+            e.message.contains("api.tls") && e.message.contains("without `key`"),
+            "{e}"
+        );
+        let e = parse("[api]\ntls = { dev_ca = true }\n").unwrap_err();
+        assert!(e.message.contains("api.tls.dev_ca"), "{e}");
+        let e = parse("[limits]\nmax_connections_per_ip = 0\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("limits.max_connections_per_ip"), "{e}");
+        let e = parse("[admin]\nmax_connections = 0\n").unwrap_err();
+        assert!(e.message.contains("admin.max_connections"), "{e}");
+        // One address for both would put the operator's endpoints back in deployers' reach.
+        for api in ["127.0.0.1:9090", "[::]:9090", "0.0.0.0:9090"] {
+            let e = parse(&format!("[api]\nlisten = \"{api}\"\n")).unwrap_err();
+            assert!(e.message.contains("api.listen"), "{api}: {e}");
+            assert!(e.message.contains("listeners of their own"), "{api}: {e}");
+        }
+        assert!(parse("[api]\nlisten = \"127.0.0.2:9090\"\n").is_ok());
     }
 }

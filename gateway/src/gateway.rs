@@ -14,6 +14,7 @@ use anyhow::Result;
 use meshgate_certs::{CertManager, CertResolver, DevCa};
 use meshgate_config::gateway::GatewayConfig;
 use meshgate_config::route::Route;
+use meshgate_reservations::token::AdminToken;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -31,6 +32,8 @@ pub struct GatewayParts {
     pub reservations: Option<ReservationParts>,
     /// The ACME certificate manager: challenges answered, certificates served, status shown.
     pub certs: Option<Arc<CertManager>>,
+    /// The farmer's admin token; without it `POST /reload` is refused (SIGHUP still works).
+    pub admin_token: Option<AdminToken>,
 }
 
 impl GatewayParts {
@@ -42,11 +45,12 @@ impl GatewayParts {
             overlay: None,
             reservations: None,
             certs: None,
+            admin_token: None,
         }
     }
 }
 
-/// The overlay as the gateway sees it: a dialer for overlay addresses and, for the admin
+/// The overlay as the gateway sees it: a dialer for overlay addresses and, for the operator's
 /// listener, the node's status.
 pub struct OverlayParts {
     pub dialer: Arc<dyn Dialer>,
@@ -55,6 +59,8 @@ pub struct OverlayParts {
     pub observer: Option<OverlayObserver>,
 }
 
+/// The reservations: the API served on the deployers' listener (`[api]`) and the routes it
+/// reserves.
 pub struct ReservationParts {
     pub api: Arc<Api>,
     /// The reserved routes, merged with the static ones on every change.
@@ -75,12 +81,28 @@ impl Gateway {
             overlay,
             reservations,
             certs,
+            admin_token,
         } = parts;
         let dev_ca = match &config.tls.dev_ca {
             Some(d) => Some(DevCa::load_or_create(&d.dir)?),
             None => None,
         };
-        let admin_tls = crate::admin::tls::acceptor(&config, dev_ca.as_ref())?;
+        let admin_tls = crate::admin::tls::acceptor(
+            "admin",
+            config.admin.tls.as_ref(),
+            config.admin.listen,
+            dev_ca.as_ref(),
+        )?;
+        // The deployers' listener exists only with the reservations API.
+        let api_tls = match &reservations {
+            Some(_) => crate::admin::tls::acceptor(
+                "api",
+                config.api.tls.as_ref(),
+                config.api.listen,
+                dev_ca.as_ref(),
+            )?,
+            None => None,
+        };
         // One resolver: the configured certificates (files, dev CA) and the managed ones.
         let resolver = certs
             .as_ref()
@@ -137,8 +159,10 @@ impl Gateway {
             metrics,
             certs,
             api,
+            admin_token,
             started: std::time::Instant::now(),
             admin_tls,
+            api_tls,
             overlay: observer,
         });
         shared.rebuild()?;
@@ -168,16 +192,29 @@ impl Gateway {
         self.shared.routes.subscribe()
     }
 
-    /// Binds every configured listener (dual-stack on `[::]`).
+    /// Binds every configured listener (dual-stack on `[::]`): HTTPS, HTTP, the operator's,
+    /// and the deployers' when the gateway has the reservations API.
     pub fn bind(&self) -> Result<Bound> {
         let c = self.shared.config();
-        Bound::new(&c.listen.https, &c.listen.http, c.admin.listen)
+        Bound::new(
+            &c.listen.https,
+            &c.listen.http,
+            c.admin.listen,
+            self.api_listen(),
+        )
     }
 
-    /// Binds the given HTTPS listeners and the configured admin listener (no plain HTTP).
+    /// Binds the given HTTPS listeners, the configured operator's listener and the
+    /// deployers' when there is one (no plain HTTP).
     pub fn bind_listeners(&self, https: &[SocketAddr]) -> Result<Bound> {
         let c = self.shared.config();
-        Bound::new(https, &[], c.admin.listen)
+        Bound::new(https, &[], c.admin.listen, self.api_listen())
+    }
+
+    /// `[api] listen` when the reservations API runs.
+    fn api_listen(&self) -> Option<SocketAddr> {
+        let c = self.shared.config();
+        self.shared.api.as_ref().map(|_| c.api.listen)
     }
 
     /// Serves until `shutdown` completes.

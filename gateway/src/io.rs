@@ -1,5 +1,5 @@
-//! Stream helpers: replaying peeked bytes, and an idle watchdog that notices a connection on
-//! which no byte moved for a while.
+//! Stream helpers: replaying peeked bytes, an idle watchdog that notices a connection on
+//! which no byte moved for a while, and the deadline of a connection's first request head.
 
 use bytes::{Buf, Bytes};
 use std::io;
@@ -143,5 +143,37 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The deadline for a connection's first complete request head, counted from accept: it
+/// covers the TLS handshake, hyper's HTTP/1-or-2 detection and the HTTP/2 preface and
+/// SETTINGS, none of which has a timeout of its own. [`FirstRequest::seen`] (called by the
+/// service on the first request) lifts it.
+#[derive(Clone)]
+pub(crate) struct FirstRequest {
+    by: tokio::time::Instant,
+    seen: tokio_util::sync::CancellationToken,
+}
+
+impl FirstRequest {
+    pub(crate) fn by(by: tokio::time::Instant) -> FirstRequest {
+        FirstRequest {
+            by,
+            seen: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    /// A request head arrived: the deadline no longer applies.
+    pub(crate) fn seen(&self) {
+        self.seen.cancel();
+    }
+
+    /// Completes at the deadline unless a request head arrived before it; never otherwise.
+    pub(crate) async fn missed(&self) {
+        tokio::select! {
+            _ = self.seen.cancelled() => std::future::pending().await,
+            _ = tokio::time::sleep_until(self.by) => {}
+        }
     }
 }

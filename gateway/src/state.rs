@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use meshgate_certs::{CertManager, CertMap, CertResolver, DevCa};
 use meshgate_config::gateway::{GatewayConfig, Limits, Timeouts};
 use meshgate_config::route::{Mode, Route};
+use meshgate_reservations::token::AdminToken;
 use rustls::ServerConfig;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -40,11 +41,15 @@ pub(crate) struct Shared {
     pub(crate) limits: Limits,
     /// The ACME certificate manager: challenges, managed certificates, their status.
     pub(crate) certs: Option<Arc<CertManager>>,
-    /// The reservations API mounted under `/v1/` on the admin listener.
+    /// The reservations API, served under `/v1/` on the deployers' listener.
     pub(crate) api: Option<Arc<Api>>,
+    /// The farmer's admin token: `POST /reload` needs it.
+    pub(crate) admin_token: Option<AdminToken>,
     pub(crate) started: std::time::Instant,
-    /// `[admin] tls`: the admin listener's TLS (fixed until restart).
+    /// `[admin] tls`: the operator's listener's TLS (fixed until restart).
     pub(crate) admin_tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `[api] tls`: the deployers' listener's TLS (fixed until restart).
+    pub(crate) api_tls: Option<tokio_rustls::TlsAcceptor>,
     /// The embedded overlay node, shown in `/status` and `/metrics`.
     pub(crate) overlay: Option<OverlayObserver>,
 }
@@ -130,8 +135,12 @@ impl Shared {
 
     pub(crate) fn apply(&self, new: GatewayConfig) -> Result<usize> {
         let old = self.config();
-        if new.listen != old.listen || new.admin != old.admin || new.overlay != old.overlay {
-            tracing::warn!("listener, admin or overlay changes take effect after a restart");
+        if new.listen != old.listen
+            || new.admin != old.admin
+            || new.api != old.api
+            || new.overlay != old.overlay
+        {
+            tracing::warn!("listener, admin, api or overlay changes take effect after a restart");
         }
         if new.timeouts != old.timeouts || new.limits != old.limits {
             tracing::warn!("timeout and limit changes take effect after a restart");

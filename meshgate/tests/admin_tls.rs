@@ -1,5 +1,6 @@
-//! The admin listener over TLS (`[admin] tls`): the real `meshgate gateway` binary, the real
-//! `meshgate reserve` CLI with `--cacert`, curl, and a raw plain-HTTP client that must fail.
+//! The operator's and the deployers' listeners over TLS (`[admin] tls`, `[api] tls`): the real
+//! `meshgate gateway` binary, the real `meshgate reserve` CLI with `--cacert`, curl, and a raw
+//! plain-HTTP client that must fail.
 
 use meshgate_testkit::curl::curl;
 use meshgate_testkit::net::silent_udp;
@@ -15,29 +16,34 @@ use std::time::Duration;
 struct Gateway {
     process: GatewayProcess,
     admin: u16,
+    api: u16,
     _dns: std::net::UdpSocket,
 }
 
 impl Gateway {
     /// Starts the binary with loopback listeners, reservations for `gw.test`, a name server
-    /// nobody answers on (the verifier stays on this machine) and `admin_tls` as `[admin] tls`.
-    fn start(dir: &Path, admin_tls: &str, extra: &str) -> Gateway {
+    /// nobody answers on (the verifier stays on this machine) and `tls` as both `[admin] tls`
+    /// and `[api] tls`.
+    fn start(dir: &Path, tls: &str, extra: &str) -> Gateway {
         let (dns_socket, dns) = silent_udp();
         let process =
             GatewayProcess::start_with(Path::new(env!("CARGO_BIN_EXE_meshgate")), dir, |p| {
                 format!(
                     "domains = [\"gw.test\"]\ndata_dir = \"{d}/data\"\n\
                      [listen]\nhttps = [\"127.0.0.1:{https}\"]\nhttp = [\"127.0.0.1:{http}\"]\n\
-                     [admin]\nlisten = \"127.0.0.1:{admin}\"\ntls = {admin_tls}\n\
+                     [admin]\nlisten = \"127.0.0.1:{admin}\"\ntls = {tls}\n\
+                     [api]\nlisten = \"127.0.0.1:{api}\"\ntls = {tls}\n\
                      [reservations]\nnameservers = [\"{dns}\"]\nquery_timeout_ms = 200\n{extra}",
                     d = dir.display(),
                     https = p.https,
                     http = p.http,
                     admin = p.admin,
+                    api = p.api,
                 )
             });
         Gateway {
             admin: process.admin,
+            api: process.api,
             process,
             _dns: dns_socket,
         }
@@ -54,11 +60,11 @@ impl Gateway {
             .to_string()
     }
 
-    /// `meshgate reserve --admin <url> <args…>` with `MESHGATE_TOKEN=token`.
+    /// `meshgate reserve --api <url> <args…>` with `MESHGATE_TOKEN=token`.
     fn reserve(&self, url: &str, token: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshgate"));
         cmd.arg("reserve")
-            .args(["--admin", url])
+            .args(["--api", url])
             .args(args)
             .env("MESHGATE_TOKEN", token)
             .env_remove("MESHGATE_CACERT");
@@ -77,7 +83,7 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// A CA and an admin certificate for 127.0.0.1 signed by it, as PEM files in `dir`.
+/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`.
 fn write_admin_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let ca = TestCa::new("admin test CA");
     let (ca_path, cert, key) = (
@@ -91,7 +97,7 @@ fn write_admin_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 }
 
 #[test]
-fn reserve_cli_over_admin_tls_and_plain_http_refused() {
+fn reserve_cli_over_api_tls_and_plain_http_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = write_admin_cert(dir.path());
     let gw = Gateway::start(
@@ -103,7 +109,8 @@ fn reserve_cli_over_admin_tls_and_plain_http_refused() {
         ),
         "",
     );
-    let https = format!("https://127.0.0.1:{}", gw.admin);
+    let https = format!("https://127.0.0.1:{}", gw.api);
+    let operator = format!("https://127.0.0.1:{}", gw.admin);
     let ca_s = ca.to_str().unwrap();
 
     // The farmer creates a deployer token over TLS.
@@ -144,19 +151,22 @@ fn reserve_cli_over_admin_tls_and_plain_http_refused() {
         text(&out)
     );
 
-    // `/status` and `/metrics` are on the TLS listener too.
-    let c = curl(&["--cacert", ca_s, &format!("{https}/status")]);
+    // `/status` and `/metrics` are on the operator's TLS listener.
+    let c = curl(&["--cacert", ca_s, &format!("{operator}/status")]);
     let (ok, code, body) = (c.success, c.status, c.body);
     assert!(ok && code == 200, "{code} {body}");
     assert!(body.contains("\"routes\""), "{body}");
-    let c = curl(&["--cacert", ca_s, &format!("{https}/metrics")]);
+    let c = curl(&["--cacert", ca_s, &format!("{operator}/metrics")]);
     let (ok, code) = (c.success, c.status);
     assert!(ok && code == 200, "{code}");
 
-    // Plain HTTP to the TLS port gets no HTTP answer: not from curl, not from the CLI, not
+    // Plain HTTP to either TLS port gets no HTTP answer: not from curl, not from the CLI, not
     // from a raw request.
-    let http = format!("http://127.0.0.1:{}", gw.admin);
-    let c = curl(&[&format!("{http}/status")]);
+    let c = curl(&[&format!("http://127.0.0.1:{}/status", gw.admin)]);
+    let (code, body) = (c.status, c.body);
+    assert_eq!(code, 0, "plain HTTP was answered: {body}");
+    let http = format!("http://127.0.0.1:{}", gw.api);
+    let c = curl(&[&format!("{http}/v1/whoami")]);
     let (code, body) = (c.status, c.body);
     assert_eq!(code, 0, "plain HTTP was answered: {body}");
     let out = gw.reserve(&http, &alice, &["list"], &[]);
@@ -166,9 +176,9 @@ fn reserve_cli_over_admin_tls_and_plain_http_refused() {
         "{}",
         text(&out)
     );
-    let mut raw = std::net::TcpStream::connect(("127.0.0.1", gw.admin)).unwrap();
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", gw.api)).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    raw.write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    raw.write_all(b"GET /v1/whoami HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .unwrap();
     let mut answer = Vec::new();
     let _ = raw.read_to_end(&mut answer);
@@ -184,7 +194,7 @@ fn reserve_cli_over_admin_tls_and_plain_http_refused() {
 }
 
 #[test]
-fn admin_tls_from_the_dev_ca() {
+fn admin_and_api_tls_from_the_dev_ca() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(
         dir.path(),
@@ -193,15 +203,16 @@ fn admin_tls_from_the_dev_ca() {
     );
     let ca = dir.path().join("ca/ca.pem");
     let ca_s = ca.to_str().unwrap();
-    let https = format!("https://127.0.0.1:{}", gw.admin);
-    let c = curl(&["--cacert", ca_s, &format!("{https}/status")]);
+    let operator = format!("https://127.0.0.1:{}", gw.admin);
+    let c = curl(&["--cacert", ca_s, &format!("{operator}/status")]);
     let (ok, code, body) = (c.success, c.status, c.body);
     assert!(ok && code == 200, "{code} {body}\n{}", gw.log());
+    let https = format!("https://127.0.0.1:{}", gw.api);
     // `localhost` is on the certificate as well.
     let c = curl(&[
         "--cacert",
         ca_s,
-        &format!("https://localhost:{}/v1/whoami", gw.admin),
+        &format!("https://localhost:{}/v1/whoami", gw.api),
         "-H",
         &format!("Authorization: Bearer {}", gw.admin_token()),
     ]);

@@ -32,6 +32,8 @@ https = ["127.0.0.1:0"]
 http = ["127.0.0.1:0"]
 [admin]
 listen = "127.0.0.1:0"
+[api]
+listen = "127.0.0.1:0"
 [security]
 allow_private_backends = true
 [tls.acme]

@@ -81,6 +81,8 @@ http = ["127.0.0.1:0"]
 [admin]
 listen = "127.0.0.1:0"
 token_file = "{token}"
+[api]
+listen = "127.0.0.1:0"
 [security]
 allow_private_backends = true
 "#,
@@ -127,7 +129,12 @@ async fn reservation_serves_traffic_within_one_second() {
     .unwrap();
     let bound = gateway.bind().unwrap();
     let http = bound.http[0].local_addr().unwrap();
-    let admin_addr = bound.admin.local_addr().unwrap();
+    let api_addr = bound
+        .api
+        .as_ref()
+        .expect("the API listener")
+        .local_addr()
+        .unwrap();
     let serving = InProcess::serve(&gateway, bound);
 
     let client: Client<HttpConnector, Full<Bytes>> =
@@ -144,11 +151,11 @@ async fn reservation_serves_traffic_within_one_second() {
     .await;
     assert_ne!(s, StatusCode::OK, "nothing is reserved yet");
 
-    // Through the gateway's admin listener: a deployer token, then a name reservation.
+    // Through the gateway's API listener: a deployer token, then a name reservation.
     let (s, v) = send(
         &client,
         Method::POST,
-        format!("http://{admin_addr}/v1/tokens"),
+        format!("http://{api_addr}/v1/tokens"),
         None,
         Some(&admin),
         Some(json!({"owner": "alice"})),
@@ -160,7 +167,7 @@ async fn reservation_serves_traffic_within_one_second() {
     let (s, v) = send(
         &client,
         Method::POST,
-        format!("http://{admin_addr}/v1/names"),
+        format!("http://{api_addr}/v1/names"),
         None,
         Some(&token),
         Some(json!({
@@ -200,7 +207,7 @@ async fn reservation_serves_traffic_within_one_second() {
     let (s, _) = send(
         &client,
         Method::DELETE,
-        format!("http://{admin_addr}/v1/names/web"),
+        format!("http://{api_addr}/v1/names/web"),
         None,
         Some(&token),
         None,

@@ -21,7 +21,10 @@ use tokio_rustls::client::TlsStream;
 pub struct Ports {
     pub https: u16,
     pub http: u16,
+    /// The operator's listener: `/status`, `/metrics`, `POST /reload`.
     pub admin: u16,
+    /// The deployers' listener: the reservations API (bound when `domains` is set).
+    pub api: u16,
 }
 
 /// A running `meshgate gateway` process (killed on drop).
@@ -31,8 +34,9 @@ pub struct GatewayProcess {
     pub https: u16,
     pub http: u16,
     pub admin: u16,
+    pub api: u16,
     pub config_path: PathBuf,
-    _reserved: [Reserved; 3],
+    _reserved: [Reserved; 4],
 }
 
 impl Drop for GatewayProcess {
@@ -59,11 +63,13 @@ impl GatewayProcess {
             Reserved::loopback(),
             Reserved::loopback(),
             Reserved::loopback(),
+            Reserved::loopback(),
         ];
         let ports = Ports {
             https: reserved[0].port(),
             http: reserved[1].port(),
             admin: reserved[2].port(),
+            api: reserved[3].port(),
         };
         let config_path = dir.join("gateway.toml");
         std::fs::write(&config_path, config(&ports)).expect("write gateway.toml");
@@ -82,6 +88,7 @@ impl GatewayProcess {
             https: ports.https,
             http: ports.http,
             admin: ports.admin,
+            api: ports.api,
             config_path,
             _reserved: reserved,
         };
@@ -89,18 +96,20 @@ impl GatewayProcess {
         g
     }
 
-    /// The standard config: listeners on `ports`, `data_dir` = `dir`, the dev CA in
-    /// `dir/ca`, then `body`.
+    /// The standard config: listeners on `ports`, `data_dir` = `dir` (so the admin token is
+    /// `dir/admin.token`), the dev CA in `dir/ca`, then `body`.
     pub fn config_text(dir: &Path, ports: &Ports, body: &str) -> String {
         format!(
             "data_dir = \"{d}\"\n\
              [listen]\nhttps = [\"127.0.0.1:{https}\"]\nhttp = [\"127.0.0.1:{http}\"]\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [api]\nlisten = \"127.0.0.1:{api}\"\n\
              [tls.dev_ca]\ndir = \"{d}/ca\"\n{body}",
             d = dir.display(),
             https = ports.https,
             http = ports.http,
             admin = ports.admin,
+            api = ports.api,
         )
     }
 
@@ -109,6 +118,7 @@ impl GatewayProcess {
             https: self.https,
             http: self.http,
             admin: self.admin,
+            api: self.api,
         }
     }
 
@@ -189,7 +199,20 @@ impl GatewayProcess {
         (status, text)
     }
 
-    /// GET `path` on the (plain HTTP) admin listener; the body.
+    /// The farmer's admin token (standard config: `dir/admin.token`, created by the gateway).
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("admin.token"))
+            .unwrap_or_else(|e| panic!("admin token: {e}\n{}", self.log()))
+            .trim()
+            .to_string()
+    }
+
+    /// The deployers' API listener's base URL (plain HTTP).
+    pub fn api_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api)
+    }
+
+    /// GET `path` on the (plain HTTP) operator's listener; the body.
     pub fn admin_get(&self, path: &str) -> String {
         curl(&[
             "-m",
@@ -199,13 +222,16 @@ impl GatewayProcess {
         .body
     }
 
-    /// POST `path` on the (plain HTTP) admin listener; the body.
+    /// POST `path` on the (plain HTTP) operator's listener with the admin token; the body.
     pub fn admin_post(&self, path: &str) -> String {
+        let auth = format!("Authorization: Bearer {}", self.admin_token());
         curl(&[
             "-m",
             "10",
             "-X",
             "POST",
+            "-H",
+            &auth,
             &format!("http://127.0.0.1:{}{path}", self.admin),
         ])
         .body

@@ -1,5 +1,6 @@
-//! The admin listener (loopback by default): `/metrics`, `/status`, `POST /reload`, and the
-//! reservations API under `/v1/`. Plain HTTP, or TLS when `[admin] tls` is set.
+//! The operator's listener (loopback by default): `/metrics`, `/status` and `POST /reload`
+//! (admin token), and the deployers' listener of its own (`[api]`) serving the reservations
+//! API under `/v1/`. Each plain HTTP, or TLS when its `tls` is set.
 
 pub mod api;
 pub mod overlay;
@@ -7,6 +8,7 @@ mod status;
 pub(crate) mod tls;
 
 use crate::http::body::{Body, full};
+use crate::io::FirstRequest;
 use crate::state::Shared;
 use anyhow::Result;
 use bytes::Bytes;
@@ -16,50 +18,92 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
-/// What the admin listener asks of the gateway it belongs to.
+/// What the operator's listener asks of the gateway it belongs to.
 pub trait Control: Send + Sync + 'static {
     /// Re-reads the configuration file and applies it; the number of routes.
     fn reload(&self) -> Result<usize>;
 }
 
-/// Time for an admin client to finish the TLS handshake or send a request head.
+/// Time for a client of the operator's or the deployers' listener to finish its TLS
+/// handshake and send its first request head, from accept; then for each later head.
 const ADMIN_HANDSHAKE: Duration = Duration::from_secs(10);
 
-/// Serves one admin connection (after its TLS handshake when `[admin] tls` is set).
-pub(crate) async fn serve(shared: &Arc<Shared>, control: &Arc<dyn Control>, stream: TcpStream) {
-    match shared.admin_tls.clone() {
-        None => serve_conn(shared, control, stream).await,
+/// Serves one connection to the operator's listener: `/metrics`, `/status`, `POST /reload`.
+pub(crate) async fn serve_operator(
+    shared: &Arc<Shared>,
+    control: &Arc<dyn Control>,
+    stream: TcpStream,
+    accepted: Instant,
+) {
+    let (svc_shared, control) = (shared.clone(), control.clone());
+    let handler = move |req: Request<Incoming>| {
+        let shared = svc_shared.clone();
+        let control = control.clone();
+        async move { operator(&shared, control, req).await }
+    };
+    serve_h1(shared.admin_tls.clone(), stream, accepted, handler).await
+}
+
+/// Serves one connection to the deployers' listener: the reservations API under `/v1/`.
+pub(crate) async fn serve_api(shared: &Arc<Shared>, stream: TcpStream, accepted: Instant) {
+    let svc_shared = shared.clone();
+    let handler = move |req: Request<Incoming>| {
+        let shared = svc_shared.clone();
+        async move { deployers(&shared, req).await }
+    };
+    serve_h1(shared.api_tls.clone(), stream, accepted, handler).await
+}
+
+/// HTTP/1.1 (after a TLS handshake when `tls` is set) with `handler`; the handshake and the
+/// first request head are due within [`ADMIN_HANDSHAKE`] of accept.
+async fn serve_h1<H, F>(tls: Option<TlsAcceptor>, stream: TcpStream, accepted: Instant, handler: H)
+where
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let first = FirstRequest::by(accepted + ADMIN_HANDSHAKE);
+    match tls {
+        None => serve_conn(stream, first, handler).await,
         Some(acceptor) => {
-            match tokio::time::timeout(ADMIN_HANDSHAKE, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => serve_conn(shared, control, tls).await,
-                Ok(Err(e)) => tracing::debug!(error = %e, "admin TLS handshake failed"),
-                Err(_) => tracing::debug!("admin TLS handshake timed out"),
+            match tokio::time::timeout_at(accepted + ADMIN_HANDSHAKE, acceptor.accept(stream)).await
+            {
+                Ok(Ok(tls)) => serve_conn(tls, first, handler).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
             }
         }
     }
 }
 
-async fn serve_conn<S>(shared: &Arc<Shared>, control: &Arc<dyn Control>, stream: S)
+async fn serve_conn<S, H, F>(stream: S, first: FirstRequest, handler: H)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let shared = shared.clone();
-    let control = control.clone();
+    let svc_first = first.clone();
+    let handler = Arc::new(handler);
     let svc = service_fn(move |req: Request<Incoming>| {
-        let shared = shared.clone();
-        let control = control.clone();
-        async move { Ok::<_, Infallible>(route(&shared, control, req).await) }
+        svc_first.seen();
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler(req).await) }
     });
-    let _ = hyper::server::conn::http1::Builder::new()
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(ADMIN_HANDSHAKE)
-        .serve_connection(TokioIo::new(stream), svc)
-        .await;
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::select! {
+        _ = conn => {}
+        _ = first.missed() => tracing::debug!("no request head in time, closing"),
+    }
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
@@ -80,7 +124,42 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
     text(status, "application/json", v.to_string())
 }
 
-async fn route(
+/// The answer refusing `req` unless it carries `Authorization: Bearer <admin token>`.
+fn admin_token_refusal(shared: &Shared, req: &Request<Incoming>) -> Option<Response<Body>> {
+    let Some(admin) = &shared.admin_token else {
+        return Some(json(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({ "error": "this gateway has no admin token (admin.token_file), so POST /reload is off; SIGHUP reloads" }),
+        ));
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if admin.matches(token) => None,
+        Some(_) => Some(unauthorized("the token is not the admin token")),
+        None => Some(unauthorized(
+            "POST /reload needs `Authorization: Bearer <admin token>` (admin.token_file)",
+        )),
+    }
+}
+
+fn unauthorized(why: &str) -> Response<Body> {
+    let mut r = json(
+        StatusCode::UNAUTHORIZED,
+        serde_json::json!({ "error": why }),
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    r
+}
+
+/// The operator's endpoints.
+async fn operator(
     shared: &Shared,
     control: Arc<dyn Control>,
     req: Request<Incoming>,
@@ -94,6 +173,9 @@ async fn route(
         ),
         (&Method::GET, "/status") => json(StatusCode::OK, status::json(shared)),
         (&Method::POST, "/reload") => {
+            if let Some(refused) = admin_token_refusal(shared, &req) {
+                return refused;
+            }
             match tokio::task::spawn_blocking(move || control.reload()).await {
                 Ok(Ok(routes)) => json(
                     StatusCode::OK,
@@ -112,16 +194,29 @@ async fn route(
                 ),
             }
         }
-        (_, p) if p.starts_with("/v1/") || p == "/v1" => match &shared.api {
-            Some(api) => api
-                .handle(req)
-                .await
-                .map(|body| body.map_err(|never| match never {}).boxed()),
-            None => json(
-                StatusCode::NOT_FOUND,
-                serde_json::json!({ "error": "the reservations API is not enabled" }),
-            ),
-        },
+        (_, p) if p.starts_with("/v1/") || p == "/v1" => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": "the reservations API is served on its own listener (`[api] listen`), not on the operator's" }),
+        ),
         _ => full(StatusCode::NOT_FOUND, "No such admin endpoint."),
+    }
+}
+
+/// The deployers' endpoints: the reservations API, nothing else.
+async fn deployers(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    match &shared.api {
+        Some(api) if path.starts_with("/v1/") || path == "/v1" => api
+            .handle(req)
+            .await
+            .map(|body| body.map_err(|never| match never {}).boxed()),
+        Some(_) => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": format!("no API at {path}; see docs/admin-api.yaml") }),
+        ),
+        None => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": "the reservations API is not enabled" }),
+        ),
     }
 }

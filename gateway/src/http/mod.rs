@@ -5,7 +5,7 @@ pub(crate) mod acme;
 pub(crate) mod body;
 pub(crate) mod proxy;
 
-use crate::io::Activity;
+use crate::io::{Activity, FirstRequest};
 use crate::state::Shared;
 use http::Request;
 use hyper::body::Incoming;
@@ -27,9 +27,15 @@ pub(crate) struct ConnInfo {
     pub span: tracing::Span,
 }
 
-/// Serves HTTP/1.1 (and h2 when negotiated) on a client connection until it closes or idles.
-pub(crate) async fn serve<S>(shared: &Arc<Shared>, io: S, ci: ConnInfo, h2: bool)
-where
+/// Serves HTTP/1.1 (and h2 when negotiated) on a client connection until it closes or idles,
+/// or sends no complete request head by `first`'s deadline.
+pub(crate) async fn serve<S>(
+    shared: &Arc<Shared>,
+    io: S,
+    ci: ConnInfo,
+    h2: bool,
+    first: FirstRequest,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -49,7 +55,9 @@ where
     let builder = if h2 { builder.http2_only() } else { builder };
     let activity = ci.activity.clone();
     let svc_shared = shared.clone();
+    let svc_first = first.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
+        svc_first.seen();
         let shared = svc_shared.clone();
         let ci = ci.clone();
         async move {
@@ -70,6 +78,10 @@ where
         }
         _ = activity.idle(shared.timeouts.idle()) => {
             tracing::debug!("client connection idle, closing");
+        }
+        _ = first.missed() => {
+            shared.metrics.error("unknown", "header_timeout");
+            tracing::debug!("no complete request head within header_ms of accept, closing");
         }
     }
 }

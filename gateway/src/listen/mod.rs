@@ -1,38 +1,50 @@
-//! Listening: binding (dual-stack on `[::]`), accepting, the connection limit, and handing
-//! each connection to its layer by listener kind: :443 to classification ([`tls`]), :80 to
-//! HTTP, the admin port to the admin layer. Each connection runs in a span naming its client.
+//! Listening: binding (dual-stack on `[::]`), accepting into each listener kind's own slots
+//! ([`slots`]: a pool per kind and a cap per client), and handing each connection to its
+//! layer by kind: :443 to classification ([`tls`]), :80 to HTTP, the operator's port to the
+//! admin layer, the deployers' port to the reservations API. Each connection runs in a span
+//! naming its client.
 
+mod slots;
 mod tls;
 
 use crate::admin::{self, Control};
 use crate::http::{self, ConnInfo};
-use crate::io::{Activity, Tracked};
+use crate::io::{Activity, FirstRequest, Tracked};
+use crate::observe::metrics::{ListenerLabel, RefusedLabel};
 use crate::state::Shared;
 use anyhow::{Context, Result};
+use slots::{Held, PerClient, Slots};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::TryAcquireError;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::Instrument;
-
-/// Admin connections open at once.
-const ADMIN_CONNECTIONS: usize = 64;
 
 /// Bound listening sockets.
 pub struct Bound {
     pub https: Vec<TcpListener>,
     pub http: Vec<TcpListener>,
+    /// The operator's listener (`[admin] listen`).
     pub admin: TcpListener,
+    /// The deployers' listener (`[api] listen`), when the gateway has the reservations API.
+    pub api: Option<TcpListener>,
 }
 
 impl Bound {
     /// Binds every address given.
-    pub fn new(https: &[SocketAddr], http: &[SocketAddr], admin: SocketAddr) -> Result<Bound> {
+    pub fn new(
+        https: &[SocketAddr],
+        http: &[SocketAddr],
+        admin: SocketAddr,
+        api: Option<SocketAddr>,
+    ) -> Result<Bound> {
         Ok(Bound {
             https: https.iter().map(|a| bind(*a)).collect::<Result<_>>()?,
             http: http.iter().map(|a| bind(*a)).collect::<Result<_>>()?,
             admin: bind(admin)?,
+            api: api.map(bind).transpose()?,
         })
     }
 }
@@ -56,33 +68,59 @@ fn bind(addr: SocketAddr) -> Result<TcpListener> {
 enum Kind {
     Tls,
     Plain,
+    /// The operator's endpoints.
     Admin,
+    /// The deployers' reservations API.
+    Api,
 }
 
-/// Spawns an accept loop per listener into `tasks`. Client connections on :443 and :80 share
-/// `[limits] max_connections`; the admin listener has its own small limit.
+impl Kind {
+    /// The `listener` label of its metrics.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Tls => "https",
+            Kind::Plain => "http",
+            Kind::Admin => "admin",
+            Kind::Api => "api",
+        }
+    }
+}
+
+/// Spawns an accept loop per listener into `tasks`. Each kind has slots of its own: HTTPS
+/// `[limits] max_connections`, HTTP `max_http_connections`, the operator's and the deployers'
+/// listeners `[admin]`/`[api] max_connections`. One client (IPv4 address, IPv6 /64) holds at
+/// most `max_connections_per_ip` of the HTTPS and HTTP slots together, and its listener's
+/// own cap of the operator's and the API's.
 pub(crate) fn spawn_all(
     tasks: &mut JoinSet<()>,
     shared: &Arc<Shared>,
     control: Arc<dyn Control>,
     bound: Bound,
 ) {
-    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let config = shared.config();
+    let public_clients = PerClient::new(shared.limits.max_connections_per_ip);
+    let https = Slots::new(shared.limits.max_connections, public_clients.clone());
+    let http = Slots::new(shared.limits.max_http_connections, public_clients);
+    let admin = Slots::new(
+        config.admin.max_connections,
+        PerClient::new(config.admin.max_connections_per_ip),
+    );
+    let api = Slots::new(
+        config.api.max_connections,
+        PerClient::new(config.api.max_connections_per_ip),
+    );
     let loops = bound
         .https
         .into_iter()
-        .map(|l| (l, slots.clone(), Kind::Tls))
+        .map(|l| (l, https.clone(), Kind::Tls))
         .chain(
             bound
                 .http
                 .into_iter()
-                .map(|l| (l, slots.clone(), Kind::Plain)),
+                .map(|l| (l, http.clone(), Kind::Plain)),
         )
-        .chain(std::iter::once((
-            bound.admin,
-            Arc::new(Semaphore::new(ADMIN_CONNECTIONS)),
-            Kind::Admin,
-        )));
+        .chain(std::iter::once((bound.admin, admin, Kind::Admin)))
+        .chain(bound.api.map(|l| (l, api, Kind::Api)));
     for (listener, slots, kind) in loops {
         tasks.spawn(accept_loop(
             shared.clone(),
@@ -98,12 +136,27 @@ async fn accept_loop(
     shared: Arc<Shared>,
     control: Arc<dyn Control>,
     listener: TcpListener,
-    slots: Arc<Semaphore>,
+    slots: Slots,
     kind: Kind,
 ) {
+    let label = ListenerLabel {
+        listener: kind.name(),
+    };
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
+        let permit = match slots.total.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return,
+            Err(TryAcquireError::NoPermits) => {
+                shared.metrics.listener_full.get_or_create(&label).inc();
+                tracing::debug!(
+                    listener = kind.name(),
+                    "every slot taken; new connections wait"
+                );
+                let Ok(p) = slots.total.clone().acquire_owned().await else {
+                    return;
+                };
+                p
+            }
         };
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -114,18 +167,45 @@ async fn accept_loop(
                 continue;
             }
         };
+        let accepted = Instant::now();
+        let Some(client) = slots.per_client.take(peer.ip()) else {
+            shared
+                .metrics
+                .connections_refused
+                .get_or_create(&RefusedLabel {
+                    listener: kind.name(),
+                    reason: "per_ip_limit",
+                })
+                .inc();
+            tracing::debug!(
+                client = %peer,
+                listener = kind.name(),
+                "client already has its cap of open connections; closing"
+            );
+            // A reset, not a FIN: nothing lingers here for a client that is over its cap.
+            let _ = stream.set_zero_linger();
+            continue;
+        };
+        let held = Held::new(permit, client);
         let shared = shared.clone();
         let control = control.clone();
         let span = match kind {
             Kind::Tls => tracing::info_span!("conn", client = %peer, proto = "https"),
             Kind::Plain => tracing::info_span!("conn", client = %peer, proto = "http"),
             Kind::Admin => tracing::debug_span!("admin", client = %peer),
+            Kind::Api => tracing::debug_span!("api", client = %peer),
         };
+        let open = shared
+            .metrics
+            .listener_connections
+            .get_or_create(&label)
+            .clone();
         let connection = async move {
             let _ = stream.set_nodelay(true);
             shared.metrics.connections.inc();
+            open.inc();
             match kind {
-                Kind::Tls => tls::serve(&shared, stream, peer).await,
+                Kind::Tls => tls::serve(&shared, stream, peer, accepted).await,
                 Kind::Plain => {
                     let activity = Activity::default();
                     let ci = ConnInfo {
@@ -134,12 +214,16 @@ async fn accept_loop(
                         activity: activity.clone(),
                         span: tracing::Span::current(),
                     };
-                    http::serve(&shared, Tracked::new(stream, activity), ci, false).await
+                    let first = FirstRequest::by(accepted + shared.timeouts.header());
+                    let io = Tracked::new(stream, activity);
+                    http::serve(&shared, io, ci, false, first).await
                 }
-                Kind::Admin => admin::serve(&shared, &control, stream).await,
+                Kind::Admin => admin::serve_operator(&shared, &control, stream, accepted).await,
+                Kind::Api => admin::serve_api(&shared, stream, accepted).await,
             }
+            open.dec();
             shared.metrics.connections.dec();
-            drop(permit);
+            drop(held);
         };
         tokio::spawn(connection.instrument(span));
     }

@@ -5,7 +5,7 @@
 use crate::classify::read::{self, ReadError, send_alert};
 use crate::classify::{self, Decision, hello};
 use crate::http::{self, ConnInfo};
-use crate::io::{Activity, Rewind, Tracked};
+use crate::io::{Activity, FirstRequest, Rewind, Tracked};
 use crate::passthrough;
 use crate::routes::RouteEntry;
 use crate::state::Shared;
@@ -17,8 +17,13 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-pub(super) async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
-    let deadline = Instant::now() + shared.timeouts.handshake();
+pub(super) async fn serve(
+    shared: &Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    accepted: Instant,
+) {
+    let deadline = accepted + shared.timeouts.handshake();
     let max = shared.limits.max_client_hello_bytes;
     let (hello, prefix) = match read::client_hello(&mut stream, max, deadline).await {
         Ok(x) => x,
@@ -62,12 +67,14 @@ pub(super) async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: Soc
                 .await
         }
         Decision::Terminate(entry) => {
-            terminate(shared, &entry, stream, prefix, peer, deadline).await
+            let first = FirstRequest::by(accepted + shared.timeouts.header());
+            terminate(shared, &entry, stream, prefix, peer, deadline, first).await
         }
     }
 }
 
-/// Completes the TLS handshake (bounded by the ClientHello's deadline) and serves HTTP.
+/// Completes the TLS handshake (bounded by the ClientHello's deadline) and serves HTTP (the
+/// first request head due by `first`).
 async fn terminate(
     shared: &Arc<Shared>,
     entry: &RouteEntry,
@@ -75,6 +82,7 @@ async fn terminate(
     prefix: Bytes,
     peer: SocketAddr,
     deadline: Instant,
+    first: FirstRequest,
 ) {
     let activity = Activity::default();
     let io = Tracked::new(Rewind::new(prefix, stream), activity.clone());
@@ -103,7 +111,7 @@ async fn terminate(
         activity,
         span: tracing::Span::current(),
     };
-    http::serve(shared, tls, ci, h2).await;
+    http::serve(shared, tls, ci, h2, first).await;
 }
 
 async fn answer_tls_alpn01(

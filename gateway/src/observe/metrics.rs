@@ -26,6 +26,19 @@ pub(crate) struct ErrorLabel {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ListenerLabel {
+    /// `https`, `http`, `admin` (the operator's) or `api` (the deployers').
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RefusedLabel {
+    pub listener: &'static str,
+    /// `per_ip_limit`: the client already had its cap of connections open.
+    pub reason: &'static str,
+}
+
 type HistogramFamily = Family<RouteLabel, Histogram, fn() -> Histogram>;
 
 pub(crate) struct Metrics {
@@ -37,6 +50,12 @@ pub(crate) struct Metrics {
     pub latency: HistogramFamily,
     pub connections: Gauge,
     pub handshakes: Counter,
+    /// Open connections per listener kind.
+    pub listener_connections: Family<ListenerLabel, Gauge>,
+    /// Connections accepted and closed at once, per listener kind and reason.
+    pub connections_refused: Family<RefusedLabel, Counter>,
+    /// Times a listener had every slot taken (new connections waited in the accept queue).
+    pub listener_full: Family<ListenerLabel, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -94,6 +113,24 @@ impl Metrics {
             "Completed TLS handshakes",
             handshakes.clone(),
         );
+        let listener_connections = Family::<ListenerLabel, Gauge>::default();
+        let connections_refused = Family::<RefusedLabel, Counter>::default();
+        let listener_full = Family::<ListenerLabel, Counter>::default();
+        registry.register(
+            "listener_connections",
+            "Open connections per listener (https, http, admin, api)",
+            listener_connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed right after accept, per listener and reason",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "listener_full",
+            "Times every slot of a listener was taken, so new connections waited",
+            listener_full.clone(),
+        );
         extra(&mut root);
         Metrics {
             registry: root,
@@ -104,6 +141,9 @@ impl Metrics {
             latency,
             connections,
             handshakes,
+            listener_connections,
+            connections_refused,
+            listener_full,
         }
     }
 

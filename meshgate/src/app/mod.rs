@@ -73,11 +73,25 @@ pub async fn gateway(setup: GatewaySetup) -> Result<AppGateway> {
     if let Some(n) = &node {
         tracing::info!(address = %n.node.address(), "overlay node started");
     }
-    let reservations = Reservations::start(
-        &config,
-        node.as_ref()
-            .map(|n| Arc::new(n.dialer()) as Arc<dyn meshgate_gateway::upstream::dial::Dialer>),
-    )?;
+    // The reservations need the farmer's token; without them it only guards `POST /reload`,
+    // so a gateway that cannot keep one still starts (SIGHUP reloads).
+    let admin_token = match reservations::admin_token(&config) {
+        Ok(t) => Some(t),
+        Err(e) if config.domains.is_empty() => {
+            tracing::warn!(error = %format!("{e:#}"), "no admin token: POST /reload is off");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let reservations = match &admin_token {
+        Some(t) => Reservations::start(
+            &config,
+            t.clone(),
+            node.as_ref()
+                .map(|n| Arc::new(n.dialer()) as Arc<dyn meshgate_gateway::upstream::dial::Dialer>),
+        )?,
+        None => None,
+    };
     let manager = certificates::manager(&config)?;
     let parts = GatewayParts {
         overlay: node.as_ref().map(|n| OverlayParts {
@@ -93,6 +107,7 @@ pub async fn gateway(setup: GatewaySetup) -> Result<AppGateway> {
             routes: r.store.routes(),
         }),
         certs: manager.clone(),
+        admin_token,
         config_path,
         config,
     };

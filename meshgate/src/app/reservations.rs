@@ -1,7 +1,7 @@
-//! Reservations in a gateway process: the store in `data_dir`, the admin token file, the
-//! custom-domain verifier, the backend-consent checker (asking overlay nodes through the
-//! gateway's overlay dialer) and the API the admin listener mounts, all from `domains` and
-//! `[reservations]`.
+//! Reservations in a gateway process: the store in `data_dir`, the custom-domain verifier,
+//! the backend-consent checker (asking overlay nodes through the gateway's overlay dialer)
+//! and the API the deployers' listener (`[api]`) serves, all from `domains` and
+//! `[reservations]`; and the farmer's admin token file.
 
 use super::consent::OverlayConsentSource;
 use anyhow::{Context, Result};
@@ -35,25 +35,21 @@ impl Drop for Reservations {
 }
 
 impl Reservations {
-    /// Opens the store for the first of `domains` (none: no reservations), loads or creates
-    /// the admin token (0600) and starts the domain verifier on the current runtime, and the
-    /// consent checker when there is an overlay (`overlay`: the gateway's overlay dialer).
+    /// Opens the store for the first of `domains` (none: no reservations) and starts the
+    /// domain verifier on the current runtime, and the consent checker when there is an
+    /// overlay (`overlay`: the gateway's overlay dialer); `admin` is the farmer's token
+    /// ([`admin_token`]).
     pub fn start(
         config: &GatewayConfig,
+        admin: AdminToken,
         overlay: Option<Arc<dyn Dialer>>,
     ) -> Result<Option<Reservations>> {
         let Some(domain) = config.domains.first() else {
             return Ok(None);
         };
-        let token_file = config
-            .admin
-            .token_file
-            .clone()
-            .unwrap_or_else(|| config.data_dir.join("admin.token"));
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
         let store: SharedStore = Arc::new(RedbStore::open(&config.data_dir, domain.as_str())?);
-        let (admin, _) = AdminToken::load_or_create(&token_file)?;
         let counters = Arc::new(Counters::default());
         let verifier = Verifier::new(store.clone(), verifier_config(config, domain.as_str()))?
             .with_counters(counters.clone())
@@ -87,7 +83,7 @@ impl Reservations {
             ..Default::default()
         };
         let api = Arc::new(Api::new(store.clone(), admin, api_config));
-        tracing::info!(domain = %domain, token_file = %token_file.display(), "reservations enabled");
+        tracing::info!(domain = %domain, api = %config.api.listen, "reservations enabled");
         Ok(Some(Reservations {
             store,
             api,
@@ -95,6 +91,22 @@ impl Reservations {
             consent: checker,
         }))
     }
+}
+
+/// The farmer's admin token from `admin.token_file` (default `<data_dir>/admin.token`),
+/// created (0600) when missing. `POST /reload` and the API's farmer calls need it.
+pub fn admin_token(config: &GatewayConfig) -> Result<AdminToken> {
+    let token_file = config
+        .admin
+        .token_file
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("admin.token"));
+    if let Some(dir) = token_file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let (admin, _) = AdminToken::load_or_create(&token_file)
+        .with_context(|| format!("admin token {}", token_file.display()))?;
+    Ok(admin)
 }
 
 /// The addresses a custom domain may resolve to instead of CNAMEing here: the configured

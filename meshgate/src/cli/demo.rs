@@ -97,7 +97,8 @@ https = ["127.0.0.1:{port}"]
 http = []
 [admin]
 listen = "127.0.0.1:0"
-token_file = "{dir}/admin.token"
+[api]
+listen = "127.0.0.1:0"
 [tls.dev_ca]
 dir = "{dir}/ca"
 [reservations]
@@ -135,6 +136,7 @@ nameservers = ["127.0.0.1:53"]
         .context("no https listener")?
         .local_addr()?;
     let admin = bound.admin.local_addr()?;
+    let token_file = dir.join("admin.token");
 
     // 4. Wait until the overlay carries a stream end to end.
     wait_for_overlay(gw_node, backend).await?;
@@ -146,7 +148,7 @@ nameservers = ["127.0.0.1:53"]
         .as_ref()
         .context("the demo gateway has reservations")?
         .api;
-    let admin_token = std::fs::read_to_string(dir.join("admin.token"))?;
+    let admin_token = std::fs::read_to_string(&token_file)?;
     let token = call_api(
         api,
         "/v1/tokens",
@@ -178,6 +180,10 @@ nameservers = ["127.0.0.1:53"]
         "  reserved {DEMO_NAME} by deployer `{DEMO_DEPLOYER}`; the workload node consents to {DEMO_HOST}"
     );
     println!("  metrics  http://{admin}/metrics   status http://{admin}/status");
+    println!(
+        "  reload   curl -X POST -H \"Authorization: Bearer $(cat {})\" http://{admin}/reload",
+        token_file.display()
+    );
     println!();
     println!("URL: https://{DEMO_HOST}:{port}/");
     println!("Try:");

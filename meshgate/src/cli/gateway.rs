@@ -27,7 +27,10 @@ pub async fn run(args: Args) -> Result<()> {
     for l in bound.http.iter() {
         tracing::info!(addr = %l.local_addr()?, "http listener");
     }
-    tracing::info!(addr = %bound.admin.local_addr()?, "admin listener");
+    tracing::info!(addr = %bound.admin.local_addr()?, "operator listener (/status, /metrics, /reload)");
+    if let Some(api) = &bound.api {
+        tracing::info!(addr = %api.local_addr()?, "deployers' API listener (/v1/…)");
+    }
     process::spawn_sighup_reload(app.gateway.clone())?;
     app.gateway.serve(bound, process::shutdown_signal()).await?;
     tracing::info!("shutting down");

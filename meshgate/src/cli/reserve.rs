@@ -17,15 +17,16 @@ use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Base URL of the gateway's admin listener.
+    /// Base URL of the gateway's reservations API listener (`[api] listen`).
     #[arg(
-        long,
-        env = "MESHGATE_ADMIN",
-        default_value = "http://127.0.0.1:9090",
+        long = "api",
+        alias = "admin",
+        env = "MESHGATE_API",
+        default_value = "http://127.0.0.1:9091",
         global = true
     )]
     admin: String,
-    /// PEM CA certificate(s) to trust for an `https://` admin URL (default: the system's).
+    /// PEM CA certificate(s) to trust for an `https://` API URL (default: the system's).
     #[arg(long, env = "MESHGATE_CACERT", value_name = "PATH", global = true)]
     cacert: Option<PathBuf>,
     /// Deployer token (or the farmer's admin token).
@@ -186,11 +187,11 @@ impl ApiClient {
         let base = base.trim_end_matches('/').to_string();
         let https = base.starts_with("https://");
         if !https && !base.starts_with("http://") {
-            bail!("--admin must be an http:// or https:// URL of the admin listener, got `{base}`");
+            bail!("--api must be an http:// or https:// URL of the API listener, got `{base}`");
         }
         if !https && let Some(ca) = cacert {
             bail!(
-                "--cacert {} is for https:// admin URLs, but --admin is `{base}`",
+                "--cacert {} is for https:// API URLs, but --api is `{base}`",
                 ca.display()
             );
         }
@@ -231,11 +232,11 @@ impl ApiClient {
             .with_context(|| format!("{url}: no answer within 30 s"))?
             .with_context(|| {
                 let hint = if self.base.starts_with("http://") {
-                    " (if the admin listener uses TLS, use an https:// URL)"
+                    " (if the API listener uses TLS, use an https:// URL)"
                 } else {
                     ""
                 };
-                format!("cannot reach the admin API at {url}{hint}")
+                format!("cannot reach the reservations API at {url}{hint}")
             })?;
         let status = resp.status();
         let body = resp
