@@ -222,9 +222,8 @@ async fn call_api(
 /// Waits until the reserved name is in the gateway's route table.
 async fn wait_for_route(gateway: &Gateway) -> Result<()> {
     let mut routes = gateway.watch_routes();
-    let has = |t: &meshgate_gateway::routes::RouteTable| {
-        t.entries().any(|e| e.route.host.to_string() == DEMO_HOST)
-    };
+    let has =
+        |t: &meshgate_gateway::routes::RouteTable| t.entries().any(|e| e.route.host == DEMO_HOST);
     tokio::time::timeout(Duration::from_secs(10), routes.wait_for(|t| has(t)))
         .await
         .context("the reservation did not reach the route table in 10 s")?
