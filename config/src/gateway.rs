@@ -528,13 +528,41 @@ impl Default for Limits {
 }
 
 /// Backend safety switches.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Security {
     /// Allow direct backends in loopback, private, link-local or the gateway's own addresses
     /// (SSRF guard off). Default `false`.
     #[serde(default)]
     pub allow_private_backends: bool,
+    /// NAT64 prefixes of the gateway's network (RFC 6052), checked by the SSRF guard like the
+    /// well-known `64:ff9b::/96` and `64:ff9b:1::/48` (always checked). Default `[]`.
+    #[serde(default)]
+    pub nat64_prefixes: Vec<crate::nat64::Nat64Prefix>,
+    /// How often the gateway re-reads its own addresses (interfaces) for the SSRF guard, in
+    /// seconds; they are also re-read on every reload. Default 30.
+    #[serde(default = "d30")]
+    pub own_addresses_refresh_secs: u64,
+}
+
+fn d30() -> u64 {
+    30
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Security {
+            allow_private_backends: false,
+            nat64_prefixes: Vec::new(),
+            own_addresses_refresh_secs: d30(),
+        }
+    }
+}
+
+impl Security {
+    pub fn own_addresses_refresh(&self) -> Duration {
+        Duration::from_secs(self.own_addresses_refresh_secs)
+    }
 }
 
 impl GatewayConfig {
@@ -619,6 +647,12 @@ impl GatewayFile {
                 ),
             ));
         }
+        if self.security.own_addresses_refresh_secs == 0 {
+            return Err(err(
+                "security.own_addresses_refresh_secs",
+                "expected a positive number of seconds".into(),
+            ));
+        }
         self.validate_listener_tls("admin", self.admin.tls.as_ref(), &err)?;
         self.validate_listener_tls("api", self.api.tls.as_ref(), &err)?;
         self.validate_connection_limits(&err)?;
@@ -651,6 +685,20 @@ impl GatewayFile {
                 return Err(err(
                     &format!("route.{i}.allow_plain_http"),
                     "a passthrough route has no plain HTTP side; remove this option".into(),
+                ));
+            }
+            if let Some(u) = r.options.upgrades.iter().find(|u| {
+                u.eq_ignore_ascii_case("h2c")
+                    || u.is_empty()
+                    || !u
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            }) {
+                return Err(err(
+                    &format!("route.{i}.options.upgrades"),
+                    format!(
+                        "`{u}` cannot be tunnelled; expected protocol names like `websocket` (never `h2c`)"
+                    ),
                 ));
             }
             if let Err((field, msg)) = r.pool.validate() {
@@ -879,6 +927,8 @@ mod tests {
         assert_eq!(c.listen.http, vec!["[::]:80".parse().unwrap()]);
         assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().unwrap());
         assert!(!c.security.allow_private_backends);
+        assert!(c.security.nat64_prefixes.is_empty());
+        assert_eq!(c.security.own_addresses_refresh_secs, 30);
         assert_eq!(c.timeouts.connect_ms, 5000);
         assert_eq!(c.limits.max_headers, 100);
     }
@@ -1098,6 +1148,26 @@ mod reservations_and_admin_tls_tests {
         assert!(e.message.contains("admin.tls.names"), "{e}");
         let e = parse("[admin]\ntls = { certificate = \"a.pem\" }\n").unwrap_err();
         assert!(e.message.contains("certificate"), "{e}");
+    }
+
+    #[test]
+    fn security_nat64_prefixes_and_refresh_are_checked() {
+        let c = parse(
+            "[security]\nnat64_prefixes = [\"2001:db8:64::/96\"]\nown_addresses_refresh_secs = 5\n",
+        )
+        .unwrap();
+        assert_eq!(
+            String::from(c.security.nat64_prefixes[0]),
+            "2001:db8:64::/96"
+        );
+        assert_eq!(c.security.own_addresses_refresh().as_secs(), 5);
+        let e = parse("[security]\nnat64_prefixes = [\"2001:db8:64::/97\"]\n").unwrap_err();
+        assert!(e.message.contains("64:ff9b::/96"), "{e}");
+        let e = parse("[security]\nown_addresses_refresh_secs = 0\n").unwrap_err();
+        assert!(
+            e.message.contains("security.own_addresses_refresh_secs"),
+            "{e}"
+        );
     }
 }
 

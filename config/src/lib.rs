@@ -6,6 +6,7 @@
 pub mod file;
 pub mod gateway;
 pub mod host;
+pub mod nat64;
 pub mod node;
 pub mod pool;
 pub mod private_file;

@@ -41,7 +41,7 @@ fn default_weight() -> u32 {
 }
 
 /// Per-route switches.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RouteOptions {
     /// Serve plain HTTP on :80 instead of redirecting to HTTPS.
@@ -49,6 +49,29 @@ pub struct RouteOptions {
     /// Prepend a PROXY protocol v2 header to passthrough streams.
     pub proxy_protocol: bool,
     pub backend_protocol: BackendProtocol,
+    /// HTTP/1.1 upgrade protocols (`Upgrade` tokens, any case) tunnelled to the backend;
+    /// others are dropped from the request. Default `["websocket"]`; `h2c` is never tunnelled.
+    pub upgrades: Vec<String>,
+}
+
+impl Default for RouteOptions {
+    fn default() -> Self {
+        RouteOptions {
+            allow_plain_http: false,
+            proxy_protocol: false,
+            backend_protocol: BackendProtocol::default(),
+            upgrades: vec!["websocket".to_string()],
+        }
+    }
+}
+
+impl RouteOptions {
+    /// Whether an `Upgrade` protocol (`name` or `name/version`) may be tunnelled.
+    pub fn allows_upgrade(&self, protocol: &str) -> bool {
+        let name = protocol.split('/').next().unwrap_or("").trim();
+        !name.eq_ignore_ascii_case("h2c")
+            && self.upgrades.iter().any(|u| u.eq_ignore_ascii_case(name))
+    }
 }
 
 /// A host (exact name, or `*.suffix` wildcard) and where its traffic goes.

@@ -112,21 +112,11 @@ impl Gateway {
             Some(o) => (Some(o.dialer), o.is_overlay, o.observer),
             None => (None, (|_: &IpAddr| false) as fn(&IpAddr) -> bool, None),
         };
-        let mut own: Vec<IpAddr> = crate::upstream::ssrf::interface_addresses();
-        own.extend(
-            config
-                .listen
-                .https
-                .iter()
-                .chain(&config.listen.http)
-                .map(|a| a.ip())
-                .filter(|ip| !ip.is_unspecified()),
-        );
         let dialer = Arc::new(GatewayDialer {
             overlay: overlay_dialer,
             is_overlay,
             allow_private: config.security.allow_private_backends.into(),
-            own_addresses: own,
+            guard: crate::upstream::ssrf::Guard::new(&config),
         });
         let metrics = Metrics::new(|registry| {
             if let Some(o) = &observer {
@@ -164,11 +154,13 @@ impl Gateway {
             admin_tls,
             api_tls,
             overlay: observer,
+            via: crate::http::proxy::loops::Identity::random(),
         });
         shared.rebuild()?;
         if let Some(rx) = follow {
             follow_reserved_routes(Arc::downgrade(&shared), rx);
         }
+        refresh_own_addresses(Arc::downgrade(&shared));
         Ok(Gateway { shared })
     }
 
@@ -252,6 +244,29 @@ fn follow_reserved_routes(
     });
 }
 
+/// Re-reads the gateway's own addresses for the SSRF guard every
+/// `security.own_addresses_refresh_secs`, while the gateway lives (reloads refresh too).
+fn refresh_own_addresses(shared: std::sync::Weak<Shared>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        loop {
+            let Some(every) = shared
+                .upgrade()
+                .map(|s| s.config().security.own_addresses_refresh())
+            else {
+                return;
+            };
+            tokio::time::sleep(every).await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            shared.dialer.guard.refresh(&shared.config());
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,5 +302,56 @@ mod tests {
             .expect("lease");
         let dialed = lease.dial().await.map(|_| ()).map_err(|e| e.error.kind());
         assert_eq!(dialed, Err(std::io::ErrorKind::PermissionDenied));
+    }
+
+    /// How the gateway's dialer answers for each route's backend: `Err(PermissionDenied)`
+    /// when the SSRF guard refuses it, else whatever connecting gave (within 1 s).
+    async fn dials(gw: &Gateway, hosts: &[&str]) -> Vec<Result<(), std::io::ErrorKind>> {
+        let mut out = Vec::new();
+        for h in hosts {
+            let entry = gw.routes().lookup(h).expect("route");
+            let lease = entry
+                .pool
+                .pick(&ClientInfo::from_ip("192.0.2.1".parse().unwrap()), &[])
+                .await
+                .expect("lease");
+            let dialed = tokio::time::timeout(std::time::Duration::from_secs(1), lease.dial())
+                .await
+                .map_or(Err(std::io::ErrorKind::TimedOut), |r| {
+                    r.map(|_| ()).map_err(|e| e.error.kind())
+                });
+            out.push(dialed);
+        }
+        out
+    }
+
+    /// Items 9 and 12: the gateway's public address behind NAT (`public_addresses`, taken on
+    /// reload, no restart) and IPv4 reached through IPv4-translated, Teredo and operator NAT64
+    /// addresses are refused before any connect.
+    #[tokio::test]
+    async fn public_addresses_and_translated_ipv4_are_refused() {
+        let listen = "listen = { https = [\"127.0.0.1:0\"], http = [] }\n";
+        let routes = "[[route]]\nhost = \"self.example.org\"\nbackends = [{ addr = \"203.0.113.7:443\" }]\n\
+             [[route]]\nhost = \"siit.example.org\"\nbackends = [{ addr = \"[::ffff:0:127.0.0.1]:9\" }]\n\
+             [[route]]\nhost = \"teredo.example.org\"\nbackends = [{ addr = \"[2001:0:a00:1::1]:9\" }]\n\
+             [[route]]\nhost = \"nat64.example.org\"\nbackends = [{ addr = \"[2001:db8:64::10.0.0.1]:9\" }]\n";
+        let gw = Gateway::new(GatewayParts::new(gateway_config(&format!(
+            "{listen}[security]\nnat64_prefixes = [\"2001:db8:64::/96\"]\n{routes}"
+        ))))
+        .expect("gateway starts");
+        let denied = Err(std::io::ErrorKind::PermissionDenied);
+        let translated = [
+            "siit.example.org",
+            "teredo.example.org",
+            "nat64.example.org",
+        ];
+        assert_eq!(dials(&gw, &translated).await, vec![denied; 3]);
+        // Not (yet) known as the gateway's own: dialed (and failing, or timing out, here).
+        assert_ne!(dials(&gw, &["self.example.org"]).await, vec![denied]);
+        gw.apply(gateway_config(&format!(
+            "{listen}[reservations]\npublic_addresses = [\"203.0.113.7\"]\n{routes}"
+        )))
+        .expect("reload applies");
+        assert_eq!(dials(&gw, &["self.example.org"]).await, vec![denied]);
     }
 }

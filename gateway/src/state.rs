@@ -52,6 +52,8 @@ pub(crate) struct Shared {
     pub(crate) api_tls: Option<tokio_rustls::TlsAcceptor>,
     /// The embedded overlay node, shown in `/status` and `/metrics`.
     pub(crate) overlay: Option<OverlayObserver>,
+    /// This gateway's `Via` pseudonym (loop detection).
+    pub(crate) via: crate::http::proxy::loops::Identity,
 }
 
 impl Shared {
@@ -163,6 +165,7 @@ impl Shared {
         self.dialer
             .allow_private
             .store(allow_private, Ordering::Relaxed);
+        self.dialer.guard.refresh(&self.config());
         let n = self.routes().len();
         tracing::info!(routes = n, "configuration applied");
         Ok(n)

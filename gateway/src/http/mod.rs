@@ -4,6 +4,9 @@
 pub(crate) mod acme;
 pub(crate) mod body;
 pub(crate) mod proxy;
+mod tls_names;
+
+pub(crate) use tls_names::TlsNames;
 
 use crate::io::{Activity, FirstRequest};
 use crate::state::Shared;
@@ -25,6 +28,8 @@ pub(crate) struct ConnInfo {
     /// The connection's span: h2 streams run on tasks of their own, so each request's span
     /// names it as parent explicitly.
     pub span: tracing::Span,
+    /// What a terminated TLS connection presented (SNI, certificate); `None` on plain HTTP.
+    pub tls: Option<Arc<TlsNames>>,
 }
 
 /// Serves HTTP/1.1 (and h2 when negotiated) on a client connection until it closes or idles,

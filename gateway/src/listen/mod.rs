@@ -213,6 +213,7 @@ async fn accept_loop(
                         proto: "http",
                         activity: activity.clone(),
                         span: tracing::Span::current(),
+                        tls: None,
                     };
                     let first = FirstRequest::by(accepted + shared.timeouts.header());
                     let io = Tracked::new(stream, activity);

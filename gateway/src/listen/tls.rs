@@ -110,6 +110,7 @@ async fn terminate(
         proto: "https",
         activity,
         span: tracing::Span::current(),
+        tls: http::TlsNames::of(shared, tls.get_ref().1),
     };
     http::serve(shared, tls, ci, h2, first).await;
 }

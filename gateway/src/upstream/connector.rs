@@ -14,7 +14,8 @@ pub(crate) struct GatewayDialer {
     pub is_overlay: fn(&IpAddr) -> bool,
     /// Reloadable: `security.allow_private_backends`.
     pub allow_private: std::sync::atomic::AtomicBool,
-    pub own_addresses: Vec<IpAddr>,
+    /// Own addresses and NAT64 prefixes, refreshed on reload and periodically.
+    pub guard: ssrf::Guard,
 }
 
 impl Dialer for GatewayDialer {
@@ -27,7 +28,7 @@ impl Dialer for GatewayDialer {
         if !self
             .allow_private
             .load(std::sync::atomic::Ordering::Relaxed)
-            && let Some(why) = ssrf::refusal(addr.ip(), &self.own_addresses)
+            && let Some(why) = self.guard.refusal(addr.ip())
         {
             let err = io::Error::new(
                 io::ErrorKind::PermissionDenied,

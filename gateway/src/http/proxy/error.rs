@@ -1,6 +1,7 @@
 //! Phase 4, the responses the proxy writes itself: refusals before routing, the redirect to
-//! HTTPS, and the error pages when no backend answered.
+//! HTTPS, misdirected and looped requests, and the error pages when no backend answered.
 
+use super::request::HostError;
 use crate::http::body::{Body, full};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
@@ -33,8 +34,30 @@ pub(crate) fn response(failure: Failure) -> Response<Body> {
     }
 }
 
-pub(crate) fn no_host() -> Response<Body> {
-    full(StatusCode::BAD_REQUEST, "The request names no host.")
+pub(crate) fn bad_host(e: HostError) -> Response<Body> {
+    let why = match e {
+        HostError::Missing => "The request names no host.",
+        HostError::Duplicate => "The request has more than one Host header.",
+        HostError::Mismatch => "The Host header names another host than the request target.",
+    };
+    full(StatusCode::BAD_REQUEST, why)
+}
+
+/// `421`: the connection's TLS name does not cover the request's host (or the host's route
+/// takes TLS through to its backend). The client may retry on a connection of its own.
+pub(crate) fn misdirected() -> Response<Body> {
+    full(
+        StatusCode::MISDIRECTED_REQUEST,
+        "This connection cannot serve the requested host; connect to it by name.",
+    )
+}
+
+/// `508`: the request came back to this gateway through a backend.
+pub(crate) fn loop_detected() -> Response<Body> {
+    full(
+        StatusCode::LOOP_DETECTED,
+        "The site's backend leads back to this gateway.",
+    )
 }
 
 pub(crate) fn invalid_host() -> Response<Body> {

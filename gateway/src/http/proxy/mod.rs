@@ -1,8 +1,10 @@
 //! The HTTP proxy for terminated TLS (and plain-HTTP routes on :80). A request goes through
 //! named phases over its [`RequestContext`], each in its own module:
 //!
-//! 1. [`route`]: pick the route by host (or answer 400, 404, or a redirect to HTTPS);
-//! 2. [`request`]: build the upstream request (pure: hop-by-hop removal, forwarding headers);
+//! 1. [`route`]: pick the route by host (or answer 400, 404, 421, 508 ([`loops`]), or a
+//!    redirect to HTTPS);
+//! 2. [`request`]: build the upstream request (pure: hop-by-hop removal, one Host,
+//!    forwarding headers, `Via`, allowed upgrades only);
 //! 3. [`connect`]: pick a backend and send, with retries, each attempt's timeout an argument;
 //! 4. [`error`]: the response when no backend answered;
 //! 5. [`response`]: the backend's response to the client (upgrades become tunnels);
@@ -11,6 +13,7 @@
 mod body;
 mod connect;
 mod error;
+pub(crate) mod loops;
 mod request;
 mod response;
 mod route;
@@ -63,9 +66,12 @@ async fn phases(shared: &Shared, req: Request<Incoming>, conn: ConnInfo) -> Resp
     let (route, host, resp) = match route::pick(shared, &req, &cx.conn) {
         Picked::Refused(resp) => return resp,
         Picked::Answer { route, host, resp } => (route, host, resp),
-        Picked::Forward(entry, host) => {
-            tracing::Span::current().record("route", entry.route.host.as_str());
-            let resp = forward(shared, &entry, req, &cx, &host).await;
+        Picked::Forward {
+            entry,
+            host,
+            authority,
+        } => {
+            let resp = forward(shared, &entry, req, &cx, &host, &authority).await;
             (entry.route.host.as_str().to_owned(), host, resp)
         }
     };
@@ -103,9 +109,21 @@ async fn forward(
     req: Request<Incoming>,
     cx: &RequestContext,
     host: &str,
+    authority: &str,
 ) -> Response<Body> {
     let route = &entry.route;
-    let upstream = request::build(req, &cx.conn, host, route.options.backend_protocol);
+    let hop = request::Hop {
+        client: cx.conn.client,
+        proto: cx.conn.proto,
+        host,
+        authority,
+        via: &shared.via,
+    };
+    let upstream = request::build(req, &hop, &route.options);
+    if let Some(offer) = &upstream.refused_upgrade {
+        shared.metrics.error(route.host.as_str(), "upgrade_refused");
+        tracing::info!(upgrade = ?offer, "upgrade not allowed on this route, dropped");
+    }
     let client_upgrade = upstream.client_upgrade;
     let bytes_in = shared
         .metrics

@@ -1,23 +1,43 @@
-//! Phase 2, build the upstream request: hop-by-hop headers removed (RFC 9110 §7.6.1), the
-//! forwarding headers replaced by what this edge saw, the upgrade offer kept, and the version
-//! and authority the backend protocol needs. [`head`] is pure; [`build`] only splits the
-//! client's request around it.
+//! Phase 2, build the upstream request: hop-by-hop headers removed (RFC 9110 §7.6.1), exactly
+//! one Host (the validated routed host), the forwarding and client-address headers replaced
+//! by what this edge saw or removed, this gateway's `Via` entry appended, the upgrade offer
+//! kept when the route allows it, and the version and authority the backend protocol needs.
+//! [`head`] is pure; [`build`] only splits the client's request around it. The request's host
+//! itself is read and checked here too ([`request_host`], [`is_valid_host`]).
 
-use crate::http::ConnInfo;
+use super::loops::Identity;
 use crate::http::body::Body;
+use crate::routes::normalize_host;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Version};
 use hyper::body::Incoming;
-use meshgate_config::route::BackendProtocol;
+use meshgate_config::route::{BackendProtocol, RouteOptions};
 use std::net::SocketAddr;
 
 /// The client's request split for forwarding.
 pub(crate) struct Upstream {
     pub(crate) head: UpstreamHead,
     pub(crate) body: Incoming,
-    /// The client side of an HTTP/1.1 upgrade, when one was asked for.
-    pub(crate) client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// The client side of an HTTP/1.1 upgrade the route allows, with the protocols offered.
+    pub(crate) client_upgrade: Option<(hyper::upgrade::OnUpgrade, HeaderValue)>,
+    /// An `Upgrade` offer that was dropped (not allowed on the route, or `h2c`).
+    pub(crate) refused_upgrade: Option<HeaderValue>,
+}
+
+/// What this edge saw of a request, put into the forwarding headers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hop<'a> {
+    pub(crate) client: SocketAddr,
+    /// `https` or `http`.
+    pub(crate) proto: &'a str,
+    /// The routed host, normalized (`X-Forwarded-Host`, `Forwarded`).
+    pub(crate) host: &'a str,
+    /// The validated host as the client wrote it, port included: the upstream `Host` (h1) or
+    /// `:authority` (h2c).
+    pub(crate) authority: &'a str,
+    /// This gateway's `Via` pseudonym.
+    pub(crate) via: &'a Identity,
 }
 
 /// Everything of the upstream request but its body and its backend.
@@ -58,59 +78,55 @@ impl UpstreamHead {
     }
 }
 
-/// Splits `req` into the upstream head (see [`head`]), its body and its upgrade.
-pub(crate) fn build(
-    mut req: Request<Incoming>,
-    conn: &ConnInfo,
-    host: &str,
-    protocol: BackendProtocol,
-) -> Upstream {
-    let upgrade = upgrade_of(&req);
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+/// Splits `req` into the upstream head (see [`head`]), its body and its upgrade (kept only
+/// when `options` allows the protocol and the backend speaks HTTP/1.1).
+pub(crate) fn build(mut req: Request<Incoming>, hop: &Hop<'_>, options: &RouteOptions) -> Upstream {
+    let offered = upgrade_of(&req);
+    let (upgrade, refused_upgrade) = match offered {
+        None => (None, None),
+        Some(v) => match allowed_upgrade(&v, options) {
+            Some(kept) => (Some(kept), None),
+            None => (None, Some(v)),
+        },
+    };
+    let client_upgrade = upgrade
+        .as_ref()
+        .map(|v| (hyper::upgrade::on(&mut req), v.clone()));
     let (parts, body) = req.into_parts();
     Upstream {
-        head: head(parts, conn.client, conn.proto, host, protocol, upgrade),
+        head: head(parts, hop, options.backend_protocol, upgrade),
         body,
         client_upgrade,
+        refused_upgrade,
     }
 }
 
-/// The upstream head for a client request from `client` over `proto` (`https`/`http`) for
-/// the validated `host`.
+/// The upstream head for a client request seen as `hop`.
 pub(crate) fn head(
     parts: Parts,
-    client: SocketAddr,
-    proto: &str,
-    host: &str,
+    hop: &Hop<'_>,
     protocol: BackendProtocol,
     upgrade: Option<HeaderValue>,
 ) -> UpstreamHead {
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
+    strip_client_address(&mut headers);
+    // Exactly one Host, the validated one, whatever the client sent or `Connection` named.
+    headers.remove(header::HOST);
     if let Some(up) = &upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, up.clone());
     }
-    if !headers.contains_key(header::HOST)
-        && let Some(a) = parts.uri.authority()
-        && let Ok(v) = HeaderValue::from_str(a.as_str())
-    {
-        headers.insert(header::HOST, v);
-    }
-    set_forwarded(&mut headers, client, proto, host);
+    set_forwarded(&mut headers, hop.client, hop.proto, hop.host);
+    hop.via.append_via(&mut headers, parts.version);
     let (version, authority) = match protocol {
-        BackendProtocol::Http1 => (Version::HTTP_11, None),
-        BackendProtocol::H2c => {
-            // The same precedence as `request_host`: the value that was validated.
-            let host_header = headers.remove(header::HOST);
-            let authority = parts
-                .uri
-                .authority()
-                .map(|a| a.as_str().to_string())
-                .or_else(|| host_header.and_then(|v| v.to_str().ok().map(str::to_string)))
-                .unwrap_or_else(|| host.to_string());
-            (Version::HTTP_2, Some(authority))
+        BackendProtocol::Http1 => {
+            if let Ok(v) = HeaderValue::from_str(hop.authority) {
+                headers.insert(header::HOST, v);
+            }
+            (Version::HTTP_11, None)
         }
+        BackendProtocol::H2c => (Version::HTTP_2, Some(hop.authority.to_string())),
     };
     UpstreamHead {
         method: parts.method,
@@ -153,7 +169,11 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
     for n in named {
-        h.remove(n);
+        // The framing and the host are never the client's to drop; the headers the gateway
+        // sets itself are set after this.
+        if n != header::HOST && n != header::CONTENT_LENGTH {
+            h.remove(n);
+        }
     }
     for n in HOP_BY_HOP {
         h.remove(n);
@@ -180,17 +200,97 @@ fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
     wants.then(|| req.headers().get(header::UPGRADE).cloned())?
 }
 
-/// The host a request is for: `:authority` (h2) or `Host`.
-pub(crate) fn request_host<B>(req: &Request<B>) -> Option<String> {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
+/// The protocols of an `Upgrade` offer the route allows (in the client's order), or `None`
+/// when it allows none of them or the backend speaks h2c (no upgrades there).
+fn allowed_upgrade(offer: &HeaderValue, options: &RouteOptions) -> Option<HeaderValue> {
+    if options.backend_protocol != BackendProtocol::Http1 {
+        return None;
+    }
+    let kept: Vec<&str> = offer
+        .to_str()
+        .ok()?
+        .split(',')
+        .map(str::trim)
+        .filter(|p| options.allows_upgrade(p))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
+/// Whether a backend's `101` switched to one of the protocols `offered` (names compared
+/// without case; a backend may leave the version out).
+pub(crate) fn upgrade_accepted(offered: &HeaderValue, answered: Option<&HeaderValue>) -> bool {
+    let name = |p: &str| {
+        p.trim()
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    };
+    let Some(answer) = answered.and_then(|v| v.to_str().ok()).map(name) else {
+        return false;
+    };
+    offered
+        .to_str()
+        .is_ok_and(|o| !answer.is_empty() && o.split(',').any(|p| name(p) == answer))
+}
+
+/// Why a request's host cannot be trusted (each answered 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HostError {
+    /// Neither `Host` nor an authority in the target.
+    Missing,
+    /// More than one `Host` field (RFC 9112 §3.2).
+    Duplicate,
+    /// `Host` names another host than the absolute-form target (RFC 9112 §3.2.2) or
+    /// `:authority` (RFC 9113 §8.3.1).
+    Mismatch,
+}
+
+impl HostError {
+    /// The error kind counted in `meshgate_errors_total`.
+    pub(crate) fn kind(self) -> &'static str {
+        match self {
+            HostError::Missing => "no_host",
+            HostError::Duplicate => "duplicate_host",
+            HostError::Mismatch => "host_mismatch",
+        }
+    }
+}
+
+/// The host a request is for: the target's authority (absolute-form, or h2 `:authority`) or
+/// the one `Host`; both present must name the same host (and port, when both give one).
+pub(crate) fn request_host<B>(req: &Request<B>) -> Result<String, HostError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(HostError::Duplicate);
+    }
+    let host = match host {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| HostError::Mismatch)?),
+    };
+    match (req.uri().authority(), host) {
+        (Some(a), Some(h)) if !same_host(a.as_str(), h) => Err(HostError::Mismatch),
+        (Some(a), _) => Ok(a.as_str().to_string()),
+        (None, Some(h)) => Ok(h.to_string()),
+        (None, None) => Err(HostError::Missing),
+    }
+}
+
+/// Same host name (any case, trailing dot or not) and, if both give one, the same port.
+fn same_host(a: &str, b: &str) -> bool {
+    let port = |h: &str| {
+        let after = h.rsplit_once(']').map_or(h, |(_, rest)| rest);
+        after.rsplit_once(':').map(|(_, p)| p.to_string())
+    };
+    normalize_host(a) == normalize_host(b)
+        && match (port(a), port(b)) {
+            (Some(x), Some(y)) => x == y,
+            _ => true,
+        }
 }
 
 /// A DNS name (any case, optional trailing dot) or an IP literal (`[v6]` for IPv6), with an
@@ -225,6 +325,57 @@ pub(crate) fn is_valid_host(host: &str) -> bool {
     port_ok && name_ok
 }
 
+/// Client-address headers that applications or frameworks trust, which only this edge may
+/// set: removed from the client's request (`X-Real-IP` is then set, like `X-Forwarded-*`).
+const CLIENT_ADDRESS: [&str; 15] = [
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-forwarded",
+    "forwarded-for",
+    "x-forwarded-port",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-original-forwarded-for",
+    "x-url-scheme",
+    "front-end-https",
+];
+
+/// Headers set by this edge: a client's copy is never forwarded.
+const SET_HERE: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    "x-real-ip",
+];
+
+/// Removes the client-address headers, also when spelt with `_` for `-`: CGI-style servers
+/// (PHP, WSGI, Rack) map both to the same `HTTP_X_REAL_IP` variable.
+fn strip_client_address(h: &mut HeaderMap) {
+    for n in CLIENT_ADDRESS {
+        h.remove(n);
+    }
+    let underscored: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| n.as_str().contains('_'))
+        .filter(|n| {
+            let dashed = n.as_str().replace('_', "-");
+            CLIENT_ADDRESS.contains(&dashed.as_str())
+                || SET_HERE.contains(&dashed.as_str())
+                || dashed == "host"
+        })
+        .cloned()
+        .collect();
+    for n in underscored {
+        h.remove(n);
+    }
+}
+
 fn set_forwarded(h: &mut HeaderMap, client: SocketAddr, proto: &str, host: &str) {
     // We are the edge: client-supplied forwarding headers are replaced, not trusted.
     let ip = client.ip().to_canonical();
@@ -234,6 +385,7 @@ fn set_forwarded(h: &mut HeaderMap, client: SocketAddr, proto: &str, host: &str)
         ip.to_string()
     };
     let pairs = [
+        ("x-real-ip", ip.to_string()),
         ("x-forwarded-for", ip.to_string()),
         ("x-forwarded-proto", proto.to_string()),
         ("x-forwarded-host", host.to_string()),
@@ -334,20 +486,28 @@ mod tests {
         );
     }
 
-    /// The upstream head of `req` from a fixed client.
+    /// The upstream head of `req` from a fixed client, for `authority` (normalized: `host`).
     fn head_of(
         req: Request<()>,
         proto: &str,
-        host: &str,
+        authority: &str,
         protocol: BackendProtocol,
         upgrade: Option<HeaderValue>,
     ) -> UpstreamHead {
-        let client = "192.0.2.9:4000".parse().unwrap();
-        head(req.into_parts().0, client, proto, host, protocol, upgrade)
+        let via = Identity::fixed("meshgate-test");
+        let host = normalize_host(authority);
+        let hop = Hop {
+            client: "192.0.2.9:4000".parse().unwrap(),
+            proto,
+            host: &host,
+            authority,
+            via: &via,
+        };
+        head(req.into_parts().0, &hop, protocol, upgrade)
     }
 
     #[test]
-    fn h1_head_keeps_host_and_names_the_backend() {
+    fn h1_head_sends_the_validated_host_and_names_the_backend() {
         let req = Request::get("/p?q=1")
             .header("host", "App.example.org")
             .header("connection", "close")
@@ -357,34 +517,172 @@ mod tests {
         let head = head_of(
             req,
             "https",
-            "app.example.org",
+            "app.example.org:8443",
             BackendProtocol::Http1,
             None,
         );
         assert_eq!(head.version, Version::HTTP_11);
         assert_eq!(head.authority, None);
         assert_eq!(head.target, "/p?q=1");
-        assert_eq!(head.headers.get("host").unwrap(), "App.example.org");
+        assert_eq!(head.headers.get("host").unwrap(), "app.example.org:8443");
         assert!(head.headers.get("connection").is_none());
         assert_eq!(
             head.headers.get("x-forwarded-host").unwrap(),
             "app.example.org"
         );
+        assert_eq!(head.headers.get("via").unwrap(), "1.1 meshgate-test");
         let backend: SocketAddr = "[2001:db8::5]:8080".parse().unwrap();
         let out = head.to(backend, crate::http::body::empty()).unwrap();
         assert_eq!(out.uri(), "http://[2001:db8::5]:8080/p?q=1");
     }
 
     #[test]
+    fn one_host_and_no_client_address_headers_reach_the_backend() {
+        let mut req = Request::get("http://b.test/")
+            .header("host", "evil.example")
+            .header("host", "b.test")
+            .header(
+                "connection",
+                "host, content-length, x-real-ip, x-forwarded-for",
+            )
+            .header("content-length", "0")
+            .header("x-real-ip", "6.6.6.6")
+            .header("true-client-ip", "6.6.6.6")
+            .header("x-forwarded-port", "1")
+            .header("x-client-ip", "6.6.6.6")
+            .header("cf-connecting-ip", "6.6.6.6")
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("x-forwarded-proto", "gopher")
+            .header("forwarded", "for=6.6.6.6")
+            .body(())
+            .unwrap();
+        // Underscored spellings, which CGI-style servers read as the dashed ones.
+        for n in ["x_real_ip", "x_forwarded_for", "true_client_ip", "host_"] {
+            req.headers_mut().insert(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static("6.6.6.6"),
+            );
+        }
+        let head = head_of(req, "https", "b.test", BackendProtocol::Http1, None);
+        let h = &head.headers;
+        assert_eq!(h.get_all("host").iter().collect::<Vec<_>>(), ["b.test"]);
+        assert_eq!(h.get("content-length").unwrap(), "0");
+        assert_eq!(h.get("x-real-ip").unwrap(), "192.0.2.9");
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "192.0.2.9");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(
+            h.get("forwarded").unwrap(),
+            "for=192.0.2.9;proto=https;host=\"b.test\""
+        );
+        for gone in [
+            "true-client-ip",
+            "x-forwarded-port",
+            "x-client-ip",
+            "cf-connecting-ip",
+            "x_real_ip",
+            "x_forwarded_for",
+            "true_client_ip",
+        ] {
+            assert!(h.get(gone).is_none(), "{gone} forwarded");
+        }
+        assert!(
+            h.get("host_").is_some(),
+            "only exact look-alikes are removed"
+        );
+    }
+
+    #[test]
+    fn host_must_agree_with_the_target_and_be_single() {
+        let req = |uri: &str, hosts: &[&str], version: Version| {
+            let mut b = Request::get(uri).version(version);
+            for h in hosts {
+                b = b.header("host", *h);
+            }
+            b.body(()).unwrap()
+        };
+        let h1 = Version::HTTP_11;
+        let h2 = Version::HTTP_2;
+        assert_eq!(
+            request_host(&req("/", &["a.test"], h1)),
+            Ok("a.test".into())
+        );
+        assert_eq!(
+            request_host(&req("http://b.test/", &["B.test.:80"], h1)),
+            Ok("b.test".into())
+        );
+        assert_eq!(
+            request_host(&req("https://b.test:8443/", &[], h2)),
+            Ok("b.test:8443".into())
+        );
+        assert_eq!(
+            request_host(&req("https://b.test/", &["b.test:8443"], h2)),
+            Ok("b.test".into())
+        );
+        assert_eq!(
+            request_host(&req("http://b.test/", &["evil.example\"><x"], h1)),
+            Err(HostError::Mismatch)
+        );
+        assert_eq!(
+            request_host(&req("https://b.test/", &["evil.example"], h2)),
+            Err(HostError::Mismatch)
+        );
+        assert_eq!(
+            request_host(&req("https://b.test:443/", &["b.test:8443"], h2)),
+            Err(HostError::Mismatch)
+        );
+        assert_eq!(
+            request_host(&req("/", &["a.test", "a.test"], h1)),
+            Err(HostError::Duplicate)
+        );
+        assert_eq!(request_host(&req("/", &[], h1)), Err(HostError::Missing));
+    }
+
+    #[test]
+    fn only_allowed_upgrades_are_offered_never_h2c() {
+        let options = RouteOptions::default();
+        let offer = |v: &'static str| allowed_upgrade(&HeaderValue::from_static(v), &options);
+        assert_eq!(offer("websocket").unwrap(), "websocket");
+        assert_eq!(offer("WebSocket/13, h2c").unwrap(), "WebSocket/13");
+        assert!(offer("h2c").is_none());
+        assert!(offer("tls/1.2").is_none());
+        let custom = RouteOptions {
+            upgrades: vec!["h2c".into(), "foo".into()],
+            ..RouteOptions::default()
+        };
+        assert!(allowed_upgrade(&HeaderValue::from_static("h2c"), &custom).is_none());
+        assert_eq!(
+            allowed_upgrade(&HeaderValue::from_static("foo"), &custom).unwrap(),
+            "foo"
+        );
+        let h2c_backend = RouteOptions {
+            backend_protocol: BackendProtocol::H2c,
+            ..RouteOptions::default()
+        };
+        assert!(allowed_upgrade(&HeaderValue::from_static("websocket"), &h2c_backend).is_none());
+        let ws = HeaderValue::from_static("websocket");
+        assert!(upgrade_accepted(
+            &ws,
+            Some(&HeaderValue::from_static("WebSocket"))
+        ));
+        assert!(!upgrade_accepted(
+            &ws,
+            Some(&HeaderValue::from_static("h2c"))
+        ));
+        assert!(!upgrade_accepted(&ws, None));
+    }
+
+    #[test]
     fn h2c_head_sends_the_client_host_as_authority() {
         let req = Request::get("https://app.example.org/x")
             .version(Version::HTTP_2)
+            .header("host", "app.example.org")
             .body(())
             .unwrap();
         let head = head_of(req, "https", "app.example.org", BackendProtocol::H2c, None);
         assert_eq!(head.version, Version::HTTP_2);
         assert_eq!(head.authority.as_deref(), Some("app.example.org"));
         assert!(head.headers.get("host").is_none());
+        assert_eq!(head.headers.get("via").unwrap(), "2 meshgate-test");
         let out = head
             .to("10.0.0.1:80".parse().unwrap(), crate::http::body::empty())
             .unwrap();

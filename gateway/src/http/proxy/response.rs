@@ -1,12 +1,14 @@
 //! Phase 5, the backend's response to the client: hop-by-hop headers removed, the body
-//! streamed with the backend's slot held until it ends, and an accepted upgrade turned into a
-//! tunnel between the two upgraded connections.
+//! streamed with the backend's slot held until it ends, and an accepted upgrade (one the
+//! client offered and the route allows) turned into a tunnel between the two upgraded
+//! connections.
 
 use super::error;
-use super::request::strip_hop_by_hop;
+use super::request::{strip_hop_by_hop, upgrade_accepted};
 use crate::http::ConnInfo;
 use crate::http::body::{Body, empty};
 use crate::upstream::pool::Lease;
+use http::header::HeaderValue;
 use http::{Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -14,17 +16,27 @@ use hyper_util::rt::TokioIo;
 use std::time::Duration;
 use tracing::Instrument;
 
+/// The backend's response to the client. A `101` becomes a tunnel only when the client
+/// offered an upgrade the route allows and the backend switched to one of those protocols.
 pub(crate) fn relay(
     mut resp: Response<Incoming>,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<(hyper::upgrade::OnUpgrade, HeaderValue)>,
     conn: &ConnInfo,
     idle: Duration,
     lease: Lease,
 ) -> Response<Body> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(client_upgrade) = client_upgrade else {
+        let Some((client_upgrade, offered)) = client_upgrade else {
             return error::unexpected_upgrade();
         };
+        if !upgrade_accepted(&offered, resp.headers().get(header::UPGRADE)) {
+            tracing::warn!(
+                offered = ?offered,
+                answered = ?resp.headers().get(header::UPGRADE),
+                "backend switched to a protocol that was not offered"
+            );
+            return error::unexpected_upgrade();
+        }
         let backend_upgrade = hyper::upgrade::on(&mut resp);
         let activity = conn.activity.clone();
         let tunnel = async move {

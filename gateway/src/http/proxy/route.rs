@@ -1,5 +1,8 @@
-//! Phase 1, pick the route: the request's host, checked and normalized, looked up in the route
-//! table; plain HTTP to a route that wants HTTPS is redirected.
+//! Phase 1, pick the route: the request's host, checked (one `Host`, agreeing with the
+//! target's authority, a name or IP literal) and normalized, looked up in the route table.
+//! On TLS the host must be one the connection's SNI or certificate covers and may not be a
+//! passthrough route's (421); a request carrying this gateway's own `Via` entry has looped
+//! (508); plain HTTP to a route that wants HTTPS is redirected.
 
 use super::error;
 use super::request::{is_valid_host, request_host};
@@ -8,49 +11,86 @@ use crate::http::body::Body;
 use crate::routes::{RouteEntry, normalize_host};
 use crate::state::Shared;
 use http::{Request, Response};
+use meshgate_config::route::Mode;
 use std::sync::Arc;
 
 pub(crate) enum Picked {
-    /// Refused before any route is known; not counted per route, not logged.
+    /// Refused before any route is known; counted under route `unknown`, not logged.
     Refused(Response<Body>),
-    /// Answered here (no such site, redirect to HTTPS), counted under `route`.
+    /// Answered here (no such site, misdirected, loop, redirect to HTTPS), counted under
+    /// `route`.
     Answer {
         route: String,
         host: String,
         resp: Response<Body>,
     },
-    /// To be forwarded to the route's backends; `host` is normalized.
-    Forward(Arc<RouteEntry>, String),
+    /// To be forwarded to the route's backends.
+    Forward {
+        entry: Arc<RouteEntry>,
+        /// Normalized (lowercase, no port or trailing dot).
+        host: String,
+        /// The validated host as the client wrote it, the upstream `Host`.
+        authority: String,
+    },
 }
 
 pub(crate) fn pick<B>(shared: &Shared, req: &Request<B>, conn: &ConnInfo) -> Picked {
-    let Some(host) = request_host(req) else {
-        return Picked::Refused(error::no_host());
+    let authority = match request_host(req) {
+        Ok(h) => h,
+        Err(e) => {
+            shared.metrics.error("unknown", e.kind());
+            return Picked::Refused(error::bad_host(e));
+        }
     };
-    // The host is echoed into `Forwarded`, `X-Forwarded-Host` and `Location`: only names and
-    // IP literals may pass, so a wildcard route cannot carry injected quotes or parameters.
-    if !is_valid_host(&host) {
+    // The host is echoed into `Host`, `Forwarded`, `X-Forwarded-Host` and `Location`: only
+    // names and IP literals may pass, so a wildcard route cannot carry injected quotes or
+    // parameters.
+    if !is_valid_host(&authority) {
+        shared.metrics.error("unknown", "invalid_host");
         return Picked::Refused(error::invalid_host());
     }
-    let host = normalize_host(&host);
-    match shared.routes().lookup(&host) {
-        None => {
-            shared.metrics.error("unknown", "unknown_host");
-            tracing::Span::current().record("route", "unknown");
-            Picked::Answer {
-                route: "unknown".to_string(),
-                resp: error::unknown_host(),
-                host,
-            }
+    let host = normalize_host(&authority);
+    let Some(entry) = shared.routes().lookup(&host) else {
+        shared.metrics.error("unknown", "unknown_host");
+        tracing::Span::current().record("route", "unknown");
+        return Picked::Answer {
+            route: "unknown".to_string(),
+            resp: error::unknown_host(),
+            host,
+        };
+    };
+    let route = entry.route.host.as_str().to_owned();
+    tracing::Span::current().record("route", route.as_str());
+    let answer = |kind: Option<&str>, resp: Response<Body>| {
+        if let Some(kind) = kind {
+            shared.metrics.error(&route, kind);
         }
-        Some(entry) if conn.proto == "http" && !entry.route.options.allow_plain_http => {
-            tracing::Span::current().record("route", entry.route.host.as_str());
-            Picked::Answer {
-                route: entry.route.host.as_str().to_owned(),
-                resp: error::redirect_https(&host, req),
-                host,
-            }
+        Picked::Answer {
+            route: route.clone(),
+            host: host.clone(),
+            resp,
         }
-        Some(entry) => Picked::Forward(entry, host),
+    };
+    let passthrough = entry.route.mode == Mode::Passthrough;
+    if conn.proto == "https" {
+        // TLS for one name must not reach another route's backend: a passthrough route's
+        // backend would get plaintext, and a site the certificate does not cover is not one
+        // the client authenticated (RFC 9110 §15.5.20).
+        let covered = conn.tls.as_ref().is_some_and(|t| t.covers(&host));
+        if passthrough || !covered {
+            tracing::info!(host = %host, "misdirected request");
+            return answer(Some("misdirected"), error::misdirected());
+        }
+    } else if passthrough || !entry.route.options.allow_plain_http {
+        return answer(None, error::redirect_https(&host, req));
+    }
+    if shared.via.looped(req.headers()) {
+        tracing::warn!(host = %host, "request looped back to this gateway");
+        return answer(Some("loop_detected"), error::loop_detected());
+    }
+    Picked::Forward {
+        entry,
+        host,
+        authority,
     }
 }
