@@ -235,6 +235,36 @@ pub struct Reservations {
     /// Per-DNS-query timeout, in milliseconds.
     #[serde(default = "d5000")]
     pub query_timeout_ms: u64,
+    /// A custom-domain claim still unproven this long after it was made is deleted, in
+    /// seconds (default 259200, 3 days); a claim dropped because another deployer proved the
+    /// domain first is kept this long so its owner can read why.
+    #[serde(default = "d259200")]
+    pub pending_expiry_secs: u64,
+    /// Most reservations (names and domain claims) one deployer may hold (default 100).
+    #[serde(default = "d100_owner")]
+    pub max_per_owner: usize,
+    /// How often every overlay backend's node is asked again whether it consents, in seconds
+    /// (default 30).
+    #[serde(default = "d30")]
+    pub consent_interval_secs: u64,
+    /// How long a backend whose node cannot be asked keeps its last-known consent, in seconds
+    /// (default 120). A node that answers without the consent is withdrawn at once.
+    #[serde(default = "d120")]
+    pub consent_grace_secs: u64,
+    /// Time for one consent query over the overlay (connect, ask, answer), in milliseconds
+    /// (default 5000).
+    #[serde(default = "d5000")]
+    pub consent_timeout_ms: u64,
+}
+
+fn d259200() -> u64 {
+    259_200
+}
+fn d100_owner() -> usize {
+    100
+}
+fn d120() -> u64 {
+    120
 }
 
 fn d300() -> u64 {
@@ -253,6 +283,11 @@ impl Default for Reservations {
             grace_secs: d3600(),
             require_certificate: false,
             query_timeout_ms: d5000(),
+            pending_expiry_secs: d259200(),
+            max_per_owner: d100_owner(),
+            consent_interval_secs: d30(),
+            consent_grace_secs: d120(),
+            consent_timeout_ms: d5000(),
         }
     }
 }
@@ -266,6 +301,18 @@ impl Reservations {
     }
     pub fn query_timeout(&self) -> Duration {
         Duration::from_millis(self.query_timeout_ms)
+    }
+    pub fn pending_expiry(&self) -> Duration {
+        Duration::from_secs(self.pending_expiry_secs)
+    }
+    pub fn consent_interval(&self) -> Duration {
+        Duration::from_secs(self.consent_interval_secs)
+    }
+    pub fn consent_grace(&self) -> Duration {
+        Duration::from_secs(self.consent_grace_secs)
+    }
+    pub fn consent_timeout(&self) -> Duration {
+        Duration::from_millis(self.consent_timeout_ms)
     }
 }
 
@@ -820,6 +867,24 @@ impl GatewayFile {
             return Err(err(
                 "reservations.query_timeout_ms",
                 "expected a positive number of milliseconds".into(),
+            ));
+        }
+        for (field, value) in [
+            ("reservations.pending_expiry_secs", r.pending_expiry_secs),
+            (
+                "reservations.consent_interval_secs",
+                r.consent_interval_secs,
+            ),
+            ("reservations.consent_timeout_ms", r.consent_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(err(field, "expected a positive number".into()));
+            }
+        }
+        if r.max_per_owner == 0 {
+            return Err(err(
+                "reservations.max_per_owner",
+                "expected at least 1 reservation per deployer".into(),
             ));
         }
         if let Some(ns) = r

@@ -13,6 +13,9 @@
 //!
 //! [limits]                             # overlay limits, see `overlay_limits`
 //! max_links = 256
+//! [consent]                            # which gateway reservations may serve this node
+//! allow = [{ host = "shop.gw.example.org" }, { owner = "alice@gw.example.org", ports = [8080] }]
+//! max_connections = 16                 # concurrent consent queries answered
 //! ```
 
 use crate::file::{self, ConfigError};
@@ -58,6 +61,97 @@ pub struct NodeFileConfig {
     /// `[limits]`: the overlay's limits against hostile peers (see `overlay_limits`).
     #[serde(default)]
     pub limits: crate::overlay_limits::OverlayLimits,
+    /// Which gateway reservations may use this node as a backend, answered to gateways on
+    /// overlay port [`CONSENT_PORT`].
+    #[serde(default)]
+    pub consent: Consent,
+}
+
+/// The overlay port on which a node tells gateways which reservations it consents to serve.
+/// Fixed, so a gateway knows where to ask; `expose` may not use it.
+pub const CONSENT_PORT: u16 = 9653;
+
+/// `[consent]`: the reservations this node's services may be published under. A gateway
+/// serves an overlay backend of a reservation only while the backend's node lists it here.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Consent {
+    /// What the node consents to; empty = no reservation may use it.
+    #[serde(default)]
+    pub allow: Vec<ConsentGrant>,
+    /// Consent queries answered at once (default 16, 1 to 1024); more wait for a slot.
+    #[serde(default = "default_consent_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for Consent {
+    fn default() -> Self {
+        Consent {
+            allow: Vec::new(),
+            max_connections: default_consent_connections(),
+        }
+    }
+}
+
+fn default_consent_connections() -> usize {
+    16
+}
+
+/// One consent: a reservation's host (`shop.gw.example.org`) or a deployer on a gateway
+/// (`alice@gw.example.org`: every reservation of deployer `alice` on the gateway whose domain
+/// is `gw.example.org`), optionally only for some overlay ports.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentGrant {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Overlay ports the consent covers; empty = every port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+}
+
+impl ConsentGrant {
+    /// Checks the grant: exactly one of `host` (a lowercase host name) and `owner`
+    /// (`deployer@gateway-domain`), and no port 0. Returns the reason when wrong.
+    pub fn check(&self) -> Result<(), String> {
+        match (&self.host, &self.owner) {
+            (Some(h), None) => {
+                let name = crate::host::HostName::parse(h).map_err(|e| format!("host: {e}"))?;
+                if name.as_str() != h {
+                    return Err(format!("host: write `{h}` as `{name}`"));
+                }
+            }
+            (None, Some(o)) => {
+                let Some((id, domain)) = o.split_once('@') else {
+                    return Err(format!(
+                        "owner: `{o}` is not `deployer@gateway-domain` (e.g. `alice@gw.example.org`)"
+                    ));
+                };
+                let id_ok = !id.is_empty()
+                    && id.len() <= 64
+                    && id.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b)
+                    });
+                if !id_ok {
+                    return Err(format!(
+                        "owner: deployer id `{id}` is not 1-64 chars of a-z, 0-9, `-`, `_`, `.`"
+                    ));
+                }
+                let name =
+                    crate::host::HostName::parse(domain).map_err(|e| format!("owner: {e}"))?;
+                if name.as_str() != domain {
+                    return Err(format!("owner: write the domain `{domain}` as `{name}`"));
+                }
+            }
+            _ => return Err("give exactly one of `host` and `owner`".into()),
+        }
+        if self.ports.contains(&0) {
+            return Err("ports: port 0 is not a service port".into());
+        }
+        Ok(())
+    }
 }
 
 /// The userspace stack's per-socket buffer when `socket_buffer_kib` is absent (matches
@@ -194,8 +288,25 @@ impl NodeFileConfig {
         if let Some((key, msg)) = self.limits.invalid() {
             return Err(err(&format!("limits.{key}"), msg));
         }
+        if !(1..=1024).contains(&self.consent.max_connections) {
+            return Err(err(
+                "consent.max_connections",
+                format!("{}: expected 1 to 1024", self.consent.max_connections),
+            ));
+        }
+        for (i, g) in self.consent.allow.iter().enumerate() {
+            if let Err(reason) = g.check() {
+                return Err(err(&format!("consent.allow.{i}"), reason));
+            }
+        }
         let mut seen = HashSet::new();
         for (i, e) in self.expose.iter().enumerate() {
+            if e.port == CONSENT_PORT {
+                return Err(err(
+                    &format!("expose.{i}.port"),
+                    format!("overlay port {CONSENT_PORT} answers gateways' consent queries"),
+                ));
+            }
             if e.port == 0 {
                 return Err(err(
                     &format!("expose.{i}.port"),
@@ -236,6 +347,30 @@ mod tests {
         .unwrap();
         assert_eq!(c.expose[0].port, 8080);
         assert_eq!(c.peers.len(), 1);
+    }
+
+    #[test]
+    fn consent_grants_are_checked() {
+        let c = parse(
+            "[consent]\nallow = [{ host = \"a.gw.example\" }, \
+             { owner = \"alice@gw.example\", ports = [8080] }]\n",
+        )
+        .unwrap();
+        assert_eq!(c.consent.allow.len(), 2);
+        assert_eq!(c.consent.max_connections, 16);
+        for bad in [
+            "{ host = \"A.gw.example\" }",
+            "{ owner = \"alice\" }",
+            "{ owner = \"Al ice@gw.example\" }",
+            "{ host = \"a.gw.example\", owner = \"a@gw.example\" }",
+            "{ ports = [80] }",
+            "{ host = \"a.gw.example\", ports = [0] }",
+        ] {
+            let e = parse(&format!("[consent]\nallow = [{bad}]\n")).unwrap_err();
+            assert!(e.to_string().contains("consent.allow.0"), "{bad}: {e}");
+        }
+        let e = parse("expose = [{ port = 9653, to = \"127.0.0.1:1\" }]\n").unwrap_err();
+        assert!(e.message.contains("consent"), "{e}");
     }
 
     #[test]

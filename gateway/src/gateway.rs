@@ -125,6 +125,9 @@ impl Gateway {
             if let Some(m) = &certs {
                 m.register_metrics(registry);
             }
+            if let Some(r) = &reservations {
+                registry.register_collector(r.api.metrics());
+            }
         });
         let (api, reserved) = match reservations {
             Some(r) => (Some(r.api), Some(r.routes)),

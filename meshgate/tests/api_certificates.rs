@@ -55,14 +55,17 @@ backends = [{{ addr = "{backend}" }}]
 
 fn reserve(store: &dyn ReservationStore, fqdn: &str, backend: SocketAddr, mode: Mode) {
     store
-        .create(&Reservation::new(
-            Key::domain(fqdn),
-            "alice",
-            vec![backend],
-            mode,
-            Options::default(),
-            0,
-        ))
+        .create(
+            &Reservation::new(
+                Key::domain(fqdn, "alice"),
+                "alice",
+                vec![backend],
+                mode,
+                Options::default(),
+                0,
+            ),
+            100,
+        )
         .unwrap();
     // The DNS proof holds (the verifier's own DNS flow is tested in meshgate-reservations).
     let rules = Rules {
@@ -70,7 +73,7 @@ fn reserve(store: &dyn ReservationStore, fqdn: &str, backend: SocketAddr, mode: 
         require_certificate: true,
     };
     store
-        .update(&Key::domain(fqdn), |r| {
+        .update(&Key::domain(fqdn, "alice"), |r| {
             step(r, Input::Checked(Ok(())), 1, &rules);
             Ok::<(), StoreError>(())
         })
@@ -117,7 +120,7 @@ async fn verified_domain_gets_certificate_goes_active_and_serves() {
     reserve(&*store, "shop.example.com", backend, Mode::Terminate);
     reserve(&*store, "pass.example.com", backend, Mode::Passthrough);
 
-    let key = Key::domain("shop.example.com");
+    let key = Key::domain("shop.example.com", "alice");
     let r = eventually_ok(Duration::from_secs(15), "shop.example.com active", || {
         let r = store.get(&key).unwrap().unwrap();
         let status = certs.status();

@@ -116,6 +116,7 @@ async fn reservation_serves_traffic_within_one_second() {
                 ..Policy::default()
             },
             gateway_addrs: Vec::new(),
+            ..ApiConfig::default()
         },
     ));
     let gateway = Gateway::new(GatewayParts {

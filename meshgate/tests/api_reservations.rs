@@ -34,6 +34,7 @@ async fn start(dir: &Path) -> Server {
     let cfg = ApiConfig {
         policy: Policy::default(),
         gateway_addrs: vec!["198.51.100.7".parse().unwrap()],
+        ..ApiConfig::default()
     };
     let api = Arc::new(Api::new(store.clone(), admin_token, cfg));
     let (listener, addr) = meshgate_testkit::listener().await;
@@ -146,17 +147,27 @@ async fn deployers_see_and_change_only_their_own() {
     assert_eq!(s, StatusCode::CREATED, "{v}");
 
     // Bob on Alice's name, and Alice on Bob's domain: 403 for each verb.
-    for (token, path) in [
-        (&bob, "/v1/names/shop"),
-        (&alice, "/v1/domains/blog.bob.test"),
+    // Another's name: 403. Another's domain: a deployer addresses only its own claim on a
+    // domain (several deployers may claim one), so there is none: 404.
+    for (token, path, expected, reason) in [
+        (
+            &bob,
+            "/v1/names/shop",
+            StatusCode::FORBIDDEN,
+            "another deployer",
+        ),
+        (
+            &alice,
+            "/v1/domains/blog.bob.test",
+            StatusCode::NOT_FOUND,
+            "claimed by `alice`",
+        ),
     ] {
         let (s, v) = srv.call(Method::GET, path, Some(token), None).await;
-        assert_eq!(s, StatusCode::FORBIDDEN, "GET {path}: {v}");
+        assert_eq!(s, expected, "GET {path}: {v}");
         assert!(
-            v["error"]["reason"]
-                .as_str()
-                .unwrap()
-                .contains("another deployer")
+            v["error"]["reason"].as_str().unwrap().contains(reason),
+            "{v}"
         );
         let (s, _) = srv
             .call(
@@ -166,9 +177,9 @@ async fn deployers_see_and_change_only_their_own() {
                 Some(json!({"backends": ["10.9.9.9:80"]})),
             )
             .await;
-        assert_eq!(s, StatusCode::FORBIDDEN, "PUT {path}");
+        assert_eq!(s, expected, "PUT {path}");
         let (s, _) = srv.call(Method::DELETE, path, Some(token), None).await;
-        assert_eq!(s, StatusCode::FORBIDDEN, "DELETE {path}");
+        assert_eq!(s, expected, "DELETE {path}");
         let (s, _) = srv
             .call(
                 Method::POST,
@@ -177,14 +188,14 @@ async fn deployers_see_and_change_only_their_own() {
                 None,
             )
             .await;
-        assert_eq!(s, StatusCode::FORBIDDEN);
+        assert_eq!(s, StatusCode::NOT_FOUND);
     }
     // Nothing changed.
     let shop = srv.store.get(&Key::name("shop")).unwrap().unwrap();
     assert_eq!(shop.backends, vec!["[400:1:2::3]:8080".parse().unwrap()]);
     assert!(
         srv.store
-            .get(&Key::domain("blog.bob.test"))
+            .get(&Key::domain("blog.bob.test", "bob"))
             .unwrap()
             .is_some()
     );
@@ -751,14 +762,17 @@ async fn certificates_only_for_verified_domains_then_active() {
     let driver = certs.spawn();
     for fqdn in ["verified.alice.test", "pending.alice.test"] {
         store
-            .create(&Reservation::new(
-                Key::domain(fqdn),
-                "alice",
-                vec!["10.0.0.1:80".parse().unwrap()],
-                Mode::Terminate,
-                Options::default(),
-                0,
-            ))
+            .create(
+                &Reservation::new(
+                    Key::domain(fqdn, "alice"),
+                    "alice",
+                    vec!["10.0.0.1:80".parse().unwrap()],
+                    Mode::Terminate,
+                    Options::default(),
+                    0,
+                ),
+                100,
+            )
             .unwrap();
     }
     let rules = Rules {
@@ -766,7 +780,7 @@ async fn certificates_only_for_verified_domains_then_active() {
         require_certificate: true,
     };
     store
-        .update(&Key::domain("verified.alice.test"), |r| {
+        .update(&Key::domain("verified.alice.test", "alice"), |r| {
             step(r, Input::Checked(Ok(())), 1, &rules);
             Ok::<(), meshgate_reservations::store::StoreError>(())
         })
@@ -795,7 +809,7 @@ async fn certificates_only_for_verified_domains_then_active() {
     .await
     .expect("the verified domain gets a certificate and goes active");
     let r = store
-        .get(&Key::domain("verified.alice.test"))
+        .get(&Key::domain("verified.alice.test", "alice"))
         .unwrap()
         .unwrap();
     assert_eq!(r.status, Status::Active);
@@ -803,7 +817,7 @@ async fn certificates_only_for_verified_domains_then_active() {
     let ordered: Vec<String> = certs.status().into_iter().map(|s| s.name).collect();
     assert_eq!(ordered, vec!["verified.alice.test".to_string()]);
     let pending = store
-        .get(&Key::domain("pending.alice.test"))
+        .get(&Key::domain("pending.alice.test", "alice"))
         .unwrap()
         .unwrap();
     assert_eq!(pending.status, Status::Pending);
@@ -843,4 +857,169 @@ fn openapi_overlay_range_and_error_responses_match_the_gateway() {
     assert!(operations > 10);
     assert_eq!(paths.matches("\"405\": ").count(), operations);
     assert_eq!(paths.matches("\"500\": ").count(), operations);
+}
+
+/// Issue 13, item 11: squatting. A pending domain does not block another deployer's claim;
+/// the farmer's mail labels are reserved; mixed-script punycode is refused; and a deployer
+/// holds at most `max_per_owner` reservations.
+#[tokio::test]
+async fn squatting_is_refused_claims_labels_scripts_and_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: SharedStore = Arc::new(RedbStore::open(&dir.path().join("data"), FARM).unwrap());
+    let (admin_token, admin) = AdminToken::load_or_create(&dir.path().join("admin.token")).unwrap();
+    let cfg = ApiConfig {
+        max_per_owner: 3,
+        ..ApiConfig::default()
+    };
+    let api = Arc::new(Api::new(store.clone(), admin_token, cfg));
+    let (listener, addr) = meshgate_testkit::listener().await;
+    let srv = Server {
+        addr,
+        store,
+        admin,
+        task: tokio::spawn(api::serve(api, listener)),
+        client: Client::builder(TokioExecutor::new()).build_http(),
+    };
+    let mallory = srv.token_for("mallory").await;
+    let owner = srv.token_for("owner").await;
+    let domain = |fqdn: &str| json!({ "fqdn": fqdn, "backends": ["[400:1:2::3]:8080"] });
+
+    // A squatter's pending claim used to answer the real owner `409 already reserved`.
+    let (s, v) = srv
+        .call(
+            Method::POST,
+            "/v1/domains",
+            Some(&mallory),
+            Some(domain("shop.example.com")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = srv
+        .call(
+            Method::POST,
+            "/v1/domains",
+            Some(&owner),
+            Some(domain("shop.example.com")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    // Each sees its own claim, with its own TXT token.
+    let (_, mine) = srv
+        .call(
+            Method::GET,
+            "/v1/domains/shop.example.com",
+            Some(&owner),
+            None,
+        )
+        .await;
+    let (_, theirs) = srv
+        .call(
+            Method::GET,
+            "/v1/domains/shop.example.com",
+            Some(&mallory),
+            None,
+        )
+        .await;
+    assert_eq!(mine["owner"], "owner");
+    assert_eq!(theirs["owner"], "mallory");
+    assert_ne!(
+        mine["dns"]["challenge"]["value"],
+        theirs["dns"]["challenge"]["value"]
+    );
+    // The admin must say which claim it means.
+    let (s, v) = srv
+        .call(
+            Method::GET,
+            "/v1/domains/shop.example.com",
+            Some(&srv.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (s, v) = srv
+        .call(
+            Method::GET,
+            "/v1/domains/shop.example.com?owner=owner",
+            Some(&srv.admin),
+            None,
+        )
+        .await;
+    assert_eq!((s, v["owner"].as_str()), (StatusCode::OK, Some("owner")));
+
+    // Labels mail clients look up under the farmer's domain are the farmer's.
+    for label in ["mta-sts", "openpgpkey", "autoconfig", "autodiscover"] {
+        let (s, v) = srv
+            .call(
+                Method::POST,
+                "/v1/names",
+                Some(&mallory),
+                Some(name_body(label)),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{label}");
+        assert_error(&v, "name", "reserved");
+    }
+    // `xn--pypal-4ve` is `pаypal` with a Cyrillic `а`: refused as a name and in a domain.
+    let (s, v) = srv
+        .call(
+            Method::POST,
+            "/v1/names",
+            Some(&mallory),
+            Some(name_body("xn--pypal-4ve")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_error(&v, "name", "mixes scripts");
+    let (s, v) = srv
+        .call(
+            Method::POST,
+            "/v1/domains",
+            Some(&mallory),
+            Some(domain("xn--pypal-4ve.com")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_error(&v, "fqdn", "mixes scripts");
+    // One script is fine, IDN included (`bücher`).
+    let (s, v) = srv
+        .call(
+            Method::POST,
+            "/v1/names",
+            Some(&mallory),
+            Some(name_body("xn--bcher-kva")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+
+    // Quota: mallory holds 2 (a claim and a name); the third is the last.
+    let (s, _) = srv
+        .call(
+            Method::POST,
+            "/v1/names",
+            Some(&mallory),
+            Some(name_body("third")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, v) = srv
+        .call(
+            Method::POST,
+            "/v1/names",
+            Some(&mallory),
+            Some(name_body("fourth")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert_error(&v, "owner", "reservations.max_per_owner");
+    // Other deployers are not affected.
+    let (s, _) = srv
+        .call(
+            Method::POST,
+            "/v1/names",
+            Some(&owner),
+            Some(name_body("fourth")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    srv.stop().await;
 }

@@ -6,6 +6,11 @@
 //! certificates not required) → `active`. A verified or active domain whose proof fails keeps
 //! serving for the grace period, then becomes `deactivated` with the reason; when the proof
 //! holds again it is verified (and activated) again.
+//!
+//! Several deployers may claim one domain while nobody holds it (pending or deactivated
+//! claims). [`settle`] runs after each verification round: the first claim to be verified
+//! holds the domain and the others are `dropped`, with the reason kept for their owners;
+//! claims still unproven after the pending expiry, and dropped claims as old, are deleted.
 
 use crate::reservation::{Kind, Reservation, Status};
 use meshgate_config::route::Mode;
@@ -35,6 +40,9 @@ pub enum Input {
 /// its status changed. Names are left untouched.
 pub fn step(r: &mut Reservation, input: Input, now_ms: u64, rules: &Rules) -> bool {
     if r.kind != Kind::Domain {
+        return false;
+    }
+    if matches!(r.status, Status::Dropped { .. }) {
         return false;
     }
     let before = r.status.clone();
@@ -79,6 +87,70 @@ pub fn step(r: &mut Reservation, input: Input, now_ms: u64, rules: &Rules) -> bo
     r.status != before
 }
 
+/// What [`settle`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// Claims deleted: unproven past the expiry, or dropped as long ago.
+    pub expired: usize,
+    /// Claims dropped because another claim holds the domain.
+    pub dropped: usize,
+}
+
+/// Settles competing domain claims in `records` (a verification round's batch) at `now_ms`:
+/// per domain, the verified (or active) claim holds it; if a round verified several, the
+/// oldest claim wins. Every other pending or deactivated claim on that domain is dropped.
+/// Pending claims older than `expiry_ms`, and dropped ones dropped that long ago, are removed
+/// from `records`. Names are left alone.
+pub fn settle(records: &mut Vec<Reservation>, now_ms: u64, expiry_ms: u64) -> Settled {
+    let mut done = Settled::default();
+    let age = |since_s: u64| now_ms.saturating_sub(since_s.saturating_mul(1000));
+    let before = records.len();
+    records.retain(|r| {
+        r.kind != Kind::Domain
+            || match r.status {
+                Status::Pending => age(r.created_at) < expiry_ms,
+                Status::Dropped { .. } => age(r.updated_at) < expiry_ms,
+                _ => true,
+            }
+    });
+    done.expired = before - records.len();
+    let mut holders: std::collections::HashMap<String, (u64, String)> =
+        std::collections::HashMap::new();
+    for r in records
+        .iter()
+        .filter(|r| r.kind == Kind::Domain && r.status.is_verified())
+    {
+        let candidate = (r.created_at, r.owner.clone());
+        holders
+            .entry(r.name.clone())
+            .and_modify(|h| *h = std::cmp::min(h.clone(), candidate.clone()))
+            .or_insert(candidate);
+    }
+    for r in records.iter_mut().filter(|r| r.kind == Kind::Domain) {
+        let Some((_, holder)) = holders.get(&r.name) else {
+            continue;
+        };
+        let loses = *holder != r.owner
+            && matches!(
+                r.status,
+                Status::Pending | Status::Deactivated { .. } | Status::Verified | Status::Active
+            );
+        if loses {
+            r.status = Status::Dropped {
+                reason: format!(
+                    "another deployer proved ownership of {} first; this claim was dropped. \
+                     Whoever controls the domain's DNS decides who holds it: publish your TXT \
+                     token and claim it again once the holder's proof stops holding",
+                    r.name
+                ),
+            };
+            r.updated_at = now_ms / 1000;
+            done.dropped += 1;
+        }
+    }
+    done
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +169,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             verification: Verification::default(),
+            consent: Vec::new(),
         }
     }
 
@@ -120,6 +193,67 @@ mod tests {
         assert_eq!(r.status, Status::Verified);
         assert!(step(&mut r, Input::CertificateReady(true), 3, &RULES));
         assert_eq!(r.status, Status::Active);
+    }
+
+    fn claim(owner: &str, created_at: u64) -> Reservation {
+        let mut r = domain(Mode::Passthrough);
+        r.owner = owner.into();
+        r.created_at = created_at;
+        r.updated_at = created_at;
+        r
+    }
+
+    #[test]
+    fn first_claim_to_prove_holds_the_others_are_dropped_with_a_reason() {
+        let rules = Rules {
+            grace_ms: 0,
+            require_certificate: false,
+        };
+        let mut batch = vec![
+            claim("squatter", 10),
+            claim("owner", 20),
+            claim("third", 30),
+        ];
+        step(&mut batch[1], Input::Checked(Ok(())), 40_000, &rules);
+        assert_eq!(
+            settle(&mut batch, 40_000, 3_600_000),
+            Settled {
+                expired: 0,
+                dropped: 2
+            }
+        );
+        assert_eq!(batch[1].status, Status::Active);
+        for loser in [&batch[0], &batch[2]] {
+            assert!(
+                matches!(&loser.status, Status::Dropped { reason } if reason.contains("proved ownership")),
+                "{:?}",
+                loser.status
+            );
+        }
+        // A dropped claim is not verified later, even if its TXT appears.
+        let dropped = batch[0].status.clone();
+        step(&mut batch[0], Input::Checked(Ok(())), 41_000, &rules);
+        assert_eq!(batch[0].status, dropped);
+        // Two proofs in one round: the older claim wins.
+        let mut both = vec![claim("late", 20), claim("early", 10)];
+        for r in &mut both {
+            step(r, Input::Checked(Ok(())), 50_000, &rules);
+        }
+        settle(&mut both, 50_000, 3_600_000);
+        assert_eq!(both[1].status, Status::Active);
+        assert!(matches!(both[0].status, Status::Dropped { .. }));
+    }
+
+    #[test]
+    fn unproven_claims_expire_dropped_ones_later() {
+        let mut batch = vec![claim("a", 0), claim("b", 100)];
+        batch[1].status = Status::Dropped { reason: "x".into() };
+        assert_eq!(settle(&mut batch, 99_999, 100_000).expired, 0);
+        assert_eq!(settle(&mut batch, 100_000, 100_000).expired, 1);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].owner, "b");
+        assert_eq!(settle(&mut batch, 200_000, 100_000).expired, 1);
+        assert!(batch.is_empty());
     }
 
     #[test]

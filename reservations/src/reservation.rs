@@ -9,7 +9,12 @@
 //!   never resolve;
 //! - no `_`: not valid in host names (RFC 952/1123) and public CAs refuse certificates for it;
 //! - at least 1 char: any valid label works; a minimum length protected nothing;
-//! - the farmer's infrastructure labels (`www`, `api`, `ns1`, …) are reserved.
+//! - the farmer's infrastructure labels (`www`, `api`, `ns1`, …) are reserved, and so are the
+//!   labels mail clients and servers look up under a domain (`mta-sts`, `openpgpkey`,
+//!   `autoconfig`, `autodiscover`): whoever holds them could publish the farmer's mail
+//!   policy, keys or client settings;
+//! - a punycode label must decode to a single script (UTS 39 §5.1, through
+//!   `unicode-security`): `xn--pypal-4ve` (`pаypal` with a Cyrillic `а`) is refused.
 //!
 //! A custom domain further needs two labels, a top-level label that is not all digits, not
 //! to be an IP address, and not to lie under the farmer's domain.
@@ -46,6 +51,8 @@ const RESERVED_NAMES: &[&str] = &[
     "localhost",
     "autoconfig",
     "autodiscover",
+    "mta-sts",
+    "openpgpkey",
     "wpad",
     "acme",
     "_acme-challenge",
@@ -95,11 +102,15 @@ impl Kind {
     }
 }
 
-/// Identifies one reservation: its kind and its name (label for names, FQDN for domains).
+/// Identifies one reservation: its kind and its name (label for names, FQDN for domains),
+/// and for domains the deployer claiming it. A name has one holder; a domain may be claimed
+/// by several deployers at once until one of them proves it (see [`crate::lifecycle`]).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Key {
     pub kind: Kind,
     pub name: String,
+    /// The claimant of a domain; `None` for names.
+    pub owner: Option<String>,
 }
 
 impl Key {
@@ -107,19 +118,26 @@ impl Key {
         Key {
             kind: Kind::Name,
             name: name.into(),
+            owner: None,
         }
     }
-    pub fn domain(fqdn: impl Into<String>) -> Self {
+    /// `owner`'s claim on `fqdn`.
+    pub fn domain(fqdn: impl Into<String>, owner: impl Into<String>) -> Self {
         Key {
             kind: Kind::Domain,
             name: fqdn.into(),
+            owner: Some(owner.into()),
         }
     }
 }
 
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.kind.as_str(), self.name)
+        write!(f, "{} {}", self.kind.as_str(), self.name)?;
+        if let Some(o) = &self.owner {
+            write!(f, " (claimed by {o})")?;
+        }
+        Ok(())
     }
 }
 
@@ -158,6 +176,9 @@ pub enum Status {
     Active,
     /// The proof stopped holding for longer than the grace period.
     Deactivated { reason: String },
+    /// A domain claim that lost: another deployer proved the domain first. Kept (not
+    /// checked, not served) until the pending expiry so its owner can read why.
+    Dropped { reason: String },
 }
 
 impl Status {
@@ -201,6 +222,10 @@ pub struct Reservation {
     pub updated_at: u64,
     #[serde(default)]
     pub verification: Verification,
+    /// Consent of the nodes behind overlay backends, one entry per overlay backend (see
+    /// [`crate::consent`]). An overlay backend without a granted entry is not served.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consent: Vec<BackendConsent>,
 }
 
 impl Reservation {
@@ -227,6 +252,7 @@ impl Reservation {
             created_at: now_unix,
             updated_at: now_unix,
             verification: Verification::default(),
+            consent: Vec::new(),
         }
     }
 
@@ -234,7 +260,27 @@ impl Reservation {
         Key {
             kind: self.kind,
             name: self.name.clone(),
+            owner: match self.kind {
+                Kind::Name => None,
+                Kind::Domain => Some(self.owner.clone()),
+            },
         }
+    }
+
+    /// The backends the gateway may send traffic to now: every non-overlay backend, and each
+    /// overlay backend whose node's consent is granted.
+    pub fn servable_backends(&self) -> Vec<SocketAddr> {
+        self.backends
+            .iter()
+            .filter(|b| {
+                !needs_consent(b.ip())
+                    || self
+                        .consent
+                        .iter()
+                        .any(|c| c.backend == **b && c.state == ConsentState::Granted)
+            })
+            .copied()
+            .collect()
     }
 
     /// The host this reservation serves.
@@ -247,10 +293,11 @@ impl Reservation {
 
     /// Whether this reservation belongs in the routing table now.
     pub(crate) fn is_routable(&self) -> bool {
-        match self.kind {
+        let status = match self.kind {
             Kind::Name => true,
             Kind::Domain => self.status.is_active(),
-        }
+        };
+        status && !self.servable_backends().is_empty()
     }
 
     /// The route the gateway serves for this reservation. `sticky` selects the `hash_cookie`
@@ -261,7 +308,7 @@ impl Reservation {
         Ok(Route {
             host: HostPattern::parse(&self.host(farmer_domain))?,
             backends: self
-                .backends
+                .servable_backends()
                 .iter()
                 .map(|addr| Backend {
                     addr: *addr,
@@ -285,6 +332,44 @@ impl Reservation {
             },
         })
     }
+}
+
+/// Whether a backend address needs its node's consent: overlay addresses (`600::/7`, the
+/// overlay's fixed range), whose holder can be asked over the overlay. Other addresses are
+/// the SSRF guard's business.
+pub fn needs_consent(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V6(v6) => v6.octets()[0] & 0xfe == 0x06,
+        IpAddr::V4(_) => false,
+    }
+}
+
+/// Where one overlay backend's consent stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsentState {
+    /// Never confirmed, or withdrawn after the grace: not served.
+    Unknown,
+    /// The node lists the reservation: served.
+    Granted,
+    /// The node answered without it: not served.
+    Refused,
+}
+
+/// One overlay backend's consent as stored with its reservation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendConsent {
+    pub backend: SocketAddr,
+    pub state: ConsentState,
+    /// Unix ms the node last confirmed the consent.
+    #[serde(default)]
+    pub confirmed_ms: Option<u64>,
+    /// Unix ms of the last query.
+    #[serde(default)]
+    pub checked_ms: Option<u64>,
+    /// Why the backend is not served, or why the last query failed.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// Rules the admin applies on top of the fixed ones.
@@ -321,6 +406,7 @@ pub fn validate_name(
         ));
     }
     let label = host_name(field, &lower)?;
+    single_script(field, label.as_str())?;
     let host_len = label.as_str().len() + 1 + farmer_domain.len();
     if host_len > MAX_NAME_LEN {
         return Err(FieldError::new(
@@ -356,6 +442,7 @@ pub fn validate_fqdn(field: &str, fqdn: &str, farmer_domain: &str) -> Result<Str
         return Err(FieldError::new(field, "wildcards cannot be reserved"));
     }
     let name = host_name(field, fqdn)?;
+    single_script(field, name.as_str())?;
     if name.labels().count() < 2 {
         return Err(FieldError::new(
             field,
@@ -380,6 +467,34 @@ pub fn validate_fqdn(field: &str, fqdn: &str, farmer_domain: &str) -> Result<Str
         ));
     }
     Ok(name.into_string())
+}
+
+/// Refuses a name with a punycode label that mixes scripts (UTS 39 §5.1 single-script, with
+/// its augmented script sets, so Japanese Han + Kana is one script while Latin + Cyrillic is
+/// not). Such labels exist to look like another name (`раypal`).
+fn single_script(field: &str, name: &str) -> Result<(), FieldError> {
+    use unicode_security::MixedScript;
+    for label in name.split('.') {
+        let Some(encoded) = label.strip_prefix("xn--") else {
+            continue;
+        };
+        let Some(decoded) = idna::punycode::decode_to_string(encoded) else {
+            return Err(FieldError::new(
+                field,
+                format!("label `{label}` is not valid punycode"),
+            ));
+        };
+        if !decoded.as_str().is_single_script() {
+            return Err(FieldError::new(
+                field,
+                format!(
+                    "label `{label}` (`{decoded}`) mixes scripts, as names made to look like \
+                     another do; use letters of one script"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `text` as a [`HostName`], refused with `field` and the rule it breaks.
@@ -629,6 +744,7 @@ mod tests {
             created_at: 1,
             updated_at: 1,
             verification: Verification::default(),
+            consent: Vec::new(),
         };
         let route = r.to_route(FARM).unwrap();
         assert_eq!(route.host, "alice.farm.example");
@@ -657,6 +773,7 @@ mod tests {
             created_at: 1,
             updated_at: 1,
             verification: Verification::default(),
+            consent: Vec::new(),
         };
         let route = r.to_route(FARM).unwrap();
         assert_eq!(route.pool.policy, PoolPolicy::HashCookie);

@@ -10,8 +10,9 @@
 //! The verifier re-checks every domain periodically and on request.
 
 use crate::clock::now_unix_ms;
-use crate::lifecycle::{Input, Rules, step};
-use crate::reservation::{Key, Kind, Reservation, challenge_name};
+use crate::counters::Counters;
+use crate::lifecycle::{Input, Rules, Settled, settle, step};
+use crate::reservation::{Key, Kind, Reservation, Status, challenge_name};
 use crate::store::{SharedStore, StoreError};
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
@@ -19,6 +20,7 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Most DNS checks a verification round runs at once.
@@ -70,11 +72,13 @@ pub struct VerifierConfig {
     pub require_certificate: bool,
     /// Per-query timeout.
     pub timeout: Duration,
+    /// A claim unproven this long is deleted; a dropped one is kept this long.
+    pub pending_expiry: Duration,
 }
 
 impl VerifierConfig {
     /// Defaults: system resolvers, re-validate every 5 minutes, 1 hour grace, no certificate
-    /// gate, 5 s query timeout.
+    /// gate, 5 s query timeout, unproven claims expire after 3 days.
     pub fn new(gateway_domain: &str, gateway_addrs: Vec<IpAddr>) -> Self {
         VerifierConfig {
             nameservers: Vec::new(),
@@ -84,6 +88,7 @@ impl VerifierConfig {
             grace: Duration::from_secs(3600),
             require_certificate: false,
             timeout: Duration::from_secs(5),
+            pending_expiry: Duration::from_secs(259_200),
         }
     }
 
@@ -111,6 +116,7 @@ pub struct Verifier {
     store: SharedStore,
     cfg: VerifierConfig,
     nameservers: Vec<SocketAddr>,
+    counters: Arc<Counters>,
 }
 
 impl Verifier {
@@ -127,7 +133,14 @@ impl Verifier {
             store,
             cfg,
             nameservers,
+            counters: Arc::default(),
         })
+    }
+
+    /// Counts expired and dropped claims in `counters` (shared with the API's metrics).
+    pub fn with_counters(mut self, counters: Arc<Counters>) -> Self {
+        self.counters = counters;
+        self
     }
 
     /// A fresh resolver per round, so a record changed since the last round is seen now and
@@ -281,6 +294,7 @@ impl Verifier {
         let resolver = self.resolver();
         let checks: Vec<_> = domains
             .iter()
+            .filter(|r| !matches!(r.status, Status::Dropped { .. }))
             .map(|r| self.check_owned(&resolver, r.name.clone(), r.owner.clone()))
             .collect();
         let results: HashMap<(String, String), Result<(), CheckFailure>> =
@@ -292,15 +306,38 @@ impl Verifier {
         let rules = self.cfg.rules();
         // Whether each record's status changed, by key: a backend may re-run the edit, so
         // the last run's answer counts.
-        let mut changed = HashMap::new();
-        let updated = self.store.update_many(&keys, &mut |r| {
-            // A domain deleted and re-created by someone else meanwhile: the check was for
-            // the old owner, so it says nothing about this one.
-            let result = results.get(&(r.name.clone(), r.owner.clone())).cloned();
-            let moved =
-                result.is_some_and(|result| step(r, CheckFailure::input(result), now_ms, &rules));
-            changed.insert(r.key(), moved);
+        // Each record's status before this round, by key: a backend may re-run the edit, so
+        // the last run's view counts.
+        let mut before: HashMap<Key, Status> = HashMap::new();
+        let expiry_ms = u64::try_from(self.cfg.pending_expiry.as_millis()).unwrap_or(u64::MAX);
+        let mut settled = Settled::default();
+        let updated = self.store.update_many(&keys, &mut |batch| {
+            before = batch.iter().map(|r| (r.key(), r.status.clone())).collect();
+            for r in batch.iter_mut() {
+                // A domain deleted and re-created meanwhile was not checked: nothing is known.
+                if let Some(result) = results.get(&(r.name.clone(), r.owner.clone())).cloned() {
+                    step(r, CheckFailure::input(result), now_ms, &rules);
+                }
+            }
+            settled = settle(batch, now_ms, expiry_ms);
         })?;
+        let changed: HashMap<Key, bool> = updated
+            .iter()
+            .map(|r| (r.key(), before.get(&r.key()) != Some(&r.status)))
+            .collect();
+        if settled.expired > 0 || settled.dropped > 0 {
+            tracing::info!(
+                expired = settled.expired,
+                dropped = settled.dropped,
+                "domain claims settled"
+            );
+        }
+        self.counters
+            .pending_expired
+            .fetch_add(settled.expired as u64, std::sync::atomic::Ordering::Relaxed);
+        self.counters
+            .claims_dropped
+            .fetch_add(settled.dropped as u64, std::sync::atomic::Ordering::Relaxed);
         for r in updated
             .iter()
             .filter(|r| changed.get(&r.key()) == Some(&true))

@@ -44,18 +44,20 @@ async fn setup(require_certificate: bool, grace: Duration) -> Setup {
 
 fn reserve(store: &dyn ReservationStore, fqdn: &str, owner: &str, mode: Mode) {
     let r = Reservation::new(
-        Key::domain(fqdn),
+        Key::domain(fqdn, owner),
         owner,
         vec!["[400:abcd::1]:8080".parse().unwrap()],
         mode,
         Options::default(),
         now_unix(),
     );
-    store.create(&r).unwrap();
+    store.create(&r, 100).unwrap();
 }
 
 fn status(store: &dyn ReservationStore, fqdn: &str) -> Reservation {
-    store.get(&Key::domain(fqdn)).unwrap().unwrap()
+    let mut claims = store.domain_claims(fqdn).unwrap();
+    assert_eq!(claims.len(), 1, "one claim on {fqdn}");
+    claims.remove(0)
 }
 
 fn routed(store: &dyn ReservationStore, host: &str) -> bool {
@@ -297,4 +299,75 @@ async fn dns_outage_is_inconclusive_and_keeps_the_domain_active() {
         status(&*s.store, SHOP).status,
         Status::Deactivated { .. }
     ));
+}
+
+/// Issue 13, item 11: a squatter's pending claim does not block the real owner. Both may
+/// claim; the first to prove the domain holds it and the squatter's claim is dropped, with
+/// the reason kept for it; claims left unproven expire.
+#[tokio::test]
+async fn a_pending_claim_does_not_block_the_owner_who_proves_first() {
+    use meshgate_reservations::store::StoreError;
+    let s = setup(false, Duration::from_secs(60)).await;
+    reserve(&*s.store, SHOP, "squatter", Mode::Terminate);
+    // Before: `409 already reserved`. Now a second claim is accepted.
+    reserve(&*s.store, SHOP, "owner", Mode::Terminate);
+    assert_eq!(s.store.domain_claims(SHOP).unwrap().len(), 2);
+
+    s.dns.cname(SHOP, FARM).await;
+    let token = s.store.challenge_token("owner", SHOP);
+    s.dns.txt(&challenge_name(SHOP), &[&token]).await;
+    let now_ms = now_unix() * 1000;
+    s.verifier.check_all(now_ms).await.unwrap();
+    let claim = |owner: &str| {
+        s.store
+            .get(&Key::domain(SHOP, owner))
+            .unwrap()
+            .expect("claim kept")
+    };
+    assert_eq!(claim("owner").status, Status::Active);
+    assert!(routed(&*s.store, SHOP));
+    match claim("squatter").status {
+        Status::Dropped { reason } => assert!(reason.contains("proved ownership"), "{reason}"),
+        other => panic!("expected the squatter's claim dropped, got {other:?}"),
+    }
+    // While the owner holds it, nobody else may claim it.
+    let late = Reservation::new(
+        Key::domain(SHOP, "late"),
+        "late",
+        vec!["[400:abcd::1]:8080".parse().unwrap()],
+        Mode::Terminate,
+        Options::default(),
+        now_unix(),
+    );
+    assert!(matches!(
+        s.store.create(&late, 100),
+        Err(StoreError::Held { .. })
+    ));
+
+    // A claim nobody proves expires after the pending expiry (3 days by default); the
+    // dropped claim is deleted as long after it was dropped.
+    let old = Reservation::new(
+        Key::domain("idle.customer.test", "squatter"),
+        "squatter",
+        vec!["[400:abcd::1]:8080".parse().unwrap()],
+        Mode::Terminate,
+        Options::default(),
+        now_unix() - 259_200,
+    );
+    s.store.create(&old, 100).unwrap();
+    s.verifier.check_all(now_ms + 1_000).await.unwrap();
+    assert!(
+        s.store
+            .domain_claims("idle.customer.test")
+            .unwrap()
+            .is_empty()
+    );
+    s.verifier.check_all(now_ms + 259_200_000).await.unwrap();
+    assert!(
+        s.store
+            .get(&Key::domain(SHOP, "squatter"))
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(claim("owner").status, Status::Active);
 }

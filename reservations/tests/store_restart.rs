@@ -31,11 +31,11 @@ async fn restart_keeps_every_reservation_and_token() {
         let store = Store::open(dir.path(), FARM).unwrap();
         for i in 0..20 {
             let r = name(&format!("svc{i}"), if i % 2 == 0 { "alice" } else { "bob" });
-            store.create(&r).unwrap();
+            store.create(&r, 100).unwrap();
             expected.push(r);
         }
         let mut d = Reservation::new(
-            Key::domain("shop.customer.test"),
+            Key::domain("shop.customer.test", "alice"),
             "alice",
             vec!["10.1.2.3:443".parse().unwrap()],
             Mode::Passthrough,
@@ -43,7 +43,7 @@ async fn restart_keeps_every_reservation_and_token() {
             now_unix(),
         );
         d.status = Status::Active;
-        store.create(&d).unwrap();
+        store.create(&d, 100).unwrap();
         expected.push(d);
         challenge = store.challenge_token("alice", "x.test");
         store
@@ -97,7 +97,7 @@ async fn changes_appear_on_the_routes_watch() {
     let mut routes = store.routes();
     assert!(routes.borrow_and_update().is_empty());
 
-    store.create(&name("alice", "alice")).unwrap();
+    store.create(&name("alice", "alice"), 100).unwrap();
     tokio::time::timeout(Duration::from_secs(1), routes.changed())
         .await
         .unwrap()
@@ -130,21 +130,24 @@ async fn changes_appear_on_the_routes_watch() {
     );
 
     // Taken names conflict, whoever asks.
-    match store.create(&name("alice", "bob")) {
+    match store.create(&name("alice", "bob"), 100) {
         Err(StoreError::Conflict { owner, .. }) => assert_eq!(owner, "alice"),
         other => panic!("expected conflict, got {other:?}"),
     }
 
     // A pending domain is not routed.
     store
-        .create(&Reservation::new(
-            Key::domain("shop.customer.test"),
-            "alice",
-            vec!["10.0.0.1:80".parse().unwrap()],
-            Mode::Terminate,
-            Options::default(),
-            now_unix(),
-        ))
+        .create(
+            &Reservation::new(
+                Key::domain("shop.customer.test", "alice"),
+                "alice",
+                vec!["10.0.0.1:80".parse().unwrap()],
+                Mode::Terminate,
+                Options::default(),
+                now_unix(),
+            ),
+            100,
+        )
         .unwrap();
     assert!(!routes.has_changed().unwrap());
 
@@ -166,7 +169,7 @@ fn crash_child_writer() {
     };
     let store = Store::open(std::path::Path::new(&dir), FARM).unwrap();
     for i in 0..100_000 {
-        store.create(&name(&format!("c{i}"), "alice")).unwrap();
+        store.create(&name(&format!("c{i}"), "alice"), 100).unwrap();
         println!("committed {i}");
     }
 }
@@ -211,6 +214,6 @@ fn killed_writer_loses_no_acknowledged_reservation() {
         );
     }
     // The store is fully usable after the crash.
-    store.create(&name("after-crash", "alice")).unwrap();
+    store.create(&name("after-crash", "alice"), 100).unwrap();
     assert!(store.list(None, None).unwrap().len() > acknowledged + 1);
 }

@@ -8,7 +8,6 @@ use meshgate_certs::{CertConfig, CertManager};
 use meshgate_config::gateway::GatewayConfig;
 use meshgate_config::route::Mode;
 use meshgate_gateway::routes::RouteTable;
-use meshgate_reservations::reservation::Key;
 use meshgate_reservations::store::{ReservationStore, SharedStore};
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -21,8 +20,8 @@ fn terminating(store: &dyn ReservationStore, verified: &BTreeSet<String>) -> BTr
     verified
         .iter()
         .filter(|d| {
-            matches!(store.get(&Key::domain((*d).clone())),
-                Ok(Some(r)) if r.mode == Mode::Terminate)
+            matches!(store.domain_claims(d), Ok(claims)
+                if claims.iter().any(|r| r.status.is_verified() && r.mode == Mode::Terminate))
         })
         .cloned()
         .collect()
@@ -168,10 +167,9 @@ fn mark_ready(store: &dyn ReservationStore, certs: &CertManager, domains: &BTree
         if !status.state.serves() || !domains.contains(&status.name) {
             continue;
         }
-        let key = Key::domain(status.name.clone());
         let ready = matches!(
-            store.get(&key),
-            Ok(Some(r)) if r.verification.certificate_ready
+            store.domain_claims(&status.name),
+            Ok(claims) if claims.iter().any(|r| r.status.is_verified() && r.verification.certificate_ready)
         );
         if !ready && let Err(e) = store.set_certificate_ready(&status.name, true) {
             tracing::warn!(domain = %status.name, "cannot record its certificate: {e}");

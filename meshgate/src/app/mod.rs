@@ -4,6 +4,7 @@
 //! its endpoint and status server.
 
 pub mod certificates;
+pub mod consent;
 pub mod node;
 pub mod process;
 pub mod reservations;
@@ -83,7 +84,12 @@ pub async fn gateway(setup: GatewaySetup) -> Result<AppGateway> {
         Err(e) => return Err(e),
     };
     let reservations = match &admin_token {
-        Some(t) => Reservations::start(&config, t.clone())?,
+        Some(t) => Reservations::start(
+            &config,
+            t.clone(),
+            node.as_ref()
+                .map(|n| Arc::new(n.dialer()) as Arc<dyn meshgate_gateway::upstream::dial::Dialer>),
+        )?,
         None => None,
     };
     let manager = certificates::manager(&config)?;

@@ -1,15 +1,18 @@
 //! A standalone overlay node from `node.toml`: the node, its endpoint (userspace stack with
-//! exposed ports, or a TUN device) and its JSON status server on `status_listen`.
+//! exposed ports, or a TUN device), its consent endpoint on the overlay (see
+//! [`super::consent`]) and its JSON status server on `status_listen`.
 //!
 //! `GET /status` answers `{ "mode", "node": { address, public_key, mtu, listen, peers, routes,
-//! counters }, "endpoint": { packets/bytes in and out }, "expose": [{ port, to }] }`.
+//! counters }, "endpoint": { packets/bytes in and out }, "expose": [{ port, to }],
+//! "consent": { allow, answered, cut } }`.
 
+use super::consent::{ConsentServer, serve_on_listener, serve_on_stack};
 use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use meshgate_config::node::{NodeFileConfig, NodeMode};
+use meshgate_config::node::{CONSENT_PORT, ConsentGrant, NodeFileConfig, NodeMode};
 use meshgate_overlay::{Node, NodeConfig};
 use meshgate_sockets::tun::Tun;
 use meshgate_sockets::{Exposed, Stack, StackConfig, expose};
@@ -17,6 +20,7 @@ use serde_json::{Value, json};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tokio::sync::watch;
 
 pub fn mode_name(m: NodeMode) -> &'static str {
     match m {
@@ -59,6 +63,8 @@ pub struct RunningNode {
     endpoint: Arc<Endpoint>,
     pub status_addr: SocketAddr,
     status_task: tokio::task::JoinHandle<()>,
+    consent: Arc<watch::Sender<Arc<Vec<ConsentGrant>>>>,
+    _consent_server: Option<ConsentServer>,
 }
 
 /// Userspace-stack tuning from `node.toml`.
@@ -111,6 +117,37 @@ impl RunningNode {
                 port.rx,
             )?),
         };
+        let (consent, allow) = watch::channel(Arc::new(cfg.consent.allow.clone()));
+        let max = cfg.consent.max_connections;
+        let consent_server = match &endpoint {
+            Endpoint::Userspace { stack, .. } => Some(
+                serve_on_stack(stack, allow, max)
+                    .context("cannot listen on the overlay consent port")?,
+            ),
+            // The TUN interface carries the overlay address, so a kernel socket can bind it.
+            Endpoint::Tun(_) => {
+                let at = SocketAddr::from((node.address(), CONSENT_PORT));
+                match tokio::net::TcpListener::bind(at).await {
+                    Ok(l) => Some(serve_on_listener(l, node.address(), allow, max)),
+                    Err(e) => {
+                        tracing::warn!(%at, "no consent endpoint, gateways will not serve this node: {e}");
+                        None
+                    }
+                }
+            }
+        };
+        let consent_status: StatusFn = {
+            let allow = consent.subscribe();
+            let stats = consent_server.as_ref().map(|c| c.stats.clone());
+            Arc::new(move || {
+                let n = |f: fn(&super::consent::ConsentStats) -> u64| stats.as_deref().map(f);
+                json!({
+                    "allow": allow.borrow().as_ref(),
+                    "answered": n(|s| s.answered.load(std::sync::atomic::Ordering::Relaxed)),
+                    "cut": n(|s| s.cut.load(std::sync::atomic::Ordering::Relaxed)),
+                })
+            })
+        };
         let endpoint = Arc::new(endpoint);
         let listener = tokio::net::TcpListener::bind(cfg.status_listen)
             .await
@@ -123,6 +160,7 @@ impl RunningNode {
         let status_task = tokio::spawn(serve_status(
             listener,
             node_status_fn(&node),
+            consent_status,
             endpoint.clone(),
             extra,
         ));
@@ -131,7 +169,15 @@ impl RunningNode {
             endpoint,
             status_addr,
             status_task,
+            consent: Arc::new(consent),
+            _consent_server: consent_server,
         })
+    }
+
+    /// What replaces the node's consent list (`[consent] allow`, re-read on SIGHUP) while it
+    /// runs. Gateways see a change at their next consent round.
+    pub fn consent(&self) -> ConsentHandle {
+        ConsentHandle(self.consent.clone())
     }
 
     /// Runs until `stop` completes, then shuts everything down.
@@ -151,6 +197,16 @@ impl RunningNode {
     }
 }
 
+/// Replaces a running node's consent list.
+#[derive(Clone)]
+pub struct ConsentHandle(Arc<watch::Sender<Arc<Vec<ConsentGrant>>>>);
+
+impl ConsentHandle {
+    pub fn set(&self, allow: Vec<ConsentGrant>) {
+        self.0.send_replace(Arc::new(allow));
+    }
+}
+
 type StatusFn = Arc<dyn Fn() -> Value + Send + Sync>;
 
 fn node_status_fn(node: &Arc<Node>) -> StatusFn {
@@ -161,6 +217,7 @@ fn node_status_fn(node: &Arc<Node>) -> StatusFn {
 async fn serve_status(
     listener: tokio::net::TcpListener,
     status: StatusFn,
+    consent: StatusFn,
     endpoint: Arc<Endpoint>,
     extra: Value,
 ) {
@@ -169,6 +226,7 @@ async fn serve_status(
             continue;
         };
         let status = status.clone();
+        let consent = consent.clone();
         let endpoint = endpoint.clone();
         let extra = extra.clone();
         tokio::spawn(async move {
@@ -176,6 +234,7 @@ async fn serve_status(
                 let mut doc = extra.clone();
                 doc["node"] = status();
                 doc["endpoint"] = endpoint.status();
+                doc["consent"] = consent();
                 let (code, body) = if req.uri().path() == "/status" {
                     (200, serde_json::to_vec_pretty(&doc).unwrap_or_default())
                 } else {

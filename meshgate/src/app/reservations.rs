@@ -1,10 +1,15 @@
-//! Reservations in a gateway process: the store in `data_dir`, the custom-domain verifier and
-//! the API the deployers' listener (`[api]`) serves, all from `domains` and `[reservations]`;
-//! and the farmer's admin token file.
+//! Reservations in a gateway process: the store in `data_dir`, the custom-domain verifier,
+//! the backend-consent checker (asking overlay nodes through the gateway's overlay dialer)
+//! and the API the deployers' listener (`[api]`) serves, all from `domains` and
+//! `[reservations]`; and the farmer's admin token file.
 
+use super::consent::OverlayConsentSource;
 use anyhow::{Context, Result};
 use meshgate_config::gateway::GatewayConfig;
-use meshgate_gateway::admin::api::{Api, ApiConfig};
+use meshgate_gateway::admin::api::{Api, ApiConfig, ConsentCheck};
+use meshgate_gateway::upstream::dial::Dialer;
+use meshgate_reservations::consent::{self, Checker};
+use meshgate_reservations::counters::Counters;
 use meshgate_reservations::store::SharedStore;
 use meshgate_reservations::store::redb::RedbStore;
 use meshgate_reservations::token::AdminToken;
@@ -12,33 +17,69 @@ use meshgate_reservations::verify::{Verifier, VerifierConfig};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-/// The store, the API over it and the verifier task (aborted on drop).
+/// The store, the API over it, the verifier and consent-checker tasks (aborted on drop).
 pub struct Reservations {
     pub store: SharedStore,
     pub api: Arc<Api>,
     verifier: tokio::task::JoinHandle<()>,
+    consent: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Reservations {
     fn drop(&mut self) {
         self.verifier.abort();
+        if let Some(c) = &self.consent {
+            c.abort();
+        }
     }
 }
 
 impl Reservations {
     /// Opens the store for the first of `domains` (none: no reservations) and starts the
-    /// domain verifier on the current runtime; `admin` is the farmer's token ([`admin_token`]).
-    pub fn start(config: &GatewayConfig, admin: AdminToken) -> Result<Option<Reservations>> {
+    /// domain verifier on the current runtime, and the consent checker when there is an
+    /// overlay (`overlay`: the gateway's overlay dialer); `admin` is the farmer's token
+    /// ([`admin_token`]).
+    pub fn start(
+        config: &GatewayConfig,
+        admin: AdminToken,
+        overlay: Option<Arc<dyn Dialer>>,
+    ) -> Result<Option<Reservations>> {
         let Some(domain) = config.domains.first() else {
             return Ok(None);
         };
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
         let store: SharedStore = Arc::new(RedbStore::open(&config.data_dir, domain.as_str())?);
-        let verifier =
-            Verifier::new(store.clone(), verifier_config(config, domain.as_str()))?.spawn();
+        let counters = Arc::new(Counters::default());
+        let verifier = Verifier::new(store.clone(), verifier_config(config, domain.as_str()))?
+            .with_counters(counters.clone())
+            .spawn();
+        let r = &config.reservations;
+        let consent = overlay.map(|dialer| ConsentCheck {
+            source: Arc::new(OverlayConsentSource {
+                dialer,
+                timeout: r.consent_timeout(),
+            }),
+            rules: consent::Rules {
+                grace_ms: u64::try_from(r.consent_grace().as_millis()).unwrap_or(u64::MAX),
+            },
+        });
+        let checker = consent.as_ref().map(|c| {
+            Checker {
+                store: store.clone(),
+                source: c.source.clone(),
+                rules: c.rules,
+                interval: r.consent_interval(),
+                counters: counters.clone(),
+                wake: Arc::default(),
+            }
+            .spawn()
+        });
         let api_config = ApiConfig {
             gateway_addrs: public_addresses(config),
+            max_per_owner: r.max_per_owner,
+            consent,
+            counters,
             ..Default::default()
         };
         let api = Arc::new(Api::new(store.clone(), admin, api_config));
@@ -47,6 +88,7 @@ impl Reservations {
             store,
             api,
             verifier,
+            consent: checker,
         }))
     }
 }
@@ -91,6 +133,7 @@ fn verifier_config(config: &GatewayConfig, domain: &str) -> VerifierConfig {
         grace: r.grace(),
         require_certificate: r.require_certificate,
         timeout: r.query_timeout(),
+        pending_expiry: r.pending_expiry(),
         ..VerifierConfig::new(domain, public_addresses(config))
     }
 }

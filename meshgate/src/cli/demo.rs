@@ -1,27 +1,39 @@
 //! `meshgate demo`: a gateway, a workload overlay node and a sample HTTP service on loopback,
-//! connected through the overlay, with a local CA. Prints a URL and a `curl` command that
-//! works as printed; Ctrl-C stops everything and removes the demo's files.
+//! connected through the overlay, with a local CA. The name is reserved the way a deployer
+//! does it: a deployer token, then `hello` reserved through the reservations API with the
+//! workload's overlay address as backend, which the gateway accepts because the workload
+//! node consents (its `[consent] allow` lists the host). Prints a URL and a `curl` command
+//! that works as printed; Ctrl-C stops everything and removes the demo's files.
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use meshgate::app::consent::serve_on_stack;
 use meshgate::app::process::{init_logging, shutdown_signal};
 use meshgate::app::{self, GatewaySetup};
 use meshgate_config::gateway::GatewayConfig;
+use meshgate_config::node::ConsentGrant;
 use meshgate_gateway::Gateway;
 use meshgate_gateway::listen::Bound;
 use meshgate_gateway::upstream::overlay::EmbeddedNode;
 use meshgate_overlay::NodeConfig;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// The name the demo serves (`.test` is reserved: it never leaks to real DNS).
+/// The farmer's domain of the demo (`.test` is reserved: it never leaks to real DNS).
+pub const DEMO_DOMAIN: &str = "meshgate.test";
+/// The name the demo's deployer reserves under it.
+pub const DEMO_NAME: &str = "hello";
+/// The host the demo serves.
 pub const DEMO_HOST: &str = "hello.meshgate.test";
+/// The demo's deployer.
+const DEMO_DEPLOYER: &str = "demo";
 const WORKLOAD_PORT: u16 = 8080;
 
 #[derive(clap::Args, Debug)]
@@ -59,6 +71,15 @@ async fn run_in(dir: &std::path::Path, args: Args) -> Result<()> {
         .context("workload node has no link listener")?;
     let _exposed = meshgate_sockets::expose(&workload.stack, WORKLOAD_PORT, service_addr)?;
     let backend = SocketAddr::from((workload.node.address(), WORKLOAD_PORT));
+    // Its consent: what `[consent] allow = [{ host = "hello.meshgate.test" }]` in its node.toml
+    // gives a `meshgate node`.
+    let consent = vec![ConsentGrant {
+        host: Some(DEMO_HOST.to_string()),
+        owner: None,
+        ports: vec![WORKLOAD_PORT],
+    }];
+    let (_consent_tx, allow) = tokio::sync::watch::channel(Arc::new(consent));
+    let _consent = serve_on_stack(&workload.stack, allow, 16)?;
 
     // 3. The gateway with its own overlay node, peered with the workload node.
     let gw_node = EmbeddedNode::start_with(NodeConfig {
@@ -69,7 +90,8 @@ async fn run_in(dir: &std::path::Path, args: Args) -> Result<()> {
     })
     .await?;
     let config_text = format!(
-        r#"data_dir = "{dir}"
+        r#"domains = ["{DEMO_DOMAIN}"]
+data_dir = "{dir}"
 [listen]
 https = ["127.0.0.1:{port}"]
 http = []
@@ -79,9 +101,9 @@ listen = "127.0.0.1:0"
 listen = "127.0.0.1:0"
 [tls.dev_ca]
 dir = "{dir}/ca"
-[[route]]
-host = "{DEMO_HOST}"
-backends = [{{ addr = "{backend}" }}]
+[reservations]
+# No custom domains in the demo: the verifier never asks DNS.
+nameservers = ["127.0.0.1:53"]
 "#,
         dir = dir.display(),
         port = args.port,
@@ -118,6 +140,31 @@ backends = [{{ addr = "{backend}" }}]
 
     // 4. Wait until the overlay carries a stream end to end.
     wait_for_overlay(gw_node, backend).await?;
+
+    // 5. The deployer's flow: a token from the farmer, then the reservation, which the
+    // gateway accepts only once the workload node confirms its consent over the overlay.
+    let api = &app
+        .reservations
+        .as_ref()
+        .context("the demo gateway has reservations")?
+        .api;
+    let admin_token = std::fs::read_to_string(&token_file)?;
+    let token = call_api(
+        api,
+        "/v1/tokens",
+        admin_token.trim(),
+        serde_json::json!({ "owner": DEMO_DEPLOYER }),
+    )
+    .await?;
+    let token = token["token"].as_str().context("a deployer token")?;
+    call_api(
+        api,
+        "/v1/names",
+        token,
+        serde_json::json!({ "name": DEMO_NAME, "backends": [backend.to_string()] }),
+    )
+    .await?;
+    wait_for_route(gateway).await?;
     let ca = dir.join("ca").join("ca.pem");
     let port = https.port();
     println!();
@@ -129,6 +176,9 @@ backends = [{{ addr = "{backend}" }}]
         workload.node.address()
     );
     println!("  workload {backend} (overlay) → sample service {service_addr}");
+    println!(
+        "  reserved {DEMO_NAME} by deployer `{DEMO_DEPLOYER}`; the workload node consents to {DEMO_HOST}"
+    );
     println!("  metrics  http://{admin}/metrics   status http://{admin}/status");
     println!(
         "  reload   curl -X POST -H \"Authorization: Bearer $(cat {})\" http://{admin}/reload",
@@ -147,6 +197,37 @@ backends = [{{ addr = "{backend}" }}]
     println!("stopping the demo");
     app.shutdown().await;
     workload.shutdown().await;
+    Ok(())
+}
+
+/// One POST to the reservations API, answered in-process; the JSON answer, or an error with
+/// the API's reason.
+async fn call_api(
+    api: &meshgate_gateway::admin::api::Api,
+    path: &str,
+    token: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value> {
+    let req = Request::post(path)
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Full::new(Bytes::from(body.to_string())))?;
+    let resp = api.handle_request(req).await;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    anyhow::ensure!(status.is_success(), "POST {path}: {status}: {value}");
+    Ok(value)
+}
+
+/// Waits until the reserved name is in the gateway's route table.
+async fn wait_for_route(gateway: &Gateway) -> Result<()> {
+    let mut routes = gateway.watch_routes();
+    let has =
+        |t: &meshgate_gateway::routes::RouteTable| t.entries().any(|e| e.route.host == DEMO_HOST);
+    tokio::time::timeout(Duration::from_secs(10), routes.wait_for(|t| has(t)))
+        .await
+        .context("the reservation did not reach the route table in 10 s")?
+        .context("the gateway stopped")?;
     Ok(())
 }
 

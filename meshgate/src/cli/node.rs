@@ -63,11 +63,34 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     .map_or("outbound only".to_string(), |a| a.to_string()),
                 running.status_addr,
             );
+            reload_consent_on_sighup(path, running.consent())?;
             running.run_until(process::shutdown_signal()).await;
             Ok(())
         }
         (None, None) => anyhow::bail!("`meshgate node` needs --config node.toml (or `status`)"),
     }
+}
+
+/// On SIGHUP, re-reads `node.toml` and applies its `[consent] allow` list (the rest of the
+/// file needs a restart). A file that does not parse is refused and the list kept.
+fn reload_consent_on_sighup(path: PathBuf, consent: node::ConsentHandle) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match NodeFileConfig::load(&path) {
+                Ok(cfg) => {
+                    tracing::info!(
+                        grants = cfg.consent.allow.len(),
+                        "consent reloaded on SIGHUP"
+                    );
+                    consent.set(cfg.consent.allow);
+                }
+                Err(e) => tracing::error!("consent reload refused, previous list kept: {e}"),
+            }
+        }
+    });
+    Ok(())
 }
 
 /// `GET /status` from a running node.

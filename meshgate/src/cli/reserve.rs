@@ -198,6 +198,9 @@ impl ApiClient {
         let token = token
             .filter(|t| !t.trim().is_empty())
             .context("no token: pass --token or set MESHGATE_TOKEN")?;
+        if let Some(warning) = cleartext_warning(&base) {
+            eprintln!("{warning}");
+        }
         Ok(ApiClient {
             base,
             token,
@@ -290,6 +293,28 @@ impl ApiClient {
         }
         bail!("{}", describe_error(status, &v))
     }
+}
+
+/// The warning for a token about to travel in clear: an `http://` URL whose host is not
+/// loopback. `None` for `https://` and for loopback (the gateway's own host).
+fn cleartext_warning(base: &str) -> Option<String> {
+    let uri: http::Uri = base.parse().ok()?;
+    if uri.scheme_str() != Some("http") {
+        return None;
+    }
+    let host = uri.host()?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => bare.eq_ignore_ascii_case("localhost"),
+    };
+    (!loopback).then(|| {
+        format!(
+            "warning: --admin {base} is plain HTTP to a host that is not this machine: your \
+             token crosses the network in clear, and anyone on the path can reuse it. Use an \
+             https:// URL (see `[admin] tls` in the gateway's configuration)."
+        )
+    })
 }
 
 /// An HTTP(S) connector trusting `cacert`, or the system's roots for `https://` without it.
@@ -558,4 +583,33 @@ fn table(items: &[Value]) -> String {
         out += "\n";
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_sent_in_clear_off_this_host_is_warned_about() {
+        for remote in [
+            "http://192.0.2.7:9090",
+            "http://gw.example.org:9090/",
+            "http://[2001:db8::1]:9090",
+        ] {
+            let w = cleartext_warning(remote).unwrap_or_default();
+            assert!(
+                w.contains("in clear") && w.contains("https://"),
+                "{remote}: {w}"
+            );
+        }
+        for local in [
+            "http://127.0.0.1:9090",
+            "http://127.8.9.10:9090",
+            "http://[::1]:9090",
+            "http://localhost:9090",
+            "https://gw.example.org:9090",
+        ] {
+            assert_eq!(cleartext_warning(local), None, "{local}");
+        }
+    }
 }

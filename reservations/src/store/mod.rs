@@ -32,6 +32,12 @@ pub enum StoreError {
     Corrupt { key: String, message: String },
     #[error("{key} is already reserved")]
     Conflict { key: String, owner: String },
+    /// Another deployer holds the domain (its proof holds).
+    #[error("{key}: the domain is held by another deployer")]
+    Held { key: String },
+    /// The owner already holds the most reservations allowed.
+    #[error("{owner} holds {limit} reservations, the most allowed")]
+    Quota { owner: String, limit: usize },
     #[error(transparent)]
     Secret(#[from] SecretError),
 }
@@ -77,8 +83,12 @@ pub trait ReservationStore: Send + Sync + std::fmt::Debug {
     fn list(&self, owner: Option<&str>, kind: Option<Kind>)
     -> Result<Vec<Reservation>, StoreError>;
 
-    /// Inserts a new reservation; `Conflict` if the key is taken (by anyone).
-    fn create(&self, r: &Reservation) -> Result<(), StoreError>;
+    /// Inserts a new reservation atomically with its checks: `Conflict` if the key is taken
+    /// (a name by anyone; a domain claim by the same owner, unless that claim was dropped,
+    /// which the new one replaces), `Held` if another owner's claim on the domain is
+    /// verified or active, `Quota` if the owner already has `max_per_owner` reservations
+    /// (dropped claims not counted).
+    fn create(&self, r: &Reservation, max_per_owner: usize) -> Result<(), StoreError>;
 
     /// Changes a reservation atomically. `edit` may refuse (nothing is written). `Ok(None)`
     /// if it does not exist; else the record as it is now (unchanged after a refusal).
@@ -88,14 +98,24 @@ pub trait ReservationStore: Send + Sync + std::fmt::Debug {
         edit: &mut dyn FnMut(&mut Reservation) -> Result<(), Refused>,
     ) -> Result<Option<Reservation>, StoreError>;
 
-    /// Applies `edit` to each existing reservation of `keys` in one atomic change (one
-    /// publish), e.g. a verification round. Missing keys are skipped. Returns the updated
-    /// records.
+    /// Hands the existing reservations of `keys` (missing ones skipped) to `edit` as one
+    /// batch and commits what it leaves in one atomic change (one publish): changed records
+    /// are written, records it removed from the batch are deleted. E.g. a verification
+    /// round, which settles competing claims across records. Returns the batch as committed.
     fn update_many(
         &self,
         keys: &[Key],
-        edit: &mut dyn FnMut(&mut Reservation),
+        edit: &mut dyn FnMut(&mut Vec<Reservation>),
     ) -> Result<Vec<Reservation>, StoreError>;
+
+    /// Every claim on the domain `fqdn` (at most one of them verified or active).
+    fn domain_claims(&self, fqdn: &str) -> Result<Vec<Reservation>, StoreError> {
+        Ok(self
+            .list(None, Some(Kind::Domain))?
+            .into_iter()
+            .filter(|r| r.name == fqdn)
+            .collect())
+    }
 
     /// Deletes a reservation unless `allow` refuses. `Ok(None)` if it does not exist; else
     /// the record (still stored after a refusal).
@@ -117,8 +137,8 @@ pub trait ReservationStore: Send + Sync + std::fmt::Debug {
     /// Revokes a deployer token; false if there was none.
     fn delete_token(&self, id: &str) -> Result<bool, StoreError>;
 
-    /// Records whether the certificate layer holds a certificate for `fqdn`; a verified
-    /// domain waiting for one becomes active.
+    /// Records whether the certificate layer holds a certificate for `fqdn` on its claims; a
+    /// verified domain waiting for one becomes active. Returns the verified claim, if any.
     fn set_certificate_ready(
         &self,
         fqdn: &str,
@@ -129,10 +149,17 @@ pub trait ReservationStore: Send + Sync + std::fmt::Debug {
             grace_ms: u64::MAX,
         };
         let now_ms = crate::clock::now_unix_ms();
-        self.update_with(&Key::domain(fqdn), &mut |r| {
-            lifecycle::step(r, Input::CertificateReady(ready), now_ms, &rules);
-            Ok(())
-        })
+        let mut holder = None;
+        for claim in self.domain_claims(fqdn)? {
+            let updated = self.update_with(&claim.key(), &mut |r| {
+                lifecycle::step(r, Input::CertificateReady(ready), now_ms, &rules);
+                Ok(())
+            })?;
+            if let Some(r) = updated.filter(|r| r.status.is_verified()) {
+                holder = Some(r);
+            }
+        }
+        Ok(holder)
     }
 }
 
@@ -198,7 +225,7 @@ mod tests {
 
     fn domain(fqdn: &str) -> Reservation {
         Reservation::new(
-            Key::domain(fqdn),
+            Key::domain(fqdn, "alice"),
             "alice",
             vec!["[400::1]:80".parse().unwrap()],
             Mode::Terminate,
@@ -211,8 +238,8 @@ mod tests {
     fn a_refused_edit_returns_its_error_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
-        s.create(&domain("shop.example")).unwrap();
-        let key = Key::domain("shop.example");
+        s.create(&domain("shop.example"), 10).unwrap();
+        let key = Key::domain("shop.example", "alice");
         let refused = s.update(&key, |r| {
             r.owner = "mallory".into();
             Err(Refusal::No)
@@ -221,7 +248,9 @@ mod tests {
         assert_eq!(s.get(&key).unwrap().unwrap().owner, "alice");
         assert_eq!(s.delete(&key, |_| Err(Refusal::No)), Err(Refusal::No));
         assert!(s.get(&key).unwrap().is_some());
-        let missing = s.update(&Key::domain("none.example"), |_| Ok::<(), Refusal>(()));
+        let missing = s.update(&Key::domain("none.example", "alice"), |_| {
+            Ok::<(), Refusal>(())
+        });
         assert_eq!(missing, Ok(None));
         let removed = s.delete(&key, |_| Ok::<(), Refusal>(())).unwrap();
         assert_eq!(removed.map(|r| r.name), Some("shop.example".to_string()));
@@ -234,7 +263,7 @@ mod tests {
         let s = store(dir.path());
         let mut d = domain("shop.example");
         d.status = Status::Verified;
-        s.create(&d).unwrap();
+        s.create(&d, 10).unwrap();
         let r = s
             .set_certificate_ready("shop.example", true)
             .unwrap()

@@ -8,7 +8,7 @@
 //! Records are JSON so fields can be added without a migration.
 
 use super::{Refused, ReservationStore, StoreError};
-use crate::reservation::{Key, Kind, Reservation};
+use crate::reservation::{Key, Kind, Reservation, Status};
 use crate::token::{ChallengeKey, StoredToken};
 use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use meshgate_config::route::Route;
@@ -29,8 +29,12 @@ fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
 }
 
+/// `name/<label>`, or `domain/<fqdn>/<owner>`: one record per claim on a domain.
 fn record_key(key: &Key) -> String {
-    format!("{}/{}", key.kind.as_str(), key.name)
+    match &key.owner {
+        Some(owner) => format!("{}/{}/{owner}", key.kind.as_str(), key.name),
+        None => format!("{}/{}", key.kind.as_str(), key.name),
+    }
 }
 
 /// The persistent reservation and token store of one gateway.
@@ -73,7 +77,7 @@ impl RedbStore {
             .map_err(|e| open_err(format!("cannot restrict {DB_FILE} to 0600: {e}")))?;
         let challenge_key = ChallengeKey::load_or_create(&data_dir.join(CHALLENGE_KEY_FILE))?;
         let txn = db.begin_write().map_err(db_err)?;
-        txn.open_table(RESERVATIONS).map_err(db_err)?;
+        migrate_domain_keys(&mut txn.open_table(RESERVATIONS).map_err(db_err)?)?;
         txn.open_table(TOKENS).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         let store = RedbStore {
@@ -131,6 +135,9 @@ impl RedbStore {
             })
             .collect();
         routes.sort_by(|a, b| a.host.cmp(&b.host));
+        // At most one claim on a domain is active (see `lifecycle::settle`); should a bug let
+        // two through, one host still gets one route.
+        routes.dedup_by(|a, b| a.host == b.host);
         let verified: BTreeSet<String> = all
             .iter()
             .filter(|r| r.kind == Kind::Domain && r.status.is_verified())
@@ -207,7 +214,7 @@ impl ReservationStore for RedbStore {
         Ok(out)
     }
 
-    fn create(&self, r: &Reservation) -> Result<(), StoreError> {
+    fn create(&self, r: &Reservation, max_per_owner: usize) -> Result<(), StoreError> {
         let key = r.key();
         let k = record_key(&key);
         let bytes = encode(r)?;
@@ -216,9 +223,38 @@ impl ReservationStore for RedbStore {
             let mut table = txn.open_table(RESERVATIONS).map_err(db_err)?;
             if let Some(existing) = table.get(k.as_str()).map_err(db_err)? {
                 let existing: Reservation = decode(&k, existing.value())?;
-                return Err(StoreError::Conflict {
-                    key: key.to_string(),
-                    owner: existing.owner,
+                if !matches!(existing.status, Status::Dropped { .. }) {
+                    return Err(StoreError::Conflict {
+                        key: key.to_string(),
+                        owner: existing.owner,
+                    });
+                }
+            }
+            let mut held_by_owner = 0;
+            for item in table.iter().map_err(db_err)? {
+                let (rk, v) = item.map_err(db_err)?;
+                let other: Reservation = decode(rk.value(), v.value())?;
+                if matches!(other.status, Status::Dropped { .. }) {
+                    continue;
+                }
+                if other.owner == r.owner {
+                    held_by_owner += 1;
+                }
+                if r.kind == Kind::Domain
+                    && other.kind == Kind::Domain
+                    && other.name == r.name
+                    && other.owner != r.owner
+                    && other.status.is_verified()
+                {
+                    return Err(StoreError::Held {
+                        key: key.to_string(),
+                    });
+                }
+            }
+            if held_by_owner >= max_per_owner {
+                return Err(StoreError::Quota {
+                    owner: r.owner.clone(),
+                    limit: max_per_owner,
                 });
             }
             table.insert(k.as_str(), bytes.as_slice()).map_err(db_err)?;
@@ -238,27 +274,34 @@ impl ReservationStore for RedbStore {
     fn update_many(
         &self,
         keys: &[Key],
-        edit: &mut dyn FnMut(&mut Reservation),
+        edit: &mut dyn FnMut(&mut Vec<Reservation>),
     ) -> Result<Vec<Reservation>, StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
-        let mut out = Vec::with_capacity(keys.len());
-        {
+        let out = {
             let mut table = txn.open_table(RESERVATIONS).map_err(db_err)?;
+            let mut current = std::collections::BTreeMap::new();
             for key in keys {
                 let k = record_key(key);
-                let current = match table.get(k.as_str()).map_err(db_err)? {
-                    Some(v) => decode::<Reservation>(&k, v.value())?,
-                    None => continue,
-                };
-                let mut next = current.clone();
-                edit(&mut next);
-                if next != current {
-                    let bytes = encode(&next)?;
+                if let Some(v) = table.get(k.as_str()).map_err(db_err)? {
+                    current.insert(k.clone(), decode::<Reservation>(&k, v.value())?);
+                }
+            }
+            let mut batch: Vec<Reservation> = current.values().cloned().collect();
+            edit(&mut batch);
+            let mut kept = std::collections::BTreeSet::new();
+            for next in &batch {
+                let k = record_key(&next.key());
+                if current.get(&k) != Some(next) {
+                    let bytes = encode(next)?;
                     table.insert(k.as_str(), bytes.as_slice()).map_err(db_err)?;
                 }
-                out.push(next);
+                kept.insert(k);
             }
-        }
+            for k in current.keys().filter(|k| !kept.contains(*k)) {
+                table.remove(k.as_str()).map_err(db_err)?;
+            }
+            batch
+        };
         txn.commit().map_err(db_err)?;
         self.publish()?;
         Ok(out)
@@ -329,6 +372,27 @@ impl ReservationStore for RedbStore {
         txn.commit().map_err(db_err)?;
         Ok(existed)
     }
+}
+
+/// Records written before domains could have several claims were keyed `domain/<fqdn>`;
+/// they become `domain/<fqdn>/<owner>`.
+fn migrate_domain_keys(table: &mut ::redb::Table<&str, &[u8]>) -> Result<(), StoreError> {
+    let mut old = Vec::new();
+    for item in table.iter().map_err(db_err)? {
+        let (k, v) = item.map_err(db_err)?;
+        let key = k.value();
+        if key.starts_with("domain/") && key.matches('/').count() == 1 {
+            old.push((key.to_string(), v.value().to_vec()));
+        }
+    }
+    for (k, bytes) in old {
+        let r: Reservation = decode(&k, &bytes)?;
+        table.remove(k.as_str()).map_err(db_err)?;
+        table
+            .insert(record_key(&r.key()).as_str(), bytes.as_slice())
+            .map_err(db_err)?;
+    }
+    Ok(())
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {

@@ -15,19 +15,59 @@ use bytes::Bytes;
 use error::json_response;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
+use meshgate_reservations::consent::{self, ConsentSource};
+use meshgate_reservations::counters::Counters;
 use meshgate_reservations::reservation::Policy;
 use meshgate_reservations::store::{ReservationStore, SharedStore};
 use meshgate_reservations::token::{AdminToken, parse_token};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 /// What the API needs besides the store and the admin token.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ApiConfig {
     /// Reserved labels and backend rules.
     pub policy: Policy,
     /// The gateway's public addresses, shown to deployers as an alternative to a CNAME.
     pub gateway_addrs: Vec<IpAddr>,
+    /// Most reservations one deployer may hold (`reservations.max_per_owner`).
+    pub max_per_owner: usize,
+    /// Asks overlay nodes for their consent; `None` (no overlay node): overlay backends are
+    /// refused, since no node can be asked.
+    pub consent: Option<ConsentCheck>,
+    /// Shared with the verifier and the consent checker; exported on `/metrics`.
+    pub counters: Arc<Counters>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            policy: Policy::default(),
+            gateway_addrs: Vec::new(),
+            max_per_owner: 100,
+            consent: None,
+            counters: Arc::default(),
+        }
+    }
+}
+
+/// How the API asks nodes for consent when a reservation is made or its backends change (the
+/// periodic re-checks are [`consent::Checker`]'s).
+#[derive(Clone)]
+pub struct ConsentCheck {
+    pub source: Arc<dyn ConsentSource>,
+    pub rules: consent::Rules,
+}
+
+impl std::fmt::Debug for ConsentCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsentCheck")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Who is calling.
@@ -62,6 +102,11 @@ impl Api {
         &self.store
     }
 
+    /// The reservation counters as `meshgate_reservations_*_total`, read at scrape time.
+    pub fn metrics(&self) -> Box<dyn Collector> {
+        Box::new(CountersCollector(self.cfg.counters.clone()))
+    }
+
     /// Handles one request under `/v1/`; anything else is a JSON 404.
     pub async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
         self.handle_request(req).await
@@ -90,6 +135,14 @@ impl Api {
         };
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         let method = req.method().clone();
+        // `?owner=` picks one deployer's claim on a domain (the admin's choice; a deployer
+        // always addresses its own).
+        let owner: Option<String> = req.uri().query().and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("owner="))
+                .map(str::to_string)
+        });
+        let owner = owner.as_deref();
         let caller = self.authenticate(&req).await?;
         let body = req.into_body();
         use reservations::Which::{Domains, Names};
@@ -100,24 +153,28 @@ impl Api {
             (["tokens", id], &Method::DELETE) => tokens::delete(self, &caller, id).await,
             (["names"], &Method::GET) => reservations::list(self, &caller, Names).await,
             (["names"], &Method::POST) => reservations::create(self, &caller, Names, body).await,
-            (["names", n], &Method::GET) => reservations::get(self, &caller, Names, n).await,
+            (["names", n], &Method::GET) => reservations::get(self, &caller, Names, n, owner).await,
             (["names", n], &Method::PUT) => {
-                reservations::update(self, &caller, Names, n, body).await
+                reservations::update(self, &caller, Names, n, owner, body).await
             }
-            (["names", n], &Method::DELETE) => reservations::delete(self, &caller, Names, n).await,
+            (["names", n], &Method::DELETE) => {
+                reservations::delete(self, &caller, Names, n, owner).await
+            }
             (["domains"], &Method::GET) => reservations::list(self, &caller, Domains).await,
             (["domains"], &Method::POST) => {
                 reservations::create(self, &caller, Domains, body).await
             }
-            (["domains", d], &Method::GET) => reservations::get(self, &caller, Domains, d).await,
+            (["domains", d], &Method::GET) => {
+                reservations::get(self, &caller, Domains, d, owner).await
+            }
             (["domains", d], &Method::PUT) => {
-                reservations::update(self, &caller, Domains, d, body).await
+                reservations::update(self, &caller, Domains, d, owner, body).await
             }
             (["domains", d], &Method::DELETE) => {
-                reservations::delete(self, &caller, Domains, d).await
+                reservations::delete(self, &caller, Domains, d, owner).await
             }
             (["domains", d, "verify"], &Method::POST) => {
-                reservations::verify_now(self, &caller, d).await
+                reservations::verify_now(self, &caller, d, owner).await
             }
             (["whoami" | "tokens" | "names" | "domains", ..], _) if known_path(&segments) => {
                 Err(ApiError::new(
@@ -168,6 +225,25 @@ impl Api {
                 tracing::error!("admin API store task failed: {e}");
                 ApiError::internal()
             })
+    }
+}
+
+/// Exports [`Counters`] to Prometheus.
+#[derive(Debug)]
+struct CountersCollector(Arc<Counters>);
+
+impl Collector for CountersCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, value) in self.0.snapshot() {
+            let metric = ConstCounter::new(value);
+            metric.encode(encoder.encode_descriptor(
+                &format!("meshgate_reservations_{name}"),
+                help,
+                None,
+                metric.metric_type(),
+            )?)?;
+        }
+        Ok(())
     }
 }
 

@@ -7,10 +7,11 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use meshgate_config::route::Mode;
-use meshgate_reservations::clock::now_unix;
+use meshgate_reservations::clock::{now_unix, now_unix_ms};
+use meshgate_reservations::consent;
 use meshgate_reservations::reservation::{
-    Key, Kind, Options, Reservation, challenge_name, validate_backends, validate_fqdn,
-    validate_name, validate_options, validate_owner,
+    ConsentState, FieldError, Key, Kind, Options, Reservation, challenge_name, needs_consent,
+    validate_backends, validate_fqdn, validate_name, validate_options, validate_owner,
 };
 use meshgate_reservations::store::{ReservationStoreExt, StoreError};
 use serde_json::Value;
@@ -42,13 +43,91 @@ impl Which {
             Which::Domains => "domains",
         }
     }
-    /// The key a path parameter addresses (lowercase, no trailing dot).
-    fn key(self, raw: &str) -> Key {
-        let name = raw.trim_end_matches('.').to_ascii_lowercase();
-        Key {
-            kind: self.kind(),
-            name,
+}
+
+/// The reservation a path parameter addresses (lowercase, no trailing dot): the name, or a
+/// claim on the domain: a deployer's own, or for the admin the one `?owner=` names, else the
+/// domain's only claim or the one that holds it.
+async fn resolve(
+    api: &Api,
+    caller: &Caller,
+    which: Which,
+    raw: &str,
+    owner: Option<&str>,
+) -> Result<Key, ApiError> {
+    let name = raw.trim_end_matches('.').to_ascii_lowercase();
+    match (which, caller, owner) {
+        (Which::Names, ..) => Ok(Key::name(name)),
+        (Which::Domains, Caller::Deployer(me), _) => Ok(Key::domain(name, me.clone())),
+        (Which::Domains, Caller::Admin, Some(o)) => Ok(Key::domain(name, o)),
+        (Which::Domains, Caller::Admin, None) => {
+            let fqdn = name.clone();
+            let claims = api.blocking(move |s| s.domain_claims(&fqdn)).await??;
+            let holder = claims.iter().find(|r| r.status.is_verified());
+            match (holder, claims.as_slice()) {
+                (Some(r), _) | (None, [r]) => Ok(r.key()),
+                (None, []) => Ok(Key::domain(name, "")),
+                (None, _) => Err(ApiError::conflict(
+                    "owner",
+                    format!(
+                        "{} deployers claim `{name}` and none has proved it; add `?owner=<id>`",
+                        claims.len()
+                    ),
+                )),
+            }
         }
+    }
+}
+
+/// The consent entries for `backends` of the reservation `r` would become, each granted by
+/// its node now, or the refusal naming the first backend whose node does not consent.
+async fn consent_for(
+    api: &Api,
+    r: &Reservation,
+) -> Result<Vec<meshgate_reservations::reservation::BackendConsent>, ApiError> {
+    let needing: Vec<usize> = (0..r.backends.len())
+        .filter(|i| needs_consent(r.backends[*i].ip()))
+        .collect();
+    if needing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let counters = &api.cfg.counters;
+    let Some(check) = &api.cfg.consent else {
+        counters.add(&counters.refused_consent);
+        return Err(ApiError::forbidden(
+            format!("backends[{}]", needing[0]),
+            format!(
+                "{} is an overlay address, and this gateway has no overlay node to ask that \
+                 node's consent",
+                r.backends[needing[0]].ip()
+            ),
+        ));
+    };
+    let answers = consent::ask_all(&*check.source, consent::nodes_of([r]), counters).await;
+    let mut probe = r.clone();
+    let farmer = api.store.farmer_domain();
+    consent::apply(&mut probe, &answers, farmer, now_unix_ms(), &check.rules);
+    for c in &probe.consent {
+        if c.state != ConsentState::Granted {
+            let i = r.backends.iter().position(|b| *b == c.backend).unwrap_or(0);
+            counters.add(&counters.refused_consent);
+            return Err(ApiError::forbidden(
+                format!("backends[{i}]"),
+                c.reason.clone().unwrap_or_else(|| "no consent".into()),
+            ));
+        }
+    }
+    Ok(probe.consent)
+}
+
+/// Counts a validation refusal that hit one of the limits the operator watches.
+fn count_refusal(api: &Api, e: &FieldError) {
+    let c = &api.cfg.counters;
+    // The reasons are written in `meshgate_reservations::reservation`.
+    if e.reason.contains("is reserved by the gateway operator") {
+        c.add(&c.refused_reserved);
+    } else if e.reason.contains("mixes scripts") {
+        c.add(&c.refused_mixed_script);
     }
 }
 
@@ -92,9 +171,13 @@ fn forbidden(which: Which, key: &Key) -> ApiError {
 }
 
 fn not_found(which: Which, key: &Key) -> ApiError {
+    let whose = match &key.owner {
+        Some(o) if !o.is_empty() => format!(" claimed by `{o}`"),
+        _ => String::new(),
+    };
     ApiError::not_found(
         which.field(),
-        format!("no {} reservation `{}`", key.kind.as_str(), key.name),
+        format!("no {} reservation `{}`{whose}", key.kind.as_str(), key.name),
     )
 }
 
@@ -163,23 +246,53 @@ where
     let farmer = api.store.farmer_domain();
     let policy = &api.cfg.policy;
     let name = match which {
-        Which::Names => validate_name(field, &raw, farmer, policy)?,
-        Which::Domains => validate_fqdn(field, &raw, farmer)?,
-    };
+        Which::Names => validate_name(field, &raw, farmer, policy),
+        Which::Domains => validate_fqdn(field, &raw, farmer),
+    }
+    .inspect_err(|e| count_refusal(api, e))?;
     let backends = validate_backends("backends", &backends, policy)?;
     validate_options("options", &options)?;
-    let key = Key {
-        kind: which.kind(),
-        name,
+    let key = match which {
+        Which::Names => Key::name(name),
+        Which::Domains => Key::domain(name, owner.clone()),
     };
-    let r = Reservation::new(key.clone(), &owner, backends, mode, options, now_unix());
+    let mut r = Reservation::new(key.clone(), &owner, backends, mode, options, now_unix());
+    r.consent = consent_for(api, &r).await?;
     let stored = r.clone();
-    match api.blocking(move |s| s.create(&stored)).await? {
+    let max = api.cfg.max_per_owner;
+    match api.blocking(move |s| s.create(&stored, max)).await? {
         Ok(()) => {}
+        Err(StoreError::Conflict { .. }) if which.kind() == Kind::Domain => {
+            return Err(ApiError::conflict(
+                field,
+                format!("you already claim `{}`", key.name),
+            ));
+        }
         Err(StoreError::Conflict { .. }) => {
             return Err(ApiError::conflict(
                 field,
                 format!("`{}` is already reserved", key.name),
+            ));
+        }
+        Err(StoreError::Held { .. }) => {
+            return Err(ApiError::conflict(
+                field,
+                format!(
+                    "`{}` is held by another deployer whose DNS proof holds; it is released \
+                     when that proof fails for longer than the grace period",
+                    key.name
+                ),
+            ));
+        }
+        Err(StoreError::Quota { owner, limit }) => {
+            let c = &api.cfg.counters;
+            c.add(&c.refused_quota);
+            return Err(ApiError::forbidden(
+                "owner",
+                format!(
+                    "`{owner}` already holds {limit} reservations, the most this gateway allows \
+                     (reservations.max_per_owner); delete one first"
+                ),
             ));
         }
         Err(e) => return Err(e.into()),
@@ -197,8 +310,9 @@ pub(crate) async fn get(
     caller: &Caller,
     which: Which,
     raw: &str,
+    owner: Option<&str>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let key = which.key(raw);
+    let key = resolve(api, caller, which, raw, owner).await?;
     let k = key.clone();
     let Some(r) = api.blocking(move |s| s.get(&k)).await?? else {
         return Err(not_found(which, &key));
@@ -216,13 +330,14 @@ pub(crate) async fn update<B>(
     caller: &Caller,
     which: Which,
     raw: &str,
+    owner: Option<&str>,
     body: B,
 ) -> Result<Response<Full<Bytes>>, ApiError>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let key = which.key(raw);
+    let key = resolve(api, caller, which, raw, owner).await?;
     let mut obj = read_object(body).await?;
     let backends = obj.opt_strings("backends")?;
     let mode = obj.opt::<Mode>("mode")?;
@@ -240,6 +355,21 @@ where
     if let Some(o) = &options {
         validate_options("options", o)?;
     }
+    // New backends need their nodes' consent before the change is accepted.
+    let consent = match &backends {
+        Some(b) => {
+            let k = key.clone();
+            let Some(mut current) = api.blocking(move |s| s.get(&k)).await?? else {
+                return Err(not_found(which, &key));
+            };
+            if !caller.may_act_for(&current.owner) {
+                return Err(forbidden(which, &key));
+            }
+            current.backends.clone_from(b);
+            Some(consent_for(api, &current).await?)
+        }
+        None => None,
+    };
     let k = key.clone();
     let who = caller.clone();
     let (fwhich, fkey) = (which, key.clone());
@@ -251,6 +381,9 @@ where
                 }
                 if let Some(b) = &backends {
                     r.backends.clone_from(b);
+                }
+                if let Some(c) = &consent {
+                    r.consent.clone_from(c);
                 }
                 if let Some(m) = mode {
                     r.mode = m;
@@ -278,8 +411,9 @@ pub(crate) async fn delete(
     caller: &Caller,
     which: Which,
     raw: &str,
+    owner: Option<&str>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let key = which.key(raw);
+    let key = resolve(api, caller, which, raw, owner).await?;
     let k = key.clone();
     let who = caller.clone();
     let fkey = key.clone();
@@ -308,9 +442,10 @@ pub(crate) async fn verify_now(
     api: &Api,
     caller: &Caller,
     raw: &str,
+    owner: Option<&str>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let which = Which::Domains;
-    let key = which.key(raw);
+    let key = resolve(api, caller, which, raw, owner).await?;
     let k = key.clone();
     let Some(r) = api.blocking(move |s| s.get(&k)).await?? else {
         return Err(not_found(which, &key));
