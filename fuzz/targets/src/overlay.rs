@@ -3,7 +3,7 @@
 
 use crate::{XorShift, block_on};
 use bytes::{Bytes, BytesMut};
-use meshgate_overlay::core::{CoreConfig, CoreOut, NodeCore};
+use meshgate_overlay::core::{CoreConfig, CoreOut, LinkOrigin, NodeCore};
 use meshgate_overlay::fuzzing::{
     DEFAULT_HOP_LIMIT, decode_control, decode_frames, encode_control, reencode_routed,
 };
@@ -206,7 +206,7 @@ impl NodeUnderTest {
         let mut core = new_core(NODE_SEED, 2);
         let mut out = Vec::new();
         let key = Identity::from_seed(&NEIGHBOR_SEED).public_key();
-        core.link_up(NEIGHBOR, key, START, &mut out);
+        core.link_up(NEIGHBOR, key, LinkOrigin::Outbound, START, &mut out);
         NodeUnderTest { core, now: START }
     }
 

@@ -4,7 +4,7 @@
 
 use crate::overlay::{Event, NEIGHBOR_SEED, NODE_SEED, NodeUnderTest, frame, new_core};
 use bytes::BytesMut;
-use meshgate_overlay::core::CoreOut;
+use meshgate_overlay::core::{CoreOut, LinkOrigin};
 use meshgate_overlay::fuzzing::encode_control;
 use meshgate_overlay::identity::Identity;
 use meshgate_overlay::link;
@@ -126,6 +126,7 @@ pub(crate) fn exchange() -> Exchange {
     a.link_up(
         B_ON_A,
         Identity::from_seed(&NODE_SEED).public_key(),
+        LinkOrigin::Outbound,
         b.now,
         &mut a_out,
     );
