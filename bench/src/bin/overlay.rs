@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use chacha20poly1305::{AeadInOut, ChaCha20Poly1305, KeyInit, Nonce};
 use meshgate_bench::{median, write_section};
-use meshgate_overlay::core::{CoreConfig, CoreOut, NodeCore};
+use meshgate_overlay::core::{CoreConfig, CoreOut, LinkOrigin, NodeCore};
 use meshgate_overlay::sim::SimRng;
 use meshgate_overlay::{DEFAULT_MTU, Identity, Node, NodeConfig};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, UnboundKey};
@@ -124,10 +124,22 @@ impl Chain {
         let mut q = VecDeque::new();
         for i in 0..hops {
             let mut out = Vec::new();
-            cores[i].link_up(i as u64 + 1, ids[i + 1].public_key(), 0, &mut out);
+            cores[i].link_up(
+                i as u64 + 1,
+                ids[i + 1].public_key(),
+                LinkOrigin::Outbound,
+                0,
+                &mut out,
+            );
             q.extend(out.into_iter().map(|o| (i, o)));
             let mut out = Vec::new();
-            cores[i + 1].link_up(i as u64, ids[i].public_key(), 0, &mut out);
+            cores[i + 1].link_up(
+                i as u64,
+                ids[i].public_key(),
+                LinkOrigin::Outbound,
+                0,
+                &mut out,
+            );
             q.extend(out.into_iter().map(|o| (i + 1, o)));
         }
         let mut c = Chain {
@@ -165,7 +177,7 @@ impl Chain {
                     q.extend(out.into_iter().map(|o| (to, o)));
                 }
                 CoreOut::Deliver(_) => self.delivered += 1,
-                CoreOut::Close(_) => {}
+                CoreOut::Close(_) | CoreOut::Unreachable { .. } => {}
             }
         }
     }
