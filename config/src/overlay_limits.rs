@@ -1,6 +1,6 @@
 //! The overlay node's limits against hostile peers, shared by `node.toml` (`[limits]`) and
 //! the gateway's `[overlay.limits]`. Defaults match `meshgate_overlay::Limits::default()`;
-//! `docs/security.d/overlay.md` says what happens at each limit and which counter counts it.
+//! `docs/security.md` says what happens at each limit and which counter counts it.
 //!
 //! ```toml
 //! [limits]                          # [overlay.limits] in the gateway's config

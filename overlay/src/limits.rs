@@ -1,7 +1,7 @@
 //! Limits on what hostile peers can make a node hold or do: link queues, unverified links,
 //! link counts, routing table, session table and session-init rate. Every limit has a
 //! default here, a config key (`meshgate_config::overlay::OverlayLimits`) and a counter in
-//! [`crate::core::Counters`]; `docs/security.d/overlay.md` lists them.
+//! [`crate::core::Counters`]; `docs/security.md` lists them.
 
 use crate::session::Micros;
 
