@@ -7,10 +7,11 @@ use std::net::{IpAddr, Ipv6Addr};
 use bytes::{Bytes, BytesMut};
 
 use crate::addr::{Prefix, is_overlay_v6, prefix_of};
+use crate::clock::Micros;
 use crate::identity::Identity;
 use crate::limits::Limits;
 use crate::routing::{Nbr, Router, RoutingConfig};
-use crate::session::{Micros, SessionConfig, SessionError, SessionOut, Sessions};
+use crate::session::{SessionConfig, SessionError, SessionOut, Sessions};
 use crate::wire::{
     self, Control, PKT_DATA, PKT_SESSION_INIT, PKT_SESSION_RESP, PKT_UNKNOWN_SESSION,
     PKT_UNREACHABLE,

@@ -6,6 +6,7 @@
 //! virtual clock. Wire formats: `docs/protocol.md`.
 
 pub mod addr;
+pub mod clock;
 pub mod core;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -1,9 +1,9 @@
 //! Limits on what hostile peers can make a node hold or do: link queues, unverified links,
 //! link counts, routing table, session table and session-init rate. Every limit has a
-//! default here, a config key (`meshgate_config::overlay::OverlayLimits`) and a counter in
-//! [`crate::core::Counters`]; `docs/security.md` lists them.
+//! default here, a config key (`meshgate_config::overlay_limits::OverlayLimits`) and a counter in
+//! the core's `Counters`; `docs/security.md` lists them.
 
-use crate::session::Micros;
+use crate::clock::Micros;
 
 /// All overlay limits. Defaults suit a node with a few hundred peers.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,8 +14,8 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
 
+use crate::clock::Micros;
 use crate::link::LinkError;
-use crate::session::Micros;
 use crate::wire::{self, FRAME_HEADER_LEN, FrameKind};
 
 /// A frame queued for a link: header and body kept apart so bodies are never copied.

@@ -17,8 +17,8 @@
 use std::collections::BTreeMap;
 
 use crate::addr::{Prefix, prefix_for_key};
+use crate::clock::Micros;
 use crate::identity::{Identity, verify};
-use crate::session::Micros;
 use crate::wire::{
     Control, MAX_UPDATES_PER_MESSAGE, METRIC_INFINITY, RouteUpdate, route_signature_input,
 };

@@ -14,11 +14,9 @@ use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use sha2::{Digest, Sha256};
 
 use crate::addr::{Prefix, prefix_for_key, prefix_of};
+use crate::clock::Micros;
 use crate::identity::{Identity, verify};
 use crate::wire::{self, DATA_HEADER_LEN, SessionInit, SessionResp, TAG_LEN, UnknownSession};
-
-/// Microseconds on the caller's clock (monotonic; virtual in the simulator).
-pub type Micros = u64;
 
 /// Session tuning; defaults suit real nodes.
 #[derive(Debug, Clone)]

@@ -10,9 +10,9 @@ use std::net::Ipv6Addr;
 use bytes::{Bytes, BytesMut};
 
 use crate::addr::prefix_of;
+use crate::clock::Micros;
 use crate::core::{CoreConfig, CoreOut, Counters, LinkOrigin, NodeCore};
 use crate::identity::Identity;
-use crate::session::Micros;
 use crate::wire::Control;
 
 /// A deterministic pseudo-random generator (SplitMix64) for topologies and key material.

@@ -1,5 +1,5 @@
 //! The wall clock reservations are stamped with (unix seconds and milliseconds). The state
-//! machine in [`crate::lifecycle`] never reads it; its callers pass the time in.
+//! machine in the `lifecycle` module never reads it; its callers pass the time in.
 
 /// Current time in unix seconds.
 pub fn now_unix() -> u64 {

@@ -104,7 +104,7 @@ impl Kind {
 
 /// Identifies one reservation: its kind and its name (label for names, FQDN for domains),
 /// and for domains the deployer claiming it. A name has one holder; a domain may be claimed
-/// by several deployers at once until one of them proves it (see [`crate::lifecycle`]).
+/// by several deployers at once until one of them proves it (the `lifecycle` module settles who).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Key {
     pub kind: Kind,
@@ -223,7 +223,7 @@ pub struct Reservation {
     #[serde(default)]
     pub verification: Verification,
     /// Consent of the nodes behind overlay backends, one entry per overlay backend (see
-    /// [`crate::consent`]). An overlay backend without a granted entry is not served.
+    /// the `consent` module). An overlay backend without a granted entry is not served.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consent: Vec<BackendConsent>,
 }
