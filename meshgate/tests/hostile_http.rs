@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshgate_config::gateway::GatewayConfig;
 use meshgate_gateway::{Gateway, GatewayParts};
-use meshgate_testkit::http::{BoxBody, Protocol, Served, full_body, serve_http};
+use meshgate_testkit::http::{BoxBody, Protocol, Served, full_body, serve_http, status_of};
 use meshgate_testkit::tls::{roots_from_pem_file, tls_connect};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -102,12 +102,7 @@ impl Fixture {
         let mut buf = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(2), tls.read_to_end(&mut buf)).await;
         let text = String::from_utf8_lossy(&buf).to_string();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        (status, text)
+        (status_of(&text), text)
     }
 
     /// An HTTP/1.1 request through hyper on a connection for `sni`.
@@ -324,12 +319,7 @@ async fn raw_plain(addr: SocketAddr, host: &str) -> (u16, String) {
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
     let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, text)
+    (status_of(&text), text)
 }
 
 /// Item 7: `Upgrade: h2c` never opens a tunnel (the backend sees no offer and answers as

@@ -18,6 +18,14 @@ use std::net::SocketAddr;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
+/// The status code of a raw HTTP/1.x response text (`HTTP/1.1 421 ...`), 0 if it has none.
+pub fn status_of(text: &str) -> u16 {
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The response body type of the kit's handlers.
 pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 

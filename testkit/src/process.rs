@@ -191,12 +191,7 @@ impl GatewayProcess {
             .output()
             .expect("curl runs");
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        (status, text)
+        (crate::http::status_of(&text), text)
     }
 
     /// The farmer's admin token (standard config: `dir/admin.token`, created by the gateway).

@@ -117,27 +117,13 @@ pub fn serve_on_stack(
     allow: watch::Receiver<Arc<Vec<ConsentGrant>>>,
     max_connections: usize,
 ) -> std::io::Result<ConsentServer> {
-    let listener = stack.listen(CONSENT_PORT)?;
-    let address = stack.address();
-    let stats = Arc::new(ConsentStats::default());
-    let slots = Arc::new(Semaphore::new(max_connections));
-    let s = stats.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let (allow, stats) = (allow.clone(), s.clone());
-            tokio::spawn(async move {
-                answer(stream, address, allow, &stats).await;
-                drop(permit);
-            });
-        }
-    });
-    Ok(ConsentServer { task, stats })
+    let listener = Arc::new(stack.listen(CONSENT_PORT)?);
+    // The stack's listener fails only when the stack is gone: stop then.
+    let accept = move || {
+        let listener = listener.clone();
+        async move { listener.accept().await.ok().map(|(stream, _)| stream) }
+    };
+    Ok(serve(accept, stack.address(), allow, max_connections))
 }
 
 /// Answers consent queries on a kernel listener bound to the node's overlay address (TUN
@@ -148,6 +134,35 @@ pub fn serve_on_listener(
     allow: watch::Receiver<Arc<Vec<ConsentGrant>>>,
     max_connections: usize,
 ) -> ConsentServer {
+    let listener = Arc::new(listener);
+    // A kernel accept error (a connection reset before it was taken, no file descriptors
+    // left) concerns one connection: keep accepting.
+    let accept = move || {
+        let listener = listener.clone();
+        async move {
+            loop {
+                if let Ok((stream, _)) = listener.accept().await {
+                    return Some(stream);
+                }
+            }
+        }
+    };
+    serve(accept, address, allow, max_connections)
+}
+
+/// The accept loop both listeners share: at most `max_connections` answered at a time;
+/// `accept` giving `None` ends it.
+fn serve<S, F, A>(
+    mut accept: F,
+    address: Ipv6Addr,
+    allow: watch::Receiver<Arc<Vec<ConsentGrant>>>,
+    max_connections: usize,
+) -> ConsentServer
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: FnMut() -> A + Send + 'static,
+    A: Future<Output = Option<S>> + Send,
+{
     let stats = Arc::new(ConsentStats::default());
     let slots = Arc::new(Semaphore::new(max_connections));
     let s = stats.clone();
@@ -156,8 +171,8 @@ pub fn serve_on_listener(
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let Some(stream) = accept().await else {
+                return;
             };
             let (allow, stats) = (allow.clone(), s.clone());
             tokio::spawn(async move {

@@ -282,10 +282,10 @@ pub(crate) fn request_host<B>(req: &Request<B>) -> Result<String, HostError> {
 
 /// Same host name (any case, trailing dot or not) and, if both give one, the same port.
 fn same_host(a: &str, b: &str) -> bool {
-    let port = |h: &str| {
+    fn port(h: &str) -> Option<&str> {
         let after = h.rsplit_once(']').map_or(h, |(_, rest)| rest);
-        after.rsplit_once(':').map(|(_, p)| p.to_string())
-    };
+        after.rsplit_once(':').map(|(_, p)| p)
+    }
     normalize_host(a) == normalize_host(b)
         && match (port(a), port(b)) {
             (Some(x), Some(y)) => x == y,
@@ -355,25 +355,31 @@ const SET_HERE: [&str; 5] = [
 ];
 
 /// Removes the client-address headers, also when spelt with `_` for `-`: CGI-style servers
-/// (PHP, WSGI, Rack) map both to the same `HTTP_X_REAL_IP` variable.
+/// (PHP, WSGI, Rack) map both to the same `HTTP_X_REAL_IP` variable. One pass over the
+/// request's own headers; nothing is allocated unless one is found.
 fn strip_client_address(h: &mut HeaderMap) {
-    for n in CLIENT_ADDRESS {
-        h.remove(n);
-    }
-    let underscored: Vec<HeaderName> = h
+    let found: Vec<HeaderName> = h
         .keys()
-        .filter(|n| n.as_str().contains('_'))
-        .filter(|n| {
-            let dashed = n.as_str().replace('_', "-");
-            CLIENT_ADDRESS.contains(&dashed.as_str())
-                || SET_HERE.contains(&dashed.as_str())
-                || dashed == "host"
-        })
+        .filter(|n| is_client_address(n.as_str()))
         .cloned()
         .collect();
-    for n in underscored {
+    for n in found {
         h.remove(n);
     }
+}
+
+/// Whether a (lowercase) header name is a client-address header, or the `_` spelling of one
+/// of them, of a header set here, or of `Host`.
+fn is_client_address(name: &str) -> bool {
+    let spells = |listed: &str| {
+        listed.len() == name.len()
+            && listed
+                .bytes()
+                .zip(name.bytes())
+                .all(|(l, c)| l == c || (l == b'-' && c == b'_'))
+    };
+    CLIENT_ADDRESS.iter().any(|l| spells(l))
+        || (name.contains('_') && (SET_HERE.iter().any(|l| spells(l)) || spells("host")))
 }
 
 fn set_forwarded(h: &mut HeaderMap, client: SocketAddr, proto: &str, host: &str) {

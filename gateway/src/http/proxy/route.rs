@@ -59,14 +59,15 @@ pub(crate) fn pick<B>(shared: &Shared, req: &Request<B>, conn: &ConnInfo) -> Pic
             host,
         };
     };
-    let route = entry.route.host.as_str().to_owned();
-    tracing::Span::current().record("route", route.as_str());
+    let route = entry.route.host.as_str();
+    tracing::Span::current().record("route", route);
+    // Only the refusals below allocate: a forwarded request copies no names here.
     let answer = |kind: Option<&str>, resp: Response<Body>| {
         if let Some(kind) = kind {
-            shared.metrics.error(&route, kind);
+            shared.metrics.error(route, kind);
         }
         Picked::Answer {
-            route: route.clone(),
+            route: route.to_owned(),
             host: host.clone(),
             resp,
         }
