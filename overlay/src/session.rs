@@ -256,10 +256,11 @@ impl Sessions {
         self.clock_offset.saturating_add(now)
     }
 
-    /// Makes sure `prefix` has an entry, marked used at `now`; a full table first evicts its
-    /// least recently used entry (its sessions end; the peer re-initiates when it needs one).
-    fn admit_peer(&mut self, prefix: Prefix, now: Micros) {
-        if !self.peers.contains_key(&prefix) && self.peers.len() >= self.max_peers {
+    /// Makes room for `prefix`'s entry: a full table evicts its least recently used entry
+    /// (its sessions end; the peer re-initiates when it needs one). No lookup while the
+    /// table has room, as on every sealed packet.
+    fn make_room(&mut self, prefix: Prefix) {
+        if self.peers.len() >= self.max_peers && !self.peers.contains_key(&prefix) {
             let lru = self
                 .peers
                 .iter()
@@ -277,8 +278,6 @@ impl Sessions {
                 }
             }
         }
-        let peer = self.peers.entry(prefix).or_default();
-        peer.last_used = peer.last_used.max(now);
     }
 
     fn new_idx(&mut self) -> u32 {
@@ -301,8 +300,8 @@ impl Sessions {
     ) {
         let prefix = prefix_of(&dst);
         let cfg = self.cfg.clone();
-        self.admit_peer(prefix, now);
-        let peer = self.peers.entry(prefix).or_default();
+        self.make_room(prefix);
+        let peer = used(&mut self.peers, prefix, now);
         peer.addr = Some(dst);
         let usable = peer
             .current
@@ -352,8 +351,8 @@ impl Sessions {
         let encoded = init.encode();
         let init_hash = transcript_hash(&encoded);
         self.by_idx.insert(idx, prefix);
-        self.admit_peer(prefix, now);
-        let peer = self.peers.entry(prefix).or_default();
+        self.make_room(prefix);
+        let peer = used(&mut self.peers, prefix, now);
         if let Some(old) = peer.pending.take() {
             self.by_idx.remove(&old.idx);
         }
@@ -501,8 +500,8 @@ impl Sessions {
         out: &mut Vec<SessionOut>,
     ) {
         self.established += 1;
-        self.admit_peer(prefix, now);
-        let peer = self.peers.entry(prefix).or_default();
+        self.make_room(prefix);
+        let peer = used(&mut self.peers, prefix, now);
         if let Some(old) = peer.previous.take() {
             self.by_idx.remove(&old.local_idx);
         }
@@ -806,6 +805,13 @@ fn seal_data(s: &mut Session, src: &Ipv6Addr, dst: &Ipv6Addr, packet: &[u8]) -> 
 }
 
 /// A signed session init from `from` to `dst` (tests play throwaway-key initiators).
+/// `prefix`'s entry in `peers` (made if absent), marked used at `now`.
+fn used(peers: &mut BTreeMap<Prefix, Peer>, prefix: Prefix, now: Micros) -> &mut Peer {
+    let peer = peers.entry(prefix).or_default();
+    peer.last_used = peer.last_used.max(now);
+    peer
+}
+
 #[cfg(test)]
 pub(crate) fn test_init(from: &Identity, dst: Ipv6Addr, timestamp: u64) -> Bytes {
     let eph = x25519_dalek::StaticSecret::from([5u8; 32]);
