@@ -3,7 +3,11 @@
 #   pebble          real ACME server for certs tests
 #   curl, openssl   real clients in end-to-end tests
 #   nghttp2-client  h2load, HTTP/2 client checks
-#   iproute2        network namespaces for TUN tests
+#   iproute2        network namespaces for TUN tests and LAN discovery
+#   etcd-server, etcd-client  a real 3-member etcd cluster for the gateway fleet
+#   protobuf-compiler         protoc, which etcd-client's build needs
+#   chromium        headless browser for the status and deployer pages
+#   valgrind        callgrind instruction counts (bench)
 set -euo pipefail
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -12,6 +16,11 @@ have curl || need+=(curl)
 have openssl || need+=(openssl)
 have h2load || need+=(nghttp2-client)
 have ip || need+=(iproute2)
+have etcd || [ -x /usr/bin/etcd ] || need+=(etcd-server)
+have etcdctl || need+=(etcd-client)
+have protoc || need+=(protobuf-compiler)
+have chromium || [ -x /usr/bin/chromium ] || need+=(chromium)
+have valgrind || need+=(valgrind)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
