@@ -5,7 +5,7 @@
 #   nghttp2-client  h2load, HTTP/2 client checks
 #   iproute2        network namespaces for TUN tests and LAN discovery
 #   etcd-server, etcd-client  a real 3-member etcd cluster for the gateway fleet
-#   protobuf-compiler         protoc, which etcd-client's build needs
+#   protobuf-compiler, libprotobuf-dev  protoc and its well-known types, which etcd-client's build needs
 #   chromium        headless browser for the status and deployer pages
 #   valgrind        callgrind instruction counts (bench)
 set -euo pipefail
@@ -19,6 +19,7 @@ have ip || need+=(iproute2)
 have etcd || [ -x /usr/bin/etcd ] || need+=(etcd-server)
 have etcdctl || need+=(etcd-client)
 have protoc || need+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 have chromium || [ -x /usr/bin/chromium ] || need+=(chromium)
 have valgrind || need+=(valgrind)
 if [ ${#need[@]} -gt 0 ]; then
