@@ -69,10 +69,11 @@ pub(crate) fn check(path: &Path) -> Checked {
         .token_file
         .clone()
         .unwrap_or_else(|| config.data_dir.join("admin.token"));
-    if token.exists() {
-        if let Err(e) = meshgate_reservations::token::AdminToken::load_or_create(&token) {
-            errors.push(at("admin.token_file", format!("{e}")));
-        }
+    // Absent, it is created on start; present, it must be a private, valid token.
+    if token.exists()
+        && let Err(e) = meshgate_reservations::token::AdminToken::load_or_create(&token)
+    {
+        errors.push(at("admin.token_file", format!("{e}")));
     }
     if let Some(ca) = config
         .tls
