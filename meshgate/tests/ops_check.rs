@@ -119,11 +119,17 @@ fn every_bad_file_is_reported_located() {
             d.display()
         ),
         format!("{c}:12:1: overlay.key_file:"),
-        format!("{c}:13:9: overlay.peers.0: `no-port.example.org` is not `host:port`"),
+        format!("{c}:13:10: overlay.peers.0: `no-port.example.org` is not `host:port`"),
     ] {
         assert!(err.contains(&expected), "missing `{expected}` in:\n{err}");
     }
-    assert!(err.contains("admin.token_file"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{c}:1:1: data_dir: admin token: {}/admin.token: mode 644",
+            d.display()
+        )),
+        "{err}"
+    );
     assert!(err.contains("644"), "modes are named: {err}");
     assert!(err.contains("6 problems found"), "{err}");
 }

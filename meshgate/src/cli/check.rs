@@ -73,7 +73,12 @@ pub(crate) fn check(path: &Path) -> Checked {
     if token.exists()
         && let Err(e) = meshgate_reservations::token::AdminToken::load_or_create(&token)
     {
-        errors.push(at("admin.token_file", format!("{e}")));
+        // The default file lives in `data_dir`: point there when no `token_file` is written.
+        let field = match config.admin.token_file {
+            Some(_) => "admin.token_file",
+            None => "data_dir",
+        };
+        errors.push(at(field, format!("admin token: {e}")));
     }
     if let Some(ca) = config
         .tls
