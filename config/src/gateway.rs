@@ -29,6 +29,8 @@ pub struct GatewayConfig {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub security: Security,
+    /// `[log]`: the access log's format.
+    pub log: crate::log::Log,
     /// Custom-domain verification for reservations.
     pub reservations: Reservations,
     /// Static routes, `[[route]]` tables.
@@ -61,6 +63,8 @@ struct GatewayFile {
     limits: Limits,
     #[serde(default)]
     security: Security,
+    #[serde(default)]
+    log: crate::log::Log,
     #[serde(default)]
     reservations: Reservations,
     #[serde(default, rename = "route")]
@@ -426,6 +430,10 @@ pub struct Timeouts {
     /// (503 when none answers in time). The default of each route's `pool.connect_timeout_ms`.
     #[serde(default = "d5000")]
     pub connect_ms: u64,
+    /// On SIGTERM: how long in-flight requests may take to finish after the listeners close
+    /// (0 = close at once); tunnels and passthrough streams are closed after it.
+    #[serde(default = "d10000")]
+    pub drain_ms: u64,
 }
 
 fn d5000() -> u64 {
@@ -449,6 +457,7 @@ impl Default for Timeouts {
             idle_ms: d120000(),
             request_ms: d60000(),
             connect_ms: d5000(),
+            drain_ms: d10000(),
         }
     }
 }
@@ -468,6 +477,9 @@ impl Timeouts {
     }
     pub fn connect(&self) -> Duration {
         Duration::from_millis(self.connect_ms)
+    }
+    pub fn drain(&self) -> Duration {
+        Duration::from_millis(self.drain_ms)
     }
 }
 
@@ -701,6 +713,9 @@ impl GatewayFile {
                     ),
                 ));
             }
+            if let Some((key, msg)) = r.options.hsts.as_ref().and_then(|h| h.invalid()) {
+                return Err(err(&format!("route.{i}.options.hsts.{key}"), msg));
+            }
             if let Err((field, msg)) = r.pool.validate() {
                 return Err(err(&format!("route.{i}.{field}"), msg));
             }
@@ -726,6 +741,7 @@ impl GatewayFile {
             timeouts: self.timeouts,
             limits: self.limits,
             security: self.security,
+            log: self.log,
             reservations: self.reservations,
             routes,
         })

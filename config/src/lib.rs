@@ -6,6 +6,7 @@
 pub mod file;
 pub mod gateway;
 pub mod host;
+pub mod log;
 pub mod nat64;
 pub mod node;
 pub mod overlay_limits;

@@ -52,6 +52,63 @@ pub struct RouteOptions {
     /// HTTP/1.1 upgrade protocols (`Upgrade` tokens, any case) tunnelled to the backend;
     /// others are dropped from the request. Default `["websocket"]`; `h2c` is never tunnelled.
     pub upgrades: Vec<String>,
+    /// `Strict-Transport-Security` on this route's HTTPS responses; absent (default) = none.
+    pub hsts: Option<Hsts>,
+}
+
+/// `options.hsts`: the `Strict-Transport-Security` header (RFC 6797) the gateway puts on a
+/// route's HTTPS responses (never on plain HTTP, where browsers ignore it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hsts {
+    /// `max-age`, in seconds (default 31536000, one year; 0 tells browsers to forget).
+    #[serde(default = "one_year")]
+    pub max_age: u64,
+    /// `includeSubDomains`: every subdomain of the host is HTTPS-only too (default false).
+    #[serde(default)]
+    pub include_subdomains: bool,
+    /// `preload`: asks to be on browsers' built-in lists; needs `include_subdomains` and a
+    /// `max_age` of at least a year (default false).
+    #[serde(default)]
+    pub preload: bool,
+}
+
+fn one_year() -> u64 {
+    31_536_000
+}
+
+impl Hsts {
+    /// The header value, e.g. `max-age=31536000; includeSubDomains; preload`.
+    pub fn header_value(&self) -> String {
+        let mut v = format!("max-age={}", self.max_age);
+        if self.include_subdomains {
+            v.push_str("; includeSubDomains");
+        }
+        if self.preload {
+            v.push_str("; preload");
+        }
+        v
+    }
+
+    /// What is wrong with this combination, if anything: `(key, message)`.
+    pub fn invalid(&self) -> Option<(&'static str, String)> {
+        if self.preload && !self.include_subdomains {
+            return Some((
+                "preload",
+                "needs `include_subdomains = true` (browsers' preload lists require it)".into(),
+            ));
+        }
+        if self.preload && self.max_age < one_year() {
+            return Some((
+                "max_age",
+                format!(
+                    "{} is too short for `preload`; expected at least 31536000 (one year)",
+                    self.max_age
+                ),
+            ));
+        }
+        None
+    }
 }
 
 impl Default for RouteOptions {
@@ -61,6 +118,7 @@ impl Default for RouteOptions {
             proxy_protocol: false,
             backend_protocol: BackendProtocol::default(),
             upgrades: vec!["websocket".to_string()],
+            hsts: None,
         }
     }
 }

@@ -138,6 +138,8 @@ impl Gateway {
             config_path,
             timeouts: config.timeouts.clone(),
             limits: config.limits.clone(),
+            access_log: config.log.access,
+            drain: crate::listen::drain::Drain::default(),
             config: RwLock::new(Arc::new(config)),
             reserved,
             routes: watch::Sender::new(Arc::default()),
@@ -209,13 +211,34 @@ impl Gateway {
         self.shared.api.as_ref().map(|_| c.api.listen)
     }
 
-    /// Serves until `shutdown` completes.
+    /// Serves until `shutdown` completes, then drains: the listeners close (new connections
+    /// are refused), in-flight requests get `timeouts.drain_ms` to finish (h2 clients are
+    /// sent GOAWAY), then tunnels and passthrough streams are closed.
     pub async fn serve(&self, bound: Bound, shutdown: impl Future<Output = ()>) -> Result<()> {
         let control: Arc<dyn crate::admin::Control> = Arc::new(self.clone());
         let mut tasks = tokio::task::JoinSet::new();
         listen::spawn_all(&mut tasks, &self.shared, control, bound);
         shutdown.await;
+        // Each accept loop owns its listener: once they are gone, connecting is refused.
         tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        let deadline = self.shared.timeouts.drain();
+        tracing::info!(
+            deadline_ms = deadline.as_millis() as u64,
+            in_flight_connections = self.shared.drain.http.len(),
+            "listeners closed; draining"
+        );
+        let drained = self.shared.drain.run(deadline).await;
+        if drained.cut > 0 {
+            tracing::warn!(
+                connections = drained.cut,
+                "drain deadline passed; connections with requests in flight closed"
+            );
+        }
+        tracing::info!(
+            streams_closed = drained.closed,
+            "drained; tunnels and passthrough streams closed"
+        );
         Ok(())
     }
 }

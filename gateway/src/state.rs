@@ -39,6 +39,10 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     pub(crate) timeouts: Timeouts,
     pub(crate) limits: Limits,
+    /// `[log] access` (fixed until restart).
+    pub(crate) access_log: meshgate_config::log::AccessFormat,
+    /// Stopping: listeners closed, connections told to finish (see the listen layer's drain).
+    pub(crate) drain: crate::listen::drain::Drain,
     /// The ACME certificate manager: challenges, managed certificates, their status.
     pub(crate) certs: Option<Arc<CertManager>>,
     /// The reservations API, served under `/v1/` on the deployers' listener.
@@ -144,8 +148,8 @@ impl Shared {
         {
             tracing::warn!("listener, admin, api or overlay changes take effect after a restart");
         }
-        if new.timeouts != old.timeouts || new.limits != old.limits {
-            tracing::warn!("timeout and limit changes take effect after a restart");
+        if new.timeouts != old.timeouts || new.limits != old.limits || new.log != old.log {
+            tracing::warn!("timeout, limit and log changes take effect after a restart");
         }
         if new.reservations != old.reservations {
             tracing::warn!("[reservations] changes take effect after a restart");

@@ -1,7 +1,7 @@
 //! The `meshgate` binary: one executable, one subcommand per role ([`cli`]); each role is
 //! assembled by the library's composition root, `meshgate::app`.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
@@ -33,6 +33,10 @@ enum Command {
     Keygen(cli::keygen::Args),
     /// Manage name and domain reservations through a gateway's admin API.
     Reserve(cli::reserve::Args),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions(cli::docs::CompletionsArgs),
+    /// Print the man page (roff) to stdout, or write every page into a directory.
+    Man(cli::docs::ManArgs),
 }
 
 /// mimalloc asks for transparent huge pages, so the first touch of its fresh memory zeroes
@@ -49,6 +53,12 @@ fn disable_transparent_huge_pages() {
 fn main() -> std::process::ExitCode {
     disable_transparent_huge_pages();
     let cli = Cli::parse();
+    // Generated from the CLI definition; no runtime needed.
+    let command = match cli.command {
+        Command::Completions(a) => return exit(cli::docs::completions(Cli::command(), a)),
+        Command::Man(a) => return exit(cli::docs::man(Cli::command(), a)),
+        other => other,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -60,14 +70,20 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        match cli.command {
+        match command {
             Command::Gateway(a) => cli::gateway::run(a).await,
             Command::Node(a) => cli::node::run(a).await,
             Command::Demo(a) => cli::demo::run(a).await,
             Command::Keygen(a) => cli::keygen::run(a).await,
             Command::Reserve(a) => cli::reserve::run(a).await,
+            Command::Completions(_) | Command::Man(_) => Ok(()),
         }
     });
+    exit(result)
+}
+
+/// Exit status 0, or 1 with the error on stderr.
+fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

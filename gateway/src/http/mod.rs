@@ -30,10 +30,14 @@ pub(crate) struct ConnInfo {
     pub span: tracing::Span,
     /// What a terminated TLS connection presented (SNI, certificate); `None` on plain HTTP.
     pub tls: Option<Arc<TlsNames>>,
+    /// Cancelled when a stopping gateway's drain ends: tunnels close with it.
+    pub closing: tokio_util::sync::CancellationToken,
 }
 
 /// Serves HTTP/1.1 (and h2 when negotiated) on a client connection until it closes or idles,
-/// or sends no complete request head by `first`'s deadline.
+/// or sends no complete request head by `first`'s deadline. When the gateway stops, the
+/// connection finishes its in-flight requests and closes (h2: GOAWAY first), or is closed
+/// when the drain ends.
 pub(crate) async fn serve<S>(
     shared: &Arc<Shared>,
     io: S,
@@ -75,18 +79,34 @@ pub(crate) async fn serve<S>(
         }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::select! {
-        r = conn => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "client connection ended with an error");
+    let mut conn = std::pin::pin!(conn);
+    let drain = &shared.drain;
+    let mut told_to_stop = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "client connection ended with an error");
+                }
+                return;
             }
-        }
-        _ = activity.idle(shared.timeouts.idle()) => {
-            tracing::debug!("client connection idle, closing");
-        }
-        _ = first.missed() => {
-            shared.metrics.error("unknown", "header_timeout");
-            tracing::debug!("no complete request head within header_ms of accept, closing");
+            _ = drain.stopping.cancelled(), if !told_to_stop => {
+                told_to_stop = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = drain.closing.cancelled() => {
+                tracing::debug!("drain deadline passed with requests in flight, closing");
+                return;
+            }
+            _ = activity.idle(shared.timeouts.idle()) => {
+                tracing::debug!("client connection idle, closing");
+                return;
+            }
+            _ = first.missed() => {
+                shared.metrics.error("unknown", "header_timeout");
+                tracing::debug!("no complete request head within header_ms of accept, closing");
+                return;
+            }
         }
     }
 }

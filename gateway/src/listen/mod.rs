@@ -2,8 +2,9 @@
 //! ([`slots`]: a pool per kind and a cap per client), and handing each connection to its
 //! layer by kind: :443 to classification ([`tls`]), :80 to HTTP, the operator's port to the
 //! admin layer, the deployers' port to the reservations API. Each connection runs in a span
-//! naming its client.
+//! naming its client. On stop the loops end and the connections drain ([`drain`]).
 
+pub(crate) mod drain;
 mod slots;
 mod tls;
 
@@ -200,13 +201,21 @@ async fn accept_loop(
             .listener_connections
             .get_or_create(&label)
             .clone();
+        // Public connections are waited for by the drain; the operator's and the deployers'
+        // simply end with the process.
+        let public = match kind {
+            Kind::Tls | Kind::Plain => Some(shared.drain.public.token()),
+            Kind::Admin | Kind::Api => None,
+        };
         let connection = async move {
+            let _public = public;
             let _ = stream.set_nodelay(true);
             shared.metrics.connections.inc();
             open.inc();
             match kind {
                 Kind::Tls => tls::serve(&shared, stream, peer, accepted).await,
                 Kind::Plain => {
+                    let _serving = shared.drain.http.token();
                     let activity = Activity::default();
                     let ci = ConnInfo {
                         client: peer,
@@ -214,6 +223,7 @@ async fn accept_loop(
                         activity: activity.clone(),
                         span: tracing::Span::current(),
                         tls: None,
+                        closing: shared.drain.closing.clone(),
                     };
                     let first = FirstRequest::by(accepted + shared.timeouts.header());
                     let io = Tracked::new(stream, activity);

@@ -84,6 +84,7 @@ async fn terminate(
     deadline: Instant,
     first: FirstRequest,
 ) {
+    let _serving = shared.drain.http.token();
     let activity = Activity::default();
     let io = Tracked::new(Rewind::new(prefix, stream), activity.clone());
     let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls.clone());
@@ -111,6 +112,7 @@ async fn terminate(
         activity,
         span: tracing::Span::current(),
         tls: http::TlsNames::of(shared, tls.get_ref().1),
+        closing: shared.drain.closing.clone(),
     };
     http::serve(shared, tls, ci, h2, first).await;
 }

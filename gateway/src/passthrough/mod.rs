@@ -36,7 +36,8 @@ pub(crate) async fn splice(
             return;
         }
     };
-    tracing::Span::current().record("backend", tracing::field::display(lease.backend()));
+    let backend = lease.backend();
+    tracing::Span::current().record("backend", tracing::field::display(backend));
     let local = stream.local_addr().unwrap_or(peer);
     if route.options.proxy_protocol {
         let header = proxy_protocol::header_v2(peer, local);
@@ -52,12 +53,19 @@ pub(crate) async fn splice(
     let moved = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut c, &mut b) => r.ok(),
         _ = activity.idle(shared.timeouts.idle()) => None,
+        // The gateway is stopping and its drain has ended.
+        _ = shared.drain.closing.cancelled() => None,
     };
     drop(lease);
     let (up, down) = moved.unwrap_or((0, 0));
     log::finished(
         &shared.metrics,
+        shared.access_log,
         route.host.as_str(),
+        &log::Parties {
+            client: peer,
+            backend: Some(backend),
+        },
         start.elapsed(),
         Outcome::Stream {
             up: up + prefix.len() as u64,

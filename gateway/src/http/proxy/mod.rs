@@ -36,6 +36,7 @@ use tracing::Instrument;
 pub(crate) struct RequestContext {
     pub(crate) start: Instant,
     pub(crate) method: Method,
+    pub(crate) version: http::Version,
     pub(crate) path: String,
     pub(crate) conn: ConnInfo,
 }
@@ -60,30 +61,38 @@ async fn phases(shared: &Shared, req: Request<Incoming>, conn: ConnInfo) -> Resp
     let cx = RequestContext {
         start: Instant::now(),
         method: req.method().clone(),
+        version: req.version(),
         path: req.uri().path().to_string(),
         conn,
     };
-    let (route, host, resp) = match route::pick(shared, &req, &cx.conn) {
+    let (route, host, resp, backend) = match route::pick(shared, &req, &cx.conn) {
         Picked::Refused(resp) => return resp,
-        Picked::Answer { route, host, resp } => (route, host, resp),
+        Picked::Answer { route, host, resp } => (route, host, resp, None),
         Picked::Forward {
             entry,
             host,
             authority,
         } => {
-            let resp = forward(shared, &entry, req, &cx, &host, &authority).await;
-            (entry.route.host.as_str().to_owned(), host, resp)
+            let (resp, backend) = forward(shared, &entry, req, &cx, &host, &authority).await;
+            (entry.route.host.as_str().to_owned(), host, resp, backend)
         }
     };
     log::finished(
         &shared.metrics,
+        shared.access_log,
         &route,
+        &log::Parties {
+            client: cx.conn.client,
+            backend,
+        },
         cx.start.elapsed(),
         Outcome::Response {
             status: resp.status(),
             host: &host,
             method: &cx.method,
             path: &cx.path,
+            proto: cx.conn.proto,
+            version: cx.version,
         },
     );
     let out = shared
@@ -102,7 +111,7 @@ async fn phases(shared: &Shared, req: Request<Incoming>, conn: ConnInfo) -> Resp
     })
 }
 
-/// Phases 2–5 for a request that has a route.
+/// Phases 2–5 for a request that has a route: the response and the backend that gave it.
 async fn forward(
     shared: &Shared,
     entry: &crate::routes::RouteEntry,
@@ -110,7 +119,7 @@ async fn forward(
     cx: &RequestContext,
     host: &str,
     authority: &str,
-) -> Response<Body> {
+) -> (Response<Body>, Option<std::net::SocketAddr>) {
     let route = &entry.route;
     let hop = request::Hop {
         client: cx.conn.client,
@@ -143,14 +152,21 @@ async fn forward(
             })
             .boxed(),
     );
-    match connect::send(shared, entry, &upstream.head, &body, &cx.conn).await {
-        Ok((resp, lease)) => response::relay(
-            resp,
-            client_upgrade,
-            &cx.conn,
-            shared.timeouts.idle(),
-            lease,
-        ),
-        Err(failure) => error::response(failure),
-    }
+    let (mut resp, backend) =
+        match connect::send(shared, entry, &upstream.head, &body, &cx.conn).await {
+            Ok((resp, lease)) => {
+                let backend = lease.backend();
+                let resp = response::relay(
+                    resp,
+                    client_upgrade,
+                    &cx.conn,
+                    shared.timeouts.idle(),
+                    lease,
+                );
+                (resp, Some(backend))
+            }
+            Err(failure) => (error::response(failure), None),
+        };
+    response::add_hsts(&mut resp, &route.options, &cx.conn);
+    (resp, backend)
 }

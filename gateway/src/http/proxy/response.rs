@@ -1,7 +1,7 @@
 //! Phase 5, the backend's response to the client: hop-by-hop headers removed, the body
 //! streamed with the backend's slot held until it ends, and an accepted upgrade (one the
 //! client offered and the route allows) turned into a tunnel between the two upgraded
-//! connections.
+//! connections; a route's `options.hsts` header on HTTPS responses.
 
 use super::error;
 use super::request::{strip_hop_by_hop, upgrade_accepted};
@@ -39,6 +39,7 @@ pub(crate) fn relay(
         }
         let backend_upgrade = hyper::upgrade::on(&mut resp);
         let activity = conn.activity.clone();
+        let closing = conn.closing.clone();
         let tunnel = async move {
             // The lease (the backend's in-flight slot) lives as long as the tunnel.
             let _lease = lease;
@@ -57,6 +58,9 @@ pub(crate) fn relay(
                 _ = activity.idle(idle) => {
                     tracing::debug!("upgraded stream idle, closing");
                 }
+                _ = closing.cancelled() => {
+                    tracing::debug!("gateway stopping, upgraded stream closed");
+                }
             }
         };
         tokio::spawn(tunnel.in_current_span());
@@ -72,4 +76,24 @@ pub(crate) fn relay(
         f
     });
     Response::from_parts(parts, body.boxed())
+}
+
+/// Puts the route's `Strict-Transport-Security` on a response sent over HTTPS (replacing the
+/// backend's, so the route's setting is what clients see); plain HTTP gets none (RFC 6797
+/// §7.2: browsers ignore it there, and an active attacker could strip or forge it).
+pub(crate) fn add_hsts(
+    resp: &mut Response<Body>,
+    options: &meshgate_config::route::RouteOptions,
+    conn: &ConnInfo,
+) {
+    let Some(hsts) = &options.hsts else {
+        return;
+    };
+    if conn.proto != "https" {
+        return;
+    }
+    if let Ok(v) = HeaderValue::from_str(&hsts.header_value()) {
+        resp.headers_mut()
+            .insert(header::STRICT_TRANSPORT_SECURITY, v);
+    }
 }
