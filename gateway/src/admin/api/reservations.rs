@@ -2,7 +2,7 @@
 
 use super::body::read_object;
 use super::error::{json_response, no_content};
-use super::{Api, ApiError, Caller};
+use super::{Api, ApiError, Caller, HostActivity};
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
@@ -455,4 +455,45 @@ pub(crate) async fn verify_now(
     }
     api.store.request_verification();
     Ok(json_response(StatusCode::ACCEPTED, &view(api, &r)))
+}
+
+/// `GET /v1/routes`: the host of each of the caller's reservations (every one for the admin),
+/// with its state and what the gateway knows of it: served or not, recent requests and
+/// errors, certificate.
+pub(crate) async fn routes(
+    api: &Api,
+    caller: &Caller,
+    activity: Option<&dyn HostActivity>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let owner = match caller {
+        Caller::Admin => None,
+        Caller::Deployer(me) => Some(me.clone()),
+    };
+    let items = api
+        .blocking(move |s| s.list(owner.as_deref(), None))
+        .await??;
+    let farmer = api.store.farmer_domain();
+    let routes: Vec<Value> = items
+        .iter()
+        .map(|r| {
+            let host = r.host(farmer);
+            let mut v = serde_json::json!({
+                "kind": r.kind,
+                "name": r.name,
+                "owner": r.owner,
+                "host": host,
+                "state": r.status,
+            });
+            if let (Some(a), Value::Object(map)) = (activity, &mut v) {
+                if let Value::Object(more) = a.describe(&host) {
+                    map.extend(more);
+                }
+            }
+            v
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "routes": routes }),
+    ))
 }
