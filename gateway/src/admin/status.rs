@@ -39,5 +39,6 @@ pub(crate) fn json(shared: &Shared) -> serde_json::Value {
         "certificates": {"names": names, "managed": managed},
         "overlay": shared.overlay.as_ref().map(OverlayObserver::status_json),
         "recent_errors": history.recent_errors(),
+        "traffic_routes_forgotten": history.evicted(),
     })
 }
