@@ -35,15 +35,15 @@ fn certificate(shared: &Shared, host: &str) -> Value {
                 .strip_prefix("*.")
                 .is_some_and(|parent| host.split_once('.').is_some_and(|(_, p)| p == parent))
     };
-    if let Some(managed) = shared.certs.as_ref().map(|c| c.status()) {
-        if let Some(c) = managed.iter().find(|c| c.names.iter().any(|n| covers(n))) {
-            return json!({
-                "state": c.state,
-                "not_after": c.not_after,
-                "renew_at": c.renew_at,
-                "last_error": c.last_error,
-            });
-        }
+    if let Some(managed) = shared.certs.as_ref().map(|c| c.status())
+        && let Some(c) = managed.iter().find(|c| c.names.iter().any(|n| covers(n)))
+    {
+        return json!({
+            "state": c.state,
+            "not_after": c.not_after,
+            "renew_at": c.renew_at,
+            "last_error": c.last_error,
+        });
     }
     if shared.resolver.names().iter().any(|n| covers(n)) {
         json!({"state": "served"})

@@ -1,5 +1,6 @@
 //! What both page tests share: a real gateway from a config text, plain HTTP/1.1 calls, and
 //! running the blocking browser driver from an async test.
+#![allow(dead_code)] // Each test binary uses its own part of this module.
 
 use meshgate::app::{self, GatewaySetup};
 use meshgate_config::gateway::GatewayConfig;

@@ -484,10 +484,10 @@ pub(crate) async fn routes(
                 "host": host,
                 "state": r.status,
             });
-            if let (Some(a), Value::Object(map)) = (activity, &mut v) {
-                if let Value::Object(more) = a.describe(&host) {
-                    map.extend(more);
-                }
+            if let (Some(a), Value::Object(map)) = (activity, &mut v)
+                && let Value::Object(more) = a.describe(&host)
+            {
+                map.extend(more);
             }
             v
         })
