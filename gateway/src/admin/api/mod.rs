@@ -17,7 +17,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use meshgate_reservations::consent::{self, ConsentSource};
 use meshgate_reservations::counters::Counters;
-use meshgate_reservations::reservation::Policy;
+use meshgate_reservations::reservation::{Policy, validate_owner};
 use meshgate_reservations::store::{ReservationStore, SharedStore};
 use meshgate_reservations::token::{AdminToken, parse_token};
 use prometheus_client::collector::Collector;
@@ -167,6 +167,9 @@ impl Api {
                 .map(str::to_string)
         });
         let owner = owner.as_deref();
+        if let Some(o) = owner {
+            validate_owner("owner", o)?;
+        }
         let Some(allowed) = allowed_methods(&segments) else {
             return Err(ApiError::not_found("path", format!("no API at {path}")));
         };
