@@ -1023,3 +1023,80 @@ async fn squatting_is_refused_claims_labels_scripts_and_quota() {
     assert_eq!(s, StatusCode::CREATED);
     srv.stop().await;
 }
+
+/// RFC 9110: every 405 names the methods the path takes, in `Allow`.
+#[tokio::test]
+async fn a_405_carries_allow_on_every_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path()).await;
+    let cases = [
+        ("/v1/whoami", Method::DELETE, "GET"),
+        ("/v1/routes", Method::POST, "GET"),
+        ("/v1/tokens", Method::PUT, "GET, POST"),
+        ("/v1/tokens/abc", Method::GET, "DELETE"),
+        ("/v1/names", Method::PATCH, "GET, POST"),
+        ("/v1/names/shop", Method::POST, "GET, PUT, DELETE"),
+        ("/v1/domains", Method::DELETE, "GET, POST"),
+        (
+            "/v1/domains/shop.example.com",
+            Method::PATCH,
+            "GET, PUT, DELETE",
+        ),
+        ("/v1/domains/shop.example.com/verify", Method::GET, "POST"),
+    ];
+    for (path, method, allow) in cases {
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(format!("http://{}{path}", srv.addr))
+            .header(header::AUTHORIZATION, format!("Bearer {}", srv.admin))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = srv.client.request(req).await.unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
+        assert_eq!(resp.headers()[header::ALLOW], allow, "{method} {path}");
+    }
+    srv.stop().await;
+}
+
+/// What the schema allows is accepted: the admin may leave the owner out (the farmer's own
+/// reservation); an empty change is outside the schema (`minProperties: 1`) and refused.
+#[tokio::test]
+async fn the_admin_reserves_for_the_farmer_without_an_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path()).await;
+    let (s, v) = srv
+        .call(
+            Method::POST,
+            "/v1/names",
+            Some(&srv.admin),
+            Some(name_body("shop")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["owner"], "farmer");
+    let (s, v) = srv
+        .call(
+            Method::PUT,
+            "/v1/names/shop",
+            Some(&srv.admin),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_error(&v, "body", "nothing to change");
+    let (s, v) = srv
+        .call(
+            Method::GET,
+            "/v1/names/shop?owner=Not%20an%20id",
+            Some(&srv.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_error(&v, "owner", "deployer id");
+    srv.stop().await;
+}

@@ -11,6 +11,7 @@
 //! Everything listens and connects on loopback only. The kit depends on no meshgate crate,
 //! so every crate can use it without a dependency cycle.
 
+pub mod browser;
 pub mod curl;
 pub mod dns;
 pub mod eventually;

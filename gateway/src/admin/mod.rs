@@ -1,9 +1,12 @@
-//! The operator's listener (loopback by default): `/metrics`, `/status` and `POST /reload`
-//! (admin token), and the deployers' listener of its own (`[api]`) serving the reservations
-//! API under `/v1/`. Each plain HTTP, or TLS when its `tls` is set.
+//! The operator's listener (loopback by default): the status page at `/`, `/metrics`,
+//! `/status` and `POST /reload` (admin token), and the deployers' listener of its own
+//! (`[api]`) serving their page at `/` and the reservations API under `/v1/`. Each plain
+//! HTTP, or TLS when its `tls` is set.
 
+mod activity;
 pub mod api;
 pub mod overlay;
+mod pages;
 mod status;
 pub(crate) mod tls;
 
@@ -166,6 +169,7 @@ async fn operator(
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
+        (&Method::GET, "/") => pages::operator(),
         (&Method::GET, "/metrics") => text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -198,16 +202,31 @@ async fn operator(
             StatusCode::NOT_FOUND,
             serde_json::json!({ "error": "the reservations API is served on its own listener (`[api] listen`), not on the operator's" }),
         ),
+        (m, "/" | "/metrics" | "/status") => method_not_allowed(m, "GET"),
+        (m, "/reload") => method_not_allowed(m, "POST"),
         _ => full(StatusCode::NOT_FOUND, "No such admin endpoint."),
     }
+}
+
+/// A 405 with the `Allow` header RFC 9110 asks for.
+fn method_not_allowed(method: &Method, allow: &'static str) -> Response<Body> {
+    let mut r = json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        serde_json::json!({ "error": format!("{method} is not allowed here; use {allow}") }),
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    r
 }
 
 /// The deployers' endpoints: the reservations API, nothing else.
 async fn deployers(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
     match &shared.api {
+        Some(_) if path == "/" && req.method() == Method::GET => pages::deployer(),
+        Some(_) if path == "/" => method_not_allowed(req.method(), "GET"),
         Some(api) if path.starts_with("/v1/") || path == "/v1" => api
-            .handle(req)
+            .handle_with(req, Some(&activity::GatewayActivity(shared)))
             .await
             .map(|body| body.map_err(|never| match never {}).boxed()),
         Some(_) => json(

@@ -1,11 +1,13 @@
-//! `/status`: what the gateway serves now, as JSON: routes with their pools' health, served and
-//! managed certificates, and the embedded overlay node.
+//! `/status`: what the gateway serves now, as JSON: routes with their pools' health and recent
+//! traffic, served and managed certificates, the embedded overlay node and the latest errors.
 
 use super::overlay::OverlayObserver;
 use crate::state::Shared;
 
 /// The `/status` document.
 pub(crate) fn json(shared: &Shared) -> serde_json::Value {
+    let now = std::time::Instant::now();
+    let history = &shared.metrics.history;
     let routes: Vec<serde_json::Value> = shared
         .routes()
         .entries()
@@ -16,6 +18,7 @@ pub(crate) fn json(shared: &Shared) -> serde_json::Value {
                 "backends": e.route.backends.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>(),
                 "options": e.route.options,
                 "pool": e.pool.status(),
+                "traffic": history.route(e.route.host.as_str(), now),
             })
         })
         .collect();
@@ -35,5 +38,7 @@ pub(crate) fn json(shared: &Shared) -> serde_json::Value {
         "routes": routes,
         "certificates": {"names": names, "managed": managed},
         "overlay": shared.overlay.as_ref().map(OverlayObserver::status_json),
+        "recent_errors": history.recent_errors(),
+        "traffic_routes_forgotten": history.evicted(),
     })
 }

@@ -48,6 +48,11 @@ pub(crate) fn finished(
     let label = RouteLabel {
         route: route.to_string(),
     };
+    let server_error =
+        matches!(&outcome, Outcome::Response { status, .. } if status.is_server_error());
+    metrics
+        .history
+        .request(route, server_error, std::time::Instant::now());
     let status = match &outcome {
         Outcome::Response { status, .. } => format!("{}xx", status.as_u16() / 100),
         Outcome::Stream { up, down } => {

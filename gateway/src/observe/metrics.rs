@@ -7,6 +7,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::time::SystemTime;
+
+use super::history::History;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RouteLabel {
@@ -56,6 +59,8 @@ pub(crate) struct Metrics {
     pub connections_refused: Family<RefusedLabel, Counter>,
     /// Times a listener had every slot taken (new connections waited in the accept queue).
     pub listener_full: Family<ListenerLabel, Counter>,
+    /// Recent traffic per route and the latest errors, for the status pages.
+    pub history: History,
 }
 
 fn latency_histogram() -> Histogram {
@@ -144,6 +149,7 @@ impl Metrics {
             listener_connections,
             connections_refused,
             listener_full,
+            history: History::default(),
         }
     }
 
@@ -154,6 +160,7 @@ impl Metrics {
     }
 
     pub(crate) fn error(&self, route: &str, kind: &str) {
+        self.history.error(route, kind, SystemTime::now());
         self.errors
             .get_or_create(&ErrorLabel {
                 route: route.to_string(),

@@ -1,4 +1,5 @@
-//! Reading JSON request bodies field by field, so every refusal names its field.
+//! Reading JSON request bodies field by field, so every refusal names its field. A field is
+//! given or left out; `null` is not a value (the schema allows none), so it is refused.
 
 use super::error::ApiError;
 use bytes::Bytes;
@@ -30,6 +31,10 @@ where
     }
 }
 
+fn null(field: &str) -> ApiError {
+    ApiError::bad_request(field, "null is not a value here; leave the field out")
+}
+
 /// A request object whose fields are taken one by one; leftovers are unknown fields.
 pub(super) struct Object(Map<String, Value>);
 
@@ -42,7 +47,8 @@ impl Object {
 
     pub(super) fn opt_string(&mut self, field: &str) -> Result<Option<String>, ApiError> {
         match self.0.remove(field) {
-            None | Some(Value::Null) => Ok(None),
+            None => Ok(None),
+            Some(Value::Null) => Err(null(field)),
             Some(Value::String(s)) => Ok(Some(s)),
             Some(_) => Err(ApiError::bad_request(field, "must be a string")),
         }
@@ -50,7 +56,8 @@ impl Object {
 
     pub(super) fn opt_strings(&mut self, field: &str) -> Result<Option<Vec<String>>, ApiError> {
         match self.0.remove(field) {
-            None | Some(Value::Null) => Ok(None),
+            None => Ok(None),
+            Some(Value::Null) => Err(null(field)),
             Some(Value::Array(items)) => items
                 .into_iter()
                 .enumerate()
@@ -70,7 +77,8 @@ impl Object {
     /// An optional field of any deserialisable type.
     pub(super) fn opt<T: DeserializeOwned>(&mut self, field: &str) -> Result<Option<T>, ApiError> {
         match self.0.remove(field) {
-            None | Some(Value::Null) => Ok(None),
+            None => Ok(None),
+            Some(Value::Null) => Err(null(field)),
             Some(v) => serde_json::from_value(v)
                 .map(Some)
                 .map_err(|e| ApiError::bad_request(field, e.to_string())),

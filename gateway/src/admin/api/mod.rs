@@ -17,7 +17,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use meshgate_reservations::consent::{self, ConsentSource};
 use meshgate_reservations::counters::Counters;
-use meshgate_reservations::reservation::Policy;
+use meshgate_reservations::reservation::{Policy, validate_owner};
 use meshgate_reservations::store::{ReservationStore, SharedStore};
 use meshgate_reservations::token::{AdminToken, parse_token};
 use prometheus_client::collector::Collector;
@@ -70,6 +70,12 @@ impl std::fmt::Debug for ConsentCheck {
     }
 }
 
+/// What the gateway serving the API knows about a host now, for `GET /v1/routes`: whether it
+/// is routed, its recent traffic and its certificate (a JSON object merged into the entry).
+pub trait HostActivity: Send + Sync {
+    fn describe(&self, host: &str) -> serde_json::Value;
+}
+
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Caller {
@@ -118,13 +124,31 @@ impl Api {
         B: hyper::body::Body<Data = Bytes> + Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        match self.dispatch(req).await {
+        self.handle_with(req, None).await
+    }
+
+    /// [`Api::handle_request`] with what the serving gateway knows about each host, shown by
+    /// `GET /v1/routes` (without it, that lists the hosts only).
+    pub async fn handle_with<B>(
+        &self,
+        req: Request<B>,
+        activity: Option<&dyn HostActivity>,
+    ) -> Response<Full<Bytes>>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        match self.dispatch(req, activity).await {
             Ok(resp) => resp,
             Err(e) => e.into_response(),
         }
     }
 
-    async fn dispatch<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, ApiError>
+    async fn dispatch<B>(
+        &self,
+        req: Request<B>,
+        activity: Option<&dyn HostActivity>,
+    ) -> Result<Response<Full<Bytes>>, ApiError>
     where
         B: hyper::body::Body<Data = Bytes> + Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -143,11 +167,30 @@ impl Api {
                 .map(str::to_string)
         });
         let owner = owner.as_deref();
+        if let Some(o) = owner {
+            validate_owner("owner", o)?;
+        }
+        let Some(allowed) = allowed_methods(&segments) else {
+            return Err(ApiError::not_found("path", format!("no API at {path}")));
+        };
+        if !allowed.split(", ").any(|m| m == method.as_str()) {
+            // RFC 9110 §15.5.6: a 405 names the methods the resource supports.
+            let mut resp = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method",
+                format!("{method} is not allowed on {path}; use {allowed}"),
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static(allowed));
+            return Ok(resp);
+        }
         let caller = self.authenticate(&req).await?;
         let body = req.into_body();
         use reservations::Which::{Domains, Names};
         match (segments.as_slice(), &method) {
             (["whoami"], &Method::GET) => Ok(whoami(&caller)),
+            (["routes"], &Method::GET) => reservations::routes(self, &caller, activity).await,
             (["tokens"], &Method::POST) => tokens::create(self, &caller, body).await,
             (["tokens"], &Method::GET) => tokens::list(self, &caller).await,
             (["tokens", id], &Method::DELETE) => tokens::delete(self, &caller, id).await,
@@ -176,13 +219,7 @@ impl Api {
             (["domains", d, "verify"], &Method::POST) => {
                 reservations::verify_now(self, &caller, d, owner).await
             }
-            (["whoami" | "tokens" | "names" | "domains", ..], _) if known_path(&segments) => {
-                Err(ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method",
-                    format!("{method} is not allowed on {path}"),
-                ))
-            }
+            // `allowed_methods` answered every other method and path above.
             _ => Err(ApiError::not_found("path", format!("no API at {path}"))),
         }
     }
@@ -247,18 +284,16 @@ impl Collector for CountersCollector {
     }
 }
 
-fn known_path(segments: &[&str]) -> bool {
-    matches!(
-        segments,
-        ["whoami"]
-            | ["tokens"]
-            | ["tokens", _]
-            | ["names"]
-            | ["names", _]
-            | ["domains"]
-            | ["domains", _]
-            | ["domains", _, "verify"]
-    )
+/// The methods a path supports (the `Allow` of its 405), or `None` when there is no such path.
+fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
+    Some(match segments {
+        ["whoami"] | ["routes"] => "GET",
+        ["tokens"] | ["names"] | ["domains"] => "GET, POST",
+        ["tokens", _] => "DELETE",
+        ["names", _] | ["domains", _] => "GET, PUT, DELETE",
+        ["domains", _, "verify"] => "POST",
+        _ => return None,
+    })
 }
 
 fn whoami(caller: &Caller) -> Response<Full<Bytes>> {

@@ -2,7 +2,7 @@
 
 use super::body::read_object;
 use super::error::{json_response, no_content};
-use super::{Api, ApiError, Caller};
+use super::{Api, ApiError, Caller, HostActivity};
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
@@ -15,6 +15,9 @@ use meshgate_reservations::reservation::{
 };
 use meshgate_reservations::store::{ReservationStoreExt, StoreError};
 use serde_json::Value;
+
+/// The owner of a reservation the admin token makes without naming one.
+pub(crate) const FARMER_OWNER: &str = "farmer";
 
 /// Which collection a request addresses.
 #[derive(Debug, Clone, Copy)]
@@ -229,12 +232,8 @@ where
             validate_owner("owner", &o)?;
             o
         }
-        (Caller::Admin, None) => {
-            return Err(ApiError::bad_request(
-                "owner",
-                "the admin token must name the deployer that owns the reservation",
-            ));
-        }
+        // The farmer's own reservation: the schema lets the admin leave the owner out.
+        (Caller::Admin, None) => FARMER_OWNER.to_string(),
         (Caller::Deployer(me), Some(o)) if o != *me => {
             return Err(ApiError::forbidden(
                 "owner",
@@ -455,4 +454,45 @@ pub(crate) async fn verify_now(
     }
     api.store.request_verification();
     Ok(json_response(StatusCode::ACCEPTED, &view(api, &r)))
+}
+
+/// `GET /v1/routes`: the host of each of the caller's reservations (every one for the admin),
+/// with its state and what the gateway knows of it: served or not, recent requests and
+/// errors, certificate.
+pub(crate) async fn routes(
+    api: &Api,
+    caller: &Caller,
+    activity: Option<&dyn HostActivity>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let owner = match caller {
+        Caller::Admin => None,
+        Caller::Deployer(me) => Some(me.clone()),
+    };
+    let items = api
+        .blocking(move |s| s.list(owner.as_deref(), None))
+        .await??;
+    let farmer = api.store.farmer_domain();
+    let routes: Vec<Value> = items
+        .iter()
+        .map(|r| {
+            let host = r.host(farmer);
+            let mut v = serde_json::json!({
+                "kind": r.kind,
+                "name": r.name,
+                "owner": r.owner,
+                "host": host,
+                "state": r.status,
+            });
+            if let (Some(a), Value::Object(map)) = (activity, &mut v)
+                && let Value::Object(more) = a.describe(&host)
+            {
+                map.extend(more);
+            }
+            v
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "routes": routes }),
+    ))
 }
