@@ -64,7 +64,7 @@ for field in "Package: meshgate" "Depends:.*adduser" "Section: net"; do
     grep -q "$field" <<<"$info" || fail "control lacks '$field'"
 done
 for script in postinst prerm postrm; do
-    grep -qE "^ .* $script\$" <<<"$info" || fail "no $script maintainer script"
+    grep -qE "[0-9]+ lines +\*? +$script +#!/bin/sh" <<<"$info" || fail "no executable $script maintainer script"
 done
 for path in ./usr/bin/meshgate \
     ./usr/lib/systemd/system/meshgate-gateway.service \
@@ -80,8 +80,8 @@ for path in ./usr/bin/meshgate \
     ./usr/share/doc/meshgate/operations.md; do
     grep -q " $path\$" <<<"$contents" || fail "package lacks $path"
 done
-grep -q "^-rwxr-xr-x root/root .* ./usr/bin/meshgate$" <<<"$contents" || fail "/usr/bin/meshgate is not 0755 root"
-grep -q "^-rw-r----- root/root .* ./etc/meshgate/gateway.toml$" <<<"$contents" || fail "gateway.toml is not 0640"
+grep -qE "^-rwxr-xr-x (root/root|0/0) .* ./usr/bin/meshgate$" <<<"$contents" || fail "/usr/bin/meshgate is not 0755 root"
+grep -qE "^-rw-r----- (root/root|0/0) .* ./etc/meshgate/gateway.toml$" <<<"$contents" || fail "gateway.toml is not 0640"
 # The shipped binary answers and the shipped example config passes its own check.
 x=$(mktemp -d)
 dpkg-deb -x "$deb" "$x"
