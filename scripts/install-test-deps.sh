@@ -8,6 +8,7 @@
 #   protobuf-compiler, libprotobuf-dev  protoc and its well-known types, which etcd-client's build needs
 #   chromium        headless browser for the status and deployer pages
 #   valgrind        callgrind instruction counts (bench)
+#   systemd, procps systemd-analyze verify on the units, /bin/kill for ExecReload
 set -euo pipefail
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -22,6 +23,8 @@ have protoc || need+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 have chromium || [ -x /usr/bin/chromium ] || need+=(chromium)
 have valgrind || need+=(valgrind)
+have systemd-analyze || need+=(systemd)
+[ -x /bin/kill ] || need+=(procps)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
