@@ -2,10 +2,17 @@
 //! sessions, forwarding) over virtual links with per-link latency, on a virtual clock.
 //! Control messages go through their wire encoding; links and nodes can fail silently.
 //! Every routed packet carries a trace of the nodes it visited: a revisit panics.
+//!
+//! Scale: the cost of a simulated second is linear in the number of nodes once routing is
+//! converged (each node's timers do work proportional to its links, not to the network),
+//! and signature checks are shared between the simulated nodes (each node still counts
+//! its own). The simulator measures control traffic (frame bytes as on a real link:
+//! header, plaintext and Noise tag) and the time spent inside the cores.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
-use std::net::Ipv6Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
@@ -13,7 +20,19 @@ use crate::addr::prefix_of;
 use crate::clock::Micros;
 use crate::core::{CoreConfig, CoreOut, Counters, LinkOrigin, NodeCore};
 use crate::identity::Identity;
+use crate::routing::SharedVerifications;
 use crate::wire::Control;
+
+/// Bytes a control message costs on a link besides its plaintext: frame header and tag.
+const CONTROL_FRAME_OVERHEAD: u64 = 5 + 16;
+
+/// Control traffic sent by all nodes since the simulation started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ControlTraffic {
+    pub messages: u64,
+    /// Bytes on the links (frame header + plaintext + Noise tag per message).
+    pub bytes: u64,
+}
 
 /// A deterministic pseudo-random generator (SplitMix64) for topologies and key material.
 #[derive(Debug, Clone)]
@@ -81,38 +100,84 @@ pub struct Sim {
     pub max_hops: usize,
     /// Packets forwarded in total.
     pub(crate) forwarded: u64,
+    cfg: CoreConfig,
+    rng: SimRng,
+    traffic: ControlTraffic,
+    core_time: Duration,
 }
 
 const TICK: Micros = 100_000;
 
 impl Sim {
     /// `n` nodes with identities derived from `seed`.
-    pub fn new(seed: u64, n: usize, cfg: CoreConfig) -> Sim {
-        let mut rng = SimRng::new(seed);
-        let nodes = (0..n)
-            .map(|_| {
-                let id = Identity::from_seed(&rng.bytes32());
-                let mut r = SimRng::new(rng.next_u64());
-                SimNode {
-                    key: id.public_key(),
-                    core: NodeCore::new(id, cfg.clone(), 1, 0, Box::new(move || r.bytes32())),
-                    alive: true,
-                    delivered: Vec::new(),
-                    events: Vec::new(),
-                }
-            })
-            .collect();
-        Sim {
+    pub fn new(seed: u64, n: usize, mut cfg: CoreConfig) -> Sim {
+        cfg.routing.shared_verifications = Some(SharedVerifications::default());
+        let mut sim = Sim {
             now: 0,
             seq: 0,
-            nodes,
+            nodes: Vec::with_capacity(n),
             links: BTreeMap::new(),
             queue: BinaryHeap::new(),
             flights: BTreeMap::new(),
             next_tick: 0,
             max_hops: 0,
             forwarded: 0,
+            cfg,
+            rng: SimRng::new(seed),
+            traffic: ControlTraffic::default(),
+            core_time: Duration::ZERO,
+        };
+        for _ in 0..n {
+            sim.add_node();
         }
+        sim
+    }
+
+    /// Adds a node (a new identity, no links yet); returns its index.
+    pub fn add_node(&mut self) -> usize {
+        let id = Identity::from_seed(&self.rng.bytes32());
+        let mut r = SimRng::new(self.rng.next_u64());
+        // Seqnos start at the node's creation time, as a real node's start at Unix ms.
+        let epoch = 1 + self.now / 1000;
+        self.nodes.push(SimNode {
+            key: id.public_key(),
+            core: NodeCore::new(
+                id,
+                self.cfg.clone(),
+                epoch,
+                self.now,
+                Box::new(move || r.bytes32()),
+            ),
+            alive: true,
+            delivered: Vec::new(),
+            events: Vec::new(),
+        });
+        self.nodes.len() - 1
+    }
+
+    /// Whether node `i` runs (it was not killed).
+    pub fn is_alive(&self, i: usize) -> bool {
+        self.nodes[i].alive
+    }
+
+    /// Control traffic sent by all nodes so far.
+    pub fn control_traffic(&self) -> ControlTraffic {
+        self.traffic
+    }
+
+    /// Wall-clock time spent inside the nodes' cores so far (all nodes).
+    pub fn core_time(&self) -> Duration {
+        self.core_time
+    }
+
+    /// Prefixes node `i` has a selected route to.
+    pub fn routes_selected(&self, i: usize) -> usize {
+        self.nodes[i].core.router.selected_count()
+    }
+
+    /// Prefixes in node `i`'s routing table.
+    pub fn routes_held(&self, i: usize) -> usize {
+        self.nodes[i].core.router.len()
     }
 
     pub fn now(&self) -> Micros {
@@ -146,16 +211,20 @@ impl Sim {
         let (ka, kb) = (self.pubkey(a), self.pubkey(b));
         // The lower-numbered node dials: the other sees an inbound link from 10.0.0.a.
         let (dialer, acceptor) = (a.min(b), a.max(b));
-        let from = LinkOrigin::Inbound(std::net::IpAddr::from([10, 0, 0, dialer as u8]));
+        let from = LinkOrigin::Inbound(IpAddr::from(Ipv4Addr::from(
+            0x0a00_0000 | (dialer as u32 & 0x00ff_ffff),
+        )));
         let mut out = Vec::new();
         let origin = if a == dialer {
             LinkOrigin::Outbound
         } else {
             from
         };
+        let t = Instant::now();
         self.nodes[a]
             .core
             .link_up(b as u64, kb, origin, self.now, &mut out);
+        self.core_time += t.elapsed();
         self.apply(a, out, None);
         let mut out = Vec::new();
         let origin = if b == acceptor {
@@ -163,9 +232,11 @@ impl Sim {
         } else {
             LinkOrigin::Outbound
         };
+        let t = Instant::now();
         self.nodes[b]
             .core
             .link_up(a as u64, ka, origin, self.now, &mut out);
+        self.core_time += t.elapsed();
         self.apply(b, out, None);
     }
 
@@ -268,7 +339,12 @@ impl Sim {
             match o {
                 CoreOut::Control(n, c) => {
                     let to = n as usize;
-                    self.send_over_link(from, to, Msg::Control(c.encode()));
+                    let b = c.encode();
+                    if self.links.contains_key(&Sim::key(from, to)) {
+                        self.traffic.messages += 1;
+                        self.traffic.bytes += b.len() as u64 + CONTROL_FRAME_OVERHEAD;
+                    }
+                    self.send_over_link(from, to, Msg::Control(b));
                 }
                 CoreOut::Packet(n, bytes) => {
                     let to = n as usize;
@@ -302,9 +378,11 @@ impl Sim {
                     let to = n as usize;
                     if self.links.remove(&Sim::key(from, to)).is_some() && self.nodes[to].alive {
                         let mut out = Vec::new();
+                        let t = Instant::now();
                         self.nodes[to]
                             .core
                             .link_down(from as u64, self.now, &mut out);
+                        self.core_time += t.elapsed();
                         self.apply(to, out, None);
                     }
                 }
@@ -338,7 +416,9 @@ impl Sim {
                 for i in 0..self.nodes.len() {
                     if self.nodes[i].alive {
                         let mut out = Vec::new();
+                        let t = Instant::now();
                         self.nodes[i].core.tick(self.now, &mut out);
+                        self.core_time += t.elapsed();
                         self.apply(i, out, None);
                     }
                 }
@@ -360,16 +440,20 @@ impl Sim {
         match f.msg {
             Msg::Control(b) => {
                 let c = Control::decode(&b).expect("simulated control message decodes");
+                let t = Instant::now();
                 self.nodes[to]
                     .core
                     .control(f.from as u64, c, self.now, &mut out);
+                self.core_time += t.elapsed();
                 self.apply(to, out, None);
             }
             Msg::Packet { bytes, trace } => {
                 let buf = BytesMut::from(&bytes[..]);
+                let t = Instant::now();
                 self.nodes[to]
                     .core
                     .packet(f.from as u64, buf, self.now, &mut out);
+                self.core_time += t.elapsed();
                 self.apply(to, out, Some((&bytes, &trace)));
             }
         }
