@@ -694,6 +694,11 @@ impl NodeCore {
         self.sbuf = sbuf;
     }
 
+    /// Prefixes this node has a selected route to.
+    pub fn routes_selected(&self) -> usize {
+        self.router.selected_count()
+    }
+
     /// Snapshot of counters including routing's.
     pub(crate) fn counters(&self) -> Counters {
         let mut c = self.counters.clone();

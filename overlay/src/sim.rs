@@ -9,8 +9,7 @@
 //! its own). The simulator measures control traffic (frame bytes as on a real link:
 //! header, plaintext and Noise tag) and the time spent inside the cores.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
@@ -90,11 +89,11 @@ struct SimNode {
 /// The simulator.
 pub struct Sim {
     now: Micros,
-    seq: u64,
     nodes: Vec<SimNode>,
-    links: BTreeMap<(usize, usize), Link>,
-    queue: BinaryHeap<Reverse<(Micros, u64)>>,
-    flights: BTreeMap<u64, Flight>,
+    links: HashMap<(usize, usize), Link>,
+    /// Flights by arrival time, each time's in sending order. Latencies are whole µs and
+    /// events cluster on few distinct times, so this beats a heap of all flights.
+    queue: BTreeMap<Micros, VecDeque<Flight>>,
     next_tick: Micros,
     /// Longest trace any packet had (hops).
     pub max_hops: usize,
@@ -114,11 +113,9 @@ impl Sim {
         cfg.routing.shared_verifications = Some(SharedVerifications::default());
         let mut sim = Sim {
             now: 0,
-            seq: 0,
             nodes: Vec::with_capacity(n),
-            links: BTreeMap::new(),
-            queue: BinaryHeap::new(),
-            flights: BTreeMap::new(),
+            links: HashMap::new(),
+            queue: BTreeMap::new(),
             next_tick: 0,
             max_hops: 0,
             forwarded: 0,
@@ -262,6 +259,11 @@ impl Sim {
         self.nodes[i].core.router.next_hop(&p).map(|n| n as usize)
     }
 
+    /// Whether node `i` has a selected route towards node `j`'s prefix.
+    pub fn next_hop_exists(&self, i: usize, j: usize) -> bool {
+        self.next_hop(i, j).is_some()
+    }
+
     /// The route from `i` to `j` following next hops; `Err` says why there is none.
     pub fn path(&self, i: usize, j: usize) -> Result<Vec<usize>, PathError> {
         let mut path = vec![i];
@@ -320,10 +322,8 @@ impl Sim {
         std::mem::take(&mut self.nodes[i].delivered)
     }
 
-    fn schedule(&mut self, at: Micros, f: Flight) {
-        self.seq += 1;
-        self.flights.insert(self.seq, f);
-        self.queue.push(Reverse((at, self.seq)));
+    fn schedule(&mut self, at: Micros, flight: Flight) {
+        self.queue.entry(at).or_default().push_back(flight);
     }
 
     /// Delivers `msg` from `from` to `to` after the link's latency; a cut link loses it.
@@ -394,7 +394,7 @@ impl Sim {
     pub fn run_for(&mut self, dur: Micros) {
         let end = self.now + dur;
         loop {
-            let next_msg = self.queue.peek().map(|Reverse((t, _))| *t);
+            let next_msg = self.queue.first_key_value().map(|(t, _)| *t);
             let next = match next_msg {
                 Some(t) if t <= self.next_tick => t,
                 _ => self.next_tick,
@@ -404,13 +404,16 @@ impl Sim {
             }
             self.now = next;
             if next_msg == Some(next) && next <= self.next_tick {
-                let Some(Reverse((_, seq))) = self.queue.pop() else {
+                let Some(mut first) = self.queue.first_entry() else {
                     continue;
                 };
-                let Some(f) = self.flights.remove(&seq) else {
-                    continue;
-                };
-                self.deliver(f);
+                let flight = first.get_mut().pop_front();
+                if first.get().is_empty() {
+                    first.remove();
+                }
+                if let Some(f) = flight {
+                    self.deliver(f);
+                }
             } else {
                 self.next_tick += TICK;
                 for i in 0..self.nodes.len() {
@@ -458,6 +461,48 @@ impl Sim {
             }
         }
     }
+}
+
+/// `owner`'s signed announcement of its own prefix (benchmarks feed these to a core).
+pub fn signed_announcement(owner: &Identity, seqno: u64, metric: u32) -> crate::wire::RouteUpdate {
+    let key = owner.public_key();
+    let prefix = crate::addr::prefix_for_key(&key);
+    crate::wire::RouteUpdate {
+        prefix,
+        seqno,
+        metric,
+        router_key: key,
+        signature: owner.sign(&crate::wire::route_signature_input(&prefix, seqno, &key)),
+    }
+}
+
+/// A connected random graph on `n` nodes: a random spanning tree plus random extra edges
+/// until the average degree is `avg_degree`; one-way latencies uniform in `latency_ms`
+/// (whole milliseconds). Returns `(a, b, latency µs)` with `a < b`.
+pub fn random_edges(
+    rng: &mut SimRng,
+    n: usize,
+    avg_degree: usize,
+    latency_ms: std::ops::RangeInclusive<u64>,
+) -> Vec<(usize, usize, Micros)> {
+    let (lo, hi) = (*latency_ms.start(), *latency_ms.end());
+    let lat = |rng: &mut SimRng| (lo + rng.below(hi - lo + 1)) * 1000;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut edges = Vec::new();
+    for i in 1..n {
+        let j = rng.below(i as u64) as usize;
+        seen.insert((j, i));
+        edges.push((j, i, lat(rng)));
+    }
+    let want = (n * avg_degree / 2).min(n * n.saturating_sub(1) / 2);
+    while edges.len() < want {
+        let a = rng.below(n as u64) as usize;
+        let b = rng.below(n as u64) as usize;
+        if a != b && seen.insert((a.min(b), a.max(b))) {
+            edges.push((a.min(b), a.max(b), lat(rng)));
+        }
+    }
+    edges
 }
 
 /// Why [`Sim::path`] found no usable route.

@@ -253,7 +253,7 @@ impl Router {
 
     fn full_dump(&self) -> Vec<RouteUpdate> {
         let mut v = vec![self.own_update()];
-        v.extend(self.table.iter().filter_map(|(p, d)| self.advert(p, d)));
+        v.extend(self.table.iter().filter_map(|(p, d)| self.advert(&p, d)));
         v
     }
 
@@ -394,78 +394,88 @@ impl Router {
         now: Micros,
         out: &mut Vec<(Nbr, Control)>,
     ) {
-        let known_key = self.table.get(&u.prefix).map(|d| d.key);
+        let idx = self.table.find(&u.prefix);
+        let known = idx.map(|i| self.table.at(i));
         // The prefix-key binding (a hash) is already checked for prefixes we know.
-        if known_key.is_some_and(|k| k != u.router_key)
-            || (known_key.is_none() && prefix_for_key(&u.router_key) != u.prefix)
+        if known.is_some_and(|d| d.key != u.router_key)
+            || (known.is_none() && prefix_for_key(&u.router_key) != u.prefix)
         {
             self.counters.forged_prefix += 1;
             return;
         }
         if u.prefix == self.prefix {
             // Our own route from an earlier run may carry a higher seqno: move past it.
-            if u.router_key == self.key && u.seqno > self.seqno && self.check_signature(u) {
+            if u.router_key == self.key && u.seqno > self.seqno && self.check_signature(u, None) {
                 self.bump_seqno(u.seqno.saturating_add(1));
                 self.triggered.push(self.prefix);
             }
             return;
         }
-        if known_key.is_none() && self.table.len() >= self.max_routes {
+        if known.is_none() && self.table.len() >= self.max_routes {
             // Checked before the signature: a full table costs no verification.
             self.counters.routes_refused += 1;
             return;
         }
-        if let Some(d) = self.table.get(&u.prefix)
-            && u.seqno < d.seqno
-            && d.seqno - u.seqno > u64::from(MAX_ENTRY_LAG)
+        if known.is_some_and(|d| u.seqno < d.seqno && d.seqno - u.seqno > u64::from(MAX_ENTRY_LAG))
         {
             self.counters.stale_updates += 1;
             self.retract(slot, u.prefix, now, out);
             return;
         }
-        if !self.check_signature(u) {
+        if !self.check_signature(u, idx) {
             self.counters.bad_signature += 1;
             return;
         }
-        let d = match self.table.get_mut(&u.prefix) {
-            Some(d) => d,
+        let idx = match idx {
+            Some(i) => i,
             None => self
                 .table
                 .insert(u.prefix, Dest::new(u.router_key, u.seqno, u.signature)),
         };
-        if u.seqno > d.seqno {
+        let d = self.table.at_mut(idx);
+        let mut old_sig = None;
+        let advanced = u.seqno > d.seqno;
+        if advanced {
             // Entries still on the old newest seqno keep its signature reachable.
-            let (old, old_sig) = (d.seqno, d.sig);
-            let keep_old = d.routes.iter().any(|e| e.lag == 0);
-            d.advance(u.seqno, u.signature);
-            if keep_old {
-                self.old_sigs.insert((u.prefix, old), old_sig);
+            if d.routes.iter().any(|e| e.lag == 0) {
+                old_sig = Some((d.seqno, d.sig));
             }
+            d.advance(u.seqno, u.signature);
         } else if u.seqno < d.seqno {
-            self.old_sigs
-                .entry((u.prefix, u.seqno))
-                .or_insert(u.signature);
+            old_sig = Some((u.seqno, u.signature));
         }
-        let d = self.table.get_mut(&u.prefix).expect("inserted above");
         let lag = d.seqno.saturating_sub(u.seqno) as u16;
+        let before = d.entry(slot).map(|e| e.lag);
         d.set_entry(Entry {
             slot,
             lag,
             metric: u.metric,
         });
-        self.gc_old_sigs(&u.prefix);
+        if let Some((s, sig)) = old_sig {
+            self.old_sigs.entry((u.prefix, s)).or_insert(sig);
+        }
+        if old_sig.is_some() || advanced || before.is_some_and(|l| l != lag) {
+            self.gc_old_sigs(&u.prefix);
+        }
         self.reselect(u.prefix, now, out);
     }
 
     /// Whether `u`'s signature is good, verifying it only if this node has not already.
-    fn check_signature(&mut self, u: &RouteUpdate) -> bool {
-        let known = self.table.get(&u.prefix).is_some_and(|d| {
+    /// `idx`: the prefix's record, if it has one.
+    fn check_signature(&mut self, u: &RouteUpdate, idx: Option<u32>) -> bool {
+        let known = idx.is_some_and(|i| {
+            let d = self.table.at(i);
             d.key == u.router_key
                 && ((d.seqno == u.seqno && d.sig == u.signature)
-                    || self.old_sigs.get(&(u.prefix, u.seqno)) == Some(&u.signature))
+                    || (u.seqno < d.seqno
+                        && self.old_sigs.get(&(u.prefix, u.seqno)) == Some(&u.signature)))
         });
+        if known {
+            self.counters.signatures_reused += 1;
+            return true;
+        }
         let dg = digest(&u.router_key, &u.prefix, u.seqno, &u.signature);
-        if known || self.verified.contains(&dg) {
+        if self.verified.contains(&dg) {
             self.counters.signatures_reused += 1;
             return true;
         }
@@ -763,7 +773,7 @@ impl Router {
                     .entry(d.selected)
                     .and_then(|e| self.nbr_of(e.slot).map(|(n, c)| (n, c, e)));
                 RouteInfo {
-                    prefix: crate::addr::prefix_string(p),
+                    prefix: crate::addr::prefix_string(&p),
                     next_hop: sel.and_then(|(n, _, _)| nbr_name(n)),
                     via: None,
                     metric: sel.map_or(METRIC_INFINITY, |(_, c, e)| total(e.metric, c)),

@@ -140,7 +140,8 @@ impl Dest {
 /// The prefix → record map.
 #[derive(Debug, Default)]
 pub(super) struct Table {
-    index: BTreeMap<Prefix, u32>,
+    /// Keyed by the prefix as a big-endian integer (same order, cheaper comparisons).
+    index: BTreeMap<u64, u32>,
     chunks: Vec<Vec<Dest>>,
     free: Vec<u32>,
 }
@@ -150,25 +151,31 @@ impl Table {
         self.index.len()
     }
 
-    fn at(&self, i: u32) -> &Dest {
+    /// The record number of a prefix (valid until it is removed).
+    pub(super) fn find(&self, p: &Prefix) -> Option<u32> {
+        self.index.get(&u64::from_be_bytes(*p)).copied()
+    }
+
+    pub(super) fn at(&self, i: u32) -> &Dest {
         &self.chunks[i as usize / CHUNK][i as usize % CHUNK]
     }
 
-    fn at_mut(&mut self, i: u32) -> &mut Dest {
+    pub(super) fn at_mut(&mut self, i: u32) -> &mut Dest {
         &mut self.chunks[i as usize / CHUNK][i as usize % CHUNK]
     }
 
     pub(super) fn get(&self, p: &Prefix) -> Option<&Dest> {
-        self.index.get(p).map(|i| self.at(*i))
+        self.find(p).map(|i| self.at(i))
     }
 
     pub(super) fn get_mut(&mut self, p: &Prefix) -> Option<&mut Dest> {
-        let i = *self.index.get(p)?;
+        let i = self.find(p)?;
         Some(self.at_mut(i))
     }
 
-    /// Adds a prefix (the caller checked the size limit and that it is new).
-    pub(super) fn insert(&mut self, p: Prefix, d: Dest) -> &mut Dest {
+    /// Adds a prefix (the caller checked the size limit and that it is new); its record
+    /// number.
+    pub(super) fn insert(&mut self, p: Prefix, d: Dest) -> u32 {
         let i = match self.free.pop() {
             Some(i) => {
                 *self.at_mut(i) = d;
@@ -184,12 +191,12 @@ impl Table {
                 (n * CHUNK + c.len() - 1) as u32
             }
         };
-        self.index.insert(p, i);
-        self.at_mut(i)
+        self.index.insert(u64::from_be_bytes(p), i);
+        i
     }
 
     pub(super) fn remove(&mut self, p: &Prefix) {
-        if let Some(i) = self.index.remove(p) {
+        if let Some(i) = self.index.remove(&u64::from_be_bytes(*p)) {
             // The record stays allocated for reuse; its entries are freed now.
             self.at_mut(i).routes = Box::new([]);
             self.free.push(i);
@@ -197,8 +204,10 @@ impl Table {
     }
 
     /// All prefixes, in order.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (&Prefix, &Dest)> {
-        self.index.iter().map(|(p, i)| (p, self.at(*i)))
+    pub(super) fn iter(&self) -> impl Iterator<Item = (Prefix, &Dest)> {
+        self.index
+            .iter()
+            .map(|(p, i)| (p.to_be_bytes(), self.at(*i)))
     }
 
     /// Every prefix with an entry from `slot`, after applying `f` to its record.
@@ -211,7 +220,7 @@ impl Table {
         for (p, i) in &self.index {
             let d = &mut self.chunks[*i as usize / CHUNK][*i as usize % CHUNK];
             if d.entry(slot).is_some() && f(d) {
-                hit.push(*p);
+                hit.push(p.to_be_bytes());
             }
         }
         hit
