@@ -129,7 +129,8 @@ pub struct Counters {
     pub l3_events_dropped: u64,
     /// Routed packets from a link whose source lies in this node's own /64: forged, dropped.
     pub spoofed_own_source: u64,
-    /// Control frames dropped because their link's queue was full.
+    /// Control frames that found their link's queue full: keepalives and seqno requests
+    /// are dropped; an update or retraction closes the link (routing re-sends nothing).
     pub link_control_drops: u64,
     /// Links closed because their socket took no byte for `write_stall_timeout`.
     pub link_write_stalls: u64,
@@ -169,10 +170,10 @@ struct NbrState {
     up_since: Micros,
     last_heard: Micros,
     last_hello: Micros,
-    /// Update messages received before the first RTT sample (the link joins routing only
-    /// once its cost is known, so the first announcements carry real metrics). At most
-    /// `limits.unverified_messages`.
-    held: Vec<Vec<crate::wire::RouteUpdate>>,
+    /// Routing messages (updates, retractions) received before the first RTT sample (the
+    /// link joins routing only once its cost is known, so the first announcements carry
+    /// real metrics). At most `limits.unverified_messages`.
+    held: Vec<Control>,
     /// Session-init token bucket, in thousandths of a token.
     init_tokens: u64,
     init_refilled: Micros,
@@ -372,8 +373,17 @@ impl NodeCore {
                     st.cost = cost;
                     let held = std::mem::take(&mut st.held);
                     self.router.neighbor_up(nbr, cost, &mut self.rbuf);
-                    for list in held {
-                        self.router.handle_updates(nbr, &list, now, &mut self.rbuf);
+                    for msg in held {
+                        match msg {
+                            Control::Updates(list) => {
+                                self.router.handle_updates(nbr, &list, now, &mut self.rbuf)
+                            }
+                            Control::Retractions(list) => {
+                                self.router
+                                    .handle_retractions(nbr, &list, now, &mut self.rbuf)
+                            }
+                            _ => {}
+                        }
                     }
                 } else if cost.abs_diff(st.cost) as u64 * 8 > st.cost as u64 {
                     // Small cost changes are noise: only tell routing about > 1/8 changes.
@@ -381,14 +391,18 @@ impl NodeCore {
                     self.router.set_cost(nbr, cost, now, &mut self.rbuf);
                 }
             }
-            Control::Updates(list) if st.srtt.is_none() => {
+            msg @ (Control::Updates(_) | Control::Retractions(_)) if st.srtt.is_none() => {
                 if st.held.len() < self.cfg.limits.unverified_messages {
-                    st.held.push(list);
+                    st.held.push(msg);
                 } else {
                     self.counters.unverified_dropped += 1;
                 }
             }
             Control::Updates(list) => self.router.handle_updates(nbr, &list, now, &mut self.rbuf),
+            Control::Retractions(list) => {
+                self.router
+                    .handle_retractions(nbr, &list, now, &mut self.rbuf)
+            }
             Control::SeqnoRequest {
                 prefix,
                 seqno,
@@ -678,6 +692,11 @@ impl NodeCore {
         self.sessions.tick(now, &mut sbuf);
         self.sessions_out(&mut sbuf, out);
         self.sbuf = sbuf;
+    }
+
+    /// Prefixes this node has a selected route to.
+    pub fn routes_selected(&self) -> usize {
+        self.router.selected_count()
     }
 
     /// Snapshot of counters including routing's.

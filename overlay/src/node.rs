@@ -792,7 +792,13 @@ impl CoreTask {
                     // would put the peer's Noise nonce out of step.
                     let plain = msg.encode();
                     if !l.io.has_room(link::sealed_frame_len(plain.len())) {
+                        // Keepalives and seqno requests may be lost (they are repeated);
+                        // routing state is never re-sent, so a link that cannot take an
+                        // update is closed and the neighbors resynchronise on the next one.
                         self.core.counters.link_control_drops += 1;
+                        if msg.must_arrive() {
+                            self.close(n, now, out);
+                        }
                         continue;
                     }
                     if let Ok((head, body)) = link::seal_plain_parts(&mut l.transport, &plain) {

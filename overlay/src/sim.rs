@@ -2,10 +2,16 @@
 //! sessions, forwarding) over virtual links with per-link latency, on a virtual clock.
 //! Control messages go through their wire encoding; links and nodes can fail silently.
 //! Every routed packet carries a trace of the nodes it visited: a revisit panics.
+//!
+//! Scale: the cost of a simulated second is linear in the number of nodes once routing is
+//! converged (each node's timers do work proportional to its links, not to the network),
+//! and signature checks are shared between the simulated nodes (each node still counts
+//! its own). The simulator measures control traffic (frame bytes as on a real link:
+//! header, plaintext and Noise tag) and the time spent inside the cores.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
-use std::net::Ipv6Addr;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
@@ -13,7 +19,19 @@ use crate::addr::prefix_of;
 use crate::clock::Micros;
 use crate::core::{CoreConfig, CoreOut, Counters, LinkOrigin, NodeCore};
 use crate::identity::Identity;
+use crate::routing::SharedVerifications;
 use crate::wire::Control;
+
+/// Bytes a control message costs on a link besides its plaintext: frame header and tag.
+const CONTROL_FRAME_OVERHEAD: u64 = 5 + 16;
+
+/// Control traffic sent by all nodes since the simulation started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ControlTraffic {
+    pub messages: u64,
+    /// Bytes on the links (frame header + plaintext + Noise tag per message).
+    pub bytes: u64,
+}
 
 /// A deterministic pseudo-random generator (SplitMix64) for topologies and key material.
 #[derive(Debug, Clone)]
@@ -71,48 +89,92 @@ struct SimNode {
 /// The simulator.
 pub struct Sim {
     now: Micros,
-    seq: u64,
     nodes: Vec<SimNode>,
-    links: BTreeMap<(usize, usize), Link>,
-    queue: BinaryHeap<Reverse<(Micros, u64)>>,
-    flights: BTreeMap<u64, Flight>,
+    links: HashMap<(usize, usize), Link>,
+    /// Flights by arrival time, each time's in sending order. Latencies are whole µs and
+    /// events cluster on few distinct times, so this beats a heap of all flights.
+    queue: BTreeMap<Micros, VecDeque<Flight>>,
     next_tick: Micros,
     /// Longest trace any packet had (hops).
     pub max_hops: usize,
     /// Packets forwarded in total.
     pub(crate) forwarded: u64,
+    cfg: CoreConfig,
+    rng: SimRng,
+    traffic: ControlTraffic,
+    core_time: Duration,
 }
 
 const TICK: Micros = 100_000;
 
 impl Sim {
     /// `n` nodes with identities derived from `seed`.
-    pub fn new(seed: u64, n: usize, cfg: CoreConfig) -> Sim {
-        let mut rng = SimRng::new(seed);
-        let nodes = (0..n)
-            .map(|_| {
-                let id = Identity::from_seed(&rng.bytes32());
-                let mut r = SimRng::new(rng.next_u64());
-                SimNode {
-                    key: id.public_key(),
-                    core: NodeCore::new(id, cfg.clone(), 1, 0, Box::new(move || r.bytes32())),
-                    alive: true,
-                    delivered: Vec::new(),
-                    events: Vec::new(),
-                }
-            })
-            .collect();
-        Sim {
+    pub fn new(seed: u64, n: usize, mut cfg: CoreConfig) -> Sim {
+        cfg.routing.shared_verifications = Some(SharedVerifications::default());
+        let mut sim = Sim {
             now: 0,
-            seq: 0,
-            nodes,
-            links: BTreeMap::new(),
-            queue: BinaryHeap::new(),
-            flights: BTreeMap::new(),
+            nodes: Vec::with_capacity(n),
+            links: HashMap::new(),
+            queue: BTreeMap::new(),
             next_tick: 0,
             max_hops: 0,
             forwarded: 0,
+            cfg,
+            rng: SimRng::new(seed),
+            traffic: ControlTraffic::default(),
+            core_time: Duration::ZERO,
+        };
+        for _ in 0..n {
+            sim.add_node();
         }
+        sim
+    }
+
+    /// Adds a node (a new identity, no links yet); returns its index.
+    pub fn add_node(&mut self) -> usize {
+        let id = Identity::from_seed(&self.rng.bytes32());
+        let mut r = SimRng::new(self.rng.next_u64());
+        // Seqnos start at the node's creation time, as a real node's start at Unix ms.
+        let epoch = 1 + self.now / 1000;
+        self.nodes.push(SimNode {
+            key: id.public_key(),
+            core: NodeCore::new(
+                id,
+                self.cfg.clone(),
+                epoch,
+                self.now,
+                Box::new(move || r.bytes32()),
+            ),
+            alive: true,
+            delivered: Vec::new(),
+            events: Vec::new(),
+        });
+        self.nodes.len() - 1
+    }
+
+    /// Whether node `i` runs (it was not killed).
+    pub fn is_alive(&self, i: usize) -> bool {
+        self.nodes[i].alive
+    }
+
+    /// Control traffic sent by all nodes so far.
+    pub fn control_traffic(&self) -> ControlTraffic {
+        self.traffic
+    }
+
+    /// Wall-clock time spent inside the nodes' cores so far (all nodes).
+    pub fn core_time(&self) -> Duration {
+        self.core_time
+    }
+
+    /// Prefixes node `i` has a selected route to.
+    pub fn routes_selected(&self, i: usize) -> usize {
+        self.nodes[i].core.router.selected_count()
+    }
+
+    /// Prefixes in node `i`'s routing table.
+    pub fn routes_held(&self, i: usize) -> usize {
+        self.nodes[i].core.router.len()
     }
 
     pub fn now(&self) -> Micros {
@@ -146,16 +208,20 @@ impl Sim {
         let (ka, kb) = (self.pubkey(a), self.pubkey(b));
         // The lower-numbered node dials: the other sees an inbound link from 10.0.0.a.
         let (dialer, acceptor) = (a.min(b), a.max(b));
-        let from = LinkOrigin::Inbound(std::net::IpAddr::from([10, 0, 0, dialer as u8]));
+        let from = LinkOrigin::Inbound(IpAddr::from(Ipv4Addr::from(
+            0x0a00_0000 | (dialer as u32 & 0x00ff_ffff),
+        )));
         let mut out = Vec::new();
         let origin = if a == dialer {
             LinkOrigin::Outbound
         } else {
             from
         };
+        let t = Instant::now();
         self.nodes[a]
             .core
             .link_up(b as u64, kb, origin, self.now, &mut out);
+        self.core_time += t.elapsed();
         self.apply(a, out, None);
         let mut out = Vec::new();
         let origin = if b == acceptor {
@@ -163,9 +229,11 @@ impl Sim {
         } else {
             LinkOrigin::Outbound
         };
+        let t = Instant::now();
         self.nodes[b]
             .core
             .link_up(a as u64, ka, origin, self.now, &mut out);
+        self.core_time += t.elapsed();
         self.apply(b, out, None);
     }
 
@@ -189,6 +257,11 @@ impl Sim {
     pub(crate) fn next_hop(&self, i: usize, j: usize) -> Option<usize> {
         let p = prefix_of(&self.address(j));
         self.nodes[i].core.router.next_hop(&p).map(|n| n as usize)
+    }
+
+    /// Whether node `i` has a selected route towards node `j`'s prefix.
+    pub fn next_hop_exists(&self, i: usize, j: usize) -> bool {
+        self.next_hop(i, j).is_some()
     }
 
     /// The route from `i` to `j` following next hops; `Err` says why there is none.
@@ -249,10 +322,8 @@ impl Sim {
         std::mem::take(&mut self.nodes[i].delivered)
     }
 
-    fn schedule(&mut self, at: Micros, f: Flight) {
-        self.seq += 1;
-        self.flights.insert(self.seq, f);
-        self.queue.push(Reverse((at, self.seq)));
+    fn schedule(&mut self, at: Micros, flight: Flight) {
+        self.queue.entry(at).or_default().push_back(flight);
     }
 
     /// Delivers `msg` from `from` to `to` after the link's latency; a cut link loses it.
@@ -268,7 +339,12 @@ impl Sim {
             match o {
                 CoreOut::Control(n, c) => {
                     let to = n as usize;
-                    self.send_over_link(from, to, Msg::Control(c.encode()));
+                    let b = c.encode();
+                    if self.links.contains_key(&Sim::key(from, to)) {
+                        self.traffic.messages += 1;
+                        self.traffic.bytes += b.len() as u64 + CONTROL_FRAME_OVERHEAD;
+                    }
+                    self.send_over_link(from, to, Msg::Control(b));
                 }
                 CoreOut::Packet(n, bytes) => {
                     let to = n as usize;
@@ -302,9 +378,11 @@ impl Sim {
                     let to = n as usize;
                     if self.links.remove(&Sim::key(from, to)).is_some() && self.nodes[to].alive {
                         let mut out = Vec::new();
+                        let t = Instant::now();
                         self.nodes[to]
                             .core
                             .link_down(from as u64, self.now, &mut out);
+                        self.core_time += t.elapsed();
                         self.apply(to, out, None);
                     }
                 }
@@ -316,7 +394,7 @@ impl Sim {
     pub fn run_for(&mut self, dur: Micros) {
         let end = self.now + dur;
         loop {
-            let next_msg = self.queue.peek().map(|Reverse((t, _))| *t);
+            let next_msg = self.queue.first_key_value().map(|(t, _)| *t);
             let next = match next_msg {
                 Some(t) if t <= self.next_tick => t,
                 _ => self.next_tick,
@@ -326,19 +404,24 @@ impl Sim {
             }
             self.now = next;
             if next_msg == Some(next) && next <= self.next_tick {
-                let Some(Reverse((_, seq))) = self.queue.pop() else {
+                let Some(mut first) = self.queue.first_entry() else {
                     continue;
                 };
-                let Some(f) = self.flights.remove(&seq) else {
-                    continue;
-                };
-                self.deliver(f);
+                let flight = first.get_mut().pop_front();
+                if first.get().is_empty() {
+                    first.remove();
+                }
+                if let Some(f) = flight {
+                    self.deliver(f);
+                }
             } else {
                 self.next_tick += TICK;
                 for i in 0..self.nodes.len() {
                     if self.nodes[i].alive {
                         let mut out = Vec::new();
+                        let t = Instant::now();
                         self.nodes[i].core.tick(self.now, &mut out);
+                        self.core_time += t.elapsed();
                         self.apply(i, out, None);
                     }
                 }
@@ -360,20 +443,66 @@ impl Sim {
         match f.msg {
             Msg::Control(b) => {
                 let c = Control::decode(&b).expect("simulated control message decodes");
+                let t = Instant::now();
                 self.nodes[to]
                     .core
                     .control(f.from as u64, c, self.now, &mut out);
+                self.core_time += t.elapsed();
                 self.apply(to, out, None);
             }
             Msg::Packet { bytes, trace } => {
                 let buf = BytesMut::from(&bytes[..]);
+                let t = Instant::now();
                 self.nodes[to]
                     .core
                     .packet(f.from as u64, buf, self.now, &mut out);
+                self.core_time += t.elapsed();
                 self.apply(to, out, Some((&bytes, &trace)));
             }
         }
     }
+}
+
+/// `owner`'s signed announcement of its own prefix (benchmarks feed these to a core).
+pub fn signed_announcement(owner: &Identity, seqno: u64, metric: u32) -> crate::wire::RouteUpdate {
+    let key = owner.public_key();
+    let prefix = crate::addr::prefix_for_key(&key);
+    crate::wire::RouteUpdate {
+        prefix,
+        seqno,
+        metric,
+        router_key: key,
+        signature: owner.sign(&crate::wire::route_signature_input(&prefix, seqno, &key)),
+    }
+}
+
+/// A connected random graph on `n` nodes: a random spanning tree plus random extra edges
+/// until the average degree is `avg_degree`; one-way latencies uniform in `latency_ms`
+/// (whole milliseconds). Returns `(a, b, latency µs)` with `a < b`.
+pub fn random_edges(
+    rng: &mut SimRng,
+    n: usize,
+    avg_degree: usize,
+    latency_ms: std::ops::RangeInclusive<u64>,
+) -> Vec<(usize, usize, Micros)> {
+    let (lo, hi) = (*latency_ms.start(), *latency_ms.end());
+    let lat = |rng: &mut SimRng| (lo + rng.below(hi - lo + 1)) * 1000;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut edges = Vec::new();
+    for i in 1..n {
+        let j = rng.below(i as u64) as usize;
+        seen.insert((j, i));
+        edges.push((j, i, lat(rng)));
+    }
+    let want = (n * avg_degree / 2).min(n * n.saturating_sub(1) / 2);
+    while edges.len() < want {
+        let a = rng.below(n as u64) as usize;
+        let b = rng.below(n as u64) as usize;
+        if a != b && seen.insert((a.min(b), a.max(b))) {
+            edges.push((a.min(b), a.max(b), lat(rng)));
+        }
+    }
+    edges
 }
 
 /// Why [`Sim::path`] found no usable route.

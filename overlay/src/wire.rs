@@ -117,6 +117,9 @@ const UPDATE_ENTRY_LEN: usize = 8 + 8 + 4 + 32 + 64;
 pub(crate) const MAX_UPDATES_PER_MESSAGE: usize = 500;
 // A full Updates message (type, count, entries) plus the Noise tag fits one Noise message.
 const _: () = assert!(3 + MAX_UPDATES_PER_MESSAGE * UPDATE_ENTRY_LEN + 16 <= MAX_NOISE_MESSAGE);
+/// Prefixes per Retractions message.
+pub(crate) const MAX_RETRACTIONS_PER_MESSAGE: usize = 4096;
+const _: () = assert!(3 + MAX_RETRACTIONS_PER_MESSAGE * 8 + 16 <= MAX_NOISE_MESSAGE);
 
 /// What the prefix owner signs: label, prefix, seqno, router key.
 pub(crate) fn route_signature_input(
@@ -142,6 +145,9 @@ pub enum Control {
         echo_us: u64,
     },
     Updates(Vec<RouteUpdate>),
+    /// The sender no longer has a route to these prefixes (withdraws its own earlier
+    /// announcements, so nothing needs signing).
+    Retractions(Vec<Prefix>),
     /// Ask for an update of `prefix` with a seqno of at least `seqno`.
     SeqnoRequest {
         prefix: Prefix,
@@ -151,6 +157,12 @@ pub enum Control {
 }
 
 impl Control {
+    /// Routing state (updates, retractions) is sent once: it must arrive, or the link must
+    /// close. Keepalives and seqno requests are repeated, so losing one is harmless.
+    pub(crate) fn must_arrive(&self) -> bool {
+        matches!(self, Control::Updates(_) | Control::Retractions(_))
+    }
+
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut b = Vec::new();
         match self {
@@ -172,6 +184,14 @@ impl Control {
                     b.extend_from_slice(&u.metric.to_be_bytes());
                     b.extend_from_slice(&u.router_key);
                     b.extend_from_slice(&u.signature);
+                }
+            }
+            Control::Retractions(list) => {
+                b.reserve(3 + list.len() * 8);
+                b.push(5);
+                b.extend_from_slice(&(list.len() as u16).to_be_bytes());
+                for p in list {
+                    b.extend_from_slice(p);
                 }
             }
             Control::SeqnoRequest {
@@ -221,6 +241,21 @@ impl Control {
                 seqno: r.u64()?,
                 hop_count: r.u8()?,
             },
+            5 => {
+                let n = r.u16()? as usize;
+                if n > MAX_RETRACTIONS_PER_MESSAGE {
+                    return Err(WireError::Oversized {
+                        what: "retraction list",
+                        len: n,
+                        max: MAX_RETRACTIONS_PER_MESSAGE,
+                    });
+                }
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    list.push(r.array()?);
+                }
+                Control::Retractions(list)
+            }
             value => {
                 return Err(WireError::UnknownType {
                     what: "control",
@@ -612,6 +647,12 @@ mod tests {
                 seqno: 9,
                 hop_count: 64,
             },
+            Control::Retractions(vec![]),
+            Control::Retractions(
+                (0..MAX_RETRACTIONS_PER_MESSAGE)
+                    .map(|i| [6, (i >> 8) as u8, i as u8, 0, 0, 0, 0, 1])
+                    .collect(),
+            ),
         ]
     }
 
@@ -650,6 +691,12 @@ mod tests {
         // An update count above the limit is refused before reading entries.
         let mut b = vec![3u8];
         b.extend_from_slice(&(MAX_UPDATES_PER_MESSAGE as u16 + 1).to_be_bytes());
+        assert!(matches!(
+            Control::decode(&b),
+            Err(WireError::Oversized { .. })
+        ));
+        let mut b = vec![5u8];
+        b.extend_from_slice(&(MAX_RETRACTIONS_PER_MESSAGE as u16 + 1).to_be_bytes());
         assert!(matches!(
             Control::decode(&b),
             Err(WireError::Oversized { .. })

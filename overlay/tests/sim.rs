@@ -4,7 +4,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 
 use meshgate_overlay::core::CoreConfig;
-use meshgate_overlay::sim::{PathError, Sim, SimRng};
+use meshgate_overlay::sim::{PathError, Sim, SimRng, random_edges};
 use meshgate_overlay::{L3Event, UnreachableReason};
 
 const MS: u64 = 1000;
@@ -430,4 +430,122 @@ fn forged_unreachables_neither_pose_as_the_node_nor_cancel_a_session_setup() {
         }]
     );
     assert!(sim2.take_delivered(0).is_empty());
+}
+
+/// Issue 15: 1,000 nodes (random graph, average degree 4, links of 1–30 ms, default timers)
+/// converge from a cold start, then send nothing but keepalives — control traffic per node
+/// does not grow with the network — and a killed relay is routed around within 5 s, its own
+/// prefix then retracted everywhere (nothing expires any more: retractions must get there).
+#[test]
+fn thousand_nodes_keep_steady_traffic_bounded_and_reroute_within_5_s() {
+    let n = 1000;
+    let mut rng = SimRng::new(1000);
+    let edges = random_edges(&mut rng, n, 4, 1..=30);
+    let mut sim = build_with(8, n, &edges, CoreConfig::default());
+    let wall = std::time::Instant::now();
+    while (0..n).any(|i| sim.routes_selected(i) < n - 1) {
+        assert!(sim.now() < 30_000 * MS, "not converged within 30 s");
+        sim.run_for(100 * MS);
+    }
+    eprintln!(
+        "1,000 nodes converged in {} ms (simulated; {:?} wall)",
+        sim.now() / MS,
+        wall.elapsed()
+    );
+    sim.run_for(2_000 * MS);
+
+    // Steady state: keepalives only, whatever the size of the network.
+    let secs = 10;
+    let updates = |sim: &Sim| -> u64 {
+        (0..n)
+            .map(|i| {
+                let r = sim.counters(i).routing;
+                r.updates_sent + r.retractions_sent + r.seqno_requests_sent
+            })
+            .sum()
+    };
+    let (t0, u0) = (sim.control_traffic(), updates(&sim));
+    sim.run_for(secs * 1_000 * MS);
+    let (t1, u1) = (sim.control_traffic(), updates(&sim));
+    let per_node = |v: u64| v as f64 / n as f64 / secs as f64;
+    let (msgs, bytes) = (
+        per_node(t1.messages - t0.messages),
+        per_node(t1.bytes - t0.bytes),
+    );
+    eprintln!("steady state: {msgs:.1} control messages, {bytes:.0} bytes per node per s");
+    assert_eq!(u1, u0, "routing messages sent in a steady network");
+    // A Hello and a HelloAck per link and second each way (30 bytes each): 8 messages,
+    // 240 bytes per node at average degree 4.
+    assert!(msgs <= 10.0, "{msgs} messages per node per s");
+    assert!(bytes <= 2048.0, "{bytes} bytes per node per s");
+
+    // Kill the relay that carries most of 300 sampled routes.
+    let pairs: Vec<(usize, usize)> = (0..300)
+        .map(|_| (rng.below(n as u64) as usize, rng.below(n as u64) as usize))
+        .filter(|(a, b)| a != b)
+        .collect();
+    let mut load = vec![0usize; n];
+    let paths: Vec<Vec<usize>> = pairs
+        .iter()
+        .map(|&(a, b)| sim.path(a, b).unwrap())
+        .collect();
+    for p in &paths {
+        for &v in &p[1..p.len() - 1] {
+            load[v] += 1;
+        }
+    }
+    let relay = (0..n).max_by_key(|v| load[*v]).unwrap();
+    let affected: Vec<(usize, usize)> = pairs
+        .iter()
+        .zip(&paths)
+        .filter(|(_, p)| p[1..p.len() - 1].contains(&relay))
+        .map(|(pair, _)| *pair)
+        .collect();
+    assert!(
+        affected.len() >= 10,
+        "relay {relay} carries {} routes",
+        affected.len()
+    );
+    sim.kill(relay);
+    let t_kill = sim.now();
+    loop {
+        let mut done = true;
+        for &(a, b) in &affected {
+            match sim.path(a, b) {
+                Ok(_) => {}
+                Err(e @ PathError::Loop { .. }) => panic!("{a} -> {b}: {e}"),
+                Err(_) => done = false,
+            }
+        }
+        if done {
+            break;
+        }
+        assert!(
+            sim.now() - t_kill < 5_000 * MS,
+            "routes through {relay} not rerouted within 5 s"
+        );
+        sim.run_for(100 * MS);
+    }
+    let rerouted = sim.now() - t_kill;
+    eprintln!(
+        "{} routes through relay {relay} rerouted in {} ms",
+        affected.len(),
+        rerouted / MS
+    );
+    // The dead relay's prefix is retracted everywhere.
+    let dead: BTreeSet<usize> = [relay].into();
+    while (0..n).any(|i| i != relay && sim.next_hop_exists(i, relay)) {
+        assert!(
+            sim.now() - t_kill < 20_000 * MS,
+            "the dead relay's prefix is still routed"
+        );
+        sim.run_for(100 * MS);
+    }
+    eprintln!(
+        "its prefix retracted after {} ms",
+        (sim.now() - t_kill) / MS
+    );
+    let live: Vec<usize> = (0..n).filter(|i| !dead.contains(i)).collect();
+    assert_loop_free(&sim, &live);
+    check_delivery(&mut sim, &affected[..10]);
 }

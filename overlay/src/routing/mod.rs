@@ -1,0 +1,1135 @@
+//! Babel-derived distance-vector routing (RFC 8966 ideas) over reliable links, sans-IO.
+//!
+//! * link cost = smoothed one-way latency estimate (RTT/2, µs) + a small per-hop cost;
+//! * route metric = sum of link costs;
+//! * (seqno, metric) feasibility distances per prefix: an update is usable only if its seqno
+//!   is newer, or equal with a strictly smaller metric, than anything we advertised — this
+//!   keeps the route graph loop-free at all times;
+//! * links are reliable streams (what was sent arrives, or the link dies and both ends know),
+//!   so a neighbor's last announcement stays valid until it says otherwise: nothing is
+//!   re-sent periodically and nothing expires. Routes change by triggered updates and
+//!   retractions only; a link that goes down touches only the routes that used it;
+//! * seqno requests when only unfeasible routes remain; the owner bumps its seqno, but only
+//!   by at most `MAX_SEQNO_REQUEST_AHEAD` past what it (or, for relays, the newest signed
+//!   announcement) has: a hostile neighbor cannot push a seqno to `u64::MAX`. Seqnos change
+//!   only then: an owner never re-signs on a timer;
+//! * hysteresis: a route is replaced only by one better by more than `hysteresis_us`;
+//! * every announcement carries the prefix owner's signature over (prefix, seqno, router
+//!   key), and the prefix must be the /64 derived from that key: relays cannot originate or
+//!   re-sequence another node's route (they can only pass on what the owner signed). A
+//!   signed (prefix, seqno) is verified once, however many neighbors pass it on.
+
+mod table;
+mod verified;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::addr::{Prefix, prefix_for_key};
+use crate::clock::Micros;
+use crate::identity::{Identity, verify};
+use crate::wire::{
+    Control, MAX_RETRACTIONS_PER_MESSAGE, MAX_UPDATES_PER_MESSAGE, METRIC_INFINITY, RouteUpdate,
+    route_signature_input,
+};
+use table::{Dest, Entry, MAX_ENTRY_LAG, NO_SLOT, Slot, Table};
+pub use verified::SharedVerifications;
+use verified::{VerifiedCache, digest};
+
+/// A neighbor (one authenticated link), numbered by the runtime.
+pub type Nbr = u64;
+
+/// A seqno request is honoured (by the owner) or forwarded (by a relay) only if it asks for
+/// at most this much more than the newest seqno the node knows for the prefix. Legitimate
+/// requests ask for `FD.seqno + 1` where FD came from a signed announcement, so they are at
+/// most 1 ahead of the owner; a far-ahead request can only be an attempt to exhaust the
+/// owner's seqno space (after which it could never announce a newer route).
+pub(crate) const MAX_SEQNO_REQUEST_AHEAD: u64 = 256;
+
+#[derive(Debug, Clone)]
+pub struct RoutingConfig {
+    /// A new route must be better than the current one by more than this (µs).
+    pub hysteresis_us: u32,
+    /// Minimum spacing of seqno requests for one prefix.
+    pub request_interval: Micros,
+    /// Simulator only: verification results shared by all simulated nodes.
+    pub(crate) shared_verifications: Option<SharedVerifications>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            hysteresis_us: 500,
+            request_interval: 300_000,
+            shared_verifications: None,
+        }
+    }
+}
+
+/// Reasons routing input was refused, counted.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RoutingCounters {
+    /// Route entries received (in Updates messages) and sent.
+    pub updates_received: u64,
+    pub updates_sent: u64,
+    /// Prefixes retracted by neighbors, and by this node (per neighbor told).
+    pub retractions_received: u64,
+    pub retractions_sent: u64,
+    /// Signature verifications performed.
+    pub signatures_verified: u64,
+    /// Announcements whose signature was already verified here: not checked again.
+    pub signatures_reused: u64,
+    pub bad_signature: u64,
+    pub forged_prefix: u64,
+    pub seqno_requests_sent: u64,
+    pub seqno_requests_received: u64,
+    /// Seqno requests asking too far ahead (see `MAX_SEQNO_REQUEST_AHEAD`), dropped.
+    pub seqno_requests_refused: u64,
+    pub route_switches: u64,
+    /// Announcements of new prefixes refused because the table was full (`max_routes`).
+    pub routes_refused: u64,
+    /// Announcements more than 65,534 seqnos older than the newest one known: dropped.
+    pub stale_updates: u64,
+}
+
+/// One row of the routing table, for status.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RouteInfo {
+    pub prefix: String,
+    /// Link id of the next hop (see the node's peers).
+    pub next_hop: Option<Nbr>,
+    /// Overlay address of the next hop (filled in by the node runtime).
+    pub via: Option<std::net::Ipv6Addr>,
+    pub metric: u32,
+    pub seqno: u64,
+    pub feasible: bool,
+    pub candidates: usize,
+}
+
+/// Seqno request state of one prefix (kept only while a request is recent).
+#[derive(Debug, Clone, Copy, Default)]
+struct Requests {
+    last_sent: Option<Micros>,
+    forwarded: Option<(u64, Micros)>,
+}
+
+/// The routing state machine of one node.
+pub(crate) struct Router {
+    id: Identity,
+    key: [u8; 32],
+    prefix: Prefix,
+    cfg: RoutingConfig,
+    seqno: u64,
+    signature: [u8; 64],
+    nbrs: BTreeMap<Nbr, Slot>,
+    /// By slot: the neighbor and its link cost.
+    slots: Vec<Option<(Nbr, u32)>>,
+    table: Table,
+    /// Signatures of seqnos older than a prefix's newest, while an entry refers to them.
+    old_sigs: BTreeMap<(Prefix, u64), [u8; 64]>,
+    /// Prefixes in `table` at most: new prefixes beyond it are refused, known ones are
+    /// never evicted to make room.
+    max_routes: usize,
+    /// Prefixes whose advertisement changed, sent at the next `flush`.
+    triggered: Vec<Prefix>,
+    /// Prefixes reselected since the last `flush` (forgotten there if left empty).
+    touched: Vec<Prefix>,
+    /// Prefixes with entries but no feasible one: seqno requests are repeated for them.
+    starving: BTreeSet<Prefix>,
+    requests: BTreeMap<Prefix, Requests>,
+    verified: VerifiedCache,
+    /// Prefixes with a selected (hence advertised) route.
+    selected_count: usize,
+    pub(crate) counters: RoutingCounters,
+}
+
+impl Router {
+    /// `first_seqno` must exceed seqnos of this identity's earlier runs (real nodes: Unix ms).
+    pub(crate) fn new(
+        id: Identity,
+        cfg: RoutingConfig,
+        max_routes: usize,
+        first_seqno: u64,
+        _now: Micros,
+    ) -> Router {
+        let key = id.public_key();
+        let prefix = prefix_for_key(&key);
+        let signature = id.sign(&route_signature_input(&prefix, first_seqno, &key));
+        Router {
+            id,
+            key,
+            prefix,
+            cfg,
+            seqno: first_seqno,
+            signature,
+            nbrs: BTreeMap::new(),
+            slots: Vec::new(),
+            table: Table::default(),
+            old_sigs: BTreeMap::new(),
+            max_routes,
+            triggered: Vec::new(),
+            touched: Vec::new(),
+            starving: BTreeSet::new(),
+            requests: BTreeMap::new(),
+            verified: VerifiedCache::default(),
+            selected_count: 0,
+            counters: RoutingCounters::default(),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn own_prefix(&self) -> Prefix {
+        self.prefix
+    }
+
+    #[cfg(test)]
+    pub(crate) fn own_seqno(&self) -> u64 {
+        self.seqno
+    }
+
+    /// Prefixes in the table.
+    pub(crate) fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Prefixes with a selected route.
+    pub(crate) fn selected_count(&self) -> usize {
+        self.selected_count
+    }
+
+    fn nbr_of(&self, slot: Slot) -> Option<(Nbr, u32)> {
+        self.slots.get(usize::from(slot)).copied().flatten()
+    }
+
+    /// The neighbor to forward traffic for `prefix` to.
+    pub(crate) fn next_hop(&self, prefix: &Prefix) -> Option<Nbr> {
+        let d = self.table.get(prefix)?;
+        (d.selected != NO_SLOT)
+            .then(|| self.nbr_of(d.selected).map(|(n, _)| n))
+            .flatten()
+    }
+
+    /// The metric of the selected route to `prefix`.
+    #[cfg(test)]
+    pub(crate) fn metric(&self, prefix: &Prefix) -> Option<u32> {
+        let d = self.table.get(prefix)?;
+        let e = d.entry(d.selected)?;
+        Some(total(e.metric, self.nbr_of(e.slot)?.1))
+    }
+
+    fn bump_seqno(&mut self, at_least: u64) {
+        self.seqno = self.seqno.max(at_least.saturating_sub(1)).saturating_add(1);
+        self.signature = self
+            .id
+            .sign(&route_signature_input(&self.prefix, self.seqno, &self.key));
+    }
+
+    fn own_update(&self) -> RouteUpdate {
+        RouteUpdate {
+            prefix: self.prefix,
+            seqno: self.seqno,
+            metric: 0,
+            router_key: self.key,
+            signature: self.signature,
+        }
+    }
+
+    /// The announcement of the selected route, if there is one.
+    fn advert(&self, prefix: &Prefix, d: &Dest) -> Option<RouteUpdate> {
+        let e = d.entry(d.selected)?;
+        let seqno = d.seqno_at(e.lag);
+        let signature = if e.lag == 0 {
+            d.sig
+        } else {
+            *self.old_sigs.get(&(*prefix, seqno))?
+        };
+        Some(RouteUpdate {
+            prefix: *prefix,
+            seqno,
+            metric: total(e.metric, self.nbr_of(e.slot)?.1),
+            router_key: d.key,
+            signature,
+        })
+    }
+
+    fn full_dump(&self) -> Vec<RouteUpdate> {
+        let mut v = vec![self.own_update()];
+        v.extend(self.table.iter().filter_map(|(p, d)| self.advert(&p, d)));
+        v
+    }
+
+    fn send(
+        &mut self,
+        targets: &[Nbr],
+        updates: &[RouteUpdate],
+        retractions: &[Prefix],
+        out: &mut Vec<(Nbr, Control)>,
+    ) {
+        for &n in targets {
+            for chunk in updates.chunks(MAX_UPDATES_PER_MESSAGE) {
+                self.counters.updates_sent += chunk.len() as u64;
+                out.push((n, Control::Updates(chunk.to_vec())));
+            }
+            for chunk in retractions.chunks(MAX_RETRACTIONS_PER_MESSAGE) {
+                self.counters.retractions_sent += chunk.len() as u64;
+                out.push((n, Control::Retractions(chunk.to_vec())));
+            }
+        }
+    }
+
+    /// A new authenticated link with initial cost (µs): it gets our whole table, once.
+    pub(crate) fn neighbor_up(&mut self, nbr: Nbr, cost: u32, out: &mut Vec<(Nbr, Control)>) {
+        if self.nbrs.contains_key(&nbr) {
+            return;
+        }
+        let slot = match self.slots.iter().position(Option::is_none) {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        // Links are capped far below 65,535 (`max_links`), but never wrap.
+        let Ok(slot16) = Slot::try_from(slot) else {
+            return;
+        };
+        if slot16 == NO_SLOT {
+            return;
+        }
+        self.slots[slot] = Some((nbr, cost.max(1)));
+        self.nbrs.insert(nbr, slot16);
+        let dump = self.full_dump();
+        self.send(&[nbr], &dump, &[], out);
+    }
+
+    /// A link went down: the routes it carried are reselected; only those whose
+    /// advertisement changes are sent on.
+    pub(crate) fn neighbor_down(&mut self, nbr: Nbr, now: Micros, out: &mut Vec<(Nbr, Control)>) {
+        let Some(slot) = self.nbrs.remove(&nbr) else {
+            return;
+        };
+        self.slots[usize::from(slot)] = None;
+        let affected = self.table.with_entry_from(slot, |d| d.remove_entry(slot));
+        for p in affected {
+            self.gc_old_sigs(&p);
+            self.reselect(p, now, out);
+        }
+        self.flush(out);
+    }
+
+    /// The link cost to a neighbor changed.
+    pub(crate) fn set_cost(
+        &mut self,
+        nbr: Nbr,
+        cost: u32,
+        now: Micros,
+        out: &mut Vec<(Nbr, Control)>,
+    ) {
+        let Some(&slot) = self.nbrs.get(&nbr) else {
+            return;
+        };
+        self.slots[usize::from(slot)] = Some((nbr, cost.max(1)));
+        let affected = self.table.with_entry_from(slot, |_| true);
+        for p in affected {
+            self.reselect(p, now, out);
+        }
+        self.flush(out);
+    }
+
+    /// Route updates received from a neighbor.
+    pub(crate) fn handle_updates(
+        &mut self,
+        nbr: Nbr,
+        list: &[RouteUpdate],
+        now: Micros,
+        out: &mut Vec<(Nbr, Control)>,
+    ) {
+        let Some(&slot) = self.nbrs.get(&nbr) else {
+            return;
+        };
+        for u in list {
+            self.counters.updates_received += 1;
+            if u.metric == METRIC_INFINITY {
+                self.retract(slot, u.prefix, now, out);
+            } else {
+                self.handle_update(slot, u, now, out);
+            }
+        }
+        self.flush(out);
+    }
+
+    /// Retractions received from a neighbor.
+    pub(crate) fn handle_retractions(
+        &mut self,
+        nbr: Nbr,
+        list: &[Prefix],
+        now: Micros,
+        out: &mut Vec<(Nbr, Control)>,
+    ) {
+        let Some(&slot) = self.nbrs.get(&nbr) else {
+            return;
+        };
+        for p in list {
+            self.counters.retractions_received += 1;
+            self.retract(slot, *p, now, out);
+        }
+        self.flush(out);
+    }
+
+    /// A retraction only withdraws this neighbor's own announcement: no signature needed.
+    fn retract(&mut self, slot: Slot, prefix: Prefix, now: Micros, out: &mut Vec<(Nbr, Control)>) {
+        if self
+            .table
+            .get_mut(&prefix)
+            .is_some_and(|d| d.remove_entry(slot))
+        {
+            self.gc_old_sigs(&prefix);
+            self.reselect(prefix, now, out);
+        }
+    }
+
+    fn handle_update(
+        &mut self,
+        slot: Slot,
+        u: &RouteUpdate,
+        now: Micros,
+        out: &mut Vec<(Nbr, Control)>,
+    ) {
+        let idx = self.table.find(&u.prefix);
+        let known = idx.map(|i| self.table.at(i));
+        // The prefix-key binding (a hash) is already checked for prefixes we know.
+        if known.is_some_and(|d| d.key != u.router_key)
+            || (known.is_none() && prefix_for_key(&u.router_key) != u.prefix)
+        {
+            self.counters.forged_prefix += 1;
+            return;
+        }
+        if u.prefix == self.prefix {
+            // Our own route from an earlier run may carry a higher seqno: move past it.
+            if u.router_key == self.key && u.seqno > self.seqno && self.check_signature(u, None) {
+                self.bump_seqno(u.seqno.saturating_add(1));
+                self.triggered.push(self.prefix);
+            }
+            return;
+        }
+        if known.is_none() && self.table.len() >= self.max_routes {
+            // Checked before the signature: a full table costs no verification.
+            self.counters.routes_refused += 1;
+            return;
+        }
+        if known.is_some_and(|d| u.seqno < d.seqno && d.seqno - u.seqno > u64::from(MAX_ENTRY_LAG))
+        {
+            self.counters.stale_updates += 1;
+            self.retract(slot, u.prefix, now, out);
+            return;
+        }
+        if !self.check_signature(u, idx) {
+            self.counters.bad_signature += 1;
+            return;
+        }
+        let idx = match idx {
+            Some(i) => i,
+            None => self
+                .table
+                .insert(u.prefix, Dest::new(u.router_key, u.seqno, u.signature)),
+        };
+        let d = self.table.at_mut(idx);
+        let mut old_sig = None;
+        let advanced = u.seqno > d.seqno;
+        if advanced {
+            // Entries still on the old newest seqno keep its signature reachable.
+            if d.routes.iter().any(|e| e.lag == 0) {
+                old_sig = Some((d.seqno, d.sig));
+            }
+            d.advance(u.seqno, u.signature);
+        } else if u.seqno < d.seqno {
+            old_sig = Some((u.seqno, u.signature));
+        }
+        let lag = d.seqno.saturating_sub(u.seqno) as u16;
+        let before = d.entry(slot).map(|e| e.lag);
+        d.set_entry(Entry {
+            slot,
+            lag,
+            metric: u.metric,
+        });
+        if let Some((s, sig)) = old_sig {
+            self.old_sigs.entry((u.prefix, s)).or_insert(sig);
+        }
+        if old_sig.is_some() || advanced || before.is_some_and(|l| l != lag) {
+            self.gc_old_sigs(&u.prefix);
+        }
+        self.reselect(u.prefix, now, out);
+    }
+
+    /// Whether `u`'s signature is good, verifying it only if this node has not already.
+    /// `idx`: the prefix's record, if it has one.
+    fn check_signature(&mut self, u: &RouteUpdate, idx: Option<u32>) -> bool {
+        let known = idx.is_some_and(|i| {
+            let d = self.table.at(i);
+            d.key == u.router_key
+                && ((d.seqno == u.seqno && d.sig == u.signature)
+                    || (u.seqno < d.seqno
+                        && self.old_sigs.get(&(u.prefix, u.seqno)) == Some(&u.signature)))
+        });
+        if known {
+            self.counters.signatures_reused += 1;
+            return true;
+        }
+        let dg = digest(&u.router_key, &u.prefix, u.seqno, &u.signature);
+        if self.verified.contains(&dg) {
+            self.counters.signatures_reused += 1;
+            return true;
+        }
+        self.counters.signatures_verified += 1;
+        let shared = self.cfg.shared_verifications.as_ref();
+        let ok = shared.is_some_and(|s| s.contains(&dg))
+            || verify(
+                &u.router_key,
+                &route_signature_input(&u.prefix, u.seqno, &u.router_key),
+                &u.signature,
+            );
+        if ok {
+            self.verified.insert(&dg);
+            if let Some(s) = shared {
+                s.insert(dg);
+            }
+        }
+        ok
+    }
+
+    /// Drops old signatures of `prefix` that no entry refers to any more.
+    fn gc_old_sigs(&mut self, prefix: &Prefix) {
+        let range = (*prefix, 0)..=(*prefix, u64::MAX);
+        if self.old_sigs.range(range.clone()).next().is_none() {
+            return;
+        }
+        let keep: Vec<u64> = match self.table.get(prefix) {
+            Some(d) => d
+                .routes
+                .iter()
+                .filter(|e| e.lag > 0)
+                .map(|e| d.seqno_at(e.lag))
+                .collect(),
+            None => Vec::new(),
+        };
+        let stale: Vec<(Prefix, u64)> = self
+            .old_sigs
+            .range(range)
+            .filter(|((_, s), _)| !keep.contains(s))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            self.old_sigs.remove(&k);
+        }
+    }
+
+    /// Picks the best feasible route for a prefix; triggers updates, retractions, requests.
+    fn reselect(&mut self, prefix: Prefix, now: Micros, out: &mut Vec<(Nbr, Control)>) {
+        let hyst = self.cfg.hysteresis_us;
+        let slots = &self.slots;
+        let Some(d) = self.table.get_mut(&prefix) else {
+            return;
+        };
+        self.touched.push(prefix);
+        let has_fd = d.fd_metric != METRIC_INFINITY;
+        let (fd_lag, fd_metric) = (d.fd_lag, d.fd_metric);
+        // Lower lag = newer seqno.
+        let feasible =
+            |e: &Entry| !has_fd || e.lag < fd_lag || (e.lag == fd_lag && e.metric < fd_metric);
+        let mut best: Option<(u32, Nbr, Slot)> = None;
+        let mut current = None;
+        for e in d.routes.iter().filter(|e| feasible(e)) {
+            let Some((nbr, cost)) = slots.get(usize::from(e.slot)).copied().flatten() else {
+                continue;
+            };
+            let t = total(e.metric, cost);
+            if best.is_none_or(|b| (t, nbr) < (b.0, b.1)) {
+                best = Some((t, nbr, e.slot));
+            }
+            if e.slot == d.selected {
+                current = Some((t, nbr, e.slot));
+            }
+        }
+        let chosen = match (current, best) {
+            (Some(c), Some(b)) if b.0.saturating_add(hyst) >= c.0 => Some(c),
+            (_, b) => b,
+        };
+        let old = d.selected;
+        let was_advertised = d.adv_metric != METRIC_INFINITY;
+        d.selected = chosen.map_or(NO_SLOT, |c| c.2);
+        // `adv_metric` is finite exactly while a route is selected.
+        match (was_advertised, chosen.is_some()) {
+            (false, true) => self.selected_count += 1,
+            (true, false) => self.selected_count -= 1,
+            _ => {}
+        }
+        if old != NO_SLOT && d.selected != NO_SLOT && old != d.selected {
+            self.counters.route_switches += 1;
+        }
+        match chosen {
+            Some((t, _, slot)) => {
+                let lag = d.entry(slot).map_or(0, |e| e.lag);
+                if has_fd && d.fd_lag == lag {
+                    d.fd_metric = d.fd_metric.min(t);
+                } else {
+                    (d.fd_lag, d.fd_metric) = (lag, t);
+                }
+                let changed = d.adv_metric == METRIC_INFINITY
+                    || d.adv_lag != lag
+                    || old != d.selected
+                    || d.adv_metric != t;
+                if changed {
+                    (d.adv_lag, d.adv_metric) = (lag, t);
+                    self.triggered.push(prefix);
+                }
+                self.starving.remove(&prefix);
+            }
+            None => {
+                if d.adv_metric != METRIC_INFINITY {
+                    d.adv_metric = METRIC_INFINITY;
+                    self.triggered.push(prefix);
+                }
+                if d.routes.is_empty() {
+                    self.starving.remove(&prefix);
+                } else {
+                    self.starving.insert(prefix);
+                    self.request_if_unfeasible(prefix, now, out);
+                }
+            }
+        }
+    }
+
+    fn request_if_unfeasible(
+        &mut self,
+        prefix: Prefix,
+        now: Micros,
+        out: &mut Vec<(Nbr, Control)>,
+    ) {
+        let interval = self.cfg.request_interval;
+        let Some(d) = self.table.get(&prefix) else {
+            return;
+        };
+        let targets: Vec<Nbr> = d
+            .routes
+            .iter()
+            .filter_map(|e| self.nbr_of(e.slot).map(|(n, _)| n))
+            .collect();
+        let req = self.requests.entry(prefix).or_default();
+        if targets.is_empty() || req.last_sent.is_some_and(|t| now < t + interval) {
+            return;
+        }
+        req.last_sent = Some(now);
+        let fd_seqno = if d.fd_metric == METRIC_INFINITY {
+            0
+        } else {
+            d.seqno_at(d.fd_lag)
+        };
+        let seqno = fd_seqno.saturating_add(1);
+        for n in targets {
+            self.counters.seqno_requests_sent += 1;
+            out.push((
+                n,
+                Control::SeqnoRequest {
+                    prefix,
+                    seqno,
+                    hop_count: 64,
+                },
+            ));
+        }
+    }
+
+    /// A seqno request from a neighbor.
+    pub(crate) fn handle_request(
+        &mut self,
+        nbr: Nbr,
+        prefix: Prefix,
+        seqno: u64,
+        hop_count: u8,
+        now: Micros,
+        out: &mut Vec<(Nbr, Control)>,
+    ) {
+        self.counters.seqno_requests_received += 1;
+        if !self.nbrs.contains_key(&nbr) {
+            return;
+        }
+        if prefix == self.prefix {
+            if seqno > self.seqno.saturating_add(MAX_SEQNO_REQUEST_AHEAD) {
+                self.counters.seqno_requests_refused += 1;
+                return;
+            }
+            if self.seqno < seqno {
+                self.bump_seqno(seqno);
+                self.triggered.push(self.prefix);
+                self.flush(out);
+            } else {
+                let u = self.own_update();
+                self.send(&[nbr], &[u], &[], out);
+            }
+            return;
+        }
+        let interval = self.cfg.request_interval;
+        let Some(d) = self.table.get(&prefix) else {
+            return;
+        };
+        // Relays apply the same bound against the newest seqno the owner signed, so a
+        // far-ahead request never reaches the owner.
+        if seqno > d.seqno.saturating_add(MAX_SEQNO_REQUEST_AHEAD) {
+            self.counters.seqno_requests_refused += 1;
+            return;
+        }
+        if d.entry(d.selected)
+            .is_some_and(|e| d.seqno_at(e.lag) >= seqno)
+        {
+            if let Some(u) = self.advert(&prefix, d) {
+                self.send(&[nbr], &[u], &[], out);
+            }
+            return;
+        }
+        if hop_count <= 1
+            || self.requests.get(&prefix).is_some_and(|r| {
+                r.forwarded
+                    .is_some_and(|(s, t)| s >= seqno && now < t + interval)
+            })
+        {
+            return;
+        }
+        // Forward towards the owner: the selected next hop, else any other neighbor with a route.
+        let next = d
+            .entry(d.selected)
+            .into_iter()
+            .chain(d.routes.iter())
+            .filter_map(|e| self.nbr_of(e.slot).map(|(n, _)| n))
+            .find(|n| *n != nbr);
+        if let Some(n) = next {
+            self.requests.entry(prefix).or_default().forwarded = Some((seqno, now));
+            self.counters.seqno_requests_sent += 1;
+            out.push((
+                n,
+                Control::SeqnoRequest {
+                    prefix,
+                    seqno,
+                    hop_count: hop_count - 1,
+                },
+            ));
+        }
+    }
+
+    /// Sends pending triggered updates and retractions to all neighbors, then forgets
+    /// prefixes left with no route.
+    pub(crate) fn flush(&mut self, out: &mut Vec<(Nbr, Control)>) {
+        if !self.triggered.is_empty() {
+            let mut prefixes = std::mem::take(&mut self.triggered);
+            prefixes.sort_unstable();
+            prefixes.dedup();
+            let mut updates = Vec::new();
+            let mut retractions = Vec::new();
+            for p in prefixes {
+                if p == self.prefix {
+                    updates.push(self.own_update());
+                } else if let Some(d) = self.table.get(&p) {
+                    match self.advert(&p, d) {
+                        Some(u) => updates.push(u),
+                        None => retractions.push(p),
+                    }
+                }
+            }
+            let targets: Vec<Nbr> = self.nbrs.keys().copied().collect();
+            self.send(&targets, &updates, &retractions, out);
+        }
+        for p in std::mem::take(&mut self.touched) {
+            let empty = self
+                .table
+                .get(&p)
+                .is_some_and(|d| d.routes.is_empty() && d.adv_metric == METRIC_INFINITY);
+            if empty {
+                self.table.remove(&p);
+                self.starving.remove(&p);
+                self.requests.remove(&p);
+                self.gc_old_sigs(&p);
+            }
+        }
+    }
+
+    /// Repeats seqno requests for prefixes with only unfeasible routes. Costs nothing when
+    /// no prefix is starving: no work here grows with the table.
+    pub(crate) fn tick(&mut self, now: Micros, out: &mut Vec<(Nbr, Control)>) {
+        let interval = self.cfg.request_interval;
+        let starving: Vec<Prefix> = self.starving.iter().copied().collect();
+        for p in starving {
+            self.request_if_unfeasible(p, now, out);
+        }
+        self.requests.retain(|_, r| {
+            r.last_sent.is_some_and(|t| now < t + interval)
+                || r.forwarded.is_some_and(|(_, t)| now < t + interval)
+        });
+        self.flush(out);
+    }
+
+    /// The routing table, for status.
+    pub(crate) fn routes(&self, nbr_name: impl Fn(Nbr) -> Option<Nbr>) -> Vec<RouteInfo> {
+        self.table
+            .iter()
+            .map(|(p, d)| {
+                let sel = d
+                    .entry(d.selected)
+                    .and_then(|e| self.nbr_of(e.slot).map(|(n, c)| (n, c, e)));
+                RouteInfo {
+                    prefix: crate::addr::prefix_string(&p),
+                    next_hop: sel.and_then(|(n, _, _)| nbr_name(n)),
+                    via: None,
+                    metric: sel.map_or(METRIC_INFINITY, |(_, c, e)| total(e.metric, c)),
+                    seqno: sel.map_or(d.seqno, |(_, _, e)| d.seqno_at(e.lag)),
+                    feasible: sel.is_some(),
+                    candidates: d.routes.len(),
+                }
+            })
+            .collect()
+    }
+}
+
+fn total(metric: u32, cost: u32) -> u32 {
+    metric.saturating_add(cost).min(METRIC_INFINITY - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed(owner: &Identity, seqno: u64, metric: u32) -> RouteUpdate {
+        let key = owner.public_key();
+        let prefix = prefix_for_key(&key);
+        RouteUpdate {
+            prefix,
+            seqno,
+            metric,
+            router_key: key,
+            signature: owner.sign(&route_signature_input(&prefix, seqno, &key)),
+        }
+    }
+
+    fn entry_seqno(r: &Router, p: &Prefix, nbr: Nbr) -> Option<u64> {
+        let d = r.table.get(p)?;
+        let e = d.entry(*r.nbrs.get(&nbr)?)?;
+        Some(d.seqno_at(e.lag))
+    }
+
+    fn router() -> Router {
+        Router::new(
+            Identity::from_seed(&[9; 32]),
+            RoutingConfig::default(),
+            16_384,
+            1,
+            0,
+        )
+    }
+
+    #[test]
+    fn relays_cannot_resequence_or_originate_foreign_routes() {
+        let owner = Identity::from_seed(&[1; 32]);
+        let mut r = router();
+        let mut out = Vec::new();
+        r.neighbor_up(1, 100, &mut out);
+        let good = signed(&owner, 5, 1000);
+        r.handle_updates(1, &[good], 0, &mut out);
+        assert_eq!(r.next_hop(&good.prefix), Some(1));
+        // Re-sequenced by a relay: the signature no longer matches.
+        let mut reseq = good;
+        reseq.seqno = 6;
+        r.handle_updates(1, &[reseq], 0, &mut out);
+        assert_eq!(r.counters.bad_signature, 1);
+        // Originated by someone else for the owner's prefix.
+        let mallory = Identity::from_seed(&[2; 32]);
+        let mut forged = signed(&mallory, 7, 0);
+        forged.prefix = good.prefix;
+        r.handle_updates(1, &[forged], 0, &mut out);
+        assert_eq!(r.counters.forged_prefix, 1);
+        assert_eq!(entry_seqno(&r, &good.prefix, 1), Some(5));
+    }
+
+    #[test]
+    fn feasibility_hysteresis_and_seqno_requests() {
+        let owner = Identity::from_seed(&[1; 32]);
+        let p = prefix_for_key(&owner.public_key());
+        let mut r = router();
+        let mut out = Vec::new();
+        r.neighbor_up(1, 1000, &mut out);
+        r.neighbor_up(2, 1000, &mut out);
+        r.handle_updates(1, &[signed(&owner, 5, 10_000)], 0, &mut out);
+        assert_eq!((r.next_hop(&p), r.metric(&p)), (Some(1), Some(11_000)));
+        // Better by less than the hysteresis: keep the current route.
+        r.handle_updates(2, &[signed(&owner, 5, 9_700)], 0, &mut out);
+        assert_eq!(r.next_hop(&p), Some(1));
+        // Clearly better: switch.
+        r.handle_updates(2, &[signed(&owner, 5, 5_000)], 0, &mut out);
+        assert_eq!((r.next_hop(&p), r.metric(&p)), (Some(2), Some(6_000)));
+        // The new route's link dies; the old one (metric 10 000 ≥ FD 6 000) is unfeasible:
+        // no route is selected, a retraction goes out and a seqno request asks for seqno 6.
+        out.clear();
+        r.neighbor_down(2, 1, &mut out);
+        assert_eq!(r.next_hop(&p), None);
+        assert!(
+            out.iter()
+                .any(|(n, c)| *n == 1 && matches!(c, Control::SeqnoRequest { seqno: 6, .. }))
+        );
+        assert!(
+            out.iter()
+                .any(|(_, c)| matches!(c, Control::Retractions(l) if l.contains(&p)))
+        );
+        // The owner's newer seqno makes the old path feasible again.
+        r.handle_updates(1, &[signed(&owner, 6, 10_000)], 2, &mut out);
+        assert_eq!(r.next_hop(&p), Some(1));
+    }
+
+    #[test]
+    fn owner_answers_requests_with_a_higher_signed_seqno() {
+        let mut r = router();
+        let mut out = Vec::new();
+        r.neighbor_up(1, 100, &mut out);
+        out.clear();
+        let own = r.own_prefix();
+        r.handle_request(1, own, 50, 64, 0, &mut out);
+        assert_eq!(r.own_seqno(), 50);
+        let sent = out.iter().find_map(|(_, c)| match c {
+            Control::Updates(l) => l.iter().find(|u| u.prefix == own).copied(),
+            _ => None,
+        });
+        let u = sent.expect("announced");
+        assert_eq!(u.seqno, 50);
+        assert!(verify(
+            &u.router_key,
+            &route_signature_input(&own, 50, &u.router_key),
+            &u.signature
+        ));
+    }
+
+    #[test]
+    fn far_ahead_seqno_requests_are_refused_and_max_seqno_does_not_panic() {
+        let mut r = router();
+        let mut out = Vec::new();
+        r.neighbor_up(1, 100, &mut out);
+        let own = r.own_prefix();
+        // A hostile neighbor asks the owner to jump to the end of the seqno space.
+        r.handle_request(1, own, u64::MAX, 64, 0, &mut out);
+        r.handle_request(1, own, 1 + MAX_SEQNO_REQUEST_AHEAD + 1, 64, 0, &mut out);
+        assert_eq!(r.own_seqno(), 1);
+        assert_eq!(r.counters.seqno_requests_refused, 2);
+        // At the bound the request is honoured.
+        r.handle_request(1, own, 1 + MAX_SEQNO_REQUEST_AHEAD, 64, 0, &mut out);
+        assert_eq!(r.own_seqno(), 1 + MAX_SEQNO_REQUEST_AHEAD);
+
+        // A relay does not forward a far-ahead request for another node's prefix.
+        let owner = Identity::from_seed(&[1; 32]);
+        let p = prefix_for_key(&owner.public_key());
+        r.neighbor_up(2, 100, &mut out);
+        r.handle_updates(2, &[signed(&owner, 5, 1000)], 0, &mut out);
+        out.clear();
+        r.handle_request(1, p, u64::MAX, 64, 0, &mut out);
+        r.handle_request(1, p, 5 + MAX_SEQNO_REQUEST_AHEAD + 1, 64, 0, &mut out);
+        assert!(
+            !out.iter()
+                .any(|(_, c)| matches!(c, Control::SeqnoRequest { .. })),
+            "far-ahead request forwarded: {out:?}"
+        );
+        assert_eq!(r.counters.seqno_requests_refused, 4);
+        r.handle_request(1, p, 6, 64, 0, &mut out);
+        assert!(
+            out.iter()
+                .any(|(n, c)| *n == 2 && matches!(c, Control::SeqnoRequest { seqno: 6, .. }))
+        );
+
+        // Seqnos at the end of the space saturate instead of overflowing.
+        let mut top = Router::new(
+            Identity::from_seed(&[9; 32]),
+            RoutingConfig::default(),
+            16_384,
+            u64::MAX,
+            0,
+        );
+        top.neighbor_up(1, 100, &mut out);
+        let own = top.own_prefix();
+        top.handle_request(1, own, u64::MAX, 64, 0, &mut out);
+        top.tick(15_000_000, &mut out);
+        assert_eq!(top.own_seqno(), u64::MAX);
+        // Our own announcement from an "earlier run" at u64::MAX is handled too.
+        let mut low = router();
+        low.neighbor_up(1, 100, &mut out);
+        let me = Identity::from_seed(&[9; 32]);
+        low.handle_updates(1, &[signed(&me, u64::MAX, 0)], 0, &mut out);
+        assert_eq!(low.own_seqno(), u64::MAX);
+    }
+
+    /// Issue 15, item 1: links are reliable, so a quiet network sends nothing but keepalives
+    /// (which the core sends), and a lost link changes only the routes that used it.
+    #[test]
+    fn nothing_is_resent_and_a_lost_link_updates_only_its_routes() {
+        let owners: Vec<Identity> = (1..=4).map(|k| Identity::from_seed(&[k; 32])).collect();
+        let p: Vec<Prefix> = owners
+            .iter()
+            .map(|o| prefix_for_key(&o.public_key()))
+            .collect();
+        let mut r = router();
+        let mut out = Vec::new();
+        for n in 1..=3 {
+            r.neighbor_up(n, 1000, &mut out);
+        }
+        // 0 and 1 are reached via neighbor 1 only; 2 via 2 (3 offers a worse route); 3 via 3.
+        r.handle_updates(
+            1,
+            &[signed(&owners[0], 5, 100), signed(&owners[1], 5, 100)],
+            0,
+            &mut out,
+        );
+        r.handle_updates(2, &[signed(&owners[2], 5, 100)], 0, &mut out);
+        // (3's route is worse but feasible: 1050 < the 1100 we advertise.)
+        r.handle_updates(
+            3,
+            &[signed(&owners[2], 5, 1050), signed(&owners[3], 5, 100)],
+            0,
+            &mut out,
+        );
+        out.clear();
+        // An hour of ticks: no seqno bump, no re-send, no expiry.
+        for s in 1..=3600 {
+            r.tick(s * 1_000_000, &mut out);
+        }
+        assert!(out.is_empty(), "steady state sent {out:?}");
+        assert_eq!(r.own_seqno(), 1);
+        assert!(p.iter().all(|p| r.next_hop(p).is_some()));
+        // Neighbor 2 goes: prefix 2 moves to neighbor 3 (a changed metric, sent to the others),
+        // nothing else is sent.
+        r.neighbor_down(2, 3_601_000_000, &mut out);
+        assert_eq!(r.next_hop(&p[2]), Some(3));
+        let mut sent: Vec<(Nbr, Prefix, u32)> = Vec::new();
+        for (n, c) in &out {
+            match c {
+                Control::Updates(l) => sent.extend(l.iter().map(|u| (*n, u.prefix, u.metric))),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(sent, vec![(1, p[2], 2050), (3, p[2], 2050)]);
+        // Neighbor 1 goes: its two prefixes have no other route and are retracted.
+        out.clear();
+        r.neighbor_down(1, 3_602_000_000, &mut out);
+        assert_eq!(r.next_hop(&p[0]), None);
+        assert_eq!(r.len(), 2, "routeless prefixes are forgotten");
+        let mut ret: Vec<(Nbr, Vec<Prefix>)> = out
+            .iter()
+            .map(|(n, c)| match c {
+                Control::Retractions(l) => (*n, l.clone()),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        ret.sort();
+        let mut both = vec![p[0], p[1]];
+        both.sort();
+        assert_eq!(ret, vec![(3, both)]);
+    }
+
+    /// Issue 15, item 3: one signed (prefix, seqno) heard from several neighbors is verified
+    /// once, also when it comes back after the prefix was forgotten.
+    #[test]
+    fn an_announcement_heard_from_several_neighbors_is_verified_once() {
+        let owner = Identity::from_seed(&[1; 32]);
+        let p = prefix_for_key(&owner.public_key());
+        let mut r = router();
+        let mut out = Vec::new();
+        for n in 1..=4 {
+            r.neighbor_up(n, 1000, &mut out);
+        }
+        for n in 1..=4 {
+            r.handle_updates(n, &[signed(&owner, 5, 100 * n as u32)], 0, &mut out);
+        }
+        assert_eq!(r.counters.signatures_verified, 1);
+        assert_eq!(r.counters.signatures_reused, 3);
+        // A newer seqno from two neighbors, while the others still announce the old one:
+        // both signatures are kept (an old-seqno route may be selected and passed on).
+        for n in 1..=2 {
+            r.handle_updates(n, &[signed(&owner, 6, 100 * n as u32)], 1, &mut out);
+        }
+        r.handle_updates(3, &[signed(&owner, 5, 50)], 1, &mut out);
+        assert_eq!(r.counters.signatures_verified, 2);
+        assert_eq!(entry_seqno(&r, &p, 3), Some(5));
+        // All retract; the prefix is forgotten; the same announcement again costs nothing.
+        for n in 1..=4 {
+            r.handle_retractions(n, &[p], 2, &mut out);
+        }
+        assert_eq!(r.len(), 0);
+        assert!(r.old_sigs.is_empty());
+        r.handle_updates(1, &[signed(&owner, 6, 100)], 3, &mut out);
+        assert_eq!(r.counters.signatures_verified, 2);
+        assert_eq!(r.next_hop(&p), Some(1));
+        // A forged signature on a known seqno is still refused.
+        let mut bad = signed(&owner, 7, 100);
+        bad.signature[0] ^= 1;
+        r.handle_updates(2, &[bad], 4, &mut out);
+        assert_eq!(r.counters.bad_signature, 1);
+    }
+
+    /// A route selected on an older seqno is passed on with that seqno's own signature.
+    #[test]
+    fn a_route_on_an_older_seqno_is_advertised_with_its_signature() {
+        let owner = Identity::from_seed(&[1; 32]);
+        let p = prefix_for_key(&owner.public_key());
+        let mut r = router();
+        let mut out = Vec::new();
+        r.neighbor_up(1, 100, &mut out);
+        r.neighbor_up(2, 100, &mut out);
+        r.handle_updates(1, &[signed(&owner, 5, 100)], 0, &mut out);
+        r.handle_updates(2, &[signed(&owner, 6, 90_000)], 0, &mut out);
+        // Neighbor 1 has not passed seqno 6 on yet; its route stays feasible and best.
+        assert_eq!(r.next_hop(&p), Some(1));
+        out.clear();
+        r.neighbor_up(3, 100, &mut out);
+        let dump: Vec<RouteUpdate> = out
+            .iter()
+            .flat_map(|(_, c)| match c {
+                Control::Updates(l) => l.clone(),
+                _ => Vec::new(),
+            })
+            .filter(|u| u.prefix == p)
+            .collect();
+        assert_eq!((dump.len(), dump[0].seqno), (1, 5));
+        assert!(verify(
+            &dump[0].router_key,
+            &route_signature_input(&p, dump[0].seqno, &dump[0].router_key),
+            &dump[0].signature
+        ));
+    }
+
+    /// Issue 13, item 4: self-made keys could each announce a prefix that every node stores.
+    #[test]
+    fn a_full_table_refuses_new_prefixes_and_keeps_the_routes_it_has() {
+        let owners: Vec<Identity> = (1..=3).map(|k| Identity::from_seed(&[k; 32])).collect();
+        let prefix = |o: &Identity| prefix_for_key(&o.public_key());
+        let mut r = Router::new(
+            Identity::from_seed(&[9; 32]),
+            RoutingConfig::default(),
+            2,
+            1,
+            0,
+        );
+        let mut out = Vec::new();
+        r.neighbor_up(1, 100, &mut out);
+        let updates: Vec<RouteUpdate> = owners.iter().map(|o| signed(o, 5, 1000)).collect();
+        r.handle_updates(1, &updates, 0, &mut out);
+        assert_eq!(r.table.len(), 2);
+        assert_eq!(r.next_hop(&prefix(&owners[2])), None, "refused");
+        assert_eq!(r.counters.routes_refused, 1);
+        let verified = r.counters.signatures_verified;
+        // Known prefixes still update; a refused one costs no signature check.
+        r.handle_updates(
+            1,
+            &[signed(&owners[0], 6, 900), signed(&owners[2], 6, 1000)],
+            1,
+            &mut out,
+        );
+        assert_eq!(r.counters.signatures_verified, verified + 1);
+        assert_eq!(r.metric(&prefix(&owners[0])), Some(1000));
+        assert_eq!(r.counters.routes_refused, 2);
+        // Once a prefix is retracted and forgotten, there is room again.
+        let mut gone = signed(&owners[1], 5, 1000);
+        gone.metric = METRIC_INFINITY;
+        r.handle_updates(1, &[gone], 2, &mut out);
+        r.handle_updates(1, &[signed(&owners[2], 6, 1000)], 4, &mut out);
+        assert_eq!(r.next_hop(&prefix(&owners[2])), Some(1));
+    }
+}
