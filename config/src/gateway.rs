@@ -329,7 +329,8 @@ pub struct Overlay {
     /// Link listener for other overlay nodes; absent = outbound links only.
     #[serde(default)]
     pub listen: Option<SocketAddr>,
-    /// Peers to connect to, `host:port`.
+    /// Peers to connect to, `host:port` or `address:port` (names are resolved again before
+    /// every connection attempt).
     #[serde(default)]
     pub peers: Vec<String>,
     /// `[overlay.limits]`: limits against hostile peers (see `overlay_limits`).
@@ -714,6 +715,11 @@ impl GatewayFile {
         }
         if let Some((key, msg)) = self.overlay.as_ref().and_then(|o| o.limits.invalid()) {
             return Err(err(&format!("overlay.limits.{key}"), msg));
+        }
+        for (i, p) in self.overlay.iter().flat_map(|o| o.peers.iter()).enumerate() {
+            if let Err(reason) = crate::node::check_peer(p) {
+                return Err(err(&format!("overlay.peers.{i}"), reason));
+            }
         }
         Ok(GatewayConfig {
             domains,

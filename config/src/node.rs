@@ -3,7 +3,8 @@
 //! ```toml
 //! key = "/var/lib/meshgate/node.key"   # created (mode 0600) if absent
 //! listen = "[::]:9651"                 # optional: accept links from peers
-//! peers = ["203.0.113.7:9651"]         # links to keep up
+//! peers = ["203.0.113.7:9651", "peer.example.org:9651"]   # links to keep up (names are
+//!                                      # resolved again before every connection attempt)
 //! dead_peer_timeout_ms = 3000
 //! mode = "userspace"                   # or "tun" (needs CAP_NET_ADMIN)
 //! tun_name = "meshgate0"
@@ -35,9 +36,9 @@ pub struct NodeFileConfig {
     /// TCP address for incoming links; absent = outbound links only (behind NAT).
     #[serde(default)]
     pub listen: Option<SocketAddr>,
-    /// Peers to keep links to.
+    /// Peers to keep links to: `address:port` or `host:port` (see [`check_peer`]).
     #[serde(default)]
-    pub peers: Vec<SocketAddr>,
+    pub peers: Vec<String>,
     /// A silent link is declared dead after this long (milliseconds, default 5000, ≥ 500).
     #[serde(default = "default_dead_peer_timeout_ms")]
     pub dead_peer_timeout_ms: u64,
@@ -185,6 +186,31 @@ pub struct Expose {
     pub to: SocketAddr,
 }
 
+/// Checks a peer given as `address:port` (`[v6]:port` for IPv6) or `host:port`. A host name
+/// is not resolved here: the node resolves it before every connection attempt, so a peer
+/// that moves is found again. Returns what is wrong.
+pub fn check_peer(peer: &str) -> Result<(), String> {
+    if peer.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = peer.rsplit_once(':') else {
+        return Err(format!(
+            "`{peer}` has no port: write `host:port` or `address:port` (e.g. `peer.example.org:9651`)"
+        ));
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => {}
+        _ => return Err(format!("`{peer}`: `{port}` is not a port (1 to 65535)")),
+    }
+    if host.contains(':') || host.starts_with('[') {
+        return Err(format!(
+            "`{peer}` is not a valid address: write an IPv6 address as `[2001:db8::1]:9651`"
+        ));
+    }
+    crate::host::HostName::parse(host).map_err(|e| format!("`{peer}`: host {e}"))?;
+    Ok(())
+}
+
 fn default_key() -> PathBuf {
     PathBuf::from("meshgate-node.key")
 }
@@ -288,6 +314,11 @@ impl NodeFileConfig {
         if let Some((key, msg)) = self.limits.invalid() {
             return Err(err(&format!("limits.{key}"), msg));
         }
+        for (i, p) in self.peers.iter().enumerate() {
+            if let Err(reason) = check_peer(p) {
+                return Err(err(&format!("peers.{i}"), reason));
+            }
+        }
         if !(1..=1024).contains(&self.consent.max_connections) {
             return Err(err(
                 "consent.max_connections",
@@ -347,6 +378,30 @@ mod tests {
         .unwrap();
         assert_eq!(c.expose[0].port, 8080);
         assert_eq!(c.peers.len(), 1);
+    }
+
+    /// Issue 15, item 7: `peers = ["localhost:9651"]` was refused ("invalid socket address
+    /// syntax") while the gateway's `[overlay]` took host names.
+    #[test]
+    fn peers_may_be_host_names() {
+        let c = parse(
+            "peers = [\"localhost:9651\", \"Peer-1.example.org:1\", \"[::1]:9651\", \"192.0.2.1:9\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.peers.len(), 4);
+        for (bad, why) in [
+            ("localhost", "no port"),
+            ("localhost:0", "not a port"),
+            ("localhost:http", "not a port"),
+            ("::1:9651", "[2001:db8::1]:9651"),
+            ("bad_name:9651", "host"),
+            (":9651", "host"),
+        ] {
+            let e = parse(&format!("key = \"k\"\npeers = [\"{bad}\"]\n")).unwrap_err();
+            assert_eq!(e.line, Some(2), "{bad}: {e}");
+            assert!(e.to_string().contains("peers.0"), "{bad}: {e}");
+            assert!(e.message.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -422,6 +477,10 @@ mod tests {
 
         let e = parse("peers = [\"nowhere\"]\n").unwrap_err();
         assert_eq!(e.line, Some(1), "{e}");
+        assert!(
+            e.to_string().contains("peers.0") && e.message.contains("no port"),
+            "{e}"
+        );
 
         let e = parse("key = \"k\"\ndead_peer_timeout_ms = 10\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");

@@ -33,6 +33,11 @@ pub struct NodeConfig {
     pub listen: Option<SocketAddr>,
     /// Peers to keep links to (reconnected with jittered exponential backoff).
     pub peers: Vec<SocketAddr>,
+    /// Peers given as `host:port` (or an address literal): resolved again before every
+    /// connection attempt, so a peer whose name moves to a new address is found again.
+    pub named_peers: Vec<String>,
+    /// How `named_peers` are resolved (the system resolver when absent).
+    pub resolver: Option<PeerResolver>,
     /// A silent link is declared dead after this long.
     pub dead_peer_timeout: Duration,
     /// Keepalive / RTT probe interval (must be well below `dead_peer_timeout`).
@@ -60,6 +65,8 @@ impl Default for NodeConfig {
             key_path: PathBuf::from("meshgate-node.key"),
             listen: None,
             peers: Vec::new(),
+            named_peers: Vec::new(),
+            resolver: None,
             dead_peer_timeout: Duration::from_secs(3),
             hello_interval: Duration::from_millis(1000),
             mtu: DEFAULT_MTU,
@@ -71,6 +78,38 @@ impl Default for NodeConfig {
             session: Default::default(),
             limits: Limits::default(),
         }
+    }
+}
+
+/// The addresses of a named peer (`host:port`).
+pub type ResolveFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>;
+
+/// Resolves named peers; asked before every connection attempt to one. Tests give their own
+/// (a name that moves); nodes use [`PeerResolver::system`].
+#[derive(Clone)]
+pub struct PeerResolver(Arc<dyn Fn(String) -> ResolveFuture + Send + Sync>);
+
+impl PeerResolver {
+    pub fn new(f: impl Fn(String) -> ResolveFuture + Send + Sync + 'static) -> PeerResolver {
+        PeerResolver(Arc::new(f))
+    }
+
+    /// The system resolver (`getaddrinfo`, so `/etc/hosts` and DNS).
+    pub fn system() -> PeerResolver {
+        PeerResolver::new(|name| {
+            Box::pin(async move { Ok(tokio::net::lookup_host(name).await?.collect()) })
+        })
+    }
+
+    async fn resolve(&self, name: &str) -> std::io::Result<Vec<SocketAddr>> {
+        (self.0)(name.to_string()).await
+    }
+}
+
+impl std::fmt::Debug for PeerResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerResolver")
     }
 }
 
@@ -273,9 +312,13 @@ impl Node {
         if let Some(l) = listener {
             tasks.push(tokio::spawn(accept_loop(l, ctx.clone())));
         }
-        for peer in cfg.peers.iter().copied() {
+        let resolver = cfg.resolver.clone().unwrap_or_else(PeerResolver::system);
+        let targets = (cfg.peers.iter().map(|a| DialTarget::Address(*a)))
+            .chain(cfg.named_peers.iter().map(|n| DialTarget::Name(n.clone())));
+        for target in targets {
             tasks.push(tokio::spawn(dial_loop(
-                peer,
+                target,
+                resolver.clone(),
                 ctx.clone(),
                 cfg.reconnect_min,
                 cfg.reconnect_max,
@@ -419,7 +462,46 @@ impl ReconnectBackoff {
     }
 }
 
-async fn dial_loop(peer: SocketAddr, ctx: LinkCtx, min: Duration, max: Duration) {
+/// A configured peer: a fixed address, or a name resolved again for every attempt.
+enum DialTarget {
+    Address(SocketAddr),
+    Name(String),
+}
+
+/// Time for one connection attempt (name resolution and TCP connect to each address).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Resolves `target` (names afresh each time) and connects to the first address that answers.
+async fn connect_target(target: &DialTarget, resolver: &PeerResolver) -> Option<TcpStream> {
+    let addrs = match target {
+        DialTarget::Address(a) => vec![*a],
+        DialTarget::Name(name) => match resolver.resolve(name).await {
+            Ok(a) if !a.is_empty() => a,
+            Ok(_) => {
+                tracing::warn!(peer = %name, "peer name resolved to no address; retrying later");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(peer = %name, "cannot resolve peer name, retrying later: {e}");
+                return None;
+            }
+        },
+    };
+    for a in addrs {
+        if let Ok(s) = TcpStream::connect(a).await {
+            return Some(s);
+        }
+    }
+    None
+}
+
+async fn dial_loop(
+    target: DialTarget,
+    resolver: PeerResolver,
+    ctx: LinkCtx,
+    min: Duration,
+    max: Duration,
+) {
     let mut backoff = ReconnectBackoff::new(min, max);
     loop {
         if ctx.cancel.is_cancelled() {
@@ -428,10 +510,12 @@ async fn dial_loop(peer: SocketAddr, ctx: LinkCtx, min: Duration, max: Duration)
         let started = Instant::now();
         let connected = tokio::select! {
             _ = ctx.cancel.cancelled() => return,
-            r = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(peer)) => r,
+            r = tokio::time::timeout(CONNECT_TIMEOUT, connect_target(&target, &resolver)) => r,
         };
-        if let Ok(Ok(s)) = connected {
-            run_link(s, peer, true, ctx.clone(), None).await;
+        if let Ok(Some(s)) = connected
+            && let Ok(remote) = s.peer_addr()
+        {
+            run_link(s, remote, true, ctx.clone(), None).await;
         }
         if started.elapsed() > Duration::from_secs(10) {
             backoff.reset(); // the link was up for a while: start over

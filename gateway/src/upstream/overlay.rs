@@ -277,21 +277,13 @@ pub struct EmbeddedNode {
 }
 
 impl EmbeddedNode {
-    /// Starts the node from `[overlay]` (peers given as `host:port` are resolved once here).
+    /// Starts the node from `[overlay]` (peers given as `host:port` are resolved again before
+    /// every connection attempt, so a peer that moves is found again).
     pub async fn start(cfg: &Overlay) -> Result<Self> {
-        let mut peers = Vec::new();
-        for p in &cfg.peers {
-            let addr = tokio::net::lookup_host(p.as_str())
-                .await
-                .with_context(|| format!("overlay peer `{p}`: cannot resolve"))?
-                .next()
-                .with_context(|| format!("overlay peer `{p}`: no address"))?;
-            peers.push(addr);
-        }
         let node_cfg = NodeConfig {
             key_path: cfg.key_file.clone(),
             listen: cfg.listen,
-            peers,
+            named_peers: cfg.peers.clone(),
             limits: overlay_limits(&cfg.limits),
             ..NodeConfig::default()
         };

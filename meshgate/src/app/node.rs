@@ -81,7 +81,7 @@ impl RunningNode {
         let node = Node::start(NodeConfig {
             key_path: cfg.key.clone(),
             listen: cfg.listen,
-            peers: cfg.peers.clone(),
+            named_peers: cfg.peers.clone(),
             dead_peer_timeout: dead,
             hello_interval: dead / 5,
             limits: meshgate_gateway::upstream::overlay::overlay_limits(&cfg.limits),
