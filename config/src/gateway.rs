@@ -336,6 +336,9 @@ pub struct Overlay {
     /// `[overlay.limits]`: limits against hostile peers (see `overlay_limits`).
     #[serde(default)]
     pub limits: crate::overlay_limits::OverlayLimits,
+    /// `[overlay.discovery]`: LAN peer discovery, as `[discovery]` in `node.toml`.
+    #[serde(default)]
+    pub discovery: crate::node::Discovery,
 }
 
 /// Where certificates come from. Several sources may be combined; files win over the dev CA.
@@ -715,6 +718,9 @@ impl GatewayFile {
         }
         if let Some((key, msg)) = self.overlay.as_ref().and_then(|o| o.limits.invalid()) {
             return Err(err(&format!("overlay.limits.{key}"), msg));
+        }
+        if let Some((key, msg)) = self.overlay.as_ref().and_then(|o| o.discovery.invalid()) {
+            return Err(err(&format!("overlay.discovery.{key}"), msg));
         }
         for (i, p) in self.overlay.iter().flat_map(|o| o.peers.iter()).enumerate() {
             if let Err(reason) = crate::node::check_peer(p) {

@@ -16,6 +16,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::{CoreConfig, CoreOut, Counters, LinkOrigin, NodeCore};
+use crate::discovery::{DiscoveryConfig, DiscoveryCounters};
+use crate::discovery_io::DiscoveryTask;
 use crate::identity::{Identity, IdentityError, encode_hex};
 use crate::limits::Limits;
 use crate::link::{self, LinkError};
@@ -57,6 +59,8 @@ pub struct NodeConfig {
     pub session: crate::session::SessionConfig,
     /// Limits against hostile peers (queues, links, routes, sessions).
     pub limits: Limits,
+    /// LAN discovery (link-local multicast beacons); `None` = off.
+    pub discovery: Option<DiscoveryConfig>,
 }
 
 impl Default for NodeConfig {
@@ -77,6 +81,7 @@ impl Default for NodeConfig {
             relay_tap: None,
             session: Default::default(),
             limits: Limits::default(),
+            discovery: None,
         }
     }
 }
@@ -150,6 +155,8 @@ pub struct NodeStatus {
     pub peers: Vec<PeerStatus>,
     pub routes: Vec<RouteInfo>,
     pub counters: Counters,
+    /// LAN discovery's counters (absent when discovery is off).
+    pub discovery: Option<DiscoveryCounters>,
 }
 
 /// The latest status a node published (the core refreshes it as links, routes and counters
@@ -286,7 +293,14 @@ impl Node {
         }));
         let next_id = Arc::new(std::sync::atomic::AtomicU64::new(1));
         let mut tasks = Vec::new();
+        let discovery_counters = cfg
+            .discovery
+            .as_ref()
+            .map(|_| Arc::new(Mutex::new(DiscoveryCounters::default())));
+        let (linked_tx, linked_rx) = tokio::sync::watch::channel(Arc::default());
         let core_task = CoreTask {
+            linked: linked_tx,
+            discovery: discovery_counters.clone(),
             core,
             start,
             links: BTreeMap::new(),
@@ -311,6 +325,38 @@ impl Node {
         };
         if let Some(l) = listener {
             tasks.push(tokio::spawn(accept_loop(l, ctx.clone())));
+        }
+        if let (Some(dcfg), Some(counters)) = (cfg.discovery.clone(), discovery_counters) {
+            let dial_ctx = ctx.clone();
+            let mismatches = counters.clone();
+            let task = DiscoveryTask {
+                cfg: dcfg,
+                own_key: id.public_key(),
+                listen_port: listen_addr.map(|a| a.port()),
+                linked: linked_rx,
+                counters,
+                dial: Box::new(move |dial, ended| {
+                    let ctx = dial_ctx.clone();
+                    let mismatches = mismatches.clone();
+                    tokio::spawn(async move {
+                        let to = SocketAddr::V6(dial.addr);
+                        let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to));
+                        let connected = tokio::select! {
+                            _ = ctx.cancel.cancelled() => None,
+                            r = connect => r.ok().and_then(|r| r.ok()),
+                        };
+                        if let Some(s) = connected
+                            && !run_link(s, to, true, ctx, None, Some(dial.key)).await
+                            && let Ok(mut c) = mismatches.lock()
+                        {
+                            c.discovery_key_mismatch += 1;
+                        }
+                        let _ = ended.send(dial.key).await;
+                    });
+                }),
+                cancel: cancel.clone(),
+            };
+            tasks.push(tokio::spawn(task.run()));
         }
         let resolver = cfg.resolver.clone().unwrap_or_else(PeerResolver::system);
         let targets = (cfg.peers.iter().map(|a| DialTarget::Address(*a)))
@@ -409,7 +455,7 @@ async fn accept_loop(l: TcpListener, ctx: LinkCtx) {
                     Ok(permit) => {
                         let ctx = ctx.clone();
                         tokio::spawn(async move {
-                            run_link(s, remote, false, ctx, Some(permit)).await;
+                            run_link(s, remote, false, ctx, Some(permit), None).await;
                         });
                     }
                     Err(_) => {
@@ -515,7 +561,7 @@ async fn dial_loop(
         if let Ok(Some(s)) = connected
             && let Ok(remote) = s.peer_addr()
         {
-            run_link(s, remote, true, ctx.clone(), None).await;
+            run_link(s, remote, true, ctx.clone(), None, None).await;
         }
         if started.elapsed() > Duration::from_secs(10) {
             backoff.reset(); // the link was up for a while: start over
@@ -529,14 +575,16 @@ async fn dial_loop(
 }
 
 /// Handshake, then pump frames until the link ends. `handshake_permit` (inbound links) is
-/// released once the handshake is over.
+/// released once the handshake is over. With `expect_key` (a discovered node), a peer that
+/// authenticates another key is dropped: `false` then.
 async fn run_link(
     stream: TcpStream,
     remote: SocketAddr,
     outbound: bool,
     ctx: LinkCtx,
     handshake_permit: Option<OwnedSemaphorePermit>,
-) {
+    expect_key: Option<[u8; 32]>,
+) -> bool {
     let _ = stream.set_nodelay(true);
     let (r, mut w) = stream.into_split();
     // Small buffer: large bodies bypass it (tokio reads straight into the frame buffer).
@@ -557,13 +605,16 @@ async fn run_link(
                 _ => Fault::HandshakeFailed,
             };
             let _ = ctx.events.send(Event::Fault(f)).await;
-            return;
+            return true;
         }
         Err(_) => {
             let _ = ctx.events.send(Event::Fault(Fault::HandshakeFailed)).await;
-            return;
+            return true;
         }
     };
+    if expect_key.is_some_and(|k| k != key) {
+        return false;
+    }
     let id = ctx
         .next_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -572,7 +623,7 @@ async fn run_link(
     let leftover = r.buffer().to_vec();
     let stream = match r.into_inner().reunite(w) {
         Ok(s) => s,
-        Err(_) => return,
+        Err(_) => return true,
     };
     let cancel = ctx.cancel.child_token();
     if ctx
@@ -593,10 +644,11 @@ async fn run_link(
         .await
         .is_err()
     {
-        return;
+        return true;
     }
     // The core owns the link now; it cancels `cancel` when the link is gone.
     cancel.cancelled().await;
+    true
 }
 
 /// What the links produced in one core round.
@@ -658,6 +710,10 @@ fn poll_links(
 
 struct CoreTask {
     core: NodeCore,
+    /// The keys of linked nodes, for discovery (which dials only nodes not linked yet).
+    linked: tokio::sync::watch::Sender<Arc<std::collections::BTreeSet<[u8; 32]>>>,
+    /// Discovery's counters, shown in status.
+    discovery: Option<Arc<Mutex<DiscoveryCounters>>>,
     start: Instant,
     links: BTreeMap<u64, LinkHandle>,
     pending_deliver: VecDeque<Bytes>,
@@ -977,6 +1033,16 @@ impl CoreTask {
                 .map(|l| crate::addr::address_for_key(&l.key));
         }
         st.counters = self.core.counters();
+        st.discovery = (self.discovery.as_ref()).and_then(|d| d.lock().ok().map(|c| c.clone()));
+        let keys: std::collections::BTreeSet<[u8; 32]> =
+            self.links.values().map(|l| l.key).collect();
+        self.linked.send_if_modified(|k| {
+            let changed = **k != keys;
+            if changed {
+                *k = Arc::new(keys);
+            }
+            changed
+        });
         if let Ok(mut g) = self.status.lock() {
             *g = st;
         }

@@ -85,6 +85,7 @@ impl RunningNode {
             dead_peer_timeout: dead,
             hello_interval: dead / 5,
             limits: meshgate_gateway::upstream::overlay::overlay_limits(&cfg.limits),
+            discovery: meshgate_gateway::upstream::overlay::overlay_discovery(&cfg.discovery),
             ..NodeConfig::default()
         })
         .await
