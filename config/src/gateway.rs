@@ -333,12 +333,16 @@ pub struct Overlay {
     /// Link listener for other overlay nodes; absent = outbound links only.
     #[serde(default)]
     pub listen: Option<SocketAddr>,
-    /// Peers to connect to, `host:port`.
+    /// Peers to connect to, `host:port` or `address:port` (names are resolved again before
+    /// every connection attempt).
     #[serde(default)]
     pub peers: Vec<String>,
     /// `[overlay.limits]`: limits against hostile peers (see `overlay_limits`).
     #[serde(default)]
     pub limits: crate::overlay_limits::OverlayLimits,
+    /// `[overlay.discovery]`: LAN peer discovery, as `[discovery]` in `node.toml`.
+    #[serde(default)]
+    pub discovery: crate::node::Discovery,
 }
 
 /// Where certificates come from. Several sources may be combined; files win over the dev CA.
@@ -729,6 +733,14 @@ impl GatewayFile {
         }
         if let Some((key, msg)) = self.overlay.as_ref().and_then(|o| o.limits.invalid()) {
             return Err(err(&format!("overlay.limits.{key}"), msg));
+        }
+        if let Some((key, msg)) = self.overlay.as_ref().and_then(|o| o.discovery.invalid()) {
+            return Err(err(&format!("overlay.discovery.{key}"), msg));
+        }
+        for (i, p) in self.overlay.iter().flat_map(|o| o.peers.iter()).enumerate() {
+            if let Err(reason) = crate::node::check_peer(p) {
+                return Err(err(&format!("overlay.peers.{i}"), reason));
+            }
         }
         Ok(GatewayConfig {
             domains,

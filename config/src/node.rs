@@ -3,7 +3,8 @@
 //! ```toml
 //! key = "/var/lib/meshgate/node.key"   # created (mode 0600) if absent
 //! listen = "[::]:9651"                 # optional: accept links from peers
-//! peers = ["203.0.113.7:9651"]         # links to keep up
+//! peers = ["203.0.113.7:9651", "peer.example.org:9651"]   # links to keep up (names are
+//!                                      # resolved again before every connection attempt)
 //! dead_peer_timeout_ms = 3000
 //! mode = "userspace"                   # or "tun" (needs CAP_NET_ADMIN)
 //! tun_name = "meshgate0"
@@ -11,6 +12,9 @@
 //! expose = [{ port = 8080, to = "127.0.0.1:8080" }]   # userspace mode only
 //! socket_buffer_kib = 256              # userspace mode only: per-stream TCP buffer
 //!
+//! [discovery]                          # LAN discovery by link-local multicast beacons
+//! enabled = true                       # on by default
+//! interfaces = ["eth0"]                # default: every multicast-capable interface
 //! [limits]                             # overlay limits, see `overlay_limits`
 //! max_links = 256
 //! [consent]                            # which gateway reservations may serve this node
@@ -35,9 +39,9 @@ pub struct NodeFileConfig {
     /// TCP address for incoming links; absent = outbound links only (behind NAT).
     #[serde(default)]
     pub listen: Option<SocketAddr>,
-    /// Peers to keep links to.
+    /// Peers to keep links to: `address:port` or `host:port` (see [`check_peer`]).
     #[serde(default)]
-    pub peers: Vec<SocketAddr>,
+    pub peers: Vec<String>,
     /// A silent link is declared dead after this long (milliseconds, default 5000, ≥ 500).
     #[serde(default = "default_dead_peer_timeout_ms")]
     pub dead_peer_timeout_ms: u64,
@@ -65,6 +69,108 @@ pub struct NodeFileConfig {
     /// overlay port [`CONSENT_PORT`].
     #[serde(default)]
     pub consent: Consent,
+    /// `[discovery]`: finding nodes on the same link (also the gateway's
+    /// `[overlay.discovery]`).
+    #[serde(default)]
+    pub discovery: Discovery,
+}
+
+/// `[discovery]`: LAN peer discovery. Nodes on one link find each other by link-local IPv6
+/// multicast beacons (group `ff02::6d67`, UDP `port`) and link up through the normal
+/// authenticated handshake; a beacon is only ever a hint where to try one.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    /// On by default.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Interfaces to send and hear beacons on; empty (default) = every interface that is up,
+    /// multicast-capable, not loopback and has an IPv6 link-local address.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    /// UDP port of beacons (default 9650; the same on every node of the LAN).
+    #[serde(default = "default_discovery_port")]
+    pub port: u16,
+    /// Beacon interval in milliseconds (default 2000, 100 to 600000).
+    #[serde(default = "default_discovery_interval_ms")]
+    pub interval_ms: u64,
+    /// Beacons taken per second from all sources (default 100); more are dropped, counted.
+    #[serde(default = "default_discovery_beacons_per_sec")]
+    pub max_beacons_per_sec: u32,
+    /// Beacon sources remembered at once (default 1024); new ones are dropped while full.
+    #[serde(default = "default_discovery_sources")]
+    pub max_sources: u32,
+    /// Links to discovered nodes (and attempts) at once (default 16).
+    #[serde(default = "default_discovery_links")]
+    pub max_links: u32,
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Discovery {
+            enabled: true,
+            interfaces: Vec::new(),
+            port: default_discovery_port(),
+            interval_ms: default_discovery_interval_ms(),
+            max_beacons_per_sec: default_discovery_beacons_per_sec(),
+            max_sources: default_discovery_sources(),
+            max_links: default_discovery_links(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_discovery_port() -> u16 {
+    9650
+}
+fn default_discovery_interval_ms() -> u64 {
+    2000
+}
+fn default_discovery_beacons_per_sec() -> u32 {
+    100
+}
+fn default_discovery_sources() -> u32 {
+    1024
+}
+fn default_discovery_links() -> u32 {
+    16
+}
+
+impl Discovery {
+    /// The first wrong key, as `(key, message)`.
+    pub fn invalid(&self) -> Option<(&'static str, String)> {
+        if self.port == 0 {
+            return Some(("port", "0 is not a port".into()));
+        }
+        if !(100..=600_000).contains(&self.interval_ms) {
+            return Some((
+                "interval_ms",
+                format!("{}: expected 100 to 600000", self.interval_ms),
+            ));
+        }
+        for (key, v) in [
+            ("max_beacons_per_sec", self.max_beacons_per_sec),
+            ("max_sources", self.max_sources),
+            ("max_links", self.max_links),
+        ] {
+            if v == 0 {
+                return Some((key, "must be at least 1".into()));
+            }
+        }
+        if let Some(i) = self
+            .interfaces
+            .iter()
+            .find(|i| i.is_empty() || i.len() > 15)
+        {
+            return Some((
+                "interfaces",
+                format!("{i:?}: an interface name has 1 to 15 characters"),
+            ));
+        }
+        None
+    }
 }
 
 /// The overlay port on which a node tells gateways which reservations it consents to serve.
@@ -185,6 +291,31 @@ pub struct Expose {
     pub to: SocketAddr,
 }
 
+/// Checks a peer given as `address:port` (`[v6]:port` for IPv6) or `host:port`. A host name
+/// is not resolved here: the node resolves it before every connection attempt, so a peer
+/// that moves is found again. Returns what is wrong.
+pub fn check_peer(peer: &str) -> Result<(), String> {
+    if peer.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = peer.rsplit_once(':') else {
+        return Err(format!(
+            "`{peer}` has no port: write `host:port` or `address:port` (e.g. `peer.example.org:9651`)"
+        ));
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => {}
+        _ => return Err(format!("`{peer}`: `{port}` is not a port (1 to 65535)")),
+    }
+    if host.contains(':') || host.starts_with('[') {
+        return Err(format!(
+            "`{peer}` is not a valid address: write an IPv6 address as `[2001:db8::1]:9651`"
+        ));
+    }
+    crate::host::HostName::parse(host).map_err(|e| format!("`{peer}`: host {e}"))?;
+    Ok(())
+}
+
 fn default_key() -> PathBuf {
     PathBuf::from("meshgate-node.key")
 }
@@ -288,6 +419,14 @@ impl NodeFileConfig {
         if let Some((key, msg)) = self.limits.invalid() {
             return Err(err(&format!("limits.{key}"), msg));
         }
+        if let Some((key, msg)) = self.discovery.invalid() {
+            return Err(err(&format!("discovery.{key}"), msg));
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            if let Err(reason) = check_peer(p) {
+                return Err(err(&format!("peers.{i}"), reason));
+            }
+        }
         if !(1..=1024).contains(&self.consent.max_connections) {
             return Err(err(
                 "consent.max_connections",
@@ -347,6 +486,49 @@ mod tests {
         .unwrap();
         assert_eq!(c.expose[0].port, 8080);
         assert_eq!(c.peers.len(), 1);
+    }
+
+    /// Issue 15, item 7: `peers = ["localhost:9651"]` was refused ("invalid socket address
+    /// syntax") while the gateway's `[overlay]` took host names.
+    #[test]
+    fn peers_may_be_host_names() {
+        let c = parse(
+            "peers = [\"localhost:9651\", \"Peer-1.example.org:1\", \"[::1]:9651\", \"192.0.2.1:9\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.peers.len(), 4);
+        for (bad, why) in [
+            ("localhost", "no port"),
+            ("localhost:0", "not a port"),
+            ("localhost:http", "not a port"),
+            ("::1:9651", "[2001:db8::1]:9651"),
+            ("bad_name:9651", "host"),
+            (":9651", "host"),
+        ] {
+            let e = parse(&format!("key = \"k\"\npeers = [\"{bad}\"]\n")).unwrap_err();
+            assert_eq!(e.line, Some(2), "{bad}: {e}");
+            assert!(e.to_string().contains("peers.0"), "{bad}: {e}");
+            assert!(e.message.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn discovery_is_on_by_default_and_checked() {
+        let c = parse("").unwrap();
+        assert!(c.discovery.enabled);
+        assert_eq!((c.discovery.port, c.discovery.interval_ms), (9650, 2000));
+        let c = parse("[discovery]\nenabled = false\ninterfaces = [\"eth1\"]\n").unwrap();
+        assert!(!c.discovery.enabled);
+        assert_eq!(c.discovery.interfaces, ["eth1"]);
+        for (bad, key) in [
+            ("interval_ms = 5", "discovery.interval_ms"),
+            ("port = 0", "discovery.port"),
+            ("max_links = 0", "discovery.max_links"),
+            ("interfaces = [\"\"]", "discovery.interfaces"),
+        ] {
+            let e = parse(&format!("[discovery]\n{bad}\n")).unwrap_err();
+            assert!(e.to_string().contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -422,6 +604,10 @@ mod tests {
 
         let e = parse("peers = [\"nowhere\"]\n").unwrap_err();
         assert_eq!(e.line, Some(1), "{e}");
+        assert!(
+            e.to_string().contains("peers.0") && e.message.contains("no port"),
+            "{e}"
+        );
 
         let e = parse("key = \"k\"\ndead_peer_timeout_ms = 10\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");

@@ -8,6 +8,8 @@
 pub mod addr;
 pub mod clock;
 pub mod core;
+pub mod discovery;
+mod discovery_io;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;

@@ -16,6 +16,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::{CoreConfig, CoreOut, Counters, LinkOrigin, NodeCore};
+use crate::discovery::{DiscoveryConfig, DiscoveryCounters};
+use crate::discovery_io::DiscoveryTask;
 use crate::identity::{Identity, IdentityError, encode_hex};
 use crate::limits::Limits;
 use crate::link::{self, LinkError};
@@ -33,6 +35,11 @@ pub struct NodeConfig {
     pub listen: Option<SocketAddr>,
     /// Peers to keep links to (reconnected with jittered exponential backoff).
     pub peers: Vec<SocketAddr>,
+    /// Peers given as `host:port` (or an address literal): resolved again before every
+    /// connection attempt, so a peer whose name moves to a new address is found again.
+    pub named_peers: Vec<String>,
+    /// How `named_peers` are resolved (the system resolver when absent).
+    pub resolver: Option<PeerResolver>,
     /// A silent link is declared dead after this long.
     pub dead_peer_timeout: Duration,
     /// Keepalive / RTT probe interval (must be well below `dead_peer_timeout`).
@@ -52,6 +59,8 @@ pub struct NodeConfig {
     pub session: crate::session::SessionConfig,
     /// Limits against hostile peers (queues, links, routes, sessions).
     pub limits: Limits,
+    /// LAN discovery (link-local multicast beacons); `None` = off.
+    pub discovery: Option<DiscoveryConfig>,
 }
 
 impl Default for NodeConfig {
@@ -60,6 +69,8 @@ impl Default for NodeConfig {
             key_path: PathBuf::from("meshgate-node.key"),
             listen: None,
             peers: Vec::new(),
+            named_peers: Vec::new(),
+            resolver: None,
             dead_peer_timeout: Duration::from_secs(3),
             hello_interval: Duration::from_millis(1000),
             mtu: DEFAULT_MTU,
@@ -70,7 +81,40 @@ impl Default for NodeConfig {
             relay_tap: None,
             session: Default::default(),
             limits: Limits::default(),
+            discovery: None,
         }
+    }
+}
+
+/// The addresses of a named peer (`host:port`).
+pub type ResolveFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>;
+
+/// Resolves named peers; asked before every connection attempt to one. Tests give their own
+/// (a name that moves); nodes use [`PeerResolver::system`].
+#[derive(Clone)]
+pub struct PeerResolver(Arc<dyn Fn(String) -> ResolveFuture + Send + Sync>);
+
+impl PeerResolver {
+    pub fn new(f: impl Fn(String) -> ResolveFuture + Send + Sync + 'static) -> PeerResolver {
+        PeerResolver(Arc::new(f))
+    }
+
+    /// The system resolver (`getaddrinfo`, so `/etc/hosts` and DNS).
+    pub fn system() -> PeerResolver {
+        PeerResolver::new(|name| {
+            Box::pin(async move { Ok(tokio::net::lookup_host(name).await?.collect()) })
+        })
+    }
+
+    async fn resolve(&self, name: &str) -> std::io::Result<Vec<SocketAddr>> {
+        (self.0)(name.to_string()).await
+    }
+}
+
+impl std::fmt::Debug for PeerResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerResolver")
     }
 }
 
@@ -111,6 +155,8 @@ pub struct NodeStatus {
     pub peers: Vec<PeerStatus>,
     pub routes: Vec<RouteInfo>,
     pub counters: Counters,
+    /// LAN discovery's counters (absent when discovery is off).
+    pub discovery: Option<DiscoveryCounters>,
 }
 
 /// The latest status a node published (the core refreshes it as links, routes and counters
@@ -247,7 +293,14 @@ impl Node {
         }));
         let next_id = Arc::new(std::sync::atomic::AtomicU64::new(1));
         let mut tasks = Vec::new();
+        let discovery_counters = cfg
+            .discovery
+            .as_ref()
+            .map(|_| Arc::new(Mutex::new(DiscoveryCounters::default())));
+        let (linked_tx, linked_rx) = tokio::sync::watch::channel(Arc::default());
         let core_task = CoreTask {
+            linked: linked_tx,
+            discovery: discovery_counters.clone(),
             core,
             start,
             links: BTreeMap::new(),
@@ -273,9 +326,45 @@ impl Node {
         if let Some(l) = listener {
             tasks.push(tokio::spawn(accept_loop(l, ctx.clone())));
         }
-        for peer in cfg.peers.iter().copied() {
+        if let (Some(dcfg), Some(counters)) = (cfg.discovery.clone(), discovery_counters) {
+            let dial_ctx = ctx.clone();
+            let mismatches = counters.clone();
+            let task = DiscoveryTask {
+                cfg: dcfg,
+                own_key: id.public_key(),
+                listen_port: listen_addr.map(|a| a.port()),
+                linked: linked_rx,
+                counters,
+                dial: Box::new(move |dial, ended| {
+                    let ctx = dial_ctx.clone();
+                    let mismatches = mismatches.clone();
+                    tokio::spawn(async move {
+                        let to = SocketAddr::V6(dial.addr);
+                        let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to));
+                        let connected = tokio::select! {
+                            _ = ctx.cancel.cancelled() => None,
+                            r = connect => r.ok().and_then(|r| r.ok()),
+                        };
+                        if let Some(s) = connected
+                            && !run_link(s, to, true, ctx, None, Some(dial.key)).await
+                            && let Ok(mut c) = mismatches.lock()
+                        {
+                            c.discovery_key_mismatch += 1;
+                        }
+                        let _ = ended.send(dial.key).await;
+                    });
+                }),
+                cancel: cancel.clone(),
+            };
+            tasks.push(tokio::spawn(task.run()));
+        }
+        let resolver = cfg.resolver.clone().unwrap_or_else(PeerResolver::system);
+        let targets = (cfg.peers.iter().map(|a| DialTarget::Address(*a)))
+            .chain(cfg.named_peers.iter().map(|n| DialTarget::Name(n.clone())));
+        for target in targets {
             tasks.push(tokio::spawn(dial_loop(
-                peer,
+                target,
+                resolver.clone(),
                 ctx.clone(),
                 cfg.reconnect_min,
                 cfg.reconnect_max,
@@ -366,7 +455,7 @@ async fn accept_loop(l: TcpListener, ctx: LinkCtx) {
                     Ok(permit) => {
                         let ctx = ctx.clone();
                         tokio::spawn(async move {
-                            run_link(s, remote, false, ctx, Some(permit)).await;
+                            run_link(s, remote, false, ctx, Some(permit), None).await;
                         });
                     }
                     Err(_) => {
@@ -419,7 +508,46 @@ impl ReconnectBackoff {
     }
 }
 
-async fn dial_loop(peer: SocketAddr, ctx: LinkCtx, min: Duration, max: Duration) {
+/// A configured peer: a fixed address, or a name resolved again for every attempt.
+enum DialTarget {
+    Address(SocketAddr),
+    Name(String),
+}
+
+/// Time for one connection attempt (name resolution and TCP connect to each address).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Resolves `target` (names afresh each time) and connects to the first address that answers.
+async fn connect_target(target: &DialTarget, resolver: &PeerResolver) -> Option<TcpStream> {
+    let addrs = match target {
+        DialTarget::Address(a) => vec![*a],
+        DialTarget::Name(name) => match resolver.resolve(name).await {
+            Ok(a) if !a.is_empty() => a,
+            Ok(_) => {
+                tracing::warn!(peer = %name, "peer name resolved to no address; retrying later");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(peer = %name, "cannot resolve peer name, retrying later: {e}");
+                return None;
+            }
+        },
+    };
+    for a in addrs {
+        if let Ok(s) = TcpStream::connect(a).await {
+            return Some(s);
+        }
+    }
+    None
+}
+
+async fn dial_loop(
+    target: DialTarget,
+    resolver: PeerResolver,
+    ctx: LinkCtx,
+    min: Duration,
+    max: Duration,
+) {
     let mut backoff = ReconnectBackoff::new(min, max);
     loop {
         if ctx.cancel.is_cancelled() {
@@ -428,10 +556,12 @@ async fn dial_loop(peer: SocketAddr, ctx: LinkCtx, min: Duration, max: Duration)
         let started = Instant::now();
         let connected = tokio::select! {
             _ = ctx.cancel.cancelled() => return,
-            r = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(peer)) => r,
+            r = tokio::time::timeout(CONNECT_TIMEOUT, connect_target(&target, &resolver)) => r,
         };
-        if let Ok(Ok(s)) = connected {
-            run_link(s, peer, true, ctx.clone(), None).await;
+        if let Ok(Some(s)) = connected
+            && let Ok(remote) = s.peer_addr()
+        {
+            run_link(s, remote, true, ctx.clone(), None, None).await;
         }
         if started.elapsed() > Duration::from_secs(10) {
             backoff.reset(); // the link was up for a while: start over
@@ -445,14 +575,16 @@ async fn dial_loop(peer: SocketAddr, ctx: LinkCtx, min: Duration, max: Duration)
 }
 
 /// Handshake, then pump frames until the link ends. `handshake_permit` (inbound links) is
-/// released once the handshake is over.
+/// released once the handshake is over. With `expect_key` (a discovered node), a peer that
+/// authenticates another key is dropped: `false` then.
 async fn run_link(
     stream: TcpStream,
     remote: SocketAddr,
     outbound: bool,
     ctx: LinkCtx,
     handshake_permit: Option<OwnedSemaphorePermit>,
-) {
+    expect_key: Option<[u8; 32]>,
+) -> bool {
     let _ = stream.set_nodelay(true);
     let (r, mut w) = stream.into_split();
     // Small buffer: large bodies bypass it (tokio reads straight into the frame buffer).
@@ -473,13 +605,16 @@ async fn run_link(
                 _ => Fault::HandshakeFailed,
             };
             let _ = ctx.events.send(Event::Fault(f)).await;
-            return;
+            return true;
         }
         Err(_) => {
             let _ = ctx.events.send(Event::Fault(Fault::HandshakeFailed)).await;
-            return;
+            return true;
         }
     };
+    if expect_key.is_some_and(|k| k != key) {
+        return false;
+    }
     let id = ctx
         .next_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -488,7 +623,7 @@ async fn run_link(
     let leftover = r.buffer().to_vec();
     let stream = match r.into_inner().reunite(w) {
         Ok(s) => s,
-        Err(_) => return,
+        Err(_) => return true,
     };
     let cancel = ctx.cancel.child_token();
     if ctx
@@ -509,10 +644,11 @@ async fn run_link(
         .await
         .is_err()
     {
-        return;
+        return true;
     }
     // The core owns the link now; it cancels `cancel` when the link is gone.
     cancel.cancelled().await;
+    true
 }
 
 /// What the links produced in one core round.
@@ -574,6 +710,10 @@ fn poll_links(
 
 struct CoreTask {
     core: NodeCore,
+    /// The keys of linked nodes, for discovery (which dials only nodes not linked yet).
+    linked: tokio::sync::watch::Sender<Arc<std::collections::BTreeSet<[u8; 32]>>>,
+    /// Discovery's counters, shown in status.
+    discovery: Option<Arc<Mutex<DiscoveryCounters>>>,
     start: Instant,
     links: BTreeMap<u64, LinkHandle>,
     pending_deliver: VecDeque<Bytes>,
@@ -899,6 +1039,16 @@ impl CoreTask {
                 .map(|l| crate::addr::address_for_key(&l.key));
         }
         st.counters = self.core.counters();
+        st.discovery = (self.discovery.as_ref()).and_then(|d| d.lock().ok().map(|c| c.clone()));
+        let keys: std::collections::BTreeSet<[u8; 32]> =
+            self.links.values().map(|l| l.key).collect();
+        self.linked.send_if_modified(|k| {
+            let changed = **k != keys;
+            if changed {
+                *k = Arc::new(keys);
+            }
+            changed
+        });
         if let Ok(mut g) = self.status.lock() {
             *g = st;
         }

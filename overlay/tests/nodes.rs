@@ -799,3 +799,70 @@ async fn node_without_links_keeps_serving_its_l3_port() {
     assert_eq!(got, Some(p));
     a.shutdown().await;
 }
+
+/// Issue 15, item 7: a peer given by name is resolved again before every attempt, so a peer
+/// that moves to another address (same key, new address behind the same name) is found again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_peer_is_resolved_again_and_found_after_it_moves() {
+    use std::sync::{Arc, Mutex};
+    let key = Identity::generate();
+    let mut cb = cfg(true, vec![]);
+    cb.identity = Some(key.clone());
+    let b = Node::start(cb.clone()).await.unwrap();
+    // What `peer.example:9651` resolves to; the test moves it.
+    let points_to = Arc::new(Mutex::new(vec![b.listen_addr().unwrap()]));
+    let asked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let resolver = {
+        let (points_to, asked) = (points_to.clone(), asked.clone());
+        meshgate_overlay::node::PeerResolver::new(move |name| {
+            asked.lock().unwrap().push(name);
+            let addrs = points_to.lock().unwrap().clone();
+            Box::pin(async move { Ok(addrs) })
+        })
+    };
+    let mut ca = cfg(false, vec![]);
+    ca.named_peers = vec!["peer.example:9651".into()];
+    ca.resolver = Some(resolver);
+    ca.reconnect_max = Duration::from_millis(400);
+    let a = Node::start(ca).await.unwrap();
+    eventually(Duration::from_secs(10), "route to the named peer", || {
+        has_route(&a, b.address())
+    })
+    .await;
+    assert_eq!(asked.lock().unwrap().as_slice(), ["peer.example:9651"]);
+    // The peer moves: same key, another port; its old address now refuses connections.
+    b.shutdown().await;
+    let mut cb2 = cb.clone();
+    cb2.listen = Some("127.0.0.1:0".parse().unwrap());
+    let b2 = Node::start(cb2).await.unwrap();
+    *points_to.lock().unwrap() = vec![b2.listen_addr().unwrap()];
+    eventually(Duration::from_secs(10), "link to the moved peer", || {
+        a.status()
+            .peers
+            .iter()
+            .any(|p| Some(p.remote) == b2.listen_addr() && p.state == "up")
+    })
+    .await;
+    assert!(
+        asked.lock().unwrap().len() >= 2,
+        "resolved once per attempt"
+    );
+    assert!(has_route(&a, key.address()));
+    a.shutdown().await;
+    b2.shutdown().await;
+}
+
+/// Issue 15, item 7: `localhost:PORT` through the system resolver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_named_localhost_links_up() {
+    let b = Node::start(cfg(true, vec![])).await.unwrap();
+    let mut ca = cfg(false, vec![]);
+    ca.named_peers = vec![format!("localhost:{}", b.listen_addr().unwrap().port())];
+    let a = Node::start(ca).await.unwrap();
+    eventually(Duration::from_secs(10), "route via localhost", || {
+        has_route(&a, b.address()) && has_route(&b, a.address())
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

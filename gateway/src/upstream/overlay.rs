@@ -14,7 +14,9 @@
 use crate::upstream::dial::{BoxStream, DialFuture, Dialer};
 use anyhow::{Context, Result};
 use meshgate_config::gateway::Overlay;
+use meshgate_config::node::Discovery;
 use meshgate_config::overlay_limits::OverlayLimits;
+use meshgate_overlay::discovery::DiscoveryConfig;
 use meshgate_overlay::{L3Event, Limits, Node, NodeConfig, UnreachableReason};
 use meshgate_sockets::{InboundInspector, Stack, StackConfig};
 use std::collections::HashMap;
@@ -269,6 +271,18 @@ pub fn overlay_limits(l: &OverlayLimits) -> Limits {
     }
 }
 
+/// LAN discovery from `[overlay.discovery]` (also `node.toml`'s `[discovery]`); `None` = off.
+pub fn overlay_discovery(d: &Discovery) -> Option<DiscoveryConfig> {
+    d.enabled.then(|| DiscoveryConfig {
+        interfaces: d.interfaces.clone(),
+        port: d.port,
+        interval: std::time::Duration::from_millis(d.interval_ms),
+        max_beacons_per_sec: d.max_beacons_per_sec,
+        max_sources: d.max_sources as usize,
+        max_links: d.max_links as usize,
+    })
+}
+
 /// A running embedded node with its userspace stack.
 pub struct EmbeddedNode {
     pub node: Node,
@@ -277,22 +291,15 @@ pub struct EmbeddedNode {
 }
 
 impl EmbeddedNode {
-    /// Starts the node from `[overlay]` (peers given as `host:port` are resolved once here).
+    /// Starts the node from `[overlay]` (peers given as `host:port` are resolved again before
+    /// every connection attempt, so a peer that moves is found again).
     pub async fn start(cfg: &Overlay) -> Result<Self> {
-        let mut peers = Vec::new();
-        for p in &cfg.peers {
-            let addr = tokio::net::lookup_host(p.as_str())
-                .await
-                .with_context(|| format!("overlay peer `{p}`: cannot resolve"))?
-                .next()
-                .with_context(|| format!("overlay peer `{p}`: no address"))?;
-            peers.push(addr);
-        }
         let node_cfg = NodeConfig {
             key_path: cfg.key_file.clone(),
             listen: cfg.listen,
-            peers,
+            named_peers: cfg.peers.clone(),
             limits: overlay_limits(&cfg.limits),
+            discovery: overlay_discovery(&cfg.discovery),
             ..NodeConfig::default()
         };
         Self::start_with(node_cfg).await

@@ -13,7 +13,7 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use meshgate_config::node::{CONSENT_PORT, ConsentGrant, NodeFileConfig, NodeMode};
-use meshgate_overlay::{Node, NodeConfig};
+use meshgate_overlay::{L3Event, Node, NodeConfig, UnreachableReason};
 use meshgate_sockets::tun::Tun;
 use meshgate_sockets::{Exposed, Stack, StackConfig, expose};
 use serde_json::{Value, json};
@@ -81,10 +81,11 @@ impl RunningNode {
         let node = Node::start(NodeConfig {
             key_path: cfg.key.clone(),
             listen: cfg.listen,
-            peers: cfg.peers.clone(),
+            named_peers: cfg.peers.clone(),
             dead_peer_timeout: dead,
             hello_interval: dead / 5,
             limits: meshgate_gateway::upstream::overlay::overlay_limits(&cfg.limits),
+            discovery: meshgate_gateway::upstream::overlay::overlay_discovery(&cfg.discovery),
             ..NodeConfig::default()
         })
         .await
@@ -93,10 +94,15 @@ impl RunningNode {
         let port = node
             .take_l3_port()
             .context("the overlay node has no L3 port")?;
+        let events = port.events;
         let endpoint = match cfg.mode {
             NodeMode::Userspace => {
                 let stack =
                     Stack::with_config(port.address, port.mtu, port.tx, port.rx, stack_config(cfg));
+                let s = stack.clone();
+                forward_no_route(events, move |dst| {
+                    s.destination_unreachable(dst);
+                });
                 let mut exposed = Vec::new();
                 for e in &cfg.expose {
                     exposed.push(
@@ -109,13 +115,14 @@ impl RunningNode {
                     _exposed: exposed,
                 }
             }
-            NodeMode::Tun => Endpoint::Tun(Tun::start(
-                &cfg.tun_name,
-                port.address,
-                port.mtu,
-                port.tx,
-                port.rx,
-            )?),
+            NodeMode::Tun => {
+                let tun = Tun::start(&cfg.tun_name, port.address, port.mtu, port.tx, port.rx)?;
+                let icmp = tun.unreachable();
+                forward_no_route(events, move |dst| {
+                    icmp.no_route(dst);
+                });
+                Endpoint::Tun(tun)
+            }
         };
         let (consent, allow) = watch::channel(Arc::new(cfg.consent.allow.clone()));
         let max = cfg.consent.max_connections;
@@ -195,6 +202,28 @@ impl RunningNode {
             Err(node) => drop(node),
         }
     }
+}
+
+/// Hands the node's own "no route" events to the endpoint (the userspace stack fails pending
+/// connects to the destination; a TUN endpoint gives the kernel an ICMPv6 error), so a connect
+/// to a destination without a route fails at once instead of timing out. A relay's report is
+/// an unauthenticated claim and is not acted on (routing withdraws a really lost destination
+/// here too). The task ends with the node.
+fn forward_no_route(
+    mut events: tokio::sync::mpsc::Receiver<L3Event>,
+    on_no_route: impl Fn(std::net::Ipv6Addr) + Send + 'static,
+) {
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if let L3Event::Unreachable {
+                dst,
+                reason: UnreachableReason::NoRoute,
+            } = ev
+            {
+                on_no_route(dst);
+            }
+        }
+    });
 }
 
 /// Replaces a running node's consent list.

@@ -287,4 +287,41 @@ mod tests {
         assert!(fetch_status(status_addr).await.is_err());
         client.shutdown().await;
     }
+
+    /// Issue 15, item 7: `meshgate node` refused `peers = ["localhost:9651"]` ("invalid socket
+    /// address syntax"). A peer given by host name links up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn node_toml_peer_given_by_host_name_links_up() {
+        let peer = Node::start(NodeConfig {
+            identity: Some(Identity::generate()),
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..NodeConfig::default()
+        })
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "key = \"{}\"\nstatus_listen = \"127.0.0.1:0\"\npeers = [\"localhost:{}\"]\n",
+                dir.path().join("node.key").display(),
+                peer.listen_addr().unwrap().port()
+            ),
+        )
+        .unwrap();
+        let cfg = NodeFileConfig::load(&path).unwrap();
+        let running = RunningNode::start(&cfg).await.unwrap();
+        let want = prefix_string(&prefix_of(&running.node.address()));
+        meshgate_testkit::eventually(
+            Duration::from_secs(20),
+            "a route from the peer to the node that named it",
+            || peer.status().routes.iter().any(|r| r.prefix == want),
+        )
+        .await;
+        let doc = fetch_status(running.status_addr).await.unwrap();
+        assert_eq!(doc["node"]["peers"].as_array().unwrap().len(), 1);
+        running.run_until(async {}).await;
+        peer.shutdown().await;
+    }
 }

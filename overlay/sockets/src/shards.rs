@@ -129,6 +129,9 @@ pub(crate) struct Inner {
     next_ephemeral: u16,
     pub(crate) config: StackConfig,
     pub(crate) stopped: bool,
+    /// Connecting sockets failed because their destination was reported unreachable: their
+    /// connect says so instead of "refused or timed out". Removed when the connect returns.
+    pub(crate) unreachable: HashSet<(usize, SocketHandle)>,
 }
 
 pub(crate) struct Shared {
@@ -191,6 +194,7 @@ impl Shared {
             next_ephemeral: EPHEMERAL_START + start,
             config,
             stopped: false,
+            unreachable: HashSet::new(),
         };
         Shared {
             inner: Mutex::new(inner),
@@ -346,6 +350,7 @@ impl Inner {
 
     /// Removes a socket from its shard and frees its ephemeral port.
     fn remove(&mut self, id: SocketId) {
+        self.unreachable.remove(&(id.shard, id.handle));
         let shard = &mut self.shards[id.shard];
         shard.sockets.remove(id.handle);
         if let Some(port) = shard.ephemeral.remove(&id.handle) {
@@ -491,6 +496,31 @@ impl Inner {
                 self.orphan(id);
             }
         }
+    }
+
+    /// Fails every connect in progress to `dst` (the node has no route to it): the sockets
+    /// are aborted and their connects return `HostUnreachable` at once. Returns how many.
+    pub(crate) fn fail_connects_to(&mut self, dst: Ipv6Addr) -> usize {
+        let mut failed = 0;
+        for (i, shard) in self.shards.iter_mut().enumerate() {
+            for (handle, socket) in shard.sockets.iter_mut() {
+                let smoltcp::socket::Socket::Tcp(t) = socket else {
+                    continue;
+                };
+                if t.state() == tcp::State::SynSent
+                    && t.remote_endpoint()
+                        .is_some_and(|r| r.addr == IpAddress::Ipv6(dst))
+                {
+                    t.abort();
+                    self.unreachable.insert((i, handle));
+                    failed += 1;
+                }
+            }
+            if failed > 0 {
+                self.dirty |= 1 << i;
+            }
+        }
+        failed
     }
 
     pub(crate) fn stop(&mut self) {

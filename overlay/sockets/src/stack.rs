@@ -135,6 +135,12 @@ impl Stack {
                     socket.register_send_waker(cx.waker());
                     std::task::Poll::Pending
                 }
+                tcp::State::Closed if inner.unreachable.remove(&(id.shard, id.handle)) => {
+                    std::task::Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::HostUnreachable,
+                        format!("no overlay route to {}", remote.ip()),
+                    )))
+                }
                 tcp::State::Closed | tcp::State::Listen | tcp::State::TimeWait => {
                     std::task::Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::ConnectionRefused,
@@ -201,6 +207,18 @@ impl Stack {
             self.shared.clone(),
             SocketAddrV6::new(self.address(), port, 0, 0),
         ))
+    }
+
+    /// The node has no route to `dst` (its typed "no route" event): connects in progress to
+    /// it fail at once with `HostUnreachable` instead of waiting for their timeout, the way
+    /// a kernel treats an ICMPv6 "no route". Established streams are left alone (routing may
+    /// find another path). Returns how many connects failed.
+    pub fn destination_unreachable(&self, dst: Ipv6Addr) -> usize {
+        let failed = self.shared.lock().fail_connects_to(dst);
+        if failed > 0 {
+            self.shared.notify.notify_one();
+        }
+        failed
     }
 
     /// Stops the poll task and resets every stream.

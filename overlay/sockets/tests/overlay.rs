@@ -347,3 +347,58 @@ async fn relay_killed_mid_transfer_stream_survives() {
         "the surviving relay did not carry the rest of the stream"
     );
 }
+
+/// Issue 15, item 5: the node's own "no route" event fails a pending connect at once (it used
+/// to wait for the 10 s connect timeout); a destination that is reachable is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_without_a_route_fails_at_once_on_the_nodes_no_route_event() {
+    let node = start_node(Vec::new(), Duration::from_secs(3)).await;
+    let mut port = node.take_l3_port().expect("L3 port");
+    let stack = Stack::new(port.address, port.mtu, port.tx, port.rx);
+    // What `meshgate node` does with the events: only the node's own verdict counts.
+    let s = stack.clone();
+    let failed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let f = failed.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = port.events.recv().await {
+            if let meshgate_overlay::L3Event::Unreachable {
+                dst,
+                reason: meshgate_overlay::UnreachableReason::NoRoute,
+            } = ev
+            {
+                f.fetch_add(
+                    s.destination_unreachable(dst),
+                    std::sync::atomic::Ordering::SeqCst,
+                );
+            }
+        }
+    });
+    let nowhere: Ipv6Addr = "600:dead:beef::1".parse().unwrap();
+    let started = Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(5),
+        stack.connect(SocketAddrV6::new(nowhere, 80, 0, 0)),
+    )
+    .await
+    .expect("the connect fails before its timeout")
+    .expect_err("no route");
+    assert_eq!(err.kind(), std::io::ErrorKind::HostUnreachable, "{err}");
+    assert!(err.to_string().contains("600:dead:beef::1"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(failed.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    eventually(Duration::from_secs(2), "no_route counted", || {
+        node.status().counters.no_route >= 1
+    })
+    .await;
+    // The failed socket is gone, and another destination's connect is untouched.
+    assert_eq!(
+        stack.destination_unreachable("600:aaaa::1".parse().unwrap()),
+        0
+    );
+    stack.shutdown();
+    node.shutdown().await;
+}

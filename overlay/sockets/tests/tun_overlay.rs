@@ -143,3 +143,70 @@ fn curl_on_tun_node_fetches_page_exposed_by_userspace_node() {
         });
     });
 }
+
+/// Issue 15, item 5: TUN mode lost its fast "no route" failure when the core stopped building
+/// ICMPv6. The TUN endpoint now turns the node's typed event into an ICMPv6 error for the
+/// kernel: `curl` to an overlay address without a route fails to connect at once (exit 7)
+/// instead of retrying SYNs until its time limit (exit 28).
+#[test]
+fn curl_to_an_overlay_address_without_a_route_fails_at_once() {
+    let ns = netns_or_skip!("noroute");
+    let ns_name = ns.name.clone();
+    ns.run(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let node = start_node(vec![]).await;
+            let mut port = node.take_l3_port().unwrap();
+            let events = std::mem::replace(&mut port.events, tokio::sync::mpsc::channel(1).1);
+            let tun = Tun::start("mgnoroute0", port.address, port.mtu, port.tx, port.rx).unwrap();
+            // What `meshgate node` does with the node's events in TUN mode.
+            let icmp = tun.unreachable();
+            let mut events = events;
+            tokio::spawn(async move {
+                while let Some(ev) = events.recv().await {
+                    if let meshgate_overlay::L3Event::Unreachable {
+                        dst,
+                        reason: meshgate_overlay::UnreachableReason::NoRoute,
+                    } = ev
+                    {
+                        icmp.no_route(dst);
+                    }
+                }
+            });
+            let started = std::time::Instant::now();
+            let out = tokio::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ns_name,
+                    "curl",
+                    "-sS",
+                    "-g",
+                    "--max-time",
+                    "15",
+                    "http://[600:dead:beef::1]:80/",
+                ])
+                .kill_on_drop(true)
+                .output()
+                .await
+                .expect("curl runs");
+            let elapsed = started.elapsed();
+            assert_eq!(
+                out.status.code(),
+                Some(7),
+                "curl: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+            assert!(tun.stats().unreachable_sent >= 1);
+            eventually(Duration::from_secs(2), "no_route counted", || {
+                node.status().counters.no_route >= 1
+            })
+            .await;
+        });
+    });
+}

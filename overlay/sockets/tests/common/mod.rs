@@ -65,6 +65,62 @@ impl Netns {
         .expect("netns thread panicked")
     }
 
+    /// Like [`Netns::run`] without waiting: the thread's handle.
+    pub fn spawn<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> std::thread::JoinHandle<R> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            use std::os::fd::AsRawFd;
+            // SAFETY: as in `run`: a valid fd for the call, only this fresh thread moves.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
+    /// Links this namespace's interface `ours` to `other`'s interface `theirs` with a veth
+    /// pair, both up (IPv6 link-local addresses without duplicate address detection, so they
+    /// are usable at once).
+    pub fn veth_to(&self, ours: &str, other: &Netns, theirs: &str) -> Result<(), String> {
+        for ns in [self, other] {
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &ns.name,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.default.accept_dad=0",
+                ],
+            )?;
+        }
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.name,
+                "link",
+                "add",
+                ours,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                theirs,
+                "netns",
+                &other.name,
+            ],
+        )?;
+        run("ip", &["-n", &self.name, "link", "set", ours, "up"])?;
+        run("ip", &["-n", &other.name, "link", "set", theirs, "up"])?;
+        Ok(())
+    }
+
     /// A command run inside the namespace.
     pub fn command(&self, program: &str) -> tokio::process::Command {
         let mut c = tokio::process::Command::new("ip");
