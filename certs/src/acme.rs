@@ -361,6 +361,11 @@ impl AcmeClient {
             // Recorded first: a half-published challenge is withdrawn too.
             published.challenges.push(published_challenge.clone());
             targets.publish(&published_challenge, &what).await?;
+            // Every gateway must answer before the server asks any of them.
+            let settle = targets.guard.settle();
+            if !settle.is_zero() {
+                tokio::time::sleep(settle).await;
+            }
             // A resumed order's challenge may already be under validation.
             if ch.status == instant_acme::ChallengeStatus::Pending {
                 ch.set_ready()

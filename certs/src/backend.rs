@@ -63,6 +63,11 @@ pub trait OrderGuard: Send + Sync {
     fn record_order<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<(), CertError>>;
     /// Publishes a challenge response for every gateway to answer.
     fn publish<'a>(&'a self, challenge: &'a Challenge) -> BoxFuture<'a, Result<(), CertError>>;
+    /// How long a published challenge takes to reach every gateway: the validation is
+    /// requested only after it (zero for a single gateway).
+    fn settle(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
     /// Withdraws a published challenge response.
     fn withdraw<'a>(&'a self, challenge: &'a Challenge) -> BoxFuture<'a, Result<(), CertError>>;
     /// Stores the certificate for `key` and forgets the order, only while this guard still
