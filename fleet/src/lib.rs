@@ -7,8 +7,10 @@
 //! - `keys`: the key layout under `/meshgate/<name>/`;
 //! - `members`: each gateway's record under a lease, and the live member list;
 //! - `seal`: the fleet key, which seals private keys before they are stored in etcd;
+//! - `acme`: ACME once per fleet (certificates, account, order locks, challenges on etcd);
 //! - `error`: the fleet's errors.
 
+pub mod acme;
 pub mod error;
 pub mod etcd;
 pub mod keys;
