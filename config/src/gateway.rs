@@ -33,6 +33,8 @@ pub struct GatewayConfig {
     pub reservations: Reservations,
     /// Static routes, `[[route]]` tables.
     pub routes: Vec<Route>,
+    /// `[fleet]`: shared state on etcd; absent means a gateway on its own.
+    pub fleet: Option<crate::fleet::Fleet>,
 }
 
 /// `gateway.toml` as written. Hosts are still text here so that validation can name the
@@ -65,6 +67,8 @@ struct GatewayFile {
     reservations: Reservations,
     #[serde(default, rename = "route")]
     routes: Vec<RouteFile>,
+    #[serde(default)]
+    fleet: Option<crate::fleet::Fleet>,
 }
 
 /// A `[[route]]` table as written: [`Route`] with its host still text.
@@ -735,6 +739,9 @@ impl GatewayFile {
         if let Some((key, msg)) = self.overlay.as_ref().and_then(|o| o.limits.invalid()) {
             return Err(err(&format!("overlay.limits.{key}"), msg));
         }
+        if let Some(Err((key, msg))) = self.fleet.as_ref().map(|f| f.validate()) {
+            return Err(err(&format!("fleet.{key}"), msg));
+        }
         Ok(GatewayConfig {
             domains,
             data_dir: self.data_dir,
@@ -748,6 +755,7 @@ impl GatewayFile {
             security: self.security,
             reservations: self.reservations,
             routes,
+            fleet: self.fleet,
         })
     }
 

@@ -33,6 +33,8 @@ enum Command {
     Keygen(cli::keygen::Args),
     /// Manage name and domain reservations through a gateway's admin API.
     Reserve(cli::reserve::Args),
+    /// A fleet of gateways on etcd: status, import a standalone gateway, make a fleet key.
+    Fleet(cli::fleet::Args),
 }
 
 /// mimalloc asks for transparent huge pages, so the first touch of its fresh memory zeroes
@@ -66,6 +68,7 @@ fn main() -> std::process::ExitCode {
             Command::Demo(a) => cli::demo::run(a).await,
             Command::Keygen(a) => cli::keygen::run(a).await,
             Command::Reserve(a) => cli::reserve::run(a).await,
+            Command::Fleet(a) => cli::fleet::run(a).await,
         }
     });
     match result {

@@ -4,7 +4,7 @@
 
 pub mod api;
 pub mod overlay;
-mod status;
+pub mod status;
 pub(crate) mod tls;
 
 use crate::http::body::{Body, full};

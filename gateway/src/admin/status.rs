@@ -1,8 +1,13 @@
 //! `/status`: what the gateway serves now, as JSON: routes with their pools' health, served and
-//! managed certificates, and the embedded overlay node.
+//! managed certificates, the embedded overlay node, and the fleet (members, store health).
 
 use super::overlay::OverlayObserver;
 use crate::state::Shared;
+
+/// A section of `/status` that an assembly adds (the fleet's), rendered at request time.
+pub trait StatusSection: Send + Sync {
+    fn json(&self) -> serde_json::Value;
+}
 
 /// The `/status` document.
 pub(crate) fn json(shared: &Shared) -> serde_json::Value {
@@ -35,5 +40,6 @@ pub(crate) fn json(shared: &Shared) -> serde_json::Value {
         "routes": routes,
         "certificates": {"names": names, "managed": managed},
         "overlay": shared.overlay.as_ref().map(OverlayObserver::status_json),
+        "fleet": shared.fleet.as_ref().map(|f| f.json()),
     })
 }

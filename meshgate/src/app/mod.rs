@@ -5,6 +5,7 @@
 
 pub mod certificates;
 pub mod consent;
+pub mod fleet;
 pub mod node;
 pub mod process;
 pub mod reservations;
@@ -45,6 +46,8 @@ pub struct AppGateway {
     pub node: Option<EmbeddedNode>,
     pub reservations: Option<Reservations>,
     pub certs: Option<CertService>,
+    /// The fleet membership (`[fleet]`): the etcd handle, the member record and list.
+    pub fleet: Option<(fleet::Fleet, fleet::Membership)>,
 }
 
 impl AppGateway {
@@ -83,15 +86,26 @@ pub async fn gateway(setup: GatewaySetup) -> Result<AppGateway> {
         }
         Err(e) => return Err(e),
     };
+    let fleet = fleet::Fleet::from_config(&config, node.as_ref().map(|n| n.node.address()))?;
     let reservations = match &admin_token {
         Some(t) => Reservations::start(
             &config,
             t.clone(),
             node.as_ref()
                 .map(|n| Arc::new(n.dialer()) as Arc<dyn meshgate_gateway::upstream::dial::Dialer>),
+            fleet.as_ref(),
         )?,
         None => None,
     };
+    let fleet = fleet.map(|f| {
+        let store = reservations.as_ref().and_then(|r| r.fleet_store.clone());
+        let applied = store.as_ref().map_or_else(
+            || tokio::sync::watch::channel(0).1,
+            |s| s.applied_revision(),
+        );
+        let membership = f.join(applied);
+        (f, membership, store)
+    });
     let manager = certificates::manager(&config)?;
     let parts = GatewayParts {
         overlay: node.as_ref().map(|n| OverlayParts {
@@ -110,6 +124,17 @@ pub async fn gateway(setup: GatewaySetup) -> Result<AppGateway> {
         admin_token,
         config_path,
         config,
+        fleet: fleet.as_ref().map(|(f, m, store)| {
+            Arc::new(fleet::FleetStatus {
+                name: f.config.name.clone(),
+                id: f.id.clone(),
+                health: f.etcd.health(),
+                applied: m.applied.clone(),
+                members: m.members.clone(),
+                lease: m.registration.lease(),
+                cached: store.clone(),
+            }) as Arc<dyn meshgate_gateway::admin::status::StatusSection>
+        }),
     };
     let gateway = Gateway::new(parts)?;
     let certs = manager.map(|m| {
@@ -124,5 +149,6 @@ pub async fn gateway(setup: GatewaySetup) -> Result<AppGateway> {
         node,
         reservations,
         certs,
+        fleet: fleet.map(|(f, m, _)| (f, m)),
     })
 }

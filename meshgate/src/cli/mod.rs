@@ -1,6 +1,7 @@
 //! One module per `meshgate` subcommand; each exposes `Args` and `run`.
 
 pub(crate) mod demo;
+pub(crate) mod fleet;
 pub(crate) mod gateway;
 pub(crate) mod keygen;
 pub(crate) mod node;
