@@ -106,7 +106,7 @@ pub async fn gateway(setup: GatewaySetup) -> Result<AppGateway> {
         let membership = f.join(applied);
         (f, membership, store)
     });
-    let manager = certificates::manager(&config)?;
+    let manager = certificates::manager(&config, fleet.as_ref().map(|(f, _, _)| f))?;
     let parts = GatewayParts {
         overlay: node.as_ref().map(|n| OverlayParts {
             dialer: Arc::new(n.dialer()),
@@ -120,7 +120,7 @@ pub async fn gateway(setup: GatewaySetup) -> Result<AppGateway> {
             api: r.api.clone(),
             routes: r.store.routes(),
         }),
-        certs: manager.clone(),
+        certs: manager.as_ref().map(|c| c.manager.clone()),
         admin_token,
         config_path,
         config,
@@ -142,6 +142,7 @@ pub async fn gateway(setup: GatewaySetup) -> Result<AppGateway> {
             m,
             reservations.as_ref().map(|r| r.store.clone()),
             gateway.watch_routes(),
+            fleet.as_ref().map(|(_, m, _)| m.members.clone()),
         )
     });
     Ok(AppGateway {
