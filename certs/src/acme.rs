@@ -2,11 +2,11 @@
 //! challenge publication and cleanup, ARI lookups. Decisions about *when* to order live in
 //! [`crate::schedule`]; this module only performs an order.
 
+use crate::backend::{CertBackend, Challenge, OrderGuard};
 use crate::challenge::ChallengeResponder;
 use crate::devca::IssuedPem;
 use crate::dns::ChallengeZone;
 use crate::error::IssueError;
-use crate::store::CertStore;
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, CertificateIdentifier, ChallengeType,
     Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
@@ -18,8 +18,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-const ACCOUNT_FILE: &str = "account.json";
-
 /// The account as persisted (mode 0600): reused while directory and key stay the same.
 #[derive(Serialize, Deserialize)]
 struct StoredAccount {
@@ -28,10 +26,59 @@ struct StoredAccount {
     credentials: AccountCredentials,
 }
 
-/// Where challenge responses are published during an order.
+/// Where challenge responses are published during an order: this gateway's responders and,
+/// through the order lock, every other gateway's.
 pub(crate) struct ChallengeTargets<'a> {
     pub responder: &'a ChallengeResponder,
     pub dns: Option<&'a ChallengeZone>,
+    pub guard: &'a dyn OrderGuard,
+}
+
+impl ChallengeTargets<'_> {
+    /// Answers `challenge` here, then publishes it for the fleet.
+    async fn publish(&self, challenge: &Challenge, what: &str) -> Result<(), IssueError> {
+        apply_challenge(self.responder, self.dns, challenge, true)
+            .await
+            .map_err(|e| IssueError::new(format!("{what}: {e}")))?;
+        self.guard
+            .publish(challenge)
+            .await
+            .map_err(|e| IssueError::new(format!("{what}: publishing the challenge: {e}")))
+    }
+}
+
+/// Adds (`present`) or removes one challenge response in this gateway's responders.
+pub(crate) async fn apply_challenge(
+    responder: &ChallengeResponder,
+    dns: Option<&ChallengeZone>,
+    challenge: &Challenge,
+    present: bool,
+) -> Result<(), crate::error::CertError> {
+    match (challenge, present) {
+        (
+            Challenge::Http01 {
+                token,
+                key_authorization,
+            },
+            true,
+        ) => responder.set_http01(token, key_authorization),
+        (Challenge::Http01 { token, .. }, false) => responder.clear_http01(token),
+        (Challenge::TlsAlpn01 { name, digest }, true) => responder.set_tls_alpn01(name, digest)?,
+        (Challenge::TlsAlpn01 { name, .. }, false) => responder.clear_tls_alpn01(name),
+        (Challenge::Dns01 { value }, present) => {
+            let zone = dns.ok_or_else(|| {
+                crate::error::CertError::Config(
+                    "no DNS-01 zone is served (no farmer domain)".into(),
+                )
+            })?;
+            if present {
+                zone.add_txt(value).await
+            } else {
+                zone.remove_txt(value).await
+            }
+        }
+    }
+    Ok(())
 }
 
 pub(crate) struct AcmeClient {
@@ -46,7 +93,7 @@ impl AcmeClient {
         directory: &str,
         contact: &str,
         ca_root: Option<&Path>,
-        store: &CertStore,
+        store: &dyn CertBackend,
         orders_placed: Arc<AtomicU64>,
     ) -> Result<Self, IssueError> {
         let builder = || match ca_root {
@@ -55,14 +102,15 @@ impl AcmeClient {
             None => Account::builder().map_err(|e| IssueError::acme("ACME HTTPS client", &e)),
         };
         let stored = store
-            .read_file(ACCOUNT_FILE)
+            .read_account()
+            .await
             .map_err(|e| IssueError::new(e.to_string()))?
             .and_then(|text| match serde_json::from_str::<StoredAccount>(&text) {
                 Ok(a) => Some(a),
                 Err(e) => {
                     tracing::warn!(
-                        "{}: unreadable ACME account ({e}); registering a new one",
-                        store.dir().join(ACCOUNT_FILE).display()
+                        "ACME account in {}: unreadable ({e}); registering a new one",
+                        store.describe()
                     );
                     None
                 }
@@ -79,13 +127,14 @@ impl AcmeClient {
                 })?;
                 // Credentials are unchanged; only the recorded contact is.
                 let text = store
-                    .read_file(ACCOUNT_FILE)
+                    .read_account()
+                    .await
                     .ok()
                     .flatten()
                     .and_then(|t| serde_json::from_str::<StoredAccount>(&t).ok());
                 if let Some(mut a) = text {
                     a.contact = contact.to_string();
-                    save_account(store, &a)?;
+                    save_account(store, &a).await?;
                 }
             }
             tracing::info!(%directory, id = account.id(), "reusing stored ACME account");
@@ -118,7 +167,8 @@ impl AcmeClient {
                 contact: contact.to_string(),
                 credentials,
             },
-        )?;
+        )
+        .await?;
         tracing::info!(%directory, id = account.id(), "registered ACME account");
         Ok(AcmeClient {
             account,
@@ -126,7 +176,8 @@ impl AcmeClient {
         })
     }
 
-    /// Places one order for `names`, answers its challenges with `challenge`, and returns the
+    /// Places one order for `names` (or resumes the unfinished order at `resume`, placed by
+    /// a lock holder that died), answers its challenges with `challenge`, and returns the
     /// chain and a fresh ECDSA P-256 key. Published challenge responses are always removed.
     pub(crate) async fn order(
         &self,
@@ -135,11 +186,19 @@ impl AcmeClient {
         targets: &ChallengeTargets<'_>,
         timeout: Duration,
         replaces: Option<&str>,
+        resume: Option<&str>,
     ) -> Result<IssuedPem, IssueError> {
         let mut published = Published::default();
         let result = tokio::time::timeout(
             timeout,
-            self.order_inner(names, challenge.clone(), targets, &mut published, replaces),
+            self.order_inner(
+                names,
+                challenge.clone(),
+                targets,
+                &mut published,
+                replaces,
+                resume,
+            ),
         )
         .await
         .unwrap_or_else(|_| {
@@ -158,8 +217,61 @@ impl AcmeClient {
         targets: &ChallengeTargets<'_>,
         published: &mut Published,
         replaces: Option<&str>,
+        resume: Option<&str>,
     ) -> Result<IssuedPem, IssueError> {
         let what = format!("{challenge:?} order for {}", names.join(", "));
+        let mut order = match resume {
+            Some(url) => self.resumable(url, &what).await,
+            None => None,
+        };
+        if order.is_none() {
+            let placed = self.place(names, replaces, &what).await?;
+            if let Err(e) = targets.guard.record_order(placed.url()).await {
+                // The order goes on; only a successor could not resume it.
+                tracing::warn!(url = placed.url(), "{what}: recording the order: {e}");
+            }
+            order = Some(placed);
+        }
+        let Some(mut order) = order else {
+            unreachable!("placed above")
+        };
+        self.answer_and_finish(&mut order, names, challenge, targets, published, &what)
+            .await
+    }
+
+    /// The order at `url` when it can still be completed (pending or ready).
+    async fn resumable(&self, url: &str, what: &str) -> Option<instant_acme::Order> {
+        match self.account.order(url.to_string()).await {
+            Ok(mut order) => {
+                let status = order.state().status;
+                match status {
+                    OrderStatus::Pending | OrderStatus::Ready => {
+                        tracing::info!(url, ?status, "{what}: resuming an unfinished order");
+                        Some(order)
+                    }
+                    other => {
+                        tracing::info!(url, status = ?other, "{what}: previous order is not resumable; ordering afresh");
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::info!(
+                    url,
+                    "{what}: previous order unreadable ({e}); ordering afresh"
+                );
+                None
+            }
+        }
+    }
+
+    /// Places a new order (naming the certificate it `replaces`, when the server allows).
+    async fn place(
+        &self,
+        names: &[String],
+        replaces: Option<&str>,
+        what: &str,
+    ) -> Result<instant_acme::Order, IssueError> {
         let identifiers: Vec<Identifier> =
             names.iter().map(|n| Identifier::Dns(n.clone())).collect();
         // A renewal names the certificate it replaces (RFC 9773 §5); a server without ARI,
@@ -184,7 +296,7 @@ impl AcmeClient {
             }
             None => None,
         };
-        let mut order = match with_replaces {
+        let order = match with_replaces {
             Some(order) => order,
             None => self
                 .account
@@ -194,6 +306,21 @@ impl AcmeClient {
         };
         self.orders_placed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(url = order.url(), "placed {what}");
+        Ok(order)
+    }
+
+    /// Publishes and readies the challenges still pending, waits for the order to be ready,
+    /// finalizes it with a fresh key and downloads the chain.
+    async fn answer_and_finish(
+        &self,
+        order: &mut instant_acme::Order,
+        names: &[String],
+        challenge: ChallengeType,
+        targets: &ChallengeTargets<'_>,
+        published: &mut Published,
+        what: &str,
+    ) -> Result<IssuedPem, IssueError> {
+        let what = what.to_string();
 
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
@@ -217,30 +344,34 @@ impl AcmeClient {
                 ))
             })?;
             let key_auth = ch.key_authorization();
-            match challenge {
-                ChallengeType::Http01 => {
-                    targets.responder.set_http01(&ch.token, key_auth.as_str());
-                    published.tokens.push(ch.token.clone());
-                }
-                ChallengeType::TlsAlpn01 => {
-                    targets
-                        .responder
-                        .set_tls_alpn01(&bare, key_auth.digest().as_ref())
-                        .map_err(|e| IssueError::new(format!("{what}: {e}")))?;
-                    published.alpn_names.push(bare);
-                }
-                ChallengeType::Dns01 => {
-                    let zone = targets.dns.ok_or_else(|| {
-                        IssueError::new(format!("{what}: no DNS-01 zone is served for {ident}"))
-                    })?;
-                    zone.add_txt(&key_auth.dns_value()).await;
-                    published.dns = Some(zone.clone());
-                }
+            let published_challenge = match challenge {
+                ChallengeType::Http01 => Challenge::Http01 {
+                    token: ch.token.clone(),
+                    key_authorization: key_auth.as_str().to_string(),
+                },
+                ChallengeType::TlsAlpn01 => Challenge::TlsAlpn01 {
+                    name: bare,
+                    digest: key_auth.digest().as_ref().to_vec(),
+                },
+                ChallengeType::Dns01 => Challenge::Dns01 {
+                    value: key_auth.dns_value(),
+                },
                 _ => return Err(IssueError::new(format!("{what}: unsupported challenge"))),
+            };
+            // Recorded first: a half-published challenge is withdrawn too.
+            published.challenges.push(published_challenge.clone());
+            targets.publish(&published_challenge, &what).await?;
+            // Every gateway must answer before the server asks any of them.
+            let settle = targets.guard.settle();
+            if !settle.is_zero() {
+                tokio::time::sleep(settle).await;
             }
-            ch.set_ready()
-                .await
-                .map_err(|e| IssueError::acme(format!("{what}: challenge for {ident}"), &e))?;
+            // A resumed order's challenge may already be under validation.
+            if ch.status == instant_acme::ChallengeStatus::Pending {
+                ch.set_ready()
+                    .await
+                    .map_err(|e| IssueError::acme(format!("{what}: challenge for {ident}"), &e))?;
+            }
         }
 
         let retry = RetryPolicy::new()
@@ -251,7 +382,7 @@ impl AcmeClient {
             Ok(s) => s,
             Err(instant_acme::Error::Api(p)) => {
                 return Err(self
-                    .challenge_error(&mut order, &what)
+                    .challenge_error(order, &what)
                     .await
                     .unwrap_or_else(|| IssueError::problem(format!("{what}: order failed"), &p)));
             }
@@ -264,7 +395,7 @@ impl AcmeClient {
         };
         if status != OrderStatus::Ready {
             return Err(self
-                .challenge_error(&mut order, &what)
+                .challenge_error(order, &what)
                 .await
                 .unwrap_or_else(|| IssueError::new(format!("{what}: order is {status:?}"))));
         }
@@ -360,32 +491,28 @@ fn certificate_identifier(chain_pem: &str) -> Option<CertificateIdentifier<'stat
         .map(CertificateIdentifier::into_owned)
 }
 
-fn save_account(store: &CertStore, account: &StoredAccount) -> Result<(), IssueError> {
+async fn save_account(store: &dyn CertBackend, account: &StoredAccount) -> Result<(), IssueError> {
     let json = serde_json::to_vec_pretty(account)
         .map_err(|e| IssueError::new(format!("serializing ACME account: {e}")))?;
     store
-        .write_file(ACCOUNT_FILE, &json)
+        .write_account(&json)
+        .await
         .map_err(|e| IssueError::new(e.to_string()))
 }
 
 /// Challenge responses published by one order, removed when it ends.
 #[derive(Default)]
 struct Published {
-    tokens: Vec<String>,
-    alpn_names: Vec<String>,
-    dns: Option<ChallengeZone>,
+    challenges: Vec<Challenge>,
 }
 
 impl Published {
     async fn clear(&mut self, targets: &ChallengeTargets<'_>) {
-        for t in self.tokens.drain(..) {
-            targets.responder.clear_http01(&t);
-        }
-        for n in self.alpn_names.drain(..) {
-            targets.responder.clear_tls_alpn01(&n);
-        }
-        if let Some(zone) = self.dns.take() {
-            zone.clear_txt().await;
+        for c in self.challenges.drain(..) {
+            let _ = apply_challenge(targets.responder, targets.dns, &c, false).await;
+            if let Err(e) = targets.guard.withdraw(&c).await {
+                tracing::warn!("withdrawing a published challenge: {e}");
+            }
         }
     }
 }

@@ -92,6 +92,26 @@ impl ChallengeZone {
         self.handler.upsert(record, serial).await;
     }
 
+    /// Removes one TXT value (others stay: two orders may be pending).
+    pub async fn remove_txt(&self, value: &str) {
+        let key = RrKey::new(LowerName::new(&self.origin), RecordType::TXT);
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut records = self.handler.records_mut().await;
+        let Some(set) = records.get(&key) else {
+            return;
+        };
+        let keep: Vec<Record> = set
+            .records_without_rrsigs()
+            .filter(|r| !matches!(&r.data, RData::TXT(t) if t.txt_data.iter().any(|d| &**d == value.as_bytes())))
+            .cloned()
+            .collect();
+        records.remove(&key);
+        drop(records);
+        for r in keep {
+            self.handler.upsert(r, serial).await;
+        }
+    }
+
     /// Removes all TXT values.
     pub async fn clear_txt(&self) {
         let key = RrKey::new(LowerName::new(&self.origin), RecordType::TXT);
@@ -105,8 +125,16 @@ impl ChallengeZone {
 }
 
 /// A running DNS server (UDP and TCP on one address); stops when dropped.
-pub(crate) struct DnsServer {
+pub struct DnsServer {
     stop: Option<oneshot::Sender<()>>,
+    local_addr: SocketAddr,
+}
+
+impl DnsServer {
+    /// Where it listens (UDP and TCP).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
 }
 
 impl Drop for DnsServer {
@@ -118,7 +146,7 @@ impl Drop for DnsServer {
 }
 
 /// Serves `zones` authoritatively on `listen` (UDP and TCP); other names are REFUSED.
-pub(crate) async fn serve_dns(
+pub async fn serve_dns(
     listen: SocketAddr,
     zones: Vec<(Name, Arc<dyn ZoneHandler>)>,
 ) -> Result<DnsServer, CertError> {
@@ -145,6 +173,9 @@ pub(crate) async fn serve_dns(
             }
         }
     });
-    tracing::info!(%local_addr, "DNS-01 responder listening");
-    Ok(DnsServer { stop: Some(stop) })
+    tracing::info!(%local_addr, "DNS responder listening");
+    Ok(DnsServer {
+        stop: Some(stop),
+        local_addr,
+    })
 }

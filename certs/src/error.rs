@@ -54,6 +54,13 @@ pub enum CertError {
     Issue(#[from] IssueError),
     #[error("certificate: {0}")]
     Cert(String),
+    /// The order lock was lost (its lease lapsed, another gateway took it): the certificate
+    /// was not stored.
+    #[error("order lock for {key} lost before the certificate was stored: {reason}")]
+    Fenced { key: String, reason: String },
+    /// The shared store (etcd) failed or is unreachable.
+    #[error("certificate store: {0}")]
+    Store(String),
     #[error("DNS responder on {addr}: {message}")]
     Dns { addr: String, message: String },
 }

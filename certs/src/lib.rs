@@ -32,11 +32,13 @@
 #![warn(unreachable_pub)]
 
 mod acme;
+mod backend;
 mod challenge;
 mod config;
 mod devca;
 mod dns;
 mod error;
+pub mod farm;
 mod manager;
 mod pem;
 mod resolver;
@@ -44,10 +46,11 @@ mod schedule;
 mod status;
 mod store;
 
+pub use backend::{BoxFuture, CertBackend, Challenge, LocalBackend, LockAttempt, OrderGuard};
 pub use challenge::{ChallengeResponder, offers_acme_tls};
 pub use config::{AcmeConfig, CertConfig, CustomChallenge, Directory, DnsConfig, RenewPolicy};
 pub use devca::DevCa;
-pub use dns::ChallengeZone;
+pub use dns::{ChallengeZone, DnsServer, serve_dns};
 pub use error::{CertError, IssueError};
 pub use manager::CertManager;
 pub use pem::load_pem_files;

@@ -1,7 +1,8 @@
 //! The certificate manager: owns the store, the resolver, the challenge responders, the DNS-01
 //! zone and the [`Scheduler`]; its tokio driver places the orders the scheduler asks for.
 
-use crate::acme::{AcmeClient, AriLookup, ChallengeTargets};
+use crate::acme::{AcmeClient, AriLookup, ChallengeTargets, apply_challenge};
+use crate::backend::{CertBackend, Challenge, LocalBackend, LockAttempt, OrderGuard};
 use crate::challenge::ChallengeResponder;
 use crate::config::{CertConfig, CustomChallenge, Directory};
 use crate::devca::{DevCa, IssuedPem};
@@ -32,6 +33,9 @@ const DNS_RETRY_INITIAL: Duration = Duration::from_secs(1);
 const DNS_RETRY_MAX: Duration = Duration::from_secs(300);
 /// Backoff (first, most) between failed ARI lookups.
 const ARI_RETRY: (Duration, Duration) = (Duration::from_secs(60), Duration::from_secs(86400));
+/// How soon to look again when another gateway holds a certificate's order lock (its
+/// certificate usually arrives through the backend's changes first).
+const LOCK_BUSY_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Default, Clone)]
 struct Metrics {
@@ -57,7 +61,7 @@ struct Inner {
     config: CertConfig,
     directory: Directory,
     contact: String,
-    store: CertStore,
+    backend: Arc<dyn CertBackend>,
     resolver: Arc<CertResolver>,
     challenges: Arc<ChallengeResponder>,
     alpn_config: Arc<ServerConfig>,
@@ -77,11 +81,23 @@ pub struct CertManager {
     inner: Arc<Inner>,
 }
 
+/// How one scheduled order ended.
+enum OrderOutcome {
+    /// Issued here and committed to the backend.
+    Issued(IssuedPem),
+    /// Another gateway holds the order lock.
+    Busy { holder: String },
+    /// Another gateway stored a current certificate meanwhile: serve it, order nothing.
+    Stored(StoredCert),
+}
+
 enum Event {
     Issued {
         key: String,
-        result: Result<IssuedPem, IssueError>,
+        result: Result<OrderOutcome, IssueError>,
     },
+    /// The backend's certificates changed (another gateway committed one).
+    StoreChanged,
     Window {
         key: String,
         start: SystemTime,
@@ -90,17 +106,27 @@ enum Event {
 }
 
 impl CertManager {
-    /// Opens the store and loads its certificates; does no network I/O. The farmer wildcard
-    /// (when `farmer_domain` is set) is desired from the start; stored certificates are
-    /// served as soon as their name is desired, through [`Self::resolver`].
+    /// Opens the on-disk store in `state_dir` and loads its certificates; does no network
+    /// I/O. The farmer wildcard (when `farmer_domain` is set) is desired from the start;
+    /// stored certificates are served as soon as their name is desired, through
+    /// [`Self::resolver`].
     pub fn new(config: CertConfig) -> Result<Self, CertError> {
+        let store = CertStore::open(&config.state_dir)?;
+        Self::with_backend(config, Arc::new(LocalBackend::new(store)))
+    }
+
+    /// As [`Self::new`], with certificates, the ACME account, order locks and challenge
+    /// publication in `backend` (a fleet's shared store) instead of `state_dir`'s files.
+    pub fn with_backend(
+        config: CertConfig,
+        backend: Arc<dyn CertBackend>,
+    ) -> Result<Self, CertError> {
         let directory = config.acme.directory()?;
         config.renewal.validate()?;
         let contact = match directory {
             Directory::Acme(_) => config.acme.contact()?,
             Directory::LocalDevCa => String::new(),
         };
-        let store = CertStore::open(&config.state_dir)?;
         let devca = match directory {
             Directory::LocalDevCa => Some(DevCa::load_or_create(config.state_dir.join("dev-ca"))?),
             Directory::Acme(_) => None,
@@ -118,7 +144,7 @@ impl CertManager {
             None => None,
         };
         let mut stored = HashMap::new();
-        for c in store.load_all() {
+        for c in backend.load_all() {
             match c {
                 Ok(c) => {
                     stored.insert(c.key.clone(), c);
@@ -133,7 +159,7 @@ impl CertManager {
             inner: Arc::new(Inner {
                 directory,
                 contact,
-                store,
+                backend,
                 resolver,
                 alpn_config: challenges.tls_alpn01_config(),
                 challenges,
@@ -386,7 +412,7 @@ impl CertManager {
                 url,
                 &self.inner.contact,
                 self.inner.config.acme.ca_root.as_deref(),
-                &self.inner.store,
+                &*self.inner.backend,
                 self.inner.orders_placed.clone(),
             )
             .await?,
@@ -395,9 +421,77 @@ impl CertManager {
         Ok(client)
     }
 
+    /// Runs one scheduled order: takes the certificate's order lock (or reports its holder),
+    /// serves a certificate another gateway stored meanwhile, or issues one and commits it
+    /// under the lock (fenced: a lock lost meanwhile stores nothing).
+    async fn order(&self, key: &str, names: &[String]) -> Result<OrderOutcome, IssueError> {
+        let store_err = |e: CertError| IssueError::new(format!("order lock for {key}: {e}"));
+        let guard = match self
+            .inner
+            .backend
+            .lock_order(key)
+            .await
+            .map_err(store_err)?
+        {
+            LockAttempt::Busy { holder } => return Ok(OrderOutcome::Busy { holder }),
+            LockAttempt::Acquired(guard) => guard,
+        };
+        let stored = self.inner.backend.load(key).await.map_err(|e| {
+            IssueError::new(format!("reading the stored certificate for {key}: {e}"))
+        })?;
+        if let Some(c) = stored.filter(|c| self.newer_than_served(key, names, c)) {
+            tracing::info!(name = %key, "certificate stored by another gateway; no order");
+            return Ok(OrderOutcome::Stored(c));
+        }
+        let pem = self.issue(key, names, &*guard).await?;
+        guard
+            .commit(key, &pem.chain_pem, &pem.key_pem)
+            .await
+            .map_err(|e| IssueError::new(e.to_string()))?;
+        Ok(OrderOutcome::Issued(pem))
+    }
+
+    /// True when `c` covers `names`, is still valid and is not older than the certificate
+    /// served for `key` (another gateway issued or renewed it).
+    fn newer_than_served(&self, key: &str, names: &[String], c: &StoredCert) -> bool {
+        let now = SystemTime::now();
+        if c.validity.not_after <= now || !names.iter().all(|n| c.names.contains(n)) {
+            return false;
+        }
+        match self.state().stored.get(key) {
+            None => true,
+            Some(served) => {
+                served.chain_pem != c.chain_pem
+                    && c.validity.not_before >= served.validity.not_before
+            }
+        }
+    }
+
+    /// Answers a challenge published by any gateway of the fleet (`present`), or stops
+    /// answering it: HTTP-01 on :80, TLS-ALPN-01 on :443, DNS-01 in the challenge zone.
+    pub async fn apply_challenge(
+        &self,
+        challenge: &Challenge,
+        present: bool,
+    ) -> Result<(), CertError> {
+        apply_challenge(
+            &self.inner.challenges,
+            self.inner.dns_zone.as_ref(),
+            challenge,
+            present,
+        )
+        .await
+    }
+
     /// Issues one certificate: DNS-01 for the farmer wildcard; the configured challenge for a
-    /// custom domain, falling back to the other one when it fails.
-    async fn issue(&self, key: &str, names: &[String]) -> Result<IssuedPem, IssueError> {
+    /// custom domain, falling back to the other one when it fails. An unfinished order of a
+    /// previous lock holder is resumed first.
+    async fn issue(
+        &self,
+        key: &str,
+        names: &[String],
+        guard: &dyn OrderGuard,
+    ) -> Result<IssuedPem, IssueError> {
         if let Some(ca) = &self.inner.devca {
             self.inner.orders_placed.fetch_add(1, Ordering::Relaxed);
             return ca
@@ -415,7 +509,9 @@ impl CertManager {
         let targets = ChallengeTargets {
             responder: &self.inner.challenges,
             dns: self.inner.dns_zone.as_ref(),
+            guard,
         };
+        let mut resume = guard.resume_url();
         let timeout = Duration::try_from_secs_f64(self.inner.config.acme.order_timeout_secs)
             .unwrap_or(Duration::from_secs(90));
         let plan = if key.starts_with("*.") {
@@ -437,6 +533,7 @@ impl CertManager {
                     &targets,
                     timeout,
                     replaces.as_deref(),
+                    resume.take().as_deref(),
                 )
                 .await
             {
@@ -499,6 +596,7 @@ impl CertManager {
             }
         };
         tokio::pin!(dns);
+        let mut changes = self.inner.backend.changes();
         let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
         loop {
             let now = SystemTime::now();
@@ -516,7 +614,7 @@ impl CertManager {
                 let names = self.state().requests.get(&key).cloned().unwrap_or_default();
                 let (this, tx) = (self.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let result = this.issue(&key, &names).await;
+                    let result = this.order(&key, &names).await;
                     let _ = tx.send(Event::Issued { key, result });
                 });
             }
@@ -533,9 +631,20 @@ impl CertManager {
                 })
                 .unwrap_or(MAX_IDLE)
                 .min(MAX_IDLE);
+            let changed = async {
+                match changes.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = &mut dns => {}
                 Some(ev) = rx.recv() => self.handle(ev),
+                open = changed => if open {
+                    self.handle(Event::StoreChanged);
+                } else {
+                    changes = None;
+                },
                 _ = self.inner.wake.notified() => {}
                 _ = tokio::time::sleep(idle) => {}
             }
@@ -581,9 +690,26 @@ impl CertManager {
                     "ACME renewal information window");
                 st.sched.renewal_window(&key, start, end);
             }
+            Event::StoreChanged => self.adopt_stored(&mut st),
+            Event::Issued {
+                key,
+                result: Ok(OrderOutcome::Busy { holder }),
+            } => {
+                tracing::info!(name = %key, %holder, "another gateway is ordering this certificate");
+                st.sched.order_deferred(&key, now + LOCK_BUSY_RETRY);
+            }
             Event::Issued { key, result } => {
                 let name = vec![("name".to_string(), key.clone())];
-                match result.and_then(|pem| self.install_issued(&mut st, &key, pem)) {
+                let installed = result.and_then(|outcome| match outcome {
+                    OrderOutcome::Issued(pem) => {
+                        self.install(&mut st, &key, &pem.chain_pem, &pem.key_pem)
+                    }
+                    OrderOutcome::Stored(c) => {
+                        self.install(&mut st, &key, &c.chain_pem, &c.key_pem)
+                    }
+                    OrderOutcome::Busy { .. } => unreachable!("handled above"),
+                });
+                match installed {
                     Ok(validity) => {
                         st.sched.order_succeeded(&key, validity);
                         self.inner
@@ -636,20 +762,56 @@ impl CertManager {
         }
     }
 
-    /// Stores a new certificate and swaps it into the resolver (when still desired).
-    fn install_issued(
+    /// Serves certificates the backend holds that are newer than those served (committed by
+    /// another gateway): no order is placed for them, and renewal is rescheduled.
+    fn adopt_stored(&self, st: &mut State) {
+        let desired: Vec<(String, Vec<String>)> = st
+            .requests
+            .iter()
+            .filter(|(k, _)| st.sched.is_desired(k))
+            .map(|(k, n)| (k.clone(), n.clone()))
+            .collect();
+        let now = SystemTime::now();
+        for c in self.inner.backend.load_all() {
+            let c = match c {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("certificate store: {e}");
+                    continue;
+                }
+            };
+            let Some((key, names)) = desired.iter().find(|(k, _)| *k == c.key) else {
+                continue;
+            };
+            let newer = c.validity.not_after > now
+                && names.iter().all(|n| c.names.contains(n))
+                && st.stored.get(key).is_none_or(|s| {
+                    s.chain_pem != c.chain_pem && c.validity.not_before >= s.validity.not_before
+                });
+            if !newer {
+                continue;
+            }
+            match self.install(st, key, &c.chain_pem, &c.key_pem) {
+                Ok(validity) => {
+                    st.sched.cert_installed(key, validity);
+                    tracing::info!(name = %key, "serving the certificate another gateway obtained");
+                }
+                Err(e) => tracing::warn!(name = %key, "{e}"),
+            }
+        }
+    }
+
+    /// Swaps a certificate (already in the backend) into the resolver, when still desired.
+    fn install(
         &self,
         st: &mut State,
         key: &str,
-        pem: IssuedPem,
+        chain_pem: &str,
+        key_pem: &str,
     ) -> Result<Validity, IssueError> {
-        let bad = |e: CertError| IssueError::new(format!("issued certificate for {key}: {e}"));
-        let (validity, names) = leaf_info(&pem.chain_pem).map_err(bad)?;
-        let ck = certified_key(&pem.chain_pem, &pem.key_pem).map_err(bad)?;
-        self.inner
-            .store
-            .save(key, &pem.chain_pem, &pem.key_pem)
-            .map_err(bad)?;
+        let bad = |e: CertError| IssueError::new(format!("certificate for {key}: {e}"));
+        let (validity, names) = leaf_info(chain_pem).map_err(bad)?;
+        let ck = certified_key(chain_pem, key_pem).map_err(bad)?;
         if let Some(want) = st.requests.get(key).filter(|_| st.sched.is_desired(key)) {
             self.inner.resolver.install(want, ck);
             self.inner
@@ -663,8 +825,8 @@ impl CertManager {
             StoredCert {
                 key: key.to_string(),
                 names,
-                chain_pem: pem.chain_pem,
-                key_pem: pem.key_pem,
+                chain_pem: chain_pem.to_string(),
+                key_pem: key_pem.to_string(),
                 validity,
             },
         );

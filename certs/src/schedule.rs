@@ -145,6 +145,19 @@ impl Scheduler {
         self.cert_installed(key, validity);
     }
 
+    /// The order could not start because another gateway holds the lock: try again at
+    /// `retry_at` (no failure is counted; the other gateway's certificate usually comes first).
+    pub(crate) fn order_deferred(&mut self, key: &str, retry_at: SystemTime) {
+        let Some(e) = self.entries.get_mut(key) else {
+            return;
+        };
+        e.in_flight = false;
+        e.retry_at = Some(retry_at);
+        if !e.desired {
+            self.entries.remove(key);
+        }
+    }
+
     /// Records a failed order; returns when the next attempt is allowed.
     pub(crate) fn order_failed(&mut self, key: &str, now: SystemTime, error: String) -> SystemTime {
         let initial = self.policy.backoff_initial();

@@ -22,6 +22,22 @@ pub struct StoredCert {
     pub validity: Validity,
 }
 
+impl StoredCert {
+    /// A certificate from its PEM chain and key, checked to be a usable pair; `key` is its
+    /// store key (primary name).
+    pub fn from_pem(key: &str, chain_pem: String, key_pem: String) -> Result<Self, CertError> {
+        let (validity, names) = leaf_info(&chain_pem)?;
+        crate::pem::certified_key(&chain_pem, &key_pem)?;
+        Ok(StoredCert {
+            key: normalize_name(key)?,
+            names,
+            chain_pem,
+            key_pem,
+            validity,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct CertStore {
     dir: PathBuf,
@@ -84,7 +100,7 @@ impl CertStore {
     }
 
     /// Every stored certificate; unreadable entries are returned as errors, not skipped silently.
-    pub(crate) fn load_all(&self) -> Vec<Result<StoredCert, CertError>> {
+    pub fn load_all(&self) -> Vec<Result<StoredCert, CertError>> {
         let certs = self.dir.join("certs");
         let entries = match fs::read_dir(&certs) {
             Ok(e) => e,

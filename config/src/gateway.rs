@@ -35,6 +35,8 @@ pub struct GatewayConfig {
     pub reservations: Reservations,
     /// Static routes, `[[route]]` tables.
     pub routes: Vec<Route>,
+    /// `[fleet]`: shared state on etcd; absent means a gateway on its own.
+    pub fleet: Option<crate::fleet::Fleet>,
 }
 
 /// `gateway.toml` as written. Hosts are still text here so that validation can name the
@@ -69,6 +71,8 @@ struct GatewayFile {
     reservations: Reservations,
     #[serde(default, rename = "route")]
     routes: Vec<RouteFile>,
+    #[serde(default)]
+    fleet: Option<crate::fleet::Fleet>,
 }
 
 /// A `[[route]]` table as written: [`Route`] with its host still text.
@@ -394,6 +398,26 @@ pub struct Acme {
     /// How long one ACME order may take, in seconds; default 90.
     #[serde(default)]
     pub order_timeout_secs: Option<f64>,
+    /// With `[fleet]`: TTL of an order lock's etcd lease, seconds (a dead or paused holder
+    /// loses the lock after it); default 15.
+    #[serde(default)]
+    pub lock_ttl_secs: Option<u64>,
+    /// With `[fleet]`: the farmer zone's NS names (first = SOA primary); default
+    /// `[ns_host or the farmer domain]`.
+    #[serde(default)]
+    pub zone_name_servers: Vec<String>,
+    /// With `[fleet]`: CAs in the farmer zone's CAA records; default `["letsencrypt.org"]`.
+    #[serde(default)]
+    pub zone_caa: Option<Vec<String>>,
+    /// With `[fleet]`: TTL of the farmer zone's A/AAAA answers, seconds; default 30.
+    #[serde(default)]
+    pub zone_ttl_secs: Option<u32>,
+    /// With `[fleet]`: the members' port probed before they are answered; default 443.
+    #[serde(default)]
+    pub probe_port: Option<u16>,
+    /// With `[fleet]`: time between two health probes of a member, ms; default 5000.
+    #[serde(default)]
+    pub probe_interval_ms: Option<u64>,
 }
 
 fn default_true() -> bool {
@@ -742,6 +766,9 @@ impl GatewayFile {
                 return Err(err(&format!("overlay.peers.{i}"), reason));
             }
         }
+        if let Some(Err((key, msg))) = self.fleet.as_ref().map(|f| f.validate()) {
+            return Err(err(&format!("fleet.{key}"), msg));
+        }
         Ok(GatewayConfig {
             domains,
             data_dir: self.data_dir,
@@ -756,6 +783,7 @@ impl GatewayFile {
             log: self.log,
             reservations: self.reservations,
             routes,
+            fleet: self.fleet,
         })
     }
 

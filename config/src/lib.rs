@@ -4,6 +4,7 @@
 //! live in the crates that use this one.
 
 pub mod file;
+pub mod fleet;
 pub mod gateway;
 pub mod host;
 pub mod log;

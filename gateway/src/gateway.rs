@@ -34,6 +34,8 @@ pub struct GatewayParts {
     pub certs: Option<Arc<CertManager>>,
     /// The farmer's admin token; without it `POST /reload` is refused (SIGHUP still works).
     pub admin_token: Option<AdminToken>,
+    /// The fleet section of `/status` (a gateway in a fleet).
+    pub fleet: Option<Arc<dyn crate::admin::status::StatusSection>>,
 }
 
 impl GatewayParts {
@@ -46,6 +48,7 @@ impl GatewayParts {
             reservations: None,
             certs: None,
             admin_token: None,
+            fleet: None,
         }
     }
 }
@@ -82,6 +85,7 @@ impl Gateway {
             reservations,
             certs,
             admin_token,
+            fleet,
         } = parts;
         let dev_ca = match &config.tls.dev_ca {
             Some(d) => Some(DevCa::load_or_create(&d.dir)?),
@@ -156,6 +160,7 @@ impl Gateway {
             admin_tls,
             api_tls,
             overlay: observer,
+            fleet,
             via: crate::http::proxy::loops::Identity::random(),
         });
         shared.rebuild()?;

@@ -56,6 +56,8 @@ pub(crate) struct Shared {
     pub(crate) api_tls: Option<tokio_rustls::TlsAcceptor>,
     /// The embedded overlay node, shown in `/status` and `/metrics`.
     pub(crate) overlay: Option<OverlayObserver>,
+    /// The fleet section of `/status`, for a gateway in a fleet.
+    pub(crate) fleet: Option<Arc<dyn crate::admin::status::StatusSection>>,
     /// This gateway's `Via` pseudonym (loop detection).
     pub(crate) via: crate::http::proxy::loops::Identity,
 }

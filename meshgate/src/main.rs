@@ -37,6 +37,8 @@ enum Command {
     Completions(cli::docs::CompletionsArgs),
     /// Print the man page (roff) to stdout, or write every page into a directory.
     Man(cli::docs::ManArgs),
+    /// A fleet of gateways on etcd: status, import a standalone gateway, make a fleet key.
+    Fleet(cli::fleet::Args),
 }
 
 /// mimalloc asks for transparent huge pages, so the first touch of its fresh memory zeroes
@@ -77,6 +79,7 @@ fn main() -> std::process::ExitCode {
             Command::Keygen(a) => cli::keygen::run(a).await,
             Command::Reserve(a) => cli::reserve::run(a).await,
             Command::Completions(_) | Command::Man(_) => Ok(()),
+            Command::Fleet(a) => cli::fleet::run(a).await,
         }
     });
     exit(result)

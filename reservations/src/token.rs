@@ -208,9 +208,19 @@ impl std::fmt::Debug for ChallengeKey {
 }
 
 impl ChallengeKey {
-    #[cfg(test)]
-    fn from_bytes(key: [u8; 32]) -> Self {
+    /// The key from its 32 secret bytes (a shared store keeps them sealed).
+    pub(crate) fn from_bytes(key: [u8; 32]) -> Self {
         ChallengeKey(key)
+    }
+
+    /// A new random key.
+    pub(crate) fn generate() -> Self {
+        ChallengeKey(random_bytes::<32>())
+    }
+
+    /// The secret bytes, to be sealed before they leave the process.
+    pub(crate) fn secret(&self) -> &[u8; 32] {
+        &self.0
     }
 
     /// Loads the key from a 0600 file (64 hex chars), creating it when missing.

@@ -6,7 +6,9 @@
 //! - [`http`], [`ws`], [`tls`]: HTTP/1.1, h2c, WebSocket, TCP and TLS backends, TLS clients
 //!   and a throwaway CA; [`pattern`]: payloads that reveal corruption;
 //! - [`process`], [`curl`]: the `meshgate gateway` binary as a fixture and curl as a client;
-//! - [`pebble`], [`dns`]: an ACME server and an authoritative DNS server on loopback.
+//! - [`pebble`], [`dns`]: an ACME server and an authoritative DNS server on loopback;
+//! - [`etcd`]: a real etcd cluster of child processes whose members a test kills, pauses and
+//!   restarts, and a relay that cuts one client off from it.
 //!
 //! Everything listens and connects on loopback only. The kit depends on no meshgate crate,
 //! so every crate can use it without a dependency cycle.
@@ -14,6 +16,7 @@
 pub mod browser;
 pub mod curl;
 pub mod dns;
+pub mod etcd;
 pub mod eventually;
 pub mod http;
 pub mod net;

@@ -7,7 +7,7 @@ mod activity;
 pub mod api;
 pub mod overlay;
 mod pages;
-mod status;
+pub mod status;
 pub(crate) mod tls;
 
 use crate::http::body::{Body, full};

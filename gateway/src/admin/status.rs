@@ -1,8 +1,14 @@
 //! `/status`: what the gateway serves now, as JSON: routes with their pools' health and recent
-//! traffic, served and managed certificates, the embedded overlay node and the latest errors.
+//! traffic, served and managed certificates, the embedded overlay node, the fleet (members,
+//! store health) and the latest errors.
 
 use super::overlay::OverlayObserver;
 use crate::state::Shared;
+
+/// A section of `/status` that an assembly adds (the fleet's), rendered at request time.
+pub trait StatusSection: Send + Sync {
+    fn json(&self) -> serde_json::Value;
+}
 
 /// The `/status` document.
 pub(crate) fn json(shared: &Shared) -> serde_json::Value {
@@ -40,5 +46,6 @@ pub(crate) fn json(shared: &Shared) -> serde_json::Value {
         "overlay": shared.overlay.as_ref().map(OverlayObserver::status_json),
         "recent_errors": history.recent_errors(),
         "traffic_routes_forgotten": history.evicted(),
+        "fleet": shared.fleet.as_ref().map(|f| f.json()),
     })
 }

@@ -1,15 +1,23 @@
 //! The certificate manager in a gateway process, built from `[tls.acme]`, and its glue to
 //! the gateway and the reservations: certificates are ordered only for the gateway's static
 //! terminate routes and verified terminate-mode domains, and a domain waiting for its
-//! certificate becomes active once it is valid.
+//! certificate becomes active once it is valid. With `[fleet]`, certificates, the ACME
+//! account, order locks and challenges live in etcd, and the DNS responder also serves the
+//! farmer's zone from the live, healthy members.
 
+use super::fleet::Fleet;
 use anyhow::{Context, Result};
-use meshgate_certs::{CertConfig, CertManager};
+use meshgate_certs::farm::{FarmZone, FarmZoneConfig, ProbePolicy, follow_members};
+use meshgate_certs::{CertConfig, CertManager, CertStore, serve_dns};
 use meshgate_config::gateway::GatewayConfig;
 use meshgate_config::route::Mode;
+use meshgate_fleet::Etcd;
+use meshgate_fleet::acme::{AcmeStoreOptions, EtcdCertBackend, follow_challenges};
+use meshgate_fleet::members::MemberSet;
 use meshgate_gateway::routes::RouteTable;
 use meshgate_reservations::store::{ReservationStore, SharedStore};
 use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -30,13 +38,150 @@ fn terminating(store: &dyn ReservationStore, verified: &BTreeSet<String>) -> BTr
 /// How often the certificate follower reports served certificates to the store.
 const CERT_FOLLOW_POLL: Duration = Duration::from_secs(1);
 
-/// The certificate manager for `[tls.acme]`, or `None` without it.
-pub fn manager(config: &GatewayConfig) -> Result<Option<Arc<CertManager>>> {
-    if config.tls.acme.is_none() {
+/// Default TTL of an order lock's lease (`tls.acme.lock_ttl_secs`).
+const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(15);
+
+/// The certificate manager and, in a fleet, what its etcd backend needs running.
+pub struct Certificates {
+    pub manager: Arc<CertManager>,
+    fleet: Option<FleetAcme>,
+}
+
+/// The fleet side of the certificates: the etcd backend, and the farmer zone served with
+/// the challenge zone on `dns.listen`.
+struct FleetAcme {
+    backend: EtcdCertBackend,
+    etcd: Etcd,
+    dns: Option<(SocketAddr, FarmZone)>,
+    probe_port: u16,
+    probe: ProbePolicy,
+}
+
+/// The certificate manager for `[tls.acme]` (on the fleet's etcd with `[fleet]`), or `None`
+/// without that table.
+pub fn manager(config: &GatewayConfig, fleet: Option<&Fleet>) -> Result<Option<Certificates>> {
+    let Some(acme) = &config.tls.acme else {
         return Ok(None);
+    };
+    let mut cfg = CertConfig::try_from(config).context("certificate manager configuration")?;
+    let Some(fleet) = fleet else {
+        return Ok(Some(Certificates {
+            manager: Arc::new(CertManager::new(cfg)?),
+            fleet: None,
+        }));
+    };
+    // The fleet's responder serves the challenge zone and the farmer zone together.
+    let listen = cfg.dns.listen.take();
+    let dns = match (&cfg.farmer_domain, listen) {
+        (Some(domain), Some(listen)) => {
+            let mut zone = FarmZoneConfig::new(domain);
+            if !acme.zone_name_servers.is_empty() {
+                zone.name_servers = acme.zone_name_servers.clone();
+            } else {
+                zone.name_servers = vec![acme.ns_host.clone().unwrap_or_else(|| domain.clone())];
+            }
+            if let Some(caa) = &acme.zone_caa {
+                zone.caa_issuers = caa.clone();
+            }
+            if let Some(ttl) = acme.zone_ttl_secs {
+                zone.answer_ttl = ttl;
+            }
+            Some((
+                listen,
+                FarmZone::new(&zone).context("tls.acme: the farmer zone")?,
+            ))
+        }
+        _ => None,
+    };
+    let backend = EtcdCertBackend::new(
+        fleet.etcd.clone(),
+        &fleet.keys,
+        fleet.fleet_key.clone(),
+        CertStore::open(&cfg.state_dir)?,
+        AcmeStoreOptions {
+            holder: fleet.id.clone(),
+            lock_ttl: acme
+                .lock_ttl_secs
+                .map_or(DEFAULT_LOCK_TTL, Duration::from_secs),
+            settle: meshgate_fleet::acme::DEFAULT_SETTLE,
+        },
+    );
+    let manager = Arc::new(CertManager::with_backend(cfg, Arc::new(backend.clone()))?);
+    let probe = ProbePolicy {
+        interval: acme
+            .probe_interval_ms
+            .map_or(ProbePolicy::default().interval, Duration::from_millis),
+        ..ProbePolicy::default()
+    };
+    Ok(Some(Certificates {
+        manager,
+        fleet: Some(FleetAcme {
+            backend,
+            etcd: fleet.etcd.clone(),
+            dns,
+            probe_port: acme.probe_port.unwrap_or(443),
+            probe,
+        }),
+    }))
+}
+
+/// Serves the farmer zone and the challenge zone on `listen`, retrying a failed bind with
+/// backoff (1 s doubling to 5 min); never returns.
+async fn serve_zones_with_retry(
+    listen: SocketAddr,
+    farm: FarmZone,
+    challenge: Option<meshgate_certs::ChallengeZone>,
+) {
+    let mut delay = Duration::from_secs(1);
+    let mut handlers = vec![(farm.origin().clone(), farm.zone_handler())];
+    if let Some(c) = challenge {
+        handlers.push((c.origin().clone(), c.zone_handler()));
     }
-    let cfg = CertConfig::try_from(config).context("certificate manager configuration")?;
-    Ok(Some(Arc::new(CertManager::new(cfg)?)))
+    let _server = loop {
+        match serve_dns(listen, handlers.clone()).await {
+            Ok(server) => break server,
+            Err(e) => {
+                tracing::error!(
+                    retry_in_secs = delay.as_secs(),
+                    "{e}; the farmer zone waits"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(300));
+            }
+        }
+    };
+    std::future::pending::<()>().await
+}
+
+/// The members' advertised addresses, as the farmer zone wants them.
+fn advertised(members: &MemberSet) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = members
+        .values()
+        .flat_map(|m| m.advertise.iter().copied())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Feeds the members' addresses into a watch the farmer zone follows.
+fn member_addresses(
+    mut members: watch::Receiver<MemberSet>,
+) -> (watch::Receiver<Vec<IpAddr>>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(advertised(&members.borrow_and_update()));
+    let task = tokio::spawn(async move {
+        while members.changed().await.is_ok() {
+            let now = advertised(&members.borrow_and_update());
+            tx.send_if_modified(|cur| {
+                let changed = *cur != now;
+                if changed {
+                    *cur = now;
+                }
+                changed
+            });
+        }
+    });
+    (rx, task)
 }
 
 /// The certificate manager's tasks: its driver, the follower feeding it the names to serve,
@@ -57,12 +202,39 @@ impl Drop for CertService {
 impl CertService {
     /// Starts `manager`, desiring the terminate hosts of each route table from `routes` (static
     /// routes; routed reservations are verified or covered by the wildcard) and the verified
-    /// domains in `store` not yet routed.
+    /// domains in `store` not yet routed. In a fleet, also follows etcd's certificates and
+    /// challenges and serves the farmer zone from `members`.
     pub fn start(
-        manager: Arc<CertManager>,
+        certificates: Certificates,
         store: Option<SharedStore>,
         mut routes: watch::Receiver<Arc<RouteTable>>,
+        members: Option<watch::Receiver<MemberSet>>,
     ) -> CertService {
+        let Certificates { manager, fleet } = certificates;
+        let mut fleet_tasks = Vec::new();
+        if let Some(f) = fleet {
+            fleet_tasks.push(f.backend.follow());
+            fleet_tasks.push(follow_challenges(
+                &f.etcd,
+                f.backend.keys(),
+                (*manager).clone(),
+            ));
+            if let Some((listen, zone)) = f.dns {
+                let members = members.unwrap_or_else(|| watch::channel(MemberSet::default()).1);
+                let (addresses, feed) = member_addresses(members);
+                fleet_tasks.push(feed);
+                fleet_tasks.push(tokio::spawn(follow_members(
+                    zone.clone(),
+                    addresses,
+                    f.probe_port,
+                    f.probe,
+                )));
+                let challenge = manager.dns_zone();
+                fleet_tasks.push(tokio::spawn(serve_zones_with_retry(
+                    listen, zone, challenge,
+                )));
+            }
+        }
         let (routed_tx, routed_rx) =
             watch::channel(Arc::new(terminate_hosts(&routes.borrow_and_update())));
         let hosts = tokio::spawn(async move {
@@ -88,10 +260,12 @@ impl CertService {
                 Ok(Ok(())) => {}
             }
         });
+        let mut tasks = vec![hosts, follower, watcher];
+        tasks.extend(fleet_tasks);
         CertService {
             manager,
             driver: driver_abort,
-            tasks: vec![hosts, follower, watcher],
+            tasks,
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod certificates;
 pub mod consent;
+pub mod fleet;
 pub mod node;
 pub mod process;
 pub mod reservations;
@@ -45,6 +46,8 @@ pub struct AppGateway {
     pub node: Option<EmbeddedNode>,
     pub reservations: Option<Reservations>,
     pub certs: Option<CertService>,
+    /// The fleet membership (`[fleet]`): the etcd handle, the member record and list.
+    pub fleet: Option<(fleet::Fleet, fleet::Membership)>,
 }
 
 impl AppGateway {
@@ -83,16 +86,27 @@ pub async fn gateway(setup: GatewaySetup) -> Result<AppGateway> {
         }
         Err(e) => return Err(e),
     };
+    let fleet = fleet::Fleet::from_config(&config, node.as_ref().map(|n| n.node.address()))?;
     let reservations = match &admin_token {
         Some(t) => Reservations::start(
             &config,
             t.clone(),
             node.as_ref()
                 .map(|n| Arc::new(n.dialer()) as Arc<dyn meshgate_gateway::upstream::dial::Dialer>),
+            fleet.as_ref(),
         )?,
         None => None,
     };
-    let manager = certificates::manager(&config)?;
+    let fleet = fleet.map(|f| {
+        let store = reservations.as_ref().and_then(|r| r.fleet_store.clone());
+        let applied = store.as_ref().map_or_else(
+            || tokio::sync::watch::channel(0).1,
+            |s| s.applied_revision(),
+        );
+        let membership = f.join(applied);
+        (f, membership, store)
+    });
+    let manager = certificates::manager(&config, fleet.as_ref().map(|(f, _, _)| f))?;
     let parts = GatewayParts {
         overlay: node.as_ref().map(|n| OverlayParts {
             dialer: Arc::new(n.dialer()),
@@ -106,10 +120,21 @@ pub async fn gateway(setup: GatewaySetup) -> Result<AppGateway> {
             api: r.api.clone(),
             routes: r.store.routes(),
         }),
-        certs: manager.clone(),
+        certs: manager.as_ref().map(|c| c.manager.clone()),
         admin_token,
         config_path,
         config,
+        fleet: fleet.as_ref().map(|(f, m, store)| {
+            Arc::new(fleet::FleetStatus {
+                name: f.config.name.clone(),
+                id: f.id.clone(),
+                health: f.etcd.health(),
+                applied: m.applied.clone(),
+                members: m.members.clone(),
+                lease: m.registration.lease(),
+                cached: store.clone(),
+            }) as Arc<dyn meshgate_gateway::admin::status::StatusSection>
+        }),
     };
     let gateway = Gateway::new(parts)?;
     let certs = manager.map(|m| {
@@ -117,6 +142,7 @@ pub async fn gateway(setup: GatewaySetup) -> Result<AppGateway> {
             m,
             reservations.as_ref().map(|r| r.store.clone()),
             gateway.watch_routes(),
+            fleet.as_ref().map(|(_, m, _)| m.members.clone()),
         )
     });
     Ok(AppGateway {
@@ -124,5 +150,6 @@ pub async fn gateway(setup: GatewaySetup) -> Result<AppGateway> {
         node,
         reservations,
         certs,
+        fleet: fleet.map(|(f, m, _)| (f, m)),
     })
 }

@@ -4,6 +4,7 @@
 //! `[reservations]`; and the farmer's admin token file.
 
 use super::consent::OverlayConsentSource;
+use super::fleet::Fleet;
 use anyhow::{Context, Result};
 use meshgate_config::gateway::GatewayConfig;
 use meshgate_gateway::admin::api::{Api, ApiConfig, ConsentCheck};
@@ -11,6 +12,7 @@ use meshgate_gateway::upstream::dial::Dialer;
 use meshgate_reservations::consent::{self, Checker};
 use meshgate_reservations::counters::Counters;
 use meshgate_reservations::store::SharedStore;
+use meshgate_reservations::store::etcd::EtcdStore;
 use meshgate_reservations::store::redb::RedbStore;
 use meshgate_reservations::token::AdminToken;
 use meshgate_reservations::verify::{Verifier, VerifierConfig};
@@ -20,6 +22,8 @@ use std::sync::Arc;
 /// The store, the API over it, the verifier and consent-checker tasks (aborted on drop).
 pub struct Reservations {
     pub store: SharedStore,
+    /// The same store when it is the fleet's (etcd), for its revision and cache counts.
+    pub fleet_store: Option<Arc<EtcdStore>>,
     pub api: Arc<Api>,
     verifier: tokio::task::JoinHandle<()>,
     consent: Option<tokio::task::JoinHandle<()>>,
@@ -43,13 +47,22 @@ impl Reservations {
         config: &GatewayConfig,
         admin: AdminToken,
         overlay: Option<Arc<dyn Dialer>>,
+        fleet: Option<&Fleet>,
     ) -> Result<Option<Reservations>> {
         let Some(domain) = config.domains.first() else {
             return Ok(None);
         };
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
-        let store: SharedStore = Arc::new(RedbStore::open(&config.data_dir, domain.as_str())?);
+        // In a fleet the store is etcd's (cached locally); on its own, redb in data_dir.
+        let fleet_store = match fleet {
+            Some(f) => Some(Arc::new(f.open_store(config, domain.as_str())?)),
+            None => None,
+        };
+        let store: SharedStore = match &fleet_store {
+            Some(s) => s.clone(),
+            None => Arc::new(RedbStore::open(&config.data_dir, domain.as_str())?),
+        };
         let counters = Arc::new(Counters::default());
         let verifier = Verifier::new(store.clone(), verifier_config(config, domain.as_str()))?
             .with_counters(counters.clone())
@@ -86,6 +99,7 @@ impl Reservations {
         tracing::info!(domain = %domain, api = %config.api.listen, "reservations enabled");
         Ok(Some(Reservations {
             store,
+            fleet_store,
             api,
             verifier,
             consent: checker,

@@ -1,13 +1,15 @@
 //! The reservation store seam: [`ReservationStore`], what every backend offers, and
 //! [`StoreError`]. [`redb::RedbStore`] (one gateway, an embedded database) is the first
-//! backend; a shared one (several gateways on etcd, each serving from a local cache fed by a
-//! watch) implements the same trait.
+//! backend; [`etcd::EtcdStore`] (several gateways on etcd, each serving from a local cache fed
+//! by a watch) implements the same trait. The rules both apply alike live in `rules`.
 //!
 //! Consumers (the admin API, the verifier, the certificate follower) hold an
 //! `Arc<dyn ReservationStore>` and never name a backend. The trait is object-safe: edits are
 //! `&mut dyn FnMut` closures, and [`ReservationStoreExt`] adds the typed-error forms on top.
 
+pub mod etcd;
 pub mod redb;
+mod rules;
 
 use crate::lifecycle::{self, Input, Rules};
 use crate::reservation::{Key, Kind, Reservation};
@@ -40,6 +42,10 @@ pub enum StoreError {
     Quota { owner: String, limit: usize },
     #[error(transparent)]
     Secret(#[from] SecretError),
+    /// The shared store cannot be reached (etcd quorum lost or members down): reads are
+    /// served from the local cache, writes are refused until it returns.
+    #[error("reservation store unavailable: {cause}")]
+    Unavailable { cause: String },
 }
 
 /// An edit closure's refusal: nothing is written and the call returns.

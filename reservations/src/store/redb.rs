@@ -7,8 +7,9 @@
 //!
 //! Records are JSON so fields can be added without a migration.
 
+use super::rules::{Views, check_create, record_key};
 use super::{Refused, ReservationStore, StoreError};
-use crate::reservation::{Key, Kind, Reservation, Status};
+use crate::reservation::{Key, Kind, Reservation};
 use crate::token::{ChallengeKey, StoredToken};
 use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use meshgate_config::route::Route;
@@ -29,21 +30,12 @@ fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
 }
 
-/// `name/<label>`, or `domain/<fqdn>/<owner>`: one record per claim on a domain.
-fn record_key(key: &Key) -> String {
-    match &key.owner {
-        Some(owner) => format!("{}/{}/{owner}", key.kind.as_str(), key.name),
-        None => format!("{}/{}", key.kind.as_str(), key.name),
-    }
-}
-
 /// The persistent reservation and token store of one gateway.
 pub struct RedbStore {
     db: Database,
     farmer_domain: String,
     challenge_key: ChallengeKey,
-    routes: watch::Sender<Arc<Vec<Route>>>,
-    verified: watch::Sender<Arc<BTreeSet<String>>>,
+    views: Views,
     verify_now: Arc<Notify>,
 }
 
@@ -84,8 +76,7 @@ impl RedbStore {
             db,
             farmer_domain: farmer_domain.trim_end_matches('.').to_ascii_lowercase(),
             challenge_key,
-            routes: watch::Sender::new(Arc::new(Vec::new())),
-            verified: watch::Sender::new(Arc::new(BTreeSet::new())),
+            views: Views::new(),
             verify_now: Arc::new(Notify::new()),
         };
         store.publish()?;
@@ -123,40 +114,7 @@ impl RedbStore {
     /// Recomputes and publishes routes and verified domains (only if they changed).
     fn publish(&self) -> Result<(), StoreError> {
         let all = self.list(None, None)?;
-        let mut routes: Vec<Route> = all
-            .iter()
-            .filter(|r| r.is_routable())
-            .filter_map(|r| {
-                r.to_route(&self.farmer_domain)
-                    .inspect_err(|e| {
-                        tracing::error!(reservation = %r.key(), "not routed, invalid host: {e}");
-                    })
-                    .ok()
-            })
-            .collect();
-        routes.sort_by(|a, b| a.host.cmp(&b.host));
-        // At most one claim on a domain is active (see `lifecycle::settle`); should a bug let
-        // two through, one host still gets one route.
-        routes.dedup_by(|a, b| a.host == b.host);
-        let verified: BTreeSet<String> = all
-            .iter()
-            .filter(|r| r.kind == Kind::Domain && r.status.is_verified())
-            .map(|r| r.name.clone())
-            .collect();
-        self.routes.send_if_modified(|cur| {
-            if **cur == routes {
-                return false;
-            }
-            *cur = Arc::new(routes);
-            true
-        });
-        self.verified.send_if_modified(|cur| {
-            if **cur == verified {
-                return false;
-            }
-            *cur = Arc::new(verified);
-            true
-        });
+        self.views.publish(&self.farmer_domain, &all);
         Ok(())
     }
 }
@@ -171,11 +129,11 @@ impl ReservationStore for RedbStore {
     }
 
     fn routes(&self) -> watch::Receiver<Arc<Vec<Route>>> {
-        self.routes.subscribe()
+        self.views.routes.subscribe()
     }
 
     fn verified_domains(&self) -> watch::Receiver<Arc<BTreeSet<String>>> {
-        self.verified.subscribe()
+        self.views.verified.subscribe()
     }
 
     fn request_verification(&self) {
@@ -221,42 +179,17 @@ impl ReservationStore for RedbStore {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
             let mut table = txn.open_table(RESERVATIONS).map_err(db_err)?;
-            if let Some(existing) = table.get(k.as_str()).map_err(db_err)? {
-                let existing: Reservation = decode(&k, existing.value())?;
-                if !matches!(existing.status, Status::Dropped { .. }) {
-                    return Err(StoreError::Conflict {
-                        key: key.to_string(),
-                        owner: existing.owner,
-                    });
-                }
-            }
-            let mut held_by_owner = 0;
+            let mut all = Vec::new();
+            let mut existing = None;
             for item in table.iter().map_err(db_err)? {
                 let (rk, v) = item.map_err(db_err)?;
                 let other: Reservation = decode(rk.value(), v.value())?;
-                if matches!(other.status, Status::Dropped { .. }) {
-                    continue;
+                if rk.value() == k {
+                    existing = Some(other.clone());
                 }
-                if other.owner == r.owner {
-                    held_by_owner += 1;
-                }
-                if r.kind == Kind::Domain
-                    && other.kind == Kind::Domain
-                    && other.name == r.name
-                    && other.owner != r.owner
-                    && other.status.is_verified()
-                {
-                    return Err(StoreError::Held {
-                        key: key.to_string(),
-                    });
-                }
+                all.push(other);
             }
-            if held_by_owner >= max_per_owner {
-                return Err(StoreError::Quota {
-                    owner: r.owner.clone(),
-                    limit: max_per_owner,
-                });
-            }
+            check_create(r, existing.as_ref(), &all, max_per_owner)?;
             table.insert(k.as_str(), bytes.as_slice()).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;

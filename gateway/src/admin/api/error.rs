@@ -61,6 +61,18 @@ impl From<FieldError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if let StoreError::Unavailable { cause } = &e {
+            // The fleet's shared store (etcd) is down: reads still work from the cache,
+            // writes wait for it. Name the cause so the caller knows it is not their request.
+            tracing::warn!("admin API: {e}");
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store",
+                format!(
+                    "the shared reservation store (etcd) is unavailable, try again later: {cause}"
+                ),
+            );
+        }
         tracing::error!("admin API: {e}");
         ApiError::internal()
     }
