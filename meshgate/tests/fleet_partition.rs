@@ -93,7 +93,7 @@ async fn a_cut_off_gateway_relists_after_compaction_and_converges() {
     let gw_b = fleet.gateways.remove(b);
     let dir = gw_b.dir.clone();
     drop(gw_b);
-    let restarted = start_gateway(&dir, &fleet.bodies[b]);
+    let restarted = start_fleet_gateway(&dir, &fleet.bodies[b]);
     let (s, _) = get(&c, &restarted, &format!("keep.{FARM}")).await.unwrap();
     assert_eq!(
         s,

@@ -73,8 +73,7 @@ pub fn fleet_body(
 ) -> String {
     let endpoints: Vec<String> = etcd.iter().map(|e| format!("\"{e}\"")).collect();
     format!(
-        "domains = [\"{FARM}\"]\n\
-         [reservations]\nnameservers = [\"127.0.0.1:9\"]\n\
+        "[reservations]\nnameservers = [\"127.0.0.1:9\"]\n\
          {overlay}\
          [fleet]\nname = \"{FLEET}\"\netcd = [{endpoints}]\nkey_file = \"{key}\"\n\
          advertise = [\"127.0.0.1\"]\nmember_ttl_secs = 3\n{extra}",
@@ -160,7 +159,7 @@ impl Fleet {
             endpoints,
             &format!("id = \"gw{i}\"\n{extra}"),
         );
-        self.gateways.push(start_gateway(&dir, &body));
+        self.gateways.push(start_fleet_gateway(&dir, &body));
         self.bodies.push(body);
         i
     }
@@ -401,7 +400,14 @@ pub fn run_to_exit(dir: &Path, body: &str) -> (bool, String) {
         api: reserved[3].port(),
     };
     let config = dir.join("gateway.toml");
-    std::fs::write(&config, GatewayProcess::config_text(dir, &ports, body)).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "domains = [\"{FARM}\"]\n{}",
+            GatewayProcess::config_text(dir, &ports, body)
+        ),
+    )
+    .unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
         .args(["gateway", "--config"])
         .arg(&config)
@@ -430,4 +436,15 @@ pub fn run_to_exit(dir: &Path, body: &str) -> (bool, String) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Starts `meshgate gateway` with `domains` first (top-level keys precede the standard
+/// config's tables), then the standard config and `body`.
+pub fn start_fleet_gateway(dir: &Path, body: &str) -> GatewayProcess {
+    GatewayProcess::start_with(Path::new(env!("CARGO_BIN_EXE_meshgate")), dir, |ports| {
+        format!(
+            "domains = [\"{FARM}\"]\n{}",
+            GatewayProcess::config_text(dir, ports, body)
+        )
+    })
 }
