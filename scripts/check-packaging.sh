@@ -46,7 +46,9 @@ fi
 profile=${PROFILE:-dev}
 case "$profile" in dev) dir=debug ;; *) dir=$profile ;; esac
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-cargo build -p meshgate --bin meshgate --profile "$profile"
+# The test command has just built the binary with the workspace's features (NO_BUILD=1): a
+# build of the package alone would resolve features differently and rebuild half the tree.
+[ "${NO_BUILD:-0}" = 1 ] || cargo build -p meshgate --bin meshgate --profile "$profile"
 bin="$target_dir/$dir/meshgate"
 gen="$target_dir/$dir/packaging"
 rm -rf "$gen" && mkdir -p "$gen/completions" "$gen/man"

@@ -32,3 +32,5 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+# cargo-deb builds the Debian package the packaging check inspects.
+command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked --quiet

@@ -103,7 +103,7 @@ async fn a_cut_off_watcher_relists_after_compaction_and_calls_fail_unavailable()
     );
     writer.delete("/c/gone").await.unwrap();
     writer.put("/c/new", b"2".to_vec()).await.unwrap();
-    let rev = writer.revision().await.unwrap();
+    let rev = writer.revision("/c/").await.unwrap();
     writer.compact(rev).await.unwrap();
     assert!(rev > first);
 

@@ -480,10 +480,14 @@ impl Etcd {
     }
 
     /// The cluster's current revision (a linearizable read: fails without a quorum).
-    pub async fn revision(&self) -> Result<i64, FleetError> {
+    /// `key` is any key the caller may read (etcd's auth checks the range even for a count):
+    /// the fleet's root.
+    pub async fn revision(&self, key: &str) -> Result<i64, FleetError> {
+        let key = key.to_string();
         let r = self
-            .call("revision", |mut c| async move {
-                c.get("\0", Some(GetOptions::new().with_count_only())).await
+            .call("revision", move |mut c| {
+                let key = key.clone();
+                async move { c.get(key, Some(GetOptions::new().with_count_only())).await }
             })
             .await?;
         Ok(r.header().map(|h| h.revision()).unwrap_or(0))
@@ -502,11 +506,13 @@ impl Etcd {
     /// Checks the store every `interval` so [`Etcd::health`] stays current when nothing else
     /// calls it (a quorum lost while the gateway only reads its cache). Runs until the
     /// returned task is aborted.
-    pub fn spawn_health_probe(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
+    /// `key` is one the gateway may read (its fleet's root).
+    pub fn spawn_health_probe(&self, key: &str, interval: Duration) -> tokio::task::JoinHandle<()> {
         let etcd = self.clone();
+        let key = key.to_string();
         tokio::spawn(async move {
             loop {
-                let _ = etcd.revision().await;
+                let _ = etcd.revision(&key).await;
                 tokio::time::sleep(interval).await;
             }
         })

@@ -104,7 +104,7 @@ impl Fleet {
             f.id.clone()
                 .or_else(|| overlay_address.map(|a| a.to_string()))
                 .unwrap_or_else(host_name);
-        let probe = etcd.spawn_health_probe(HEALTH_PROBE_INTERVAL);
+        let probe = etcd.spawn_health_probe(keys.root(), HEALTH_PROBE_INTERVAL);
         tracing::info!(fleet = %f.name, %id, etcd = %etcd.endpoints(), key = %fleet_key.id_hex(), "fleet member");
         Ok(Some(Fleet {
             etcd,

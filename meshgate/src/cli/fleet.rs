@@ -76,7 +76,7 @@ async fn status(config: PathBuf, as_json: bool) -> Result<()> {
     let (_, f) = fleet_config(&config)?;
     let keys = FleetKeys::new(&f.name)?;
     let etcd = Etcd::new(etcd_options(&f)?)?;
-    let revision = etcd.revision().await;
+    let revision = etcd.revision(keys.root()).await;
     let health = etcd.health().borrow().clone();
     let mut members = members::list(&etcd, &keys).await.unwrap_or_default();
     members.sort_by(|a, b| a.id.cmp(&b.id));

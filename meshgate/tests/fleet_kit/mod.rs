@@ -95,6 +95,8 @@ pub struct Fleet {
     pub bodies: Vec<String>,
     pub root: tempfile::TempDir,
     _service: Served,
+    /// The workload node's consent answers: it consents to every reservation of `alice`.
+    _consent: meshgate::app::consent::ConsentServer,
 }
 
 impl Fleet {
@@ -130,6 +132,14 @@ impl Fleet {
             },
         );
         let backend = workload.expose(8080, local);
+        let grant = meshgate_config::node::ConsentGrant {
+            host: None,
+            owner: Some(format!("alice@{FARM}")),
+            ports: Vec::new(),
+        };
+        let (_, allow) = tokio::sync::watch::channel(Arc::new(vec![grant]));
+        let consent =
+            meshgate::app::consent::serve_on_stack(&workload.node.stack, allow, 4).unwrap();
         let mut fleet = Fleet {
             etcd,
             key_file,
@@ -139,6 +149,7 @@ impl Fleet {
             bodies: Vec::new(),
             root,
             _service: service,
+            _consent: consent,
         };
         for i in 0..n {
             let eps = endpoints(i);

@@ -143,6 +143,27 @@ fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, 
     })
 }
 
+/// A runtime that is shut down without blocking when dropped.
+struct ShutdownInBackground(Option<tokio::runtime::Runtime>);
+
+impl ShutdownInBackground {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("present until taken").handle()
+    }
+
+    fn take(&mut self) -> tokio::runtime::Runtime {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl Drop for ShutdownInBackground {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Runs `fut` on `rt` and waits for it on this thread (which may belong to another runtime).
 fn run_on<T: Send + 'static>(
     rt: &tokio::runtime::Handle,
@@ -168,6 +189,9 @@ impl EtcdStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Db(format!("fleet store runtime: {e}")))?;
+        // Opening runs on a caller's async thread: a runtime dropped there on an error path
+        // would panic, so an unfinished open shuts it down in the background.
+        let mut runtime = ShutdownInBackground(Some(runtime));
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| open_err(&config.data_dir, e.to_string()))?;
         let cache_path = config.data_dir.join(CACHE_FILE);
@@ -281,7 +305,7 @@ impl EtcdStore {
             keys,
             challenge_key: secrets.challenge_key,
             verify_now: Arc::new(Notify::new()),
-            runtime: Some(runtime),
+            runtime: Some(runtime.take()),
         })
     }
 
@@ -443,7 +467,7 @@ async fn fetch_secrets(
             ChallengeKey::generate().secret().to_vec()
         })
         .await?;
-        let revision = etcd.revision().await?;
+        let revision = etcd.revision(keys.root()).await?;
         Ok::<_, FleetError>((check, challenge, revision))
     };
     match fetched.await {
