@@ -35,7 +35,7 @@ pub struct GatewayParts {
     /// The farmer's admin token; without it `POST /reload` is refused (SIGHUP still works).
     pub admin_token: Option<AdminToken>,
     /// The fleet section of `/status` (a gateway in a fleet).
-    pub fleet: Option<Arc<dyn crate::admin::status::StatusSection>>,
+    pub fleet: Option<Arc<dyn crate::admin::section::StatusSection>>,
 }
 
 impl GatewayParts {

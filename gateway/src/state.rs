@@ -57,7 +57,7 @@ pub(crate) struct Shared {
     /// The embedded overlay node, shown in `/status` and `/metrics`.
     pub(crate) overlay: Option<OverlayObserver>,
     /// The fleet section of `/status`, for a gateway in a fleet.
-    pub(crate) fleet: Option<Arc<dyn crate::admin::status::StatusSection>>,
+    pub(crate) fleet: Option<Arc<dyn crate::admin::section::StatusSection>>,
     /// This gateway's `Via` pseudonym (loop detection).
     pub(crate) via: crate::http::proxy::loops::Identity,
 }

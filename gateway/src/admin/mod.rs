@@ -7,7 +7,8 @@ mod activity;
 pub mod api;
 pub mod overlay;
 mod pages;
-pub mod status;
+pub mod section;
+mod status;
 pub(crate) mod tls;
 
 use crate::http::body::{Body, full};

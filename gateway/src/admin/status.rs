@@ -5,11 +5,6 @@
 use super::overlay::OverlayObserver;
 use crate::state::Shared;
 
-/// A section of `/status` that an assembly adds (the fleet's), rendered at request time.
-pub trait StatusSection: Send + Sync {
-    fn json(&self) -> serde_json::Value;
-}
-
 /// The `/status` document.
 pub(crate) fn json(shared: &Shared) -> serde_json::Value {
     let now = std::time::Instant::now();

@@ -7,7 +7,7 @@ use meshgate_config::gateway::GatewayConfig;
 use meshgate_fleet::etcd::{EtcdOptions, EtcdTls, StoreHealth};
 use meshgate_fleet::members::{self, MemberRecord, MemberSet, Registration};
 use meshgate_fleet::{Etcd, FleetKey, FleetKeys};
-use meshgate_gateway::admin::status::StatusSection;
+use meshgate_gateway::admin::section::StatusSection;
 use meshgate_reservations::store::etcd::{EtcdStore, EtcdStoreConfig};
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::Path;

@@ -133,7 +133,7 @@ pub async fn gateway(setup: GatewaySetup) -> Result<AppGateway> {
                 members: m.members.clone(),
                 lease: m.registration.lease(),
                 cached: store.clone(),
-            }) as Arc<dyn meshgate_gateway::admin::status::StatusSection>
+            }) as Arc<dyn meshgate_gateway::admin::section::StatusSection>
         }),
     };
     let gateway = Gateway::new(parts)?;

@@ -8,7 +8,7 @@ use meshgate_config::gateway::GatewayConfig;
 use meshgate_fleet::{Etcd, FleetKey, FleetKeys, members};
 use meshgate_reservations::store::etcd::import::{import_standalone, verify_state};
 use meshgate_reservations::store::redb::RedbStore;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -46,7 +46,7 @@ pub enum FleetCommand {
     },
 }
 
-fn fleet_config(path: &PathBuf) -> Result<(GatewayConfig, meshgate_config::fleet::Fleet)> {
+fn fleet_config(path: &Path) -> Result<(GatewayConfig, meshgate_config::fleet::Fleet)> {
     let config = GatewayConfig::load(path)?;
     let Some(fleet) = config.fleet.clone() else {
         bail!("{}: no [fleet] table", path.display());
