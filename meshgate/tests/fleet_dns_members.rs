@@ -31,10 +31,16 @@ fn common_port() -> u16 {
 }
 
 fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let port = s.local_addr().unwrap().port();
-    // The TCP side must be free as well.
-    std::net::TcpListener::bind(("127.0.0.1", port)).map_or(0, |_| port)
+    // The TCP side must be free as well: try a few ports the kernel hands out.
+    (0..50)
+        .find_map(|_| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let port = s.local_addr().unwrap().port();
+            std::net::TcpListener::bind(("127.0.0.1", port))
+                .ok()
+                .map(|_| port)
+        })
+        .unwrap_or(0)
 }
 
 async fn a_records(server: SocketAddr, name: &str) -> Vec<Ipv4Addr> {
