@@ -14,12 +14,12 @@ pub fn parse_frame_header(
     wire::parse_frame_header(h)
 }
 
-/// The link's frame splitter ([`crate::link_io::decode_frames`]) on a read buffer.
+/// The link's frame splitter (the link machine's framing) on a read buffer.
 pub fn decode_frames(
     buf: &mut BytesMut,
     frames: &mut Vec<(FrameKind, BytesMut)>,
 ) -> Result<(), LinkError> {
-    crate::link_io::decode_frames(buf, frames)
+    crate::link::decode_frames(buf, frames).map_err(LinkError::from)
 }
 
 /// [`Control::decode`].

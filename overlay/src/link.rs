@@ -1,5 +1,7 @@
 //! Link layer: length-prefixed frames over TCP and the Noise XX handshake that proves both
-//! node identities.
+//! node identities. The node runs links through the sans-IO state machine in [`machine`]
+//! (inside its core); the async helpers here drive one handshake and frames by hand on a
+//! stream (tests play misbehaving peers with them).
 //!
 //! Pattern `Noise_XX_25519_ChaChaPoly_BLAKE2s`, prologue `meshgate-link-v1`. Each side's
 //! Noise static key is the X25519 key derived from its ed25519 identity
@@ -11,6 +13,13 @@
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+mod frames;
+pub mod machine;
+pub(crate) mod queue;
+
+pub(crate) use frames::decode_frames;
+pub use machine::{DownReason, Link, LinkConfig, LinkEvent};
 
 use crate::identity::{Identity, x25519_for_ed25519};
 use crate::wire::{self, FRAME_HEADER_LEN, FrameKind, MAX_NOISE_MESSAGE, WireError};
@@ -30,13 +39,6 @@ pub enum LinkError {
     IdentityMismatch,
     #[error("unexpected frame during handshake")]
     Unexpected,
-}
-
-impl LinkError {
-    /// Whether the peer sent an oversized frame.
-    pub(crate) fn is_oversized(&self) -> bool {
-        matches!(self, LinkError::Frame(WireError::Oversized { .. }))
-    }
 }
 
 /// Reads one frame; `Ok(None)` on clean EOF at a frame boundary.
@@ -77,31 +79,7 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
 
 /// Encrypts a control message into a complete frame.
 pub fn seal_control(t: &mut snow::TransportState, msg: &wire::Control) -> Result<Bytes, LinkError> {
-    let (head, body) = seal_control_parts(t, msg)?;
-    let mut b = BytesMut::with_capacity(head.len() + body.len());
-    b.extend_from_slice(&head);
-    b.extend_from_slice(&body);
-    Ok(b.freeze())
-}
-
-/// Encrypts a control message: (frame header, frame body).
-pub(crate) fn seal_control_parts(
-    t: &mut snow::TransportState,
-    msg: &wire::Control,
-) -> Result<([u8; FRAME_HEADER_LEN], Bytes), LinkError> {
-    seal_plain_parts(t, &msg.encode())
-}
-
-/// Bytes a control frame with `plain_len` bytes of encoded message takes on the wire.
-pub(crate) fn sealed_frame_len(plain_len: usize) -> usize {
-    FRAME_HEADER_LEN + plain_len + 16
-}
-
-/// Encrypts an encoded control message: (frame header, frame body).
-pub(crate) fn seal_plain_parts(
-    t: &mut snow::TransportState,
-    plain: &[u8],
-) -> Result<([u8; FRAME_HEADER_LEN], Bytes), LinkError> {
+    let plain = msg.encode();
     let mut buf = vec![0u8; plain.len() + 16];
     if buf.len() > MAX_NOISE_MESSAGE {
         return Err(WireError::Oversized {
@@ -111,9 +89,8 @@ pub(crate) fn seal_plain_parts(
         }
         .into());
     }
-    let n = t.write_message(plain, &mut buf)?;
-    buf.truncate(n);
-    Ok((wire::frame_header(FrameKind::Control, n), Bytes::from(buf)))
+    let n = t.write_message(&plain, &mut buf)?;
+    Ok(wire::encode_frame(FrameKind::Control, &buf[..n]))
 }
 
 /// Decrypts and decodes a control frame body.

@@ -1,6 +1,7 @@
-//! The tokio runtime around [`NodeCore`]: TCP listener and dialers that run link handshakes,
-//! one core task that owns all protocol state and every link's socket ([`LinkIo`]), and the
-//! L3 port.
+//! The tokio shell around [`NodeCore`]: a TCP listener and dialers that hand connected
+//! sockets to one core task, which moves bytes between each link's socket and the core
+//! (handshake, framing, Noise and timers are the core's), sleeps until the core's next
+//! deadline or input, and runs the L3 port.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv6Addr, SocketAddr};
@@ -8,22 +9,20 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::BufReader;
+use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::{CoreConfig, CoreOut, Counters, LinkOrigin, NodeCore};
+use crate::core::{CoreConfig, CoreOut, Counters, LinkOrigin, NodeCore, ShellDrop};
 use crate::discovery::{DiscoveryConfig, DiscoveryCounters};
 use crate::discovery_io::DiscoveryTask;
 use crate::identity::{Identity, IdentityError, encode_hex};
 use crate::limits::Limits;
-use crate::link::{self, LinkError};
-use crate::link_io::{LinkIo, OutFrame, OutQueue, ReadState};
+use crate::link::DownReason;
+use crate::link_io::{LinkSocket, ReadState};
 use crate::routing::{Nbr, RouteInfo};
-use crate::wire::FrameKind;
 use crate::{DEFAULT_MTU, L3Event, L3Port};
 
 /// How to run a node. Only `key_path` (or `identity`) is required.
@@ -186,46 +185,34 @@ pub struct Node {
 }
 
 enum Event {
-    LinkUp {
-        id: u64,
-        key: [u8; 32],
-        transport: Box<snow::TransportState>,
-        io: Box<LinkIo>,
-        cancel: CancellationToken,
+    /// A TCP connection for a link: the core runs its handshake. `ended` learns why the
+    /// link went down.
+    Connected {
+        stream: TcpStream,
         remote: SocketAddr,
         outbound: bool,
+        expect_key: Option<[u8; 32]>,
+        ended: oneshot::Sender<DownReason>,
     },
-    Fault(Fault),
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Fault {
-    HandshakeFailed,
-    HandshakeRefused,
-    IdentityMismatch,
-    Oversized,
-    BadFrame,
-}
-
-struct LinkHandle {
-    transport: Box<snow::TransportState>,
-    io: Box<LinkIo>,
-    /// Cancelled when the link is gone: its dialer then reconnects.
-    cancel: CancellationToken,
+/// A link's socket and what the shell shows about it; the protocol state is the core's.
+struct ShellLink {
+    socket: LinkSocket,
     remote: SocketAddr,
     outbound: bool,
-    key: [u8; 32],
+    /// Set when the handshake is done.
+    key: Option<[u8; 32]>,
+    ended: Option<oneshot::Sender<DownReason>>,
 }
 
 /// Bytes read from one link per core round before the other links and the L3 port get a turn.
 const READ_BUDGET: usize = 256 * 1024;
 const DELIVER_BACKLOG: usize = 4096;
-const TICK: Duration = Duration::from_millis(100);
-/// Inbound handshakes in progress at most. A handshake costs X25519 operations and memory
-/// before the peer is authenticated; beyond this, new connections are closed at once
-/// (`handshakes_refused`). Existing links are unaffected; a flood of idle connections can
-/// delay new inbound links by at most the 5 s handshake timeout per wave.
-pub const MAX_INBOUND_HANDSHAKES: usize = 64;
+/// How often, at most, the status snapshot is refreshed while things change.
+const STATUS_INTERVAL: Duration = Duration::from_millis(100);
+/// Inbound handshakes in progress at most (the core refuses more).
+pub const MAX_INBOUND_HANDSHAKES: usize = crate::core::MAX_INBOUND_HANDSHAKES;
 
 impl Node {
     /// Loads (or creates) the identity, binds the listener, starts dialing peers.
@@ -291,7 +278,6 @@ impl Node {
             listen: listen_addr,
             ..NodeStatus::default()
         }));
-        let next_id = Arc::new(std::sync::atomic::AtomicU64::new(1));
         let mut tasks = Vec::new();
         let discovery_counters = cfg
             .discovery
@@ -304,9 +290,10 @@ impl Node {
             core,
             start,
             links: BTreeMap::new(),
+            next_link: 1,
             pending_deliver: VecDeque::new(),
             l3_events,
-            write_stall_timeout: cfg.limits.write_stall_timeout,
+            status_due: None,
             status: status.clone(),
             base_status: status.lock().map(|s| s.clone()).unwrap_or_default(),
         };
@@ -317,11 +304,8 @@ impl Node {
             cancel.clone(),
         )));
         let ctx = LinkCtx {
-            id: id.clone(),
             events: ev_tx.clone(),
             cancel: cancel.clone(),
-            next_id,
-            queue_limits: (cfg.limits.link_queue_frames, cfg.limits.link_queue_bytes),
         };
         if let Some(l) = listener {
             tasks.push(tokio::spawn(accept_loop(l, ctx.clone())));
@@ -346,7 +330,7 @@ impl Node {
                             r = connect => r.ok().and_then(|r| r.ok()),
                         };
                         if let Some(s) = connected
-                            && !run_link(s, to, true, ctx, None, Some(dial.key)).await
+                            && !run_link(s, to, true, ctx, Some(dial.key)).await
                             && let Ok(mut c) = mismatches.lock()
                         {
                             c.discovery_key_mismatch += 1;
@@ -409,7 +393,7 @@ impl Node {
         self.l3.lock().ok().and_then(|mut g| g.take())
     }
 
-    /// A snapshot of peers, routes and counters (refreshed every 100 ms).
+    /// A snapshot of peers, routes and counters (refreshed within 100 ms of a change).
     pub fn status(&self) -> NodeStatus {
         self.status_source().get()
     }
@@ -437,32 +421,32 @@ impl Drop for Node {
 
 #[derive(Clone)]
 struct LinkCtx {
-    id: Identity,
     events: mpsc::Sender<Event>,
     cancel: CancellationToken,
-    next_id: Arc<std::sync::atomic::AtomicU64>,
-    /// (frames, bytes) each link's send queue holds at most.
-    queue_limits: (usize, usize),
 }
 
+/// Accepts connections and hands them to the core, which limits handshakes in progress.
 async fn accept_loop(l: TcpListener, ctx: LinkCtx) {
-    let handshakes = Arc::new(Semaphore::new(MAX_INBOUND_HANDSHAKES));
     loop {
         tokio::select! {
             _ = ctx.cancel.cancelled() => return,
             r = l.accept() => match r {
-                Ok((s, remote)) => match handshakes.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let ctx = ctx.clone();
-                        tokio::spawn(async move {
-                            run_link(s, remote, false, ctx, Some(permit), None).await;
-                        });
+                Ok((stream, remote)) => {
+                    let _ = stream.set_nodelay(true);
+                    // In accept order: the core refuses handshakes beyond its cap. Nobody
+                    // waits for an inbound link's end.
+                    let (ended, _) = oneshot::channel();
+                    let connected = Event::Connected {
+                        stream,
+                        remote,
+                        outbound: false,
+                        expect_key: None,
+                        ended,
+                    };
+                    if ctx.events.send(connected).await.is_err() {
+                        return;
                     }
-                    Err(_) => {
-                        drop(s);
-                        let _ = ctx.events.send(Event::Fault(Fault::HandshakeRefused)).await;
-                    }
-                },
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
@@ -561,7 +545,7 @@ async fn dial_loop(
         if let Ok(Some(s)) = connected
             && let Ok(remote) = s.peer_addr()
         {
-            run_link(s, remote, true, ctx.clone(), None, None).await;
+            run_link(s, remote, true, ctx.clone(), None).await;
         }
         if started.elapsed() > Duration::from_secs(10) {
             backoff.reset(); // the link was up for a while: start over
@@ -574,131 +558,71 @@ async fn dial_loop(
     }
 }
 
-/// Handshake, then pump frames until the link ends. `handshake_permit` (inbound links) is
-/// released once the handshake is over. With `expect_key` (a discovered node), a peer that
-/// authenticates another key is dropped: `false` then.
+/// Hands a connected socket to the core, which runs the link on it, and waits until the link
+/// is gone. With `expect_key` (a discovered node), a peer that authenticates another key is
+/// dropped: `false` then.
 async fn run_link(
     stream: TcpStream,
     remote: SocketAddr,
     outbound: bool,
     ctx: LinkCtx,
-    handshake_permit: Option<OwnedSemaphorePermit>,
     expect_key: Option<[u8; 32]>,
 ) -> bool {
     let _ = stream.set_nodelay(true);
-    let (r, mut w) = stream.into_split();
-    // Small buffer: large bodies bypass it (tokio reads straight into the frame buffer).
-    let mut r = BufReader::with_capacity(8 * 1024, r);
-    let mut rw = tokio::io::join(&mut r, &mut w);
-    let hs = tokio::time::timeout(
-        Duration::from_secs(5),
-        link::handshake(&mut rw, &ctx.id, outbound),
-    )
-    .await;
-    drop(handshake_permit);
-    let (transport, key) = match hs {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            let f = match e {
-                LinkError::IdentityMismatch => Fault::IdentityMismatch,
-                ref e if e.is_oversized() => Fault::Oversized,
-                _ => Fault::HandshakeFailed,
-            };
-            let _ = ctx.events.send(Event::Fault(f)).await;
-            return true;
-        }
-        Err(_) => {
-            let _ = ctx.events.send(Event::Fault(Fault::HandshakeFailed)).await;
-            return true;
-        }
+    let (ended, reason) = oneshot::channel();
+    let connected = Event::Connected {
+        stream,
+        remote,
+        outbound,
+        expect_key,
+        ended,
     };
-    if expect_key.is_some_and(|k| k != key) {
-        return false;
-    }
-    let id = ctx
-        .next_id
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // Bytes the handshake's reader took past the last handshake message belong to the first
-    // frames; they go to the core with the socket.
-    let leftover = r.buffer().to_vec();
-    let stream = match r.into_inner().reunite(w) {
-        Ok(s) => s,
-        Err(_) => return true,
-    };
-    let cancel = ctx.cancel.child_token();
-    if ctx
-        .events
-        .send(Event::LinkUp {
-            id,
-            key,
-            transport: Box::new(transport),
-            io: Box::new(LinkIo::new(
-                stream,
-                &leftover,
-                OutQueue::new(ctx.queue_limits.0, ctx.queue_limits.1),
-            )),
-            cancel: cancel.clone(),
-            remote,
-            outbound,
-        })
-        .await
-        .is_err()
-    {
+    if ctx.events.send(connected).await.is_err() {
         return true;
     }
-    // The core owns the link now; it cancels `cancel` when the link is gone.
-    cancel.cancelled().await;
-    true
+    // The core owns the link now; it says why when the link is gone.
+    !matches!(reason.await, Ok(DownReason::UnexpectedKey))
 }
 
-/// What the links produced in one core round.
+/// How a link's socket ended in one core round.
 enum LinkInput {
-    Frame(u64, FrameKind, BytesMut),
-    Down(u64, Option<Fault>),
+    /// Bytes were read into the core's buffer for this link.
+    Read(u64),
+    /// The peer closed the stream, or the socket failed (after the bytes read).
+    Ended(u64),
 }
 
-impl Fault {
-    /// The counted fault behind a link read error (I/O errors and EOF are not faults).
-    fn of_read_error(e: &LinkError) -> Option<Fault> {
-        if e.is_oversized() {
-            Some(Fault::Oversized)
-        } else if matches!(e, LinkError::Frame(_)) {
-            Some(Fault::BadFrame)
-        } else {
-            None
-        }
-    }
-}
-
-/// Polls every link: writes what was waiting for room, reads and decodes frames (through
-/// `frames`, a scratch buffer kept across rounds). `Ready` when there is input or a write
+/// Polls every link's socket: writes what the core has waiting for it, reads into the
+/// core's buffer (up to [`READ_BUDGET`] per link). `Ready` when there is input or a write
 /// made progress (congestion may have cleared).
 fn poll_links(
-    links: &mut BTreeMap<u64, LinkHandle>,
+    links: &mut BTreeMap<u64, ShellLink>,
+    core: &mut NodeCore,
     now: u64,
     cx: &mut std::task::Context<'_>,
-    frames: &mut Vec<(FrameKind, BytesMut)>,
     inbox: &mut Vec<LinkInput>,
 ) -> std::task::Poll<()> {
     use std::task::Poll;
     let mut progress = false;
     for (&id, l) in links.iter_mut() {
-        match l.io.poll_flush(cx, now) {
+        match l.socket.poll_flush(core, id, cx, now) {
             Poll::Ready(Ok(_)) => progress = true,
             Poll::Ready(Err(_)) => {
-                inbox.push(LinkInput::Down(id, None));
+                inbox.push(LinkInput::Ended(id));
                 continue;
             }
             Poll::Pending => {}
         }
-        let Poll::Ready(r) = l.io.poll_read(cx, frames, READ_BUDGET) else {
+        let Some(buf) = core.link_read_buf(id) else {
             continue;
         };
-        inbox.extend(frames.drain(..).map(|(k, b)| LinkInput::Frame(id, k, b)));
-        match r {
-            Ok(ReadState::Open) => {}
-            Ok(ReadState::Eof) => inbox.push(LinkInput::Down(id, None)),
-            Err(e) => inbox.push(LinkInput::Down(id, Fault::of_read_error(&e))),
+        match l.socket.poll_read(cx, buf, READ_BUDGET) {
+            Poll::Pending => {}
+            Poll::Ready(ReadState::Read) => inbox.push(LinkInput::Read(id)),
+            Poll::Ready(ReadState::Ended) => {
+                inbox.push(LinkInput::Read(id));
+                inbox.push(LinkInput::Ended(id));
+            }
         }
     }
     if progress || !inbox.is_empty() {
@@ -715,11 +639,13 @@ struct CoreTask {
     /// Discovery's counters, shown in status.
     discovery: Option<Arc<Mutex<DiscoveryCounters>>>,
     start: Instant,
-    links: BTreeMap<u64, LinkHandle>,
+    links: BTreeMap<u64, ShellLink>,
+    next_link: u64,
     pending_deliver: VecDeque<Bytes>,
     /// Typed events for the local stack (bounded; dropped and counted when full).
     l3_events: mpsc::Sender<L3Event>,
-    write_stall_timeout: u64,
+    /// When the status snapshot is refreshed next (something changed since the last one).
+    status_due: Option<Instant>,
     status: Arc<Mutex<NodeStatus>>,
     base_status: NodeStatus,
 }
@@ -729,6 +655,16 @@ impl CoreTask {
         self.start.elapsed().as_micros() as u64
     }
 
+    /// The core's next deadline, or the status refresh, whichever is first.
+    fn wake_at(&self) -> Option<tokio::time::Instant> {
+        let core = (self.core.poll_timeout()).map(|t| self.start + Duration::from_micros(t));
+        let at = match (core, self.status_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        at.map(tokio::time::Instant::from_std)
+    }
+
     async fn run(
         mut self,
         mut events: mpsc::Receiver<Event>,
@@ -736,15 +672,19 @@ impl CoreTask {
         l3_out: mpsc::Sender<Bytes>,
         cancel: CancellationToken,
     ) {
-        let mut ticker = tokio::time::interval(TICK);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut out = Vec::new();
         let mut inbox = Vec::new();
-        let mut frames = Vec::new();
         let mut l3_open = true;
         loop {
-            // Unbiased: under sustained inbound traffic the ticker (hellos, dead-peer checks)
-            // and the local L3 port must still get their turn.
+            let wake_at = self.wake_at();
+            let timer = async {
+                match wake_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // Unbiased: under sustained inbound traffic the timers (keepalives, dead-link
+            // checks) and the local L3 port must still get their turn.
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 ev = events.recv() => {
@@ -757,11 +697,12 @@ impl CoreTask {
                         }
                     }
                 }
-                _ = ticker.tick() => {
+                _ = timer => {
                     let now = self.now();
-                    self.core.tick(now, &mut out);
-                    self.close_stalled(now, &mut out);
-                    self.publish_status();
+                    self.core.handle_timeout(now, &mut out);
+                    if self.status_due.is_some_and(|t| Instant::now() >= t) {
+                        self.publish_status();
+                    }
                 }
                 permit = l3_out.reserve(), if !self.pending_deliver.is_empty() => {
                     match permit {
@@ -771,20 +712,13 @@ impl CoreTask {
                 }
                 _ = std::future::poll_fn(|cx| {
                     let now = self.start.elapsed().as_micros() as u64;
-                    poll_links(&mut self.links, now, cx, &mut frames, &mut inbox)
+                    poll_links(&mut self.links, &mut self.core, now, cx, &mut inbox)
                 }) => {
                     let now = self.now();
                     for input in inbox.drain(..) {
                         match input {
-                            LinkInput::Frame(id, kind, body) => {
-                                self.frame(id, kind, body, now, &mut out)
-                            }
-                            LinkInput::Down(id, fault) => {
-                                if let Some(f) = fault {
-                                    self.fault(f);
-                                }
-                                self.close(id, now, &mut out);
-                            }
+                            LinkInput::Read(id) => self.core.link_input(id, now, &mut out),
+                            LinkInput::Ended(id) => self.core.link_closed(id, now, &mut out),
                         }
                     }
                 }
@@ -808,157 +742,76 @@ impl CoreTask {
             }
             self.apply(&mut out, &l3_out);
             self.flush_links(&mut out, &l3_out);
+            if self.status_due.is_none() {
+                self.status_due = Some(Instant::now() + STATUS_INTERVAL);
+            }
         }
-        for l in self.links.values() {
-            l.cancel.cancel();
+        for (_, l) in std::mem::take(&mut self.links) {
+            if let Some(e) = l.ended {
+                let _ = e.send(DownReason::Closed);
+            }
         }
     }
 
     fn event(&mut self, ev: Event, out: &mut Vec<CoreOut>) {
         let now = self.now();
         match ev {
-            Event::LinkUp {
-                id,
-                key,
-                transport,
-                io,
-                cancel,
+            Event::Connected {
+                stream,
                 remote,
                 outbound,
+                expect_key,
+                ended,
             } => {
-                self.links.insert(
-                    id,
-                    LinkHandle {
-                        transport,
-                        io,
-                        cancel,
-                        remote,
-                        outbound,
-                        key,
-                    },
-                );
+                let id = self.next_link;
+                self.next_link += 1;
                 let origin = if outbound {
                     LinkOrigin::Outbound
                 } else {
                     LinkOrigin::Inbound(remote.ip())
                 };
-                self.core.link_up(id, key, origin, now, out);
-                self.publish_status();
-            }
-            Event::Fault(f) => self.fault(f),
-        }
-    }
-
-    fn frame(
-        &mut self,
-        id: Nbr,
-        kind: FrameKind,
-        body: BytesMut,
-        now: u64,
-        out: &mut Vec<CoreOut>,
-    ) {
-        match kind {
-            FrameKind::Packet => self.core.packet(id, body, now, out),
-            FrameKind::Control => {
-                let Some(l) = self.links.get_mut(&id) else {
+                if !self.core.open_link(id, origin, expect_key, now) {
+                    let _ = ended.send(DownReason::Refused);
                     return;
-                };
-                match link::open_control(&mut l.transport, &body) {
-                    Ok(msg) => self.core.control(id, msg, now, out),
-                    Err(LinkError::Frame(_)) => {
-                        self.core.counters.control_malformed += 1;
-                        self.core.heard(id, now);
-                    }
-                    Err(_) => {
-                        self.core.counters.control_decrypt_failed += 1;
-                        self.close(id, now, out);
-                    }
                 }
+                self.links.insert(
+                    id,
+                    ShellLink {
+                        socket: LinkSocket::new(stream),
+                        remote,
+                        outbound,
+                        key: None,
+                        ended: Some(ended),
+                    },
+                );
+                let _ = out;
             }
-            FrameKind::Handshake => {
-                self.core.counters.bad_frame += 1;
-                self.close(id, now, out);
-            }
-        }
-    }
-
-    fn fault(&mut self, f: Fault) {
-        let c = &mut self.core.counters;
-        match f {
-            Fault::HandshakeFailed => c.handshake_failed += 1,
-            Fault::HandshakeRefused => c.handshakes_refused += 1,
-            Fault::IdentityMismatch => c.identity_mismatch += 1,
-            Fault::Oversized => c.oversized_frame += 1,
-            Fault::BadFrame => c.bad_frame += 1,
-        }
-    }
-
-    fn close(&mut self, id: Nbr, now: u64, out: &mut Vec<CoreOut>) {
-        if let Some(l) = self.links.remove(&id) {
-            l.cancel.cancel();
-            self.core.link_down(id, now, out);
-            self.publish_status();
-        }
-    }
-
-    /// Closes links whose socket took no byte for the write-stall timeout (a peer that does
-    /// not read).
-    fn close_stalled(&mut self, now: u64, out: &mut Vec<CoreOut>) {
-        let stalled: Vec<Nbr> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.io.stalled(now, self.write_stall_timeout))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in stalled {
-            self.core.counters.link_write_stalls += 1;
-            self.close(id, now, out);
         }
     }
 
     fn apply(&mut self, out: &mut Vec<CoreOut>, l3_out: &mpsc::Sender<Bytes>) {
-        let now = self.now();
-        let mut i = 0;
-        // `close` may append more outputs; index instead of draining.
-        while i < out.len() {
-            let o = std::mem::replace(&mut out[i], CoreOut::Close(u64::MAX));
-            i += 1;
+        for o in out.drain(..) {
             match o {
-                CoreOut::Control(n, msg) => {
-                    let Some(l) = self.links.get_mut(&n) else {
-                        continue;
-                    };
-                    // Room is checked before sealing: a sealed frame that is then dropped
-                    // would put the peer's Noise nonce out of step.
-                    let plain = msg.encode();
-                    if !l.io.has_room(link::sealed_frame_len(plain.len())) {
-                        // Keepalives and seqno requests may be lost (they are repeated);
-                        // routing state is never re-sent, so a link that cannot take an
-                        // update is closed and the neighbors resynchronise on the next one.
-                        self.core.counters.link_control_drops += 1;
-                        if msg.must_arrive() {
-                            self.close(n, now, out);
-                        }
-                        continue;
+                CoreOut::LinkUp { link, key } => {
+                    if let Some(l) = self.links.get_mut(&link) {
+                        l.key = Some(key);
                     }
-                    if let Ok((head, body)) = link::seal_plain_parts(&mut l.transport, &plain) {
-                        l.io.queue(OutFrame { head, body }, now);
-                    }
+                    self.publish_status();
                 }
-                CoreOut::Packet(n, b) => {
-                    if let Some(l) = self.links.get_mut(&n) {
-                        let head = crate::wire::frame_header(FrameKind::Packet, b.len());
-                        if !l.io.queue(OutFrame { head, body: b }, now) {
-                            self.core.counters.link_queue_drops += 1;
-                        }
+                CoreOut::LinkDown { link, reason } => {
+                    if let Some(l) = self.links.remove(&link)
+                        && let Some(e) = l.ended
+                    {
+                        let _ = e.send(reason);
                     }
+                    self.publish_status();
                 }
                 CoreOut::Unreachable { dst, reason } => {
                     if let Err(mpsc::error::TrySendError::Full(_)) = self
                         .l3_events
                         .try_send(L3Event::Unreachable { dst, reason })
                     {
-                        self.core.counters.l3_events_dropped += 1;
+                        self.core.count_shell_drop(ShellDrop::L3Event);
                     }
                 }
                 CoreOut::Deliver(b) => {
@@ -966,7 +819,7 @@ impl CoreTask {
                         if self.pending_deliver.len() < DELIVER_BACKLOG {
                             self.pending_deliver.push_back(b);
                         } else {
-                            self.core.counters.deliver_backlog_drops += 1;
+                            self.core.count_shell_drop(ShellDrop::Deliver);
                         }
                         continue;
                     }
@@ -978,14 +831,10 @@ impl CoreTask {
                         Err(mpsc::error::TrySendError::Closed(_)) => {}
                     }
                 }
-                CoreOut::Close(n) => {
-                    if let Some(l) = self.links.remove(&n) {
-                        l.cancel.cancel();
-                    }
-                }
+                // Every neighbor of this core has a link: the core routes these itself.
+                CoreOut::Control(..) | CoreOut::Packet(..) | CoreOut::Close(_) => {}
             }
         }
-        out.clear();
     }
 
     /// Writes what the links' sockets take now; a link whose socket failed goes down.
@@ -993,36 +842,36 @@ impl CoreTask {
         // Each round removes at least one link, so this ends.
         loop {
             let now = self.now();
+            let core = &mut self.core;
             let failed: Vec<Nbr> = self
                 .links
                 .iter_mut()
-                .filter(|(_, l)| l.io.queued() > 0)
-                .filter_map(|(&id, l)| l.io.try_flush(now).is_err().then_some(id))
+                .filter_map(|(&id, l)| l.socket.try_flush(core, id, now).is_err().then_some(id))
                 .collect();
             if failed.is_empty() {
                 return;
             }
-            let now = self.now();
             for id in failed {
-                self.close(id, now, out);
+                self.core.link_closed(id, now, out);
             }
-            // The link-down updates for the remaining links.
             self.apply(out, l3_out);
         }
     }
 
     fn publish_status(&mut self) {
+        self.status_due = None;
         let nbrs = self.core.neighbors();
         let peers = nbrs
             .iter()
             .filter_map(|n| {
                 let l = self.links.get(&n.nbr)?;
+                let key = l.key?;
                 Some(PeerStatus {
                     link_id: n.nbr,
                     remote: l.remote,
                     outbound: l.outbound,
-                    public_key: encode_hex(&l.key),
-                    address: crate::addr::address_for_key(&l.key),
+                    public_key: encode_hex(&key),
+                    address: crate::addr::address_for_key(&key),
                     rtt_us: n.srtt_us,
                     cost: n.cost,
                     state: if n.srtt_us.is_some() { "up" } else { "probing" },
@@ -1036,12 +885,13 @@ impl CoreTask {
             r.via = r
                 .next_hop
                 .and_then(|n| self.links.get(&n))
-                .map(|l| crate::addr::address_for_key(&l.key));
+                .and_then(|l| l.key)
+                .map(|k| crate::addr::address_for_key(&k));
         }
         st.counters = self.core.counters();
         st.discovery = (self.discovery.as_ref()).and_then(|d| d.lock().ok().map(|c| c.clone()));
         let keys: std::collections::BTreeSet<[u8; 32]> =
-            self.links.values().map(|l| l.key).collect();
+            self.links.values().filter_map(|l| l.key).collect();
         self.linked.send_if_modified(|k| {
             let changed = **k != keys;
             if changed {

@@ -701,6 +701,17 @@ impl Sessions {
         out.extend(retry.into_iter().map(SessionOut::Send));
     }
 
+    /// Whether an init waits for its answer (the core then runs maintenance at short
+    /// intervals, for the retry). Scans the peers: called on the maintenance timer only.
+    pub(crate) fn has_pending(&self) -> bool {
+        self.peers.values().any(|p| p.pending.is_some())
+    }
+
+    /// Whether there is nothing to expire or retry (the core then needs no maintenance).
+    pub(crate) fn is_idle(&self) -> bool {
+        self.peers.is_empty() && self.notified.is_empty() && self.replay_cache.is_empty()
+    }
+
     /// Forgets pending inits and queued packets for a destination (e.g. it became unreachable).
     pub(crate) fn abandon(&mut self, dst: &Ipv6Addr) -> usize {
         let prefix = prefix_of(dst);

@@ -1,16 +1,25 @@
-//! Deterministic in-memory simulator: N nodes running the real [`NodeCore`] (routing,
-//! sessions, forwarding) over virtual links with per-link latency, on a virtual clock.
-//! Control messages go through their wire encoding; links and nodes can fail silently.
-//! Every routed packet carries a trace of the nodes it visited: a revisit panics.
+//! Deterministic in-memory simulator: N nodes running the real [`NodeCore`] (links with their
+//! Noise handshakes and encrypted control frames, routing, sessions, forwarding) over virtual
+//! byte-stream links with per-link latency, on a virtual clock. Each core's timers run at its
+//! own [`NodeCore::poll_timeout`].
 //!
-//! Scale: the cost of a simulated second is linear in the number of nodes once routing is
-//! converged (each node's timers do work proportional to its links, not to the network),
-//! and signature checks are shared between the simulated nodes (each node still counts
-//! its own). The simulator measures control traffic (frame bytes as on a real link:
-//! header, plaintext and Noise tag) and the time spent inside the cores.
+//! Links are byte streams as TCP gives them: the bytes a core queues are carried in chunks,
+//! at most a window of unread bytes per direction (a reader that stops reading holds the
+//! writer back, as a full socket buffer would). Faults: a link cut silently (both ends find
+//! out by timeout), a node killed silently, a control frame corrupted, a stream truncated
+//! mid-frame and reset, a reader paused, and a new link replacing an old one between the same
+//! two nodes. Forwarded packets are watched through each core's relay tap: a packet seen
+//! twice by one node with a different hop limit is a forwarding loop, and panics.
+//!
+//! Scale: once routing is converged a simulated second costs work linear in the number of
+//! nodes (keepalives), and signature checks are shared between the simulated nodes (each node
+//! still counts its own). Control traffic is what the cores counted on their links (frame
+//! bytes: header, ciphertext and tag).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -20,16 +29,19 @@ use crate::clock::Micros;
 use crate::core::{CoreConfig, CoreOut, Counters, LinkOrigin, NodeCore};
 use crate::identity::Identity;
 use crate::routing::SharedVerifications;
-use crate::wire::Control;
+use crate::wire::{FRAME_HEADER_LEN, FrameKind};
 
-/// Bytes a control message costs on a link besides its plaintext: frame header and tag.
-const CONTROL_FRAME_OVERHEAD: u64 = 5 + 16;
+/// Unread bytes in flight per link direction at most (a socket's buffers).
+const WINDOW: usize = 256 * 1024;
+/// A packet seen again by the same node within this long with another hop limit is looping
+/// (session-init retries, which repeat a packet, are a second apart).
+const LOOP_WINDOW: Micros = 500_000;
 
 /// Control traffic sent by all nodes since the simulation started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ControlTraffic {
     pub messages: u64,
-    /// Bytes on the links (frame header + plaintext + Noise tag per message).
+    /// Bytes on the links (frame header + ciphertext + Noise tag per message).
     pub bytes: u64,
 }
 
@@ -61,51 +73,103 @@ impl SimRng {
     }
 }
 
-enum Msg {
-    Control(Vec<u8>),
-    Packet { bytes: Bytes, trace: Vec<usize> },
+/// What travels on a link towards one end.
+enum Carried {
+    Bytes(Bytes),
+    /// The other end closed the stream (or it was reset).
+    Eof,
 }
 
 struct Flight {
-    from: usize,
-    to: usize,
-    msg: Msg,
+    link: u64,
+    /// Which end receives it (0: the dialer, 1: the acceptor).
+    to_end: usize,
+    what: Carried,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Link {
+/// A fault armed for the next bytes sent in one direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Flip a byte of the next control frame's tag.
+    CorruptControl,
+    /// Give the next frame header an unknown kind.
+    CorruptHeader,
+    /// Carry only this many more bytes, then reset the stream (both ends see it end).
+    Truncate(usize),
+}
+
+/// One direction of a link's stream, as the simulator watches it.
+#[derive(Default)]
+struct Direction {
+    /// Bytes sent and not yet read by the receiver.
+    unread: usize,
+    /// The receiver does not read: what arrives waits here.
+    paused: bool,
+    backlog: VecDeque<Carried>,
+    fault: Option<Fault>,
+    /// Framing state of the stream so far (faults target frames): header bytes of the
+    /// current frame seen, and body bytes still to come.
+    header: Vec<u8>,
+    body_left: usize,
+}
+
+struct SimLink {
+    /// (dialer, acceptor).
+    ends: [usize; 2],
     latency: Micros,
+    /// False once cut: everything on it is lost silently.
     up: bool,
+    /// Whether each end's core still runs the link.
+    open: [bool; 2],
+    /// Towards end 0 and towards end 1.
+    dir: [Direction; 2],
+}
+
+impl SimLink {
+    fn end_of(&self, node: usize) -> usize {
+        usize::from(self.ends[0] != node)
+    }
 }
 
 struct SimNode {
     core: NodeCore,
     key: [u8; 32],
     alive: bool,
+    /// Links this node's core runs.
+    links: Vec<u64>,
+    /// When this node's timers are due (as registered in `Sim::timers`).
+    timer: Option<Micros>,
     delivered: Vec<Bytes>,
     events: Vec<crate::L3Event>,
 }
+
+/// Packets the relays forwarded, as their taps saw them: (node, hop limit, packet hash).
+type Taps = Arc<Mutex<Vec<(usize, u8, u64)>>>;
 
 /// The simulator.
 pub struct Sim {
     now: Micros,
     nodes: Vec<SimNode>,
-    links: HashMap<(usize, usize), Link>,
+    links: HashMap<u64, SimLink>,
+    /// The newest link between two nodes, by (lower, higher) index.
+    pairs: HashMap<(usize, usize), u64>,
+    next_link: u64,
     /// Flights by arrival time, each time's in sending order. Latencies are whole µs and
     /// events cluster on few distinct times, so this beats a heap of all flights.
     queue: BTreeMap<Micros, VecDeque<Flight>>,
-    next_tick: Micros,
-    /// Longest trace any packet had (hops).
+    /// Nodes' timers by due time.
+    timers: BTreeSet<(Micros, usize)>,
+    /// Longest path any packet took (links crossed).
     pub max_hops: usize,
     /// Packets forwarded in total.
     pub(crate) forwarded: u64,
+    taps: Taps,
+    /// Forwarded packets recently seen: hash -> (node, hop limit, when).
+    seen: HashMap<u64, Vec<(usize, u8, Micros)>>,
     cfg: CoreConfig,
     rng: SimRng,
-    traffic: ControlTraffic,
     core_time: Duration,
 }
-
-const TICK: Micros = 100_000;
 
 impl Sim {
     /// `n` nodes with identities derived from `seed`.
@@ -115,13 +179,16 @@ impl Sim {
             now: 0,
             nodes: Vec::with_capacity(n),
             links: HashMap::new(),
+            pairs: HashMap::new(),
+            next_link: 1,
             queue: BTreeMap::new(),
-            next_tick: 0,
+            timers: BTreeSet::new(),
             max_hops: 0,
             forwarded: 0,
+            taps: Taps::default(),
+            seen: HashMap::new(),
             cfg,
             rng: SimRng::new(seed),
-            traffic: ControlTraffic::default(),
             core_time: Duration::ZERO,
         };
         for _ in 0..n {
@@ -136,20 +203,30 @@ impl Sim {
         let mut r = SimRng::new(self.rng.next_u64());
         // Seqnos start at the node's creation time, as a real node's start at Unix ms.
         let epoch = 1 + self.now / 1000;
+        let index = self.nodes.len();
+        let mut core = NodeCore::new(
+            id.clone(),
+            self.cfg.clone(),
+            epoch,
+            self.now,
+            Box::new(move || r.bytes32()),
+        );
+        let taps = self.taps.clone();
+        core.set_relay_tap(Box::new(move |b: &[u8]| {
+            if let Ok(mut t) = taps.lock() {
+                t.push((index, b.get(1).copied().unwrap_or(0), packet_hash(b)));
+            }
+        }));
         self.nodes.push(SimNode {
             key: id.public_key(),
-            core: NodeCore::new(
-                id,
-                self.cfg.clone(),
-                epoch,
-                self.now,
-                Box::new(move || r.bytes32()),
-            ),
+            core,
             alive: true,
+            links: Vec::new(),
+            timer: None,
             delivered: Vec::new(),
             events: Vec::new(),
         });
-        self.nodes.len() - 1
+        index
     }
 
     /// Whether node `i` runs (it was not killed).
@@ -157,9 +234,15 @@ impl Sim {
         self.nodes[i].alive
     }
 
-    /// Control traffic sent by all nodes so far.
+    /// Control traffic sent by all nodes so far (what their links counted).
     pub fn control_traffic(&self) -> ControlTraffic {
-        self.traffic
+        let mut t = ControlTraffic::default();
+        for n in &self.nodes {
+            let c = n.core.counters();
+            t.messages += c.control_frames_sent;
+            t.bytes += c.control_bytes_sent;
+        }
+        t
     }
 
     /// Wall-clock time spent inside the nodes' cores so far (all nodes).
@@ -201,49 +284,51 @@ impl Sim {
         (a.min(b), a.max(b))
     }
 
-    /// Brings up a link with one-way latency `latency` µs.
+    /// Opens a link with one-way latency `latency` µs: the lower-numbered node dials, the
+    /// other accepts (it sees the link come from 10.x.y.z, the dialer's index). Both cores
+    /// run the Noise handshake over it. A link already between the two stays as it is: the
+    /// new one replaces it in [`Sim::cut`], [`Sim::latency`] and the fault calls.
     pub fn connect(&mut self, a: usize, b: usize, latency: Micros) {
-        self.links
-            .insert(Sim::key(a, b), Link { latency, up: true });
-        let (ka, kb) = (self.pubkey(a), self.pubkey(b));
-        // The lower-numbered node dials: the other sees an inbound link from 10.0.0.a.
         let (dialer, acceptor) = (a.min(b), a.max(b));
+        let id = self.next_link;
+        self.next_link += 1;
+        self.links.insert(
+            id,
+            SimLink {
+                ends: [dialer, acceptor],
+                latency,
+                up: true,
+                open: [true, true],
+                dir: Default::default(),
+            },
+        );
+        self.pairs.insert(Sim::key(a, b), id);
         let from = LinkOrigin::Inbound(IpAddr::from(Ipv4Addr::from(
             0x0a00_0000 | (dialer as u32 & 0x00ff_ffff),
         )));
-        let mut out = Vec::new();
-        let origin = if a == dialer {
-            LinkOrigin::Outbound
-        } else {
-            from
-        };
-        let t = Instant::now();
-        self.nodes[a]
-            .core
-            .link_up(b as u64, kb, origin, self.now, &mut out);
-        self.core_time += t.elapsed();
-        self.apply(a, out, None);
-        let mut out = Vec::new();
-        let origin = if b == acceptor {
-            from
-        } else {
-            LinkOrigin::Outbound
-        };
-        let t = Instant::now();
-        self.nodes[b]
-            .core
-            .link_up(a as u64, ka, origin, self.now, &mut out);
-        self.core_time += t.elapsed();
-        self.apply(b, out, None);
+        for (node, origin) in [(acceptor, from), (dialer, LinkOrigin::Outbound)] {
+            let t = Instant::now();
+            let ok = self.nodes[node].core.open_link(id, origin, None, self.now);
+            self.core_time += t.elapsed();
+            let end = usize::from(node == acceptor);
+            if ok {
+                self.nodes[node].links.push(id);
+            } else if let Some(l) = self.links.get_mut(&id) {
+                l.open[end] = false;
+            }
+            self.after_core(node, Vec::new());
+        }
     }
 
-    fn pubkey(&self, i: usize) -> [u8; 32] {
-        self.nodes[i].key
+    /// The newest link between `a` and `b`.
+    fn pair(&self, a: usize, b: usize) -> Option<u64> {
+        self.pairs.get(&Sim::key(a, b)).copied()
     }
 
-    /// Silently drops everything on a link (both ends find out by timeout).
+    /// Silently drops everything on the link between `a` and `b` (both ends find out by
+    /// timeout).
     pub fn cut(&mut self, a: usize, b: usize) {
-        if let Some(l) = self.links.get_mut(&Sim::key(a, b)) {
+        if let Some(l) = self.pair(a, b).and_then(|id| self.links.get_mut(&id)) {
             l.up = false;
         }
     }
@@ -253,10 +338,65 @@ impl Sim {
         self.nodes[i].alive = false;
     }
 
+    /// Flips a tag byte of the next control frame `from` sends to `to` (Noise then refuses
+    /// it at `to`).
+    pub fn corrupt_next_control(&mut self, from: usize, to: usize) {
+        self.arm(from, to, Fault::CorruptControl);
+    }
+
+    /// Gives the next frame header `from` sends to `to` an unknown kind.
+    pub fn corrupt_next_header(&mut self, from: usize, to: usize) {
+        self.arm(from, to, Fault::CorruptHeader);
+    }
+
+    /// Carries only `keep` more bytes from `from` to `to`, then resets the stream: both ends
+    /// see it end, `to` possibly in the middle of a frame.
+    pub fn truncate_after(&mut self, from: usize, to: usize, keep: usize) {
+        self.arm(from, to, Fault::Truncate(keep));
+    }
+
+    fn arm(&mut self, from: usize, to: usize, fault: Fault) {
+        if let Some(l) = self.pair(from, to).and_then(|id| self.links.get_mut(&id)) {
+            let end = l.end_of(to);
+            l.dir[end].fault = Some(fault);
+        }
+    }
+
+    /// Node `reader` stops (`false`) or resumes reading its newest link from `peer`. A reader
+    /// that stops holds the writer back once a window of bytes is unread.
+    pub fn set_reading(&mut self, reader: usize, peer: usize, reading: bool) {
+        let Some(id) = self.pair(reader, peer) else {
+            return;
+        };
+        let Some(l) = self.links.get_mut(&id) else {
+            return;
+        };
+        let end = l.end_of(reader);
+        l.dir[end].paused = !reading;
+        if reading {
+            let backlog = std::mem::take(&mut l.dir[end].backlog);
+            for what in backlog {
+                self.receive(id, end, what);
+            }
+        }
+    }
+
+    /// Whether node `i`'s core runs a link that is up (handshake done) to node `j`.
+    pub fn linked(&self, i: usize, j: usize) -> bool {
+        let key = self.nodes[j].key;
+        self.nodes[i].core.neighbor_keys().any(|k| k == key)
+    }
+
+    /// Links node `i`'s core runs (handshaking ones included).
+    pub fn links_of(&self, i: usize) -> usize {
+        self.nodes[i].links.len()
+    }
+
     /// The next hop node `i` uses towards node `j`.
     pub(crate) fn next_hop(&self, i: usize, j: usize) -> Option<usize> {
         let p = prefix_of(&self.address(j));
-        self.nodes[i].core.router.next_hop(&p).map(|n| n as usize)
+        let link = self.nodes[i].core.router.next_hop(&p)?;
+        self.links.get(&link).map(|l| l.ends[1 - l.end_of(i)])
     }
 
     /// Whether node `i` has a selected route towards node `j`'s prefix.
@@ -269,14 +409,18 @@ impl Sim {
         let mut path = vec![i];
         let mut at = i;
         while at != j {
-            let Some(n) = self.next_hop(at, j) else {
+            let p = prefix_of(&self.address(j));
+            let Some(link) = self.nodes[at].core.router.next_hop(&p) else {
                 return Err(PathError::NoRoute { to: j, path });
             };
+            let Some(l) = self.links.get(&link) else {
+                return Err(PathError::NoRoute { to: j, path });
+            };
+            let n = l.ends[1 - l.end_of(at)];
             if path.contains(&n) {
                 return Err(PathError::Loop { path, next: n });
             }
-            let up = self.links.get(&Sim::key(at, n)).is_some_and(|l| l.up);
-            if !up || !self.nodes[n].alive {
+            if !l.up || !self.nodes[n].alive {
                 return Err(PathError::DeadHop { path, next: n });
             }
             path.push(n);
@@ -285,9 +429,11 @@ impl Sim {
         Ok(path)
     }
 
-    /// The link latency between neighbors (µs).
+    /// The latency of the newest link between neighbors (µs).
     pub fn latency(&self, a: usize, b: usize) -> Option<Micros> {
-        self.links.get(&Sim::key(a, b)).map(|l| l.latency)
+        self.pair(a, b)
+            .and_then(|id| self.links.get(&id))
+            .map(|l| l.latency)
     }
 
     /// Injects an IPv6 packet (next header 59) with `payload` from `i` to `j`'s address.
@@ -300,16 +446,20 @@ impl Sim {
     pub fn send_to(&mut self, i: usize, dst: Ipv6Addr, payload: &[u8]) -> Bytes {
         let p = ipv6_packet(self.address(i), dst, payload);
         let mut out = Vec::new();
+        let t = Instant::now();
         self.nodes[i].core.local(p.clone(), self.now, &mut out);
-        self.apply(i, out, None);
+        self.core_time += t.elapsed();
+        self.after_core(i, out);
         p
     }
 
     /// Puts a routed packet on the link from `from` to its neighbor `to`, as if `from`
     /// had sent it (tests: forged or hand-made packets).
     pub fn inject(&mut self, from: usize, to: usize, bytes: Bytes) {
-        let trace = vec![from];
-        self.send_over_link(from, to, Msg::Packet { bytes, trace });
+        if let Some(id) = self.pair(from, to) {
+            self.nodes[from].core.link_send_packet(id, bytes, self.now);
+            self.after_core(from, Vec::new());
+        }
     }
 
     /// Typed L3 events (unreachables) node `i` raised since the last call.
@@ -326,84 +476,160 @@ impl Sim {
         self.queue.entry(at).or_default().push_back(flight);
     }
 
-    /// Delivers `msg` from `from` to `to` after the link's latency; a cut link loses it.
-    fn send_over_link(&mut self, from: usize, to: usize, msg: Msg) {
-        if let Some(l) = self.links.get(&Sim::key(from, to)).copied() {
-            let at = self.now + l.latency;
-            self.schedule(at, Flight { from, to, msg });
+    /// Handles a core's outputs, carries the bytes its links have waiting, and files its
+    /// next timer.
+    fn after_core(&mut self, node: usize, out: Vec<CoreOut>) {
+        for o in out {
+            match o {
+                CoreOut::Deliver(b) => self.nodes[node].delivered.push(b),
+                CoreOut::Unreachable { dst, reason } => self.nodes[node]
+                    .events
+                    .push(crate::L3Event::Unreachable { dst, reason }),
+                CoreOut::LinkDown { link, .. } => self.link_down(node, link),
+                // Every neighbor has a link in the core, which routes these itself.
+                CoreOut::LinkUp { .. }
+                | CoreOut::Control(..)
+                | CoreOut::Packet(..)
+                | CoreOut::Close(_) => {}
+            }
+        }
+        self.drain_taps();
+        self.pull(node);
+        let t = self.nodes[node].core.poll_timeout();
+        if t != self.nodes[node].timer {
+            if let Some(old) = self.nodes[node].timer {
+                self.timers.remove(&(old, node));
+            }
+            if let Some(new) = t {
+                self.timers.insert((new, node));
+            }
+            self.nodes[node].timer = t;
         }
     }
 
-    fn apply(&mut self, from: usize, out: Vec<CoreOut>, incoming: Option<(&[u8], &[usize])>) {
-        for o in out {
-            match o {
-                CoreOut::Control(n, c) => {
-                    let to = n as usize;
-                    let b = c.encode();
-                    if self.links.contains_key(&Sim::key(from, to)) {
-                        self.traffic.messages += 1;
-                        self.traffic.bytes += b.len() as u64 + CONTROL_FRAME_OVERHEAD;
+    /// `node`'s core forgot `link`: its end of the stream closes (the other end sees the
+    /// stream end after the latency, unless the link was cut).
+    fn link_down(&mut self, node: usize, link: u64) {
+        self.nodes[node].links.retain(|l| *l != link);
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        let end = l.end_of(node);
+        l.open[end] = false;
+        let (up, latency, other) = (l.up, l.latency, 1 - end);
+        if l.open == [false, false] {
+            self.links.remove(&link);
+            return;
+        }
+        if up {
+            let at = self.now + latency;
+            self.schedule(
+                at,
+                Flight {
+                    link,
+                    to_end: other,
+                    what: Carried::Eof,
+                },
+            );
+        }
+    }
+
+    /// Carries what `node`'s links have waiting, within each direction's window.
+    fn pull(&mut self, node: usize) {
+        for k in 0..self.nodes[node].links.len() {
+            let link = self.nodes[node].links[k];
+            if !self.nodes[node].core.link_has_output(link) {
+                continue;
+            }
+            let Some(l) = self.links.get(&link) else {
+                continue;
+            };
+            let to_end = 1 - l.end_of(node);
+            let room = WINDOW.saturating_sub(l.dir[to_end].unread);
+            if room == 0 {
+                continue;
+            }
+            let bytes = self.nodes[node].core.link_take_output(link, room, self.now);
+            self.send_bytes(link, to_end, bytes);
+        }
+    }
+
+    fn send_bytes(&mut self, link: u64, to_end: usize, mut bytes: Bytes) {
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        let at = self.now + l.latency;
+        let up = l.up;
+        let d = &mut l.dir[to_end];
+        let mut reset = false;
+        if let Some(fault) = d.fault {
+            let mut b = BytesMut::from(&bytes[..]);
+            match fault {
+                Fault::Truncate(keep) => {
+                    b.truncate(keep);
+                    reset = true;
+                    d.fault = None;
+                }
+                Fault::CorruptControl | Fault::CorruptHeader => {
+                    if corrupt(d, &mut b, fault) {
+                        d.fault = None;
                     }
-                    self.send_over_link(from, to, Msg::Control(b));
                 }
-                CoreOut::Packet(n, bytes) => {
-                    let to = n as usize;
-                    let trace = match incoming {
-                        Some((inb, tr))
-                            if inb.len() == bytes.len()
-                                && inb.len() > 2
-                                && inb[0] == bytes[0]
-                                && inb[2..] == bytes[2..] =>
-                        {
-                            self.forwarded += 1;
-                            let mut t = tr.to_vec();
-                            t.push(from);
-                            t
-                        }
-                        _ => vec![from],
-                    };
-                    assert!(
-                        !trace.contains(&to),
-                        "forwarding loop: packet visited {trace:?} and goes back to {to}"
-                    );
-                    self.max_hops = self.max_hops.max(trace.len());
-                    self.send_over_link(from, to, Msg::Packet { bytes, trace });
-                }
-                CoreOut::Deliver(b) => self.nodes[from].delivered.push(b),
-                CoreOut::Unreachable { dst, reason } => self.nodes[from]
-                    .events
-                    .push(crate::L3Event::Unreachable { dst, reason }),
-                CoreOut::Close(n) => {
-                    // Closing a TCP link: the other end sees it go down (if it is alive).
-                    let to = n as usize;
-                    if self.links.remove(&Sim::key(from, to)).is_some() && self.nodes[to].alive {
-                        let mut out = Vec::new();
-                        let t = Instant::now();
-                        self.nodes[to]
-                            .core
-                            .link_down(from as u64, self.now, &mut out);
-                        self.core_time += t.elapsed();
-                        self.apply(to, out, None);
-                    }
-                }
+            }
+            bytes = b.freeze();
+        } else {
+            track_frames(d, &bytes);
+        }
+        d.unread += bytes.len();
+        if !up {
+            return;
+        }
+        let from_end = 1 - to_end;
+        self.schedule(
+            at,
+            Flight {
+                link,
+                to_end,
+                what: Carried::Bytes(bytes),
+            },
+        );
+        if reset {
+            // A reset: both ends see the stream end.
+            for end in [to_end, from_end] {
+                self.schedule(
+                    at,
+                    Flight {
+                        link,
+                        to_end: end,
+                        what: Carried::Eof,
+                    },
+                );
             }
         }
     }
 
-    /// Advances the virtual clock by `dur` µs, delivering messages and running timers.
+    /// Advances the virtual clock by `dur` µs, delivering bytes and running timers.
     pub fn run_for(&mut self, dur: Micros) {
         let end = self.now + dur;
         loop {
             let next_msg = self.queue.first_key_value().map(|(t, _)| *t);
-            let next = match next_msg {
-                Some(t) if t <= self.next_tick => t,
-                _ => self.next_tick,
+            let next_timer = self.timers.first().copied();
+            let msg_first = match (next_msg, next_timer) {
+                (Some(m), Some((t, _))) => m <= t,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            let next = if msg_first {
+                next_msg.unwrap_or(end)
+            } else {
+                next_timer.map_or(end, |(t, _)| t)
             };
             if next > end {
                 break;
             }
-            self.now = next;
-            if next_msg == Some(next) && next <= self.next_tick {
+            self.now = self.now.max(next);
+            if msg_first {
                 let Some(mut first) = self.queue.first_entry() else {
                     continue;
                 };
@@ -414,16 +640,15 @@ impl Sim {
                 if let Some(f) = flight {
                     self.deliver(f);
                 }
-            } else {
-                self.next_tick += TICK;
-                for i in 0..self.nodes.len() {
-                    if self.nodes[i].alive {
-                        let mut out = Vec::new();
-                        let t = Instant::now();
-                        self.nodes[i].core.tick(self.now, &mut out);
-                        self.core_time += t.elapsed();
-                        self.apply(i, out, None);
-                    }
+            } else if let Some((t, node)) = next_timer {
+                self.timers.remove(&(t, node));
+                self.nodes[node].timer = None;
+                if self.nodes[node].alive {
+                    let mut out = Vec::new();
+                    let t = Instant::now();
+                    self.nodes[node].core.handle_timeout(self.now, &mut out);
+                    self.core_time += t.elapsed();
+                    self.after_core(node, out);
                 }
             }
         }
@@ -431,36 +656,143 @@ impl Sim {
     }
 
     fn deliver(&mut self, f: Flight) {
-        let link_up = self
-            .links
-            .get(&Sim::key(f.from, f.to))
-            .is_some_and(|l| l.up);
-        if !link_up || !self.nodes[f.to].alive || !self.nodes[f.from].alive {
+        let Some(l) = self.links.get_mut(&f.link) else {
+            return;
+        };
+        let (to, from) = (l.ends[f.to_end], l.ends[1 - f.to_end]);
+        if !l.up || !self.nodes[to].alive || !self.nodes[from].alive {
             return;
         }
-        let to = f.to;
+        let d = &mut l.dir[f.to_end];
+        if d.paused {
+            d.backlog.push_back(f.what);
+            return;
+        }
+        self.receive(f.link, f.to_end, f.what);
+    }
+
+    /// The receiving end reads what arrived.
+    fn receive(&mut self, link: u64, to_end: usize, what: Carried) {
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        let (to, from, open) = (l.ends[to_end], l.ends[1 - to_end], l.open[to_end]);
+        if let Carried::Bytes(b) = &what {
+            l.dir[to_end].unread = l.dir[to_end].unread.saturating_sub(b.len());
+        }
+        if !open {
+            return;
+        }
         let mut out = Vec::new();
-        match f.msg {
-            Msg::Control(b) => {
-                let c = Control::decode(&b).expect("simulated control message decodes");
-                let t = Instant::now();
-                self.nodes[to]
-                    .core
-                    .control(f.from as u64, c, self.now, &mut out);
-                self.core_time += t.elapsed();
-                self.apply(to, out, None);
-            }
-            Msg::Packet { bytes, trace } => {
-                let buf = BytesMut::from(&bytes[..]);
-                let t = Instant::now();
-                self.nodes[to]
-                    .core
-                    .packet(f.from as u64, buf, self.now, &mut out);
-                self.core_time += t.elapsed();
-                self.apply(to, out, Some((&bytes, &trace)));
-            }
+        let t = Instant::now();
+        match what {
+            Carried::Bytes(b) => self.nodes[to]
+                .core
+                .link_receive(link, &b, self.now, &mut out),
+            Carried::Eof => self.nodes[to].core.link_closed(link, self.now, &mut out),
+        }
+        self.core_time += t.elapsed();
+        self.after_core(to, out);
+        // Reading made room in the window: the writer may go on.
+        if self.nodes[from].alive {
+            self.pull(from);
         }
     }
+
+    /// Checks what the relays' taps saw for forwarding loops, and the longest path.
+    fn drain_taps(&mut self) {
+        let seen: Vec<(usize, u8, u64)> = match self.taps.lock() {
+            Ok(mut t) if !t.is_empty() => std::mem::take(&mut *t),
+            _ => return,
+        };
+        let now = self.now;
+        if self.seen.len() > 100_000 {
+            self.seen.retain(|_, v| {
+                v.iter()
+                    .any(|(_, _, t)| now.saturating_sub(*t) < LOOP_WINDOW)
+            });
+        }
+        for (node, hop_limit, hash) in seen {
+            self.forwarded += 1;
+            // The hop limit after this relay: links crossed so far is 64 - it + 1 ... plus
+            // the link to the next hop.
+            let hops = usize::from(crate::wire::DEFAULT_HOP_LIMIT.saturating_sub(hop_limit)) + 1;
+            self.max_hops = self.max_hops.max(hops);
+            let v = self.seen.entry(hash).or_default();
+            for (n, h, t) in v.iter() {
+                assert!(
+                    !(*n == node && *h != hop_limit && now.saturating_sub(*t) < LOOP_WINDOW),
+                    "forwarding loop: node {node} forwarded the same packet with hop limits {h} and {hop_limit}"
+                );
+            }
+            v.push((node, hop_limit, now));
+        }
+    }
+}
+
+/// A forwarded packet's identity: everything but the hop limit.
+fn packet_hash(b: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.first().hash(&mut h);
+    b.get(2..).hash(&mut h);
+    h.finish()
+}
+
+/// Follows the frames in `bytes` (one direction's stream, in order).
+fn track_frames(d: &mut Direction, bytes: &[u8]) {
+    let mut pos = 0;
+    while pos < bytes.len() {
+        if d.body_left > 0 {
+            let n = d.body_left.min(bytes.len() - pos);
+            d.body_left -= n;
+            pos += n;
+            continue;
+        }
+        d.header.push(bytes[pos]);
+        pos += 1;
+        if d.header.len() == FRAME_HEADER_LEN {
+            let h = &d.header;
+            d.body_left = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            d.header.clear();
+        }
+    }
+}
+
+/// Applies `fault` to the first frame in `b` it fits (following the framing as it goes);
+/// `true` when applied.
+fn corrupt(d: &mut Direction, b: &mut [u8], fault: Fault) -> bool {
+    let mut applied = false;
+    let mut pos = 0;
+    while pos < b.len() {
+        if d.body_left > 0 {
+            let n = d.body_left.min(b.len() - pos);
+            d.body_left -= n;
+            pos += n;
+            continue;
+        }
+        let at_kind = d.header.len() == FRAME_HEADER_LEN - 1;
+        if at_kind && !applied {
+            let kind = b[pos];
+            let h = &d.header;
+            let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            if fault == Fault::CorruptHeader {
+                b[pos] = 9;
+                applied = true;
+            } else if kind == FrameKind::Control as u8 && b.len() >= pos + 1 + len {
+                // The tag is the body's last 16 bytes.
+                b[pos + len] ^= 0x55;
+                applied = true;
+            }
+        }
+        d.header.push(b[pos]);
+        pos += 1;
+        if d.header.len() == FRAME_HEADER_LEN {
+            let h = &d.header;
+            d.body_left = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            d.header.clear();
+        }
+    }
+    applied
 }
 
 /// `owner`'s signed announcement of its own prefix (benchmarks feed these to a core).

@@ -141,6 +141,14 @@ impl Chain {
                 &mut out,
             );
             q.extend(out.into_iter().map(|o| (i + 1, o)));
+            // Keepalives and RTT probes are the links' (absent here): give each neighbor
+            // its RTT so it joins routing.
+            let mut out = Vec::new();
+            cores[i].link_rtt(i as u64 + 1, 1000, 0, &mut out);
+            q.extend(out.into_iter().map(|o| (i, o)));
+            let mut out = Vec::new();
+            cores[i + 1].link_rtt(i as u64, 1000, 0, &mut out);
+            q.extend(out.into_iter().map(|o| (i + 1, o)));
         }
         let mut c = Chain {
             cores,
@@ -177,7 +185,7 @@ impl Chain {
                     q.extend(out.into_iter().map(|o| (to, o)));
                 }
                 CoreOut::Deliver(_) => self.delivered += 1,
-                CoreOut::Close(_) | CoreOut::Unreachable { .. } => {}
+                _ => {}
             }
         }
     }

@@ -96,7 +96,7 @@ fn real_node_bytes_per_route() -> (usize, f64) {
     for n in 0..nbrs {
         let key = Identity::from_seed(&[100 + n as u8; 32]).public_key();
         core.link_up(n, key, LinkOrigin::Outbound, 0, &mut out);
-        core.control(n, Control::HelloAck { echo_us: 0 }, 2000, &mut out);
+        core.link_rtt(n, 2000, 2000, &mut out);
     }
     out.clear();
     let updates: Vec<_> = owners

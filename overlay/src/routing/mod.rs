@@ -764,6 +764,12 @@ impl Router {
         self.flush(out);
     }
 
+    /// Whether seqno requests are pending or prefixes starve (the core then runs routing's
+    /// maintenance at short intervals).
+    pub(crate) fn has_timers(&self) -> bool {
+        !self.starving.is_empty() || !self.requests.is_empty()
+    }
+
     /// The routing table, for status.
     pub(crate) fn routes(&self, nbr_name: impl Fn(Nbr) -> Option<Nbr>) -> Vec<RouteInfo> {
         self.table
