@@ -31,7 +31,9 @@ use crate::wire::{
     Control, MAX_RETRACTIONS_PER_MESSAGE, MAX_UPDATES_PER_MESSAGE, METRIC_INFINITY, RouteUpdate,
     route_signature_input,
 };
-use table::{Dest, Entry, MAX_ENTRY_LAG, NO_SLOT, Slot, Table};
+use table::{
+    Dest, Entry, MAX_ENTRY_LAG, NEVER_SENT, NO_SLOT, Slot, Table, pacing_elapsed_ms, pacing_stamp,
+};
 pub use verified::SharedVerifications;
 use verified::{VerifiedCache, digest};
 
@@ -51,6 +53,11 @@ pub struct RoutingConfig {
     pub hysteresis_us: u32,
     /// Minimum spacing of seqno requests for one prefix.
     pub request_interval: Micros,
+    /// Minimum spacing of broadcast changes of one prefix. The first change goes out at
+    /// once; further changes within this interval are held and only the latest state is
+    /// sent when it ends. Without it, a dead node's routes are explored path by path
+    /// (every intermediate state sent on), which grew without bound under churn.
+    pub update_pacing: Micros,
     /// Simulator only: verification results shared by all simulated nodes.
     pub(crate) shared_verifications: Option<SharedVerifications>,
 }
@@ -60,6 +67,7 @@ impl Default for RoutingConfig {
         RoutingConfig {
             hysteresis_us: 500,
             request_interval: 300_000,
+            update_pacing: 100_000,
             shared_verifications: None,
         }
     }
@@ -84,6 +92,14 @@ pub struct RoutingCounters {
     pub seqno_requests_received: u64,
     /// Seqno requests asking too far ahead (see `MAX_SEQNO_REQUEST_AHEAD`), dropped.
     pub seqno_requests_refused: u64,
+    /// Times this node raised its own seqno on request (the new seqno travels back only
+    /// along the requests' paths).
+    pub seqno_bumps: u64,
+    /// Routes sent to neighbors that had asked for a newer seqno (not broadcast).
+    pub seqno_answers_sent: u64,
+    /// Changes of a prefix held back because the prefix changed less than `update_pacing`
+    /// ago (sent, coalesced, when the interval ends).
+    pub updates_paced: u64,
     pub route_switches: u64,
     /// Announcements of new prefixes refused because the table was full (`max_routes`).
     pub routes_refused: u64,
@@ -105,12 +121,27 @@ pub struct RouteInfo {
     pub candidates: usize,
 }
 
+/// A relay remembers who asked it for a newer seqno this long after the last ask, so the
+/// answer goes back along the request's path even when the owner is many hops away.
+const REQUESTERS_HOLD: Micros = 5_000_000;
+
 /// Seqno request state of one prefix (kept only while a request is recent).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Requests {
     last_sent: Option<Micros>,
     forwarded: Option<(u64, Micros)>,
+    /// Neighbors waiting for a route with seqno ≥ `wanted`: at most one entry per
+    /// neighbor, so bounded by the link limit. They get the route once it is selected.
+    asked_by: Vec<Nbr>,
+    wanted: u64,
+    asked_at: Micros,
+    /// Requests sent for a clearly better but unfeasible route (see `BETTER_ATTEMPTS`).
+    better_asked: u8,
 }
+
+/// A node asks this many times (one request interval apart) for a newer seqno of a
+/// clearly better route that is unfeasible, then settles for the route it has.
+const BETTER_ATTEMPTS: u8 = 4;
 
 /// The routing state machine of one node.
 pub(crate) struct Router {
@@ -131,6 +162,15 @@ pub(crate) struct Router {
     max_routes: usize,
     /// Prefixes whose advertisement changed, sent at the next `flush`.
     triggered: Vec<Prefix>,
+    /// Prefixes with a selected route and a clearly better unfeasible one: requests for
+    /// a newer seqno are repeated for them (see `BETTER_ATTEMPTS`).
+    improvable: BTreeSet<Prefix>,
+    /// Prefixes whose change waits for the end of its pacing interval: at most one entry per
+    /// prefix in the table.
+    paced: BTreeSet<Prefix>,
+    /// Prefixes whose selected route now answers pending seqno requests: sent at the next
+    /// `flush` to the neighbors that asked (a seqno change alone is not broadcast).
+    answers: Vec<Prefix>,
     /// Prefixes reselected since the last `flush` (forgotten there if left empty).
     touched: Vec<Prefix>,
     /// Prefixes with entries but no feasible one: seqno requests are repeated for them.
@@ -167,6 +207,9 @@ impl Router {
             old_sigs: BTreeMap::new(),
             max_routes,
             triggered: Vec::new(),
+            answers: Vec::new(),
+            paced: BTreeSet::new(),
+            improvable: BTreeSet::new(),
             touched: Vec::new(),
             starving: BTreeSet::new(),
             requests: BTreeMap::new(),
@@ -217,6 +260,7 @@ impl Router {
     }
 
     fn bump_seqno(&mut self, at_least: u64) {
+        self.counters.seqno_bumps += 1;
         self.seqno = self.seqno.max(at_least.saturating_sub(1)).saturating_add(1);
         self.signature = self
             .id
@@ -313,7 +357,7 @@ impl Router {
             self.gc_old_sigs(&p);
             self.reselect(p, now, out);
         }
-        self.flush(out);
+        self.flush(now, out);
     }
 
     /// The link cost to a neighbor changed.
@@ -332,7 +376,7 @@ impl Router {
         for p in affected {
             self.reselect(p, now, out);
         }
-        self.flush(out);
+        self.flush(now, out);
     }
 
     /// Route updates received from a neighbor.
@@ -354,7 +398,7 @@ impl Router {
                 self.handle_update(slot, u, now, out);
             }
         }
-        self.flush(out);
+        self.flush(now, out);
     }
 
     /// Retractions received from a neighbor.
@@ -372,7 +416,7 @@ impl Router {
             self.counters.retractions_received += 1;
             self.retract(slot, *p, now, out);
         }
-        self.flush(out);
+        self.flush(now, out);
     }
 
     /// A retraction only withdraws this neighbor's own announcement: no signature needed.
@@ -526,6 +570,12 @@ impl Router {
     fn reselect(&mut self, prefix: Prefix, now: Micros, out: &mut Vec<(Nbr, Control)>) {
         let hyst = self.cfg.hysteresis_us;
         let slots = &self.slots;
+        // A pending request makes a route that satisfies it win over hysteresis.
+        let wanted = self
+            .requests
+            .get(&prefix)
+            .filter(|r| !r.asked_by.is_empty())
+            .map(|r| r.wanted);
         let Some(d) = self.table.get_mut(&prefix) else {
             return;
         };
@@ -536,7 +586,9 @@ impl Router {
         let feasible =
             |e: &Entry| !has_fd || e.lag < fd_lag || (e.lag == fd_lag && e.metric < fd_metric);
         let mut best: Option<(u32, Nbr, Slot)> = None;
+        let mut best_answer: Option<(u32, Nbr, Slot)> = None;
         let mut current = None;
+        let mut current_answers = false;
         for e in d.routes.iter().filter(|e| feasible(e)) {
             let Some((nbr, cost)) = slots.get(usize::from(e.slot)).copied().flatten() else {
                 continue;
@@ -545,11 +597,17 @@ impl Router {
             if best.is_none_or(|b| (t, nbr) < (b.0, b.1)) {
                 best = Some((t, nbr, e.slot));
             }
+            let answers = wanted.is_some_and(|w| d.seqno_at(e.lag) >= w);
+            if answers && best_answer.is_none_or(|b| (t, nbr) < (b.0, b.1)) {
+                best_answer = Some((t, nbr, e.slot));
+            }
             if e.slot == d.selected {
                 current = Some((t, nbr, e.slot));
+                current_answers = answers;
             }
         }
         let chosen = match (current, best) {
+            (Some(_), _) if !current_answers && best_answer.is_some() => best_answer,
             (Some(c), Some(b)) if b.0.saturating_add(hyst) >= c.0 => Some(c),
             (_, b) => b,
         };
@@ -573,21 +631,39 @@ impl Router {
                 } else {
                     (d.fd_lag, d.fd_metric) = (lag, t);
                 }
-                let changed = d.adv_metric == METRIC_INFINITY
-                    || d.adv_lag != lag
-                    || old != d.selected
-                    || d.adv_metric != t;
-                if changed {
-                    (d.adv_lag, d.adv_metric) = (lag, t);
+                // Neighbors hear of a new route or a new metric. A newer seqno alone (same
+                // metric) goes only to those who asked for it: broadcasting every seqno an
+                // owner raises made each request a network-wide wave. Loop freedom does not
+                // need the broadcast: it rests on our feasibility distance, which only ever
+                // improves and is at least as good as anything we told anyone.
+                if d.adv_metric != t {
                     self.triggered.push(prefix);
                 }
+                (d.adv_lag, d.adv_metric) = (lag, t);
+                if wanted.is_some_and(|w| d.seqno_at(lag) >= w) {
+                    self.answers.push(prefix);
+                }
                 self.starving.remove(&prefix);
+                // A neighbor offering a clearly better route that is unfeasible here may
+                // well have a newer seqno by now (newer seqnos alone are not broadcast):
+                // ask it for one that would be feasible (Babel, RFC 8966 §3.8.2.2).
+                if self.better_unfeasible(prefix).is_empty() {
+                    if self.improvable.remove(&prefix)
+                        && let Some(r) = self.requests.get_mut(&prefix)
+                    {
+                        r.better_asked = 0;
+                    }
+                } else {
+                    self.improvable.insert(prefix);
+                    self.request_better(prefix, now, out);
+                }
             }
             None => {
                 if d.adv_metric != METRIC_INFINITY {
                     d.adv_metric = METRIC_INFINITY;
                     self.triggered.push(prefix);
                 }
+                self.improvable.remove(&prefix);
                 if d.routes.is_empty() {
                     self.starving.remove(&prefix);
                 } else {
@@ -595,6 +671,60 @@ impl Router {
                     self.request_if_unfeasible(prefix, now, out);
                 }
             }
+        }
+    }
+
+    /// Neighbors whose route to `prefix` is unfeasible here but clearly better than the
+    /// selected one, each with the seqno that would make it feasible.
+    fn better_unfeasible(&self, prefix: Prefix) -> Vec<(Nbr, u64)> {
+        let Some(d) = self.table.get(&prefix) else {
+            return Vec::new();
+        };
+        let Some(sel) = d.entry(d.selected) else {
+            return Vec::new();
+        };
+        let Some((_, sel_cost)) = self.nbr_of(sel.slot) else {
+            return Vec::new();
+        };
+        let t = total(sel.metric, sel_cost);
+        let fd_seqno = d.seqno_at(d.fd_lag);
+        d.routes
+            .iter()
+            .filter(|e| e.lag >= d.fd_lag && e.slot != d.selected)
+            .filter(|e| e.lag > d.fd_lag || e.metric >= d.fd_metric)
+            .filter_map(|e| {
+                let (n, c) = self.nbr_of(e.slot)?;
+                // Same seqno as the FD: only a newer one can make it feasible.
+                let want = fd_seqno.saturating_add(u64::from(e.lag == d.fd_lag));
+                (total(e.metric, c).saturating_add(self.cfg.hysteresis_us) < t).then_some((n, want))
+            })
+            .collect()
+    }
+
+    /// Asks the neighbors of `better_unfeasible` for a newer seqno: once per request
+    /// interval, at most `BETTER_ATTEMPTS` times while the prefix stays improvable.
+    fn request_better(&mut self, prefix: Prefix, now: Micros, out: &mut Vec<(Nbr, Control)>) {
+        let interval = self.cfg.request_interval;
+        let better = self.better_unfeasible(prefix);
+        let req = self.requests.entry(prefix).or_default();
+        if better.is_empty()
+            || req.better_asked >= BETTER_ATTEMPTS
+            || req.last_sent.is_some_and(|at| now < at + interval)
+        {
+            return;
+        }
+        req.last_sent = Some(now);
+        req.better_asked += 1;
+        for (n, seqno) in better {
+            self.counters.seqno_requests_sent += 1;
+            out.push((
+                n,
+                Control::SeqnoRequest {
+                    prefix,
+                    seqno,
+                    hop_count: 64,
+                },
+            ));
         }
     }
 
@@ -656,14 +786,13 @@ impl Router {
                 self.counters.seqno_requests_refused += 1;
                 return;
             }
+            // Only the asker needs the newer seqno: it travels back along the request's path.
             if self.seqno < seqno {
                 self.bump_seqno(seqno);
-                self.triggered.push(self.prefix);
-                self.flush(out);
-            } else {
-                let u = self.own_update();
-                self.send(&[nbr], &[u], &[], out);
             }
+            let u = self.own_update();
+            self.counters.seqno_answers_sent += 1;
+            self.send(&[nbr], &[u], &[], out);
             return;
         }
         let interval = self.cfg.request_interval;
@@ -684,14 +813,6 @@ impl Router {
             }
             return;
         }
-        if hop_count <= 1
-            || self.requests.get(&prefix).is_some_and(|r| {
-                r.forwarded
-                    .is_some_and(|(s, t)| s >= seqno && now < t + interval)
-            })
-        {
-            return;
-        }
         // Forward towards the owner: the selected next hop, else any other neighbor with a route.
         let next = d
             .entry(d.selected)
@@ -699,8 +820,24 @@ impl Router {
             .chain(d.routes.iter())
             .filter_map(|e| self.nbr_of(e.slot).map(|(n, _)| n))
             .find(|n| *n != nbr);
+        // Remember the asker (once per neighbor) so the answer finds its way back.
+        let req = self.requests.entry(prefix).or_default();
+        if !req.asked_by.contains(&nbr) {
+            req.asked_by.push(nbr);
+        }
+        req.wanted = req.wanted.max(seqno);
+        req.asked_at = now;
+        // One forwarded request per (prefix, seqno) per interval: duplicates from other
+        // askers wait for the same answer.
+        if hop_count <= 1
+            || req
+                .forwarded
+                .is_some_and(|(s, t)| s >= seqno && now < t + interval)
+        {
+            return;
+        }
         if let Some(n) = next {
-            self.requests.entry(prefix).or_default().forwarded = Some((seqno, now));
+            req.forwarded = Some((seqno, now));
             self.counters.seqno_requests_sent += 1;
             out.push((
                 n,
@@ -715,17 +852,35 @@ impl Router {
 
     /// Sends pending triggered updates and retractions to all neighbors, then forgets
     /// prefixes left with no route.
-    pub(crate) fn flush(&mut self, out: &mut Vec<(Nbr, Control)>) {
+    pub(crate) fn flush(&mut self, now: Micros, out: &mut Vec<(Nbr, Control)>) {
+        let mut sent = Vec::new();
         if !self.triggered.is_empty() {
             let mut prefixes = std::mem::take(&mut self.triggered);
             prefixes.sort_unstable();
             prefixes.dedup();
             let mut updates = Vec::new();
             let mut retractions = Vec::new();
-            for p in prefixes {
+            let stamp = pacing_stamp(now);
+            let pacing_ms = self.cfg.update_pacing / 1000;
+            for &p in &prefixes {
                 if p == self.prefix {
                     updates.push(self.own_update());
-                } else if let Some(d) = self.table.get(&p) {
+                } else if let Some(d) = self.table.get_mut(&p) {
+                    if d.sent_at != NEVER_SENT && pacing_elapsed_ms(d.sent_at, stamp) < pacing_ms {
+                        if self.paced.insert(p) {
+                            self.counters.updates_paced += 1;
+                        }
+                        continue;
+                    }
+                    d.sent_at = stamp;
+                    self.paced.remove(&p);
+                    sent.push(p);
+                } else {
+                    self.paced.remove(&p);
+                }
+            }
+            for &p in &sent {
+                if let Some(d) = self.table.get(&p) {
                     match self.advert(&p, d) {
                         Some(u) => updates.push(u),
                         None => retractions.push(p),
@@ -735,14 +890,38 @@ impl Router {
             let targets: Vec<Nbr> = self.nbrs.keys().copied().collect();
             self.send(&targets, &updates, &retractions, out);
         }
+        let mut answers = std::mem::take(&mut self.answers);
+        answers.sort_unstable();
+        answers.dedup();
+        for p in answers {
+            let Some(r) = self.requests.get_mut(&p) else {
+                continue;
+            };
+            let asked = std::mem::take(&mut r.asked_by);
+            r.wanted = 0;
+            if sent.binary_search(&p).is_ok() {
+                continue; // the broadcast told everyone
+            }
+            let Some(u) = self.table.get(&p).and_then(|d| self.advert(&p, d)) else {
+                continue;
+            };
+            let targets: Vec<Nbr> = asked
+                .into_iter()
+                .filter(|n| self.nbrs.contains_key(n))
+                .collect();
+            self.counters.seqno_answers_sent += targets.len() as u64;
+            self.send(&targets, &[u], &[], out);
+        }
         for p in std::mem::take(&mut self.touched) {
             let empty = self
                 .table
                 .get(&p)
-                .is_some_and(|d| d.routes.is_empty() && d.adv_metric == METRIC_INFINITY);
+                .is_some_and(|d| d.routes.is_empty() && d.adv_metric == METRIC_INFINITY)
+                && !self.paced.contains(&p);
             if empty {
                 self.table.remove(&p);
                 self.starving.remove(&p);
+                self.improvable.remove(&p);
                 self.requests.remove(&p);
                 self.gc_old_sigs(&p);
             }
@@ -757,11 +936,38 @@ impl Router {
         for p in starving {
             self.request_if_unfeasible(p, now, out);
         }
-        self.requests.retain(|_, r| {
-            r.last_sent.is_some_and(|t| now < t + interval)
+        let improvable: Vec<Prefix> = self.improvable.iter().copied().collect();
+        for p in improvable {
+            self.request_better(p, now, out);
+        }
+        let keep = &self.improvable;
+        self.requests.retain(|p, r| {
+            keep.contains(p)
+                || r.last_sent.is_some_and(|t| now < t + interval)
                 || r.forwarded.is_some_and(|(_, t)| now < t + interval)
+                || (!r.asked_by.is_empty() && now < r.asked_at + REQUESTERS_HOLD)
         });
-        self.flush(out);
+        // Held changes whose pacing interval ended go out now (their latest state).
+        if !self.paced.is_empty() {
+            let stamp = pacing_stamp(now);
+            let pacing_ms = self.cfg.update_pacing / 1000;
+            let due: Vec<Prefix> = self
+                .paced
+                .iter()
+                .filter(|p| {
+                    self.table
+                        .get(p)
+                        .is_none_or(|d| pacing_elapsed_ms(d.sent_at, stamp) >= pacing_ms)
+                })
+                .copied()
+                .collect();
+            for p in due {
+                self.triggered.push(p);
+                // Forgotten after sending if it has no route left.
+                self.touched.push(p);
+            }
+        }
+        self.flush(now, out);
     }
 
     /// Whether seqno requests are pending or prefixes starve (the core then runs routing's
@@ -869,8 +1075,9 @@ mod tests {
         assert_eq!((r.next_hop(&p), r.metric(&p)), (Some(2), Some(6_000)));
         // The new route's link dies; the old one (metric 10 000 ≥ FD 6 000) is unfeasible:
         // no route is selected, a retraction goes out and a seqno request asks for seqno 6.
+        // (Times a second apart: changes of one prefix are paced, see `update_pacing`.)
         out.clear();
-        r.neighbor_down(2, 1, &mut out);
+        r.neighbor_down(2, 1_000_000, &mut out);
         assert_eq!(r.next_hop(&p), None);
         assert!(
             out.iter()
@@ -881,7 +1088,7 @@ mod tests {
                 .any(|(_, c)| matches!(c, Control::Retractions(l) if l.contains(&p)))
         );
         // The owner's newer seqno makes the old path feasible again.
-        r.handle_updates(1, &[signed(&owner, 6, 10_000)], 2, &mut out);
+        r.handle_updates(1, &[signed(&owner, 6, 10_000)], 2_000_000, &mut out);
         assert_eq!(r.next_hop(&p), Some(1));
     }
 
@@ -1058,6 +1265,10 @@ mod tests {
         for n in 1..=4 {
             r.handle_retractions(n, &[p], 2, &mut out);
         }
+        // The retraction waits for the end of the prefix's pacing interval; then the prefix
+        // is forgotten.
+        assert_eq!(r.len(), 1);
+        r.tick(200_000, &mut out);
         assert_eq!(r.len(), 0);
         assert!(r.old_sigs.is_empty());
         r.handle_updates(1, &[signed(&owner, 6, 100)], 3, &mut out);
@@ -1135,7 +1346,8 @@ mod tests {
         let mut gone = signed(&owners[1], 5, 1000);
         gone.metric = METRIC_INFINITY;
         r.handle_updates(1, &[gone], 2, &mut out);
-        r.handle_updates(1, &[signed(&owners[2], 6, 1000)], 4, &mut out);
+        r.tick(200_000, &mut out);
+        r.handle_updates(1, &[signed(&owners[2], 6, 1000)], 300_000, &mut out);
         assert_eq!(r.next_hop(&prefix(&owners[2])), Some(1));
     }
 }

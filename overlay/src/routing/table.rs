@@ -52,6 +52,23 @@ pub(super) struct Dest {
     pub(super) adv_lag: u16,
     /// The selected neighbor, or `NO_SLOT`.
     pub(super) selected: Slot,
+    /// When a change of this prefix was last broadcast (see `pacing_stamp`), or
+    /// `NEVER_SENT`. Fits in the record's padding.
+    pub(super) sent_at: u16,
+}
+
+/// `Dest::sent_at` of a prefix never broadcast.
+pub(super) const NEVER_SENT: u16 = u16::MAX;
+
+/// A millisecond clock wrapping every 65.535 s, for update pacing: a wrong "recent" after
+/// a wrap only delays one update by at most the pacing interval.
+pub(super) fn pacing_stamp(now_us: u64) -> u16 {
+    ((now_us / 1000) % u64::from(NEVER_SENT)) as u16
+}
+
+/// Milliseconds from stamp `then` to stamp `now` (modulo the wrap).
+pub(super) fn pacing_elapsed_ms(then: u16, now: u16) -> u64 {
+    (u64::from(now) + u64::from(NEVER_SENT) - u64::from(then)) % u64::from(NEVER_SENT)
 }
 
 impl Dest {
@@ -66,6 +83,7 @@ impl Dest {
             fd_lag: 0,
             adv_lag: 0,
             selected: NO_SLOT,
+            sent_at: NEVER_SENT,
         }
     }
 
