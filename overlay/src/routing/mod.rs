@@ -970,10 +970,13 @@ impl Router {
         self.flush(now, out);
     }
 
-    /// Whether seqno requests are pending or prefixes starve (the core then runs routing's
-    /// maintenance at short intervals).
+    /// Whether `tick` has work: seqno requests pending or to repeat, or paced changes
+    /// waiting (the core then runs routing's maintenance at short intervals).
     pub(crate) fn has_timers(&self) -> bool {
-        !self.starving.is_empty() || !self.requests.is_empty()
+        !self.starving.is_empty()
+            || !self.requests.is_empty()
+            || !self.improvable.is_empty()
+            || !self.paced.is_empty()
     }
 
     /// The routing table, for status.
