@@ -1358,6 +1358,60 @@ mod tests {
         ));
     }
 
+    /// Issue 15, churn: a raised seqno goes back only to the neighbor that asked for it, and
+    /// a prefix's changes within the pacing interval are held and sent as its latest state.
+    #[test]
+    fn a_raised_seqno_goes_only_to_the_asker_and_changes_are_paced() {
+        let owner = Identity::from_seed(&[1; 32]);
+        let p = prefix_for_key(&owner.public_key());
+        let mut r = router();
+        let mut out = Vec::new();
+        for n in 1..=3 {
+            r.neighbor_up(n, 1000, &mut out);
+        }
+        r.handle_updates(1, &[signed(&owner, 5, 100)], 0, &mut out);
+        assert_eq!(r.next_hop(&p), Some(1));
+        let updates_to = |out: &[(Nbr, Control)]| -> Vec<(Nbr, u64, u32)> {
+            out.iter()
+                .flat_map(|(n, c)| match c {
+                    Control::Updates(l) => l.iter().map(|u| (*n, u.seqno, u.metric)).collect(),
+                    _ => Vec::new(),
+                })
+                .collect()
+        };
+        // Neighbor 2 asks for seqno 6: forwarded to the next hop only, 2 remembered.
+        out.clear();
+        r.handle_request(2, p, 6, 64, 1_000_000, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(matches!(
+            out[0],
+            (1, Control::SeqnoRequest { seqno: 6, .. })
+        ));
+        // The answer (same metric): sent to neighbor 2 alone, not broadcast.
+        out.clear();
+        r.handle_updates(1, &[signed(&owner, 6, 100)], 1_050_000, &mut out);
+        assert_eq!(updates_to(&out), vec![(2, 6, 1100)]);
+        assert_eq!(r.counters.seqno_answers_sent, 1);
+        // A new metric is broadcast at once; a second change 30 ms later is held...
+        out.clear();
+        r.handle_updates(1, &[signed(&owner, 6, 200)], 2_000_000, &mut out);
+        assert_eq!(
+            updates_to(&out),
+            vec![(1, 6, 1200), (2, 6, 1200), (3, 6, 1200)]
+        );
+        out.clear();
+        r.handle_updates(1, &[signed(&owner, 6, 300)], 2_030_000, &mut out);
+        r.handle_updates(1, &[signed(&owner, 6, 400)], 2_060_000, &mut out);
+        assert!(updates_to(&out).is_empty(), "{out:?}");
+        assert_eq!(r.counters.updates_paced, 1);
+        // ... and its latest state goes out once the interval is over.
+        r.tick(2_200_000, &mut out);
+        assert_eq!(
+            updates_to(&out),
+            vec![(1, 6, 1400), (2, 6, 1400), (3, 6, 1400)]
+        );
+    }
+
     /// Issue 13, item 4: self-made keys could each announce a prefix that every node stores.
     #[test]
     fn a_full_table_refuses_new_prefixes_and_keeps_the_routes_it_has() {
