@@ -137,11 +137,17 @@ struct Requests {
     asked_at: Micros,
     /// Requests sent for a clearly better but unfeasible route (see `BETTER_ATTEMPTS`).
     better_asked: u8,
+    /// Requests sent while the prefix starves (each repeat waits twice as long, up to 8×).
+    starving_asked: u8,
 }
 
 /// A node asks this many times (one request interval apart) for a newer seqno of a
 /// clearly better route that is unfeasible, then settles for the route it has.
 const BETTER_ATTEMPTS: u8 = 4;
+
+/// How long a prefix with no route left keeps its record and feasibility distance (Babel
+/// keeps its source table 3 minutes for the same reason).
+const FD_HOLD: Micros = 60_000_000;
 
 /// The routing state machine of one node.
 pub(crate) struct Router {
@@ -165,6 +171,11 @@ pub(crate) struct Router {
     /// Prefixes with a selected route and a clearly better unfeasible one: requests for
     /// a newer seqno are repeated for them (see `BETTER_ATTEMPTS`).
     improvable: BTreeSet<Prefix>,
+    /// Prefixes with no route left, by when they lost it: the record (and its feasibility
+    /// distance) is kept for `FD_HOLD`, because stale announcements derived from ours may
+    /// still be on their way back to us (a fresh record would accept them: a loop).
+    /// At most one per record in the table.
+    forgetting: BTreeMap<Prefix, Micros>,
     /// Prefixes whose change waits for the end of its pacing interval: at most one entry per
     /// prefix in the table.
     paced: BTreeSet<Prefix>,
@@ -210,6 +221,7 @@ impl Router {
             answers: Vec::new(),
             paced: BTreeSet::new(),
             improvable: BTreeSet::new(),
+            forgetting: BTreeMap::new(),
             touched: Vec::new(),
             starving: BTreeSet::new(),
             requests: BTreeMap::new(),
@@ -231,7 +243,7 @@ impl Router {
 
     /// Prefixes in the table.
     pub(crate) fn len(&self) -> usize {
-        self.table.len()
+        self.table.len() - self.forgetting.len()
     }
 
     /// Prefixes with a selected route.
@@ -455,11 +467,28 @@ impl Router {
             }
             return;
         }
-        if known.is_none() && self.table.len() >= self.max_routes {
-            // Checked before the signature: a full table costs no verification.
-            self.counters.routes_refused += 1;
-            return;
+        if idx.is_none() && self.table.len() >= self.max_routes {
+            // A full table first lets go of the oldest record kept only for its
+            // feasibility distance; else the new prefix is refused.
+            let oldest = self
+                .forgetting
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(p, _)| *p);
+            match oldest {
+                Some(p) => {
+                    self.forgetting.remove(&p);
+                    self.table.remove(&p);
+                    self.gc_old_sigs(&p);
+                }
+                None => {
+                    // Checked before the signature: a full table costs no verification.
+                    self.counters.routes_refused += 1;
+                    return;
+                }
+            }
         }
+        let known = idx.map(|i| self.table.at(i));
         if known.is_some_and(|d| u.seqno < d.seqno && d.seqno - u.seqno > u64::from(MAX_ENTRY_LAG))
         {
             self.counters.stale_updates += 1;
@@ -570,7 +599,8 @@ impl Router {
     fn reselect(&mut self, prefix: Prefix, now: Micros, out: &mut Vec<(Nbr, Control)>) {
         let hyst = self.cfg.hysteresis_us;
         let slots = &self.slots;
-        // A pending request makes a route that satisfies it win over hysteresis.
+        // Pending requests are answered once the selected route satisfies them. (Switching
+        // to a worse route just to answer them made relays flap: it is not done.)
         let wanted = self
             .requests
             .get(&prefix)
@@ -586,9 +616,7 @@ impl Router {
         let feasible =
             |e: &Entry| !has_fd || e.lag < fd_lag || (e.lag == fd_lag && e.metric < fd_metric);
         let mut best: Option<(u32, Nbr, Slot)> = None;
-        let mut best_answer: Option<(u32, Nbr, Slot)> = None;
         let mut current = None;
-        let mut current_answers = false;
         for e in d.routes.iter().filter(|e| feasible(e)) {
             let Some((nbr, cost)) = slots.get(usize::from(e.slot)).copied().flatten() else {
                 continue;
@@ -597,17 +625,11 @@ impl Router {
             if best.is_none_or(|b| (t, nbr) < (b.0, b.1)) {
                 best = Some((t, nbr, e.slot));
             }
-            let answers = wanted.is_some_and(|w| d.seqno_at(e.lag) >= w);
-            if answers && best_answer.is_none_or(|b| (t, nbr) < (b.0, b.1)) {
-                best_answer = Some((t, nbr, e.slot));
-            }
             if e.slot == d.selected {
                 current = Some((t, nbr, e.slot));
-                current_answers = answers;
             }
         }
         let chosen = match (current, best) {
-            (Some(_), _) if !current_answers && best_answer.is_some() => best_answer,
             (Some(c), Some(b)) if b.0.saturating_add(hyst) >= c.0 => Some(c),
             (_, b) => b,
         };
@@ -643,7 +665,11 @@ impl Router {
                 if wanted.is_some_and(|w| d.seqno_at(lag) >= w) {
                     self.answers.push(prefix);
                 }
-                self.starving.remove(&prefix);
+                if self.starving.remove(&prefix)
+                    && let Some(r) = self.requests.get_mut(&prefix)
+                {
+                    r.starving_asked = 0;
+                }
                 // A neighbor offering a clearly better route that is unfeasible here may
                 // well have a newer seqno by now (newer seqnos alone are not broadcast):
                 // ask it for one that would be feasible (Babel, RFC 8966 §3.8.2.2).
@@ -744,10 +770,14 @@ impl Router {
             .filter_map(|e| self.nbr_of(e.slot).map(|(n, _)| n))
             .collect();
         let req = self.requests.entry(prefix).or_default();
+        // Repeats back off (×2 each, up to ×8): a dead owner's prefix starves everywhere
+        // until its retraction arrives, and every repeat travels towards the owner.
+        let interval = interval << req.starving_asked.min(3);
         if targets.is_empty() || req.last_sent.is_some_and(|t| now < t + interval) {
             return;
         }
         req.last_sent = Some(now);
+        req.starving_asked = req.starving_asked.saturating_add(1);
         let fd_seqno = if d.fd_metric == METRIC_INFINITY {
             0
         } else {
@@ -919,11 +949,18 @@ impl Router {
                 .is_some_and(|d| d.routes.is_empty() && d.adv_metric == METRIC_INFINITY)
                 && !self.paced.contains(&p);
             if empty {
-                self.table.remove(&p);
                 self.starving.remove(&p);
                 self.improvable.remove(&p);
                 self.requests.remove(&p);
-                self.gc_old_sigs(&p);
+                // Never announced: nothing of ours can come back, forget it now.
+                if self.table.get(&p).is_some_and(|d| d.sent_at == NEVER_SENT) {
+                    self.table.remove(&p);
+                    self.gc_old_sigs(&p);
+                } else {
+                    self.forgetting.entry(p).or_insert(now);
+                }
+            } else if self.table.get(&p).is_some_and(|d| !d.routes.is_empty()) {
+                self.forgetting.remove(&p);
             }
         }
     }
@@ -940,13 +977,28 @@ impl Router {
         for p in improvable {
             self.request_better(p, now, out);
         }
-        let keep = &self.improvable;
+        let (improvable, starving) = (&self.improvable, &self.starving);
         self.requests.retain(|p, r| {
-            keep.contains(p)
+            improvable.contains(p)
+                || starving.contains(p)
                 || r.last_sent.is_some_and(|t| now < t + interval)
                 || r.forwarded.is_some_and(|(_, t)| now < t + interval)
                 || (!r.asked_by.is_empty() && now < r.asked_at + REQUESTERS_HOLD)
         });
+        // Records kept only for their feasibility distance go after `FD_HOLD`.
+        let expired: Vec<Prefix> = self
+            .forgetting
+            .iter()
+            .filter(|(_, at)| now >= **at + FD_HOLD)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in expired {
+            self.forgetting.remove(&p);
+            if self.table.get(&p).is_some_and(|d| d.routes.is_empty()) {
+                self.table.remove(&p);
+                self.gc_old_sigs(&p);
+            }
+        }
         // Held changes whose pacing interval ended go out now (their latest state).
         if !self.paced.is_empty() {
             let stamp = pacing_stamp(now);
@@ -1313,6 +1365,60 @@ mod tests {
             &route_signature_input(&p, dump[0].seqno, &dump[0].router_key),
             &dump[0].signature
         ));
+    }
+
+    /// Issue 15, churn: a raised seqno goes back only to the neighbor that asked for it, and
+    /// a prefix's changes within the pacing interval are held and sent as its latest state.
+    #[test]
+    fn a_raised_seqno_goes_only_to_the_asker_and_changes_are_paced() {
+        let owner = Identity::from_seed(&[1; 32]);
+        let p = prefix_for_key(&owner.public_key());
+        let mut r = router();
+        let mut out = Vec::new();
+        for n in 1..=3 {
+            r.neighbor_up(n, 1000, &mut out);
+        }
+        r.handle_updates(1, &[signed(&owner, 5, 100)], 0, &mut out);
+        assert_eq!(r.next_hop(&p), Some(1));
+        let updates_to = |out: &[(Nbr, Control)]| -> Vec<(Nbr, u64, u32)> {
+            out.iter()
+                .flat_map(|(n, c)| match c {
+                    Control::Updates(l) => l.iter().map(|u| (*n, u.seqno, u.metric)).collect(),
+                    _ => Vec::new(),
+                })
+                .collect()
+        };
+        // Neighbor 2 asks for seqno 6: forwarded to the next hop only, 2 remembered.
+        out.clear();
+        r.handle_request(2, p, 6, 64, 1_000_000, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(matches!(
+            out[0],
+            (1, Control::SeqnoRequest { seqno: 6, .. })
+        ));
+        // The answer (same metric): sent to neighbor 2 alone, not broadcast.
+        out.clear();
+        r.handle_updates(1, &[signed(&owner, 6, 100)], 1_050_000, &mut out);
+        assert_eq!(updates_to(&out), vec![(2, 6, 1100)]);
+        assert_eq!(r.counters.seqno_answers_sent, 1);
+        // A new metric is broadcast at once; a second change 30 ms later is held...
+        out.clear();
+        r.handle_updates(1, &[signed(&owner, 6, 200)], 2_000_000, &mut out);
+        assert_eq!(
+            updates_to(&out),
+            vec![(1, 6, 1200), (2, 6, 1200), (3, 6, 1200)]
+        );
+        out.clear();
+        r.handle_updates(1, &[signed(&owner, 6, 300)], 2_030_000, &mut out);
+        r.handle_updates(1, &[signed(&owner, 6, 400)], 2_060_000, &mut out);
+        assert!(updates_to(&out).is_empty(), "{out:?}");
+        assert_eq!(r.counters.updates_paced, 1);
+        // ... and its latest state goes out once the interval is over.
+        r.tick(2_200_000, &mut out);
+        assert_eq!(
+            updates_to(&out),
+            vec![(1, 6, 1400), (2, 6, 1400), (3, 6, 1400)]
+        );
     }
 
     /// Issue 13, item 4: self-made keys could each announce a prefix that every node stores.
