@@ -12,6 +12,7 @@
 //! that read, wrote or closed (it marks its shard dirty before notifying), or the shard's own
 //! smoltcp timer (cached after each poll; the poll task sleeps until the earliest).
 
+use crate::buffers::SocketMemory;
 use crate::config::StackConfig;
 use crate::demux::{ConnectionKey, connection_request, inbound_connection};
 use crate::device::{Outbound, ShardDevice};
@@ -40,7 +41,7 @@ const _: () = assert!(SHARDS <= 64, "dirty shards are a u64 bit set");
 
 /// Listening sockets kept ready per listener in each shard. Every inbound packet is followed by
 /// a refill before the shard's next one is processed, so one spare suffices for a burst of
-/// SYNs; more would only hold buffers (2 × `socket_buffer` each) in every shard.
+/// SYNs; more would only hold sockets in every shard.
 const LISTEN_SPARES: usize = 1;
 const EPHEMERAL_START: u16 = 49152;
 
@@ -82,6 +83,7 @@ impl Listener {
 
 struct Shard {
     iface: Interface,
+    /// Declared before `memory`: the sockets borrow their buffers from it and drop first.
     sockets: SocketSet<'static>,
     inbound: VecDeque<Bytes>,
     /// Sockets whose stream was dropped: removed once closed.
@@ -91,6 +93,8 @@ struct Shard {
     /// smoltcp's next timer for this shard as of its last poll (`None`: nothing scheduled).
     /// Valid until the shard is touched, and every touch marks it dirty.
     poll_at: Option<SmolInstant>,
+    /// The buffers of each socket in `sockets`, removed after the socket.
+    memory: HashMap<SocketHandle, SocketMemory>,
 }
 
 impl Shard {
@@ -178,6 +182,7 @@ impl Shared {
                     orphans: Vec::new(),
                     ephemeral: HashMap::new(),
                     poll_at: None,
+                    memory: HashMap::new(),
                 }
             })
             .collect();
@@ -269,13 +274,22 @@ impl Inner {
             remote_port: remote.port(),
             local_port: port,
         });
-        let mut socket = self.new_socket();
+        let (mut socket, memory) = match self.new_socket() {
+            Ok(s) => s,
+            Err(e) => {
+                self.ephemeral_in_use.remove(&port);
+                return Err(e);
+            }
+        };
         socket.set_timeout(Some(SmolDuration::from_micros(
             self.config.connect_timeout.as_micros() as u64,
         )));
         let remote_ep = IpEndpoint::new(IpAddress::Ipv6(*remote.ip()), remote.port());
         let s = &mut self.shards[shard];
         if let Err(e) = socket.connect(s.iface.context(), remote_ep, port) {
+            // The socket before the memory it borrows.
+            drop(socket);
+            drop(memory);
             self.ephemeral_in_use.remove(&port);
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -283,24 +297,25 @@ impl Inner {
             ));
         }
         let handle = s.sockets.add(socket);
+        s.memory.insert(handle, memory);
         s.ephemeral.insert(handle, port);
         self.mark_dirty(shard);
         Ok(SocketId { shard, handle })
     }
 
-    /// A fresh TCP socket with the stack's buffers, congestion control and keep-alive.
-    fn new_socket(&self) -> tcp::Socket<'static> {
+    /// A fresh TCP socket with the stack's buffers, congestion control and keep-alive, and
+    /// the memory its buffers live in (kept beside the socket, dropped after it).
+    fn new_socket(&self) -> io::Result<(tcp::Socket<'static>, SocketMemory)> {
         let size = self.config.socket_buffer.max(4096);
-        let rx = tcp::SocketBuffer::new(vec![0u8; size]);
-        let tx = tcp::SocketBuffer::new(vec![0u8; size]);
-        let mut socket = tcp::Socket::new(rx, tx);
+        let (memory, rx, tx) = SocketMemory::new(size)?;
+        let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
         socket.set_congestion_control(tcp::CongestionControl::Cubic);
         // Streams carry proxied request/response traffic: latency over coalescing.
         socket.set_nagle_enabled(false);
         socket.set_keep_alive(Some(SmolDuration::from_micros(
             self.config.keep_alive.as_micros() as u64,
         )));
-        socket
+        Ok((socket, memory))
     }
 
     /// A socket of the stack. Whoever changes it in a way that may need packets sent marks its
@@ -309,6 +324,41 @@ impl Inner {
         self.shards[id.shard]
             .sockets
             .get_mut::<tcp::Socket>(id.handle)
+    }
+
+    /// A stream wrote into its send buffer: it may be given back once the data is acknowledged.
+    pub(crate) fn note_sent(&mut self, id: SocketId) {
+        if let Some(m) = self.shards[id.shard].memory.get_mut(&id.handle) {
+            m.sent_since_release = true;
+        }
+    }
+
+    /// Gives back the send buffers that were written since their last release and are empty
+    /// now (everything acknowledged). Returns how many.
+    pub(crate) fn release_idle_send_buffers(&mut self) -> usize {
+        let mut released = 0;
+        for shard in &mut self.shards {
+            for (handle, memory) in &mut shard.memory {
+                if !memory.sent_since_release {
+                    continue;
+                }
+                let socket = shard.sockets.get::<tcp::Socket>(*handle);
+                if socket.send_queue() == 0 {
+                    memory.release_send();
+                    released += 1;
+                }
+            }
+        }
+        released
+    }
+
+    /// Bytes of socket buffer memory resident in RAM, every socket of every shard.
+    pub(crate) fn buffer_resident_bytes(&self) -> u64 {
+        self.shards
+            .iter()
+            .flat_map(|shard| shard.memory.values())
+            .map(|m| m.resident() as u64)
+            .sum()
     }
 
     pub(crate) fn mark_dirty(&mut self, shard: usize) {
@@ -352,7 +402,9 @@ impl Inner {
     fn remove(&mut self, id: SocketId) {
         self.unreachable.remove(&(id.shard, id.handle));
         let shard = &mut self.shards[id.shard];
-        shard.sockets.remove(id.handle);
+        // The socket first: it borrows the memory.
+        drop(shard.sockets.remove(id.handle));
+        shard.memory.remove(&id.handle);
         if let Some(port) = shard.ephemeral.remove(&id.handle) {
             self.ephemeral_in_use.remove(&port);
         }
@@ -453,14 +505,21 @@ impl Inner {
             return;
         }
         while l.shards[shard].listening.len() < LISTEN_SPARES {
-            let mut socket = self.new_socket();
+            let Ok((mut socket, memory)) = self.new_socket() else {
+                // Out of address space: the SYN meets no spare and is refused.
+                break;
+            };
             if socket
                 .listen(IpListenEndpoint { addr: None, port })
                 .is_err()
             {
+                drop(socket);
+                drop(memory);
                 break;
             }
-            let handle = self.shards[shard].sockets.add(socket);
+            let s = &mut self.shards[shard];
+            let handle = s.sockets.add(socket);
+            s.memory.insert(handle, memory);
             l.shards[shard].listening.push(handle);
         }
     }

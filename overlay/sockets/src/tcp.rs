@@ -141,6 +141,7 @@ impl AsyncWrite for TcpStream {
             }
             Ok(n) => {
                 inner.mark_dirty(self.id.shard);
+                inner.note_sent(self.id);
                 drop(inner);
                 self.shared.notify.notify_one();
                 Poll::Ready(Ok(n))
