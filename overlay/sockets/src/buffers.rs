@@ -9,12 +9,13 @@
 //! kernel on first touch, so a socket carrying small requests and responses commits only the
 //! pages its data passed through, and `munmap` returns them at once.
 //!
-//! Giving pages back from a live socket ([`SocketMemory::release_send`]) is only done where
-//! nothing can be read from them: the send buffer when it is empty (everything sent was
-//! acknowledged; smoltcp rewinds an empty send ring to its start on the next write). The
-//! receive buffer is never trimmed while the socket lives: smoltcp keeps out-of-order
-//! segments in its free part, invisible from outside, and zeroing them would corrupt the
-//! stream once the gap is filled.
+//! Giving pages back from a live socket is only done where nothing can be read from them:
+//! - the send buffer when it is empty: everything sent was acknowledged;
+//! - the receive buffer when it is empty *and* every byte the peer ever sent has been read:
+//!   smoltcp keeps out-of-order segments in the free part of the ring, invisible from outside,
+//!   and zeroing them would corrupt the stream once the gap is filled. The shard tracks the
+//!   highest sequence number each connection received (from the packets' headers) and the
+//!   stream counts what it read; when the two meet, no segment can be waiting.
 
 // This module is the crate's one FFI seam (mmap, madvise, mincore, munmap); every unsafe
 // block carries its SAFETY argument.
@@ -105,6 +106,10 @@ pub(crate) struct SocketMemory {
     tx: Mapping,
     /// Data was written since the send buffer was last given back.
     pub(crate) sent_since_release: bool,
+    /// Data was read since the receive buffer was last given back.
+    pub(crate) read_since_release: bool,
+    /// Bytes the stream has read, modulo 2^32 (as TCP sequence numbers count).
+    pub(crate) read_total: u32,
 }
 
 impl SocketMemory {
@@ -127,6 +132,8 @@ impl SocketMemory {
             rx,
             tx,
             sent_since_release: false,
+            read_since_release: false,
+            read_total: 0,
         };
         Ok((memory, rx_slice, tx_slice))
     }
@@ -135,6 +142,13 @@ impl SocketMemory {
     pub(crate) fn release_send(&mut self) {
         self.tx.release();
         self.sent_since_release = false;
+    }
+
+    /// Gives the receive buffer's pages back: only call it while the receive ring is empty and
+    /// holds no out-of-order segment (see the module comment).
+    pub(crate) fn release_recv(&mut self) {
+        self.rx.release();
+        self.read_since_release = false;
     }
 
     /// Resident bytes of both buffers.
@@ -158,7 +172,8 @@ mod tests {
         assert_eq!(m.resident(), 4 * page);
         m.release_send();
         assert_eq!(m.resident(), 3 * page);
-        assert_eq!(tx[0], 0, "released pages read as zeros");
-        assert_eq!(rx[0], 1);
+        m.release_recv();
+        assert_eq!(m.resident(), 0);
+        assert_eq!((rx[0], tx[0]), (0, 0), "released pages read as zeros");
     }
 }

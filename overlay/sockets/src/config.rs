@@ -11,7 +11,7 @@ pub struct StackConfig {
     /// 10 Gbit/s at 0.2 ms (loopback overlay hops). Each buffer is its own anonymous mapping,
     /// committed page by page as data passes through it: up to 2 × buffer per busy stream, a
     /// few pages for one carrying small requests; the whole of it returns to the OS when the
-    /// socket goes, and the send buffer whenever its data is acknowledged.
+    /// socket goes, and while it lives whenever it is empty (`release_interval`).
     pub socket_buffer: usize,
     /// Connections accepted by the stack but not yet taken with `accept()`, per listener.
     /// Further SYNs are refused with a reset.
@@ -24,8 +24,9 @@ pub struct StackConfig {
     pub keep_alive: Duration,
     /// Packets queued toward the L3 port before the device pushes back on smoltcp.
     pub outbound_queue: usize,
-    /// How often the send buffers of sockets with nothing left in flight are given back to
-    /// the OS (their pages are committed again when next written).
+    /// How often the buffers of quiet sockets are given back to the OS: the send buffer once
+    /// its data is acknowledged, the receive buffer once everything received was read (their
+    /// pages are committed again when data next passes).
     pub release_interval: Duration,
 }
 

@@ -14,7 +14,9 @@
 
 use crate::buffers::SocketMemory;
 use crate::config::StackConfig;
-use crate::demux::{ConnectionKey, connection_request, inbound_connection};
+use crate::demux::{
+    ConnectionKey, SegmentSeq, connection_request, inbound_connection, inbound_segment_seq,
+};
 use crate::device::{Outbound, ShardDevice};
 use bytes::Bytes;
 use smoltcp::iface::{
@@ -44,6 +46,19 @@ const _: () = assert!(SHARDS <= 64, "dirty shards are a u64 bit set");
 /// SYNs; more would only hold sockets in every shard.
 const LISTEN_SPARES: usize = 1;
 const EPHEMERAL_START: u16 = 49152;
+
+/// Connections whose received sequence numbers one shard tracks (for giving receive buffers
+/// back). Entries without a socket are pruned at every release; a flood of SYNs beyond this
+/// is simply not tracked, and those connections keep their receive pages until they close.
+const MAX_TRACKED_PER_SHARD: usize = 4096;
+
+/// What one connection has received: where its data starts and the end of the highest
+/// payload seen.
+#[derive(Clone, Copy)]
+struct ReceivedSeq {
+    start: u32,
+    highest: u32,
+}
 
 /// A socket of the stack: the shard holding it and its handle there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,9 +110,37 @@ struct Shard {
     poll_at: Option<SmolInstant>,
     /// The buffers of each socket in `sockets`, removed after the socket.
     memory: HashMap<SocketHandle, SocketMemory>,
+    /// Received sequence numbers per connection, from inbound headers.
+    received: HashMap<ConnectionKey, ReceivedSeq>,
 }
 
 impl Shard {
+    /// Notes an inbound segment's sequence numbers for its connection.
+    fn track_received(&mut self, key: ConnectionKey, seg: SegmentSeq) {
+        if seg.syn {
+            match self.received.get(&key) {
+                // A retransmitted SYN: the connection's data so far still counts.
+                Some(r) if r.start == seg.end => return,
+                // A new connection on the same tuple (new initial sequence number).
+                Some(_) => {}
+                None if self.received.len() >= MAX_TRACKED_PER_SHARD => return,
+                None => {}
+            }
+            self.received.insert(
+                key,
+                ReceivedSeq {
+                    start: seg.end,
+                    highest: seg.end,
+                },
+            );
+        } else if let Some(r) = self.received.get_mut(&key) {
+            // Sequence numbers wrap: "after" is a positive signed distance.
+            if (seg.end.wrapping_sub(r.highest) as i32) > 0 {
+                r.highest = seg.end;
+            }
+        }
+    }
+
     /// Whether a socket of this shard is connected, or connecting, as `key`. A socket in
     /// TIME-WAIT does not count: the peer may open the connection anew.
     fn holds(&self, key: ConnectionKey) -> bool {
@@ -183,6 +226,7 @@ impl Shared {
                     ephemeral: HashMap::new(),
                     poll_at: None,
                     memory: HashMap::new(),
+                    received: HashMap::new(),
                 }
             })
             .collect();
@@ -333,21 +377,50 @@ impl Inner {
         }
     }
 
-    /// Gives back the send buffers that were written since their last release and are empty
-    /// now (everything acknowledged). Returns how many.
-    pub(crate) fn release_idle_send_buffers(&mut self) -> usize {
+    /// A stream read `n` bytes from its receive buffer.
+    pub(crate) fn note_read(&mut self, id: SocketId, n: usize) {
+        if let Some(m) = self.shards[id.shard].memory.get_mut(&id.handle) {
+            m.read_since_release = true;
+            m.read_total = m.read_total.wrapping_add(n as u32);
+        }
+    }
+
+    /// Gives back the buffers used since their last release that are empty now: send buffers
+    /// whose data was all acknowledged, receive buffers whose connection has had everything
+    /// it received read (no out-of-order segment can be waiting in them). Forgets the
+    /// received sequence numbers of connections that no socket holds. Returns how many
+    /// buffers were given back.
+    pub(crate) fn release_idle_buffers(&mut self) -> usize {
         let mut released = 0;
         for shard in &mut self.shards {
+            let mut live = HashSet::new();
             for (handle, memory) in &mut shard.memory {
-                if !memory.sent_since_release {
-                    continue;
-                }
                 let socket = shard.sockets.get::<tcp::Socket>(*handle);
-                if socket.send_queue() == 0 {
+                let key = socket
+                    .local_endpoint()
+                    .zip(socket.remote_endpoint())
+                    .map(|(l, r)| ConnectionKey {
+                        remote: endpoint_v6(r).ip().to_owned(),
+                        remote_port: r.port,
+                        local_port: l.port,
+                    });
+                if let Some(key) = key {
+                    live.insert(key);
+                }
+                if memory.sent_since_release && socket.send_queue() == 0 {
                     memory.release_send();
                     released += 1;
                 }
+                if memory.read_since_release
+                    && socket.recv_queue() == 0
+                    && let Some(r) = key.and_then(|k| shard.received.get(&k))
+                    && r.highest.wrapping_sub(r.start) == memory.read_total
+                {
+                    memory.release_recv();
+                    released += 1;
+                }
             }
+            shard.received.retain(|k, _| live.contains(k));
         }
         released
     }
@@ -375,7 +448,13 @@ impl Inner {
     /// Queues an inbound packet on its connection's shard; a packet that is not TCP (or not
     /// parseable) goes to shard 0, whose smoltcp answers or drops it as a single stack would.
     pub(crate) fn route_inbound(&mut self, packet: Bytes) {
-        let shard = inbound_connection(&packet).map_or(0, |key| self.shard_of(key));
+        let key = inbound_connection(&packet);
+        let shard = key.map_or(0, |key| self.shard_of(key));
+        if let Some(key) = key
+            && let Some(seg) = inbound_segment_seq(&packet)
+        {
+            self.shards[shard].track_received(key, seg);
+        }
         self.shards[shard].inbound.push_back(packet);
     }
 

@@ -109,9 +109,10 @@ impl Stack {
         self.shared.lock().buffer_resident_bytes()
     }
 
-    /// Gives back now the send buffers the periodic release would (tests, memory pressure).
+    /// Gives back now the buffers the periodic release would (tests, memory pressure).
+    /// Returns how many buffers were given back.
     pub fn release_buffers(&self) -> usize {
-        self.shared.lock().release_idle_send_buffers()
+        self.shared.lock().release_idle_buffers()
     }
 
     /// Connections (sockets with a peer, closing ones included) held by each shard: for tests
@@ -379,8 +380,8 @@ async fn run(
     shared.lock().stop();
 }
 
-/// Every `every`, gives back the send buffers of sockets with nothing in flight (a socket
-/// between requests holds no send memory). Ends with the stack.
+/// Every `every`, gives back the buffers of sockets with nothing in them (a socket between
+/// requests holds no buffer memory). Ends with the stack.
 async fn release_buffers(shared: std::sync::Weak<Shared>, every: Duration) {
     let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -394,7 +395,7 @@ async fn release_buffers(shared: std::sync::Weak<Shared>, every: Duration) {
         if inner.stopped {
             break;
         }
-        inner.release_idle_send_buffers();
+        inner.release_idle_buffers();
     }
 }
 
