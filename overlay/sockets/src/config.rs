@@ -8,8 +8,10 @@ use std::time::Duration;
 pub struct StackConfig {
     /// Receive and send buffer of each TCP socket, in bytes. It bounds the window and so the
     /// throughput of one stream to `buffer / RTT`: 256 KiB carries 2 Gbit/s at 1 ms RTT and
-    /// 10 Gbit/s at 0.2 ms (loopback overlay hops). Memory is committed as it is touched, up to
-    /// 2 × buffer per busy stream.
+    /// 10 Gbit/s at 0.2 ms (loopback overlay hops). Each buffer is its own anonymous mapping,
+    /// committed page by page as data passes through it: up to 2 × buffer per busy stream, a
+    /// few pages for one carrying small requests; the whole of it returns to the OS when the
+    /// socket goes, and while it lives whenever it is empty (`release_interval`).
     pub socket_buffer: usize,
     /// Connections accepted by the stack but not yet taken with `accept()`, per listener.
     /// Further SYNs are refused with a reset.
@@ -22,6 +24,10 @@ pub struct StackConfig {
     pub keep_alive: Duration,
     /// Packets queued toward the L3 port before the device pushes back on smoltcp.
     pub outbound_queue: usize,
+    /// How often the buffers of quiet sockets are given back to the OS: the send buffer once
+    /// its data is acknowledged, the receive buffer once everything received was read (their
+    /// pages are committed again when data next passes).
+    pub release_interval: Duration,
 }
 
 impl Default for StackConfig {
@@ -33,6 +39,7 @@ impl Default for StackConfig {
             stream_timeout: Duration::from_secs(120),
             keep_alive: Duration::from_secs(30),
             outbound_queue: 64,
+            release_interval: Duration::from_secs(1),
         }
     }
 }

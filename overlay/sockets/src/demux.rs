@@ -56,6 +56,41 @@ pub(crate) fn inbound_connection(packet: &[u8]) -> Option<ConnectionKey> {
     }
 }
 
+/// What the receive side of a connection learns from one inbound TCP segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SegmentSeq {
+    /// Sequence number of the first byte after this segment's payload (a SYN's own number
+    /// + 1: where data starts).
+    pub end: u32,
+    /// The segment opens the connection (SYN): `end` is where its data starts.
+    pub syn: bool,
+}
+
+/// For a TCP segment (not an ICMPv6 error): the sequence numbers its payload covers. `None`
+/// for resets (they carry no stream data) and anything truncated.
+pub(crate) fn inbound_segment_seq(packet: &[u8]) -> Option<SegmentSeq> {
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    let (next, tcp) = transport(packet)?;
+    if next != NEXT_TCP {
+        return None;
+    }
+    let header = tcp.get(..20)?;
+    let flags = header[13];
+    if flags & RST != 0 {
+        return None;
+    }
+    let seq = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    let data_offset = usize::from(header[12] >> 4) * 4;
+    let payload = tcp.len().checked_sub(data_offset)?;
+    let syn = flags & SYN != 0;
+    // A SYN takes one sequence number before the data.
+    let end = seq
+        .wrapping_add(u32::from(syn))
+        .wrapping_add(u32::try_from(payload).ok()?);
+    Some(SegmentSeq { end, syn })
+}
+
 /// For a TCP segment opening a connection (SYN without ACK): its connection.
 pub(crate) fn connection_request(packet: &[u8]) -> Option<ConnectionKey> {
     const SYN: u8 = 0x02;
@@ -152,6 +187,34 @@ mod tests {
                 local_port: 80
             })
         );
+    }
+
+    #[test]
+    fn segment_sequence_ends() {
+        let seg = |flags: u8, seq: u32, payload: usize| {
+            let mut t = tcp(40000, 80);
+            t[4..8].copy_from_slice(&seq.to_be_bytes());
+            t[13] = flags;
+            t.extend(std::iter::repeat_n(7u8, payload));
+            ipv6(NEXT_TCP, REMOTE, LOCAL, &t)
+        };
+        let syn = SegmentSeq {
+            end: 101,
+            syn: true,
+        };
+        assert_eq!(inbound_segment_seq(&seg(0x02, 100, 0)), Some(syn));
+        assert_eq!(inbound_segment_seq(&seg(0x12, 100, 0)), Some(syn));
+        let data = SegmentSeq { end: 4, syn: false };
+        assert_eq!(
+            inbound_segment_seq(&seg(0x18, u32::MAX - 9, 14)),
+            Some(data)
+        );
+        assert_eq!(inbound_segment_seq(&seg(0x04, 100, 0)), None, "reset");
+        // A data offset past the packet's end.
+        let mut bad = seg(0x10, 1, 0);
+        bad[40 + 12] = 15 << 4;
+        assert_eq!(inbound_segment_seq(&bad), None);
+        assert_eq!(inbound_segment_seq(&seg(0x10, 1, 0)[..50]), None);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!
 //! The crate does not depend on the overlay core: it takes the channel ends, address and MTU.
 
+mod buffers;
 mod config;
 mod demux;
 mod device;

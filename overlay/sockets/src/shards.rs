@@ -12,8 +12,11 @@
 //! that read, wrote or closed (it marks its shard dirty before notifying), or the shard's own
 //! smoltcp timer (cached after each poll; the poll task sleeps until the earliest).
 
+use crate::buffers::SocketMemory;
 use crate::config::StackConfig;
-use crate::demux::{ConnectionKey, connection_request, inbound_connection};
+use crate::demux::{
+    ConnectionKey, SegmentSeq, connection_request, inbound_connection, inbound_segment_seq,
+};
 use crate::device::{Outbound, ShardDevice};
 use bytes::Bytes;
 use smoltcp::iface::{
@@ -40,9 +43,22 @@ const _: () = assert!(SHARDS <= 64, "dirty shards are a u64 bit set");
 
 /// Listening sockets kept ready per listener in each shard. Every inbound packet is followed by
 /// a refill before the shard's next one is processed, so one spare suffices for a burst of
-/// SYNs; more would only hold buffers (2 × `socket_buffer` each) in every shard.
+/// SYNs; more would only hold sockets in every shard.
 const LISTEN_SPARES: usize = 1;
 const EPHEMERAL_START: u16 = 49152;
+
+/// Connections whose received sequence numbers one shard tracks (for giving receive buffers
+/// back). Entries without a socket are pruned at every release; a flood of SYNs beyond this
+/// is simply not tracked, and those connections keep their receive pages until they close.
+const MAX_TRACKED_PER_SHARD: usize = 4096;
+
+/// What one connection has received: where its data starts and the end of the highest
+/// payload seen.
+#[derive(Clone, Copy)]
+struct ReceivedSeq {
+    start: u32,
+    highest: u32,
+}
 
 /// A socket of the stack: the shard holding it and its handle there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +98,7 @@ impl Listener {
 
 struct Shard {
     iface: Interface,
+    /// Declared before `memory`: the sockets borrow their buffers from it and drop first.
     sockets: SocketSet<'static>,
     inbound: VecDeque<Bytes>,
     /// Sockets whose stream was dropped: removed once closed.
@@ -91,9 +108,39 @@ struct Shard {
     /// smoltcp's next timer for this shard as of its last poll (`None`: nothing scheduled).
     /// Valid until the shard is touched, and every touch marks it dirty.
     poll_at: Option<SmolInstant>,
+    /// The buffers of each socket in `sockets`, removed after the socket.
+    memory: HashMap<SocketHandle, SocketMemory>,
+    /// Received sequence numbers per connection, from inbound headers.
+    received: HashMap<ConnectionKey, ReceivedSeq>,
 }
 
 impl Shard {
+    /// Notes an inbound segment's sequence numbers for its connection.
+    fn track_received(&mut self, key: ConnectionKey, seg: SegmentSeq) {
+        if seg.syn {
+            match self.received.get(&key) {
+                // A retransmitted SYN: the connection's data so far still counts.
+                Some(r) if r.start == seg.end => return,
+                // A new connection on the same tuple (new initial sequence number).
+                Some(_) => {}
+                None if self.received.len() >= MAX_TRACKED_PER_SHARD => return,
+                None => {}
+            }
+            self.received.insert(
+                key,
+                ReceivedSeq {
+                    start: seg.end,
+                    highest: seg.end,
+                },
+            );
+        } else if let Some(r) = self.received.get_mut(&key) {
+            // Sequence numbers wrap: "after" is a positive signed distance.
+            if (seg.end.wrapping_sub(r.highest) as i32) > 0 {
+                r.highest = seg.end;
+            }
+        }
+    }
+
     /// Whether a socket of this shard is connected, or connecting, as `key`. A socket in
     /// TIME-WAIT does not count: the peer may open the connection anew.
     fn holds(&self, key: ConnectionKey) -> bool {
@@ -178,6 +225,8 @@ impl Shared {
                     orphans: Vec::new(),
                     ephemeral: HashMap::new(),
                     poll_at: None,
+                    memory: HashMap::new(),
+                    received: HashMap::new(),
                 }
             })
             .collect();
@@ -269,13 +318,22 @@ impl Inner {
             remote_port: remote.port(),
             local_port: port,
         });
-        let mut socket = self.new_socket();
+        let (mut socket, memory) = match self.new_socket() {
+            Ok(s) => s,
+            Err(e) => {
+                self.ephemeral_in_use.remove(&port);
+                return Err(e);
+            }
+        };
         socket.set_timeout(Some(SmolDuration::from_micros(
             self.config.connect_timeout.as_micros() as u64,
         )));
         let remote_ep = IpEndpoint::new(IpAddress::Ipv6(*remote.ip()), remote.port());
         let s = &mut self.shards[shard];
         if let Err(e) = socket.connect(s.iface.context(), remote_ep, port) {
+            // The socket before the memory it borrows.
+            drop(socket);
+            drop(memory);
             self.ephemeral_in_use.remove(&port);
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -283,24 +341,25 @@ impl Inner {
             ));
         }
         let handle = s.sockets.add(socket);
+        s.memory.insert(handle, memory);
         s.ephemeral.insert(handle, port);
         self.mark_dirty(shard);
         Ok(SocketId { shard, handle })
     }
 
-    /// A fresh TCP socket with the stack's buffers, congestion control and keep-alive.
-    fn new_socket(&self) -> tcp::Socket<'static> {
+    /// A fresh TCP socket with the stack's buffers, congestion control and keep-alive, and
+    /// the memory its buffers live in (kept beside the socket, dropped after it).
+    fn new_socket(&self) -> io::Result<(tcp::Socket<'static>, SocketMemory)> {
         let size = self.config.socket_buffer.max(4096);
-        let rx = tcp::SocketBuffer::new(vec![0u8; size]);
-        let tx = tcp::SocketBuffer::new(vec![0u8; size]);
-        let mut socket = tcp::Socket::new(rx, tx);
+        let (memory, rx, tx) = SocketMemory::new(size)?;
+        let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
         socket.set_congestion_control(tcp::CongestionControl::Cubic);
         // Streams carry proxied request/response traffic: latency over coalescing.
         socket.set_nagle_enabled(false);
         socket.set_keep_alive(Some(SmolDuration::from_micros(
             self.config.keep_alive.as_micros() as u64,
         )));
-        socket
+        Ok((socket, memory))
     }
 
     /// A socket of the stack. Whoever changes it in a way that may need packets sent marks its
@@ -309,6 +368,70 @@ impl Inner {
         self.shards[id.shard]
             .sockets
             .get_mut::<tcp::Socket>(id.handle)
+    }
+
+    /// A stream wrote into its send buffer: it may be given back once the data is acknowledged.
+    pub(crate) fn note_sent(&mut self, id: SocketId) {
+        if let Some(m) = self.shards[id.shard].memory.get_mut(&id.handle) {
+            m.sent_since_release = true;
+        }
+    }
+
+    /// A stream read `n` bytes from its receive buffer.
+    pub(crate) fn note_read(&mut self, id: SocketId, n: usize) {
+        if let Some(m) = self.shards[id.shard].memory.get_mut(&id.handle) {
+            m.read_since_release = true;
+            m.read_total = m.read_total.wrapping_add(n as u32);
+        }
+    }
+
+    /// Gives back the buffers used since their last release that are empty now: send buffers
+    /// whose data was all acknowledged, receive buffers whose connection has had everything
+    /// it received read (no out-of-order segment can be waiting in them). Forgets the
+    /// received sequence numbers of connections that no socket holds. Returns how many
+    /// buffers were given back.
+    pub(crate) fn release_idle_buffers(&mut self) -> usize {
+        let mut released = 0;
+        for shard in &mut self.shards {
+            let mut live = HashSet::new();
+            for (handle, memory) in &mut shard.memory {
+                let socket = shard.sockets.get::<tcp::Socket>(*handle);
+                let key = socket
+                    .local_endpoint()
+                    .zip(socket.remote_endpoint())
+                    .map(|(l, r)| ConnectionKey {
+                        remote: endpoint_v6(r).ip().to_owned(),
+                        remote_port: r.port,
+                        local_port: l.port,
+                    });
+                if let Some(key) = key {
+                    live.insert(key);
+                }
+                if memory.sent_since_release && socket.send_queue() == 0 {
+                    memory.release_send();
+                    released += 1;
+                }
+                if memory.read_since_release
+                    && socket.recv_queue() == 0
+                    && let Some(r) = key.and_then(|k| shard.received.get(&k))
+                    && r.highest.wrapping_sub(r.start) == memory.read_total
+                {
+                    memory.release_recv();
+                    released += 1;
+                }
+            }
+            shard.received.retain(|k, _| live.contains(k));
+        }
+        released
+    }
+
+    /// Bytes of socket buffer memory resident in RAM, every socket of every shard.
+    pub(crate) fn buffer_resident_bytes(&self) -> u64 {
+        self.shards
+            .iter()
+            .flat_map(|shard| shard.memory.values())
+            .map(|m| m.resident() as u64)
+            .sum()
     }
 
     pub(crate) fn mark_dirty(&mut self, shard: usize) {
@@ -325,7 +448,13 @@ impl Inner {
     /// Queues an inbound packet on its connection's shard; a packet that is not TCP (or not
     /// parseable) goes to shard 0, whose smoltcp answers or drops it as a single stack would.
     pub(crate) fn route_inbound(&mut self, packet: Bytes) {
-        let shard = inbound_connection(&packet).map_or(0, |key| self.shard_of(key));
+        let key = inbound_connection(&packet);
+        let shard = key.map_or(0, |key| self.shard_of(key));
+        if let Some(key) = key
+            && let Some(seg) = inbound_segment_seq(&packet)
+        {
+            self.shards[shard].track_received(key, seg);
+        }
         self.shards[shard].inbound.push_back(packet);
     }
 
@@ -352,7 +481,9 @@ impl Inner {
     fn remove(&mut self, id: SocketId) {
         self.unreachable.remove(&(id.shard, id.handle));
         let shard = &mut self.shards[id.shard];
-        shard.sockets.remove(id.handle);
+        // The socket first: it borrows the memory.
+        drop(shard.sockets.remove(id.handle));
+        shard.memory.remove(&id.handle);
         if let Some(port) = shard.ephemeral.remove(&id.handle) {
             self.ephemeral_in_use.remove(&port);
         }
@@ -453,14 +584,21 @@ impl Inner {
             return;
         }
         while l.shards[shard].listening.len() < LISTEN_SPARES {
-            let mut socket = self.new_socket();
+            let Ok((mut socket, memory)) = self.new_socket() else {
+                // Out of address space: the SYN meets no spare and is refused.
+                break;
+            };
             if socket
                 .listen(IpListenEndpoint { addr: None, port })
                 .is_err()
             {
+                drop(socket);
+                drop(memory);
                 break;
             }
-            let handle = self.shards[shard].sockets.add(socket);
+            let s = &mut self.shards[shard];
+            let handle = s.sockets.add(socket);
+            s.memory.insert(handle, memory);
             l.shards[shard].listening.push(handle);
         }
     }

@@ -74,8 +74,10 @@ impl Stack {
         config: StackConfig,
         inspect: Option<InboundInspector>,
     ) -> Stack {
+        let release_interval = config.release_interval;
         let shared = Arc::new(Shared::new(address, mtu, config));
         tokio::spawn(run(shared.clone(), tx, rx, inspect));
+        tokio::spawn(release_buffers(Arc::downgrade(&shared), release_interval));
         Stack { shared }
     }
 
@@ -99,6 +101,18 @@ impl Stack {
             bytes_out: s.bytes_out.load(Ordering::Relaxed),
             sockets: s.lock().socket_count(),
         }
+    }
+
+    /// Bytes of the sockets' buffers resident in memory (pages touched by data and not given
+    /// back yet). Asks the kernel about every buffer: for status pages and tests, not hot paths.
+    pub fn buffer_memory(&self) -> u64 {
+        self.shared.lock().buffer_resident_bytes()
+    }
+
+    /// Gives back now the buffers the periodic release would (tests, memory pressure).
+    /// Returns how many buffers were given back.
+    pub fn release_buffers(&self) -> usize {
+        self.shared.lock().release_idle_buffers()
     }
 
     /// Connections (sockets with a peer, closing ones included) held by each shard: for tests
@@ -364,6 +378,25 @@ async fn run(
         }
     }
     shared.lock().stop();
+}
+
+/// Every `every`, gives back the buffers of sockets with nothing in them (a socket between
+/// requests holds no buffer memory). Ends with the stack.
+async fn release_buffers(shared: std::sync::Weak<Shared>, every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            break;
+        };
+        let mut inner = shared.lock();
+        if inner.stopped {
+            break;
+        }
+        inner.release_idle_buffers();
+    }
 }
 
 fn count(packets: &AtomicU64, bytes: &AtomicU64, len: usize) {

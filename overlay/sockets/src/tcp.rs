@@ -97,6 +97,7 @@ impl AsyncRead for TcpStream {
             }
             Ok(n) => {
                 inner.mark_dirty(self.id.shard);
+                inner.note_read(self.id, n);
                 drop(inner);
                 buf.advance(n);
                 // Reading opened the receive window: the poll task may owe the peer an update.
@@ -141,6 +142,7 @@ impl AsyncWrite for TcpStream {
             }
             Ok(n) => {
                 inner.mark_dirty(self.id.shard);
+                inner.note_sent(self.id);
                 drop(inner);
                 self.shared.notify.notify_one();
                 Poll::Ready(Ok(n))
