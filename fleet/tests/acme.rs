@@ -108,6 +108,11 @@ struct Fleet {
 
 impl Fleet {
     async fn new() -> Fleet {
+        Self::with_validity(None).await
+    }
+
+    /// A fleet whose certificates from Pebble last `validity_secs`.
+    async fn with_validity(validity_secs: Option<u64>) -> Fleet {
         init_tracing();
         let etcd_cluster = EtcdCluster::start(3).await;
         let etcd = Etcd::new(EtcdOptions::new(etcd_cluster.endpoints())).unwrap();
@@ -118,7 +123,7 @@ impl Fleet {
             http_port,
             tls_port,
             dns: dns_sockets.addr(),
-            validity_secs: None,
+            validity_secs,
         })
         .await;
         Fleet {
@@ -346,6 +351,114 @@ async fn three_gateways_wanting_one_certificate_place_one_order_and_serve_one_se
     // No lock or order is left behind.
     assert_eq!(fleet.lock_holder(name).await, None);
     assert!(!dump.contains("/acme/orders/"), "{dump}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_starting_without_an_account_register_one_and_all_use_it() {
+    let mut fleet = Fleet::new().await;
+    let gws: Vec<Gw> = (0..3)
+        .map(|i| fleet.gateway(i, CustomChallenge::Http01, None, false))
+        .collect();
+    // All three connect at the same moment, with no account stored anywhere.
+    let (a, b, c) = tokio::join!(
+        gws[0].certs.account_id(),
+        gws[1].certs.account_id(),
+        gws[2].certs.account_id()
+    );
+    let ids = [a.unwrap(), b.unwrap(), c.unwrap()];
+    assert_eq!(
+        fleet.pebble.accounts_registered(),
+        1,
+        "Pebble registered one account:\n{}",
+        fleet.pebble.log_text()
+    );
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    // Stored sealed, and the lock is released.
+    let dump = fleet.etcd_cluster.dump("/meshgate/");
+    assert!(dump.contains("/acme/account"), "{dump}");
+    assert!(
+        !dump.contains("credentials"),
+        "the account is sealed:\n{dump}"
+    );
+    assert!(!dump.contains("PRIVATE KEY"));
+    eventually_ok(Duration::from_secs(10), "the account lock released", || {
+        let f = &fleet;
+        async move {
+            match f.lock_holder("@account").await {
+                None => Ok(()),
+                Some(h) => Err(h),
+            }
+        }
+    })
+    .await;
+    // A gateway joining later uses the stored account too.
+    let late = fleet.gateway(0, CustomChallenge::Http01, None, false);
+    assert_eq!(late.certs.account_id().await.unwrap(), ids[0]);
+    assert_eq!(fleet.pebble.accounts_registered(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_lived_certificate_is_renewed_once_for_the_fleet_and_served_by_all() {
+    // 30 s certificates: renewal falls due at about 2/3 of that on every gateway.
+    let mut fleet = Fleet::with_validity(Some(30)).await;
+    let name = "renew.test";
+    let mut gws: Vec<Gw> = (0..3)
+        .map(|i| fleet.gateway(i, CustomChallenge::Http01, None, true))
+        .collect();
+    fleet
+        .start_dns(&[(name, gws.iter().map(|g| g.addr).collect())], None)
+        .await;
+    for g in &mut gws {
+        g.certs.set_desired([name.to_string()]);
+        g.start_driver();
+    }
+    wait_until("all three serve the certificate", 60, || {
+        gws.iter().all(|g| g.serves(name))
+    })
+    .await;
+    assert_eq!(fleet.pebble.orders_received(), 1);
+    let root = fleet.pebble.issuing_root().await;
+    let serials = |fleet: &Fleet, gws: &[Gw]| {
+        let root = root.clone();
+        let port = fleet.tls_port;
+        let addrs: Vec<_> = gws.iter().map(|g| g.addr).collect();
+        async move {
+            let mut out = Vec::new();
+            for a in addrs {
+                out.push(serial(
+                    &served_leaf(SocketAddr::new(a.into(), port), name, &root).await,
+                ));
+            }
+            out
+        }
+    };
+    let first = serials(&fleet, &gws).await;
+    assert!(first.iter().all(|s| *s == first[0]), "{first:?}");
+
+    // Renewed once, and every gateway serves the renewed certificate.
+    let renewed = eventually_ok(
+        Duration::from_secs(45),
+        "all serve a renewed serial",
+        || {
+            let (fleet, gws, first) = (&fleet, &gws, &first[0]);
+            async move {
+                let now = serials(fleet, gws).await;
+                if now.iter().all(|s| s != first && *s == now[0]) {
+                    Ok(now)
+                } else {
+                    Err(format!("{now:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        fleet.pebble.orders_received(),
+        2,
+        "one issuance and one renewal for the fleet ({renewed:?})"
+    );
+    let placed: u64 = gws.iter().map(|g| g.certs.orders_placed()).sum();
+    assert_eq!(placed, 2, "orders placed by the three gateways together");
 }
 
 /// The lock holder has no listeners at all; the name resolves to another gateway, which
