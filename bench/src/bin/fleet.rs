@@ -16,7 +16,6 @@ use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -24,7 +23,7 @@ use meshgate_bench::write_section;
 use meshgate_gateway::upstream::overlay::EmbeddedNode;
 use meshgate_reservations::reservation::{Key, Options, Reservation};
 use meshgate_testkit::etcd::EtcdCluster;
-use meshgate_testkit::http::{Protocol, Served, serve_http};
+use meshgate_testkit::http::{Served, host_echo_backend};
 use meshgate_testkit::process::GatewayProcess;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
@@ -84,20 +83,7 @@ impl Workload {
             ..meshgate_overlay::NodeConfig::default()
         })
         .await?;
-        let (listener, local) = meshgate_testkit::listener().await;
-        let service = serve_http(
-            listener,
-            Protocol::Http1,
-            |req: Request<Incoming>| async move {
-                let host = req
-                    .headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
-                hyper::Response::new(Full::new(Bytes::from(format!("served {host}"))))
-            },
-        );
+        let (service, local) = host_echo_backend().await;
         let exposed = meshgate_sockets::expose(&node.stack, 8080, local)?;
         let backend = SocketAddr::from((node.node.address(), 8080));
         let grant = meshgate_config::node::ConsentGrant {
