@@ -8,23 +8,14 @@ use crate::devca::IssuedPem;
 use crate::dns::ChallengeZone;
 use crate::error::IssueError;
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, CertificateIdentifier, ChallengeType,
-    Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+    Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewOrder,
+    OrderStatus, RetryPolicy,
 };
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256};
-use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
-
-/// The account as persisted (mode 0600): reused while directory and key stay the same.
-#[derive(Serialize, Deserialize)]
-struct StoredAccount {
-    directory: String,
-    contact: String,
-    credentials: AccountCredentials,
-}
 
 /// Where challenge responses are published during an order: this gateway's responders and,
 /// through the order lock, every other gateway's.
@@ -87,8 +78,8 @@ pub(crate) struct AcmeClient {
 }
 
 impl AcmeClient {
-    /// Loads the account stored in `store` for `directory`, or registers a new one with
-    /// `contact` (persisted with mode 0600). `ca_root` is trusted for the server's HTTPS.
+    /// The account stored in `store` for `directory`, or a new one registered under the
+    /// backend's account lock (see the `account` module).
     pub(crate) async fn connect(
         directory: &str,
         contact: &str,
@@ -96,84 +87,16 @@ impl AcmeClient {
         store: &dyn CertBackend,
         orders_placed: Arc<AtomicU64>,
     ) -> Result<Self, IssueError> {
-        let builder = || match ca_root {
-            Some(root) => Account::builder_with_root(root)
-                .map_err(|e| IssueError::acme(format!("ACME CA root {}", root.display()), &e)),
-            None => Account::builder().map_err(|e| IssueError::acme("ACME HTTPS client", &e)),
-        };
-        let stored = store
-            .read_account()
-            .await
-            .map_err(|e| IssueError::new(e.to_string()))?
-            .and_then(|text| match serde_json::from_str::<StoredAccount>(&text) {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    tracing::warn!(
-                        "ACME account in {}: unreadable ({e}); registering a new one",
-                        store.describe()
-                    );
-                    None
-                }
-            });
-        if let Some(saved) = stored.filter(|a| a.directory == directory) {
-            let contact_changed = saved.contact != contact;
-            let account = builder()?
-                .from_credentials(saved.credentials)
-                .await
-                .map_err(|e| IssueError::acme(format!("ACME directory {directory}"), &e))?;
-            if contact_changed {
-                account.update_contacts(&[contact]).await.map_err(|e| {
-                    IssueError::acme(format!("updating ACME account contact to {contact:?}"), &e)
-                })?;
-                // Credentials are unchanged; only the recorded contact is.
-                let text = store
-                    .read_account()
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|t| serde_json::from_str::<StoredAccount>(&t).ok());
-                if let Some(mut a) = text {
-                    a.contact = contact.to_string();
-                    save_account(store, &a).await?;
-                }
-            }
-            tracing::info!(%directory, id = account.id(), "reusing stored ACME account");
-            return Ok(AcmeClient {
-                account,
-                orders_placed,
-            });
-        }
-        let (account, credentials) = builder()?
-            .create(
-                &NewAccount {
-                    contact: &[contact],
-                    terms_of_service_agreed: true,
-                    only_return_existing: false,
-                },
-                directory.to_string(),
-                None,
-            )
-            .await
-            .map_err(|e| {
-                IssueError::acme(
-                    format!("registering ACME account with contact {contact:?} at {directory}"),
-                    &e,
-                )
-            })?;
-        save_account(
-            store,
-            &StoredAccount {
-                directory: directory.to_string(),
-                contact: contact.to_string(),
-                credentials,
-            },
-        )
-        .await?;
-        tracing::info!(%directory, id = account.id(), "registered ACME account");
+        let account = crate::account::connect(directory, contact, ca_root, store).await?;
         Ok(AcmeClient {
             account,
             orders_placed,
         })
+    }
+
+    /// The account's URL at the ACME server.
+    pub(crate) fn account_id(&self) -> &str {
+        self.account.id()
     }
 
     /// Places one order for `names` (or resumes the unfinished order at `resume`, placed by
@@ -489,15 +412,6 @@ fn certificate_identifier(chain_pem: &str) -> Option<CertificateIdentifier<'stat
     CertificateIdentifier::try_from(leaf)
         .ok()
         .map(CertificateIdentifier::into_owned)
-}
-
-async fn save_account(store: &dyn CertBackend, account: &StoredAccount) -> Result<(), IssueError> {
-    let json = serde_json::to_vec_pretty(account)
-        .map_err(|e| IssueError::new(format!("serializing ACME account: {e}")))?;
-    store
-        .write_account(&json)
-        .await
-        .map_err(|e| IssueError::new(e.to_string()))
 }
 
 /// Challenge responses published by one order, removed when it ends.

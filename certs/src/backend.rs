@@ -54,6 +54,32 @@ impl std::fmt::Debug for LockAttempt {
     }
 }
 
+/// The outcome of asking for the ACME account lock (held while an account is registered, so
+/// that gateways starting together register one account, not one each).
+pub enum AccountLock {
+    /// This gateway registers the account; it is saved through the guard, which releases the
+    /// lock when dropped.
+    Acquired(Box<dyn AccountGuard>),
+    /// Another gateway (`holder`) is registering the account.
+    Busy { holder: String },
+}
+
+impl std::fmt::Debug for AccountLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AccountLock::Acquired(_) => f.write_str("Acquired"),
+            AccountLock::Busy { holder } => write!(f, "Busy({holder})"),
+        }
+    }
+}
+
+/// The held account lock.
+pub trait AccountGuard: Send + Sync {
+    /// Saves the account (JSON; holds its private key) only while this guard still holds
+    /// the lock: otherwise `CertError::Fenced`, and nothing is written.
+    fn save<'a>(&'a self, json: &'a [u8]) -> BoxFuture<'a, Result<(), CertError>>;
+}
+
 /// A held order lock for one certificate. Dropping it releases the lock (best effort; a
 /// shared store also lets it lapse with its lease).
 pub trait OrderGuard: Send + Sync {
@@ -92,6 +118,8 @@ pub trait CertBackend: Send + Sync {
     fn read_account(&self) -> BoxFuture<'_, Result<Option<String>, CertError>>;
     /// Saves the ACME account (JSON; holds the account's private key).
     fn write_account<'a>(&'a self, json: &'a [u8]) -> BoxFuture<'a, Result<(), CertError>>;
+    /// Takes the lock for registering the ACME account, or says who holds it.
+    fn lock_account(&self) -> BoxFuture<'_, Result<AccountLock, CertError>>;
     /// Takes the order lock for `key`, or says who holds it.
     fn lock_order<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<LockAttempt, CertError>>;
     /// Bumped whenever certificates change behind the manager's back (another gateway
@@ -100,6 +128,8 @@ pub trait CertBackend: Send + Sync {
 }
 
 const ACCOUNT_FILE: &str = "account.json";
+/// The account lock's entry among the local locks (a space: never a certificate's name).
+const ACCOUNT_LOCK: &str = "acme account";
 
 /// The single-gateway backend: certificates and the account in a [`CertStore`], order locks
 /// in this process, nothing to publish beyond the gateway's own responders.
@@ -130,6 +160,26 @@ impl Drop for LocalGuard {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.key);
+    }
+}
+
+struct LocalAccountGuard {
+    store: CertStore,
+    locked: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Drop for LocalAccountGuard {
+    fn drop(&mut self) {
+        self.locked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(ACCOUNT_LOCK);
+    }
+}
+
+impl AccountGuard for LocalAccountGuard {
+    fn save<'a>(&'a self, json: &'a [u8]) -> BoxFuture<'a, Result<(), CertError>> {
+        ready(self.store.write_file(ACCOUNT_FILE, json))
     }
 }
 
@@ -175,6 +225,20 @@ impl CertBackend for LocalBackend {
     }
     fn write_account<'a>(&'a self, json: &'a [u8]) -> BoxFuture<'a, Result<(), CertError>> {
         ready(self.store.write_file(ACCOUNT_FILE, json))
+    }
+    fn lock_account(&self) -> BoxFuture<'_, Result<AccountLock, CertError>> {
+        let mut locked = self.locked.lock().unwrap_or_else(|p| p.into_inner());
+        let attempt = if locked.insert(ACCOUNT_LOCK.to_string()) {
+            AccountLock::Acquired(Box::new(LocalAccountGuard {
+                store: self.store.clone(),
+                locked: self.locked.clone(),
+            }))
+        } else {
+            AccountLock::Busy {
+                holder: "this gateway".into(),
+            }
+        };
+        ready(Ok(attempt))
     }
     fn lock_order<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<LockAttempt, CertError>> {
         let mut locked = self.locked.lock().unwrap_or_else(|p| p.into_inner());

@@ -31,6 +31,7 @@
 
 #![warn(unreachable_pub)]
 
+mod account;
 mod acme;
 mod backend;
 mod challenge;
@@ -46,7 +47,10 @@ mod schedule;
 mod status;
 mod store;
 
-pub use backend::{BoxFuture, CertBackend, Challenge, LocalBackend, LockAttempt, OrderGuard};
+pub use backend::{
+    AccountGuard, AccountLock, BoxFuture, CertBackend, Challenge, LocalBackend, LockAttempt,
+    OrderGuard,
+};
 pub use challenge::{ChallengeResponder, offers_acme_tls};
 pub use config::{AcmeConfig, CertConfig, CustomChallenge, Directory, DnsConfig, RenewPolicy};
 pub use devca::DevCa;

@@ -399,6 +399,12 @@ impl CertManager {
             .map_err(CertError::from)
     }
 
+    /// The ACME account's URL at the server (connecting or registering it first).
+    pub async fn account_id(&self) -> Result<String, CertError> {
+        let client = self.acme_client().await.map_err(CertError::from)?;
+        Ok(client.account_id().to_string())
+    }
+
     async fn acme_client(&self) -> Result<Arc<AcmeClient>, IssueError> {
         let Directory::Acme(url) = &self.inner.directory else {
             return Err(IssueError::new("no ACME directory configured"));

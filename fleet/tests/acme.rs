@@ -4,18 +4,17 @@
 //! does not hold the lock (HTTP-01, TLS-ALPN-01, DNS-01); a lock lost before commit stores
 //! nothing; no private key in clear in etcd.
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use meshgate_certs::{
     AcmeConfig, CertBackend, CertConfig, CertManager, CertState, CertStore, CustomChallenge,
-    LockAttempt, offers_acme_tls,
+    LockAttempt,
 };
 use meshgate_fleet::acme::{AcmeStoreOptions, EtcdCertBackend, follow_challenges};
 use meshgate_fleet::{Etcd, EtcdOptions, FleetKey, FleetKeys};
+use meshgate_testkit::acme::{serve_http01, serve_tls};
 use meshgate_testkit::dns::{DnsSockets, TestDns};
 use meshgate_testkit::etcd::EtcdCluster;
 use meshgate_testkit::eventually_ok;
+use meshgate_testkit::net::{common_listeners, member_ip};
 use meshgate_testkit::pebble::{Pebble, PebbleOptions};
 use meshgate_testkit::tls::{peer_leaf, roots_of};
 use rustls_pki_types::CertificateDer;
@@ -34,29 +33,6 @@ fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
-}
-
-fn ip(n: u8) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, 0, n)
-}
-
-/// One port free on 127.0.0.2, .3 and .4 at once (HTTP-01 and TLS-ALPN-01 are validated on
-/// one port at whatever address the name resolves to).
-async fn common_port() -> (u16, Vec<TcpListener>) {
-    for _ in 0..50 {
-        let first = TcpListener::bind((ip(2), 0)).await.unwrap();
-        let port = first.local_addr().unwrap().port();
-        let mut out = vec![first];
-        for n in [3, 4] {
-            if let Ok(l) = TcpListener::bind((ip(n), port)).await {
-                out.push(l);
-            }
-        }
-        if out.len() == 3 {
-            return (port, out);
-        }
-    }
-    panic!("no port free on 127.0.0.2-4 at once");
 }
 
 /// A gateway of the fleet: a certificate manager on the shared etcd backend, its challenge
@@ -108,17 +84,22 @@ struct Fleet {
 
 impl Fleet {
     async fn new() -> Fleet {
+        Self::with_validity(None).await
+    }
+
+    /// A fleet whose certificates from Pebble last `validity_secs`.
+    async fn with_validity(validity_secs: Option<u64>) -> Fleet {
         init_tracing();
         let etcd_cluster = EtcdCluster::start(3).await;
         let etcd = Etcd::new(EtcdOptions::new(etcd_cluster.endpoints())).unwrap();
-        let (http_port, http) = common_port().await;
-        let (tls_port, tls) = common_port().await;
+        let (http_port, http) = common_listeners(3);
+        let (tls_port, tls) = common_listeners(3);
         let dns_sockets = DnsSockets::bind().await;
         let pebble = Pebble::start(PebbleOptions {
             http_port,
             tls_port,
             dns: dns_sockets.addr(),
-            validity_secs: None,
+            validity_secs,
         })
         .await;
         Fleet {
@@ -182,7 +163,7 @@ impl Fleet {
         Gw {
             certs,
             backend,
-            addr: ip(i as u8 + 2),
+            addr: member_ip(i),
             http_hits,
             tasks,
             driver: None,
@@ -222,60 +203,13 @@ fn serve(
     tls: TcpListener,
     hits: Arc<AtomicU64>,
 ) -> Vec<JoinHandle<()>> {
-    let c = certs.clone();
-    let http_task = tokio::spawn(async move {
-        while let Ok((stream, _)) = http.accept().await {
-            let (c, hits) = (c.clone(), hits.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                    hits.fetch_add(1, Ordering::Relaxed);
-                    let body = req
-                        .uri()
-                        .path()
-                        .strip_prefix("/.well-known/acme-challenge/")
-                        .and_then(|t| c.http01_response(t));
-                    async move {
-                        let resp = match body {
-                            Some(b) => hyper::Response::new(Full::new(Bytes::from(b))),
-                            None => hyper::Response::builder()
-                                .status(404)
-                                .body(Full::new(Bytes::new()))
-                                .unwrap(),
-                        };
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    let c = certs.clone();
-    let tls_task = tokio::spawn(async move {
-        let normal = c.server_config(Vec::new());
-        while let Ok((stream, _)) = tls.accept().await {
-            let (c, normal) = (c.clone(), normal.clone());
-            tokio::spawn(async move {
-                let acceptor = tokio_rustls::LazyConfigAcceptor::new(
-                    rustls::server::Acceptor::default(),
-                    stream,
-                );
-                let Ok(start) = acceptor.await else { return };
-                let config = if offers_acme_tls(&start.client_hello()) {
-                    c.tls_alpn01_config()
-                } else {
-                    normal
-                };
-                if let Ok(mut s) = start.into_stream(config).await {
-                    use tokio::io::AsyncReadExt;
-                    let mut buf = [0u8; 16];
-                    let _ = s.read(&mut buf).await;
-                }
-            });
-        }
-    });
-    vec![http_task, tls_task]
+    let (c, a) = (certs.clone(), certs.clone());
+    vec![
+        serve_http01(http, move |t| c.http01_response(t), hits),
+        serve_tls(tls, certs.server_config(Vec::new()), move || {
+            a.tls_alpn01_config()
+        }),
+    ]
 }
 
 async fn served_leaf(addr: SocketAddr, sni: &str, root: &CertificateDer<'static>) -> Vec<u8> {
@@ -346,6 +280,114 @@ async fn three_gateways_wanting_one_certificate_place_one_order_and_serve_one_se
     // No lock or order is left behind.
     assert_eq!(fleet.lock_holder(name).await, None);
     assert!(!dump.contains("/acme/orders/"), "{dump}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_starting_without_an_account_register_one_and_all_use_it() {
+    let mut fleet = Fleet::new().await;
+    let gws: Vec<Gw> = (0..3)
+        .map(|i| fleet.gateway(i, CustomChallenge::Http01, None, false))
+        .collect();
+    // All three connect at the same moment, with no account stored anywhere.
+    let (a, b, c) = tokio::join!(
+        gws[0].certs.account_id(),
+        gws[1].certs.account_id(),
+        gws[2].certs.account_id()
+    );
+    let ids = [a.unwrap(), b.unwrap(), c.unwrap()];
+    assert_eq!(
+        fleet.pebble.accounts_registered(),
+        1,
+        "Pebble registered one account:\n{}",
+        fleet.pebble.log_text()
+    );
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    // Stored sealed, and the lock is released.
+    let dump = fleet.etcd_cluster.dump("/meshgate/");
+    assert!(dump.contains("/acme/account"), "{dump}");
+    assert!(
+        !dump.contains("credentials"),
+        "the account is sealed:\n{dump}"
+    );
+    assert!(!dump.contains("PRIVATE KEY"));
+    eventually_ok(Duration::from_secs(10), "the account lock released", || {
+        let f = &fleet;
+        async move {
+            match f.lock_holder("@account").await {
+                None => Ok(()),
+                Some(h) => Err(h),
+            }
+        }
+    })
+    .await;
+    // A gateway joining later uses the stored account too.
+    let late = fleet.gateway(0, CustomChallenge::Http01, None, false);
+    assert_eq!(late.certs.account_id().await.unwrap(), ids[0]);
+    assert_eq!(fleet.pebble.accounts_registered(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_lived_certificate_is_renewed_once_for_the_fleet_and_served_by_all() {
+    // 30 s certificates: renewal falls due at about 2/3 of that on every gateway.
+    let mut fleet = Fleet::with_validity(Some(30)).await;
+    let name = "renew.test";
+    let mut gws: Vec<Gw> = (0..3)
+        .map(|i| fleet.gateway(i, CustomChallenge::Http01, None, true))
+        .collect();
+    fleet
+        .start_dns(&[(name, gws.iter().map(|g| g.addr).collect())], None)
+        .await;
+    for g in &mut gws {
+        g.certs.set_desired([name.to_string()]);
+        g.start_driver();
+    }
+    wait_until("all three serve the certificate", 60, || {
+        gws.iter().all(|g| g.serves(name))
+    })
+    .await;
+    assert_eq!(fleet.pebble.orders_received(), 1);
+    let root = fleet.pebble.issuing_root().await;
+    let serials = |fleet: &Fleet, gws: &[Gw]| {
+        let root = root.clone();
+        let port = fleet.tls_port;
+        let addrs: Vec<_> = gws.iter().map(|g| g.addr).collect();
+        async move {
+            let mut out = Vec::new();
+            for a in addrs {
+                out.push(serial(
+                    &served_leaf(SocketAddr::new(a.into(), port), name, &root).await,
+                ));
+            }
+            out
+        }
+    };
+    let first = serials(&fleet, &gws).await;
+    assert!(first.iter().all(|s| *s == first[0]), "{first:?}");
+
+    // Renewed once, and every gateway serves the renewed certificate.
+    let renewed = eventually_ok(
+        Duration::from_secs(45),
+        "all serve a renewed serial",
+        || {
+            let (fleet, gws, first) = (&fleet, &gws, &first[0]);
+            async move {
+                let now = serials(fleet, gws).await;
+                if now.iter().all(|s| s != first && *s == now[0]) {
+                    Ok(now)
+                } else {
+                    Err(format!("{now:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        fleet.pebble.orders_received(),
+        2,
+        "one issuance and one renewal for the fleet ({renewed:?})"
+    );
+    let placed: u64 = gws.iter().map(|g| g.certs.orders_placed()).sum();
+    assert_eq!(placed, 2, "orders placed by the three gateways together");
 }
 
 /// The lock holder has no listeners at all; the name resolves to another gateway, which

@@ -3,9 +3,13 @@
 //! completes the order), and a holder paused past its lease (SIGSTOP, then SIGCONT) that
 //! cannot overwrite the certificate its successor stored.
 
+mod fleet_kit;
+
+use fleet_kit::write_fleet_key;
 use meshgate_fleet::{Etcd, EtcdOptions};
 use meshgate_testkit::dns::{DnsSockets, TestDns};
 use meshgate_testkit::etcd::EtcdCluster;
+use meshgate_testkit::net::{Reserved, common_port, member_ip};
 use meshgate_testkit::pebble::{Pebble, PebbleOptions};
 use meshgate_testkit::process::GatewayProcess;
 use meshgate_testkit::tls::{peer_leaf, roots_of};
@@ -16,36 +20,6 @@ use std::time::{Duration, Instant};
 
 const NAME: &str = "shop.test";
 const FLEET: &str = "acmetest";
-
-fn ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, 0, 2 + i as u8)
-}
-
-/// A port free on 127.0.0.2, .3 and .4 at once (HTTP-01 and TLS-ALPN-01 are validated on
-/// one port at whatever address the name resolves to).
-fn common_port() -> u16 {
-    for _ in 0..50 {
-        let first = std::net::TcpListener::bind((ip(0), 0)).unwrap();
-        let port = first.local_addr().unwrap().port();
-        if (1..3).all(|i| std::net::TcpListener::bind((ip(i), port)).is_ok()) {
-            return port;
-        }
-    }
-    panic!("no port free on 127.0.0.2-4 at once");
-}
-
-fn write_fleet_key(path: &Path) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
-        .args(["fleet", "keygen"])
-        .arg(path)
-        .output()
-        .expect("meshgate fleet keygen runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn signal(g: &GatewayProcess, sig: &str) {
     let ok = std::process::Command::new("kill")
@@ -66,6 +40,7 @@ struct Env {
     http_port: u16,
     tls_port: u16,
     root: tempfile::TempDir,
+    _held: Vec<Reserved>,
 }
 
 impl Env {
@@ -75,7 +50,8 @@ impl Env {
         let root = tempfile::tempdir().unwrap();
         let key_file = root.path().join("fleet.key");
         write_fleet_key(&key_file);
-        let (http_port, tls_port) = (common_port(), common_port());
+        // Held until the gateways bind them on their addresses.
+        let ((http_port, http_held), (tls_port, tls_held)) = (common_port(3), common_port(3));
         let sockets = DnsSockets::bind().await;
         let pebble = Pebble::start(PebbleOptions {
             http_port,
@@ -94,6 +70,7 @@ impl Env {
             http_port,
             tls_port,
             root,
+            _held: http_held.into_iter().chain(tls_held).collect(),
         }
     }
 
@@ -137,7 +114,7 @@ host = "{NAME}"
 backends = [{{ addr = "127.0.0.1:9" }}]
 "#,
                 data = dir.display(),
-                ip = ip(i),
+                ip = member_ip(i),
                 tls = self.tls_port,
                 http = self.http_port,
                 admin = ports.admin,
@@ -192,7 +169,7 @@ backends = [{{ addr = "127.0.0.1:9" }}]
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         let holder: usize = holder.trim_start_matches("gw").parse().unwrap();
-        let others: Vec<Ipv4Addr> = (0..3).filter(|i| *i != holder).map(ip).collect();
+        let others: Vec<Ipv4Addr> = (0..3).filter(|i| *i != holder).map(member_ip).collect();
         self.dns.a(NAME, &others).await;
         while self.challenges().await == 0 {
             assert!(
@@ -205,7 +182,7 @@ backends = [{{ addr = "127.0.0.1:9" }}]
     }
 
     async fn serial_served_by(&self, i: usize, root: &CertificateDer<'static>) -> Option<String> {
-        let addr = SocketAddr::new(ip(i).into(), self.tls_port);
+        let addr = SocketAddr::new(member_ip(i).into(), self.tls_port);
         let tls = meshgate_testkit::tls::tls_connect(addr, NAME, &roots_of([root.clone()]), &[])
             .await
             .ok()?;

@@ -3,9 +3,13 @@
 //! member lease TTL plus the probe interval, and a responder that finds no member healthy
 //! answering them all (fail open).
 
+mod fleet_kit;
+
+use fleet_kit::write_fleet_key;
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use meshgate_testkit::etcd::EtcdCluster;
+use meshgate_testkit::net::{common_port, member_ip};
 use meshgate_testkit::process::GatewayProcess;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -14,21 +18,6 @@ use tokio::net::UdpSocket;
 
 const MEMBER_TTL: Duration = Duration::from_secs(3);
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
-
-fn ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, 0, 2 + i as u8)
-}
-
-fn common_port() -> u16 {
-    for _ in 0..50 {
-        let first = std::net::TcpListener::bind((ip(0), 0)).unwrap();
-        let port = first.local_addr().unwrap().port();
-        if (1..3).all(|i| std::net::TcpListener::bind((ip(i), port)).is_ok()) {
-            return port;
-        }
-    }
-    panic!("no port free on 127.0.0.2-4 at once");
-}
 
 fn free_udp_port() -> u16 {
     // The TCP side must be free as well: try a few ports the kernel hands out.
@@ -94,26 +83,14 @@ async fn wait_for_a(
     }
 }
 
-fn write_fleet_key(path: &Path) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
-        .args(["fleet", "keygen"])
-        .arg(path)
-        .output()
-        .expect("meshgate fleet keygen runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn farmer_zone_drops_a_killed_gateway_and_fails_open() {
     let etcd = EtcdCluster::start(3).await;
     let root = tempfile::tempdir().unwrap();
     let key_file = root.path().join("fleet.key");
     write_fleet_key(&key_file);
-    let https = common_port();
+    // Held until the gateways bind it on their addresses.
+    let (https, _held) = common_port(3);
     let closed = meshgate_testkit::net::refusing();
     let endpoints: Vec<String> = etcd
         .endpoints()
@@ -165,7 +142,7 @@ id = "gw{i}"
 member_ttl_secs = {ttl}
 "#,
                     data = dir.display(),
-                    ip = ip(i),
+                    ip = member_ip(i),
                     http = ports.http,
                     admin = ports.admin,
                     api = ports.api,
@@ -181,7 +158,7 @@ member_ttl_secs = {ttl}
             .map(|(i, g)| format!("--- gw{i}\n{}", g.log()))
             .collect()
     };
-    let all: Vec<Ipv4Addr> = (0..3).map(ip).collect();
+    let all: Vec<Ipv4Addr> = (0..3).map(member_ip).collect();
     wait_for_a(dns[1], &all, Duration::from_secs(30), || logs(&gws)).await;
     wait_for_a(dns[0], &all, Duration::from_secs(30), || logs(&gws)).await;
 

@@ -9,21 +9,12 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_follower_then_the_leader_fails_no_request() {
-    let mut fleet = Fleet::start(3).await;
-    let c = client();
-    let (_, token) = deployer_token(&c, fleet.gw(0), "alice").await;
-    let (s, v) = reserve(&c, fleet.gw(0), &token, "steady", fleet.backend).await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    let host = format!("steady.{FARM}");
-    for g in &fleet.gateways {
-        served_within(&c, g, &host, Duration::from_secs(2)).await;
-    }
-    let targets = fleet
-        .gateways
-        .iter()
-        .map(|g| (g.http, host.clone()))
-        .collect();
-    let load = Load::start(targets, 20, Duration::from_secs(120));
+    let Steady {
+        mut fleet,
+        client: c,
+        token,
+        load,
+    } = Steady::start().await;
 
     let leader = fleet.etcd.wait_for_leader(Duration::from_secs(20)).await;
     let follower = (0..3).find(|&i| i != leader).unwrap();

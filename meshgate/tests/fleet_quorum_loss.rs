@@ -11,21 +11,12 @@ use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_quorum_fails_no_request_refuses_writes_and_is_caught_up_after() {
-    let mut fleet = Fleet::start(3).await;
-    let c = client();
-    let (_, token) = deployer_token(&c, fleet.gw(0), "alice").await;
-    let (s, v) = reserve(&c, fleet.gw(0), &token, "steady", fleet.backend).await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    let host = format!("steady.{FARM}");
-    for g in &fleet.gateways {
-        served_within(&c, g, &host, Duration::from_secs(2)).await;
-    }
-    let targets = fleet
-        .gateways
-        .iter()
-        .map(|g| (g.http, host.clone()))
-        .collect();
-    let load = Load::start(targets, 20, Duration::from_secs(120));
+    let Steady {
+        mut fleet,
+        client: c,
+        token,
+        load,
+    } = Steady::start().await;
 
     // Two of three members down: no quorum.
     let lost = Instant::now();

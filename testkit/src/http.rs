@@ -141,6 +141,22 @@ pub async fn fixed_backend(body: &'static str) -> Served {
     })
 }
 
+/// An HTTP/1.1 backend answering every request with 200 and `served <Host>`, so a client can
+/// tell which reservation's route reached it; and its address.
+pub async fn host_echo_backend() -> (Served, SocketAddr) {
+    let (l, addr) = net::listener().await;
+    let served = serve_http(l, Protocol::Http1, |req: Request<Incoming>| async move {
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        Response::new(full_body(format!("served {host}")))
+    });
+    (served, addr)
+}
+
 /// HTTP/1.1 backend: `/upload` checks a pattern body (answers `ok <n>` or
 /// `corrupt at <i> of <n>`), `/download?n=<bytes>` streams the pattern, any other path
 /// answers the request headers as JSON (plus `_path`).

@@ -7,12 +7,14 @@
 //!   and a throwaway CA; [`pattern`]: payloads that reveal corruption;
 //! - [`process`], [`curl`]: the `meshgate gateway` binary as a fixture and curl as a client;
 //! - [`pebble`], [`dns`]: an ACME server and an authoritative DNS server on loopback;
+//!   [`acme`]: the HTTP-01 and TLS-ALPN-01 responders of a gateway in the test process;
 //! - [`etcd`]: a real etcd cluster of child processes whose members a test kills, pauses and
 //!   restarts, and a relay that cuts one client off from it.
 //!
 //! Everything listens and connects on loopback only. The kit depends on no meshgate crate,
 //! so every crate can use it without a dependency cycle.
 
+pub mod acme;
 pub mod browser;
 pub mod curl;
 pub mod dns;

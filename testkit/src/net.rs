@@ -91,6 +91,49 @@ impl Reserved {
     }
 }
 
+/// 127.0.0.{2+i}: a loopback address of its own for member `i` of a test fleet (Linux routes
+/// all of 127/8 to loopback), so that a name can resolve to one member only.
+pub fn member_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 2 + i as u8)
+}
+
+/// One port [`Reserved`] on each of the `n` member addresses ([`member_ip`]) at once, for
+/// child processes that each bind it on their own address: an ACME server validates
+/// HTTP-01 and TLS-ALPN-01 on one port at whatever address the name resolves to.
+pub fn common_port(n: usize) -> (u16, Vec<Reserved>) {
+    for _ in 0..50 {
+        let first = Reserved::at(SocketAddr::new(member_ip(0).into(), 0));
+        let port = first.port();
+        let mut held = vec![first];
+        for i in 1..n {
+            match try_reserve(SocketAddr::new(member_ip(i).into(), port)) {
+                Some(r) => held.push(r),
+                None => break,
+            }
+        }
+        if held.len() == n {
+            return (port, held);
+        }
+    }
+    panic!("no port free on {n} member addresses at once");
+}
+
+/// As [`common_port`], with the port listening on every member address (for servers in the
+/// test process).
+pub fn common_listeners(n: usize) -> (u16, Vec<tokio::net::TcpListener>) {
+    let (port, held) = common_port(n);
+    (port, held.into_iter().map(Reserved::listen).collect())
+}
+
+fn try_reserve(addr: SocketAddr) -> Option<Reserved> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).ok()?;
+    // No SO_REUSEADDR here: a port someone else holds (even with it) must fail to bind.
+    socket.bind(&addr.into()).ok()?;
+    socket.set_reuse_address(true).ok()?;
+    Some(Reserved { socket, addr })
+}
+
 /// An address where connections are refused (a bound socket that never listens): a dead
 /// backend whose port nobody else can take while the value lives.
 pub fn refusing() -> Reserved {
@@ -157,6 +200,19 @@ mod tests {
             tokio::join!(l.accept(), tokio::net::TcpStream::connect(r.addr()));
         accepted.expect("accept");
         connected.expect("connect");
+    }
+
+    #[tokio::test]
+    async fn a_common_port_listens_on_every_member_address() {
+        let (port, listeners) = common_listeners(3);
+        for (i, l) in listeners.iter().enumerate() {
+            let addr = SocketAddr::new(member_ip(i).into(), port);
+            assert_eq!(l.local_addr().unwrap(), addr);
+            let (accepted, connected) =
+                tokio::join!(l.accept(), tokio::net::TcpStream::connect(addr));
+            accepted.expect("accept");
+            connected.expect("connect");
+        }
     }
 
     #[tokio::test]

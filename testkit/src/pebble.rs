@@ -129,6 +129,11 @@ impl Pebble {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Accounts Pebble was asked to register (`newAccount`), counted from its own log.
+    pub fn accounts_registered(&self) -> usize {
+        self.log_text().matches("POST /sign-me-up").count()
+    }
+
     /// Orders Pebble received, counted from its own log.
     pub fn orders_received(&self) -> usize {
         self.log_text().matches("POST /order-plz").count()

@@ -4,12 +4,8 @@
 //! bound before Pebble learns their ports.
 #![allow(dead_code)]
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
-use meshgate_certs::{
-    AcmeConfig, CertConfig, CertManager, CertState, CustomChallenge, offers_acme_tls,
-};
+use meshgate_certs::{AcmeConfig, CertConfig, CertManager, CertState, CustomChallenge};
+use meshgate_testkit::acme::{serve_http01, serve_tls};
 use meshgate_testkit::dns::{DnsSockets, TestDns};
 use meshgate_testkit::eventually_ok;
 use meshgate_testkit::net::{Reserved, rebind};
@@ -17,8 +13,8 @@ use meshgate_testkit::tls::{echo_roundtrip, peer_leaf, roots_of};
 use rustls_pki_types::CertificateDer;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -48,75 +44,20 @@ impl Drop for Gateway {
 }
 
 impl Gateway {
-    /// Serves HTTP-01 for `certs` on `http` (when given) and TLS on `tls`.
+    /// Serves HTTP-01 for `certs` on `http` (when given) and TLS on `tls` (echoing).
     pub fn start(certs: &CertManager, http: Option<TcpListener>, tls: TcpListener) -> Gateway {
         let mut tasks = Vec::new();
         if let Some(listener) = http {
-            let certs = certs.clone();
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let certs = certs.clone();
-                    tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(
-                            move |req: hyper::Request<hyper::body::Incoming>| {
-                                let body = req
-                                    .uri()
-                                    .path()
-                                    .strip_prefix("/.well-known/acme-challenge/")
-                                    .and_then(|t| certs.http01_response(t));
-                                async move {
-                                    let resp = match body {
-                                        Some(b) => hyper::Response::new(Full::new(Bytes::from(b))),
-                                        None => hyper::Response::builder()
-                                            .status(404)
-                                            .body(Full::new(Bytes::new()))
-                                            .unwrap(),
-                                    };
-                                    Ok::<_, std::convert::Infallible>(resp)
-                                }
-                            },
-                        );
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await;
-                    });
-                }
-            }));
+            let c = certs.clone();
+            tasks.push(serve_http01(
+                listener,
+                move |t| c.http01_response(t),
+                Arc::default(),
+            ));
         }
-        let certs = certs.clone();
-        tasks.push(tokio::spawn(async move {
-            let normal = certs.server_config(Vec::new());
-            loop {
-                let Ok((stream, _)) = tls.accept().await else {
-                    return;
-                };
-                let (certs, normal) = (certs.clone(), normal.clone());
-                tokio::spawn(async move {
-                    let acceptor = tokio_rustls::LazyConfigAcceptor::new(
-                        rustls::server::Acceptor::default(),
-                        stream,
-                    );
-                    let Ok(start) = acceptor.await else { return };
-                    let config = if offers_acme_tls(&start.client_hello()) {
-                        certs.tls_alpn01_config()
-                    } else {
-                        normal
-                    };
-                    let Ok(mut tls) = start.into_stream(config).await else {
-                        return;
-                    };
-                    // Echo, so a test can tell a connection is still alive.
-                    let mut buf = [0u8; 1024];
-                    while let Ok(n) = tls.read(&mut buf).await {
-                        if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
+        let c = certs.clone();
+        tasks.push(serve_tls(tls, certs.server_config(Vec::new()), move || {
+            c.tls_alpn01_config()
         }));
         Gateway { tasks }
     }

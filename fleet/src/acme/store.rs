@@ -1,5 +1,5 @@
 //! The certificate backend on etcd: certificates (private keys sealed under the fleet key),
-//! the ACME account (sealed), order locks bound to leases with fenced commits, the order URL
+//! the ACME account (sealed, registered under its own lock), order locks bound to leases with fenced commits, the order URL
 //! a successor resumes, and challenge responses published for every gateway.
 //!
 //! A local copy of the certificates (the single-gateway file store, 0600 files) is the cache
@@ -13,7 +13,8 @@ use crate::keys::FleetKeys;
 use crate::seal::FleetKey;
 use etcd_client::TxnOp;
 use meshgate_certs::{
-    BoxFuture, CertBackend, CertError, CertStore, Challenge, LockAttempt, OrderGuard, StoredCert,
+    AccountGuard, AccountLock, BoxFuture, CertBackend, CertError, CertStore, Challenge,
+    LockAttempt, OrderGuard, StoredCert,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -56,6 +57,11 @@ impl AcmeKeys {
     }
     pub fn cert(&self, name: &str) -> String {
         format!("{}{name}", self.certs())
+    }
+    /// `acme/locks/@account`: held while the ACME account is registered ('@' is in no
+    /// certificate name), under the holder's lease.
+    pub fn account_lock(&self) -> String {
+        self.lock("@account")
     }
     /// `acme/locks/<name>`: the holder's id, under the holder's lease.
     pub fn lock(&self, name: &str) -> String {
@@ -123,6 +129,22 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// A certificate's etcd value for `etcd_key`: the chain, and the key sealed under
+/// `fleet_key` (bound to `etcd_key`).
+pub(super) fn seal_cert(
+    fleet_key: &FleetKey,
+    etcd_key: &str,
+    chain_pem: &str,
+    key_pem: &str,
+) -> Vec<u8> {
+    let sealed = fleet_key.seal(etcd_key, key_pem.as_bytes());
+    serde_json::to_vec(&CertValue {
+        chain_pem: chain_pem.to_string(),
+        key_sealed: hex(&sealed),
+    })
+    .unwrap_or_default()
+}
+
 fn store_err(e: impl std::fmt::Display) -> CertError {
     CertError::Store(e.to_string())
 }
@@ -164,12 +186,7 @@ impl EtcdCertBackend {
 
     /// Seals a certificate for `etcd_key`.
     fn cert_value(&self, etcd_key: &str, chain_pem: &str, key_pem: &str) -> Vec<u8> {
-        let sealed = self.inner.fleet_key.seal(etcd_key, key_pem.as_bytes());
-        serde_json::to_vec(&CertValue {
-            chain_pem: chain_pem.to_string(),
-            key_sealed: hex(&sealed),
-        })
-        .unwrap_or_default()
+        seal_cert(&self.inner.fleet_key, etcd_key, chain_pem, key_pem)
     }
 
     /// Opens a stored certificate value found at `etcd_key`.
@@ -238,15 +255,21 @@ impl EtcdCertBackend {
         })
     }
 
-    async fn try_lock(&self, name: &str) -> Result<LockAttempt, CertError> {
+    /// Takes the lock at `lock_key` (reading `read_key` with it): the held lock and what
+    /// `read_key` held, or the current holder.
+    async fn take_lock(
+        &self,
+        name: &str,
+        lock_key: String,
+        read_key: &str,
+    ) -> Result<Result<(HeldLock, Option<Vec<u8>>), String>, CertError> {
         let inner = &self.inner;
         let lease = inner
             .etcd
             .grant_lease(inner.options.lock_ttl)
             .await
             .map_err(store_err)?;
-        let (lock_key, order_key) = (inner.keys.lock(name), inner.keys.order(name));
-        let txn = acquire(&lock_key, &inner.options.holder, lease.id(), &order_key);
+        let txn = acquire(&lock_key, &inner.options.holder, lease.id(), read_key);
         let resp = match inner.etcd.txn(txn).await {
             Ok(r) => r,
             Err(e) => {
@@ -257,9 +280,27 @@ impl EtcdCertBackend {
         match acquired(&resp) {
             Acquired::Busy { holder } => {
                 let _ = lease.revoke().await;
-                Ok(LockAttempt::Busy { holder })
+                Ok(Err(holder))
             }
             Acquired::Held { token, order } => {
+                tracing::info!(name, token, lease = lease.id(), "lock taken");
+                let held = HeldLock {
+                    backend: self.clone(),
+                    name: name.to_string(),
+                    lock_key,
+                    token,
+                    lease: Mutex::new(Some(lease)),
+                };
+                Ok(Ok((held, order)))
+            }
+        }
+    }
+
+    async fn try_lock(&self, name: &str) -> Result<LockAttempt, CertError> {
+        let (lock_key, order_key) = (self.inner.keys.lock(name), self.inner.keys.order(name));
+        Ok(match self.take_lock(name, lock_key, &order_key).await? {
+            Err(holder) => LockAttempt::Busy { holder },
+            Ok((lock, order)) => {
                 let resume = order
                     .and_then(|v| serde_json::from_slice::<OrderValue>(&v).ok())
                     .map(|o| {
@@ -267,32 +308,35 @@ impl EtcdCertBackend {
                             "taking over an unfinished order");
                         o.url
                     });
-                tracing::info!(name, token, lease = lease.id(), "order lock taken");
-                Ok(LockAttempt::Acquired(Box::new(EtcdGuard {
-                    backend: self.clone(),
-                    name: name.to_string(),
-                    lock_key,
-                    token,
-                    lease: Mutex::new(Some(lease)),
-                    resume,
-                })))
+                LockAttempt::Acquired(Box::new(EtcdGuard { lock, resume }))
             }
-        }
+        })
+    }
+
+    async fn try_lock_account(&self) -> Result<AccountLock, CertError> {
+        let keys = &self.inner.keys;
+        let taken = self
+            .take_lock("ACME account", keys.account_lock(), &keys.account())
+            .await?;
+        Ok(match taken {
+            Err(holder) => AccountLock::Busy { holder },
+            Ok((lock, _)) => AccountLock::Acquired(Box::new(EtcdAccountGuard { lock })),
+        })
     }
 }
 
-/// A held order lock.
-struct EtcdGuard {
+/// A lock held under its own lease; writes under it are fenced.
+struct HeldLock {
     backend: EtcdCertBackend,
+    /// What the lock is for (a certificate's name), for errors and logs.
     name: String,
     lock_key: String,
     /// The lock's create revision: every write under the lock compares it.
     token: i64,
     lease: Mutex<Option<Lease>>,
-    resume: Option<String>,
 }
 
-impl EtcdGuard {
+impl HeldLock {
     fn lease_id(&self) -> Option<i64> {
         let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
         lease.as_ref().filter(|l| !l.is_lost()).map(|l| l.id())
@@ -324,7 +368,7 @@ impl EtcdGuard {
     }
 }
 
-impl Drop for EtcdGuard {
+impl Drop for HeldLock {
     fn drop(&mut self) {
         let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
         // Revoking deletes the lock and this holder's challenges at once; without a runtime
@@ -337,6 +381,33 @@ impl Drop for EtcdGuard {
     }
 }
 
+/// A held order lock.
+struct EtcdGuard {
+    lock: HeldLock,
+    resume: Option<String>,
+}
+
+/// The held account lock: the account is saved (sealed) only while it is ours.
+struct EtcdAccountGuard {
+    lock: HeldLock,
+}
+
+impl AccountGuard for EtcdAccountGuard {
+    fn save<'a>(&'a self, json: &'a [u8]) -> BoxFuture<'a, Result<(), CertError>> {
+        Box::pin(async move {
+            let inner = &self.lock.backend.inner;
+            let key = inner.keys.account();
+            let sealed = inner.fleet_key.seal(&key, json);
+            self.lock
+                .fenced_write(
+                    vec![TxnOp::put(key, sealed, None)],
+                    "saving the ACME account",
+                )
+                .await
+        })
+    }
+}
+
 impl OrderGuard for EtcdGuard {
     fn resume_url(&self) -> Option<String> {
         self.resume.clone()
@@ -346,39 +417,43 @@ impl OrderGuard for EtcdGuard {
         Box::pin(async move {
             let value = serde_json::to_vec(&OrderValue {
                 url: url.to_string(),
-                holder: self.backend.inner.options.holder.clone(),
+                holder: self.lock.backend.inner.options.holder.clone(),
             })
             .unwrap_or_default();
-            let key = self.backend.inner.keys.order(&self.name);
-            self.fenced_write(vec![TxnOp::put(key, value, None)], "recording the order")
+            let key = self.lock.backend.inner.keys.order(&self.lock.name);
+            self.lock
+                .fenced_write(vec![TxnOp::put(key, value, None)], "recording the order")
                 .await
         })
     }
 
     fn publish<'a>(&'a self, challenge: &'a Challenge) -> BoxFuture<'a, Result<(), CertError>> {
         Box::pin(async move {
-            let Some(lease) = self.lease_id() else {
-                return Err(self.fenced_error("the lock's lease is lost"));
+            let Some(lease) = self.lock.lease_id() else {
+                return Err(self.lock.fenced_error("the lock's lease is lost"));
             };
-            let key = self.backend.inner.keys.challenge(challenge);
+            let key = self.lock.backend.inner.keys.challenge(challenge);
             let value = serde_json::to_vec(challenge).unwrap_or_default();
             let put = TxnOp::put(
                 key,
                 value,
                 Some(etcd_client::PutOptions::new().with_lease(lease)),
             );
-            self.fenced_write(vec![put], "publishing a challenge").await
+            self.lock
+                .fenced_write(vec![put], "publishing a challenge")
+                .await
         })
     }
 
     fn settle(&self) -> Duration {
-        self.backend.inner.options.settle
+        self.lock.backend.inner.options.settle
     }
 
     fn withdraw<'a>(&'a self, challenge: &'a Challenge) -> BoxFuture<'a, Result<(), CertError>> {
         Box::pin(async move {
-            let key = self.backend.inner.keys.challenge(challenge);
-            self.backend
+            let key = self.lock.backend.inner.keys.challenge(challenge);
+            self.lock
+                .backend
                 .inner
                 .etcd
                 .delete(&key)
@@ -395,18 +470,19 @@ impl OrderGuard for EtcdGuard {
         key_pem: &'a str,
     ) -> BoxFuture<'a, Result<(), CertError>> {
         Box::pin(async move {
-            let keys = &self.backend.inner.keys;
+            let keys = &self.lock.backend.inner.keys;
             let cert_key = keys.cert(key);
-            let value = self.backend.cert_value(&cert_key, chain_pem, key_pem);
-            self.fenced_write(
-                vec![
-                    TxnOp::put(cert_key.clone(), value.clone(), None),
-                    TxnOp::delete(keys.order(key), None),
-                ],
-                "storing the certificate",
-            )
-            .await?;
-            self.backend.apply_cert(&cert_key, &value);
+            let value = self.lock.backend.cert_value(&cert_key, chain_pem, key_pem);
+            self.lock
+                .fenced_write(
+                    vec![
+                        TxnOp::put(cert_key.clone(), value.clone(), None),
+                        TxnOp::delete(keys.order(key), None),
+                    ],
+                    "storing the certificate",
+                )
+                .await?;
+            self.lock.backend.apply_cert(&cert_key, &value);
             Ok(())
         })
     }
@@ -466,6 +542,10 @@ impl CertBackend for EtcdCertBackend {
                 .map(|_| ())
                 .map_err(store_err)
         })
+    }
+
+    fn lock_account(&self) -> BoxFuture<'_, Result<AccountLock, CertError>> {
+        Box::pin(self.try_lock_account())
     }
 
     fn lock_order<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<LockAttempt, CertError>> {

@@ -4,7 +4,9 @@
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use meshgate::app::fleet::{etcd_options, health_json};
+use meshgate_certs::CertStore;
 use meshgate_config::gateway::GatewayConfig;
+use meshgate_fleet::acme::{AccountImport, import_certificates};
 use meshgate_fleet::{Etcd, FleetKey, FleetKeys, members};
 use meshgate_reservations::store::etcd::import::{import_standalone, verify_state};
 use meshgate_reservations::store::redb::RedbStore;
@@ -28,8 +30,9 @@ pub enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Copy a standalone gateway's reservations, deployer tokens and challenge key into the
-    /// fleet. Idempotent: a record already in etcd is never overwritten.
+    /// Copy a standalone gateway's reservations, deployer tokens, challenge key, certificates
+    /// and ACME account into the fleet (keys sealed). Idempotent: a record already in etcd is
+    /// never overwritten.
     Import {
         /// The gateway configuration file (its `[fleet]` table and, by default, its
         /// `data_dir` and first domain).
@@ -176,5 +179,51 @@ async fn import(config: PathBuf, from: Option<PathBuf>) -> Result<()> {
             "challenge key: etcd holds another one (kept); custom domains proven with this gateway's TXT values must be proven again"
         ),
     }
+    import_certs(&dir.join("certs"), &etcd, &keys, &fleet_key).await
+}
+
+/// Copies the standalone certificates and ACME account in `certs_dir` (if it exists) and
+/// prints what was copied and what was skipped.
+async fn import_certs(
+    certs_dir: &Path,
+    etcd: &Etcd,
+    keys: &FleetKeys,
+    fleet_key: &FleetKey,
+) -> Result<()> {
+    if !certs_dir.is_dir() {
+        println!(
+            "certificates: none ({} does not exist)",
+            certs_dir.display()
+        );
+        return Ok(());
+    }
+    let source = CertStore::open(certs_dir)
+        .with_context(|| format!("standalone certificates in {}", certs_dir.display()))?;
+    let report = import_certificates(&source, etcd, keys, fleet_key).await?;
+    let names = |v: &[String]| {
+        if v.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", v.join(", "))
+        }
+    };
+    println!(
+        "certificates: {} copied (sealed){}, {} already in etcd (kept){}",
+        report.copied.len(),
+        names(&report.copied),
+        report.kept.len(),
+        names(&report.kept)
+    );
+    for (what, why) in &report.unreadable {
+        println!("skipped (unreadable): {what}: {why}");
+    }
+    println!(
+        "ACME account: {}",
+        match report.account {
+            AccountImport::Absent => "none in the standalone store",
+            AccountImport::Copied => "copied (sealed)",
+            AccountImport::Kept => "already in etcd (kept)",
+        }
+    );
     Ok(())
 }

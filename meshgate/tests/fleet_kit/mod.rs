@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 pub use meshgate_testkit::etcd::{EtcdCluster, EtcdRelay};
-use meshgate_testkit::http::{Protocol, Served, serve_http};
+use meshgate_testkit::http::{Served, host_echo_backend};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -117,20 +117,7 @@ impl Fleet {
         let key_file = root.path().join("fleet.key");
         write_fleet_key(&key_file);
         let mut workload = Workload::start(root.path()).await;
-        let (listener, local) = meshgate_testkit::listener().await;
-        let service = serve_http(
-            listener,
-            Protocol::Http1,
-            |req: Request<Incoming>| async move {
-                let host = req
-                    .headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
-                hyper::Response::new(Full::new(Bytes::from(format!("served {host}"))))
-            },
-        );
+        let (service, local) = host_echo_backend().await;
         let backend = workload.expose(8080, local);
         let grant = meshgate_config::node::ConsentGrant {
             host: None,
@@ -386,6 +373,42 @@ impl Load {
             self.failed.load(Ordering::Relaxed),
             f,
         )
+    }
+}
+
+/// Three gateways serving `steady.<farm>` (reserved through A by `alice`) under a steady
+/// load of 20 requests/s per gateway, the setup of the etcd failure tests.
+pub struct Steady {
+    pub fleet: Fleet,
+    pub client: HttpClient,
+    /// alice's deployer token.
+    pub token: String,
+    pub load: Load,
+}
+
+impl Steady {
+    pub async fn start() -> Steady {
+        let fleet = Fleet::start(3).await;
+        let c = client();
+        let (_, token) = deployer_token(&c, fleet.gw(0), "alice").await;
+        let (s, v) = reserve(&c, fleet.gw(0), &token, "steady", fleet.backend).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let host = format!("steady.{FARM}");
+        for g in &fleet.gateways {
+            served_within(&c, g, &host, Duration::from_secs(2)).await;
+        }
+        let targets = fleet
+            .gateways
+            .iter()
+            .map(|g| (g.http, host.clone()))
+            .collect();
+        let load = Load::start(targets, 20, Duration::from_secs(120));
+        Steady {
+            fleet,
+            client: c,
+            token,
+            load,
+        }
     }
 }
 

@@ -279,4 +279,29 @@ mod tests {
         let routes = s.routes().borrow().clone();
         assert_eq!(routes.len(), 1);
     }
+
+    #[test]
+    fn a_bulk_create_writes_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = redb::RedbStore::open(dir.path(), "farm.example").unwrap();
+        let batch: Vec<Reservation> = (0..3).map(|i| domain(&format!("d{i}.example"))).collect();
+        s.create_many(&batch, 3).unwrap();
+        assert_eq!(s.list(None, None).unwrap().len(), 3);
+        // A fourth for alice is over her quota of 3: the whole batch is refused, nothing new.
+        let more = vec![domain("e0.example"), domain("d0.example")];
+        assert!(matches!(
+            s.create_many(&more, 10),
+            Err(StoreError::Conflict { .. })
+        ));
+        assert!(matches!(
+            s.create_many(&[domain("e0.example")], 3),
+            Err(StoreError::Quota { limit: 3, .. })
+        ));
+        assert_eq!(s.list(None, None).unwrap().len(), 3);
+        assert!(
+            s.get(&Key::domain("e0.example", "alice"))
+                .unwrap()
+                .is_none()
+        );
+    }
 }
