@@ -1,9 +1,9 @@
 //! meshgate overlay core: key-bound IPv6 addresses, Noise-authenticated TCP links,
 //! signed Babel-style latency routing and an end-to-end encrypted IPv6 data plane.
 //!
-//! Protocol logic lives in sans-IO state machines ([`core::NodeCore`], `routing::Router`,
-//! `session::Sessions`); [`Node`] runs them on tokio and [`sim`] runs many of them on a
-//! virtual clock. Wire formats: `docs/protocol.md`.
+//! Protocol logic lives in sans-IO state machines ([`core::NodeCore`], [`link::Link`],
+//! `routing::Router`, `session::Sessions`); [`Node`] runs them on tokio (moving bytes and
+//! sleeping until the core's next deadline) and [`sim`] runs many of them on a virtual clock. Wire formats: `docs/protocol.md`.
 
 pub mod addr;
 pub mod clock;

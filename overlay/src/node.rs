@@ -689,10 +689,10 @@ impl CoreTask {
                 _ = cancel.cancelled() => break,
                 ev = events.recv() => {
                     let Some(ev) = ev else { break };
-                    self.event(ev, &mut out);
+                    self.event(ev);
                     for _ in 0..256 {
                         match events.try_recv() {
-                            Ok(ev) => self.event(ev, &mut out),
+                            Ok(ev) => self.event(ev),
                             Err(_) => break,
                         }
                     }
@@ -753,7 +753,7 @@ impl CoreTask {
         }
     }
 
-    fn event(&mut self, ev: Event, out: &mut Vec<CoreOut>) {
+    fn event(&mut self, ev: Event) {
         let now = self.now();
         match ev {
             Event::Connected {
@@ -784,7 +784,6 @@ impl CoreTask {
                         ended: Some(ended),
                     },
                 );
-                let _ = out;
             }
         }
     }

@@ -150,7 +150,8 @@ type Taps = Arc<Mutex<Vec<(usize, u8, u64)>>>;
 pub struct Sim {
     now: Micros,
     nodes: Vec<SimNode>,
-    links: HashMap<u64, SimLink>,
+    /// Links by id (ids are handed out in order from 1: the slab's index + 1).
+    links: LinkSlab,
     /// The newest link between two nodes, by (lower, higher) index.
     pairs: HashMap<(usize, usize), u64>,
     next_link: u64,
@@ -178,7 +179,7 @@ impl Sim {
         let mut sim = Sim {
             now: 0,
             nodes: Vec::with_capacity(n),
-            links: HashMap::new(),
+            links: LinkSlab::default(),
             pairs: HashMap::new(),
             next_link: 1,
             queue: BTreeMap::new(),
@@ -714,8 +715,8 @@ impl Sim {
         }
         for (node, hop_limit, hash) in seen {
             self.forwarded += 1;
-            // The hop limit after this relay: links crossed so far is 64 - it + 1 ... plus
-            // the link to the next hop.
+            // Links crossed once this relay sends it on: the ones the hop limit counts (it
+            // starts at 64 and each relay takes one) plus the next.
             let hops = usize::from(crate::wire::DEFAULT_HOP_LIMIT.saturating_sub(hop_limit)) + 1;
             self.max_hops = self.max_hops.max(hops);
             let v = self.seen.entry(hash).or_default();
@@ -726,6 +727,32 @@ impl Sim {
                 );
             }
             v.push((node, hop_limit, now));
+        }
+    }
+}
+
+/// Simulated links by id: a vector indexed by id - 1 (lookups on every hop of every path
+/// check; hashing the id cost more than the rest of the walk).
+#[derive(Default)]
+struct LinkSlab(Vec<Option<SimLink>>);
+
+impl LinkSlab {
+    fn insert(&mut self, id: u64, l: SimLink) {
+        let i = (id - 1) as usize;
+        if self.0.len() <= i {
+            self.0.resize_with(i + 1, || None);
+        }
+        self.0[i] = Some(l);
+    }
+    fn get(&self, id: &u64) -> Option<&SimLink> {
+        self.0.get((*id as usize).wrapping_sub(1))?.as_ref()
+    }
+    fn get_mut(&mut self, id: &u64) -> Option<&mut SimLink> {
+        self.0.get_mut((*id as usize).wrapping_sub(1))?.as_mut()
+    }
+    fn remove(&mut self, id: &u64) {
+        if let Some(slot) = self.0.get_mut((*id as usize).wrapping_sub(1)) {
+            *slot = None;
         }
     }
 }
