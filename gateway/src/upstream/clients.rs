@@ -32,6 +32,18 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// both nodes. Measured with h2load (500 streams): 256 closed one connection per ~11 requests.
 const IDLE_CONNECTIONS_PER_BACKEND: usize = 4096;
 
+/// Idle connections per backend kept for the whole [`IDLE_TIMEOUT`]. Those beyond it (the
+/// oldest returned) close after [`SURPLUS_IDLE_TIMEOUT`] unused: a burst's connections serve
+/// the burst, and a minute later the gateway holds what it held before (h2load with 500
+/// streams left ~500 idle overlay connections, each with its stream, task and buffers).
+const IDLE_KEPT_PER_BACKEND: usize = 64;
+
+/// How long an idle connection beyond [`IDLE_KEPT_PER_BACKEND`] stays unused before it closes.
+const SURPLUS_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often expired idle connections are looked for (at most every `idle_timeout`).
+const REAP_EVERY: Duration = Duration::from_secs(1);
+
 /// Caps a connect attempt whatever its caller asks: routes may allow more than
 /// `[timeouts] connect_ms`, but nothing waits on a dial forever.
 const CONNECT_CAP: Duration = Duration::from_secs(60);
@@ -329,19 +341,38 @@ impl H1State {
     }
 }
 
-/// Every `idle_timeout`, closes the idle connections that expired or that the backend closed,
-/// as long as the pool lives.
+/// Every [`REAP_EVERY`] (or `idle_timeout` if shorter), closes the idle connections that
+/// expired or that the backend closed, as long as the pool lives.
 async fn reap(pool: Weak<H1Pool>, idle_timeout: Duration) {
-    let mut tick = tokio::time::interval_at(Instant::now() + idle_timeout, idle_timeout);
+    let every = idle_timeout.min(REAP_EVERY);
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
     loop {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else {
             return;
         };
-        let mut state = pool.lock();
+        pool.reap_once();
+    }
+}
+
+impl H1Pool {
+    /// Closes idle connections that expired: unused for `idle_timeout`, or beyond the
+    /// [`IDLE_KEPT_PER_BACKEND`] most recently returned and unused for
+    /// [`SURPLUS_IDLE_TIMEOUT`]; and those the backend closed.
+    fn reap_once(&self) {
+        let idle_timeout = self.idle_timeout;
+        let mut state = self.lock();
         state.backends.retain(|_, b| {
-            b.idle
-                .retain(|c| c.since.elapsed() <= idle_timeout && c.sender.is_ready());
+            // Oldest first: the first `surplus` are beyond the kept count.
+            let surplus = b.idle.len().saturating_sub(IDLE_KEPT_PER_BACKEND);
+            let mut position = 0;
+            b.idle.retain(|c| {
+                let unused = c.since.elapsed();
+                let expired =
+                    unused > idle_timeout || (position < surplus && unused > SURPLUS_IDLE_TIMEOUT);
+                position += 1;
+                !expired && c.sender.is_ready()
+            });
             b.waiters.retain(|w| !w.is_closed());
             !b.idle.is_empty() || !b.waiters.is_empty()
         });

@@ -573,3 +573,54 @@ async fn idle_connections_per_backend_are_bounded() {
     assert_eq!(idle.len(), IDLE_CONNECTIONS_PER_BACKEND);
     assert!(idle.iter().all(|c| !c.sender.is_ready()));
 }
+
+/// Ready idle stand-ins for `backend` (HTTP/1.1 connections over in-memory pipes whose other
+/// ends are returned: they stay open), put in the pool one after the other.
+async fn put_idle(clients: &Clients, backend: SocketAddr, n: usize) -> Vec<DuplexStream> {
+    let mut peers = Vec::new();
+    for _ in 0..n {
+        let (io, peer) = tokio::io::duplex(64);
+        peers.push(peer);
+        let (mut sender, conn) = http1::handshake::<_, Body>(TokioIo::new(io))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        sender.ready().await.expect("ready");
+        clients.h1.put(backend, sender);
+    }
+    peers
+}
+
+#[tokio::test]
+async fn surplus_idle_connections_close_after_a_few_seconds() {
+    let backend: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let clients = direct();
+    let total = IDLE_KEPT_PER_BACKEND + 10;
+    let _peers = put_idle(&clients, backend, total).await;
+    // Fresh surplus stays: a burst may come back.
+    clients.h1.reap_once();
+    assert_eq!(clients.idle_ready(backend), total);
+    // The 20 oldest were returned longer ago than the surplus timeout (well within the idle
+    // timeout): the 10 of them beyond the kept count close, the other 10 stay.
+    for c in clients
+        .h1
+        .lock()
+        .backends
+        .get_mut(&backend)
+        .expect("slot")
+        .idle
+        .iter_mut()
+        .take(20)
+    {
+        c.since = Instant::now() - SURPLUS_IDLE_TIMEOUT - Duration::from_secs(1);
+    }
+    clients.h1.reap_once();
+    assert_eq!(clients.idle_ready(backend), IDLE_KEPT_PER_BACKEND);
+    let state = clients.h1.lock();
+    let aged = state.backends[&backend]
+        .idle
+        .iter()
+        .filter(|c| c.since.elapsed() > SURPLUS_IDLE_TIMEOUT)
+        .count();
+    assert_eq!(aged, 10, "aged connections within the kept count stay");
+}
