@@ -8,7 +8,8 @@
 //! counters are zeroed (`callgrind_control -z`), h2load sends `N` requests, a dump; zeroed
 //! again, `2N` requests, a dump. Instructions per request are `(I(2N) − I(N)) / N`: both runs
 //! open the same client connections and TLS handshakes, so those cancel, as does start-up.
-//! Run: `cargo run --release -p meshgate-bench --bin gateway -- callgrind`.
+//! Run: `cargo run --release -p meshgate-bench --bin gateway -- callgrind`; `BENCH_CALLGRIND_N`
+//! sets N (default 2000), `BENCH_BASELINE=/path/to/meshgate` adds direct rows for another build.
 
 use super::{
     HOST, Proc, backend_block, free_port, make_cert, meshgate_config, nginx_bin, nginx_conf,
@@ -140,8 +141,8 @@ impl Proto {
 }
 
 /// Sends `n` requests with h2load (`CONNECTIONS` connections; h2 with `H2_STREAMS` streams
-/// each) and checks they all succeeded.
-fn h2load(port: u16, proto: Proto, n: u64) -> Result<()> {
+/// each), checks they all succeeded, and returns the TLS cipher suite negotiated.
+fn h2load(port: u16, proto: Proto, n: u64) -> Result<String> {
     let mut cmd = Command::new("h2load");
     cmd.args(["-t1", "-c"])
         .arg(CONNECTIONS.to_string())
@@ -162,7 +163,11 @@ fn h2load(port: u16, proto: Proto, n: u64) -> Result<()> {
     if succeeded != Some(n) {
         bail!("h2load to port {port}: {succeeded:?} of {n} succeeded:\n{text}");
     }
-    Ok(())
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("Cipher: "))
+        .unwrap_or("?")
+        .to_string())
 }
 
 /// One row: a proxy (and, through the overlay, the workload node) under callgrind.
@@ -171,18 +176,19 @@ struct Row {
     proto: Proto,
     proxy: f64,
     node: Option<f64>,
+    cipher: String,
 }
 
 /// Measures instructions per request for `proxy` (and `node`) with `proto`; returns the rows'
-/// figures and the proxy's 2N dump (for the profile).
+/// figures, the proxy's 2N dump (for the profile) and the cipher suite.
 fn measure(
     proxy: &mut Counted,
     mut node: Option<&mut Counted>,
     proto: Proto,
     n: u64,
-) -> Result<(f64, Option<f64>, PathBuf)> {
+) -> Result<(f64, Option<f64>, PathBuf, String)> {
     // Warm-up: backend connections opened for this load's concurrency, caches filled.
-    h2load(proxy.proc.port, proto, n / 4)?;
+    let cipher = h2load(proxy.proc.port, proto, n / 4)?;
     let mut totals = Vec::new();
     let mut file = PathBuf::new();
     for run in [n, 2 * n] {
@@ -205,7 +211,7 @@ fn measure(
         (Some(a), Some(b)) => Some(per(a, b)),
         _ => None,
     };
-    Ok((proxy_per, node_per, file))
+    Ok((proxy_per, node_per, file, cipher))
 }
 
 /// The top functions by inclusive instructions in a dump, as a markdown table.
@@ -335,12 +341,31 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
         )
     };
     let mut direct = gateway("meshgate-direct", backend, None)?;
+    // BENCH_BASELINE=/path/to/meshgate: an earlier build beside this one (direct rows), for
+    // what a change bought.
+    let mut baseline = match std::env::var_os("BENCH_BASELINE") {
+        Some(bin) => {
+            let port = free_port();
+            let config = meshgate_config(d, "baseline", port, backend, None, (&cert, &key))?;
+            Some(under_callgrind(
+                d,
+                "meshgate-direct-baseline",
+                port,
+                Path::new(&bin),
+                &["gateway".as_ref(), "--config".as_ref(), config.as_os_str()],
+            )?)
+        }
+        None => None,
+    };
     let mut overlay = gateway(
         "meshgate",
         SocketAddr::from((node_address, 80)),
         Some(SocketAddr::from(([127, 0, 0, 1], link_port))),
     )?;
-    for s in [&nginx, &direct, &overlay] {
+    for s in [&nginx, &direct, &overlay]
+        .into_iter()
+        .chain(baseline.as_ref())
+    {
         // Valgrind starts slowly (it reads the binary's debug information).
         wait_ok_for(s.proc.port, Duration::from_secs(180))
             .with_context(|| format!("{} not ready under callgrind", s.proc.name))?;
@@ -349,20 +374,22 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
     let mut rows = Vec::new();
     let mut profiles = Vec::new();
     for proto in [Proto::H1, Proto::H2] {
-        for (server, with_node) in [
+        let mut servers = vec![
             (&mut nginx, false),
             (&mut direct, false),
             (&mut overlay, true),
-        ] {
+        ];
+        servers.extend(baseline.as_mut().map(|b| (b, false)));
+        for (server, with_node) in servers {
             let name = server.proc.name;
-            let (proxy, node_per, dump) =
+            let (proxy, node_per, dump, cipher) =
                 measure(server, with_node.then_some(&mut node), proto, n)?;
             eprintln!(
                 "callgrind {name} {}: {proxy:.0} instructions per request{}",
                 proto.name(),
                 node_per.map_or(String::new(), |w| format!(", workload node {w:.0}"))
             );
-            if name != "meshgate" {
+            if matches!(name, "nginx" | "meshgate-direct") {
                 profiles.push((name, proto, top_functions(&dump, 2 * n)?));
             }
             rows.push(Row {
@@ -370,6 +397,7 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
                 proto,
                 proxy,
                 node: node_per,
+                cipher,
             });
         }
     }
@@ -416,8 +444,8 @@ fn wait_ok_for(port: u16, limit: Duration) -> Result<()> {
 fn write_docs(rows: &[Row], profiles: &[(&str, Proto, String)], n: u64) -> Result<()> {
     let find = |name: &str, proto: Proto| rows.iter().find(|r| r.name == name && r.proto == proto);
     let mut table = String::from(
-        "| path | protocol | proxy process | workload node | sum | proxy / nginx | sum / nginx |\n\
-         |---|---|---|---|---|---|---|\n",
+        "| path | protocol | TLS cipher suite | proxy process | workload node | sum | proxy / nginx | sum / nginx |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let nginx = find("nginx", r.proto).map_or(f64::NAN, |x| x.proxy);
@@ -425,11 +453,13 @@ fn write_docs(rows: &[Row], profiles: &[(&str, Proto, String)], n: u64) -> Resul
         let path = match r.name {
             "nginx" => "nginx → backend",
             "meshgate-direct" => "meshgate → backend (kernel TCP, no overlay)",
+            "meshgate-direct-baseline" => "meshgate (baseline build) → backend",
             _ => "meshgate → overlay → workload node (userspace, `expose`) → backend",
         };
         table.push_str(&format!(
-            "| {path} | {} | {:.0} | {} | {sum:.0} | {:.2}× | {:.2}× |\n",
+            "| {path} | {} | {} | {:.0} | {} | {sum:.0} | {:.2}× | {:.2}× |\n",
             r.proto.name(),
+            r.cipher,
             r.proxy,
             r.node.map_or("–".to_string(), |w| format!("{w:.0}")),
             r.proxy / nginx,

@@ -20,6 +20,7 @@
 //! trying changes).
 //! `-- callgrind`: instructions per proxied request under callgrind instead (see the
 //! `callgrind` module).
+//! `BENCH_MESHGATE=/path`: measure that `meshgate` binary instead of building one.
 //! `BENCH_HOLD=1`: start everything, print ports and pids, and keep it up for 10 minutes (for
 //! profiling by hand).
 
@@ -237,7 +238,7 @@ fn meshgate_config(
         &format!(
             "data_dir = \"{d}\"\n[listen]\nhttps = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\nhttp = []\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n{overlay_section}\
-             [timeouts]\nheader_ms = 60000\n\
+             [timeouts]\nheader_ms = 60000\nconnect_ms = 60000\n\
              [[tls.certificates]]\ncert = \"{c}\"\nkey = \"{k}\"\n\
              [[route]]\nhost = \"{HOST}\"\nbackends = [{{ addr = \"{backend}\" }}]\n",
             d = d.display(),
@@ -566,11 +567,16 @@ struct Figures {
 async fn main() -> Result<()> {
     // Tools and the binary are ready before a re-run inside the namespace (which has no
     // network for apt, and needs no second build).
+    // BENCH_MESHGATE=/path/to/meshgate: measure that build instead of building one (e.g. a
+    // copy kept from before a change, while the next build runs).
+    let given = std::env::var_os("BENCH_MESHGATE").map(PathBuf::from);
     if !meshgate_bench::in_netns() {
         ensure_tools()?;
-        build_meshgate()?;
+        if given.is_none() {
+            build_meshgate()?;
+        }
     }
-    let meshgate = workspace_root().join("target/release/meshgate");
+    let meshgate = given.unwrap_or_else(|| workspace_root().join("target/release/meshgate"));
     // With root and /dev/net/tun, everything runs again inside a network namespace of its own,
     // where a workload node can have a TUN interface (the meshgate-tun row).
     if meshgate_bench::can_enter_netns() {
