@@ -28,6 +28,15 @@ pub fn write_section(name: &str, markdown: &str) -> std::io::Result<()> {
     std::fs::write(&path, replace_section(&old, name, markdown))
 }
 
+/// As [`write_section`], in another file of `docs/` (`doc`, e.g. `performance.md`).
+pub fn write_doc_section(doc: &str, name: &str, markdown: &str) -> std::io::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs")
+        .join(doc);
+    let old = std::fs::read_to_string(&path)?;
+    std::fs::write(&path, replace_section(&old, name, markdown))
+}
+
 fn replace_section(doc: &str, name: &str, markdown: &str) -> String {
     let begin = format!("<!-- BEGIN {name} -->");
     let end = format!("<!-- END {name} -->");

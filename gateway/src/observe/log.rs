@@ -4,7 +4,7 @@
 //! records are one self-contained JSON object per line on stdout. Neither ever carries a
 //! header value, a query string or a body: tokens, `Authorization` and cookies stay out.
 
-use super::metrics::{Metrics, RequestLabel, RouteLabel};
+use super::metrics::{Metrics, RouteMetrics};
 use http::{Method, StatusCode};
 use meshgate_config::log::AccessFormat;
 use std::net::SocketAddr;
@@ -45,33 +45,35 @@ pub(crate) fn finished(
     elapsed: Duration,
     outcome: Outcome<'_>,
 ) {
-    let label = RouteLabel {
-        route: route.to_string(),
-    };
+    let series = metrics.route(route);
+    finished_on(metrics, &series, format, route, parties, elapsed, outcome);
+}
+
+/// [`finished`] with the route's series already at hand.
+pub(crate) fn finished_on(
+    metrics: &Metrics,
+    series: &RouteMetrics,
+    format: AccessFormat,
+    route: &str,
+    parties: &Parties,
+    elapsed: Duration,
+    outcome: Outcome<'_>,
+) {
     let server_error =
         matches!(&outcome, Outcome::Response { status, .. } if status.is_server_error());
     metrics
         .history
         .request(route, server_error, std::time::Instant::now());
     let status = match &outcome {
-        Outcome::Response { status, .. } => format!("{}xx", status.as_u16() / 100),
+        Outcome::Response { status, .. } => Some(status.as_u16()),
         Outcome::Stream { up, down } => {
-            metrics.bytes_in.get_or_create(&label).inc_by(*up);
-            metrics.bytes_out.get_or_create(&label).inc_by(*down);
-            "stream".to_string()
+            series.bytes_in().inc_by(*up);
+            series.bytes_out().inc_by(*down);
+            None
         }
     };
-    metrics
-        .requests
-        .get_or_create(&RequestLabel {
-            route: route.to_string(),
-            status,
-        })
-        .inc();
-    metrics
-        .latency
-        .get_or_create(&label)
-        .observe(elapsed.as_secs_f64());
+    series.requests(status).inc();
+    series.latency().observe(elapsed.as_secs_f64());
     match format {
         AccessFormat::Off => {}
         AccessFormat::Text => text(elapsed, &outcome),

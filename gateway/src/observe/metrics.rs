@@ -7,6 +7,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::SystemTime;
 
 use super::history::History;
@@ -61,6 +63,74 @@ pub(crate) struct Metrics {
     pub listener_full: Family<ListenerLabel, Counter>,
     /// Recent traffic per route and the latest errors, for the status pages.
     pub history: History,
+    /// Each route's series, resolved once: a request then costs one lookup instead of a
+    /// label allocation and a family lookup per series. At most `MAX_CACHED_ROUTES`.
+    routes: RwLock<HashMap<String, Arc<RouteMetrics>>>,
+}
+
+/// Routes whose series [`Metrics::route`] keeps; further routes (a table reloaded with many
+/// new names) get fresh handles per request, as correct and only slower.
+const MAX_CACHED_ROUTES: usize = 4096;
+
+/// One route's request series, each created in its family on first use (so a route shows
+/// only the series it has had).
+pub(crate) struct RouteMetrics {
+    route: String,
+    families: FamilyHandles,
+    bytes_in: OnceLock<Counter>,
+    bytes_out: OnceLock<Counter>,
+    latency: OnceLock<Histogram>,
+    /// Requests per status class, 1xx to 5xx, then passthrough streams.
+    requests: [OnceLock<Counter>; 6],
+}
+
+/// The families a [`RouteMetrics`] creates its series in (clones share the series).
+#[derive(Clone)]
+struct FamilyHandles {
+    requests: Family<RequestLabel, Counter>,
+    bytes_in: Family<RouteLabel, Counter>,
+    bytes_out: Family<RouteLabel, Counter>,
+    latency: HistogramFamily,
+}
+
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "stream"];
+
+impl RouteMetrics {
+    fn label(&self) -> RouteLabel {
+        RouteLabel {
+            route: self.route.clone(),
+        }
+    }
+
+    pub(crate) fn bytes_in(&self) -> &Counter {
+        self.bytes_in
+            .get_or_init(|| self.families.bytes_in.get_or_create(&self.label()).clone())
+    }
+
+    pub(crate) fn bytes_out(&self) -> &Counter {
+        self.bytes_out
+            .get_or_init(|| self.families.bytes_out.get_or_create(&self.label()).clone())
+    }
+
+    pub(crate) fn latency(&self) -> &Histogram {
+        self.latency
+            .get_or_init(|| self.families.latency.get_or_create(&self.label()).clone())
+    }
+
+    /// The request counter of an HTTP status (`None`: a passthrough stream).
+    pub(crate) fn requests(&self, status: Option<u16>) -> &Counter {
+        // 600-999 are not statuses hyper passes; they count as 5xx.
+        let class = status.map_or(5, |s| usize::from(s / 100).clamp(1, 5) - 1);
+        self.requests[class].get_or_init(|| {
+            self.families
+                .requests
+                .get_or_create(&RequestLabel {
+                    route: self.route.clone(),
+                    status: CLASSES[class].to_string(),
+                })
+                .clone()
+        })
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -150,7 +220,42 @@ impl Metrics {
             connections_refused,
             listener_full,
             history: History::default(),
+            routes: RwLock::default(),
         }
+    }
+
+    /// The series of `route`.
+    pub(crate) fn route(&self, route: &str) -> Arc<RouteMetrics> {
+        // A poisoned lock only means another thread panicked mid-insert; the map is intact.
+        if let Some(m) = self
+            .routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(route)
+        {
+            return m.clone();
+        }
+        let fresh = Arc::new(RouteMetrics {
+            route: route.to_string(),
+            families: FamilyHandles {
+                requests: self.requests.clone(),
+                bytes_in: self.bytes_in.clone(),
+                bytes_out: self.bytes_out.clone(),
+                latency: self.latency.clone(),
+            },
+            bytes_in: OnceLock::new(),
+            bytes_out: OnceLock::new(),
+            latency: OnceLock::new(),
+            requests: Default::default(),
+        });
+        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = routes.get(route) {
+            return m.clone();
+        }
+        if routes.len() < MAX_CACHED_ROUTES {
+            routes.insert(route.to_string(), fresh.clone());
+        }
+        fresh
     }
 
     pub(crate) fn encode(&self) -> String {

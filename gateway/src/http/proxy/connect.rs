@@ -55,7 +55,7 @@ pub(crate) async fn send(
         let addr = lease.backend();
         tracing::Span::current().record("backend", tracing::field::display(addr));
         tried.push(addr);
-        let Some(req) = head.to(addr, body.lend()) else {
+        let Some(req) = head.to(body.lend()) else {
             return Err(Failure::BadTarget);
         };
         let started = Instant::now();

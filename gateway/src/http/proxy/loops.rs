@@ -9,7 +9,12 @@ use std::hash::{BuildHasher, Hasher};
 
 /// This gateway's `Via` pseudonym, `meshgate-<16 hex digits>`, fresh for each process.
 #[derive(Debug, Clone)]
-pub(crate) struct Identity(String);
+pub(crate) struct Identity {
+    name: String,
+    /// This gateway's own `Via` entry per received version (`1.1`, `2`, `1.0`, `0.9`), made
+    /// once: most requests carry no earlier `Via`, and then this is the whole header.
+    entries: [HeaderValue; 4],
+}
 
 impl Identity {
     pub(crate) fn random() -> Identity {
@@ -20,17 +25,27 @@ impl Identity {
         if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
             h.write_u128(t.as_nanos());
         }
-        Identity(format!("meshgate-{:016x}", h.finish()))
+        Identity::named(format!("meshgate-{:016x}", h.finish()))
+    }
+
+    fn named(name: String) -> Identity {
+        let entry = |protocol: &str| {
+            // The name is hex and ASCII: this never falls back.
+            HeaderValue::from_str(&format!("{protocol} {name}"))
+                .unwrap_or_else(|_| HeaderValue::from_static("1.1 meshgate"))
+        };
+        let entries = [entry("1.1"), entry("2"), entry("1.0"), entry("0.9")];
+        Identity { name, entries }
     }
 
     #[cfg(test)]
     pub(crate) fn fixed(name: &str) -> Identity {
-        Identity(name.to_string())
+        Identity::named(name.to_string())
     }
 
     #[cfg(test)]
     pub(crate) fn as_str(&self) -> &str {
-        &self.0
+        &self.name
     }
 
     /// Whether `headers` carry a `Via` entry received by this gateway.
@@ -40,28 +55,28 @@ impl Identity {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .any(|entry| entry.split_whitespace().nth(1) == Some(self.0.as_str()))
+            .any(|entry| entry.split_whitespace().nth(1) == Some(self.name.as_str()))
     }
 
     /// Appends this gateway's entry for a request received as `version` to `headers`' `Via`.
     pub(crate) fn append_via(&self, headers: &mut HeaderMap, version: Version) {
-        let protocol = match version {
-            Version::HTTP_2 => "2",
-            Version::HTTP_10 => "1.0",
-            Version::HTTP_09 => "0.9",
-            _ => "1.1",
-        };
-        let mine = format!("{protocol} {}", self.0);
+        let mine = &self.entries[match version {
+            Version::HTTP_2 => 1,
+            Version::HTTP_10 => 2,
+            Version::HTTP_09 => 3,
+            _ => 0,
+        }];
         let earlier: Vec<&str> = headers
             .get_all(header::VIA)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
-        let value = if earlier.is_empty() {
-            mine
-        } else {
-            format!("{}, {mine}", earlier.join(", "))
-        };
+        if earlier.is_empty() {
+            headers.insert(header::VIA, mine.clone());
+            return;
+        }
+        let mine = mine.to_str().unwrap_or_default();
+        let value = format!("{}, {mine}", earlier.join(", "));
         if let Ok(v) = HeaderValue::from_str(&value) {
             headers.insert(header::VIA, v);
         }

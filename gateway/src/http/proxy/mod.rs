@@ -21,7 +21,7 @@ mod route;
 use super::ConnInfo;
 use super::body::Body;
 use crate::observe::log::{self, Outcome};
-use crate::observe::metrics::RouteLabel;
+use crate::observe::metrics::RouteMetrics;
 use crate::state::Shared;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
@@ -65,20 +65,27 @@ async fn phases(shared: &Shared, req: Request<Incoming>, conn: ConnInfo) -> Resp
         path: req.uri().path().to_string(),
         conn,
     };
-    let (route, host, resp, backend) = match route::pick(shared, &req, &cx.conn) {
+    let (route, host, resp, backend, series) = match route::pick(shared, &req, &cx.conn) {
         Picked::Refused(resp) => return resp,
-        Picked::Answer { route, host, resp } => (route, host, resp, None),
+        Picked::Answer { route, host, resp } => {
+            let series = shared.metrics.route(&route);
+            (route, host, resp, None, series)
+        }
         Picked::Forward {
             entry,
             host,
             authority,
         } => {
-            let (resp, backend) = forward(shared, &entry, req, &cx, &host, &authority).await;
-            (entry.route.host.as_str().to_owned(), host, resp, backend)
+            let series = shared.metrics.route(entry.route.host.as_str());
+            let (resp, backend) =
+                forward(shared, &entry, &series, req, &cx, &host, &authority).await;
+            let route = entry.route.host.as_str().to_owned();
+            (route, host, resp, backend, series)
         }
     };
-    log::finished(
+    log::finished_on(
         &shared.metrics,
+        &series,
         shared.access_log,
         &route,
         &log::Parties {
@@ -95,11 +102,7 @@ async fn phases(shared: &Shared, req: Request<Incoming>, conn: ConnInfo) -> Resp
             version: cx.version,
         },
     );
-    let out = shared
-        .metrics
-        .bytes_out
-        .get_or_create(&RouteLabel { route })
-        .clone();
+    let out = series.bytes_out().clone();
     resp.map(|b| {
         b.map_frame(move |f| {
             if let Some(d) = f.data_ref() {
@@ -115,6 +118,7 @@ async fn phases(shared: &Shared, req: Request<Incoming>, conn: ConnInfo) -> Resp
 async fn forward(
     shared: &Shared,
     entry: &crate::routes::RouteEntry,
+    series: &RouteMetrics,
     req: Request<Incoming>,
     cx: &RequestContext,
     host: &str,
@@ -134,13 +138,7 @@ async fn forward(
         tracing::info!(upgrade = ?offer, "upgrade not allowed on this route, dropped");
     }
     let client_upgrade = upstream.client_upgrade;
-    let bytes_in = shared
-        .metrics
-        .bytes_in
-        .get_or_create(&RouteLabel {
-            route: route.host.as_str().to_owned(),
-        })
-        .clone();
+    let bytes_in = series.bytes_in().clone();
     let body = body::LentBody::new(
         upstream
             .body

@@ -53,17 +53,18 @@ pub(crate) struct UpstreamHead {
 }
 
 impl UpstreamHead {
-    /// The request to send to `backend` with `body`; `None` if the target is not a valid URI.
-    pub(crate) fn to(&self, backend: SocketAddr, body: Body) -> Option<Request<Body>> {
-        // h1: the URI names the backend and Host is kept. h2c: the URI's authority is sent as
-        // `:authority`, so it is the client's host (already validated).
-        let authority = match &self.authority {
-            Some(a) => a.clone(),
-            None => backend.to_string(),
-        };
-        let uri = format!("http://{authority}{}", self.target)
-            .parse::<http::Uri>()
-            .ok()?;
+    /// The request to send with `body`; `None` if the target is not a valid URI.
+    pub(crate) fn to(&self, body: Body) -> Option<Request<Body>> {
+        // h1: the origin-form target as the backend will see it (the connection names the
+        // backend, Host is kept). h2c: the URI's authority is sent as `:authority`, so it is
+        // the client's host (already validated).
+        let uri = match &self.authority {
+            Some(a) => format!("http://{a}{}", self.target).parse::<http::Uri>(),
+            // A query with an empty path (`http://a?q`) still needs the `/`.
+            None if self.target.starts_with('?') => format!("/{}", self.target).parse(),
+            None => self.target.parse::<http::Uri>(),
+        }
+        .ok()?;
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
@@ -141,16 +142,17 @@ pub(crate) fn head(
     }
 }
 
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1). Names made at compile
+/// time: removing by a `&str` parses and lowercases it on every request.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
 ];
 
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
@@ -175,7 +177,7 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
             h.remove(n);
         }
     }
-    for n in HOP_BY_HOP {
+    for n in HOP_BY_HOP.iter() {
         h.remove(n);
     }
     h.remove(header::UPGRADE);
@@ -382,28 +384,48 @@ fn is_client_address(name: &str) -> bool {
         || (name.contains('_') && (SET_HERE.iter().any(|l| spells(l)) || spells("host")))
 }
 
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 fn set_forwarded(h: &mut HeaderMap, client: SocketAddr, proto: &str, host: &str) {
-    // We are the edge: client-supplied forwarding headers are replaced, not trusted.
+    // We are the edge: client-supplied forwarding headers are replaced, not trusted. The
+    // address is formatted once and the values built without `format!` (this runs for every
+    // request).
     let ip = client.ip().to_canonical();
-    let for_value = if ip.is_ipv6() {
-        format!("\"[{ip}]\"")
+    let ip_text = ip.to_string();
+    let mut forwarded = String::with_capacity(32 + ip_text.len() + proto.len() + host.len());
+    forwarded.push_str("for=");
+    if ip.is_ipv6() {
+        forwarded.push_str("\"[");
+        forwarded.push_str(&ip_text);
+        forwarded.push_str("]\"");
     } else {
-        ip.to_string()
+        forwarded.push_str(&ip_text);
+    }
+    forwarded.push_str(";proto=");
+    forwarded.push_str(proto);
+    forwarded.push_str(";host=\"");
+    forwarded.push_str(host);
+    forwarded.push('"');
+    if let Ok(v) = HeaderValue::from_str(&ip_text) {
+        h.insert(X_REAL_IP.clone(), v.clone());
+        h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    let proto_value = match proto {
+        "https" => Ok(HeaderValue::from_static("https")),
+        "http" => Ok(HeaderValue::from_static("http")),
+        other => HeaderValue::from_str(other),
     };
-    let pairs = [
-        ("x-real-ip", ip.to_string()),
-        ("x-forwarded-for", ip.to_string()),
-        ("x-forwarded-proto", proto.to_string()),
-        ("x-forwarded-host", host.to_string()),
-        (
-            "forwarded",
-            format!("for={for_value};proto={proto};host=\"{host}\""),
-        ),
-    ];
-    for (name, value) in pairs {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            h.insert(HeaderName::from_static(name), v);
-        }
+    if let Ok(v) = proto_value {
+        h.insert(X_FORWARDED_PROTO.clone(), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(host) {
+        h.insert(X_FORWARDED_HOST.clone(), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        h.insert(header::FORWARDED, v);
     }
 }
 
@@ -537,9 +559,8 @@ mod tests {
             "app.example.org"
         );
         assert_eq!(head.headers.get("via").unwrap(), "1.1 meshgate-test");
-        let backend: SocketAddr = "[2001:db8::5]:8080".parse().unwrap();
-        let out = head.to(backend, crate::http::body::empty()).unwrap();
-        assert_eq!(out.uri(), "http://[2001:db8::5]:8080/p?q=1");
+        let out = head.to(crate::http::body::empty()).unwrap();
+        assert_eq!(out.uri(), "/p?q=1");
     }
 
     #[test]
@@ -689,9 +710,7 @@ mod tests {
         assert_eq!(head.authority.as_deref(), Some("app.example.org"));
         assert!(head.headers.get("host").is_none());
         assert_eq!(head.headers.get("via").unwrap(), "2 meshgate-test");
-        let out = head
-            .to("10.0.0.1:80".parse().unwrap(), crate::http::body::empty())
-            .unwrap();
+        let out = head.to(crate::http::body::empty()).unwrap();
         assert_eq!(out.uri(), "http://app.example.org/x");
     }
 

@@ -290,6 +290,14 @@ impl Pool {
         client: &ClientInfo,
         exclude: &[SocketAddr],
     ) -> Result<Lease, PoolError> {
+        // A backend with a free slot (the usual case) needs no wake-up registration.
+        if let Ok(Some(index)) = self.shared.try_pick(client, exclude) {
+            return Ok(Lease {
+                shared: self.shared.clone(),
+                index,
+                reported: false,
+            });
+        }
         let deadline = tokio::time::Instant::now() + self.shared.cfg.queue_timeout();
         // Leaves the queue however this future ends, cancellation included.
         let mut queued: Option<QueueSlot<'_>> = None;

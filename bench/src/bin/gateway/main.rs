@@ -7,14 +7,24 @@
 //! - a rustls client, `Connection: close` per connection: full and resumed TLS 1.3
 //!   handshakes/s;
 //! - memory per idle TLS connection: RSS growth of the server process(es) with 10k open,
-//!   handshaken, idle TLS connections.
+//!   handshaken, idle TLS connections;
+//! - memory under load: peak RSS during an h2load run and RSS a minute after it.
 //!
 //! The backend is an nginx serving a 6-byte body. All three proxies use the same ECDSA P-256
-//! certificate. Access logs are off everywhere. Run:
+//! certificate and TLS 1.3 only, access logs are off, nginx and Caddy keep more idle backend
+//! connections than the load's concurrency and run one worker per core (as the gateway's
+//! runtime does). meshgate-direct is the gateway with the backend dialed over the kernel, the
+//! row to hold beside nginx. Run:
 //! `cargo run --release -p meshgate-bench --bin gateway` (installs wrk, nginx, caddy if missing).
-//! `BENCH_QUICK=1`: wrk and h2load rounds only, printed, docs untouched (for trying changes).
+//! `BENCH_QUICK=1`: the memory row, wrk and h2load rounds only, printed, docs untouched (for
+//! trying changes).
+//! `-- callgrind`: instructions per proxied request under callgrind instead (see the
+//! `callgrind` module).
+//! `BENCH_MESHGATE=/path`: measure that `meshgate` binary instead of building one.
 //! `BENCH_HOLD=1`: start everything, print ports and pids, and keep it up for 10 minutes (for
 //! profiling by hand).
+
+mod callgrind;
 
 use anyhow::{Context, Result, bail};
 use meshgate_bench::{median, write_section};
@@ -36,6 +46,19 @@ const ROUNDS: usize = 3;
 const DURATION: &str = "2s";
 const IDLE_CONNS: usize = 10_000;
 const HANDSHAKE_SECS: u64 = 2;
+/// How long after the h2load run the memory row reads RSS again.
+const AFTER_LOAD: Duration = Duration::from_secs(60);
+
+/// nginx's upstream pool as an expert sets it for these loads: more idle connections than the
+/// highest concurrency (h2load: 50 × 10 streams), no limit on requests per connection, idle
+/// connections kept for a minute (as the gateway's pool). With the stock `keepalive 64`,
+/// nginx opened a new backend connection for ~35 % of h2load's requests.
+const NGINX_UPSTREAM_KEEPALIVE: &str =
+    "keepalive 1024; keepalive_requests 1000000; keepalive_timeout 60s;";
+/// Caddy's transport to the backend, likewise: with its default of 32 idle connections per host
+/// it reconnected even under wrk's 50 connections.
+const CADDY_TRANSPORT: &str = "  transport http {\n   keepalive 60s\n   \
+     keepalive_idle_conns 1024\n   keepalive_idle_conns_per_host 1024\n  }\n";
 
 struct Proc {
     name: &'static str,
@@ -68,6 +91,7 @@ fn ensure_tools() -> Result<()> {
         ("nginx", "nginx"),
         ("caddy", "caddy"),
         ("h2load", "nghttp2-client"),
+        ("valgrind", "valgrind"),
     ]
     .iter()
     .filter(|(bin, _)| {
@@ -126,21 +150,11 @@ fn nginx_bin() -> &'static str {
 }
 
 fn start_nginx(dir: &Path, name: &str, server_block: &str, workers: &str) -> Result<Child> {
-    let conf = dir.join(format!("{name}.conf"));
-    let prefix = dir.join(name);
-    std::fs::create_dir_all(prefix.join("logs"))?;
-    write(
-        &conf,
-        &format!(
-            "daemon off;\nworker_processes {workers};\nworker_rlimit_nofile 40000;\npid {p}/nginx.pid;\n\
-             error_log {p}/logs/error.log error;\n\
-             events {{ worker_connections 20000; }}\n\
-             http {{\n access_log off;\n keepalive_requests 1000000;\n \
-             client_body_temp_path {p}/body; proxy_temp_path {p}/proxy;\n \
-             fastcgi_temp_path {p}/fcgi; uwsgi_temp_path {p}/uwsgi; scgi_temp_path {p}/scgi;\n\
-             {server_block}\n}}\n",
-            p = prefix.display()
-        ),
+    let (conf, prefix) = nginx_conf(
+        dir,
+        name,
+        server_block,
+        &format!("worker_processes {workers};"),
     )?;
     Ok(Command::new(nginx_bin())
         .arg("-c")
@@ -150,6 +164,124 @@ fn start_nginx(dir: &Path, name: &str, server_block: &str, workers: &str) -> Res
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?)
+}
+
+/// Writes an nginx configuration `name.conf` in `dir` with `main` directives (worker
+/// processes) and `server_block` inside `http`; returns it and its prefix directory.
+fn nginx_conf(
+    dir: &Path,
+    name: &str,
+    server_block: &str,
+    main: &str,
+) -> Result<(PathBuf, PathBuf)> {
+    let conf = dir.join(format!("{name}.conf"));
+    let prefix = dir.join(name);
+    std::fs::create_dir_all(prefix.join("logs"))?;
+    write(
+        &conf,
+        &format!(
+            "daemon off;\n{main}\nworker_rlimit_nofile 40000;\npid {p}/nginx.pid;\n\
+             error_log {p}/logs/error.log error;\n\
+             events {{ worker_connections 20000; }}\n\
+             http {{\n access_log off;\n keepalive_requests 1000000;\n \
+             client_body_temp_path {p}/body; proxy_temp_path {p}/proxy;\n \
+             fastcgi_temp_path {p}/fcgi; uwsgi_temp_path {p}/uwsgi; scgi_temp_path {p}/scgi;\n\
+             {server_block}\n}}\n",
+            p = prefix.display()
+        ),
+    )?;
+    Ok((conf, prefix))
+}
+
+/// nginx's `server` block proxying TLS on `port` to the backend: TLS 1.3 only, the given
+/// certificate, kept-alive upstream connections.
+fn nginx_proxy_block(port: u16, backend_port: u16, cert: &Path, key: &Path) -> String {
+    format!(
+        "upstream b {{ server 127.0.0.1:{backend_port}; {NGINX_UPSTREAM_KEEPALIVE} }}\n\
+         server {{ listen 127.0.0.1:{port} ssl http2; listen [::1]:{port} ssl http2;\n\
+         ssl_certificate {c}; ssl_certificate_key {k}; ssl_protocols TLSv1.3;\n\
+         location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}",
+        c = cert.display(),
+        k = key.display()
+    )
+}
+
+/// The backend's `server` block: 6 bytes on `port` (and on `extra_listen`).
+fn backend_block(port: u16, extra_listen: &str) -> String {
+    format!(
+        "server {{ listen 127.0.0.1:{port};{extra_listen} location / {{ default_type text/plain; return 200 \"hello\\n\"; }} }}"
+    )
+}
+
+/// Writes the configuration of a meshgate gateway `name` serving `HOST` on `port` from
+/// `backend`; with `peer`, its embedded overlay node links to that workload node (else the
+/// backend is dialed over the kernel and may be private).
+fn meshgate_config(
+    d: &Path,
+    name: &str,
+    port: u16,
+    backend: SocketAddr,
+    peer: Option<SocketAddr>,
+    (cert, key): (&Path, &Path),
+) -> Result<PathBuf> {
+    let config = d.join(format!("{name}.toml"));
+    let overlay_section = match peer {
+        Some(link) => format!(
+            "[overlay]\nkey_file = \"{}/{name}-node.key\"\npeers = [\"{link}\"]\n\
+             [overlay.discovery]\nenabled = false\n",
+            d.display()
+        ),
+        None => "[security]\nallow_private_backends = true\n".to_string(),
+    };
+    write(
+        &config,
+        &format!(
+            "data_dir = \"{d}\"\n[listen]\nhttps = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\nhttp = []\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n{overlay_section}\
+             [timeouts]\nheader_ms = 60000\nconnect_ms = 60000\n\
+             [[tls.certificates]]\ncert = \"{c}\"\nkey = \"{k}\"\n\
+             [[route]]\nhost = \"{HOST}\"\nbackends = [{{ addr = \"{backend}\" }}]\n",
+            d = d.display(),
+            admin = free_port(),
+            c = cert.display(),
+            k = key.display()
+        ),
+    )?;
+    Ok(config)
+}
+
+/// A self-signed ECDSA P-256 certificate for `HOST` in `d`: (cert, key).
+fn make_cert(d: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (d.join("cert.pem"), d.join("key.pem"));
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args([
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ])
+        .stderr(Stdio::null())
+        .status()?
+        .success();
+    if !ok {
+        bail!("openssl could not make the certificate");
+    }
+    Ok((cert, key))
 }
 
 fn wait_ok(port: u16, path: &str) -> Result<()> {
@@ -424,17 +556,27 @@ struct Figures {
     cpu_proxy: Vec<f64>,
     cpu_node: Vec<f64>,
     cpu_backend: Vec<f64>,
+    /// RSS (KiB, process and children) before any load, the highest seen under the memory
+    /// phase's h2load run, and `AFTER_LOAD` after that run.
+    rss_idle_kib: u64,
+    rss_peak_kib: u64,
+    rss_after_kib: u64,
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     // Tools and the binary are ready before a re-run inside the namespace (which has no
     // network for apt, and needs no second build).
+    // BENCH_MESHGATE=/path/to/meshgate: measure that build instead of building one (e.g. a
+    // copy kept from before a change, while the next build runs).
+    let given = std::env::var_os("BENCH_MESHGATE").map(PathBuf::from);
     if !meshgate_bench::in_netns() {
         ensure_tools()?;
-        build_meshgate()?;
+        if given.is_none() {
+            build_meshgate()?;
+        }
     }
-    let meshgate = workspace_root().join("target/release/meshgate");
+    let meshgate = given.unwrap_or_else(|| workspace_root().join("target/release/meshgate"));
     // With root and /dev/net/tun, everything runs again inside a network namespace of its own,
     // where a workload node can have a TUN interface (the meshgate-tun row).
     if meshgate_bench::can_enter_netns() {
@@ -443,35 +585,12 @@ async fn main() -> Result<()> {
     let with_tun = meshgate_bench::in_netns();
     let dir = tempfile_dir()?;
     let d = dir.as_path();
-    let (cert, key) = (d.join("cert.pem"), d.join("key.pem"));
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .args([
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-        ])
-        .stderr(Stdio::null())
-        .status()?
-        .success();
-    if !ok {
-        bail!("openssl could not make the certificate");
+    if std::env::args().nth(1).as_deref() == Some("callgrind") {
+        let result = callgrind::run(&meshgate, d).await;
+        let _ = std::fs::remove_dir_all(d);
+        return result;
     }
+    let (cert, key) = make_cert(d)?;
 
     // The backend: nginx answering 6 bytes.
     let backend_port = free_port();
@@ -491,17 +610,12 @@ async fn main() -> Result<()> {
     let backend = Proc {
         name: "backend",
         port: backend_port,
-        child: start_nginx(
-            d,
-            "backend",
-            &format!(
-                "server {{ listen 127.0.0.1:{backend_port};{tun_listen} location / {{ default_type text/plain; return 200 \"hello\\n\"; }} }}"
-            ),
-            "1",
-        )?,
+        child: start_nginx(d, "backend", &backend_block(backend_port, &tun_listen), "1")?,
     };
 
-    // nginx terminating TLS, keep-alive pool to the backend.
+    // nginx terminating TLS, keep-alive pool to the backend. As many workers (and Caddy as
+    // many Go threads) as the gateway's tokio runtime has threads: one per core.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let nginx_port = free_port();
     let nginx = Proc {
         name: "nginx",
@@ -509,15 +623,8 @@ async fn main() -> Result<()> {
         child: start_nginx(
             d,
             "proxy",
-            &format!(
-                "upstream b {{ server 127.0.0.1:{backend_port}; keepalive 64; }}\n\
-                 server {{ listen 127.0.0.1:{nginx_port} ssl http2; listen [::1]:{nginx_port} ssl http2;\n\
-                 ssl_certificate {c}; ssl_certificate_key {k}; ssl_protocols TLSv1.2 TLSv1.3;\n\
-                 location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}",
-                c = cert.display(),
-                k = key.display()
-            ),
-            "auto",
+            &nginx_proxy_block(nginx_port, backend_port, &cert, &key),
+            &workers.to_string(),
         )?,
     };
 
@@ -528,7 +635,8 @@ async fn main() -> Result<()> {
         &caddyfile,
         &format!(
             "{{\n admin off\n auto_https off\n}}\n\
-             https://{HOST}:{caddy_port} {{\n bind 127.0.0.1 ::1\n tls {c} {k}\n reverse_proxy 127.0.0.1:{backend_port}\n}}\n",
+             https://{HOST}:{caddy_port} {{\n bind 127.0.0.1 ::1\n tls {c} {k} {{\n  protocols tls1.3\n }}\n \
+             reverse_proxy 127.0.0.1:{backend_port} {{\n{CADDY_TRANSPORT} }}\n}}\n",
             c = cert.display(),
             k = key.display()
         ),
@@ -540,6 +648,7 @@ async fn main() -> Result<()> {
             .args(["run", "--adapter", "caddyfile", "--config"])
             .arg(&caddyfile)
             .env("HOME", d)
+            .env("GOMAXPROCS", workers.to_string())
             .env("XDG_DATA_HOME", d.join("caddy-data"))
             .env("XDG_CONFIG_HOME", d.join("caddy-config"))
             .stdout(Stdio::null())
@@ -565,45 +674,22 @@ async fn main() -> Result<()> {
     let link = workload.listen_addr().context("workload link")?;
     // `peer`: the workload node the gateway's embedded overlay node links to; none for a
     // direct backend.
-    let start_meshgate = |name: &'static str,
-                          backend: SocketAddr,
-                          peer: Option<SocketAddr>|
-     -> Result<Proc> {
-        let port = free_port();
-        let config = d.join(format!("{name}.toml"));
-        let overlay_section = match peer {
-            Some(link) => format!(
-                "[overlay]\nkey_file = \"{}/{name}-node.key\"\npeers = [\"{link}\"]\n",
-                d.display()
-            ),
-            None => "[security]\nallow_private_backends = true\n".to_string(),
+    let start_meshgate =
+        |name: &'static str, backend: SocketAddr, peer: Option<SocketAddr>| -> Result<Proc> {
+            let port = free_port();
+            let config = meshgate_config(d, name, port, backend, peer, (&cert, &key))?;
+            Ok(Proc {
+                name,
+                port,
+                child: Command::new(&meshgate)
+                    .args(["gateway", "--config"])
+                    .arg(&config)
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?,
+            })
         };
-        write(
-            &config,
-            &format!(
-                "data_dir = \"{d}\"\n[listen]\nhttps = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\nhttp = []\n\
-                 [admin]\nlisten = \"127.0.0.1:{admin}\"\n{overlay_section}\
-                 [timeouts]\nheader_ms = 60000\n\
-                 [[tls.certificates]]\ncert = \"{c}\"\nkey = \"{k}\"\n\
-                 [[route]]\nhost = \"{HOST}\"\nbackends = [{{ addr = \"{backend}\" }}]\n",
-                d = d.display(),
-                admin = free_port(),
-                c = cert.display(),
-                k = key.display()
-            ),
-        )?;
-        Ok(Proc {
-            name,
-            port,
-            child: Command::new(&meshgate)
-                .args(["gateway", "--config"])
-                .arg(&config)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
-        })
-    };
     let gateway = start_meshgate("meshgate", overlay_backend, Some(link))?;
     let direct = start_meshgate(
         "meshgate-direct",
@@ -633,6 +719,66 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_secs(600)).await;
     }
     let mut figures: Vec<Figures> = servers.iter().map(|_| Figures::default()).collect();
+    // Idle RSS: after one request each (wait_ok), before any load.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (i, s) in servers.iter().enumerate() {
+        figures[i].rss_idle_kib = rss_kib(s.child.id());
+    }
+    // Memory under h2load and after it, one server at a time: each server's RSS is read again
+    // AFTER_LOAD after its own run, while the others run theirs (they don't touch it).
+    let mut after_reads = Vec::new();
+    for (i, s) in servers.iter().enumerate() {
+        let pid = s.child.id();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut peak = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    peak = peak.max(rss_kib(pid));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                peak.max(rss_kib(pid))
+            })
+        };
+        let rps = h2load(s.port)?;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        figures[i].rss_peak_kib = sampler.join().unwrap_or(0);
+        let ended = Instant::now();
+        after_reads.push(std::thread::spawn(move || {
+            std::thread::sleep(AFTER_LOAD.saturating_sub(ended.elapsed()));
+            rss_kib(pid)
+        }));
+        eprintln!(
+            "memory {}: h2load {rps:.0} req/s, RSS idle {} KiB, peak {} KiB",
+            s.name, figures[i].rss_idle_kib, figures[i].rss_peak_kib
+        );
+    }
+    for (i, read) in after_reads.into_iter().enumerate() {
+        figures[i].rss_after_kib = read.join().unwrap_or(0);
+    }
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let memory_rows: Vec<String> = servers
+        .iter()
+        .zip(&figures)
+        .map(|(s, f)| {
+            format!(
+                "| {} | {:.1} | {:.1} | {:.1} | {:.2}× |",
+                s.name,
+                mib(f.rss_idle_kib),
+                mib(f.rss_peak_kib),
+                mib(f.rss_after_kib),
+                f.rss_after_kib as f64 / f.rss_idle_kib.max(1) as f64
+            )
+        })
+        .collect();
+    let memory_table = format!(
+        "| server | idle RSS MiB | peak RSS MiB under h2load | RSS MiB {}s after | after / idle |\n\
+         |---|---|---|---|---|\n{}",
+        AFTER_LOAD.as_secs(),
+        memory_rows.join("\n")
+    );
+
     // BENCH_QUICK=1: wrk and h2load only, printed, docs untouched (for trying changes).
     let quick = std::env::var_os("BENCH_QUICK").is_some();
     // Idle memory first, on fresh processes (after one request each), before load has grown
@@ -715,6 +861,7 @@ async fn main() -> Result<()> {
     let h2_of: fn(&Figures) -> &Vec<f64> = |f| &f.h2_rps;
     if quick {
         eprintln!("CPU µs per request (wrk):\n{cpu_table}");
+        eprintln!("Memory (process and children):\n{memory_table}");
         // Every other row against nginx (row 1).
         for (i, s) in servers.iter().enumerate().filter(|(i, _)| *i != 1) {
             eprintln!(
@@ -784,7 +931,12 @@ async fn main() -> Result<()> {
          network namespace made by the benchmark.\n\n\
          CPU time per request during the wrk runs (µs, user + system from /proc, medians of the \
          rounds). The workload node runs inside the benchmark process; the backend is the same \
-         nginx for every row.\n\n{cpu_table}\n",
+         nginx for every row.\n\n{cpu_table}\n\n\
+         Memory: RSS of the server process and its children (nginx: master and workers; \
+         meshgate's overlay row: the gateway process, whose embedded node is in it) before any \
+         load, its peak under one h2load run (50 connections × 10 streams, sampled every 20 ms), \
+         and {after}s after that run. This runs first, on fresh processes. Target for \
+         meshgate: peak ≤ 100 MiB, after ≤ 2× idle.\n\n{memory_table}\n",
         rows.join("\n"),
         ratio(0, 1, wrk_of),
         ratio(0, 2, wrk_of),
@@ -796,6 +948,7 @@ async fn main() -> Result<()> {
         ratio(3, 1, wrk_of),
         ratio(3, 1, h2_of),
         ratio(3, 1, hs_of),
+        after = AFTER_LOAD.as_secs(),
     );
     println!("{md}");
     write_section("gateway", &md)?;

@@ -1,0 +1,512 @@
+//! The gateway bench's callgrind mode: instructions per proxied request, counted by
+//! `valgrind --tool=callgrind`, for the gateway (release `meshgate`) and nginx (one worker, no
+//! master) with a direct backend, and for the gateway and its workload node (`meshgate node`,
+//! userspace stack, `expose`) through the overlay; HTTP/1.1 and h2.
+//!
+//! Wall-clock rates on the shared 2-core machine move by ±25 %; instruction counts repeat to
+//! well under 1 %. Per row: a warm-up (backend connections opened, caches filled), then the
+//! counters are zeroed (`callgrind_control -z`), h2load sends `N` requests, a dump; zeroed
+//! again, `2N` requests, a dump. Instructions per request are `(I(2N) − I(N)) / N`: both runs
+//! open the same client connections and TLS handshakes, so those cancel, as does start-up.
+//! Run: `cargo run --release -p meshgate-bench --bin gateway -- callgrind`; `BENCH_CALLGRIND_N`
+//! sets N (default 2000), `BENCH_BASELINE=/path/to/meshgate` adds direct rows for another build.
+
+use super::{
+    HOST, Proc, backend_block, free_port, make_cert, meshgate_config, nginx_bin, nginx_conf,
+    nginx_proxy_block, start_nginx, wait_ok, write,
+};
+use anyhow::{Context, Result, bail};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Requests per measured run (the second run sends twice as many). Under callgrind a proxied
+/// request takes a few milliseconds.
+const DEFAULT_N: u64 = 2000;
+/// Client connections h2load opens per run, and h2 streams per connection.
+const CONNECTIONS: u32 = 4;
+const H2_STREAMS: u32 = 10;
+/// Functions listed per profile in `docs/performance.md`.
+const TOP_FUNCTIONS: usize = 25;
+
+/// One process under callgrind.
+struct Counted {
+    proc: Proc,
+    /// The callgrind output file; dumps are `out.1`, `out.2`, ...
+    out: PathBuf,
+    dumps: u32,
+}
+
+impl Counted {
+    fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+
+    /// Zeroes the counters.
+    fn zero(&self) -> Result<()> {
+        control(self.pid(), "-z")
+    }
+
+    /// Dumps the counters; returns the dump's total instructions and its file.
+    fn dump(&mut self) -> Result<(u64, PathBuf)> {
+        control(self.pid(), "-d")?;
+        self.dumps += 1;
+        let file = PathBuf::from(format!("{}.{}", self.out.display(), self.dumps));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(total) = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|t| total_instructions(&t))
+            {
+                return Ok((total, file));
+            }
+            if Instant::now() > deadline {
+                bail!("no callgrind dump {}", file.display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn control(pid: u32, op: &str) -> Result<()> {
+    let out = Command::new("callgrind_control")
+        .arg(op)
+        .arg(pid.to_string())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "callgrind_control {op} {pid}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The `totals:` (or `summary:`) line of a complete callgrind dump: instructions executed.
+fn total_instructions(dump: &str) -> Option<u64> {
+    dump.lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Starts `program args` under callgrind, writing its dumps to `dir/name.cg.N`.
+fn under_callgrind(
+    dir: &Path,
+    name: &'static str,
+    port: u16,
+    program: &Path,
+    args: &[&std::ffi::OsStr],
+) -> Result<Counted> {
+    let out = dir.join(format!("{name}.cg"));
+    let child = Command::new("valgrind")
+        .args([
+            "--tool=callgrind",
+            // Counting starts at the first zeroing; start-up is not measured.
+            "--dump-instr=no",
+        ])
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(program)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(
+            dir.join(format!("{name}.valgrind.log")),
+        )?))
+        .spawn()
+        .context("valgrind (apt install valgrind)")?;
+    Ok(Counted {
+        proc: Proc { name, child, port },
+        out,
+        dumps: 0,
+    })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Proto {
+    H1,
+    H2,
+}
+
+impl Proto {
+    fn name(self) -> &'static str {
+        match self {
+            Proto::H1 => "HTTP/1.1",
+            Proto::H2 => "h2",
+        }
+    }
+}
+
+/// Sends `n` requests with h2load (`CONNECTIONS` connections; h2 with `H2_STREAMS` streams
+/// each), checks they all succeeded, and returns the TLS cipher suite negotiated.
+fn h2load(port: u16, proto: Proto, n: u64) -> Result<String> {
+    let mut cmd = Command::new("h2load");
+    cmd.args(["-t1", "-c"])
+        .arg(CONNECTIONS.to_string())
+        .arg("-n")
+        .arg(n.to_string());
+    match proto {
+        Proto::H1 => cmd.arg("--h1"),
+        Proto::H2 => cmd.arg("-m").arg(H2_STREAMS.to_string()),
+    };
+    let out = cmd.arg(format!("https://{HOST}:{port}/")).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "requests: 2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed, ..."
+    let succeeded = text
+        .lines()
+        .find_map(|l| l.strip_prefix("requests: "))
+        .and_then(|l| l.split(", ").find_map(|f| f.strip_suffix(" succeeded")))
+        .and_then(|v| v.parse::<u64>().ok());
+    if succeeded != Some(n) {
+        bail!("h2load to port {port}: {succeeded:?} of {n} succeeded:\n{text}");
+    }
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("Cipher: "))
+        .unwrap_or("?")
+        .to_string())
+}
+
+/// One row: a proxy (and, through the overlay, the workload node) under callgrind.
+struct Row {
+    name: &'static str,
+    proto: Proto,
+    proxy: f64,
+    node: Option<f64>,
+    cipher: String,
+}
+
+/// Measures instructions per request for `proxy` (and `node`) with `proto`; returns the rows'
+/// figures, the proxy's 2N dump (for the profile) and the cipher suite.
+fn measure(
+    proxy: &mut Counted,
+    mut node: Option<&mut Counted>,
+    proto: Proto,
+    n: u64,
+) -> Result<(f64, Option<f64>, PathBuf, String)> {
+    // Warm-up: backend connections opened for this load's concurrency, caches filled.
+    let cipher = h2load(proxy.proc.port, proto, n / 4)?;
+    let mut totals = Vec::new();
+    let mut file = PathBuf::new();
+    for run in [n, 2 * n] {
+        proxy.zero()?;
+        if let Some(node) = node.as_deref_mut() {
+            node.zero()?;
+        }
+        h2load(proxy.proc.port, proto, run)?;
+        let (p, f) = proxy.dump()?;
+        let w = match node.as_deref_mut() {
+            Some(node) => Some(node.dump()?.0),
+            None => None,
+        };
+        totals.push((p, w));
+        file = f;
+    }
+    let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / n as f64;
+    let proxy_per = per(totals[0].0, totals[1].0);
+    let node_per = match (totals[0].1, totals[1].1) {
+        (Some(a), Some(b)) => Some(per(a, b)),
+        _ => None,
+    };
+    Ok((proxy_per, node_per, file, cipher))
+}
+
+/// The top functions by inclusive instructions in a dump, as a markdown table.
+fn top_functions(dump: &Path, requests: u64) -> Result<String> {
+    let out = Command::new("callgrind_annotate")
+        .args(["--inclusive=yes", "--threshold=100"])
+        .arg(dump)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rows = Vec::new();
+    let mut total = None;
+    for line in text.lines() {
+        let line = line.trim();
+        let Some((count, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let Ok(count) = count.replace(',', "").parse::<u64>() else {
+            continue;
+        };
+        let rest = rest.trim();
+        if rest.starts_with("(") && total.is_none() && rest.contains("PROGRAM TOTALS") {
+            total = Some(count);
+            continue;
+        }
+        // "1,234 (12.3%)  file:function [object]"
+        let function = rest
+            .split_once(')')
+            .map_or(rest, |(_, f)| f.trim())
+            .rsplit_once(" [")
+            .map_or(rest, |(f, _)| f);
+        let function = function.split_once(':').map_or(function, |(_, f)| f);
+        if function.is_empty() || function.contains("???") && rows.len() > 3 {
+            continue;
+        }
+        let short: String = function.chars().take(110).collect();
+        rows.push(format!(
+            "| {:.0} | {:.1} % | `{}` |",
+            count as f64 / requests as f64,
+            count as f64 * 100.0 / total.unwrap_or(count).max(1) as f64,
+            short.replace('|', "\\|").replace('`', "'")
+        ));
+        if rows.len() == TOP_FUNCTIONS {
+            break;
+        }
+    }
+    Ok(format!(
+        "| instructions per request | inclusive | function |\n|---|---|---|\n{}",
+        rows.join("\n")
+    ))
+}
+
+/// Runs the callgrind mode: starts the backend (not counted), nginx, the direct gateway, the
+/// overlay gateway and its workload node under callgrind, measures every row, and writes the
+/// `gateway-callgrind` section of `docs/benchmarks.md` and the profiles in
+/// `docs/performance.md`.
+pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
+    let n: u64 = std::env::var("BENCH_CALLGRIND_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_N);
+    let (cert, key) = make_cert(d)?;
+    let backend_port = free_port();
+    let _backend = Proc {
+        name: "backend",
+        port: backend_port,
+        child: start_nginx(d, "backend", &backend_block(backend_port, ""), "1")?,
+    };
+    let backend = SocketAddr::from(([127, 0, 0, 1], backend_port));
+
+    // nginx as one process: no master, one worker, so the one process counted does all the work.
+    let nginx_port = free_port();
+    let (conf, prefix) = nginx_conf(
+        d,
+        "nginx-cg",
+        &nginx_proxy_block(nginx_port, backend_port, &cert, &key),
+        "master_process off;\nworker_processes 1;",
+    )?;
+    let mut nginx = under_callgrind(
+        d,
+        "nginx",
+        nginx_port,
+        Path::new(nginx_bin()),
+        &[
+            "-c".as_ref(),
+            conf.as_os_str(),
+            "-p".as_ref(),
+            prefix.as_os_str(),
+        ],
+    )?;
+
+    // The workload node: userspace stack, the overlay port 80 exposed to the backend.
+    let link_port = free_port();
+    let node_config = d.join("node.toml");
+    write(
+        &node_config,
+        &format!(
+            "key = \"{d}/cg-node.key\"\nlisten = \"127.0.0.1:{link_port}\"\n\
+             status_listen = \"127.0.0.1:{status}\"\n\
+             [[expose]]\nport = 80\nto = \"{backend}\"\n\
+             [discovery]\nenabled = false\n",
+            d = d.display(),
+            status = free_port(),
+        ),
+    )?;
+    let mut node = under_callgrind(
+        d,
+        "workload-node",
+        link_port,
+        meshgate,
+        &[
+            "node".as_ref(),
+            "--config".as_ref(),
+            node_config.as_os_str(),
+        ],
+    )?;
+    let node_address = node_address(d, &node)?;
+
+    let gateway = |name: &'static str, backend: SocketAddr, peer: Option<SocketAddr>| {
+        let port = free_port();
+        let config = meshgate_config(d, name, port, backend, peer, (&cert, &key))?;
+        under_callgrind(
+            d,
+            name,
+            port,
+            meshgate,
+            &["gateway".as_ref(), "--config".as_ref(), config.as_os_str()],
+        )
+    };
+    let mut direct = gateway("meshgate-direct", backend, None)?;
+    // BENCH_BASELINE=/path/to/meshgate: an earlier build beside this one (direct rows), for
+    // what a change bought.
+    let mut baseline = match std::env::var_os("BENCH_BASELINE") {
+        Some(bin) => {
+            let port = free_port();
+            let config = meshgate_config(d, "baseline", port, backend, None, (&cert, &key))?;
+            Some(under_callgrind(
+                d,
+                "meshgate-direct-baseline",
+                port,
+                Path::new(&bin),
+                &["gateway".as_ref(), "--config".as_ref(), config.as_os_str()],
+            )?)
+        }
+        None => None,
+    };
+    let mut overlay = gateway(
+        "meshgate",
+        SocketAddr::from((node_address, 80)),
+        Some(SocketAddr::from(([127, 0, 0, 1], link_port))),
+    )?;
+    for s in [&nginx, &direct, &overlay]
+        .into_iter()
+        .chain(baseline.as_ref())
+    {
+        // Valgrind starts slowly (it reads the binary's debug information).
+        wait_ok_for(s.proc.port, Duration::from_secs(180))
+            .with_context(|| format!("{} not ready under callgrind", s.proc.name))?;
+    }
+
+    let mut rows = Vec::new();
+    let mut profiles = Vec::new();
+    for proto in [Proto::H1, Proto::H2] {
+        let mut servers = vec![
+            (&mut nginx, false),
+            (&mut direct, false),
+            (&mut overlay, true),
+        ];
+        servers.extend(baseline.as_mut().map(|b| (b, false)));
+        for (server, with_node) in servers {
+            let name = server.proc.name;
+            let (proxy, node_per, dump, cipher) =
+                measure(server, with_node.then_some(&mut node), proto, n)?;
+            eprintln!(
+                "callgrind {name} {}: {proxy:.0} instructions per request{}",
+                proto.name(),
+                node_per.map_or(String::new(), |w| format!(", workload node {w:.0}"))
+            );
+            if matches!(name, "nginx" | "meshgate-direct") {
+                profiles.push((name, proto, top_functions(&dump, 2 * n)?));
+            }
+            rows.push(Row {
+                name,
+                proto,
+                proxy,
+                node: node_per,
+                cipher,
+            });
+        }
+    }
+    write_docs(&rows, &profiles, n)
+}
+
+/// The workload node's overlay address, read from its status endpoint.
+fn node_address(d: &Path, node: &Counted) -> Result<std::net::Ipv6Addr> {
+    let config = std::fs::read_to_string(d.join("node.toml"))?;
+    let status = config
+        .lines()
+        .find_map(|l| l.strip_prefix("status_listen = "))
+        .map(|v| v.trim_matches('"').to_string())
+        .context("status_listen")?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let out = Command::new("curl")
+            .args(["-s", "-m", "5"])
+            .arg(format!("http://{status}/status"))
+            .output()?;
+        if let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            && let Some(a) = doc["node"]["address"].as_str()
+        {
+            return Ok(a.parse()?);
+        }
+        if Instant::now() > deadline {
+            bail!("workload node (pid {}) never served its status", node.pid());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn wait_ok_for(port: u16, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match wait_ok(port, "/") {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => {}
+        }
+    }
+}
+
+fn write_docs(rows: &[Row], profiles: &[(&str, Proto, String)], n: u64) -> Result<()> {
+    let find = |name: &str, proto: Proto| rows.iter().find(|r| r.name == name && r.proto == proto);
+    let mut table = String::from(
+        "| path | protocol | TLS cipher suite | proxy process | workload node | sum | proxy / nginx | sum / nginx |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let nginx = find("nginx", r.proto).map_or(f64::NAN, |x| x.proxy);
+        let sum = r.proxy + r.node.unwrap_or(0.0);
+        let path = match r.name {
+            "nginx" => "nginx → backend",
+            "meshgate-direct" => "meshgate → backend (kernel TCP, no overlay)",
+            "meshgate-direct-baseline" => "meshgate (baseline build) → backend",
+            _ => "meshgate → overlay → workload node (userspace, `expose`) → backend",
+        };
+        table.push_str(&format!(
+            "| {path} | {} | {} | {:.0} | {} | {sum:.0} | {:.2}× | {:.2}× |\n",
+            r.proto.name(),
+            r.cipher,
+            r.proxy,
+            r.node.map_or("–".to_string(), |w| format!("{w:.0}")),
+            r.proxy / nginx,
+            sum / nginx,
+        ));
+    }
+    let overlay_note: Vec<String> = [Proto::H1, Proto::H2]
+        .iter()
+        .filter_map(|&p| {
+            let (d, o) = (find("meshgate-direct", p)?, find("meshgate", p)?);
+            Some(format!(
+                "{}: {:+.0} %",
+                p.name(),
+                ((o.proxy + o.node.unwrap_or(0.0)) / d.proxy - 1.0) * 100.0
+            ))
+        })
+        .collect();
+    let md = format!(
+        "### gateway: instructions per proxied request (callgrind)\n\n\
+         Counted by `valgrind --tool=callgrind` (cargo run --release -p meshgate-bench --bin \
+         gateway -- callgrind), so the figures repeat run to run, unlike the rates above. Each \
+         server is one process under callgrind: the release `meshgate` binary (`gateway`; \
+         through the overlay also the workload node, `meshgate node` with the userspace stack \
+         and `expose`), nginx with `master_process off` and one worker; the backend nginx is \
+         not counted. h2load sends {n} and then {n2} requests over {CONNECTIONS} TLS 1.3 \
+         connections (HTTP/1.1 with `--h1`, one request at a time per connection; h2 with \
+         {H2_STREAMS} streams per connection) after a warm-up; instructions per request are \
+         the difference of the two runs' counts divided by {n}, so connection set-up and TLS \
+         handshakes cancel out. 6-byte responses.\n\n{table}\n\
+         The overlay's instructions over the direct gateway (gateway and workload node \
+         together): {}. Profiles (top functions) are in `docs/performance.md`.\n",
+        overlay_note.join(", "),
+        n2 = 2 * n,
+    );
+    println!("{md}");
+    meshgate_bench::write_section("gateway-callgrind", &md)?;
+    let mut perf = format!(
+        "## Where a proxied request's instructions go (callgrind)\n\n\
+         Written by the gateway bench's callgrind mode (see `docs/benchmarks.md`, \
+         gateway-callgrind): the top functions by inclusive instructions over a run of {n2} \
+         requests (4 TLS handshakes included), per request. Thread entry points and the \
+         runtime's poll loop include everything they call.\n",
+        n2 = 2 * n
+    );
+    for (name, proto, table) in profiles {
+        perf.push_str(&format!("\n### {name}, {}\n\n{table}\n", proto.name()));
+    }
+    meshgate_bench::write_doc_section("performance.md", "callgrind-profiles", &perf)?;
+    Ok(())
+}
