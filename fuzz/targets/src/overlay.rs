@@ -173,6 +173,8 @@ pub(crate) const NEIGHBOR_SEED: [u8; 32] = [1; 32];
 /// The neighbor as the node under test numbers it.
 pub(crate) const NEIGHBOR: Nbr = 1;
 const START: u64 = 1_000_000;
+/// The round-trip time both ends of the recorded link report (µs).
+pub(crate) const LINK_RTT_US: u32 = 1_000;
 
 pub(crate) fn core_config() -> CoreConfig {
     CoreConfig::default()
@@ -203,11 +205,19 @@ pub(crate) struct NodeUnderTest {
 
 impl NodeUnderTest {
     pub(crate) fn new() -> NodeUnderTest {
+        Self::linked().0
+    }
+
+    /// The node linked to its neighbor, with what that made it send (its first updates).
+    /// The link's keepalives run in the link state machine, outside the core's plaintext API,
+    /// so the link's round-trip time is given here, as a link that came up would report it.
+    pub(crate) fn linked() -> (NodeUnderTest, Vec<CoreOut>) {
         let mut core = new_core(NODE_SEED, 2);
         let mut out = Vec::new();
         let key = Identity::from_seed(&NEIGHBOR_SEED).public_key();
         core.link_up(NEIGHBOR, key, LinkOrigin::Outbound, START, &mut out);
-        NodeUnderTest { core, now: START }
+        core.link_rtt(NEIGHBOR, LINK_RTT_US, START, &mut out);
+        (NodeUnderTest { core, now: START }, out)
     }
 
     /// Applies one event (1 ms after the previous one) and returns what the node wants done.

@@ -2,7 +2,9 @@
 //! bytes from a real Noise handshake and sealed control frames, and a recorded exchange between
 //! two node cores (routes, session setup, data). `examples/seeds.rs` writes them out.
 
-use crate::overlay::{Event, NEIGHBOR_SEED, NODE_SEED, NodeUnderTest, frame, new_core};
+use crate::overlay::{
+    Event, LINK_RTT_US, NEIGHBOR_SEED, NODE_SEED, NodeUnderTest, frame, new_core,
+};
 use bytes::BytesMut;
 use meshgate_overlay::core::{CoreOut, LinkOrigin};
 use meshgate_overlay::fuzzing::encode_control;
@@ -110,7 +112,7 @@ pub(crate) struct Exchange {
 
 pub(crate) fn exchange() -> Exchange {
     const B_ON_A: u64 = 2;
-    let mut b = NodeUnderTest::new();
+    let (mut b, b_first) = NodeUnderTest::linked();
     let mut a = new_core(NEIGHBOR_SEED, 1);
     let (a_addr, b_addr) = (
         Identity::from_seed(&NEIGHBOR_SEED).address(),
@@ -130,6 +132,16 @@ pub(crate) fn exchange() -> Exchange {
         b.now,
         &mut a_out,
     );
+    a.link_rtt(B_ON_A, LINK_RTT_US, b.now, &mut a_out);
+    // B's first updates reach A before anything is recorded: a fresh node under test sends the
+    // same ones when it is linked.
+    for o in b_first {
+        match o {
+            CoreOut::Control(_, c) => a.control(B_ON_A, c, b.now, &mut a_out),
+            CoreOut::Packet(_, p) => a.packet(B_ON_A, BytesMut::from(&p[..]), b.now, &mut a_out),
+            _ => {}
+        }
+    }
     let step = |b: &mut NodeUnderTest,
                 a: &mut meshgate_overlay::core::NodeCore,
                 queue: &mut VecDeque<Event>,
