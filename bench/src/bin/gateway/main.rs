@@ -233,12 +233,15 @@ fn meshgate_config(
         ),
         None => "[security]\nallow_private_backends = true\n".to_string(),
     };
+    // The idle-connection row opens 10,000 connections from one client address; nginx and
+    // Caddy cap none, so the gateway's per-address cap (256 by default) is raised to match.
     write(
         &config,
         &format!(
             "data_dir = \"{d}\"\n[listen]\nhttps = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\nhttp = []\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n{overlay_section}\
              [timeouts]\nheader_ms = 60000\nconnect_ms = 60000\n\
+             [limits]\nmax_connections_per_ip = 20000\n\
              [[tls.certificates]]\ncert = \"{c}\"\nkey = \"{k}\"\n\
              [[route]]\nhost = \"{HOST}\"\nbackends = [{{ addr = \"{backend}\" }}]\n",
             d = d.display(),
