@@ -28,6 +28,8 @@ pub struct GatewayConfig {
     pub tls: Tls,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// `[upstream]`: the idle keep-alive connections kept to backends.
+    pub upstream: crate::upstream::Upstream,
     pub security: Security,
     /// `[log]`: the access log's format.
     pub log: crate::log::Log,
@@ -63,6 +65,8 @@ struct GatewayFile {
     timeouts: Timeouts,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    upstream: crate::upstream::Upstream,
     #[serde(default)]
     security: Security,
     #[serde(default)]
@@ -766,6 +770,9 @@ impl GatewayFile {
                 return Err(err(&format!("overlay.peers.{i}"), reason));
             }
         }
+        if let Some((key, msg)) = self.upstream.invalid() {
+            return Err(err(&format!("upstream.{key}"), msg));
+        }
         if let Some(Err((key, msg))) = self.fleet.as_ref().map(|f| f.validate()) {
             return Err(err(&format!("fleet.{key}"), msg));
         }
@@ -779,6 +786,7 @@ impl GatewayFile {
             tls: self.tls,
             timeouts: self.timeouts,
             limits: self.limits,
+            upstream: self.upstream,
             security: self.security,
             log: self.log,
             reservations: self.reservations,
@@ -990,6 +998,27 @@ mod tests {
         assert_eq!(c.security.own_addresses_refresh_secs, 30);
         assert_eq!(c.timeouts.connect_ms, 5000);
         assert_eq!(c.limits.max_headers, 100);
+    }
+
+    #[test]
+    fn upstream_keys_parse_and_bad_ones_name_their_field() {
+        assert_eq!(
+            parse("").unwrap().upstream,
+            crate::upstream::Upstream::default()
+        );
+        let c = parse("[upstream]\nidle_kept_per_backend = 8\nsurplus_idle_timeout_ms = 250\n")
+            .unwrap();
+        assert_eq!(c.upstream.idle_kept_per_backend, 8);
+        assert_eq!(c.upstream.surplus_idle_timeout_ms, 250);
+        assert_eq!(c.upstream.max_idle_per_backend, 4096);
+        let e = parse("[upstream]\nmax_idle_per_backend = 16\nidle_kept_per_backend = 32\n")
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("upstream.idle_kept_per_backend"),
+            "{e}"
+        );
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(parse("[upstream]\nidle_kept = 8\n").is_err());
     }
 
     #[test]

@@ -14,3 +14,4 @@ pub mod overlay_limits;
 pub mod pool;
 pub mod private_file;
 pub mod route;
+pub mod upstream;

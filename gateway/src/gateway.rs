@@ -122,7 +122,9 @@ impl Gateway {
             allow_private: config.security.allow_private_backends.into(),
             guard: crate::upstream::ssrf::Guard::new(&config),
         });
+        let clients = Clients::new(dialer.clone() as Arc<dyn Dialer>, &config.upstream);
         let metrics = Metrics::new(|registry| {
+            registry.register_collector(Box::new(clients.observer()));
             if let Some(o) = &observer {
                 registry.register_collector(Box::new(o.clone()));
             }
@@ -150,7 +152,7 @@ impl Gateway {
             resolver,
             dev_ca,
             tls,
-            clients: Clients::new(dialer.clone() as Arc<dyn Dialer>),
+            clients,
             dialer,
             metrics,
             certs,

@@ -150,8 +150,12 @@ impl Shared {
         {
             tracing::warn!("listener, admin, api or overlay changes take effect after a restart");
         }
-        if new.timeouts != old.timeouts || new.limits != old.limits || new.log != old.log {
-            tracing::warn!("timeout, limit and log changes take effect after a restart");
+        if new.timeouts != old.timeouts
+            || new.limits != old.limits
+            || new.log != old.log
+            || new.upstream != old.upstream
+        {
+            tracing::warn!("timeout, limit, log and upstream changes take effect after a restart");
         }
         if new.reservations != old.reservations {
             tracing::warn!("[reservations] changes take effect after a restart");

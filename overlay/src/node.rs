@@ -675,18 +675,27 @@ impl CoreTask {
         let mut out = Vec::new();
         let mut inbox = Vec::new();
         let mut l3_open = true;
+        // One timer for the task's life, moved only when the next deadline moves: a fresh
+        // sleep per round registered and removed a timer-wheel entry for every packet.
+        let timer = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(timer);
+        let mut armed: Option<tokio::time::Instant> = None;
+        // One waiter on the cancellation for the task's life (a fresh one per round entered
+        // and left the token's waiter list, a lock each, for every packet).
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
         loop {
             let wake_at = self.wake_at();
-            let timer = async {
-                match wake_at {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            };
+            if let Some(t) = wake_at
+                && armed != Some(t)
+            {
+                timer.as_mut().reset(t);
+                armed = Some(t);
+            }
             // Unbiased: under sustained inbound traffic the timers (keepalives, dead-link
             // checks) and the local L3 port must still get their turn.
             tokio::select! {
-                _ = cancel.cancelled() => break,
+                _ = &mut cancelled => break,
                 ev = events.recv() => {
                     let Some(ev) = ev else { break };
                     self.event(ev);
@@ -697,7 +706,8 @@ impl CoreTask {
                         }
                     }
                 }
-                _ = timer => {
+                _ = &mut timer, if wake_at.is_some() => {
+                    armed = None;
                     let now = self.now();
                     self.core.handle_timeout(now, &mut out);
                     if self.status_due.is_some_and(|t| Instant::now() >= t) {

@@ -1,6 +1,7 @@
 //! Requests to backends over kept-alive connections: a pool of HTTP/1.1 connections per
 //! backend address and one multiplexed h2c connection per backend. Every new connection is
 //! dialled through the gateway's [`Dialer`], bounded by the attempt timeout its caller passes.
+//! How many idle connections are kept, and how long, is `[upstream]` in `gateway.toml`.
 
 use super::dial::{BoxStream, Dialer};
 use bytes::Bytes;
@@ -11,6 +12,9 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshgate_config::route::BackendProtocol;
+use meshgate_config::upstream::Upstream;
+use metrics::IdleClosed;
+pub(crate) use metrics::IdleObserver;
 use std::collections::{HashMap, VecDeque};
 use std::error::Error;
 use std::io;
@@ -23,23 +27,15 @@ use tokio::time::Instant;
 /// A request body as the proxy hands it over.
 pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
-/// An idle HTTP/1.1 connection unused this long is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Idle keep-alive connections kept per backend. Above any steady concurrency one backend sees
-/// (h2 clients multiplex hundreds of requests): a returned connection beyond this limit is
-/// closed, and reopening it costs a handshake and, over the overlay, fresh socket buffers on
-/// both nodes. Measured with h2load (500 streams): 256 closed one connection per ~11 requests.
-const IDLE_CONNECTIONS_PER_BACKEND: usize = 4096;
-
-/// Idle connections per backend kept for the whole [`IDLE_TIMEOUT`]. Those beyond it (the
-/// oldest returned) close after [`SURPLUS_IDLE_TIMEOUT`] unused: a burst's connections serve
-/// the burst, and a minute later the gateway holds what it held before (h2load with 500
-/// streams left ~500 idle overlay connections, each with its stream, task and buffers).
-const IDLE_KEPT_PER_BACKEND: usize = 64;
-
-/// How long an idle connection beyond [`IDLE_KEPT_PER_BACKEND`] stays unused before it closes.
-const SURPLUS_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+// The idle pool's bounds are `[upstream]` (meshgate_config::upstream, defaults there):
+// `max_idle_per_backend` (4096) is above any steady concurrency one backend sees (h2 clients
+// multiplex hundreds of requests), since a returned connection beyond it is closed and
+// reopening costs a handshake and, over the overlay, socket buffers on both nodes (h2load,
+// 500 streams: a cap of 256 closed one connection per ~11 requests). Only the
+// `idle_kept_per_backend` (64) most recently returned stay the whole `idle_timeout_ms`; the
+// rest close after `surplus_idle_timeout_ms` (5 s) unused, so a burst's connections serve the
+// burst and then go (h2load with 500 streams left ~500 idle overlay connections a minute
+// later, each with its stream, task and buffers).
 
 /// How often expired idle connections are looked for (at most every `idle_timeout`).
 const REAP_EVERY: Duration = Duration::from_secs(1);
@@ -74,19 +70,25 @@ impl BackendError {
 }
 
 impl Clients {
-    pub(crate) fn new(dialer: Arc<dyn Dialer>) -> Self {
-        Self::with_idle_timeout(dialer, IDLE_TIMEOUT)
-    }
-
-    fn with_idle_timeout(dialer: Arc<dyn Dialer>, idle_timeout: Duration) -> Self {
+    /// Clients whose idle HTTP/1.1 pool keeps what `upstream` allows.
+    pub(crate) fn new(dialer: Arc<dyn Dialer>, upstream: &Upstream) -> Self {
         Clients {
             dialer,
             h1: Arc::new(H1Pool {
-                idle_timeout,
+                idle_timeout: upstream.idle_timeout(),
+                kept: upstream.idle_kept_per_backend,
+                surplus_timeout: upstream.surplus_idle_timeout(),
+                max_idle: upstream.max_idle_per_backend,
                 state: Mutex::default(),
+                closed: IdleClosed::default(),
             }),
             h2c: H2cConnections::default(),
         }
+    }
+
+    /// The idle pool's gauge and counters, for `/metrics`.
+    pub(crate) fn observer(&self) -> IdleObserver {
+        IdleObserver::new(Arc::downgrade(&self.h1))
     }
 
     /// Sends `req` to `backend` over a kept-alive connection or a new one whose connect is
@@ -144,7 +146,7 @@ impl Clients {
     ) -> Result<(http1::SendRequest<Body>, bool), BackendError> {
         let mut waiter = {
             let mut state = self.h1.lock();
-            if let Some(sender) = state.pop(backend, self.h1.idle_timeout) {
+            if let Some(sender) = state.pop(backend, self.h1.idle_timeout, &self.h1.closed) {
                 return Ok((sender, true));
             }
             let (tx, rx) = oneshot::channel();
@@ -252,8 +254,16 @@ fn to_origin_form(req: &mut Request<Body>) {
 
 /// Idle HTTP/1.1 connections per backend address, and the requests waiting for one.
 struct H1Pool {
+    /// An idle connection unused this long closes.
     idle_timeout: Duration,
+    /// Idle connections per backend kept for `idle_timeout` (the most recently returned).
+    kept: usize,
+    /// How long the idle connections beyond `kept` stay unused before they close.
+    surplus_timeout: Duration,
+    /// Idle connections per backend at most; one returned beyond it closes.
+    max_idle: usize,
     state: Mutex<H1State>,
+    closed: IdleClosed,
 }
 
 #[derive(Default)]
@@ -306,7 +316,8 @@ impl H1Pool {
                 Err(back) => sender = back,
             }
         }
-        if entry.idle.len() >= IDLE_CONNECTIONS_PER_BACKEND {
+        if entry.idle.len() >= self.max_idle {
+            self.closed.over_cap.inc();
             return;
         }
         entry.idle.push(IdleConnection {
@@ -325,17 +336,20 @@ impl H1State {
         &mut self,
         backend: SocketAddr,
         idle_timeout: Duration,
+        closed: &IdleClosed,
     ) -> Option<http1::SendRequest<Body>> {
         let idle = &mut self.backends.get_mut(&backend)?.idle;
         while let Some(c) = idle.pop() {
             if c.since.elapsed() > idle_timeout {
                 // The rest were returned earlier: expired too.
+                closed.expired.inc_by(idle.len() as u64 + 1);
                 idle.clear();
                 return None;
             }
             if c.sender.is_ready() {
                 return Some(c.sender);
             }
+            closed.backend_closed.inc();
         }
         None
     }
@@ -356,22 +370,30 @@ async fn reap(pool: Weak<H1Pool>, idle_timeout: Duration) {
 }
 
 impl H1Pool {
-    /// Closes idle connections that expired: unused for `idle_timeout`, or beyond the
-    /// [`IDLE_KEPT_PER_BACKEND`] most recently returned and unused for
-    /// [`SURPLUS_IDLE_TIMEOUT`]; and those the backend closed.
+    /// Closes idle connections that expired: unused for `idle_timeout`, or beyond the `kept`
+    /// most recently returned and unused for `surplus_timeout`; and those the backend closed.
     fn reap_once(&self) {
-        let idle_timeout = self.idle_timeout;
+        let (idle_timeout, surplus_timeout) = (self.idle_timeout, self.surplus_timeout);
+        let closed = &self.closed;
         let mut state = self.lock();
         state.backends.retain(|_, b| {
             // Oldest first: the first `surplus` are beyond the kept count.
-            let surplus = b.idle.len().saturating_sub(IDLE_KEPT_PER_BACKEND);
+            let surplus = b.idle.len().saturating_sub(self.kept);
             let mut position = 0;
             b.idle.retain(|c| {
                 let unused = c.since.elapsed();
-                let expired =
-                    unused > idle_timeout || (position < surplus && unused > SURPLUS_IDLE_TIMEOUT);
+                let beyond_kept = position < surplus;
                 position += 1;
-                !expired && c.sender.is_ready()
+                if unused > idle_timeout {
+                    closed.expired.inc();
+                } else if beyond_kept && unused > surplus_timeout {
+                    closed.surplus.inc();
+                } else if !c.sender.is_ready() {
+                    closed.backend_closed.inc();
+                } else {
+                    return true;
+                }
+                false
             });
             b.waiters.retain(|w| !w.is_closed());
             !b.idle.is_empty() || !b.waiters.is_empty()
@@ -497,5 +519,6 @@ impl H2cConnections {
     }
 }
 
+mod metrics;
 #[cfg(test)]
 mod tests;

@@ -526,6 +526,22 @@ impl Inner {
     /// In one shard: moves established connections to the accept queues and refills the
     /// listening sockets that SYNs took.
     fn maintain_listeners(&mut self, shard: usize) {
+        // smoltcp reports a state change for every packet it processes or emits, so this runs
+        // per packet: most of the time no listener's socket of this shard changed (no SYN, no
+        // handshake in progress, every spare still listening), and checking that is cheap.
+        let sockets = &self.shards[shard].sockets;
+        let idle = self.listeners.values().all(|l| {
+            let ls = &l.shards[shard];
+            ls.embryonic.is_empty()
+                && ls.listening.len() >= LISTEN_SPARES
+                && ls
+                    .listening
+                    .iter()
+                    .all(|h| sockets.get::<tcp::Socket>(*h).state() == tcp::State::Listen)
+        });
+        if idle {
+            return;
+        }
         let ports: Vec<u16> = self.listeners.keys().copied().collect();
         for port in ports {
             let Some(mut l) = self.listeners.remove(&port) else {

@@ -277,6 +277,15 @@ async fn run(
 ) {
     let mut staged: Option<Bytes> = None;
     let mut rx_open = true;
+    // One timer for the task's life, moved only when smoltcp's next deadline moves: a fresh
+    // sleep per round registered and removed a timer-wheel entry for every packet.
+    let sleep = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(sleep);
+    let mut armed: Option<tokio::time::Instant> = None;
+    // Likewise one waiter on the streams' notifications, replaced only after it fired: a
+    // fresh one per round entered and left the notifier's waiter list (a lock each) per packet.
+    let notified = shared.notify.notified();
+    tokio::pin!(notified);
     loop {
         let (poll_at, have_outbound, inbound_room) = {
             let mut guard = shared.lock();
@@ -357,13 +366,23 @@ async fn run(
             tokio::task::yield_now().await;
             continue;
         }
-        let sleep = tokio::time::sleep(delay.unwrap_or(Duration::from_secs(3600)));
+        if let Some(d) = delay {
+            let deadline = tokio::time::Instant::now() + d;
+            // Within a millisecond is the same deadline (smoltcp's timers are coarser).
+            let same = armed.is_some_and(|a| {
+                a.max(deadline) - a.min(deadline) < Duration::from_millis(1) && a <= deadline
+            });
+            if !same {
+                sleep.as_mut().reset(deadline);
+                armed = Some(deadline);
+            }
+        }
         tokio::select! {
             p = rx.recv(), if inbound_room => match p {
                 Some(p) => staged = Some(p),
                 None => rx_open = false,
             },
-            _ = shared.notify.notified() => {}
+            _ = &mut notified => notified.set(shared.notify.notified()),
             permit = tx.reserve(), if have_outbound => match permit {
                 Ok(permit) => {
                     let mut inner = shared.lock();
@@ -374,7 +393,7 @@ async fn run(
                 }
                 Err(_) => break,
             },
-            _ = sleep, if delay.is_some() => {}
+            _ = &mut sleep, if delay.is_some() => armed = None,
         }
     }
     shared.lock().stop();

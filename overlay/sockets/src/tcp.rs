@@ -90,19 +90,40 @@ impl AsyncRead for TcpStream {
         let mut inner = self.shared.lock();
         let stopped = inner.stopped;
         let socket = inner.socket_mut(self.id);
-        match socket.recv_slice(buf.initialize_unfilled()) {
-            Ok(0) => {
+        // Copied straight into the caller's unfilled space: initializing it first (what a
+        // `&mut [u8]` needs) cleared hyper's whole read buffer, tens of KiB, for every read of
+        // a few hundred bytes. The ring may wrap, so up to two contiguous parts.
+        let mut n = 0;
+        let mut result = Ok(());
+        for _ in 0..2 {
+            match socket.recv(|data| {
+                let k = data.len().min(buf.remaining());
+                buf.put_slice(&data[..k]);
+                (k, k)
+            }) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+            if buf.remaining() == 0 {
+                break;
+            }
+        }
+        if n > 0 {
+            inner.mark_dirty(self.id.shard);
+            inner.note_read(self.id, n);
+            drop(inner);
+            // Reading opened the receive window: the poll task may owe the peer an update.
+            self.shared.notify.notify_one();
+            return Poll::Ready(Ok(()));
+        }
+        match result {
+            Ok(()) => {
                 socket.register_recv_waker(cx.waker());
                 Poll::Pending
-            }
-            Ok(n) => {
-                inner.mark_dirty(self.id.shard);
-                inner.note_read(self.id, n);
-                drop(inner);
-                buf.advance(n);
-                // Reading opened the receive window: the poll task may owe the peer an update.
-                self.shared.notify.notify_one();
-                Poll::Ready(Ok(()))
             }
             Err(tcp::RecvError::Finished) => Poll::Ready(Ok(())),
             Err(tcp::RecvError::InvalidState) => {

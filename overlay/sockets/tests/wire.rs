@@ -265,3 +265,47 @@ async fn slow_readers_get_every_byte() {
         .await
         .expect("slow readers: streams done within 120 s");
 }
+
+/// A read copies what the socket holds into the caller's unfilled space and initializes
+/// nothing beyond it (hyper reads small responses into buffers of tens of KiB: zeroing the
+/// rest on every read was most of a proxied request's cost over the overlay), also when the
+/// data wraps around the end of the socket's receive ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_fill_without_initializing_the_rest_and_cross_the_ring_end() {
+    let config = StackConfig {
+        socket_buffer: 4096,
+        ..StackConfig::default()
+    };
+    let (a, b) = wire(1400, config);
+    let listener = b.listen(81).unwrap();
+    let mut c = a.connect(SocketAddrV6::new(B, 81, 0, 0)).await.unwrap();
+    let (mut s, _) = listener.accept().await.unwrap();
+    let data = pattern(7, 4096 * 3);
+    let mut off = 0;
+    // Chunks of 3000 bytes through a 4096-byte ring: the second chunk wraps around its end.
+    for chunk in data.chunks(3000) {
+        c.write_all(chunk).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < chunk.len() {
+            let mut storage = vec![std::mem::MaybeUninit::<u8>::uninit(); 64 * 1024];
+            let mut buf = tokio::io::ReadBuf::uninit(&mut storage);
+            std::future::poll_fn(|cx| {
+                use tokio::io::AsyncRead;
+                std::pin::Pin::new(&mut s).poll_read(cx, &mut buf)
+            })
+            .await
+            .unwrap();
+            let n = buf.filled().len();
+            assert!(n > 0, "read returned 0 bytes before the data arrived");
+            assert_eq!(
+                buf.initialized().len(),
+                n,
+                "a read of {n} bytes initialized {} bytes of the buffer",
+                buf.initialized().len()
+            );
+            got.extend_from_slice(buf.filled());
+        }
+        assert_eq!(&got[..], chunk, "chunk at offset {off} intact");
+        off += chunk.len();
+    }
+}

@@ -39,7 +39,7 @@ impl Clients {
 }
 
 fn direct() -> Clients {
-    Clients::new(Arc::new(DirectDialer))
+    Clients::new(Arc::new(DirectDialer), &Upstream::default())
 }
 
 fn empty() -> Body {
@@ -286,7 +286,10 @@ impl Dialer for MemoryDialer {
 #[tokio::test]
 async fn a_request_handed_back_by_a_closed_kept_connection_goes_on_a_new_one() {
     let (tx, mut dialled) = mpsc::unbounded_channel();
-    let clients = Clients::new(Arc::new(MemoryDialer { backends: tx }));
+    let clients = Clients::new(
+        Arc::new(MemoryDialer { backends: tx }),
+        &Upstream::default(),
+    );
     let backend: SocketAddr = "192.0.2.1:80".parse().expect("addr");
     let serve_first = async {
         let mut s = dialled.recv().await.expect("first dial");
@@ -343,7 +346,7 @@ async fn a_connecting_request_takes_a_connection_returned_meanwhile() {
         dials: AtomicUsize::new(0),
         gate: Semaphore::new(0),
     });
-    let clients = Clients::new(dialer.clone());
+    let clients = Clients::new(dialer.clone(), &Upstream::default());
     // The first response's body is held: its connection is busy.
     let first = clients
         .send(
@@ -388,7 +391,7 @@ async fn a_connect_attempt_gives_up_after_the_timeout_passed() {
             Box::pin(std::future::pending())
         }
     }
-    let clients = Clients::new(Arc::new(BlackHole));
+    let clients = Clients::new(Arc::new(BlackHole), &Upstream::default());
     let backend: SocketAddr = "192.0.2.1:80".parse().expect("addr");
     for (protocol, req) in [
         (BackendProtocol::Http1, get(backend, "/")),
@@ -525,7 +528,7 @@ async fn idle_connections_expire() {
         .expect("slot")
         .idle
     {
-        c.since = Instant::now() - IDLE_TIMEOUT - Duration::from_secs(1);
+        c.since = Instant::now() - clients.h1.idle_timeout - Duration::from_secs(1);
     }
     let resp = clients
         .send(BackendProtocol::Http1, backend, get(backend, "/"), ATTEMPT)
@@ -545,10 +548,14 @@ async fn idle_connections_per_backend_are_bounded() {
         .expect("response");
     text(resp).await;
     clients.idle_becomes(backend, 1).await;
-    let sender = clients.h1.lock().pop(backend, IDLE_TIMEOUT).expect("idle");
+    let sender = clients
+        .h1
+        .lock()
+        .pop(backend, clients.h1.idle_timeout, &clients.h1.closed)
+        .expect("idle");
     // Fill the idle list with stand-ins (connections that were never driven).
     let mut standins = Vec::new();
-    for _ in 0..IDLE_CONNECTIONS_PER_BACKEND {
+    for _ in 0..clients.h1.max_idle {
         let (io, _) = tokio::io::duplex(1);
         let (standin, _conn) = http1::handshake::<_, Body>(TokioIo::new(io))
             .await
@@ -570,7 +577,7 @@ async fn idle_connections_per_backend_are_bounded() {
     clients.h1.put(backend, sender);
     let state = clients.h1.lock();
     let idle = &state.backends[&backend].idle;
-    assert_eq!(idle.len(), IDLE_CONNECTIONS_PER_BACKEND);
+    assert_eq!(idle.len(), clients.h1.max_idle);
     assert!(idle.iter().all(|c| !c.sender.is_ready()));
 }
 
@@ -595,7 +602,7 @@ async fn put_idle(clients: &Clients, backend: SocketAddr, n: usize) -> Vec<Duple
 async fn surplus_idle_connections_close_after_a_few_seconds() {
     let backend: SocketAddr = "127.0.0.1:9".parse().expect("addr");
     let clients = direct();
-    let total = IDLE_KEPT_PER_BACKEND + 10;
+    let total = clients.h1.kept + 10;
     let _peers = put_idle(&clients, backend, total).await;
     // Fresh surplus stays: a burst may come back.
     clients.h1.reap_once();
@@ -612,15 +619,110 @@ async fn surplus_idle_connections_close_after_a_few_seconds() {
         .iter_mut()
         .take(20)
     {
-        c.since = Instant::now() - SURPLUS_IDLE_TIMEOUT - Duration::from_secs(1);
+        c.since = Instant::now() - clients.h1.surplus_timeout - Duration::from_secs(1);
     }
     clients.h1.reap_once();
-    assert_eq!(clients.idle_ready(backend), IDLE_KEPT_PER_BACKEND);
+    assert_eq!(clients.idle_ready(backend), clients.h1.kept);
     let state = clients.h1.lock();
     let aged = state.backends[&backend]
         .idle
         .iter()
-        .filter(|c| c.since.elapsed() > SURPLUS_IDLE_TIMEOUT)
+        .filter(|c| c.since.elapsed() > clients.h1.surplus_timeout)
         .count();
     assert_eq!(aged, 10, "aged connections within the kept count stay");
+}
+
+/// Clients whose `[upstream]` is `toml`, as `gateway.toml` would set it.
+fn with_upstream(toml: &str) -> Clients {
+    let config = meshgate_config::gateway::GatewayConfig::parse(
+        std::path::Path::new("gateway.toml"),
+        &format!("[upstream]\n{toml}"),
+    )
+    .expect("config");
+    Clients::new(Arc::new(DirectDialer), &config.upstream)
+}
+
+/// `n` real connections to `backend`, each returned to the pool idle.
+async fn open_idle(clients: &Clients, backend: SocketAddr, n: usize) {
+    for _ in 0..n {
+        let mut sender = connect_h1(Arc::new(DirectDialer), backend, ATTEMPT)
+            .await
+            .expect("connect");
+        sender.ready().await.expect("ready");
+        clients.h1.put(backend, sender);
+    }
+    clients.idle_becomes(backend, n).await;
+}
+
+/// The `/metrics` text of the pool's observer.
+fn metrics_text(clients: &Clients) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(clients.observer()));
+    let mut shown = String::new();
+    prometheus_client::encoding::text::encode(&mut shown, &registry).expect("encode");
+    shown
+}
+
+#[tokio::test]
+async fn upstream_keys_set_how_many_idle_connections_stay() {
+    let TestBackend {
+        addr: backend,
+        accepted,
+        ..
+    } = h1_backend().await;
+    // Two kept; the other six close once unused for 200 ms, by the pool's own reaper.
+    let clients = with_upstream("idle_kept_per_backend = 2\nsurplus_idle_timeout_ms = 200\n");
+    open_idle(&clients, backend, 8).await;
+    assert!(
+        metrics_text(&clients).contains("meshgate_upstream_idle_connections 8\n"),
+        "{}",
+        metrics_text(&clients)
+    );
+    clients.idle_becomes(backend, 2).await;
+    let shown = metrics_text(&clients);
+    assert!(
+        shown.contains("meshgate_upstream_idle_connections 2\n"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("meshgate_upstream_idle_closed_total{reason=\"surplus\"} 6\n"),
+        "{shown}"
+    );
+    // The kept connections are live: the next requests reuse them, no new dial.
+    for _ in 0..2 {
+        let resp = clients
+            .send(BackendProtocol::Http1, backend, get(backend, "/"), ATTEMPT)
+            .await
+            .expect("response");
+        assert_eq!(text(resp).await, "/ a.example");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 8);
+
+    // Eight kept: the same connections, as old, all stay past the reaper's rounds.
+    let keeping = with_upstream("idle_kept_per_backend = 8\nsurplus_idle_timeout_ms = 200\n");
+    open_idle(&keeping, backend, 8).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(keeping.idle_ready(backend), 8);
+    assert!(
+        metrics_text(&keeping)
+            .contains("meshgate_upstream_idle_closed_total{reason=\"surplus\"} 0\n")
+    );
+}
+
+#[tokio::test]
+async fn connections_returned_beyond_the_cap_are_closed_and_counted() {
+    let backend = h1_backend().await.addr;
+    let clients = with_upstream("max_idle_per_backend = 3\nidle_kept_per_backend = 3\n");
+    open_idle(&clients, backend, 3).await;
+    let mut extra = connect_h1(Arc::new(DirectDialer), backend, ATTEMPT)
+        .await
+        .expect("connect");
+    extra.ready().await.expect("ready");
+    clients.h1.put(backend, extra);
+    assert_eq!(clients.idle_ready(backend), 3);
+    let shown = metrics_text(&clients);
+    assert!(
+        shown.contains("meshgate_upstream_idle_closed_total{reason=\"over_cap\"} 1\n"),
+        "{shown}"
+    );
 }
