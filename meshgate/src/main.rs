@@ -5,10 +5,11 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
-// glibc's malloc cost ~10% of the gateway's CPU per proxied request (perf); mimalloc's
-// thread-local free lists suit many small short-lived buffers.
+// Chosen by measurement (docs/performance.md, "Memory after load"): a minute after an h2load
+// run, jemalloc with background threads had given the load's memory back (RSS 1.3-1.4x idle),
+// mimalloc kept 2.1-2.4x idle in its arenas and glibc's malloc ~3x in per-thread arenas.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(

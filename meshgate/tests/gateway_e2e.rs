@@ -114,6 +114,7 @@ async fn gateway_end_to_end() {
     }
 
     big_upload_and_download(gw).await;
+    socket_buffer_memory_is_shown(gw).await;
     grpc_style_h2_to_h2c(gw).await;
     websocket_echo(gw).await;
     passthrough_shows_backend_certificate(gw, &fx.backend_cert, &mut fx.tls_backend.proxy_headers)
@@ -287,6 +288,54 @@ async fn big_upload_and_download(gw: &GatewayProcess) {
     }
     assert_eq!(n, SIZE, "download length");
     eprintln!("100 MB download in {:?}", started.elapsed());
+}
+
+/// The gateway's userspace-stack socket buffers on `/status` and `/metrics`: a download the
+/// client stops reading fills its receive buffer (seen), and once it ends the pages go back
+/// (seen falling).
+async fn socket_buffer_memory_is_shown(gw: &GatewayProcess) {
+    let shown = || -> u64 {
+        let status: serde_json::Value =
+            serde_json::from_str(&gw.admin_get("/status")).unwrap_or_default();
+        status["overlay"]["stack"]["socket_buffer_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let req = http::Request::get("/download?n=268435456")
+        .header("host", "echo.test")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let tls = gw.tls("echo.test", &[b"http/1.1"]).await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut body = send.send_request(req).await.unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+    // Not read further: the kernel's socket buffers fill, then the gateway's stack buffer.
+    eventually(
+        Duration::from_secs(20),
+        "a stalled download's stack buffer in /status",
+        || shown() >= 128 * 1024,
+    )
+    .await;
+    let metrics = gw.admin_get("/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("meshgate_overlay_socket_buffer_bytes ")
+                && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) > Some(0.0)),
+        "{metrics}"
+    );
+    drop(body);
+    drop(send);
+    conn.abort();
+    eventually(
+        Duration::from_secs(20),
+        "the stack buffer given back after the download ends",
+        || shown() < 64 * 1024,
+    )
+    .await;
 }
 
 async fn grpc_style_h2_to_h2c(gw: &GatewayProcess) {

@@ -49,12 +49,15 @@ impl OverlayObserver {
 }
 
 /// A userspace stack's counters as shown in status documents (gateway and `meshgate node`).
+/// `socket_buffer_bytes`: the sockets' buffer pages resident now (committed as data passes,
+/// given back when a connection goes quiet).
 pub fn stack_status(stack: &Stack) -> Value {
     let s = stack.stats();
     json!({
         "packets_in": s.packets_in, "bytes_in": s.bytes_in,
         "packets_out": s.packets_out, "bytes_out": s.bytes_out,
         "tcp_sockets": s.sockets,
+        "socket_buffer_bytes": stack.buffer_memory(),
     })
 }
 
@@ -154,6 +157,13 @@ impl Collector for OverlayObserver {
             "meshgate_overlay_tcp_sockets",
             "TCP sockets held by the gateway's userspace stack on the overlay",
             &ConstGauge::new(stack.sockets as i64),
+        )?;
+        encode(
+            &mut encoder,
+            "meshgate_overlay_socket_buffer_bytes",
+            "Resident bytes of the userspace stack's TCP socket buffers (pages data touched and \
+             not yet given back)",
+            &ConstGauge::new(i64::try_from(self.stack.buffer_memory()).unwrap_or(i64::MAX)),
         )?;
         Ok(())
     }

@@ -37,7 +37,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-// The workload node runs in this process; it uses the allocator the `meshgate` binary uses.
+// The workload node runs in this process, with mimalloc (the allocator its figures were
+// recorded with; the `meshgate` binary uses jemalloc since r4, see docs/performance.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
