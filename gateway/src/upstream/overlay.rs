@@ -164,11 +164,26 @@ struct OverlayStream {
 }
 
 impl OverlayStream {
-    fn check(&mut self, cx: &mut TaskContext<'_>) -> io::Result<()> {
-        match self.lost.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(unreachable_error(self.dest)),
-            Poll::Pending => Ok(()),
+    /// Fails once the destination is lost: an atomic load, so every read and write can ask.
+    fn check(&self) -> io::Result<()> {
+        if self.token.is_cancelled() {
+            return Err(unreachable_error(self.dest));
         }
+        Ok(())
+    }
+
+    /// The inner stream's answer, and when it waits, a wake-up for the loss as well. Only a
+    /// waiting stream needs that registration (a lock in the token), not every ready read
+    /// and write.
+    fn after<T>(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        r: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if r.is_pending() && self.lost.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(unreachable_error(self.dest)));
+        }
+        r
     }
 
     fn inner(&mut self) -> Pin<&mut meshgate_sockets::TcpStream> {
@@ -194,8 +209,9 @@ impl AsyncRead for OverlayStream {
         cx: &mut TaskContext<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.check(cx)?;
-        self.inner().poll_read(cx, buf)
+        self.check()?;
+        let r = self.inner().poll_read(cx, buf);
+        self.after(cx, r)
     }
 }
 
@@ -205,13 +221,15 @@ impl AsyncWrite for OverlayStream {
         cx: &mut TaskContext<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.check(cx)?;
-        self.inner().poll_write(cx, buf)
+        self.check()?;
+        let r = self.inner().poll_write(cx, buf);
+        self.after(cx, r)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        self.check(cx)?;
-        self.inner().poll_flush(cx)
+        self.check()?;
+        let r = self.inner().poll_flush(cx);
+        self.after(cx, r)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
