@@ -3,6 +3,7 @@
 
 pub(crate) mod acme;
 pub(crate) mod body;
+pub(crate) mod client;
 pub(crate) mod proxy;
 mod tls_names;
 
@@ -10,13 +11,21 @@ pub(crate) use tls_names::TlsNames;
 
 use crate::io::{Activity, FirstRequest};
 use crate::state::Shared;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+
+/// hyper's HTTP/1.1 header count limit when none is set (`limits.max_headers` defaults to
+/// the same).
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
 /// Who is on the other side of a client connection.
 #[derive(Clone)]
@@ -32,6 +41,10 @@ pub(crate) struct ConnInfo {
     pub tls: Option<Arc<TlsNames>>,
     /// Cancelled when a stopping gateway's drain ends: tunnels close with it.
     pub closing: tokio_util::sync::CancellationToken,
+    /// `client`'s address as the forwarding headers carry it.
+    pub client_ip: client::ClientIp,
+    /// The last host validated on this connection.
+    pub hosts: Arc<client::HostMemo>,
 }
 
 /// Serves HTTP/1.1 (and h2 when negotiated) on a client connection until it closes or idles,
@@ -52,8 +65,12 @@ pub(crate) async fn serve<S>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.timeouts.header())
-        .max_buf_size(shared.limits.max_header_bytes.max(8192))
-        .max_headers(shared.limits.max_headers);
+        .max_buf_size(shared.limits.max_header_bytes.max(8192));
+    // hyper parses up to its default of 100 headers in arrays on the stack; any explicit
+    // limit (even 100) makes it allocate and fill two vectors of that size per request.
+    if shared.limits.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+        builder.http1().max_headers(shared.limits.max_headers);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -69,44 +86,79 @@ pub(crate) async fn serve<S>(
         svc_first.seen();
         let shared = svc_shared.clone();
         let ci = ci.clone();
-        async move {
+        // Boxed: hyper moves the service's future (h2: into a task of its own per stream);
+        // kept small, that is a pointer instead of the whole proxy state machine.
+        Box::pin(async move {
             if ci.proto == "http"
                 && let Some(resp) = acme::http01(&shared, &req)
             {
                 return Ok(resp);
             }
             proxy::handle(shared, req, ci).await
-        }
+        })
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     let mut conn = std::pin::pin!(conn);
     let drain = &shared.drain;
-    let mut told_to_stop = false;
+    // The watchdogs sit in a `FuturesUnordered`, which polls only the ones whose wake-up
+    // fired: the connection's task wakes a few times per request, and polling every watchdog
+    // each time (two cancellation tokens, a timer, the first-request deadline) cost more
+    // than the rest of the loop.
+    let mut watch: FuturesUnordered<Pin<Box<dyn Future<Output = Stop> + Send + '_>>> =
+        FuturesUnordered::new();
+    watch.push(Box::pin(async {
+        drain.stopping.cancelled().await;
+        Stop::Draining
+    }));
+    watch.push(Box::pin(async {
+        drain.closing.cancelled().await;
+        Stop::Closing
+    }));
+    watch.push(Box::pin(async {
+        activity.idle(shared.timeouts.idle()).await;
+        Stop::Idle
+    }));
+    watch.push(Box::pin(async {
+        first.missed().await;
+        Stop::NoFirstRequest
+    }));
     loop {
         tokio::select! {
+            biased;
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "client connection ended with an error");
                 }
                 return;
             }
-            _ = drain.stopping.cancelled(), if !told_to_stop => {
-                told_to_stop = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = drain.closing.cancelled() => {
-                tracing::debug!("drain deadline passed with requests in flight, closing");
-                return;
-            }
-            _ = activity.idle(shared.timeouts.idle()) => {
-                tracing::debug!("client connection idle, closing");
-                return;
-            }
-            _ = first.missed() => {
-                shared.metrics.error("unknown", "header_timeout");
-                tracing::debug!("no complete request head within header_ms of accept, closing");
-                return;
-            }
+            Some(stop) = watch.next() => match stop {
+                Stop::Draining => conn.as_mut().graceful_shutdown(),
+                Stop::Closing => {
+                    tracing::debug!("drain deadline passed with requests in flight, closing");
+                    return;
+                }
+                Stop::Idle => {
+                    tracing::debug!("client connection idle, closing");
+                    return;
+                }
+                Stop::NoFirstRequest => {
+                    shared.metrics.error("unknown", "header_timeout");
+                    tracing::debug!("no complete request head within header_ms of accept, closing");
+                    return;
+                }
+            },
         }
     }
+}
+
+/// Why a client connection's watchdog fired.
+enum Stop {
+    /// The gateway is stopping: finish in-flight requests, then close.
+    Draining,
+    /// The drain ended: close now.
+    Closing,
+    /// No byte moved for `timeouts.idle_ms`.
+    Idle,
+    /// No complete request head by `timeouts.header_ms` after accept.
+    NoFirstRequest,
 }

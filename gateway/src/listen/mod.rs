@@ -224,6 +224,8 @@ async fn accept_loop(
                         span: tracing::Span::current(),
                         tls: None,
                         closing: shared.drain.closing.clone(),
+                        client_ip: http::client::ClientIp::of(peer),
+                        hosts: Default::default(),
                     };
                     let first = FirstRequest::by(accepted + shared.timeouts.header());
                     let io = Tracked::new(stream, activity);

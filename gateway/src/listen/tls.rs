@@ -113,6 +113,8 @@ async fn terminate(
         span: tracing::Span::current(),
         tls: http::TlsNames::of(shared, tls.get_ref().1),
         closing: shared.drain.closing.clone(),
+        client_ip: http::client::ClientIp::of(peer),
+        hosts: Default::default(),
     };
     http::serve(shared, tls, ci, h2, first).await;
 }

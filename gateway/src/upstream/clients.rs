@@ -228,6 +228,10 @@ async fn dial(
 /// CONNECT) and a `Host` header, which defaults to the URI's authority.
 fn to_origin_form(req: &mut Request<Body>) {
     let uri = req.uri();
+    // The proxy's requests come in origin form with `Host` set: nothing to do.
+    if uri.authority().is_none() && req.headers().contains_key(header::HOST) {
+        return;
+    }
     if !req.headers().contains_key(header::HOST)
         && let Some(host) = uri.host()
     {

@@ -10,6 +10,9 @@
 //! open the same client connections and TLS handshakes, so those cancel, as does start-up.
 //! Run: `cargo run --release -p meshgate-bench --bin gateway -- callgrind`; `BENCH_CALLGRIND_N`
 //! sets N (default 2000), `BENCH_BASELINE=/path/to/meshgate` adds direct rows for another build.
+//! While iterating: `BENCH_CALLGRIND_ROWS=direct` measures nginx and the direct gateway(s) only
+//! and writes no docs; `BENCH_CALLGRIND_KEEP=/dir` keeps the 2N dumps there for
+//! `callgrind_annotate`.
 
 use super::{
     HOST, Proc, backend_block, free_port, make_cert, meshgate_config, nginx_bin, nginx_conf,
@@ -214,10 +217,14 @@ fn measure(
     Ok((proxy_per, node_per, file, cipher))
 }
 
-/// The top functions by inclusive instructions in a dump, as a markdown table.
-fn top_functions(dump: &Path, requests: u64) -> Result<String> {
+/// The top functions by inclusive (else self) instructions in a dump, as a markdown table.
+fn top_functions(dump: &Path, requests: u64, inclusive: bool) -> Result<String> {
     let out = Command::new("callgrind_annotate")
-        .args(["--inclusive=yes", "--threshold=100"])
+        .arg(format!(
+            "--inclusive={}",
+            if inclusive { "yes" } else { "no" }
+        ))
+        .arg("--threshold=100")
         .arg(dump)
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -258,7 +265,8 @@ fn top_functions(dump: &Path, requests: u64) -> Result<String> {
         }
     }
     Ok(format!(
-        "| instructions per request | inclusive | function |\n|---|---|---|\n{}",
+        "| instructions per request | {} | function |\n|---|---|---|\n{}",
+        if inclusive { "inclusive" } else { "self" },
         rows.join("\n")
     ))
 }
@@ -302,32 +310,13 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
         ],
     )?;
 
-    // The workload node: userspace stack, the overlay port 80 exposed to the backend.
-    let link_port = free_port();
-    let node_config = d.join("node.toml");
-    write(
-        &node_config,
-        &format!(
-            "key = \"{d}/cg-node.key\"\nlisten = \"127.0.0.1:{link_port}\"\n\
-             status_listen = \"127.0.0.1:{status}\"\n\
-             [[expose]]\nport = 80\nto = \"{backend}\"\n\
-             [discovery]\nenabled = false\n",
-            d = d.display(),
-            status = free_port(),
-        ),
-    )?;
-    let mut node = under_callgrind(
-        d,
-        "workload-node",
-        link_port,
-        meshgate,
-        &[
-            "node".as_ref(),
-            "--config".as_ref(),
-            node_config.as_os_str(),
-        ],
-    )?;
-    let node_address = node_address(d, &node)?;
+    let direct_only = std::env::var("BENCH_CALLGRIND_ROWS").as_deref() == Ok("direct");
+    let keep = std::env::var_os("BENCH_CALLGRIND_KEEP").map(PathBuf::from);
+    let mut node = if direct_only {
+        None
+    } else {
+        Some(start_node(d, meshgate, backend)?)
+    };
 
     let gateway = |name: &'static str, backend: SocketAddr, peer: Option<SocketAddr>| {
         let port = free_port();
@@ -357,13 +346,17 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
         }
         None => None,
     };
-    let mut overlay = gateway(
-        "meshgate",
-        SocketAddr::from((node_address, 80)),
-        Some(SocketAddr::from(([127, 0, 0, 1], link_port))),
-    )?;
-    for s in [&nginx, &direct, &overlay]
+    let mut overlay = match &node {
+        Some((node, node_address)) => Some(gateway(
+            "meshgate",
+            SocketAddr::from((*node_address, 80)),
+            Some(SocketAddr::from(([127, 0, 0, 1], node.proc.port))),
+        )?),
+        None => None,
+    };
+    for s in [&nginx, &direct]
         .into_iter()
+        .chain(overlay.as_ref())
         .chain(baseline.as_ref())
     {
         // Valgrind starts slowly (it reads the binary's debug information).
@@ -374,23 +367,30 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
     let mut rows = Vec::new();
     let mut profiles = Vec::new();
     for proto in [Proto::H1, Proto::H2] {
-        let mut servers = vec![
-            (&mut nginx, false),
-            (&mut direct, false),
-            (&mut overlay, true),
-        ];
+        let mut servers = vec![(&mut nginx, false), (&mut direct, false)];
+        servers.extend(overlay.as_mut().map(|o| (o, true)));
         servers.extend(baseline.as_mut().map(|b| (b, false)));
         for (server, with_node) in servers {
             let name = server.proc.name;
-            let (proxy, node_per, dump, cipher) =
-                measure(server, with_node.then_some(&mut node), proto, n)?;
+            let node = node.as_mut().map(|(n, _)| n).filter(|_| with_node);
+            let (proxy, node_per, dump, cipher) = measure(server, node, proto, n)?;
             eprintln!(
                 "callgrind {name} {}: {proxy:.0} instructions per request{}",
                 proto.name(),
                 node_per.map_or(String::new(), |w| format!(", workload node {w:.0}"))
             );
+            if let Some(keep) = &keep {
+                std::fs::create_dir_all(keep)?;
+                let p = if proto == Proto::H1 { "h1" } else { "h2" };
+                std::fs::copy(&dump, keep.join(format!("{name}-{p}.cg")))?;
+            }
             if matches!(name, "nginx" | "meshgate-direct") {
-                profiles.push((name, proto, top_functions(&dump, 2 * n)?));
+                profiles.push((
+                    name,
+                    proto,
+                    top_functions(&dump, 2 * n, true)?,
+                    top_functions(&dump, 2 * n, false)?,
+                ));
             }
             rows.push(Row {
                 name,
@@ -401,7 +401,45 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
             });
         }
     }
+    if direct_only {
+        return Ok(()); // partial rows: printed above, the docs keep the last full run
+    }
     write_docs(&rows, &profiles, n)
+}
+
+/// The workload node under callgrind (userspace stack, the overlay port 80 exposed to
+/// `backend`) and its overlay address.
+fn start_node(
+    d: &Path,
+    meshgate: &Path,
+    backend: SocketAddr,
+) -> Result<(Counted, std::net::Ipv6Addr)> {
+    let link_port = free_port();
+    let node_config = d.join("node.toml");
+    write(
+        &node_config,
+        &format!(
+            "key = \"{d}/cg-node.key\"\nlisten = \"127.0.0.1:{link_port}\"\n\
+             status_listen = \"127.0.0.1:{status}\"\n\
+             [[expose]]\nport = 80\nto = \"{backend}\"\n\
+             [discovery]\nenabled = false\n",
+            d = d.display(),
+            status = free_port(),
+        ),
+    )?;
+    let node = under_callgrind(
+        d,
+        "workload-node",
+        link_port,
+        meshgate,
+        &[
+            "node".as_ref(),
+            "--config".as_ref(),
+            node_config.as_os_str(),
+        ],
+    )?;
+    let address = node_address(d, &node)?;
+    Ok((node, address))
 }
 
 /// The workload node's overlay address, read from its status endpoint.
@@ -441,7 +479,10 @@ fn wait_ok_for(port: u16, limit: Duration) -> Result<()> {
     }
 }
 
-fn write_docs(rows: &[Row], profiles: &[(&str, Proto, String)], n: u64) -> Result<()> {
+/// A profile: server, protocol, top functions inclusive and by self cost.
+type Profile<'a> = (&'a str, Proto, String, String);
+
+fn write_docs(rows: &[Row], profiles: &[Profile], n: u64) -> Result<()> {
     let find = |name: &str, proto: Proto| rows.iter().find(|r| r.name == name && r.proto == proto);
     let mut table = String::from(
         "| path | protocol | TLS cipher suite | proxy process | workload node | sum | proxy / nginx | sum / nginx |\n\
@@ -499,13 +540,17 @@ fn write_docs(rows: &[Row], profiles: &[(&str, Proto, String)], n: u64) -> Resul
     let mut perf = format!(
         "## Where a proxied request's instructions go (callgrind)\n\n\
          Written by the gateway bench's callgrind mode (see `docs/benchmarks.md`, \
-         gateway-callgrind): the top functions by inclusive instructions over a run of {n2} \
-         requests (4 TLS handshakes included), per request. Thread entry points and the \
-         runtime's poll loop include everything they call.\n",
+         gateway-callgrind): the top functions over a run of {n2} requests (4 TLS handshakes \
+         included), per request, by inclusive instructions (thread entry points and the \
+         runtime's poll loop include everything they call) and by their own (self) \
+         instructions.\n",
         n2 = 2 * n
     );
-    for (name, proto, table) in profiles {
-        perf.push_str(&format!("\n### {name}, {}\n\n{table}\n", proto.name()));
+    for (name, proto, inclusive, own) in profiles {
+        perf.push_str(&format!(
+            "\n### {name}, {}\n\n{inclusive}\n\n{own}\n",
+            proto.name()
+        ));
     }
     meshgate_bench::write_doc_section("performance.md", "callgrind-profiles", &perf)?;
     Ok(())

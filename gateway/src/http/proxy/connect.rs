@@ -3,16 +3,17 @@
 //! connect budget) passed down as an argument, and retry on another backend when the policy
 //! allows. Every attempt's outcome feeds the pool's health and latency.
 
+use super::RequestContext;
 use super::body::LentBody;
 use super::error::Failure;
 use super::request::UpstreamHead;
-use crate::http::ConnInfo;
 use crate::routes::RouteEntry;
 use crate::state::Shared;
 use crate::upstream::clients::BackendError;
 use crate::upstream::pool::{self, ClientInfo, Lease, MAX_REQUEST_RETRIES, Outcome, may_retry};
 use hyper::Response;
 use hyper::body::Incoming;
+use meshgate_config::pool::Policy;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -20,17 +21,26 @@ use std::time::Instant;
 pub(crate) async fn send(
     shared: &Shared,
     entry: &RouteEntry,
-    head: &UpstreamHead,
+    head: UpstreamHead,
     body: &LentBody,
-    conn: &ConnInfo,
+    cx: &RequestContext,
 ) -> Result<(Response<Incoming>, Lease), Failure> {
+    let conn = &cx.conn;
     let route = &entry.route;
     let protocol = route.options.backend_protocol;
     let pool_config = entry.pool.config();
     let client = ClientInfo {
         ip: conn.client.ip().to_canonical(),
-        sticky_cookie: head.cookie(&pool_config.sticky_cookie),
+        // Only a cookie-hashing pool reads it.
+        sticky_cookie: (pool_config.policy == Policy::HashCookie)
+            .then(|| head.cookie(&pool_config.sticky_cookie))
+            .flatten(),
     };
+    let backends = entry.pool.backend_count();
+    let method = head.method.clone();
+    // Taken by the last attempt there can be: with no other backend left to try, the head
+    // moves into the request instead of being copied.
+    let mut head = Some(head);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut retries = 0;
     // Getting a connection (queue wait and every connect attempt across backends) shares one
@@ -53,13 +63,19 @@ pub(crate) async fn send(
         }
         let attempt = pool_config.connect_attempt_timeout().min(left);
         let addr = lease.backend();
-        tracing::Span::current().record("backend", tracing::field::display(addr));
+        cx.span.record("backend", tracing::field::display(addr));
         tried.push(addr);
-        let Some(req) = head.to(body.lend()) else {
+        let last = tried.len() >= backends;
+        let req = match (last, head.as_ref()) {
+            (false, Some(h)) => h.to(body.lend()),
+            _ => head.take().and_then(|h| h.into_request(body.lend())),
+        };
+        let Some(req) = req else {
             return Err(Failure::BadTarget);
         };
         let started = Instant::now();
-        let sent = shared.clients.send(protocol, addr, req, attempt);
+        // Boxed: the request's future stays small, so it is not copied whole on every move.
+        let sent = Box::pin(shared.clients.send(protocol, addr, req, attempt));
         let failure = match tokio::time::timeout(shared.timeouts.request(), sent).await {
             Err(_) => {
                 lease.report(Outcome::Timeout);
@@ -96,7 +112,8 @@ pub(crate) async fn send(
             }
         };
         // A request whose body went (even partly) to a backend is never replayed.
-        let again = may_retry(&head.method, body.started(), &failure)
+        let again = head.is_some()
+            && may_retry(&method, body.started(), &failure)
             && (failure == pool::Failure::ConnectFailed || retries < MAX_REQUEST_RETRIES);
         if !again {
             return Err(Failure::BadGateway);

@@ -39,6 +39,9 @@ pub(crate) struct RequestContext {
     pub(crate) version: http::Version,
     pub(crate) path: String,
     pub(crate) conn: ConnInfo,
+    /// The request's span, filled in by the phases (recording on it directly is cheaper than
+    /// looking up the current span).
+    pub(crate) span: tracing::Span,
 }
 
 /// Serves one request arriving on a client connection, in a span of its own that the phases
@@ -54,21 +57,30 @@ pub(crate) async fn handle(
         route = tracing::field::Empty,
         backend = tracing::field::Empty
     );
-    Ok(phases(&shared, req, conn).instrument(span).await)
+    Ok(phases(&shared, req, conn, span.clone())
+        .instrument(span)
+        .await)
 }
 
-async fn phases(shared: &Shared, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+async fn phases(
+    shared: &Shared,
+    req: Request<Incoming>,
+    conn: ConnInfo,
+    span: tracing::Span,
+) -> Response<Body> {
     let cx = RequestContext {
         start: Instant::now(),
         method: req.method().clone(),
         version: req.version(),
         path: req.uri().path().to_string(),
         conn,
+        span,
     };
-    let (route, host, resp, backend, series) = match route::pick(shared, &req, &cx.conn) {
+    let (route, host, resp, backend, series) = match route::pick(shared, &req, &cx.conn, &cx.span) {
         Picked::Refused(resp) => return resp,
         Picked::Answer { route, host, resp } => {
             let series = shared.metrics.route(&route);
+            let resp = resp.map(count_out(&series));
             (route, host, resp, None, series)
         }
         Picked::Forward {
@@ -102,8 +114,14 @@ async fn phases(shared: &Shared, req: Request<Incoming>, conn: ConnInfo) -> Resp
             version: cx.version,
         },
     );
+    resp
+}
+
+/// Counts a response body the gateway made itself in the route's bytes out (a backend's
+/// body is counted by `response::relay`, in the same wrapper that holds its lease).
+fn count_out(series: &RouteMetrics) -> impl FnOnce(Body) -> Body + use<> {
     let out = series.bytes_out().clone();
-    resp.map(|b| {
+    move |b| {
         b.map_frame(move |f| {
             if let Some(d) = f.data_ref() {
                 out.inc_by(d.len() as u64);
@@ -111,7 +129,7 @@ async fn phases(shared: &Shared, req: Request<Incoming>, conn: ConnInfo) -> Resp
             f
         })
         .boxed()
-    })
+    }
 }
 
 /// Phases 2–5 for a request that has a route: the response and the backend that gave it.
@@ -126,7 +144,7 @@ async fn forward(
 ) -> (Response<Body>, Option<std::net::SocketAddr>) {
     let route = &entry.route;
     let hop = request::Hop {
-        client: cx.conn.client,
+        client: &cx.conn.client_ip,
         proto: cx.conn.proto,
         host,
         authority,
@@ -138,33 +156,38 @@ async fn forward(
         tracing::info!(upgrade = ?offer, "upgrade not allowed on this route, dropped");
     }
     let client_upgrade = upstream.client_upgrade;
-    let bytes_in = series.bytes_in().clone();
-    let body = body::LentBody::new(
-        upstream
-            .body
-            .map_frame(move |f| {
-                if let Some(d) = f.data_ref() {
-                    bytes_in.inc_by(d.len() as u64);
-                }
-                f
-            })
-            .boxed(),
-    );
-    let (mut resp, backend) =
-        match connect::send(shared, entry, &upstream.head, &body, &cx.conn).await {
-            Ok((resp, lease)) => {
-                let backend = lease.backend();
-                let resp = response::relay(
-                    resp,
-                    client_upgrade,
-                    &cx.conn,
-                    shared.timeouts.idle(),
-                    lease,
-                );
-                (resp, Some(backend))
-            }
-            Err(failure) => (error::response(failure), None),
-        };
+    // A request without a body (most) needs no counting wrapper and no shared slot.
+    let body = if hyper::body::Body::is_end_stream(&upstream.body) {
+        body::LentBody::empty()
+    } else {
+        let bytes_in = series.bytes_in().clone();
+        body::LentBody::new(
+            upstream
+                .body
+                .map_frame(move |f| {
+                    if let Some(d) = f.data_ref() {
+                        bytes_in.inc_by(d.len() as u64);
+                    }
+                    f
+                })
+                .boxed(),
+        )
+    };
+    let (mut resp, backend) = match connect::send(shared, entry, upstream.head, &body, cx).await {
+        Ok((resp, lease)) => {
+            let backend = lease.backend();
+            let resp = response::relay(
+                resp,
+                client_upgrade,
+                &cx.conn,
+                shared.timeouts.idle(),
+                lease,
+                series.bytes_out().clone(),
+            );
+            (resp, Some(backend))
+        }
+        Err(failure) => (error::response(failure).map(count_out(series)), None),
+    };
     response::add_hsts(&mut resp, &route.options, &cx.conn);
     (resp, backend)
 }

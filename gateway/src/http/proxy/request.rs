@@ -7,13 +7,13 @@
 
 use super::loops::Identity;
 use crate::http::body::Body;
+pub(crate) use crate::http::client::ClientIp;
 use crate::routes::normalize_host;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Version};
 use hyper::body::Incoming;
 use meshgate_config::route::{BackendProtocol, RouteOptions};
-use std::net::SocketAddr;
 
 /// The client's request split for forwarding.
 pub(crate) struct Upstream {
@@ -28,7 +28,7 @@ pub(crate) struct Upstream {
 /// What this edge saw of a request, put into the forwarding headers.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Hop<'a> {
-    pub(crate) client: SocketAddr,
+    pub(crate) client: &'a ClientIp,
     /// `https` or `http`.
     pub(crate) proto: &'a str,
     /// The routed host, normalized (`X-Forwarded-Host`, `Forwarded`).
@@ -50,27 +50,51 @@ pub(crate) struct UpstreamHead {
     pub(crate) authority: Option<String>,
     /// Path and query.
     pub(crate) target: String,
+    /// The client's own parsed path and query when it is already an origin-form target
+    /// (`/...`): the h1 request URI is made from it without formatting or parsing again.
+    origin: Option<http::uri::PathAndQuery>,
 }
 
 impl UpstreamHead {
-    /// The request to send with `body`; `None` if the target is not a valid URI.
+    /// The request to send with `body`, the head copied (for an attempt that may be followed
+    /// by another); `None` if the target is not a valid URI.
     pub(crate) fn to(&self, body: Body) -> Option<Request<Body>> {
-        // h1: the origin-form target as the backend will see it (the connection names the
-        // backend, Host is kept). h2c: the URI's authority is sent as `:authority`, so it is
-        // the client's host (already validated).
-        let uri = match &self.authority {
-            Some(a) => format!("http://{a}{}", self.target).parse::<http::Uri>(),
-            // A query with an empty path (`http://a?q`) still needs the `/`.
-            None if self.target.starts_with('?') => format!("/{}", self.target).parse(),
-            None => self.target.parse::<http::Uri>(),
-        }
-        .ok()?;
         let mut req = Request::new(body);
+        *req.uri_mut() = self.uri()?;
         *req.method_mut() = self.method.clone();
-        *req.uri_mut() = uri;
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
         Some(req)
+    }
+
+    /// [`UpstreamHead::to`] for the last attempt: the head moves into the request, nothing is
+    /// copied.
+    pub(crate) fn into_request(self, body: Body) -> Option<Request<Body>> {
+        let mut req = Request::new(body);
+        *req.uri_mut() = self.uri()?;
+        *req.method_mut() = self.method;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        Some(req)
+    }
+
+    fn uri(&self) -> Option<http::Uri> {
+        // h1: the origin-form target as the backend will see it (the connection names the
+        // backend, Host is kept). h2c: the URI's authority is sent as `:authority`, so it is
+        // the client's host (already validated).
+        match (&self.authority, &self.origin) {
+            (None, Some(origin)) => {
+                let mut parts = http::uri::Parts::default();
+                parts.path_and_query = Some(origin.clone());
+                http::Uri::from_parts(parts).ok()
+            }
+            (Some(a), _) => format!("http://{a}{}", self.target).parse().ok(),
+            // A query with an empty path (`http://a?q`) still needs the `/`.
+            (None, None) if self.target.starts_with('?') => {
+                format!("/{}", self.target).parse().ok()
+            }
+            (None, None) => self.target.parse().ok(),
+        }
     }
 
     /// The value of cookie `name` in the request, for sticky backends.
@@ -110,6 +134,8 @@ pub(crate) fn head(
     upgrade: Option<HeaderValue>,
 ) -> UpstreamHead {
     let mut headers = parts.headers;
+    // Room for the headers set below at once, not one growth (and rehash) per insert.
+    headers.reserve(8);
     strip_hop_by_hop(&mut headers);
     strip_client_address(&mut headers);
     // Exactly one Host, the validated one, whatever the client sent or `Connection` named.
@@ -129,39 +155,54 @@ pub(crate) fn head(
         }
         BackendProtocol::H2c => (Version::HTTP_2, Some(hop.authority.to_string())),
     };
+    let path_and_query = parts.uri.path_and_query();
     UpstreamHead {
         method: parts.method,
         headers,
         version,
         authority,
-        target: parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string(),
+        target: path_and_query.map_or("/", |p| p.as_str()).to_string(),
+        origin: path_and_query
+            .filter(|p| p.as_str().starts_with('/'))
+            .cloned(),
     }
 }
 
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1). Names made at compile
-/// time: removing by a `&str` parses and lowercases it on every request.
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1): `Connection`,
+/// `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`, `Proxy-Authorization`, `TE`,
+/// `Trailer`, `Transfer-Encoding` and `Upgrade`, and the names `Connection` lists.
+/// Whether a header name is hop-by-hop (listed above). Matched on the
+/// text: a name's own comparison costs more, and removing every listed name by look-up cost
+/// more than the rest of building the upstream head.
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    matches!(
+        n.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
 
+/// Removes the hop-by-hop headers and those `Connection` names; keeps `TE: trailers`. One
+/// pass over the message's own names finds which are present; only those are removed.
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let present: Vec<HeaderName> = h.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
+    if present.is_empty() {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !is_hop_by_hop(n))
         .collect();
     let te_trailers = h
         .get(header::TE)
@@ -177,10 +218,9 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
             h.remove(n);
         }
     }
-    for n in HOP_BY_HOP.iter() {
+    for n in present {
         h.remove(n);
     }
-    h.remove(header::UPGRADE);
     if te_trailers {
         // gRPC needs `te: trailers` end to end; it is the one TE value h2 allows.
         h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -389,30 +429,27 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-fn set_forwarded(h: &mut HeaderMap, client: SocketAddr, proto: &str, host: &str) {
+fn set_forwarded(h: &mut HeaderMap, client: &ClientIp, proto: &str, host: &str) {
     // We are the edge: client-supplied forwarding headers are replaced, not trusted. The
-    // address is formatted once and the values built without `format!` (this runs for every
-    // request).
-    let ip = client.ip().to_canonical();
-    let ip_text = ip.to_string();
+    // address was formatted once for the connection, and the values are built without
+    // `format!` (this runs for every request).
+    let ip_text = client.value.to_str().unwrap_or_default();
     let mut forwarded = String::with_capacity(32 + ip_text.len() + proto.len() + host.len());
     forwarded.push_str("for=");
-    if ip.is_ipv6() {
+    if client.v6 {
         forwarded.push_str("\"[");
-        forwarded.push_str(&ip_text);
+        forwarded.push_str(ip_text);
         forwarded.push_str("]\"");
     } else {
-        forwarded.push_str(&ip_text);
+        forwarded.push_str(ip_text);
     }
     forwarded.push_str(";proto=");
     forwarded.push_str(proto);
     forwarded.push_str(";host=\"");
     forwarded.push_str(host);
     forwarded.push('"');
-    if let Ok(v) = HeaderValue::from_str(&ip_text) {
-        h.insert(X_REAL_IP.clone(), v.clone());
-        h.insert(X_FORWARDED_FOR.clone(), v);
-    }
+    h.insert(X_REAL_IP.clone(), client.value.clone());
+    h.insert(X_FORWARDED_FOR.clone(), client.value.clone());
     let proto_value = match proto {
         "https" => Ok(HeaderValue::from_static("https")),
         "http" => Ok(HeaderValue::from_static("http")),
@@ -502,7 +539,7 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         set_forwarded(
             &mut h,
-            "[::ffff:192.0.2.1]:5000".parse().unwrap(),
+            &ClientIp::of("[::ffff:192.0.2.1]:5000".parse().unwrap()),
             "https",
             "a.example",
         );
@@ -524,8 +561,9 @@ mod tests {
     ) -> UpstreamHead {
         let via = Identity::fixed("meshgate-test");
         let host = normalize_host(authority);
+        let client = ClientIp::of("192.0.2.9:4000".parse().unwrap());
         let hop = Hop {
-            client: "192.0.2.9:4000".parse().unwrap(),
+            client: &client,
             proto,
             host: &host,
             authority,

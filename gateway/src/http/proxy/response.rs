@@ -13,6 +13,7 @@ use http::{Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
 use std::time::Duration;
 use tracing::Instrument;
 
@@ -24,6 +25,7 @@ pub(crate) fn relay(
     conn: &ConnInfo,
     idle: Duration,
     lease: Lease,
+    bytes_out: Counter,
 ) -> Response<Body> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some((client_upgrade, offered)) = client_upgrade else {
@@ -70,9 +72,13 @@ pub(crate) fn relay(
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::TE);
-    // The lease is released when the response body ends (or the client goes away).
+    // The lease is released when the response body ends (or the client goes away); the
+    // body's bytes are counted in the same wrapper (one box per response).
     let body = body.map_frame(move |f| {
         let _ = &lease;
+        if let Some(d) = f.data_ref() {
+            bytes_out.inc_by(d.len() as u64);
+        }
         f
     });
     Response::from_parts(parts, body.boxed())

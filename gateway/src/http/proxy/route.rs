@@ -34,7 +34,12 @@ pub(crate) enum Picked {
     },
 }
 
-pub(crate) fn pick<B>(shared: &Shared, req: &Request<B>, conn: &ConnInfo) -> Picked {
+pub(crate) fn pick<B>(
+    shared: &Shared,
+    req: &Request<B>,
+    conn: &ConnInfo,
+    span: &tracing::Span,
+) -> Picked {
     let authority = match request_host(req) {
         Ok(h) => h,
         Err(e) => {
@@ -44,15 +49,22 @@ pub(crate) fn pick<B>(shared: &Shared, req: &Request<B>, conn: &ConnInfo) -> Pic
     };
     // The host is echoed into `Host`, `Forwarded`, `X-Forwarded-Host` and `Location`: only
     // names and IP literals may pass, so a wildcard route cannot carry injected quotes or
-    // parameters.
-    if !is_valid_host(&authority) {
-        shared.metrics.error("unknown", "invalid_host");
-        return Picked::Refused(error::invalid_host());
-    }
-    let host = normalize_host(&authority);
+    // parameters. Checked once per connection and host.
+    let host = match conn.hosts.get(&authority) {
+        Some(host) => host,
+        None => {
+            if !is_valid_host(&authority) {
+                shared.metrics.error("unknown", "invalid_host");
+                return Picked::Refused(error::invalid_host());
+            }
+            let host = normalize_host(&authority);
+            conn.hosts.set(&authority, &host);
+            host
+        }
+    };
     let Some(entry) = shared.routes().lookup(&host) else {
         shared.metrics.error("unknown", "unknown_host");
-        tracing::Span::current().record("route", "unknown");
+        span.record("route", "unknown");
         return Picked::Answer {
             route: "unknown".to_string(),
             resp: error::unknown_host(),
@@ -60,7 +72,7 @@ pub(crate) fn pick<B>(shared: &Shared, req: &Request<B>, conn: &ConnInfo) -> Pic
         };
     };
     let route = entry.route.host.as_str();
-    tracing::Span::current().record("route", route);
+    span.record("route", route);
     // Only the refusals below allocate: a forwarded request copies no names here.
     let answer = |kind: Option<&str>, resp: Response<Body>| {
         if let Some(kind) = kind {

@@ -277,6 +277,11 @@ impl Pool {
         &self.shared.cfg
     }
 
+    /// How many backends the pool has (healthy or not).
+    pub fn backend_count(&self) -> usize {
+        self.shared.backends.len()
+    }
+
     pub fn backends(&self) -> Vec<SocketAddr> {
         self.shared.backends.iter().map(|b| b.addr).collect()
     }
