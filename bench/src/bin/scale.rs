@@ -8,6 +8,8 @@
 //! `docs/benchmarks.md`, beside the figures measured before (issue 15).
 //!
 //! `cargo run --release -p meshgate-bench --bin scale [-- --sizes 1000,2000,5000,10000]`
+//! (`--max-rss-gb G`, `--max-minutes M`: a size past either is abandoned and reported;
+//! `--no-report`: profiling runs, the simulation only, nothing written).
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -132,6 +134,23 @@ fn per_node_per_s(v: u64, nodes: usize, secs: u64) -> f64 {
     v as f64 / nodes as f64 / secs as f64
 }
 
+/// One line on stderr about a cold start under way: where the time and memory go.
+fn progress(sim: &Sim, n: usize, t0: Instant) {
+    let routes: usize = (0..sim.len()).map(|i| sim.routes_selected(i)).sum();
+    let (chunks, bytes, queued) = sim.in_flight();
+    eprintln!(
+        "{n}: {:.3} s simulated, {:.0} s wall: {:.1} M routes selected, heap {:.2} GB, rss {:.2} GB, \
+         {chunks} chunks ({:.0} MB) in flight, {:.0} MB queued in links",
+        sim.now() as f64 / S as f64,
+        t0.elapsed().as_secs_f64(),
+        routes as f64 / 1e6,
+        heap() as f64 / 1e9,
+        rss() as f64 / 1e9,
+        bytes as f64 / 1e6,
+        queued as f64 / 1e6,
+    );
+}
+
 /// Resident memory of this process, in bytes.
 fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -182,12 +201,26 @@ fn measure(
     }
     let live: Vec<usize> = (0..n).collect();
     let t0 = Instant::now();
+    let mut steps = 0u64;
     while !all_converged(&sim, &live) {
         assert!(sim.now() < 120 * S, "{n} nodes not converged in 120 s");
         // Small steps: the whole cold start happens within a few hundred simulated ms,
         // and the guard can only stop the run between steps.
         sim.run_for(5 * MS);
-        guard(rss_limit, deadline, "cold convergence")?;
+        steps += 1;
+        if steps.is_multiple_of(10) {
+            progress(&sim, n, t0);
+        }
+        guard(rss_limit, deadline, "cold convergence").map_err(|e| {
+            let routes: usize = (0..n).map(|i| sim.routes_selected(i)).sum();
+            format!(
+                "{e} ({:.3} s simulated, {:.0} % of the {} routes selected, after {:.0} s wall)",
+                sim.now() as f64 / S as f64,
+                routes as f64 * 100.0 / (n * (n - 1)) as f64,
+                thousands(n * (n - 1)),
+                t0.elapsed().as_secs_f64()
+            )
+        })?;
     }
     let mut row = Row {
         nodes: n,
@@ -277,10 +310,24 @@ fn measure(
             sim.connect(peer, joined, (1 + rng.below(30)) * MS);
         }
         alive.push(joined);
+        if k % 10 == 9 {
+            eprintln!(
+                "{n}: churn, {} of {events} leave+join events, {:.0} s wall in all",
+                k + 1,
+                start.elapsed().as_secs_f64()
+            );
+        }
         let next = t_churn + (k + 1) * gap;
         while sim.now() < next {
             sim.run_for((next - sim.now()).min(100 * MS));
-            guard(rss_limit, deadline, "churn")?;
+            guard(rss_limit, deadline, "churn").map_err(|e| {
+                format!(
+                    "{e} ({k} of {events} leave+join events done; cold convergence took \
+                     {:.0} s wall; {:.0} s wall in all)",
+                    row.converge_wall.as_secs_f64(),
+                    start.elapsed().as_secs_f64()
+                )
+            })?;
         }
     }
     let secs = (sim.now() - t_churn) / S;
@@ -337,11 +384,17 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(15);
     let budget = Duration::from_secs(budget_min * 60);
 
-    let (routes, real_bpr) = real_node_bytes_per_route();
+    // Profiling runs (e.g. under callgrind): only the simulation, nothing written.
+    let write = !args.iter().any(|a| a == "--no-report");
+    let (routes, real_bpr) = if write {
+        real_node_bytes_per_route()
+    } else {
+        (0, 0.0)
+    };
     eprintln!("real node core: {real_bpr:.0} bytes per route ({routes} routes, 4 neighbors)");
 
     let mut rows = Vec::new();
-    let mut skipped = Vec::new();
+    let mut skipped: Vec<(usize, f64, f64, f64)> = Vec::new();
     let mut aborted: Vec<(usize, String)> = Vec::new();
     let mut last_bpr = 200.0;
     for &n in &sizes {
@@ -353,7 +406,13 @@ fn main() -> anyhow::Result<()> {
                 need / 1e9,
                 mem_available() as f64 / 1e9
             );
-            skipped.push((n, need));
+            skipped.push((n, need, last_bpr, mem_available() as f64));
+            if write {
+                write_section(
+                    "scale",
+                    &report(&rows, &skipped, &aborted, routes, real_bpr),
+                )?;
+            }
             continue;
         }
         match measure(n, steady_secs, churn_secs, rss_limit, budget) {
@@ -366,17 +425,20 @@ fn main() -> anyhow::Result<()> {
                 aborted.push((n, why));
             }
         }
+        // After every size: a run stopped later (a guard, a kill) keeps the rows it finished.
+        if write {
+            write_section(
+                "scale",
+                &report(&rows, &skipped, &aborted, routes, real_bpr),
+            )?;
+        }
     }
-    write_section(
-        "scale",
-        &report(&rows, &skipped, &aborted, routes, real_bpr),
-    )?;
     Ok(())
 }
 
 fn report(
     rows: &[Row],
-    skipped: &[(usize, f64)],
+    skipped: &[(usize, f64, f64, f64)],
     aborted: &[(usize, String)],
     routes: usize,
     real_bpr: f64,
@@ -464,13 +526,15 @@ fn report(
     for (n, why) in aborted {
         md.push_str(&format!("- {}: not measured, {why}.\n", thousands(*n)));
     }
-    for (n, need) in skipped {
+    for (n, need, bpr, avail) in skipped {
         md.push_str(&format!(
-            "- {}: not run: the simulation would need about {:.1} GB ({} routes), more than \
-             two thirds of the memory available on this machine.\n",
+            "- {}: not run: the simulation would need about {:.1} GB ({} routes × {bpr:.0} B \
+             of heap per route, as measured at the size before, + 20 %), more than two thirds \
+             of the memory available on this machine ({:.1} GB).\n",
             thousands(*n),
             need / 1e9,
-            thousands(n * (n - 1))
+            thousands(n * (n - 1)),
+            avail / 1e9,
         ));
     }
     md
