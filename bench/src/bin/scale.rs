@@ -71,6 +71,8 @@ struct Row {
     bytes_per_route: f64,
     reroute_ms: u64,
     rerouted_routes: usize,
+    /// Sampled routes through the killed relay that its death disconnected (left out).
+    cut_off: usize,
     retracted_ms: u64,
     churn_msgs: f64,
     churn_bytes: f64,
@@ -265,16 +267,24 @@ fn measure(
         }
     }
     let relay = (0..n).max_by_key(|v| load[*v]).expect("nodes");
-    let affected: Vec<(usize, usize)> = pairs
+    // Pairs the relay's death disconnects (it can be a cut vertex of a random graph) have
+    // no other route: they are left out, and counted.
+    let component = components_without(n, &edges, relay);
+    let (affected, cut_off): (Vec<(usize, usize)>, Vec<(usize, usize)>) = pairs
         .iter()
         .zip(&paths)
         .filter(|(_, p)| p[1..p.len() - 1].contains(&relay))
         .map(|(pair, _)| *pair)
-        .collect();
+        .partition(|&(a, b)| component[a] == component[b]);
+    row.cut_off = cut_off.len();
     sim.kill(relay);
     let t_kill = sim.now();
-    while !affected.iter().all(|&(a, b)| sim.path(a, b).is_ok()) {
-        assert!(sim.now() - t_kill < 60 * S, "no reroute within 60 s");
+    while let Some(e) = affected.iter().find_map(|&(a, b)| sim.path(a, b).err()) {
+        if sim.now() - t_kill >= 60 * S {
+            return Err(format!(
+                "a route through the killed relay {relay} was not rerouted within 60 s: {e}"
+            ));
+        }
         sim.run_for(100 * MS);
         guard(rss_limit, deadline, "reroute")?;
     }
@@ -343,6 +353,35 @@ fn measure(
     row.total_wall = start.elapsed();
     eprintln!("{n}: done in {:?}", row.total_wall);
     Ok(row)
+}
+
+/// Connected components of the graph `edges` on `n` nodes once node `gone` is removed: a
+/// component number per node.
+fn components_without(n: usize, edges: &[(usize, usize, u64)], gone: usize) -> Vec<usize> {
+    let mut adj = vec![Vec::new(); n];
+    for &(a, b, _) in edges {
+        if a != gone && b != gone {
+            adj[a].push(b);
+            adj[b].push(a);
+        }
+    }
+    let mut comp = vec![usize::MAX; n];
+    for start in 0..n {
+        if comp[start] != usize::MAX {
+            continue;
+        }
+        comp[start] = start;
+        let mut todo = vec![start];
+        while let Some(v) = todo.pop() {
+            for &w in &adj[v] {
+                if comp[w] == usize::MAX {
+                    comp[w] = start;
+                    todo.push(w);
+                }
+            }
+        }
+    }
+    comp
 }
 
 /// Memory the kernel says is available, in bytes.
@@ -477,12 +516,17 @@ fn report(
     );
     for r in rows {
         md.push_str(&format!(
-            "| {} | {:.1} s | {:.0} s | {:.0} B | {} of 400 sampled | {:.1} s | {:.1} | {:.0} B | {:.3} ms | {:.1} min |\n",
+            "| {} | {:.1} s | {:.0} s | {:.0} B | {} of 400 sampled{} | {:.1} s | {:.1} | {:.0} B | {:.3} ms | {:.1} min |\n",
             thousands(r.nodes),
             r.converge_s,
             r.converge_wall.as_secs_f64(),
             r.bytes_per_route,
             r.rerouted_routes,
+            if r.cut_off > 0 {
+                format!(" ({} more cut off by its death)", r.cut_off)
+            } else {
+                String::new()
+            },
             r.retracted_ms as f64 / 1000.0,
             r.churn_msgs,
             r.churn_bytes,
@@ -522,6 +566,14 @@ fn report(
          simulated nodes (each node still counts its own check), so \"core CPU\" excludes \
          repeated ed25519 verifications; in the steady state no node verifies anything \
          (seqnos do not change).\n",
+    );
+    md.push_str(
+        "- Batching: each node reads everything that reaches it at one simulated instant \
+         before it sends the routing changes this caused (as a node reading all its ready \
+         links in one wake-up would), and a core handles all the frames of one read before \
+         it sends. Since this round: about 3× fewer messages at a cold start than one send \
+         per message received, for the same routes and about the same bytes; the steady \
+         state (keepalives only) is unchanged.\n",
     );
     for (n, why) in aborted {
         md.push_str(&format!("- {}: not measured, {why}.\n", thousands(*n)));
