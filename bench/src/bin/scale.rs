@@ -270,7 +270,8 @@ fn measure(
     // Pairs the relay's death disconnects (it can be a cut vertex of a random graph) have
     // no other route: they are left out, and counted.
     let component = components_without(n, &edges, relay);
-    let (affected, cut_off): (Vec<(usize, usize)>, Vec<(usize, usize)>) = pairs
+    type Pairs = Vec<(usize, usize)>;
+    let (affected, cut_off): (Pairs, Pairs) = pairs
         .iter()
         .zip(&paths)
         .filter(|(_, p)| p[1..p.len() - 1].contains(&relay))
