@@ -436,17 +436,20 @@ fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut skipped: Vec<(usize, f64, f64, f64)> = Vec::new();
     let mut aborted: Vec<(usize, String)> = Vec::new();
-    let mut last_bpr = 200.0;
+    // The least a simulated route costs: what it costs in one real node core. (The whole
+    // simulation's heap per route also carries each node's links and buffers, which do not
+    // grow with the network; extrapolating it would skip sizes that fit.)
+    let route_bytes = if real_bpr > 0.0 { real_bpr } else { 200.0 };
     for &n in &sizes {
         // The simulation holds n × (n − 1) routes; keep a third of the available memory free.
-        let need = (n * n) as f64 * last_bpr * 1.2;
+        let need = (n * n) as f64 * route_bytes * 1.2;
         if need > mem_available() as f64 * 2.0 / 3.0 {
             eprintln!(
                 "{n}: skipped, needs about {:.1} GB (available {:.1} GB)",
                 need / 1e9,
                 mem_available() as f64 / 1e9
             );
-            skipped.push((n, need, last_bpr, mem_available() as f64));
+            skipped.push((n, need, route_bytes, mem_available() as f64));
             if write {
                 write_section(
                     "scale",
@@ -456,10 +459,7 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         match measure(n, steady_secs, churn_secs, rss_limit, budget) {
-            Ok(row) => {
-                last_bpr = row.bytes_per_route;
-                rows.push(row);
-            }
+            Ok(row) => rows.push(row),
             Err(why) => {
                 eprintln!("{n}: {why}");
                 aborted.push((n, why));
@@ -582,7 +582,7 @@ fn report(
     for (n, need, bpr, avail) in skipped {
         md.push_str(&format!(
             "- {}: not run: the simulation would need about {:.1} GB ({} routes × {bpr:.0} B \
-             of heap per route, as measured at the size before, + 20 %), more than two thirds \
+             per route as in a real node core, + 20 %), more than two thirds \
              of the memory available on this machine ({:.1} GB).\n",
             thousands(*n),
             need / 1e9,
