@@ -572,20 +572,46 @@ impl NodeCore {
         }
     }
 
+    /// Input that arrives together (e.g. what several links had to read in one wake-up):
+    /// routing changes from it are sent once, at [`NodeCore::release_routing`], as fewer
+    /// and fuller messages. Each [`NodeCore::link_input`] does the same for its own frames.
+    pub fn hold_routing(&mut self) {
+        self.router.hold();
+    }
+
+    /// Sends the routing changes held since [`NodeCore::hold_routing`].
+    pub fn release_routing(&mut self, now: Micros, out: &mut Vec<CoreOut>) {
+        let start = out.len();
+        self.router.release(now, &mut self.rbuf);
+        self.drain_router(out);
+        self.after_routing(now);
+        self.dispatch(out, start, now);
+    }
+
     /// Handles what a link's read buffer holds.
     pub fn link_input(&mut self, link: Nbr, now: Micros, out: &mut Vec<CoreOut>) {
         let start = out.len();
         let Some(e) = self.links.get_mut(&link) else {
             return;
         };
+        // The frames of one read change routing once.
+        let hold = !self.router.is_held();
         let mut events = std::mem::take(&mut self.link_events);
         let res = e.link.process(now, &mut events);
         let deadline = e.link.poll_timeout();
         self.note_deadline(deadline);
+        if hold {
+            self.router.hold();
+        }
         for ev in events.drain(..) {
             self.link_event(link, ev, now, out);
         }
         self.link_events = events;
+        if hold {
+            self.router.release(now, &mut self.rbuf);
+            self.drain_router(out);
+            self.after_routing(now);
+        }
         if let Err(r) = res {
             self.close_link(link, r, now, out);
         }
@@ -711,6 +737,11 @@ impl NodeCore {
     /// Whether a link has bytes waiting for its transport.
     pub fn link_has_output(&self, link: Nbr) -> bool {
         self.links.get(&link).is_some_and(|e| e.link.has_output())
+    }
+
+    /// Bytes a link has waiting for its transport.
+    pub fn link_pending_bytes(&self, link: Nbr) -> usize {
+        self.links.get(&link).map_or(0, |e| e.link.pending_bytes())
     }
 
     /// A link's waiting bytes as slices for one vectored write; how many slices were set.

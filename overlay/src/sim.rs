@@ -139,6 +139,8 @@ struct SimNode {
     links: Vec<u64>,
     /// When this node's timers are due (as registered in `Sim::timers`).
     timer: Option<Micros>,
+    /// Its core holds routing changes until the current instant's input is read.
+    held: bool,
     delivered: Vec<Bytes>,
     events: Vec<crate::L3Event>,
 }
@@ -224,6 +226,7 @@ impl Sim {
             alive: true,
             links: Vec::new(),
             timer: None,
+            held: false,
             delivered: Vec::new(),
             events: Vec::new(),
         });
@@ -244,6 +247,25 @@ impl Sim {
             t.bytes += c.control_bytes_sent;
         }
         t
+    }
+
+    /// What is on the links now: (chunks in flight, their bytes, bytes in the cores' link
+    /// send queues). Walks every flight and link: for progress reports, not hot loops.
+    pub fn in_flight(&self) -> (usize, usize, usize) {
+        let (mut chunks, mut bytes) = (0, 0);
+        for f in self.queue.values().flatten() {
+            chunks += 1;
+            if let Carried::Bytes(b) = &f.what {
+                bytes += b.len();
+            }
+        }
+        let queued = self
+            .nodes
+            .iter()
+            .filter(|n| n.alive)
+            .flat_map(|n| n.links.iter().map(|l| n.core.link_pending_bytes(*l)))
+            .sum();
+        (chunks, bytes, queued)
     }
 
     /// Wall-clock time spent inside the nodes' cores so far (all nodes).
@@ -398,6 +420,24 @@ impl Sim {
         let p = prefix_of(&self.address(j));
         let link = self.nodes[i].core.router.next_hop(&p)?;
         self.links.get(&link).map(|l| l.ends[1 - l.end_of(i)])
+    }
+
+    /// Every node's next hop towards node `j` (`None`: no route, or over a link or to a node
+    /// that is dead; always `None` at `j`). One routing lookup per node: checking all pairs
+    /// for loops with these is linear per destination, where walking each path is not.
+    pub fn next_hops_towards(&self, j: usize) -> Vec<Option<usize>> {
+        let p = prefix_of(&self.address(j));
+        (0..self.nodes.len())
+            .map(|i| {
+                if i == j {
+                    return None;
+                }
+                let link = self.nodes[i].core.router.next_hop(&p)?;
+                let l = self.links.get(&link)?;
+                let n = l.ends[1 - l.end_of(i)];
+                (l.up && self.nodes[n].alive).then_some(n)
+            })
+            .collect()
     }
 
     /// Whether node `i` has a selected route towards node `j`'s prefix.
@@ -631,15 +671,31 @@ impl Sim {
             }
             self.now = self.now.max(next);
             if msg_first {
-                let Some(mut first) = self.queue.first_entry() else {
+                // Everything arriving at this instant is read before any node sends the
+                // routing changes it caused (as a node reads all its ready links in one
+                // wake-up): one flush per node and instant.
+                let Some((_, flights)) = self.queue.pop_first() else {
                     continue;
                 };
-                let flight = first.get_mut().pop_front();
-                if first.get().is_empty() {
-                    first.remove();
-                }
-                if let Some(f) = flight {
+                let mut held = Vec::new();
+                for f in flights {
+                    if let Some(to) = self.receiver(&f)
+                        && self.nodes[to].alive
+                        && !self.nodes[to].held
+                    {
+                        self.nodes[to].held = true;
+                        self.nodes[to].core.hold_routing();
+                        held.push(to);
+                    }
                     self.deliver(f);
+                }
+                for node in held {
+                    self.nodes[node].held = false;
+                    let mut out = Vec::new();
+                    let t = Instant::now();
+                    self.nodes[node].core.release_routing(self.now, &mut out);
+                    self.core_time += t.elapsed();
+                    self.after_core(node, out);
                 }
             } else if let Some((t, node)) = next_timer {
                 self.timers.remove(&(t, node));
@@ -654,6 +710,11 @@ impl Sim {
             }
         }
         self.now = end;
+    }
+
+    /// The node a flight is for, if the link still exists.
+    fn receiver(&self, f: &Flight) -> Option<usize> {
+        self.links.get(&f.link).map(|l| l.ends[f.to_end])
     }
 
     fn deliver(&mut self, f: Flight) {

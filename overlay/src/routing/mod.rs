@@ -190,6 +190,10 @@ pub(crate) struct Router {
     verified: VerifiedCache,
     /// Prefixes with a selected (hence advertised) route.
     selected_count: usize,
+    /// Set while the runtime hands over several messages that arrived together: updates
+    /// and retractions then wait for `release` and go out as one flush (fewer, fuller
+    /// messages; the same rules).
+    held: bool,
     pub(crate) counters: RoutingCounters,
 }
 
@@ -227,6 +231,7 @@ impl Router {
             requests: BTreeMap::new(),
             verified: VerifiedCache::default(),
             selected_count: 0,
+            held: false,
             counters: RoutingCounters::default(),
         }
     }
@@ -410,7 +415,9 @@ impl Router {
                 self.handle_update(slot, u, now, out);
             }
         }
-        self.flush(now, out);
+        if !self.held {
+            self.flush(now, out);
+        }
     }
 
     /// Retractions received from a neighbor.
@@ -428,18 +435,36 @@ impl Router {
             self.counters.retractions_received += 1;
             self.retract(slot, *p, now, out);
         }
-        self.flush(now, out);
+        if !self.held {
+            self.flush(now, out);
+        }
+    }
+
+    /// Whether updates wait for `release` (see `hold`).
+    pub(crate) fn is_held(&self) -> bool {
+        self.held
+    }
+
+    /// Updates and retractions handled from now on are sent at `release`, together.
+    pub(crate) fn hold(&mut self) {
+        self.held = true;
+    }
+
+    /// Sends what changed since `hold`.
+    pub(crate) fn release(&mut self, now: Micros, out: &mut Vec<(Nbr, Control)>) {
+        if std::mem::take(&mut self.held) {
+            self.flush(now, out);
+        }
     }
 
     /// A retraction only withdraws this neighbor's own announcement: no signature needed.
     fn retract(&mut self, slot: Slot, prefix: Prefix, now: Micros, out: &mut Vec<(Nbr, Control)>) {
-        if self
-            .table
-            .get_mut(&prefix)
-            .is_some_and(|d| d.remove_entry(slot))
-        {
+        let Some(idx) = self.table.find(&prefix) else {
+            return;
+        };
+        if self.table.at_mut(idx).remove_entry(slot) {
             self.gc_old_sigs(&prefix);
-            self.reselect(prefix, now, out);
+            self.reselect_at(prefix, idx, now, out);
         }
     }
 
@@ -501,9 +526,10 @@ impl Router {
         }
         let idx = match idx {
             Some(i) => i,
-            None => self
-                .table
-                .insert(u.prefix, Dest::new(u.router_key, u.seqno, u.signature)),
+            None => self.table.insert(
+                u.prefix,
+                Dest::new(u.prefix, u.router_key, u.seqno, u.signature),
+            ),
         };
         let d = self.table.at_mut(idx);
         let mut old_sig = None;
@@ -530,7 +556,7 @@ impl Router {
         if old_sig.is_some() || advanced || before.is_some_and(|l| l != lag) {
             self.gc_old_sigs(&u.prefix);
         }
-        self.reselect(u.prefix, now, out);
+        self.reselect_at(u.prefix, idx, now, out);
     }
 
     /// Whether `u`'s signature is good, verifying it only if this node has not already.
@@ -597,6 +623,19 @@ impl Router {
 
     /// Picks the best feasible route for a prefix; triggers updates, retractions, requests.
     fn reselect(&mut self, prefix: Prefix, now: Micros, out: &mut Vec<(Nbr, Control)>) {
+        if let Some(idx) = self.table.find(&prefix) {
+            self.reselect_at(prefix, idx, now, out);
+        }
+    }
+
+    /// As `reselect`, for the prefix's record number (one index lookup less per update).
+    fn reselect_at(
+        &mut self,
+        prefix: Prefix,
+        idx: u32,
+        now: Micros,
+        out: &mut Vec<(Nbr, Control)>,
+    ) {
         let hyst = self.cfg.hysteresis_us;
         let slots = &self.slots;
         // Pending requests are answered once the selected route satisfies them. (Switching
@@ -606,9 +645,7 @@ impl Router {
             .get(&prefix)
             .filter(|r| !r.asked_by.is_empty())
             .map(|r| r.wanted);
-        let Some(d) = self.table.get_mut(&prefix) else {
-            return;
-        };
+        let d = self.table.at_mut(idx);
         self.touched.push(prefix);
         let has_fd = d.fd_metric != METRIC_INFINITY;
         let (fd_lag, fd_metric) = (d.fd_lag, d.fd_metric);
@@ -673,7 +710,7 @@ impl Router {
                 // A neighbor offering a clearly better route that is unfeasible here may
                 // well have a newer seqno by now (newer seqnos alone are not broadcast):
                 // ask it for one that would be feasible (Babel, RFC 8966 §3.8.2.2).
-                if self.better_unfeasible(prefix).is_empty() {
+                if better_unfeasible(d, slots, hyst).next().is_none() {
                     if self.improvable.remove(&prefix)
                         && let Some(r) = self.requests.get_mut(&prefix)
                     {
@@ -703,28 +740,10 @@ impl Router {
     /// Neighbors whose route to `prefix` is unfeasible here but clearly better than the
     /// selected one, each with the seqno that would make it feasible.
     fn better_unfeasible(&self, prefix: Prefix) -> Vec<(Nbr, u64)> {
-        let Some(d) = self.table.get(&prefix) else {
-            return Vec::new();
-        };
-        let Some(sel) = d.entry(d.selected) else {
-            return Vec::new();
-        };
-        let Some((_, sel_cost)) = self.nbr_of(sel.slot) else {
-            return Vec::new();
-        };
-        let t = total(sel.metric, sel_cost);
-        let fd_seqno = d.seqno_at(d.fd_lag);
-        d.routes
-            .iter()
-            .filter(|e| e.lag >= d.fd_lag && e.slot != d.selected)
-            .filter(|e| e.lag > d.fd_lag || e.metric >= d.fd_metric)
-            .filter_map(|e| {
-                let (n, c) = self.nbr_of(e.slot)?;
-                // Same seqno as the FD: only a newer one can make it feasible.
-                let want = fd_seqno.saturating_add(u64::from(e.lag == d.fd_lag));
-                (total(e.metric, c).saturating_add(self.cfg.hysteresis_us) < t).then_some((n, want))
-            })
-            .collect()
+        match self.table.get(&prefix) {
+            Some(d) => better_unfeasible(d, &self.slots, self.cfg.hysteresis_us).collect(),
+            None => Vec::new(),
+        }
     }
 
     /// Asks the neighbors of `better_unfeasible` for a newer seqno: once per request
@@ -895,7 +914,8 @@ impl Router {
             for &p in &prefixes {
                 if p == self.prefix {
                     updates.push(self.own_update());
-                } else if let Some(d) = self.table.get_mut(&p) {
+                } else if let Some(idx) = self.table.find(&p) {
+                    let d = self.table.at_mut(idx);
                     if d.sent_at != NEVER_SENT && pacing_elapsed_ms(d.sent_at, stamp) < pacing_ms {
                         if self.paced.insert(p) {
                             self.counters.updates_paced += 1;
@@ -903,18 +923,16 @@ impl Router {
                         continue;
                     }
                     d.sent_at = stamp;
-                    self.paced.remove(&p);
+                    if !self.paced.is_empty() {
+                        self.paced.remove(&p);
+                    }
                     sent.push(p);
-                } else {
-                    self.paced.remove(&p);
-                }
-            }
-            for &p in &sent {
-                if let Some(d) = self.table.get(&p) {
-                    match self.advert(&p, d) {
+                    match self.advert(&p, self.table.at(idx)) {
                         Some(u) => updates.push(u),
                         None => retractions.push(p),
                     }
+                } else {
+                    self.paced.remove(&p);
                 }
             }
             let targets: Vec<Nbr> = self.nbrs.keys().copied().collect();
@@ -942,24 +960,28 @@ impl Router {
             self.counters.seqno_answers_sent += targets.len() as u64;
             self.send(&targets, &[u], &[], out);
         }
-        for p in std::mem::take(&mut self.touched) {
-            let empty = self
-                .table
-                .get(&p)
-                .is_some_and(|d| d.routes.is_empty() && d.adv_metric == METRIC_INFINITY)
-                && !self.paced.contains(&p);
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.sort_unstable();
+        touched.dedup();
+        for p in touched {
+            // One index lookup per prefix: this runs for every update handled.
+            let Some(d) = self.table.get(&p) else {
+                continue;
+            };
+            let (no_routes, never_sent) = (d.routes.is_empty(), d.sent_at == NEVER_SENT);
+            let empty = no_routes && d.adv_metric == METRIC_INFINITY && !self.paced.contains(&p);
             if empty {
                 self.starving.remove(&p);
                 self.improvable.remove(&p);
                 self.requests.remove(&p);
                 // Never announced: nothing of ours can come back, forget it now.
-                if self.table.get(&p).is_some_and(|d| d.sent_at == NEVER_SENT) {
+                if never_sent {
                     self.table.remove(&p);
                     self.gc_old_sigs(&p);
                 } else {
                     self.forgetting.entry(p).or_insert(now);
                 }
-            } else if self.table.get(&p).is_some_and(|d| !d.routes.is_empty()) {
+            } else if !no_routes && !self.forgetting.is_empty() {
                 self.forgetting.remove(&p);
             }
         }
@@ -1051,6 +1073,32 @@ impl Router {
             })
             .collect()
     }
+}
+
+/// `Router::better_unfeasible` on a record (`slots`: the router's), lazily: reselection
+/// only asks whether there is one, for every update it handles.
+fn better_unfeasible<'a>(
+    d: &'a Dest,
+    slots: &'a [Option<(Nbr, u32)>],
+    hysteresis_us: u32,
+) -> impl Iterator<Item = (Nbr, u64)> + 'a {
+    let nbr_of = |slot: Slot| slots.get(usize::from(slot)).copied().flatten();
+    let selected = d
+        .entry(d.selected)
+        .and_then(|sel| nbr_of(sel.slot).map(|(_, c)| total(sel.metric, c)));
+    let fd_seqno = d.seqno_at(d.fd_lag);
+    d.routes
+        .iter()
+        .filter(move |_| selected.is_some())
+        .filter(|e| e.lag >= d.fd_lag && e.slot != d.selected)
+        .filter(|e| e.lag > d.fd_lag || e.metric >= d.fd_metric)
+        .filter_map(move |e| {
+            let (n, c) = nbr_of(e.slot)?;
+            let t = selected?;
+            // Same seqno as the FD: only a newer one can make it feasible.
+            let want = fd_seqno.saturating_add(u64::from(e.lag == d.fd_lag));
+            (total(e.metric, c).saturating_add(hysteresis_us) < t).then_some((n, want))
+        })
 }
 
 fn total(metric: u32, cost: u32) -> u32 {
