@@ -29,7 +29,7 @@ pub(crate) fn relay(
 ) -> Response<Body> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some((client_upgrade, offered)) = client_upgrade else {
-            return error::unexpected_upgrade();
+            return counted(error::unexpected_upgrade(), bytes_out);
         };
         if !upgrade_accepted(&offered, resp.headers().get(header::UPGRADE)) {
             tracing::warn!(
@@ -37,7 +37,7 @@ pub(crate) fn relay(
                 answered = ?resp.headers().get(header::UPGRADE),
                 "backend switched to a protocol that was not offered"
             );
-            return error::unexpected_upgrade();
+            return counted(error::unexpected_upgrade(), bytes_out);
         }
         let backend_upgrade = hyper::upgrade::on(&mut resp);
         let activity = conn.activity.clone();
@@ -82,6 +82,19 @@ pub(crate) fn relay(
         f
     });
     Response::from_parts(parts, body.boxed())
+}
+
+/// `resp` with its body's bytes counted in `out` (the gateway's own answers).
+fn counted(resp: Response<Body>, out: Counter) -> Response<Body> {
+    resp.map(|b| {
+        b.map_frame(move |f| {
+            if let Some(d) = f.data_ref() {
+                out.inc_by(d.len() as u64);
+            }
+            f
+        })
+        .boxed()
+    })
 }
 
 /// Puts the route's `Strict-Transport-Security` on a response sent over HTTPS (replacing the
