@@ -14,6 +14,7 @@ need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have pebble || [ -x /usr/bin/pebble ] || need+=(pebble)
 have curl || need+=(curl)
+have make || need+=(make)  # tikv-jemalloc-sys builds jemalloc with make
 have openssl || need+=(openssl)
 have h2load || need+=(nghttp2-client)
 have ip || need+=(iproute2)
