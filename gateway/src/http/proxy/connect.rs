@@ -112,11 +112,15 @@ pub(crate) async fn send(
             }
         };
         // A request whose body went (even partly) to a backend is never replayed.
-        let again = head.is_some()
-            && may_retry(&method, body.started(), &failure)
+        let again = may_retry(&method, body.started(), &failure)
             && (failure == pool::Failure::ConnectFailed || retries < MAX_REQUEST_RETRIES);
         if !again {
             return Err(Failure::BadGateway);
+        }
+        if head.is_none() {
+            // Every backend was tried (the last attempt took the head): the answer the next
+            // pick would give, 503, not a 502.
+            return Err(no_backend(&"every backend tried"));
         }
         if failure != pool::Failure::ConnectFailed {
             retries += 1;
