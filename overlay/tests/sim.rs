@@ -757,3 +757,36 @@ fn churn_costs_each_node_a_bounded_amount_per_leave_and_join() {
         small.bytes_per_node_per_event
     );
 }
+
+/// A relay's death makes its neighbor send, in one go, a retraction or update per prefix
+/// it carried and a seqno request per prefix and neighbor (one frame each). Requests may be
+/// dropped when a link's queue is full (they are repeated); updates may not (the link is
+/// closed). The requests used to go first: they filled the queue, the retractions found no
+/// room, and the node closed its links to the neighbors that could reroute it (at 2,000
+/// nodes, a cascade that left pairs unrouted for good).
+#[test]
+fn seqno_requests_never_crowd_out_updates_when_a_relay_dies() {
+    const LEAVES: usize = 20;
+    let (a, r, b) = (0, 1, 2);
+    // a reaches the leaves through r (short); b offers them too, but its routes are
+    // longer than a's feasibility distance: after r dies a starves and asks b for every
+    // leaf at once.
+    let mut edges = vec![(a, r, 1_000), (a, b, 10_000)];
+    for leaf in 3..3 + LEAVES {
+        edges.push((r, leaf, 1_000));
+        edges.push((b, leaf, 5_000));
+    }
+    let mut c = cfg();
+    c.limits.link_queue_frames = 8;
+    let mut sim = build_with(45, 3 + LEAVES, &edges, c);
+    sim.run_for(5_000 * MS);
+    check_all_pairs(&sim, &edges, &BTreeSet::new(), &BTreeSet::new()).unwrap();
+    assert!(sim.path(a, 3).unwrap().contains(&r));
+    sim.kill(r);
+    let dead = BTreeSet::from([r]);
+    let took = reconverge(&mut sim, 5_000 * MS, &dead, &[], |s| {
+        check_all_pairs(s, &edges, &dead, &BTreeSet::new()).is_ok()
+    });
+    eprintln!("rerouted around {r} in {} ms", took / MS);
+    assert!(sim.linked(a, b), "a closed its link to b");
+}

@@ -182,6 +182,11 @@ pub(crate) struct Router {
     /// Prefixes whose selected route now answers pending seqno requests: sent at the next
     /// `flush` to the neighbors that asked (a seqno change alone is not broadcast).
     answers: Vec<Prefix>,
+    /// Seqno requests to send after the updates and retractions of the same `flush`. A
+    /// request may be dropped when a link's queue is full (it is repeated), an update may
+    /// not (the link is closed): queued first, one frame per prefix, the requests sent when
+    /// a relay died filled the queues and closed every link of the node that saw it die.
+    requests_out: Vec<(Nbr, Control)>,
     /// Prefixes reselected since the last `flush` (forgotten there if left empty).
     touched: Vec<Prefix>,
     /// Prefixes with entries but no feasible one: seqno requests are repeated for them.
@@ -223,6 +228,7 @@ impl Router {
             max_routes,
             triggered: Vec::new(),
             answers: Vec::new(),
+            requests_out: Vec::new(),
             paced: BTreeSet::new(),
             improvable: BTreeSet::new(),
             forgetting: BTreeMap::new(),
@@ -372,7 +378,7 @@ impl Router {
         let affected = self.table.with_entry_from(slot, |d| d.remove_entry(slot));
         for p in affected {
             self.gc_old_sigs(&p);
-            self.reselect(p, now, out);
+            self.reselect(p, now);
         }
         self.flush(now, out);
     }
@@ -391,7 +397,7 @@ impl Router {
         self.slots[usize::from(slot)] = Some((nbr, cost.max(1)));
         let affected = self.table.with_entry_from(slot, |_| true);
         for p in affected {
-            self.reselect(p, now, out);
+            self.reselect(p, now);
         }
         self.flush(now, out);
     }
@@ -410,9 +416,9 @@ impl Router {
         for u in list {
             self.counters.updates_received += 1;
             if u.metric == METRIC_INFINITY {
-                self.retract(slot, u.prefix, now, out);
+                self.retract(slot, u.prefix, now);
             } else {
-                self.handle_update(slot, u, now, out);
+                self.handle_update(slot, u, now);
             }
         }
         if !self.held {
@@ -433,7 +439,7 @@ impl Router {
         };
         for p in list {
             self.counters.retractions_received += 1;
-            self.retract(slot, *p, now, out);
+            self.retract(slot, *p, now);
         }
         if !self.held {
             self.flush(now, out);
@@ -458,23 +464,17 @@ impl Router {
     }
 
     /// A retraction only withdraws this neighbor's own announcement: no signature needed.
-    fn retract(&mut self, slot: Slot, prefix: Prefix, now: Micros, out: &mut Vec<(Nbr, Control)>) {
+    fn retract(&mut self, slot: Slot, prefix: Prefix, now: Micros) {
         let Some(idx) = self.table.find(&prefix) else {
             return;
         };
         if self.table.at_mut(idx).remove_entry(slot) {
             self.gc_old_sigs(&prefix);
-            self.reselect_at(prefix, idx, now, out);
+            self.reselect_at(prefix, idx, now);
         }
     }
 
-    fn handle_update(
-        &mut self,
-        slot: Slot,
-        u: &RouteUpdate,
-        now: Micros,
-        out: &mut Vec<(Nbr, Control)>,
-    ) {
+    fn handle_update(&mut self, slot: Slot, u: &RouteUpdate, now: Micros) {
         let idx = self.table.find(&u.prefix);
         let known = idx.map(|i| self.table.at(i));
         // The prefix-key binding (a hash) is already checked for prefixes we know.
@@ -517,7 +517,7 @@ impl Router {
         if known.is_some_and(|d| u.seqno < d.seqno && d.seqno - u.seqno > u64::from(MAX_ENTRY_LAG))
         {
             self.counters.stale_updates += 1;
-            self.retract(slot, u.prefix, now, out);
+            self.retract(slot, u.prefix, now);
             return;
         }
         if !self.check_signature(u, idx) {
@@ -556,7 +556,7 @@ impl Router {
         if old_sig.is_some() || advanced || before.is_some_and(|l| l != lag) {
             self.gc_old_sigs(&u.prefix);
         }
-        self.reselect_at(u.prefix, idx, now, out);
+        self.reselect_at(u.prefix, idx, now);
     }
 
     /// Whether `u`'s signature is good, verifying it only if this node has not already.
@@ -622,20 +622,14 @@ impl Router {
     }
 
     /// Picks the best feasible route for a prefix; triggers updates, retractions, requests.
-    fn reselect(&mut self, prefix: Prefix, now: Micros, out: &mut Vec<(Nbr, Control)>) {
+    fn reselect(&mut self, prefix: Prefix, now: Micros) {
         if let Some(idx) = self.table.find(&prefix) {
-            self.reselect_at(prefix, idx, now, out);
+            self.reselect_at(prefix, idx, now);
         }
     }
 
     /// As `reselect`, for the prefix's record number (one index lookup less per update).
-    fn reselect_at(
-        &mut self,
-        prefix: Prefix,
-        idx: u32,
-        now: Micros,
-        out: &mut Vec<(Nbr, Control)>,
-    ) {
+    fn reselect_at(&mut self, prefix: Prefix, idx: u32, now: Micros) {
         let hyst = self.cfg.hysteresis_us;
         let slots = &self.slots;
         // Pending requests are answered once the selected route satisfies them. (Switching
@@ -718,7 +712,7 @@ impl Router {
                     }
                 } else {
                     self.improvable.insert(prefix);
-                    self.request_better(prefix, now, out);
+                    self.request_better(prefix, now);
                 }
             }
             None => {
@@ -731,7 +725,7 @@ impl Router {
                     self.starving.remove(&prefix);
                 } else {
                     self.starving.insert(prefix);
-                    self.request_if_unfeasible(prefix, now, out);
+                    self.request_if_unfeasible(prefix, now);
                 }
             }
         }
@@ -748,7 +742,7 @@ impl Router {
 
     /// Asks the neighbors of `better_unfeasible` for a newer seqno: once per request
     /// interval, at most `BETTER_ATTEMPTS` times while the prefix stays improvable.
-    fn request_better(&mut self, prefix: Prefix, now: Micros, out: &mut Vec<(Nbr, Control)>) {
+    fn request_better(&mut self, prefix: Prefix, now: Micros) {
         let interval = self.cfg.request_interval;
         let better = self.better_unfeasible(prefix);
         let req = self.requests.entry(prefix).or_default();
@@ -762,7 +756,7 @@ impl Router {
         req.better_asked += 1;
         for (n, seqno) in better {
             self.counters.seqno_requests_sent += 1;
-            out.push((
+            self.requests_out.push((
                 n,
                 Control::SeqnoRequest {
                     prefix,
@@ -773,12 +767,7 @@ impl Router {
         }
     }
 
-    fn request_if_unfeasible(
-        &mut self,
-        prefix: Prefix,
-        now: Micros,
-        out: &mut Vec<(Nbr, Control)>,
-    ) {
+    fn request_if_unfeasible(&mut self, prefix: Prefix, now: Micros) {
         let interval = self.cfg.request_interval;
         let Some(d) = self.table.get(&prefix) else {
             return;
@@ -805,7 +794,7 @@ impl Router {
         let seqno = fd_seqno.saturating_add(1);
         for n in targets {
             self.counters.seqno_requests_sent += 1;
-            out.push((
+            self.requests_out.push((
                 n,
                 Control::SeqnoRequest {
                     prefix,
@@ -888,7 +877,7 @@ impl Router {
         if let Some(n) = next {
             req.forwarded = Some((seqno, now));
             self.counters.seqno_requests_sent += 1;
-            out.push((
+            self.requests_out.push((
                 n,
                 Control::SeqnoRequest {
                     prefix,
@@ -896,6 +885,10 @@ impl Router {
                     hop_count: hop_count - 1,
                 },
             ));
+            // While input is held, after the updates `release` sends.
+            if !self.held {
+                out.append(&mut self.requests_out);
+            }
         }
     }
 
@@ -941,6 +934,8 @@ impl Router {
         let mut answers = std::mem::take(&mut self.answers);
         answers.sort_unstable();
         answers.dedup();
+        // One message per asker for all its answers (a frame per prefix filled queues too).
+        let mut answered: BTreeMap<Nbr, Vec<RouteUpdate>> = BTreeMap::new();
         for p in answers {
             let Some(r) = self.requests.get_mut(&p) else {
                 continue;
@@ -958,7 +953,12 @@ impl Router {
                 .filter(|n| self.nbrs.contains_key(n))
                 .collect();
             self.counters.seqno_answers_sent += targets.len() as u64;
-            self.send(&targets, &[u], &[], out);
+            for n in targets {
+                answered.entry(n).or_default().push(u);
+            }
+        }
+        for (n, updates) in answered {
+            self.send(&[n], &updates, &[], out);
         }
         let mut touched = std::mem::take(&mut self.touched);
         touched.sort_unstable();
@@ -985,6 +985,7 @@ impl Router {
                 self.forgetting.remove(&p);
             }
         }
+        out.append(&mut self.requests_out);
     }
 
     /// Repeats seqno requests for prefixes with only unfeasible routes. Costs nothing when
@@ -993,11 +994,11 @@ impl Router {
         let interval = self.cfg.request_interval;
         let starving: Vec<Prefix> = self.starving.iter().copied().collect();
         for p in starving {
-            self.request_if_unfeasible(p, now, out);
+            self.request_if_unfeasible(p, now);
         }
         let improvable: Vec<Prefix> = self.improvable.iter().copied().collect();
         for p in improvable {
-            self.request_better(p, now, out);
+            self.request_better(p, now);
         }
         let (improvable, starving) = (&self.improvable, &self.starving);
         self.requests.retain(|p, r| {
