@@ -2,10 +2,11 @@
 //! in `/metrics`, read from the node's latest published status at scrape time (nothing is
 //! counted twice, and the packet path pays nothing).
 
+use crate::observe::collector::encode;
 use meshgate_overlay::StatusSource;
 use meshgate_sockets::Stack;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
@@ -76,15 +77,6 @@ fn counter_pairs(counters: &Value, prefix: &str, out: &mut Vec<(String, u64)>) {
             }
         }
     }
-}
-
-fn encode<M: EncodeMetric>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    metric: &M,
-) -> Result<(), std::fmt::Error> {
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
 impl Collector for OverlayObserver {

@@ -3,8 +3,9 @@
 //! nothing for it).
 
 use super::H1Pool;
+use crate::observe::collector::encode;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -52,15 +53,6 @@ impl IdleObserver {
             p.lock().backends.values().map(|b| b.idle.len()).sum()
         })
     }
-}
-
-fn encode<M: EncodeMetric>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    metric: &M,
-) -> Result<(), std::fmt::Error> {
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
 impl Collector for IdleObserver {
