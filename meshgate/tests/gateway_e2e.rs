@@ -235,11 +235,7 @@ async fn gateway_end_to_end() {
 async fn big_upload_and_download(gw: &GatewayProcess) {
     const SIZE: u64 = 100 * 1024 * 1024;
     const CHUNK: u64 = 256 * 1024;
-    let tls = gw.tls("echo.test", &[b"http/1.1"]).await;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (mut send, _conn) = gw.h1("echo.test").await;
     let stream = futures_util::stream::unfold(0u64, |at| async move {
         if at >= SIZE {
             return None;
@@ -264,11 +260,7 @@ async fn big_upload_and_download(gw: &GatewayProcess) {
         .header("host", "echo.test")
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
-    let tls = gw.tls("echo.test", &[b"http/1.1"]).await;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (mut send, _conn) = gw.h1("echo.test").await;
     let started = Instant::now();
     let mut body = send.send_request(req).await.unwrap().into_body();
     let mut n = 0u64;
@@ -305,11 +297,7 @@ async fn socket_buffer_memory_is_shown(gw: &GatewayProcess) {
         .header("host", "echo.test")
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
-    let tls = gw.tls("echo.test", &[b"http/1.1"]).await;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut send, conn) = gw.h1("echo.test").await;
     let mut body = send.send_request(req).await.unwrap().into_body();
     body.frame().await.unwrap().unwrap();
     // Not read further: the kernel's socket buffers fill, then the gateway's stack buffer.

@@ -90,11 +90,7 @@ async fn sigterm_drains_in_flight_requests_over_h1_and_h2() {
 
     let mut inflight = tokio::task::JoinSet::new();
     for i in 0..H1_REQUESTS {
-        let tls = gw.tls(HOST, &[b"http/1.1"]).await;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let (mut send, _conn) = gw.h1(HOST).await;
         inflight.spawn(async move {
             (
                 format!("h1 #{i}"),
@@ -237,11 +233,7 @@ async fn drain_deadline_bounds_the_stop() {
             backend.addr()
         ),
     );
-    let tls = gw.tls(HOST, &[b"http/1.1"]).await;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (mut send, _conn) = gw.h1(HOST).await;
     let request =
         tokio::spawn(async move { read(send.send_request(get("/cut".into())).await).await });
     eventually(

@@ -171,6 +171,27 @@ impl GatewayProcess {
         .unwrap_or_else(|e| panic!("TLS to {host}: {e}\n{}", self.log()))
     }
 
+    /// An HTTP/1.1 client connection to the HTTPS listener for `host` (hyper, over
+    /// [`Self::tls`]), its connection task spawned: the sender and that task's handle.
+    pub async fn h1<B>(
+        &self,
+        host: &str,
+    ) -> (
+        hyper::client::conn::http1::SendRequest<B>,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    )
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let tls = self.tls(host, &[b"http/1.1"]).await;
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap_or_else(|e| panic!("HTTP/1.1 handshake to {host}: {e}"));
+        (send, tokio::spawn(conn))
+    }
+
     /// `curl` against the HTTPS listener for `host` (trusting the dev CA), returning
     /// (status, body).
     pub fn curl(&self, host: &str, path: &str, extra: &[&str]) -> (u16, String) {
