@@ -564,12 +564,22 @@ impl NodeCore {
         self.links.get_mut(&link).map(|e| e.link.read_buf())
     }
 
-    /// Bytes received on a link (copied), handled at once.
-    pub fn link_receive(&mut self, link: Nbr, bytes: &[u8], now: Micros, out: &mut Vec<CoreOut>) {
+    /// Bytes received on a link, handled at once (transports that hand bytes over, such as
+    /// the simulator). They are taken without a copy when no partial frame waits, and the
+    /// link keeps no read buffer between such deliveries unless a frame is incomplete.
+    pub fn link_receive(&mut self, link: Nbr, bytes: Bytes, now: Micros, out: &mut Vec<CoreOut>) {
         if let Some(e) = self.links.get_mut(&link) {
-            e.link.receive(bytes);
+            e.link.receive_bytes(bytes);
             self.link_input(link, now, out);
         }
+        if let Some(e) = self.links.get_mut(&link) {
+            e.link.release_read_buf();
+        }
+    }
+
+    /// Heap bytes a link's buffers hold (read buffer, decryption scratch, send queue).
+    pub fn link_buffer_bytes(&self, link: Nbr) -> usize {
+        self.links.get(&link).map_or(0, |e| e.link.buffer_bytes())
     }
 
     /// Input that arrives together (e.g. what several links had to read in one wake-up):
@@ -1234,7 +1244,7 @@ mod tests {
         if bytes.is_empty() {
             return false;
         }
-        b.link_receive(link, &bytes, now, out);
+        b.link_receive(link, bytes, now, out);
         true
     }
 
@@ -1289,7 +1299,7 @@ mod tests {
         assert!(!frame.is_empty(), "a Hello is due");
         let last = frame.len() - 1;
         frame[last] ^= 0x80;
-        b.link_receive(7, &frame, 1_010_000, &mut out);
+        b.link_receive(7, frame.freeze(), 1_010_000, &mut out);
         assert!(out.iter().any(|o| matches!(
             o,
             CoreOut::LinkDown {
