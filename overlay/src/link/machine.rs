@@ -524,6 +524,11 @@ impl Link {
         self.out.pending_bytes()
     }
 
+    /// Frames waiting for the transport.
+    pub fn queued_frames(&self) -> usize {
+        self.out.len()
+    }
+
     /// The bytes waiting, as slices for one vectored write; how many slices were set.
     pub fn output<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
         self.out.slices(slices)

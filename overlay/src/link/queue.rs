@@ -127,7 +127,7 @@ impl OutQueue {
         b.freeze()
     }
 
-    #[cfg(test)]
+    /// Frames waiting (the core keeps the last quarter for messages that must arrive).
     pub(crate) fn len(&self) -> usize {
         self.frames.len()
     }

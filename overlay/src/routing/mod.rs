@@ -892,6 +892,17 @@ impl Router {
         }
     }
 
+    /// A seqno request for `prefix` was not queued (its link's queue was ¾ full): it is sent
+    /// again at the next `tick` instead of after the request interval and its back-off.
+    pub(crate) fn request_not_sent(&mut self, prefix: &Prefix) {
+        if let Some(r) = self.requests.get_mut(prefix) {
+            r.last_sent = None;
+            r.forwarded = None;
+            r.starving_asked = r.starving_asked.saturating_sub(1);
+            r.better_asked = r.better_asked.saturating_sub(1);
+        }
+    }
+
     /// Sends pending triggered updates and retractions to all neighbors, then forgets
     /// prefixes left with no route.
     pub(crate) fn flush(&mut self, now: Micros, out: &mut Vec<(Nbr, Control)>) {
