@@ -13,7 +13,10 @@
 //!
 //! Scale: once routing is converged a simulated second costs work linear in the number of
 //! nodes (keepalives), and signature checks are shared between the simulated nodes (each node
-//! still counts its own). Control traffic is what the cores counted on their links (frame
+//! still counts its own). Memory beyond the routing tables: the bytes in flight (at most a
+//! window per link direction, counted with their peak in [`Sim::memory`]) and the links'
+//! buffers in the cores; a chunk is handed to the reading core without a copy and the link
+//! keeps no read buffer between deliveries unless a frame is incomplete. Control traffic is what the cores counted on their links (frame
 //! bytes: header, ciphertext and tag).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
