@@ -458,10 +458,26 @@ fn measure(
         while sim.now() < next {
             sim.run_for((next - sim.now()).min(100 * MS));
             watch.check("churn").map_err(|e| {
+                // What this size measured before it stopped.
+                let c = sim.control_traffic();
+                let secs = ((sim.now() - t_churn) as f64 / S as f64).max(1e-6);
+                let per_node = |v: u64| v as f64 / alive.len() as f64 / secs;
                 format!(
-                    "{e} ({k} of {events} leave+join events done; cold convergence took \
-                     {:.0} s wall; {:.0} s wall in all)",
+                    "{e} ({k} of {events} leave+join events done in {secs:.0} simulated s, \
+                     {:.1} msgs and {:.0} B per node per s so far; cold convergence {:.1} s \
+                     simulated, {:.0} s wall; steady {:.1} msgs, {:.0} B per node per s; \
+                     reroute {:.1} s; peak heap {:.2} GB, peak resident {:.2} GB, peak \
+                     {:.0} MB in flight; {:.0} s wall in all)",
+                    per_node(c.messages - c0.messages),
+                    per_node(c.bytes - c0.bytes),
+                    row.converge_s,
                     row.converge_wall.as_secs_f64(),
+                    row.steady_msgs,
+                    row.steady_bytes,
+                    row.reroute_ms as f64 / 1000.0,
+                    watch.peak_heap as f64 / 1e9,
+                    watch.peak_rss as f64 / 1e9,
+                    sim.memory().peak_flight_bytes as f64 / 1e6,
                     start.elapsed().as_secs_f64()
                 )
             })?;
@@ -714,7 +730,8 @@ fn report(
         "- One real link between two node cores, its bytes moved as the node's shell moves \
          them: its buffers (read buffer, decryption scratch, send queue) hold **{} B** per \
          end after one end sent the other a full table of {} routes, and **{} B** after 3 s \
-         of keepalives only (a quiet link gives back its 64 KiB read buffer and reads in 4 KiB \
+         of keepalives only (a quiet link gives back its read buffer, grown by 64 KiB reads up to \
+         the 256 KiB read round, and reads in 4 KiB \
          steps; the scratch grown for a routing message is given back after the read).\n",
         thousands(real.link_busy),
         thousands(real.table),
