@@ -58,8 +58,8 @@ impl Totals {
                 r.seqno_answers_sent,
                 r.seqno_bumps,
                 r.signatures_verified,
-                0, // retractions held (not counted in this build)
-                0,
+                r.retractions_held,
+                r.retractions_spared,
                 c.seqno_requests_shed,
             ];
             for (a, b) in t.iter_mut().zip(v) {

@@ -1,4 +1,5 @@
-//! Simulator tests of the rules that keep churn cheap and control messages flowing: the
+//! Simulator tests of the rules that keep churn cheap and control messages flowing: split
+//! horizon, the short hold of a retraction while a seqno request is answered, and the
 //! headroom that droppable seqno requests leave in a link's queue.
 
 use bytes::Bytes;
@@ -37,6 +38,78 @@ fn converge(sim: &mut Sim, nodes: &[usize], limit: u64) {
         );
         sim.run_for(10 * MS);
     }
+}
+
+/// Split horizon: a node does not announce a route to the neighbor it goes through (that
+/// neighbor could never use it: it would be a loop), it sends that neighbor a retraction
+/// (8 bytes instead of 116). A node joining at the end of a line learns every route from
+/// its one neighbor and used to announce them all back.
+#[test]
+fn a_route_is_not_announced_back_to_its_next_hop() {
+    const LINE: usize = 10;
+    let edges: Vec<(usize, usize, u64)> = (1..LINE).map(|i| (i - 1, i, 5 * MS)).collect();
+    let mut sim = build(7, LINE, &edges, cfg());
+    let line: Vec<usize> = (0..LINE).collect();
+    converge(&mut sim, &line, 5_000 * MS);
+    let joined = sim.add_node();
+    sim.connect(LINE - 1, joined, 5 * MS);
+    let all: Vec<usize> = (0..=LINE).collect();
+    converge(&mut sim, &all, 5_000 * MS);
+    sim.run_for(1_000 * MS);
+    let c = sim.counters(joined).routing;
+    // Its own announcement, in the full table it sent when the link came up; every route
+    // it learnt goes through its one neighbor.
+    assert_eq!(
+        c.updates_sent, 1,
+        "the newcomer announced {} routes to its only neighbor",
+        c.updates_sent
+    );
+    assert!(c.retractions_sent >= LINE as u64 - 1, "{c:?}");
+    // The rest of the line heard of the newcomer once per link.
+    let end = sim.counters(0).routing;
+    assert!(end.updates_received >= LINE as u64, "{end:?}");
+}
+
+/// A node that loses its last feasible route to a link failure keeps quiet for up to one
+/// request interval while it asks for a newer seqno (DUAL's "active" state, briefly): when
+/// the answer comes in time, the nodes behind it hear one update instead of a retraction
+/// followed by an update, and never lose the route. Here x's link to the owner resets; x's
+/// other route (via w) is loop-free but unfeasible (w's metric is not below x's
+/// feasibility distance), so x asks; the owner's answer is back in about 10 ms.
+#[test]
+fn a_quick_seqno_answer_spares_the_nodes_behind_a_retraction() {
+    let (owner, x, w, d1, d2, d3) = (0, 1, 2, 3, 4, 5);
+    let edges = vec![
+        (owner, x, 2 * MS),
+        (owner, w, 3 * MS),
+        (x, w, 2 * MS),
+        (x, d1, MS),
+        (d1, d2, MS),
+        (d2, d3, MS),
+    ];
+    let mut sim = build(8, 6, &edges, cfg());
+    let all: Vec<usize> = (0..6).collect();
+    converge(&mut sim, &all, 5_000 * MS);
+    sim.run_for(2_000 * MS);
+    assert_eq!(sim.path(d3, owner).unwrap(), vec![d3, d2, d1, x, owner]);
+    let retractions_before = sim.counters(d3).routing.retractions_received;
+    // The owner's next bytes to x reset the link: both ends see it go down.
+    sim.truncate_after(owner, x, 0);
+    for _ in 0..1_000 {
+        sim.run_for(MS);
+        assert!(
+            sim.next_hop_exists(d3, owner),
+            "d3 lost its route to the owner at {} ms",
+            sim.now() / MS
+        );
+    }
+    assert!(!sim.linked(owner, x), "the link did not go down");
+    assert_eq!(sim.path(d3, owner).unwrap(), vec![d3, d2, d1, x, w, owner]);
+    assert_eq!(
+        sim.counters(d3).routing.retractions_received,
+        retractions_before
+    );
+    assert!(sim.counters(x).routing.retractions_held >= 1);
 }
 
 /// A seqno request may be dropped when its link's queue is full (it is repeated); an update
