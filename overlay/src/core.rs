@@ -158,6 +158,18 @@ pub struct Counters {
     /// Control frames that found their link's queue full: keepalives and seqno requests
     /// are dropped; an update or retraction closes the link (routing re-sends nothing).
     pub link_control_drops: u64,
+    /// Seqno requests not queued because their link's queue was ¾ full (frames or bytes):
+    /// the last quarter is kept for updates and retractions, which must arrive (the
+    /// request is repeated).
+    pub seqno_requests_shed: u64,
+    /// Routing messages queued on links, by kind: frames and their bytes on the wire
+    /// (keepalives are the rest of `control_frames_sent`).
+    pub updates_frames_sent: u64,
+    pub updates_bytes_sent: u64,
+    pub retractions_frames_sent: u64,
+    pub retractions_bytes_sent: u64,
+    pub seqno_request_frames_sent: u64,
+    pub seqno_request_bytes_sent: u64,
     /// Links closed because their socket took no byte for `write_stall_timeout`.
     pub link_write_stalls: u64,
     /// Links closed because their Hello exchange did not complete within `hello_timeout`.
@@ -564,12 +576,22 @@ impl NodeCore {
         self.links.get_mut(&link).map(|e| e.link.read_buf())
     }
 
-    /// Bytes received on a link (copied), handled at once.
-    pub fn link_receive(&mut self, link: Nbr, bytes: &[u8], now: Micros, out: &mut Vec<CoreOut>) {
+    /// Bytes received on a link, handled at once (transports that hand bytes over, such as
+    /// the simulator). They are taken without a copy when no partial frame waits, and the
+    /// link keeps no read buffer between such deliveries unless a frame is incomplete.
+    pub fn link_receive(&mut self, link: Nbr, bytes: Bytes, now: Micros, out: &mut Vec<CoreOut>) {
         if let Some(e) = self.links.get_mut(&link) {
-            e.link.receive(bytes);
+            e.link.receive_bytes(bytes);
             self.link_input(link, now, out);
         }
+        if let Some(e) = self.links.get_mut(&link) {
+            e.link.release_read_buf();
+        }
+    }
+
+    /// Heap bytes a link's buffers hold (read buffer, decryption scratch, send queue).
+    pub fn link_buffer_bytes(&self, link: Nbr) -> usize {
+        self.links.get(&link).map_or(0, |e| e.link.buffer_bytes())
     }
 
     /// Input that arrives together (e.g. what several links had to read in one wake-up):
@@ -714,8 +736,44 @@ impl NodeCore {
                     };
                     // Keepalives and seqno requests may be lost (they are repeated); routing
                     // state is never re-sent, so a link that cannot take an update is closed
-                    // and the neighbors resynchronise when it comes back.
-                    if !e.link.send_control(&msg, now) && msg.must_arrive() {
+                    // and the neighbors resynchronise when it comes back. Requests keep off
+                    // the queue's last quarter: on a socket that drains slowly they would
+                    // otherwise fill it over several flushes, and the next update would
+                    // close the link.
+                    let must_arrive = msg.must_arrive();
+                    let limits = &self.cfg.limits;
+                    if !must_arrive
+                        && (e.link.queued_frames() * 4 >= limits.link_queue_frames * 3
+                            || e.link.pending_bytes() * 4 >= limits.link_queue_bytes * 3)
+                    {
+                        self.counters.seqno_requests_shed += 1;
+                        // Asked again at the next maintenance tick, not after the back-off.
+                        if let Control::SeqnoRequest { prefix, .. } = msg {
+                            self.router.request_not_sent(&prefix);
+                            self.maintenance_soon(now);
+                        }
+                        continue;
+                    }
+                    let before = e.link.stats.control_bytes_sent;
+                    if e.link.send_control(&msg, now) {
+                        let bytes = e.link.stats.control_bytes_sent - before;
+                        let k = &mut self.counters;
+                        let (frames, sent) = match msg {
+                            Control::Updates(_) => {
+                                (&mut k.updates_frames_sent, &mut k.updates_bytes_sent)
+                            }
+                            Control::Retractions(_) => (
+                                &mut k.retractions_frames_sent,
+                                &mut k.retractions_bytes_sent,
+                            ),
+                            _ => (
+                                &mut k.seqno_request_frames_sent,
+                                &mut k.seqno_request_bytes_sent,
+                            ),
+                        };
+                        *frames += 1;
+                        *sent += bytes;
+                    } else if must_arrive {
                         self.close_link(n, DownReason::ControlQueueFull, now, &mut pending);
                     }
                 }
@@ -1234,7 +1292,7 @@ mod tests {
         if bytes.is_empty() {
             return false;
         }
-        b.link_receive(link, &bytes, now, out);
+        b.link_receive(link, bytes, now, out);
         true
     }
 
@@ -1289,7 +1347,7 @@ mod tests {
         assert!(!frame.is_empty(), "a Hello is due");
         let last = frame.len() - 1;
         frame[last] ^= 0x80;
-        b.link_receive(7, &frame, 1_010_000, &mut out);
+        b.link_receive(7, frame.freeze(), 1_010_000, &mut out);
         assert!(out.iter().any(|o| matches!(
             o,
             CoreOut::LinkDown {

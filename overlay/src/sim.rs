@@ -13,7 +13,10 @@
 //!
 //! Scale: once routing is converged a simulated second costs work linear in the number of
 //! nodes (keepalives), and signature checks are shared between the simulated nodes (each node
-//! still counts its own). Control traffic is what the cores counted on their links (frame
+//! still counts its own). Memory beyond the routing tables: the bytes in flight (at most a
+//! window per link direction, counted with their peak in [`Sim::memory`]) and the links'
+//! buffers in the cores; a chunk is handed to the reading core without a copy and the link
+//! keeps no read buffer between deliveries unless a frame is incomplete. Control traffic is what the cores counted on their links (frame
 //! bytes: header, ciphertext and tag).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -31,11 +34,32 @@ use crate::identity::Identity;
 use crate::routing::SharedVerifications;
 use crate::wire::{FRAME_HEADER_LEN, FrameKind};
 
-/// Unread bytes in flight per link direction at most (a socket's buffers).
-const WINDOW: usize = 256 * 1024;
+/// Unread bytes in flight per link direction at most, by default (a socket's buffers): a
+/// writer whose reader is this far behind waits, its bytes staying in its core's bounded
+/// link queue. The simulator counts the bytes in flight in all directions
+/// ([`Sim::memory`]); [`Sim::set_window`] changes it.
+pub const WINDOW: usize = 256 * 1024;
 /// A packet seen again by the same node within this long with another hop limit is looping
 /// (session-init retries, which repeat a packet, are a second apart).
 const LOOP_WINDOW: Micros = 500_000;
+
+/// Where the simulator's memory beyond the routing tables is, at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SimMemory {
+    /// Chunks of link bytes travelling or waiting for a paused reader.
+    pub flight_chunks: usize,
+    /// Their bytes (each direction holds at most a window unread, [`WINDOW`] by default).
+    pub flight_bytes: usize,
+    /// The most bytes that were in flight at once so far.
+    pub peak_flight_bytes: usize,
+    /// Bytes waiting in the cores' link send queues (bounded per link by the core's limits).
+    pub queued_bytes: usize,
+    /// Heap the live links' buffers hold in the cores: read buffers, decryption scratch,
+    /// send queues (their waiting bytes included).
+    pub link_buffer_bytes: usize,
+    /// Links the cores run.
+    pub links: usize,
+}
 
 /// Control traffic sent by all nodes since the simulation started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -162,6 +186,11 @@ pub struct Sim {
     queue: BTreeMap<Micros, VecDeque<Flight>>,
     /// Nodes' timers by due time.
     timers: BTreeSet<(Micros, usize)>,
+    /// Unread bytes per link direction at most.
+    window: usize,
+    /// Bytes in `queue` and in paused readers' backlogs, now and at most so far.
+    flight_bytes: usize,
+    peak_flight_bytes: usize,
     /// Longest path any packet took (links crossed).
     pub max_hops: usize,
     /// Packets forwarded in total.
@@ -186,6 +215,9 @@ impl Sim {
             next_link: 1,
             queue: BTreeMap::new(),
             timers: BTreeSet::new(),
+            window: WINDOW,
+            flight_bytes: 0,
+            peak_flight_bytes: 0,
             max_hops: 0,
             forwarded: 0,
             taps: Taps::default(),
@@ -249,23 +281,28 @@ impl Sim {
         t
     }
 
-    /// What is on the links now: (chunks in flight, their bytes, bytes in the cores' link
-    /// send queues). Walks every flight and link: for progress reports, not hot loops.
-    pub fn in_flight(&self) -> (usize, usize, usize) {
-        let (mut chunks, mut bytes) = (0, 0);
-        for f in self.queue.values().flatten() {
-            chunks += 1;
-            if let Carried::Bytes(b) = &f.what {
-                bytes += b.len();
+    /// Where the memory beyond the routing tables is now. Walks every flight and link: for
+    /// progress reports, not hot loops.
+    pub fn memory(&self) -> SimMemory {
+        let mut m = SimMemory {
+            flight_chunks: self.queue.values().map(VecDeque::len).sum(),
+            flight_bytes: self.flight_bytes,
+            peak_flight_bytes: self.peak_flight_bytes,
+            ..SimMemory::default()
+        };
+        for n in self.nodes.iter().filter(|n| n.alive) {
+            for &l in &n.links {
+                m.queued_bytes += n.core.link_pending_bytes(l);
+                m.link_buffer_bytes += n.core.link_buffer_bytes(l);
+                m.links += 1;
             }
         }
-        let queued = self
-            .nodes
-            .iter()
-            .filter(|n| n.alive)
-            .flat_map(|n| n.links.iter().map(|l| n.core.link_pending_bytes(*l)))
-            .sum();
-        (chunks, bytes, queued)
+        m
+    }
+
+    /// Unread bytes each link direction may hold (at least 1; [`WINDOW`] by default).
+    pub fn set_window(&mut self, bytes: usize) {
+        self.window = bytes.max(1);
     }
 
     /// Wall-clock time spent inside the nodes' cores so far (all nodes).
@@ -514,7 +551,18 @@ impl Sim {
     }
 
     fn schedule(&mut self, at: Micros, flight: Flight) {
+        if let Carried::Bytes(b) = &flight.what {
+            self.flight_bytes += b.len();
+            self.peak_flight_bytes = self.peak_flight_bytes.max(self.flight_bytes);
+        }
         self.queue.entry(at).or_default().push_back(flight);
+    }
+
+    /// A chunk left the simulator's hands (read, or lost with its link or node).
+    fn landed(&mut self, what: &Carried) {
+        if let Carried::Bytes(b) = what {
+            self.flight_bytes -= b.len();
+        }
     }
 
     /// Handles a core's outputs, carries the bytes its links have waiting, and files its
@@ -559,6 +607,12 @@ impl Sim {
         l.open[end] = false;
         let (up, latency, other) = (l.up, l.latency, 1 - end);
         if l.open == [false, false] {
+            // What waits for a paused reader goes with the link.
+            let backlog: Vec<Carried> =
+                l.dir.iter_mut().flat_map(|d| d.backlog.drain(..)).collect();
+            for what in &backlog {
+                self.landed(what);
+            }
             self.links.remove(&link);
             return;
         }
@@ -579,20 +633,25 @@ impl Sim {
     fn pull(&mut self, node: usize) {
         for k in 0..self.nodes[node].links.len() {
             let link = self.nodes[node].links[k];
-            if !self.nodes[node].core.link_has_output(link) {
-                continue;
-            }
-            let Some(l) = self.links.get(&link) else {
-                continue;
-            };
-            let to_end = 1 - l.end_of(node);
-            let room = WINDOW.saturating_sub(l.dir[to_end].unread);
-            if room == 0 {
-                continue;
-            }
-            let bytes = self.nodes[node].core.link_take_output(link, room, self.now);
-            self.send_bytes(link, to_end, bytes);
+            self.pull_link(node, link);
         }
+    }
+
+    /// Carries what `node` has waiting on `link`, within the window.
+    fn pull_link(&mut self, node: usize, link: u64) {
+        if !self.nodes[node].core.link_has_output(link) {
+            return;
+        }
+        let Some(l) = self.links.get(&link) else {
+            return;
+        };
+        let to_end = 1 - l.end_of(node);
+        let room = self.window.saturating_sub(l.dir[to_end].unread);
+        if room == 0 {
+            return;
+        }
+        let bytes = self.nodes[node].core.link_take_output(link, room, self.now);
+        self.send_bytes(link, to_end, bytes);
     }
 
     fn send_bytes(&mut self, link: u64, to_end: usize, mut bytes: Bytes) {
@@ -719,10 +778,12 @@ impl Sim {
 
     fn deliver(&mut self, f: Flight) {
         let Some(l) = self.links.get_mut(&f.link) else {
+            self.landed(&f.what);
             return;
         };
         let (to, from) = (l.ends[f.to_end], l.ends[1 - f.to_end]);
         if !l.up || !self.nodes[to].alive || !self.nodes[from].alive {
+            self.landed(&f.what);
             return;
         }
         let d = &mut l.dir[f.to_end];
@@ -735,6 +796,7 @@ impl Sim {
 
     /// The receiving end reads what arrived.
     fn receive(&mut self, link: u64, to_end: usize, what: Carried) {
+        self.landed(&what);
         let Some(l) = self.links.get_mut(&link) else {
             return;
         };
@@ -742,6 +804,8 @@ impl Sim {
         if let Carried::Bytes(b) = &what {
             l.dir[to_end].unread = l.dir[to_end].unread.saturating_sub(b.len());
         }
+        // The writer's end of this link: reading made room in its window.
+        let from_end = 1 - to_end;
         if !open {
             return;
         }
@@ -750,14 +814,15 @@ impl Sim {
         match what {
             Carried::Bytes(b) => self.nodes[to]
                 .core
-                .link_receive(link, &b, self.now, &mut out),
+                .link_receive(link, b, self.now, &mut out),
             Carried::Eof => self.nodes[to].core.link_closed(link, self.now, &mut out),
         }
         self.core_time += t.elapsed();
         self.after_core(to, out);
-        // Reading made room in the window: the writer may go on.
-        if self.nodes[from].alive {
-            self.pull(from);
+        // Reading made room in the window: the writer may go on on this link (its others
+        // did not change).
+        if self.nodes[from].alive && self.links.get(&link).is_some_and(|l| l.open[from_end]) {
+            self.pull_link(from, link);
         }
     }
 

@@ -4,7 +4,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 
 use meshgate_overlay::core::CoreConfig;
-use meshgate_overlay::sim::{PathError, Sim, SimRng, random_edges};
+use meshgate_overlay::sim::{PathError, Sim, SimRng, WINDOW, random_edges};
 use meshgate_overlay::{L3Event, UnreachableReason};
 
 const MS: u64 = 1000;
@@ -789,4 +789,38 @@ fn seqno_requests_never_crowd_out_updates_when_a_relay_dies() {
     });
     eprintln!("rerouted around {r} in {} ms", took / MS);
     assert!(sim.linked(a, b), "a closed its link to b");
+}
+
+/// The simulator's memory beyond the routing tables stays small and bounded: no direction
+/// of a link holds more than a window of unread bytes, and once routing is quiet a link's
+/// buffers in the cores are small (no read buffer between deliveries, the decryption
+/// scratch grown for routing messages given back, the send queue's burst slots too).
+/// Before, each link end kept a read buffer as large as the largest chunk it was handed
+/// and a scratch as large as its largest routing message: ~6 GB at 5,000 nodes.
+#[test]
+fn quiet_links_hold_little_and_flights_stay_within_their_windows() {
+    let n = 200;
+    let mut rng = SimRng::new(200);
+    let edges = random_edges(&mut rng, n, 4, 1..=30);
+    let mut sim = build_with(9, n, &edges, CoreConfig::default());
+    let cap = 2 * edges.len() * WINDOW;
+    let mut busiest = 0;
+    while (0..n).any(|i| sim.routes_selected(i) < n - 1) {
+        assert!(sim.now() < 30_000 * MS, "not converged within 30 s");
+        sim.run_for(5 * MS);
+        let m = sim.memory();
+        assert!(m.flight_bytes <= cap, "{} bytes in flight", m.flight_bytes);
+        busiest = busiest.max(m.link_buffer_bytes / m.links.max(1));
+    }
+    sim.run_for(3_000 * MS);
+    let m = sim.memory();
+    assert_eq!(m.links, 2 * edges.len(), "a link went down");
+    let per_link = m.link_buffer_bytes / m.links;
+    eprintln!(
+        "link buffers per link end: {busiest} B at most during the cold start, {per_link} B \
+         when quiet; at most {} bytes in flight",
+        m.peak_flight_bytes
+    );
+    assert!(per_link <= 1024, "{per_link} B per quiet link end");
+    assert!(m.peak_flight_bytes > 0 && m.peak_flight_bytes <= cap);
 }

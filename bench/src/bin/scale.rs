@@ -79,6 +79,13 @@ struct Row {
     churn_cpu_ms: f64,
     churn_events: usize,
     total_wall: Duration,
+    /// The most heap in use (counted) and resident memory seen during the size.
+    peak_heap: usize,
+    peak_rss: u64,
+    /// The most bytes in flight on the simulated links at once.
+    peak_flight: usize,
+    /// Heap per link end in the cores' link buffers after the steady phase.
+    idle_link_bytes: f64,
 }
 
 /// Bytes per route in one node core: 16,384 announcements, each from 4 neighbors.
@@ -127,6 +134,101 @@ fn real_node_bytes_per_route() -> (usize, f64) {
     (routes, grown as f64 / routes as f64)
 }
 
+/// One real link between two node cores, its bytes moved the way the node's shell moves them
+/// (`overlay/src/link_io.rs`: reads into the core's read buffer, a 64 KiB reserve when less
+/// than 1 KiB is left, at most 256 KiB per round): the heap its buffers hold at both ends
+/// right after one end sent the other a full table of `routes` routes, and after 3 s of
+/// keepalives only. Returns (busy, idle) bytes per link end.
+fn real_link_buffers(routes: usize) -> (usize, usize) {
+    let mut rng = SimRng::new(16);
+    let core = |seed: u8| {
+        NodeCore::new(
+            Identity::from_seed(&[seed; 32]),
+            CoreConfig::default(),
+            1,
+            0,
+            Box::new(move || [seed; 32]),
+        )
+    };
+    let (mut a, mut b) = (core(1), core(2));
+    let mut out = Vec::new();
+    // `a` learns `routes` routes from a neighbor that has no link machine (fed directly).
+    let feeder = 99;
+    a.link_up(
+        feeder,
+        Identity::from_seed(&[3; 32]).public_key(),
+        LinkOrigin::Outbound,
+        0,
+        &mut out,
+    );
+    a.link_rtt(feeder, 2000, 0, &mut out);
+    let updates: Vec<_> = (0..routes)
+        .map(|_| {
+            meshgate_overlay::sim::signed_announcement(&Identity::from_seed(&rng.bytes32()), 5, 0)
+        })
+        .collect();
+    for chunk in updates.chunks(500) {
+        a.control(feeder, Control::Updates(chunk.to_vec()), 0, &mut out);
+    }
+    out.clear();
+    let link = 1;
+    assert!(a.open_link(link, LinkOrigin::Outbound, None, 0));
+    assert!(b.open_link(
+        link,
+        LinkOrigin::Inbound("10.0.0.1".parse().expect("ip")),
+        None,
+        0
+    ));
+    let mut now = 1000;
+    // The handshake, the first Hello exchange and `a`'s full table.
+    while shuttle(&mut a, &mut b, link, now) | shuttle(&mut b, &mut a, link, now) {}
+    // `a`'s routes and its own prefix.
+    assert_eq!(b.routes_selected(), routes + 1, "the full table crossed");
+    let busy = (a.link_buffer_bytes(link) + b.link_buffer_bytes(link)) / 2;
+    let end = now + 3 * S;
+    while now < end {
+        now = a
+            .poll_timeout()
+            .into_iter()
+            .chain(b.poll_timeout())
+            .min()
+            .unwrap_or(end)
+            .max(now + 1);
+        a.handle_timeout(now, &mut out);
+        b.handle_timeout(now, &mut out);
+        out.clear();
+        while shuttle(&mut a, &mut b, link, now) | shuttle(&mut b, &mut a, link, now) {}
+    }
+    assert_eq!(a.neighbor_keys().count(), 2, "the link stayed up");
+    let idle = (a.link_buffer_bytes(link) + b.link_buffer_bytes(link)) / 2;
+    (busy, idle)
+}
+
+/// Moves what `from` has waiting on `link` into `to` as the node's shell reads a socket;
+/// `true` if anything moved.
+fn shuttle(from: &mut NodeCore, to: &mut NodeCore, link: u64, now: u64) -> bool {
+    let mut moved = false;
+    let mut out = Vec::new();
+    while from.link_has_output(link) {
+        let mut read = 0;
+        while read < 256 * 1024 && from.link_has_output(link) {
+            let Some(buf) = to.link_read_buf(link) else {
+                return moved;
+            };
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(64 * 1024);
+            }
+            let bytes = from.link_take_output(link, buf.capacity() - buf.len(), now);
+            buf.extend_from_slice(&bytes);
+            read += bytes.len();
+        }
+        to.link_input(link, now, &mut out);
+        out.clear();
+        moved = true;
+    }
+    moved
+}
+
 fn all_converged(sim: &Sim, live: &[usize]) -> bool {
     let want = live.len() - 1;
     live.iter().all(|&i| sim.routes_selected(i) >= want)
@@ -139,17 +241,22 @@ fn per_node_per_s(v: u64, nodes: usize, secs: u64) -> f64 {
 /// One line on stderr about a cold start under way: where the time and memory go.
 fn progress(sim: &Sim, n: usize, t0: Instant) {
     let routes: usize = (0..sim.len()).map(|i| sim.routes_selected(i)).sum();
-    let (chunks, bytes, queued) = sim.in_flight();
+    let m = sim.memory();
     eprintln!(
         "{n}: {:.3} s simulated, {:.0} s wall: {:.1} M routes selected, heap {:.2} GB, rss {:.2} GB, \
-         {chunks} chunks ({:.0} MB) in flight, {:.0} MB queued in links",
+         {} chunks ({:.0} MB, peak {:.0} MB) in flight, {:.0} MB queued in links, \
+         {:.0} MB of link buffers ({} links)",
         sim.now() as f64 / S as f64,
         t0.elapsed().as_secs_f64(),
         routes as f64 / 1e6,
         heap() as f64 / 1e9,
         rss() as f64 / 1e9,
-        bytes as f64 / 1e6,
-        queued as f64 / 1e6,
+        m.flight_chunks,
+        m.flight_bytes as f64 / 1e6,
+        m.peak_flight_bytes as f64 / 1e6,
+        m.queued_bytes as f64 / 1e6,
+        m.link_buffer_bytes as f64 / 1e6,
+        m.links,
     );
 }
 
@@ -167,22 +274,34 @@ fn rss() -> u64 {
 }
 
 /// Stops a size whose simulation passes `limit` bytes of resident memory (the machine is
-/// shared): the caller reports it instead of being killed.
-fn guard(limit: u64, deadline: Instant, phase: &str) -> Result<(), String> {
-    if Instant::now() > deadline {
-        return Err(format!(
-            "aborted during {phase}: the size's wall-time budget ran out"
-        ));
+/// shared) or its wall-time budget: the caller reports it instead of being killed. Notes
+/// the peaks on the way.
+struct Watch {
+    limit: u64,
+    deadline: Instant,
+    peak_heap: usize,
+    peak_rss: u64,
+}
+
+impl Watch {
+    fn check(&mut self, phase: &str) -> Result<(), String> {
+        let now = rss();
+        self.peak_rss = self.peak_rss.max(now);
+        self.peak_heap = self.peak_heap.max(heap());
+        if Instant::now() > self.deadline {
+            return Err(format!(
+                "aborted during {phase}: the size's wall-time budget ran out"
+            ));
+        }
+        if now > self.limit {
+            return Err(format!(
+                "aborted during {phase}: resident memory {:.1} GB passed the {:.1} GB limit",
+                now as f64 / 1e9,
+                self.limit as f64 / 1e9
+            ));
+        }
+        Ok(())
     }
-    let now = rss();
-    if now > limit {
-        return Err(format!(
-            "aborted during {phase}: resident memory {:.1} GB passed the {:.1} GB limit",
-            now as f64 / 1e9,
-            limit as f64 / 1e9
-        ));
-    }
-    Ok(())
 }
 
 fn measure(
@@ -193,7 +312,12 @@ fn measure(
     budget: Duration,
 ) -> Result<Row, String> {
     let start = Instant::now();
-    let deadline = start + budget;
+    let mut watch = Watch {
+        limit: rss_limit,
+        deadline: start + budget,
+        peak_heap: 0,
+        peak_rss: 0,
+    };
     let mut rng = SimRng::new(n as u64);
     let edges = random_edges(&mut rng, n, 4, 1..=30);
     let heap0 = heap();
@@ -213,7 +337,7 @@ fn measure(
         if steps.is_multiple_of(10) {
             progress(&sim, n, t0);
         }
-        guard(rss_limit, deadline, "cold convergence").map_err(|e| {
+        watch.check("cold convergence").map_err(|e| {
             let routes: usize = (0..n).map(|i| sim.routes_selected(i)).sum();
             format!(
                 "{e} ({:.3} s simulated, {:.0} % of the {} routes selected, after {:.0} s wall)",
@@ -246,6 +370,8 @@ fn measure(
     row.steady_msgs = per_node_per_s(c1.messages - c0.messages, n, steady_secs);
     row.steady_bytes = per_node_per_s(c1.bytes - c0.bytes, n, steady_secs);
     row.steady_cpu_ms = (k1 - k0).as_secs_f64() * 1000.0 / n as f64 / steady_secs as f64;
+    let m = sim.memory();
+    row.idle_link_bytes = m.link_buffer_bytes as f64 / m.links.max(1) as f64;
     eprintln!(
         "{n}: steady {:.1} msgs, {:.0} B, {:.3} ms core CPU per node per s",
         row.steady_msgs, row.steady_bytes, row.steady_cpu_ms
@@ -287,7 +413,7 @@ fn measure(
             ));
         }
         sim.run_for(100 * MS);
-        guard(rss_limit, deadline, "reroute")?;
+        watch.check("reroute")?;
     }
     row.reroute_ms = (sim.now() - t_kill) / MS;
     row.rerouted_routes = affected.len();
@@ -331,11 +457,27 @@ fn measure(
         let next = t_churn + (k + 1) * gap;
         while sim.now() < next {
             sim.run_for((next - sim.now()).min(100 * MS));
-            guard(rss_limit, deadline, "churn").map_err(|e| {
+            watch.check("churn").map_err(|e| {
+                // What this size measured before it stopped.
+                let c = sim.control_traffic();
+                let secs = ((sim.now() - t_churn) as f64 / S as f64).max(1e-6);
+                let per_node = |v: u64| v as f64 / alive.len() as f64 / secs;
                 format!(
-                    "{e} ({k} of {events} leave+join events done; cold convergence took \
-                     {:.0} s wall; {:.0} s wall in all)",
+                    "{e} ({k} of {events} leave+join events done in {secs:.0} simulated s, \
+                     {:.1} msgs and {:.0} B per node per s so far; cold convergence {:.1} s \
+                     simulated, {:.0} s wall; steady {:.1} msgs, {:.0} B per node per s; \
+                     reroute {:.1} s; peak heap {:.2} GB, peak resident {:.2} GB, peak \
+                     {:.0} MB in flight; {:.0} s wall in all)",
+                    per_node(c.messages - c0.messages),
+                    per_node(c.bytes - c0.bytes),
+                    row.converge_s,
                     row.converge_wall.as_secs_f64(),
+                    row.steady_msgs,
+                    row.steady_bytes,
+                    row.reroute_ms as f64 / 1000.0,
+                    watch.peak_heap as f64 / 1e9,
+                    watch.peak_rss as f64 / 1e9,
+                    sim.memory().peak_flight_bytes as f64 / 1e6,
                     start.elapsed().as_secs_f64()
                 )
             })?;
@@ -352,6 +494,10 @@ fn measure(
         row.churn_msgs, row.churn_bytes, row.churn_cpu_ms
     );
     row.total_wall = start.elapsed();
+    watch.check("the end").ok();
+    row.peak_heap = watch.peak_heap;
+    row.peak_rss = watch.peak_rss;
+    row.peak_flight = sim.memory().peak_flight_bytes;
     eprintln!("{n}: done in {:?}", row.total_wall);
     Ok(row)
 }
@@ -426,12 +572,22 @@ fn main() -> anyhow::Result<()> {
 
     // Profiling runs (e.g. under callgrind): only the simulation, nothing written.
     let write = !args.iter().any(|a| a == "--no-report");
-    let (routes, real_bpr) = if write {
-        real_node_bytes_per_route()
-    } else {
-        (0, 0.0)
-    };
+    // Measured with `--no-report` too: the memory skip below is computed from it.
+    let (routes, real_bpr) = real_node_bytes_per_route();
     eprintln!("real node core: {real_bpr:.0} bytes per route ({routes} routes, 4 neighbors)");
+    let table = 2000;
+    let (link_busy, link_idle) = real_link_buffers(table);
+    eprintln!(
+        "real link: {link_busy} bytes of buffers per end after a {table}-route full table, \
+         {link_idle} after 3 s of keepalives"
+    );
+    let real = RealNode {
+        routes,
+        bytes_per_route: real_bpr,
+        table,
+        link_busy,
+        link_idle,
+    };
 
     let mut rows = Vec::new();
     let mut skipped: Vec<(usize, f64, f64, f64)> = Vec::new();
@@ -439,7 +595,7 @@ fn main() -> anyhow::Result<()> {
     // The least a simulated route costs: what it costs in one real node core. (The whole
     // simulation's heap per route also carries each node's links and buffers, which do not
     // grow with the network; extrapolating it would skip sizes that fit.)
-    let route_bytes = if real_bpr > 0.0 { real_bpr } else { 200.0 };
+    let route_bytes = real_bpr;
     for &n in &sizes {
         // The simulation holds n × (n − 1) routes; keep a third of the available memory free.
         let need = (n * n) as f64 * route_bytes * 1.2;
@@ -451,10 +607,7 @@ fn main() -> anyhow::Result<()> {
             );
             skipped.push((n, need, route_bytes, mem_available() as f64));
             if write {
-                write_section(
-                    "scale",
-                    &report(&rows, &skipped, &aborted, routes, real_bpr),
-                )?;
+                write_section("scale", &report(&rows, &skipped, &aborted, &real))?;
             }
             continue;
         }
@@ -467,22 +620,29 @@ fn main() -> anyhow::Result<()> {
         }
         // After every size: a run stopped later (a guard, a kill) keeps the rows it finished.
         if write {
-            write_section(
-                "scale",
-                &report(&rows, &skipped, &aborted, routes, real_bpr),
-            )?;
+            write_section("scale", &report(&rows, &skipped, &aborted, &real))?;
         }
     }
     Ok(())
+}
+
+/// What one real node core measured: bytes per route, one link's buffers.
+struct RealNode {
+    routes: usize,
+    bytes_per_route: f64,
+    /// Routes in the full table sent over the link.
+    table: usize,
+    link_busy: usize,
+    link_idle: usize,
 }
 
 fn report(
     rows: &[Row],
     skipped: &[(usize, f64, f64, f64)],
     aborted: &[(usize, String)],
-    routes: usize,
-    real_bpr: f64,
+    real: &RealNode,
 ) -> String {
+    let (routes, real_bpr) = (real.routes, real.bytes_per_route);
     let mut md = String::new();
     md.push_str(
         "## Overlay routing at scale (`bench/src/bin/scale.rs`)\n\n\
@@ -535,6 +695,21 @@ fn report(
             r.total_wall.as_secs_f64() / 60.0,
         ));
     }
+    md.push_str(
+        "\n| nodes | routes (all nodes) | peak heap in use | peak resident | peak bytes in flight on links | link buffers per link end, steady state |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        md.push_str(&format!(
+            "| {} | {} | {:.2} GB | {:.2} GB | {:.0} MB | {:.0} B |\n",
+            thousands(r.nodes),
+            thousands(r.nodes * (r.nodes - 1)),
+            r.peak_heap as f64 / 1e9,
+            r.peak_rss as f64 / 1e9,
+            r.peak_flight as f64 / 1e6,
+            r.idle_link_bytes,
+        ));
+    }
     let by = |n: usize| rows.iter().find(|r| r.nodes == n);
     md.push('\n');
     if let (Some(a), Some(b)) = (by(1000), by(5000)) {
@@ -551,6 +726,24 @@ fn report(
          Before: about 1.7 MB per node at 1,000 nodes in the simulator, i.e. ~1.7 KB per route.\n",
         thousands(routes)
     ));
+    md.push_str(&format!(
+        "- One real link between two node cores, its bytes moved as the node's shell moves \
+         them: its buffers (read buffer, decryption scratch, send queue) hold **{} B** per \
+         end after one end sent the other a full table of {} routes, and **{} B** after 3 s \
+         of keepalives only (a quiet link gives back its read buffer, grown by 64 KiB reads up to \
+         the 256 KiB read round, and reads in 4 KiB \
+         steps; the scratch grown for a routing message is given back after the read).\n",
+        thousands(real.link_busy),
+        thousands(real.table),
+        thousands(real.link_idle),
+    ));
+    md.push_str(
+        "- Memory in the simulator: each direction of a link holds at most 256 KiB unread \
+         (a socket's buffers; the writer waits, its frames staying in its core's bounded link \
+         queue), and a link keeps no read buffer between deliveries unless a frame is \
+         incomplete. Heap in use is counted by the allocator (mimalloc); resident memory is \
+         the process's.\n",
+    );
     md.push_str(
         "- Churn: every minute 1 % of the nodes stop silently (their neighbors notice after \
          3 s) and as many new nodes join with 2 links each, spread evenly over 120 simulated \

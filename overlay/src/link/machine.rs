@@ -103,8 +103,16 @@ enum State {
     Down(DownReason),
 }
 
-/// Read buffer growth step: several small frames per read, one read per large frame.
+/// Read buffer step of a busy link: several small frames per read, one read per large frame.
 const READ_CHUNK: usize = 64 * 1024;
+/// Read buffer step of a quiet link (keepalives are 30-byte frames): one page.
+const READ_QUIET: usize = 4 * 1024;
+/// A link that received fewer bytes than this in a keepalive interval is quiet: it gives
+/// back its large read buffer and reads in small steps until traffic comes back.
+const QUIET_BYTES: usize = 16 * 1024;
+/// Decryption scratch kept between reads (a keepalive's fits); a larger one, grown for a
+/// routing message, is given back once the read is handled.
+const SCRATCH_KEEP: usize = 256;
 
 /// One link: handshake, transport, framing, queue and timers.
 pub struct Link {
@@ -113,6 +121,14 @@ pub struct Link {
     expect_key: Option<[u8; 32]>,
     cfg: LinkConfig,
     rbuf: BytesMut,
+    /// The read buffer's allocation when last grown (its `capacity()` falls as frames are
+    /// split off its front, while the allocation stays until it is reclaimed or given back).
+    rbuf_alloc: usize,
+    /// How much [`Link::read_buf`] reserves at a time: [`READ_CHUNK`], or [`READ_QUIET`]
+    /// once a keepalive interval passed with little received.
+    read_step: usize,
+    /// Frame bytes handled since the last keepalive tick (tells a quiet link).
+    read_since_tick: usize,
     out: OutQueue,
     opened_at: Micros,
     up_at: Micros,
@@ -142,6 +158,9 @@ impl Link {
             expect_key,
             cfg,
             rbuf: BytesMut::new(),
+            rbuf_alloc: 0,
+            read_step: READ_CHUNK,
+            read_since_tick: 0,
             out: OutQueue::new(cfg.queue_frames, cfg.queue_bytes),
             opened_at: now,
             up_at: now,
@@ -204,7 +223,9 @@ impl Link {
     /// Read at most the shell's read budget before calling [`Link::process`].
     pub fn read_buf(&mut self) -> &mut BytesMut {
         if self.rbuf.capacity() - self.rbuf.len() < FRAME_HEADER_LEN + 1024 {
-            self.rbuf.reserve(READ_CHUNK);
+            self.rbuf.reserve(self.read_step);
+            // Reserving reclaims the whole allocation or makes a new one.
+            self.rbuf_alloc = self.rbuf.capacity();
         }
         &mut self.rbuf
     }
@@ -212,6 +233,39 @@ impl Link {
     /// Received bytes (copied into the read buffer).
     pub fn receive(&mut self, bytes: &[u8]) {
         self.rbuf.extend_from_slice(bytes);
+        self.rbuf_alloc = self.rbuf_alloc.max(self.rbuf.capacity());
+    }
+
+    /// Received bytes handed over: they become the read buffer without a copy when it holds
+    /// nothing (and no one else holds them), else they are appended.
+    pub fn receive_bytes(&mut self, bytes: Bytes) {
+        if !self.rbuf.is_empty() {
+            self.receive(&bytes);
+            return;
+        }
+        match bytes.try_into_mut() {
+            Ok(b) => {
+                self.rbuf = b;
+                self.rbuf_alloc = self.rbuf.capacity();
+            }
+            Err(b) => self.receive(&b),
+        }
+    }
+
+    /// Gives the read buffer back unless it holds part of a frame. For transports that hand
+    /// bytes over ([`Link::receive`]) rather than read into [`Link::read_buf`]: between
+    /// their deliveries the link then holds no read buffer at all.
+    pub fn release_read_buf(&mut self) {
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
+            self.rbuf_alloc = 0;
+        }
+    }
+
+    /// Heap bytes this link's buffers hold now: read buffer, decryption scratch and the send
+    /// queue (frames waiting and the queue's own slots).
+    pub fn buffer_bytes(&self) -> usize {
+        self.rbuf_alloc.max(self.rbuf.capacity()) + self.scratch.capacity() + self.out.heap_bytes()
     }
 
     /// Handles the complete frames in the read buffer. `Err`: the link is down (the reason
@@ -220,17 +274,24 @@ impl Link {
         if let State::Down(r) = self.state {
             return Err(r);
         }
-        loop {
+        let res = loop {
             let frame = match next_frame(&mut self.rbuf) {
                 Ok(Some(f)) => f,
-                Ok(None) => return Ok(()),
-                Err(WireError::Oversized { .. }) => return Err(self.down(DownReason::Oversized)),
-                Err(_) => return Err(self.down(DownReason::BadFrame)),
+                Ok(None) => break Ok(()),
+                Err(WireError::Oversized { .. }) => break Err(self.down(DownReason::Oversized)),
+                Err(_) => break Err(self.down(DownReason::BadFrame)),
             };
+            self.read_since_tick += FRAME_HEADER_LEN + frame.1.len();
             if let Err(r) = self.frame(frame.0, frame.1, now, events) {
-                return Err(self.down(r));
+                break Err(self.down(r));
             }
+        };
+        // An incomplete frame had room reserved for the rest of it.
+        self.rbuf_alloc = self.rbuf_alloc.max(self.rbuf.capacity());
+        if self.scratch.capacity() > SCRATCH_KEEP {
+            self.scratch = Vec::new();
         }
+        res
     }
 
     fn down(&mut self, r: DownReason) -> DownReason {
@@ -463,6 +524,11 @@ impl Link {
         self.out.pending_bytes()
     }
 
+    /// Frames waiting for the transport.
+    pub fn queued_frames(&self) -> usize {
+        self.out.len()
+    }
+
     /// The bytes waiting, as slices for one vectored write; how many slices were set.
     pub fn output<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
         self.out.slices(slices)
@@ -519,11 +585,26 @@ impl Link {
                 if since(self.last_hello) >= self.cfg.hello_interval {
                     self.last_hello = now;
                     self.send_control(&Control::Hello { timestamp_us: now }, now);
+                    self.tidy();
                 }
                 Ok(())
             }
         };
         verdict.map_err(|r| self.down(r))
+    }
+
+    /// Once per keepalive interval: a link that received little since the last one gives
+    /// back its large read buffer and reads in small steps; an empty send queue gives back
+    /// the slots a burst left. Busy links keep theirs, so their reads cost no allocation.
+    fn tidy(&mut self) {
+        let quiet = self.read_since_tick < QUIET_BYTES;
+        self.read_since_tick = 0;
+        self.read_step = if quiet { READ_QUIET } else { READ_CHUNK };
+        if quiet && self.rbuf.is_empty() && self.rbuf_alloc > READ_QUIET {
+            self.rbuf = BytesMut::new();
+            self.rbuf_alloc = 0;
+        }
+        self.out.shrink_if_empty();
     }
 }
 
@@ -735,6 +816,86 @@ mod tests {
         a.last_heard = u64::MAX / 2; // not dead meanwhile
         assert!(a.handle_timeout(5_002_999).is_ok());
         assert_eq!(a.handle_timeout(5_003_000), Err(DownReason::WriteStall));
+    }
+
+    /// Moves what `from` has waiting into `to` the way the node's shell reads a socket:
+    /// into [`Link::read_buf`], as much as it has room for, then [`Link::process`].
+    fn read_like_a_socket(from: &mut Link, to: &mut Link, now: Micros) -> Vec<LinkEvent> {
+        let mut events = Vec::new();
+        while from.has_output() {
+            let buf = to.read_buf();
+            let room = buf.capacity() - buf.len();
+            buf.extend_from_slice(&from.take_output(room, now));
+            to.process(now, &mut events).unwrap();
+        }
+        events
+    }
+
+    fn full_updates() -> Control {
+        let entry = |k: usize| wire::RouteUpdate {
+            prefix: [k as u8; 8],
+            seqno: k as u64,
+            metric: 1000,
+            router_key: [7; 32],
+            signature: [9; 64],
+        };
+        Control::Updates((0..500).map(entry).collect())
+    }
+
+    #[test]
+    fn a_quiet_link_gives_back_its_buffers_and_a_busy_one_keeps_them() {
+        let (mut a, mut b, _, _) = pair(1 << 20);
+        // A routing message of 500 entries (58 KB): the reader's buffers grow for it.
+        assert!(a.send_control(&full_updates(), 3000));
+        let ev = read_like_a_socket(&mut a, &mut b, 3000);
+        assert!(matches!(&ev[..], [LinkEvent::Control(Control::Updates(l))] if l.len() == 500));
+        assert!(b.buffer_bytes() >= READ_CHUNK, "{}", b.buffer_bytes());
+        assert_eq!(b.scratch.capacity(), 0, "scratch kept after the read");
+        // The keepalive tick after a busy interval keeps the large read buffer.
+        let mut t = 2000 + CFG.hello_interval;
+        b.handle_timeout(t).unwrap();
+        assert!(b.buffer_bytes() >= READ_CHUNK);
+        // A whole interval with only keepalives: the link is quiet and holds little.
+        for _ in 0..2 {
+            read_like_a_socket(&mut b, &mut a, t);
+            a.handle_timeout(t).unwrap();
+            read_like_a_socket(&mut a, &mut b, t);
+            t += CFG.hello_interval;
+            b.handle_timeout(t).unwrap();
+            read_like_a_socket(&mut a, &mut b, t);
+        }
+        assert!(b.is_up());
+        assert!(
+            b.buffer_bytes() <= READ_QUIET + SCRATCH_KEEP + 16 * 64,
+            "{} bytes held by a quiet link",
+            b.buffer_bytes()
+        );
+        // Traffic again: the large step comes back at the next tick.
+        for _ in 0..2 {
+            assert!(a.send_control(&full_updates(), t));
+        }
+        read_like_a_socket(&mut a, &mut b, t);
+        t += CFG.hello_interval;
+        b.handle_timeout(t).unwrap();
+        assert_eq!(b.read_step, READ_CHUNK);
+    }
+
+    #[test]
+    fn a_copying_transport_leaves_no_read_buffer_but_a_partial_frame() {
+        let (mut a, mut b, _, _) = pair(1 << 20);
+        assert!(a.send_control(&full_updates(), 3000));
+        let bytes = a.take_output(1 << 20, 3000);
+        let (head, tail) = bytes.split_at(bytes.len() / 2);
+        b.receive(head);
+        b.process(3000, &mut Vec::new()).unwrap();
+        b.release_read_buf();
+        assert_eq!(b.rbuf.len(), head.len(), "the partial frame is kept");
+        let mut ev = Vec::new();
+        b.receive(tail);
+        b.process(3000, &mut ev).unwrap();
+        b.release_read_buf();
+        assert!(matches!(&ev[..], [LinkEvent::Control(Control::Updates(_))]));
+        assert_eq!((b.rbuf.capacity(), b.scratch.capacity()), (0, 0));
     }
 
     #[test]

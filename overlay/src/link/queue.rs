@@ -22,6 +22,9 @@ impl OutFrame {
     }
 }
 
+/// Slots an empty queue keeps (a link sending a few frames at a time reuses them).
+const SLOTS_KEPT: usize = 16;
+
 pub(crate) struct OutQueue {
     frames: VecDeque<OutFrame>,
     /// Bytes of `frames.front()` already written.
@@ -124,7 +127,7 @@ impl OutQueue {
         b.freeze()
     }
 
-    #[cfg(test)]
+    /// Frames waiting (the core keeps the last quarter for messages that must arrive).
     pub(crate) fn len(&self) -> usize {
         self.frames.len()
     }
@@ -142,6 +145,20 @@ impl OutQueue {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.frames.is_empty()
+    }
+
+    /// Heap bytes held: the queue's slots and the bodies of the frames waiting.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.frames.capacity() * std::mem::size_of::<OutFrame>()
+            + self.frames.iter().map(|f| f.body.len()).sum::<usize>()
+    }
+
+    /// Gives back the slots a burst left, once the queue is empty (a few are kept, so a
+    /// link that queues a frame or two at a time does not reallocate).
+    pub(crate) fn shrink_if_empty(&mut self) {
+        if self.frames.is_empty() && self.frames.capacity() > SLOTS_KEPT {
+            self.frames = VecDeque::new();
+        }
     }
 
     /// When frames will have waited `timeout` without a byte written (`None`: empty).

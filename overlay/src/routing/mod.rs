@@ -13,6 +13,9 @@
 //!   by at most `MAX_SEQNO_REQUEST_AHEAD` past what it (or, for relays, the newest signed
 //!   announcement) has: a hostile neighbor cannot push a seqno to `u64::MAX`. Seqnos change
 //!   only then: an owner never re-signs on a timer;
+//! * split horizon: a route is not announced to its next hop, which gets a retraction;
+//! * a node that loses its last feasible route to a link failure or a neighbor's update holds
+//!   its retraction briefly while its seqno request is answered (`retraction_hold`);
 //! * hysteresis: a route is replaced only by one better by more than `hysteresis_us`;
 //! * every announcement carries the prefix owner's signature over (prefix, seqno, router
 //!   key), and the prefix must be the /64 derived from that key: relays cannot originate or
@@ -58,6 +61,13 @@ pub struct RoutingConfig {
     /// sent when it ends. Without it, a dead node's routes are explored path by path
     /// (every intermediate state sent on), which grew without bound under churn.
     pub update_pacing: Micros,
+    /// How long a node that lost its last feasible route to a link failure or a neighbor's
+    /// update, but still holds unfeasible ones, waits for the answer to its seqno request
+    /// before it retracts (0: at once). If a route comes back in time, its neighbors hear one
+    /// update instead of a retraction and an update, and the nodes behind them do not
+    /// starve and ask in turn. A loss caused by a retraction received is passed on at once
+    /// (the node that held it waited already).
+    pub retraction_hold: Micros,
     /// Simulator only: verification results shared by all simulated nodes.
     pub(crate) shared_verifications: Option<SharedVerifications>,
 }
@@ -68,6 +78,7 @@ impl Default for RoutingConfig {
             hysteresis_us: 500,
             request_interval: 300_000,
             update_pacing: 100_000,
+            retraction_hold: 300_000,
             shared_verifications: None,
         }
     }
@@ -100,6 +111,10 @@ pub struct RoutingCounters {
     /// Changes of a prefix held back because the prefix changed less than `update_pacing`
     /// ago (sent, coalesced, when the interval ends).
     pub updates_paced: u64,
+    /// Retractions held back while a seqno request was out (see `retraction_hold`), and
+    /// those of them never sent because a feasible route came back in time.
+    pub retractions_held: u64,
+    pub retractions_spared: u64,
     pub route_switches: u64,
     /// Announcements of new prefixes refused because the table was full (`max_routes`).
     pub routes_refused: u64,
@@ -191,6 +206,9 @@ pub(crate) struct Router {
     touched: Vec<Prefix>,
     /// Prefixes with entries but no feasible one: seqno requests are repeated for them.
     starving: BTreeSet<Prefix>,
+    /// Starving prefixes whose retraction waits for an answer, until when (see
+    /// `RoutingConfig::retraction_hold`). At most one per prefix in the table.
+    holding: BTreeMap<Prefix, Micros>,
     requests: BTreeMap<Prefix, Requests>,
     verified: VerifiedCache,
     /// Prefixes with a selected (hence advertised) route.
@@ -234,6 +252,7 @@ impl Router {
             forgetting: BTreeMap::new(),
             touched: Vec::new(),
             starving: BTreeSet::new(),
+            holding: BTreeMap::new(),
             requests: BTreeMap::new(),
             verified: VerifiedCache::default(),
             selected_count: 0,
@@ -378,7 +397,7 @@ impl Router {
         let affected = self.table.with_entry_from(slot, |d| d.remove_entry(slot));
         for p in affected {
             self.gc_old_sigs(&p);
-            self.reselect(p, now);
+            self.reselect(p, now, true);
         }
         self.flush(now, out);
     }
@@ -397,7 +416,7 @@ impl Router {
         self.slots[usize::from(slot)] = Some((nbr, cost.max(1)));
         let affected = self.table.with_entry_from(slot, |_| true);
         for p in affected {
-            self.reselect(p, now);
+            self.reselect(p, now, true);
         }
         self.flush(now, out);
     }
@@ -470,7 +489,7 @@ impl Router {
         };
         if self.table.at_mut(idx).remove_entry(slot) {
             self.gc_old_sigs(&prefix);
-            self.reselect_at(prefix, idx, now);
+            self.reselect_at(prefix, idx, now, false);
         }
     }
 
@@ -556,7 +575,7 @@ impl Router {
         if old_sig.is_some() || advanced || before.is_some_and(|l| l != lag) {
             self.gc_old_sigs(&u.prefix);
         }
-        self.reselect_at(u.prefix, idx, now);
+        self.reselect_at(u.prefix, idx, now, true);
     }
 
     /// Whether `u`'s signature is good, verifying it only if this node has not already.
@@ -622,14 +641,16 @@ impl Router {
     }
 
     /// Picks the best feasible route for a prefix; triggers updates, retractions, requests.
-    fn reselect(&mut self, prefix: Prefix, now: Micros) {
+    /// `may_hold`: a retraction this causes may wait for a seqno answer (not when the cause
+    /// was a retraction received).
+    fn reselect(&mut self, prefix: Prefix, now: Micros, may_hold: bool) {
         if let Some(idx) = self.table.find(&prefix) {
-            self.reselect_at(prefix, idx, now);
+            self.reselect_at(prefix, idx, now, may_hold);
         }
     }
 
     /// As `reselect`, for the prefix's record number (one index lookup less per update).
-    fn reselect_at(&mut self, prefix: Prefix, idx: u32, now: Micros) {
+    fn reselect_at(&mut self, prefix: Prefix, idx: u32, now: Micros, may_hold: bool) {
         let hyst = self.cfg.hysteresis_us;
         let slots = &self.slots;
         // Pending requests are answered once the selected route satisfies them. (Switching
@@ -689,7 +710,9 @@ impl Router {
                 // owner raises made each request a network-wide wave. Loop freedom does not
                 // need the broadcast: it rests on our feasibility distance, which only ever
                 // improves and is at least as good as anything we told anyone.
-                if d.adv_metric != t {
+                // A new next hop with the same metric is broadcast too: the old next hop
+                // was sent a retraction (split horizon) and must hear the route again.
+                if d.adv_metric != t || old != d.selected {
                     self.triggered.push(prefix);
                 }
                 (d.adv_lag, d.adv_metric) = (lag, t);
@@ -700,6 +723,9 @@ impl Router {
                     && let Some(r) = self.requests.get_mut(&prefix)
                 {
                     r.starving_asked = 0;
+                }
+                if !self.holding.is_empty() && self.holding.remove(&prefix).is_some() {
+                    self.counters.retractions_spared += 1;
                 }
                 // A neighbor offering a clearly better route that is unfeasible here may
                 // well have a newer seqno by now (newer seqnos alone are not broadcast):
@@ -716,13 +742,25 @@ impl Router {
                 }
             }
             None => {
+                let no_routes = d.routes.is_empty();
                 if d.adv_metric != METRIC_INFINITY {
                     d.adv_metric = METRIC_INFINITY;
                     self.triggered.push(prefix);
+                    // DUAL's "active" state, briefly: the unfeasible routes left may become
+                    // feasible once the request just sent is answered.
+                    let hold = self.cfg.retraction_hold;
+                    if may_hold && !no_routes && hold > 0 {
+                        self.holding.insert(prefix, now.saturating_add(hold));
+                        self.counters.retractions_held += 1;
+                    }
                 }
                 self.improvable.remove(&prefix);
-                if d.routes.is_empty() {
+                if no_routes {
                     self.starving.remove(&prefix);
+                    // Nothing left to wait for: the retraction goes now.
+                    if !self.holding.is_empty() && self.holding.remove(&prefix).is_some() {
+                        self.triggered.push(prefix);
+                    }
                 } else {
                     self.starving.insert(prefix);
                     self.request_if_unfeasible(prefix, now);
@@ -892,6 +930,17 @@ impl Router {
         }
     }
 
+    /// A seqno request for `prefix` was not queued (its link's queue was ¾ full): it is sent
+    /// again at the next `tick` instead of after the request interval and its back-off.
+    pub(crate) fn request_not_sent(&mut self, prefix: &Prefix) {
+        if let Some(r) = self.requests.get_mut(prefix) {
+            r.last_sent = None;
+            r.forwarded = None;
+            r.starving_asked = r.starving_asked.saturating_sub(1);
+            r.better_asked = r.better_asked.saturating_sub(1);
+        }
+    }
+
     /// Sends pending triggered updates and retractions to all neighbors, then forgets
     /// prefixes left with no route.
     pub(crate) fn flush(&mut self, now: Micros, out: &mut Vec<(Nbr, Control)>) {
@@ -900,15 +949,26 @@ impl Router {
             let mut prefixes = std::mem::take(&mut self.triggered);
             prefixes.sort_unstable();
             prefixes.dedup();
-            let mut updates = Vec::new();
+            // With the next hop of each update: that neighbor gets a retraction instead.
+            let mut updates: Vec<(RouteUpdate, Option<Nbr>)> = Vec::new();
             let mut retractions = Vec::new();
             let stamp = pacing_stamp(now);
             let pacing_ms = self.cfg.update_pacing / 1000;
             for &p in &prefixes {
                 if p == self.prefix {
-                    updates.push(self.own_update());
+                    updates.push((self.own_update(), None));
                 } else if let Some(idx) = self.table.find(&p) {
                     let d = self.table.at_mut(idx);
+                    if d.adv_metric == METRIC_INFINITY && !self.holding.is_empty() {
+                        match self.holding.get(&p) {
+                            // Waits for the seqno answer (sent by `tick` when the hold ends).
+                            Some(&until) if now < until => continue,
+                            Some(_) => {
+                                self.holding.remove(&p);
+                            }
+                            None => {}
+                        }
+                    }
                     if d.sent_at != NEVER_SENT && pacing_elapsed_ms(d.sent_at, stamp) < pacing_ms {
                         if self.paced.insert(p) {
                             self.counters.updates_paced += 1;
@@ -920,16 +980,33 @@ impl Router {
                         self.paced.remove(&p);
                     }
                     sent.push(p);
-                    match self.advert(&p, self.table.at(idx)) {
-                        Some(u) => updates.push(u),
+                    let d = self.table.at(idx);
+                    match self.advert(&p, d) {
+                        Some(u) => updates.push((u, self.nbr_of(d.selected).map(|(n, _)| n))),
                         None => retractions.push(p),
                     }
                 } else {
                     self.paced.remove(&p);
                 }
             }
+            // Split horizon: a route is not announced to the neighbor it goes through (that
+            // neighbor could only use it in a loop); it gets a retraction instead (8 bytes,
+            // not 116), which also withdraws what it heard from us before we switched.
             let targets: Vec<Nbr> = self.nbrs.keys().copied().collect();
-            self.send(&targets, &updates, &retractions, out);
+            let (mut ups, mut rets) = (Vec::new(), Vec::new());
+            for n in targets {
+                ups.clear();
+                rets.clear();
+                rets.extend_from_slice(&retractions);
+                for (u, hop) in &updates {
+                    if *hop == Some(n) {
+                        rets.push(u.prefix);
+                    } else {
+                        ups.push(*u);
+                    }
+                }
+                self.send(&[n], &ups, &rets, out);
+            }
         }
         let mut answers = std::mem::take(&mut self.answers);
         answers.sort_unstable();
@@ -1022,6 +1099,20 @@ impl Router {
                 self.gc_old_sigs(&p);
             }
         }
+        // Retractions whose hold ended without an answer go out now.
+        if !self.holding.is_empty() {
+            let due: Vec<Prefix> = self
+                .holding
+                .iter()
+                .filter(|(_, until)| now >= **until)
+                .map(|(p, _)| *p)
+                .collect();
+            for p in due {
+                self.holding.remove(&p);
+                self.triggered.push(p);
+                self.touched.push(p);
+            }
+        }
         // Held changes whose pacing interval ended go out now (their latest state).
         if !self.paced.is_empty() {
             let stamp = pacing_stamp(now);
@@ -1049,6 +1140,7 @@ impl Router {
     /// waiting (the core then runs routing's maintenance at short intervals).
     pub(crate) fn has_timers(&self) -> bool {
         !self.starving.is_empty()
+            || !self.holding.is_empty()
             || !self.requests.is_empty()
             || !self.improvable.is_empty()
             || !self.paced.is_empty()
@@ -1187,10 +1279,17 @@ mod tests {
             out.iter()
                 .any(|(n, c)| *n == 1 && matches!(c, Control::SeqnoRequest { seqno: 6, .. }))
         );
-        assert!(
+        // The retraction waits `retraction_hold` for the answer, then goes.
+        let retracted = |out: &[(Nbr, Control)]| {
             out.iter()
                 .any(|(_, c)| matches!(c, Control::Retractions(l) if l.contains(&p)))
-        );
+        };
+        assert!(!retracted(&out), "{out:?}");
+        r.tick(1_200_000, &mut out);
+        assert!(!retracted(&out), "{out:?}");
+        r.tick(1_300_000, &mut out);
+        assert!(retracted(&out), "{out:?}");
+        assert_eq!(r.counters.retractions_held, 1);
         // The owner's newer seqno makes the old path feasible again.
         r.handle_updates(1, &[signed(&owner, 6, 10_000)], 2_000_000, &mut out);
         assert_eq!(r.next_hop(&p), Some(1));
@@ -1316,13 +1415,17 @@ mod tests {
         r.neighbor_down(2, 3_601_000_000, &mut out);
         assert_eq!(r.next_hop(&p[2]), Some(3));
         let mut sent: Vec<(Nbr, Prefix, u32)> = Vec::new();
+        let mut poisoned: Vec<(Nbr, Prefix)> = Vec::new();
         for (n, c) in &out {
             match c {
                 Control::Updates(l) => sent.extend(l.iter().map(|u| (*n, u.prefix, u.metric))),
+                Control::Retractions(l) => poisoned.extend(l.iter().map(|p| (*n, *p))),
                 other => panic!("unexpected {other:?}"),
             }
         }
-        assert_eq!(sent, vec![(1, p[2], 2050), (3, p[2], 2050)]);
+        assert_eq!(sent, vec![(1, p[2], 2050)]);
+        // Split horizon: the neighbor the route now goes through hears a retraction.
+        assert_eq!(poisoned, vec![(3, p[2])]);
         // Neighbor 1 goes: its two prefixes have no other route and are retracted.
         out.clear();
         r.neighbor_down(1, 3_602_000_000, &mut out);
@@ -1453,10 +1556,8 @@ mod tests {
         // A new metric is broadcast at once; a second change 30 ms later is held...
         out.clear();
         r.handle_updates(1, &[signed(&owner, 6, 200)], 2_000_000, &mut out);
-        assert_eq!(
-            updates_to(&out),
-            vec![(1, 6, 1200), (2, 6, 1200), (3, 6, 1200)]
-        );
+        // (Not to neighbor 1, the next hop: split horizon.)
+        assert_eq!(updates_to(&out), vec![(2, 6, 1200), (3, 6, 1200)]);
         out.clear();
         r.handle_updates(1, &[signed(&owner, 6, 300)], 2_030_000, &mut out);
         r.handle_updates(1, &[signed(&owner, 6, 400)], 2_060_000, &mut out);
@@ -1464,10 +1565,7 @@ mod tests {
         assert_eq!(r.counters.updates_paced, 1);
         // ... and its latest state goes out once the interval is over.
         r.tick(2_200_000, &mut out);
-        assert_eq!(
-            updates_to(&out),
-            vec![(1, 6, 1400), (2, 6, 1400), (3, 6, 1400)]
-        );
+        assert_eq!(updates_to(&out), vec![(2, 6, 1400), (3, 6, 1400)]);
     }
 
     /// Issue 13, item 4: self-made keys could each announce a prefix that every node stores.
