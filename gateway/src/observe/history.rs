@@ -3,6 +3,7 @@
 //! at most [`MAX_ROUTES`] routes (the longest idle is forgotten first) and [`MAX_ERRORS`]
 //! errors. Time is an argument, so the rings are tested without waiting.
 
+use foldhash::fast::RandomState;
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -89,7 +90,8 @@ pub(crate) struct RecentError {
 
 #[derive(Debug)]
 struct Inner {
-    routes: HashMap<String, RouteRing>,
+    /// Route names from the configuration and reservations (never request input): foldhash.
+    routes: HashMap<String, RouteRing, RandomState>,
     errors: VecDeque<RecentError>,
     /// Routes forgotten to stay within [`MAX_ROUTES`].
     evicted: u64,
@@ -114,7 +116,7 @@ impl History {
         History {
             origin,
             inner: Mutex::new(Inner {
-                routes: HashMap::new(),
+                routes: HashMap::default(),
                 errors: VecDeque::with_capacity(MAX_ERRORS),
                 evicted: 0,
             }),

@@ -1,6 +1,7 @@
 //! Prometheus metrics served on the admin listener: the gateway's own families, the backend
 //! pools' and whatever the assembly adds (overlay node, certificate manager) at construction.
 
+use foldhash::fast::RandomState;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -65,7 +66,9 @@ pub(crate) struct Metrics {
     pub history: History,
     /// Each route's series, resolved once: a request then costs one lookup instead of a
     /// label allocation and a family lookup per series. At most `MAX_CACHED_ROUTES`.
-    routes: RwLock<HashMap<String, Arc<RouteMetrics>>>,
+    /// Keyed by route names from the configuration and reservations, never by request
+    /// input: foldhash (seeded per process) instead of SipHash.
+    routes: RwLock<HashMap<String, Arc<RouteMetrics>, RandomState>>,
 }
 
 /// Routes whose series [`Metrics::route`] keeps; further routes (a table reloaded with many

@@ -5,6 +5,7 @@
 
 use super::dial::{BoxStream, Dialer};
 use bytes::Bytes;
+use foldhash::fast::RandomState;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, Uri};
 use http_body_util::combinators::BoxBody;
@@ -272,7 +273,8 @@ struct H1Pool {
 
 #[derive(Default)]
 struct H1State {
-    backends: HashMap<SocketAddr, H1Backend>,
+    /// Backend addresses come from routes, never from request input: foldhash, not SipHash.
+    backends: HashMap<SocketAddr, H1Backend, RandomState>,
     /// Whether the task closing expired idle connections runs.
     reaper: bool,
 }
@@ -433,7 +435,7 @@ impl Drop for Waiter<'_> {
 /// pool's choice while `:authority` is the host the client asked for.
 #[derive(Default)]
 struct H2cConnections {
-    senders: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    senders: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>, RandomState>>,
 }
 
 impl H2cConnections {
@@ -475,7 +477,7 @@ impl H2cConnections {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, http2::SendRequest<Body>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, http2::SendRequest<Body>, RandomState>> {
         self.senders.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -243,6 +243,12 @@ fn top_functions(dump: &Path, requests: u64, inclusive: bool) -> Result<String> 
             total = Some(count);
             continue;
         }
+        // The threads' entry frames (clone, start_thread, the runtime's worker loop) carry the
+        // whole count in both listings, self included (calls still open at the dump): they
+        // say nothing about where the instructions went.
+        if total == Some(count) {
+            continue;
+        }
         // "1,234 (12.3%)  file:function [object]"
         let function = rest
             .split_once(')')

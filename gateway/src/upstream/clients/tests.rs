@@ -114,6 +114,18 @@ async fn h1_backend() -> TestBackend {
                         .map(|h| h.to_str().unwrap_or("?").to_string())
                         .unwrap_or_default();
                     let text = format!("{} {host}", req.uri());
+                    if req.uri().path() == "/big" {
+                        // Chunked, in pieces: more than the connection reads in one go.
+                        let chunks = futures_util::stream::iter((0..BIG_CHUNKS).map(|i| {
+                            Ok(hyper::body::Frame::data(Bytes::from(vec![
+                                i as u8;
+                                BIG_CHUNK
+                            ])))
+                        }));
+                        return Ok(Response::new(
+                            http_body_util::StreamBody::new(chunks).boxed(),
+                        ));
+                    }
                     if req.uri().path() != "/held" {
                         return Ok(Response::new(full(&text)));
                     }
@@ -139,6 +151,10 @@ async fn h1_backend() -> TestBackend {
         release,
     }
 }
+
+/// `/big`: this many chunks of this many bytes, chunk `i` filled with byte `i`.
+const BIG_CHUNKS: usize = 64;
+const BIG_CHUNK: usize = 16 * 1024;
 
 fn full(text: &str) -> BoxBody<Bytes, Infallible> {
     Full::new(Bytes::from(text.to_string())).boxed()
@@ -205,6 +221,69 @@ async fn a_kept_connection_serves_the_next_requests() {
         clients.idle_becomes(backend, 1).await;
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A response longer than what the connection reads at once is relayed whole, and its
+/// connection then serves the next request.
+#[tokio::test]
+async fn a_long_body_arrives_whole_and_its_connection_is_kept() {
+    let TestBackend {
+        addr: backend,
+        accepted,
+        ..
+    } = h1_backend().await;
+    let clients = direct();
+    for _ in 0..2 {
+        let resp = clients
+            .send(
+                BackendProtocol::Http1,
+                backend,
+                get(backend, "/big"),
+                ATTEMPT,
+            )
+            .await
+            .expect("response");
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body.len(), BIG_CHUNKS * BIG_CHUNK);
+        for (i, chunk) in body.chunks(BIG_CHUNK).enumerate() {
+            assert!(chunk.iter().all(|b| *b == i as u8), "chunk {i} intact");
+        }
+        clients.idle_becomes(backend, 1).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A body the client stops reading half way: its connection does not go back to the pool
+/// with a response still on it, and the next requests are answered.
+#[tokio::test]
+async fn a_body_dropped_half_read_leaves_no_broken_connection_behind() {
+    let backend = h1_backend().await.addr;
+    let clients = direct();
+    let resp = clients
+        .send(
+            BackendProtocol::Http1,
+            backend,
+            get(backend, "/big"),
+            ATTEMPT,
+        )
+        .await
+        .expect("response");
+    let mut body = resp.into_body();
+    let first = body.frame().await.expect("a frame").expect("data");
+    assert!(first.is_data());
+    drop(body);
+    for i in 0..3 {
+        let resp = clients
+            .send(
+                BackendProtocol::Http1,
+                backend,
+                get(backend, &format!("/{i}")),
+                ATTEMPT,
+            )
+            .await
+            .expect("response");
+        assert_eq!(text(resp).await, format!("/{i} a.example"));
+    }
 }
 
 #[tokio::test]

@@ -156,6 +156,10 @@ struct State {
     backends: Vec<BackendState>,
     rng: Rng,
     rr_current: Vec<i64>,
+    /// Scratch for [`Shared::try_pick`], kept between picks so a pick allocates nothing:
+    /// the eligible backends, and whether each backend has room for one more request.
+    eligible: Vec<Candidate>,
+    room: Vec<bool>,
 }
 
 struct BackendState {
@@ -220,6 +224,8 @@ impl Pool {
                 backends: states,
                 rng: Rng::new(seed),
                 rr_current: vec![0; infos.len()],
+                eligible: Vec::with_capacity(infos.len()),
+                room: Vec::with_capacity(infos.len()),
             }),
             backends: infos,
             released: Notify::new(),
@@ -431,22 +437,22 @@ impl Shared {
         let limit = self.cfg.max_connections;
         let mut guard = self.lock();
         let state = &mut *guard;
-        let mut eligible: Vec<Candidate> = Vec::with_capacity(self.backends.len());
-        let mut room = vec![false; self.backends.len()];
-        for (i, (info, s)) in self.backends.iter().zip(state.backends.iter()).enumerate() {
+        let mut eligible = std::mem::take(&mut state.eligible);
+        let mut room = std::mem::take(&mut state.room);
+        eligible.clear();
+        room.clear();
+        for (info, s) in self.backends.iter().zip(state.backends.iter()) {
             let available = s.health.is_available(now);
             info.metrics.up.set(i64::from(available));
             // A backend on probation takes one request at a time until a success confirms it,
             // so a still broken backend fails one request, not a burst; others wait or go
             // elsewhere.
             let probing = s.health.state(now) == HealthState::Probation && s.in_flight > 0;
-            if let Some(r) = room.get_mut(i) {
-                *r = !probing && (limit == 0 || s.in_flight < limit);
-            }
+            room.push(!probing && (limit == 0 || s.in_flight < limit));
             // Weight 0 drains a backend: no new traffic, existing leases finish.
             if available && info.weight > 0 && !exclude.contains(&info.addr) {
                 eligible.push(Candidate {
-                    index: i,
+                    index: room.len() - 1,
                     addr: info.addr,
                     weight: info.weight,
                     in_flight: s.in_flight,
@@ -455,26 +461,33 @@ impl Shared {
                 });
             }
         }
-        if eligible.is_empty() {
-            return Err(PoolError::NoHealthyBackend);
-        }
-        let has_room = |c: &Candidate| room.get(c.index).copied().unwrap_or(false);
-        let chosen = match self.cfg.policy {
-            Policy::HashClientIp | Policy::HashCookie => {
-                // Sticky: wait for the client's own backend rather than move it elsewhere.
-                let key = self.hash_key(client);
-                let c = select::rendezvous(&key, &eligible).and_then(|i| eligible.get(i).copied());
-                c.filter(has_room)
-            }
-            Policy::LeastLoaded => {
-                let free: Vec<Candidate> = eligible.into_iter().filter(has_room).collect();
-                select::least_loaded(&mut state.rng, &free).and_then(|i| free.get(i).copied())
-            }
-            Policy::RoundRobin => {
-                let free: Vec<Candidate> = eligible.into_iter().filter(has_room).collect();
-                select::round_robin(&mut state.rr_current, &free).and_then(|i| free.get(i).copied())
-            }
+        let chosen = if eligible.is_empty() {
+            Err(PoolError::NoHealthyBackend)
+        } else {
+            let has_room = |c: &Candidate| room.get(c.index).copied().unwrap_or(false);
+            Ok(match self.cfg.policy {
+                Policy::HashClientIp | Policy::HashCookie => {
+                    // Sticky: wait for the client's own backend rather than move it elsewhere.
+                    let key = self.hash_key(client);
+                    let c =
+                        select::rendezvous(&key, &eligible).and_then(|i| eligible.get(i).copied());
+                    c.filter(has_room)
+                }
+                Policy::LeastLoaded => {
+                    eligible.retain(has_room);
+                    select::least_loaded(&mut state.rng, &eligible)
+                        .and_then(|i| eligible.get(i).copied())
+                }
+                Policy::RoundRobin => {
+                    eligible.retain(has_room);
+                    select::round_robin(&mut state.rr_current, &eligible)
+                        .and_then(|i| eligible.get(i).copied())
+                }
+            })
         };
+        state.eligible = eligible;
+        state.room = room;
+        let chosen = chosen?;
         let Some(c) = chosen else {
             return Ok(None);
         };
