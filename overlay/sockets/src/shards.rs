@@ -9,7 +9,8 @@
 //! interface and socket set. An inbound packet goes to the shard its connection (remote
 //! address, remote port, local port) hashes to; `connect` picks a local port, and with it the
 //! shard its replies will hash to. Only shards with work are polled: inbound packets, a stream
-//! that read, wrote or closed (it marks its shard dirty before notifying), or the shard's own
+//! that wrote, closed or read with its window at most half open (it marks its shard dirty
+//! before notifying), or the shard's own
 //! smoltcp timer (cached after each poll; the poll task sleeps until the earliest).
 
 use crate::buffers::SocketMemory;
@@ -25,7 +26,11 @@ use smoltcp::iface::{
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
-use std::collections::{HashMap, HashSet, VecDeque};
+// aHash, not std's SipHash, for every per-packet lookup (the shard of an inbound packet, its
+// connection's received sequence numbers, a socket's buffers): keyed at random per map, so a
+// peer cannot aim connections at one bucket or shard, and several times cheaper per packet.
+use ahash::{HashMap, HashSet};
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::net::{Ipv6Addr, SocketAddrV6};
@@ -166,7 +171,7 @@ pub(crate) struct Inner {
     /// Bit `i`: shard `i` has a socket a stream changed since the shard's last poll.
     dirty: u64,
     /// Keyed hash of connection identities (a peer cannot aim its connections at one shard).
-    shard_hasher: RandomState,
+    shard_hasher: ahash::RandomState,
     /// The shard polled first next round: with the outbound queue filling up, shards take
     /// turns at its room.
     first_shard: usize,
@@ -198,7 +203,10 @@ impl Shared {
     pub(crate) fn new(address: Ipv6Addr, mtu: usize, config: StackConfig) -> Shared {
         // IPv6 needs 1280; an IPv6 packet's payload length field caps it at 65535 + 40.
         let mtu = mtu.clamp(1280, 65535);
-        let shard_hasher = RandomState::new();
+        // Initial sequence numbers and the first ephemeral port come from SipHash with random
+        // keys (computed once per stack); the per-packet shard choice from aHash.
+        let seeds = RandomState::new();
+        let shard_hasher = ahash::RandomState::new();
         let mut outbound = Outbound::new(config.outbound_queue);
         let now = SmolInstant::now();
         let shards = (0..SHARDS)
@@ -211,7 +219,7 @@ impl Shared {
                 };
                 let mut iface_config = Config::new(HardwareAddress::Ip);
                 // Initial sequence numbers come from this: each shard its own, unpredictable.
-                iface_config.random_seed = shard_hasher.hash_one(("seed", i));
+                iface_config.random_seed = seeds.hash_one(("seed", i));
                 let mut iface = Interface::new(iface_config, &mut device, now);
                 iface.update_ip_addrs(|addrs| {
                     // The node owns exactly this address; everything else is reached through
@@ -223,14 +231,14 @@ impl Shared {
                     sockets: SocketSet::new(Vec::new()),
                     inbound,
                     orphans: Vec::new(),
-                    ephemeral: HashMap::new(),
+                    ephemeral: HashMap::default(),
                     poll_at: None,
-                    memory: HashMap::new(),
-                    received: HashMap::new(),
+                    memory: HashMap::default(),
+                    received: HashMap::default(),
                 }
             })
             .collect();
-        let start = (shard_hasher.hash_one("ephemeral") % 16384) as u16;
+        let start = (seeds.hash_one("ephemeral") % 16384) as u16;
         let inner = Inner {
             shards,
             outbound,
@@ -238,12 +246,12 @@ impl Shared {
             shard_hasher,
             first_shard: 0,
             mtu,
-            listeners: HashMap::new(),
-            ephemeral_in_use: HashSet::new(),
+            listeners: HashMap::default(),
+            ephemeral_in_use: HashSet::default(),
             next_ephemeral: EPHEMERAL_START + start,
             config,
             stopped: false,
-            unreachable: HashSet::new(),
+            unreachable: HashSet::default(),
         };
         Shared {
             inner: Mutex::new(inner),
@@ -393,7 +401,7 @@ impl Inner {
     pub(crate) fn release_idle_buffers(&mut self) -> usize {
         let mut released = 0;
         for shard in &mut self.shards {
-            let mut live = HashSet::new();
+            let mut live = HashSet::default();
             for (handle, memory) in &mut shard.memory {
                 let socket = shard.sockets.get::<tcp::Socket>(*handle);
                 let key = socket

@@ -90,6 +90,12 @@ impl AsyncRead for TcpStream {
         let mut inner = self.shared.lock();
         let stopped = inner.stopped;
         let socket = inner.socket_mut(self.id);
+        // Only a read that starts with the buffer at least half full wakes the poll task for a
+        // window update (smoltcp sends one when the window has doubled since it was last
+        // announced). A zero window is always reopened this way; after other reads the peer
+        // keeps a non-zero window until the next ACK refreshes it. Before, every read of every
+        // request woke the poll task for a round that almost never sent anything.
+        let window_may_reopen = socket.recv_queue() * 2 >= socket.recv_capacity();
         // Copied straight into the caller's unfilled space: initializing it first (what a
         // `&mut [u8]` needs) cleared hyper's whole read buffer, tens of KiB, for every read of
         // a few hundred bytes. The ring may wrap, so up to two contiguous parts.
@@ -113,11 +119,13 @@ impl AsyncRead for TcpStream {
             }
         }
         if n > 0 {
-            inner.mark_dirty(self.id.shard);
             inner.note_read(self.id, n);
-            drop(inner);
-            // Reading opened the receive window: the poll task may owe the peer an update.
-            self.shared.notify.notify_one();
+            if window_may_reopen {
+                inner.mark_dirty(self.id.shard);
+                drop(inner);
+                // Reading opened the receive window: the poll task may owe the peer an update.
+                self.shared.notify.notify_one();
+            }
             return Poll::Ready(Ok(()));
         }
         match result {
