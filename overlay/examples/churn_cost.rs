@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 
 use meshgate_overlay::core::{CoreConfig, Counters};
-use meshgate_overlay::sim::{Sim, SimRng, random_edges};
+use meshgate_overlay::sim::{Sim, SimRng, random_edges, stays_connected_without};
 
 const MS: u64 = 1_000;
 const S: u64 = 1_000_000;
@@ -107,22 +107,6 @@ fn changed(sim: &Sim, before: &[Vec<Option<usize>>], after: &[Vec<Option<usize>>
     (routes, floor)
 }
 
-fn connected_without(adj: &[BTreeSet<usize>], alive: &[usize], gone: usize) -> bool {
-    let Some(&start) = alive.iter().find(|&&v| v != gone) else {
-        return false;
-    };
-    let mut seen = BTreeSet::from([start, gone]);
-    let mut stack = vec![start];
-    while let Some(v) = stack.pop() {
-        for &w in &adj[v] {
-            if seen.insert(w) {
-                stack.push(w);
-            }
-        }
-    }
-    alive.iter().all(|v| seen.contains(v))
-}
-
 fn print(what: &str, t: &Totals, events: u64, nodes: u64, routes: u64, floor: u64) {
     let t = &t.0;
     let per = |x: u64| x as f64 / events as f64;
@@ -198,7 +182,7 @@ fn main() {
     for k in 0..events {
         // Leave.
         let mut pick = rng.below(alive.len() as u64) as usize;
-        while !connected_without(&adj, &alive, alive[pick]) {
+        while !stays_connected_without(&adj, &alive, alive[pick]) {
             pick = rng.below(alive.len() as u64) as usize;
         }
         let gone = alive.swap_remove(pick);

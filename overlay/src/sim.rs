@@ -1036,3 +1036,22 @@ pub(crate) fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Bytes
     p.extend_from_slice(payload);
     Bytes::from(p)
 }
+
+/// Whether the `alive` nodes other than `gone` stay connected over `adj` once `gone` leaves:
+/// churn scenarios pick leavers that do not partition the network, since an isolated node
+/// would never converge.
+pub fn stays_connected_without(adj: &[BTreeSet<usize>], alive: &[usize], gone: usize) -> bool {
+    let Some(&start) = alive.iter().find(|&&v| v != gone) else {
+        return false;
+    };
+    let mut seen = BTreeSet::from([start, gone]);
+    let mut stack = vec![start];
+    while let Some(v) = stack.pop() {
+        for &w in &adj[v] {
+            if seen.insert(w) {
+                stack.push(w);
+            }
+        }
+    }
+    alive.iter().all(|v| seen.contains(v))
+}

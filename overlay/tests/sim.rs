@@ -4,7 +4,9 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 
 use meshgate_overlay::core::CoreConfig;
-use meshgate_overlay::sim::{PathError, Sim, SimRng, WINDOW, random_edges};
+use meshgate_overlay::sim::{
+    PathError, Sim, SimRng, WINDOW, random_edges, stays_connected_without,
+};
 use meshgate_overlay::{L3Event, UnreachableReason};
 
 const MS: u64 = 1000;
@@ -614,28 +616,13 @@ fn churn(n: usize, events: usize) -> ChurnCost {
         adj[a].insert(b);
         adj[b].insert(a);
     }
-    // Whether the live nodes other than `gone` stay connected (leaves must not partition
-    // the network: an isolated node would never converge).
-    let connected_without = |adj: &[BTreeSet<usize>], alive: &[usize], gone: usize| {
-        let start = *alive.iter().find(|&&v| v != gone).expect("nodes");
-        let mut seen = BTreeSet::from([start, gone]);
-        let mut stack = vec![start];
-        while let Some(v) = stack.pop() {
-            for &w in &adj[v] {
-                if seen.insert(w) {
-                    stack.push(w);
-                }
-            }
-        }
-        alive.iter().all(|v| seen.contains(v))
-    };
     let mut alive: Vec<usize> = (0..n).collect();
     let mut dead = BTreeSet::new();
     let mut per_event = Vec::new();
     for _ in 0..events {
         let c0 = sim.control_traffic();
         let mut pick = rng.below(alive.len() as u64) as usize;
-        while !connected_without(&adj, &alive, alive[pick]) {
+        while !stays_connected_without(&adj, &alive, alive[pick]) {
             pick = rng.below(alive.len() as u64) as usize;
         }
         let leaving = alive.swap_remove(pick);
