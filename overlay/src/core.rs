@@ -148,6 +148,9 @@ pub struct Counters {
     pub oversized_frame: u64,
     pub control_decrypt_failed: u64,
     pub control_malformed: u64,
+    /// Routed packets dropped because their link's queue was ¾ full (frames or bytes): the
+    /// last quarter is kept for control frames, so an update never finds a queue full of
+    /// packets (which would close the link).
     pub link_queue_drops: u64,
     /// Packets for the L3 port dropped because its reader lags (backlog full).
     pub deliver_backlog_drops: u64,
@@ -737,15 +740,9 @@ impl NodeCore {
                     // Keepalives and seqno requests may be lost (they are repeated); routing
                     // state is never re-sent, so a link that cannot take an update is closed
                     // and the neighbors resynchronise when it comes back. Requests keep off
-                    // the queue's last quarter: on a socket that drains slowly they would
-                    // otherwise fill it over several flushes, and the next update would
-                    // close the link.
+                    // the queue's last quarter, as packets do (`droppable_fits`).
                     let must_arrive = msg.must_arrive();
-                    let limits = &self.cfg.limits;
-                    if !must_arrive
-                        && (e.link.queued_frames() * 4 >= limits.link_queue_frames * 3
-                            || e.link.pending_bytes() * 4 >= limits.link_queue_bytes * 3)
-                    {
+                    if !must_arrive && !droppable_fits(&e.link, &self.cfg.limits) {
                         self.counters.seqno_requests_shed += 1;
                         // Asked again at the next maintenance tick, not after the back-off.
                         if let Control::SeqnoRequest { prefix, .. } = msg {
@@ -778,9 +775,7 @@ impl NodeCore {
                     }
                 }
                 CoreOut::Packet(n, b) if self.links.contains_key(&n) => {
-                    if let Some(e) = self.links.get_mut(&n) {
-                        e.link.send_packet(b, now);
-                    }
+                    self.queue_packet(n, b, now);
                 }
                 CoreOut::Close(n) if self.links.contains_key(&n) => {
                     self.close_link(n, DownReason::Closed, now, &mut pending);
@@ -823,9 +818,20 @@ impl NodeCore {
 
     /// Queues a routed packet on a link as is (tests: forged or hand-made packets).
     pub(crate) fn link_send_packet(&mut self, link: Nbr, packet: Bytes, now: Micros) -> bool {
-        self.links
-            .get_mut(&link)
-            .is_some_and(|e| e.link.send_packet(packet, now))
+        self.queue_packet(link, packet, now)
+    }
+
+    /// Queues a routed packet, only while the link's queue is under ¾ full (see
+    /// [`droppable_fits`]); `false` when it was dropped (`link_queue_drops`).
+    fn queue_packet(&mut self, link: Nbr, packet: Bytes, now: Micros) -> bool {
+        let Some(e) = self.links.get_mut(&link) else {
+            return false;
+        };
+        if !droppable_fits(&e.link, &self.cfg.limits) {
+            self.counters.link_queue_drops += 1;
+            return false;
+        }
+        e.link.send_packet(packet, now)
     }
 
     /// The keys of the neighbors (links that are up).
@@ -1188,6 +1194,16 @@ impl NodeCore {
         c.e2e_peers_evicted = self.sessions.evicted;
         c
     }
+}
+
+/// Whether a frame that may be dropped (a routed packet, a seqno request) may be queued on
+/// `link`: only while its queue is under ¾ full, in frames and in bytes. The last quarter is
+/// kept for updates and retractions, which must arrive or close the link: a queue filled by
+/// packets, or by requests repeated over several flushes on a socket that drains slowly,
+/// made the next update close the link.
+fn droppable_fits(link: &Link, limits: &Limits) -> bool {
+    link.queued_frames() * 4 < limits.link_queue_frames * 3
+        && link.pending_bytes() * 4 < limits.link_queue_bytes * 3
 }
 
 /// (src, dst) of a well-formed IPv6 packet no larger than `mtu`.

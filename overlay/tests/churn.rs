@@ -1,6 +1,6 @@
 //! Simulator tests of the rules that keep churn cheap and control messages flowing: split
 //! horizon, the short hold of a retraction while a seqno request is answered, and the
-//! headroom that droppable seqno requests leave in a link's queue.
+//! headroom that droppable seqno requests and packets leave in a link's queue.
 
 use bytes::Bytes;
 use meshgate_overlay::core::CoreConfig;
@@ -167,4 +167,42 @@ fn seqno_requests_leave_room_for_updates_on_a_slow_link() {
         "a: {} seqno requests held back, {} control frames dropped",
         ca.seqno_requests_shed, ca.link_control_drops
     );
+}
+
+/// Routed packets may be dropped when a link's queue is full; an update may not (the link is
+/// closed: routing re-sends nothing). Packets used to fill the whole queue, so an update that
+/// found a link's queue full of packets closed the link. Packets now use at most ¾ of it, as
+/// seqno requests do.
+#[test]
+fn a_link_flooded_with_packets_still_carries_a_new_route() {
+    let (a, b) = (0, 1);
+    let mut c = cfg();
+    // b stops reading for a while: it must not take a for dead meanwhile.
+    c.dead_peer_timeout = 10_000_000;
+    c.limits.link_queue_frames = 64;
+    let mut sim = build(47, 2, &[(a, b, MS)], c);
+    converge(&mut sim, &[a, b], 5_000 * MS);
+    // b stops reading from a; a's socket buffer (the simulator's 256 KiB window) fills with
+    // packets, then its link queue, and the rest are dropped.
+    sim.set_reading(b, a, false);
+    for _ in 0..400 {
+        sim.inject(a, b, Bytes::from(vec![0u8; 1019]));
+    }
+    assert!(
+        sim.counters(a).link_queue_drops > 0,
+        "the flood filled the queue"
+    );
+    // A new neighbor of a: its route is an update a must queue for b.
+    let newcomer = sim.add_node();
+    sim.connect(a, newcomer, MS);
+    sim.run_for(1_000 * MS);
+    assert!(sim.linked(a, newcomer));
+    assert!(
+        sim.linked(a, b),
+        "a closed its link to b: an update found the queue full of packets"
+    );
+    sim.set_reading(b, a, true);
+    converge(&mut sim, &[a, b, newcomer], 5_000 * MS);
+    assert_eq!(sim.path(b, newcomer).unwrap(), vec![b, a, newcomer]);
+    assert_eq!(sim.counters(a).link_control_drops, 0);
 }
