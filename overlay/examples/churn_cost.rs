@@ -19,7 +19,7 @@ const AFTER: u64 = 10 * S;
 
 /// What churn costs, summed over all nodes, by kind (indices below).
 #[derive(Debug, Default, Clone, Copy)]
-struct Totals([u64; 16]);
+struct Totals([u64; 19]);
 
 const FRAMES: usize = 0;
 const BYTES: usize = 1;
@@ -37,10 +37,13 @@ const VERIFIED: usize = 12;
 const HELD: usize = 13;
 const SPARED: usize = 14;
 const SHED: usize = 15;
+const WORSE_HELD: usize = 16;
+const WORSE_SPARED: usize = 17;
+const SUPPRESSED: usize = 18;
 
 impl Totals {
     fn of(sim: &Sim) -> Totals {
-        let mut t = [0u64; 16];
+        let mut t = [0u64; 19];
         for i in 0..sim.len() {
             let c: Counters = sim.counters(i);
             let r = &c.routing;
@@ -61,6 +64,9 @@ impl Totals {
                 r.retractions_held,
                 r.retractions_spared,
                 c.seqno_requests_shed,
+                r.worse_held,
+                r.worse_spared,
+                r.seqno_requests_suppressed,
             ];
             for (a, b) in t.iter_mut().zip(v) {
                 *a += b;
@@ -117,10 +123,10 @@ fn print(what: &str, t: &Totals, events: u64, nodes: u64, routes: u64, floor: u6
         "{what}: per event {:.0} frames, {:.0} B ({:.1} frames, {:.0} B per node)\n\
          \x20 updates      {:>9.0} frames {:>11.0} B  {:>9.0} entries\n\
          \x20 retractions  {:>9.0} frames {:>11.0} B  {:>9.0} entries\n\
-         \x20 seqno reqs   {:>9.0} frames {:>11.0} B  (shed {:.0})\n\
+         \x20 seqno reqs   {:>9.0} frames {:>11.0} B  (shed {:.0}, not forwarded as duplicates {:.0})\n\
          \x20 other (keepalives beyond the quiet rate) {:.0} frames {:.0} B\n\
          \x20 answers {:.0}, seqno raises {:.0}, signatures verified {:.0}, retractions held {:.0} \
-         (spared {:.0})\n\
+         (spared {:.0}), worse metrics held {:.0} (spared {:.0})\n\
          \x20 routes changed {:.0}; floor (each told once per neighbor) {:.0} entries; \
          update+retraction entries sent {:.2}x the floor",
         per(t[FRAMES]),
@@ -136,6 +142,7 @@ fn print(what: &str, t: &Totals, events: u64, nodes: u64, routes: u64, floor: u6
         per(t[REQ_FRAMES]),
         per(t[REQ_BYTES]),
         per(t[SHED]),
+        per(t[SUPPRESSED]),
         per(t[FRAMES].saturating_sub(routing)),
         per(t[BYTES].saturating_sub(routing_bytes)),
         per(t[ANSWERS]),
@@ -143,6 +150,8 @@ fn print(what: &str, t: &Totals, events: u64, nodes: u64, routes: u64, floor: u6
         per(t[VERIFIED]),
         per(t[HELD]),
         per(t[SPARED]),
+        per(t[WORSE_HELD]),
+        per(t[WORSE_SPARED]),
         per(routes),
         per(floor),
         (t[UPD_ENTRIES] + t[RET_ENTRIES]) as f64 / floor.max(1) as f64,

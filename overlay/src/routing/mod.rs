@@ -68,6 +68,13 @@ pub struct RoutingConfig {
     /// starve and ask in turn. A loss caused by a retraction received is passed on at once
     /// (the node that held it waited already).
     pub retraction_hold: Micros,
+    /// How long a worse metric is held back when a retraction received took the selected
+    /// route and the node fell back on a worse feasible one (0: sent at once). When a node
+    /// dies, its prefix's alternatives are withdrawn one after the other (its neighbors
+    /// notice at different times): without the hold, every node passed on each ever-worse
+    /// fallback before its retraction. If the fallback goes too within the hold, only the
+    /// retraction is sent. Traffic keeps flowing over the fallback meanwhile.
+    pub worse_hold: Micros,
     /// Simulator only: verification results shared by all simulated nodes.
     pub(crate) shared_verifications: Option<SharedVerifications>,
 }
@@ -79,6 +86,7 @@ impl Default for RoutingConfig {
             request_interval: 300_000,
             update_pacing: 100_000,
             retraction_hold: 300_000,
+            worse_hold: 300_000,
             shared_verifications: None,
         }
     }
@@ -115,6 +123,14 @@ pub struct RoutingCounters {
     /// those of them never sent because a feasible route came back in time.
     pub retractions_held: u64,
     pub retractions_spared: u64,
+    /// Worse metrics held back after a retraction received (see `worse_hold`), and those of
+    /// them never sent because a retraction replaced them.
+    pub worse_held: u64,
+    pub worse_spared: u64,
+    /// Seqno requests not forwarded because this node's own request for the prefix, as
+    /// new or newer, went out to every neighbor with a route less than a request interval
+    /// ago.
+    pub seqno_requests_suppressed: u64,
     pub route_switches: u64,
     /// Announcements of new prefixes refused because the table was full (`max_routes`).
     pub routes_refused: u64,
@@ -154,6 +170,9 @@ struct Requests {
     better_asked: u8,
     /// Requests sent while the prefix starves (each repeat waits twice as long, up to 8×).
     starving_asked: u8,
+    /// No request for this prefix before then: it starves because a retraction took its
+    /// route, so it is likely being withdrawn (see `RoutingConfig::worse_hold`).
+    quiet_until: Micros,
 }
 
 /// A node asks this many times (one request interval apart) for a newer seqno of a
@@ -209,6 +228,9 @@ pub(crate) struct Router {
     /// Starving prefixes whose retraction waits for an answer, until when (see
     /// `RoutingConfig::retraction_hold`). At most one per prefix in the table.
     holding: BTreeMap<Prefix, Micros>,
+    /// Prefixes whose worse metric waits, until when (see `RoutingConfig::worse_hold`). At
+    /// most one per prefix in the table.
+    damped: BTreeMap<Prefix, Micros>,
     requests: BTreeMap<Prefix, Requests>,
     verified: VerifiedCache,
     /// Prefixes with a selected (hence advertised) route.
@@ -253,6 +275,7 @@ impl Router {
             touched: Vec::new(),
             starving: BTreeSet::new(),
             holding: BTreeMap::new(),
+            damped: BTreeMap::new(),
             requests: BTreeMap::new(),
             verified: VerifiedCache::default(),
             selected_count: 0,
@@ -714,6 +737,20 @@ impl Router {
                 // was sent a retraction (split horizon) and must hear the route again.
                 if d.adv_metric != t || old != d.selected {
                     self.triggered.push(prefix);
+                    // A retraction received took the route and we fell back on a worse one:
+                    // when a node died, that one is likely withdrawn next (see `worse_hold`).
+                    let worse = was_advertised && t > d.adv_metric;
+                    let hold = self.cfg.worse_hold;
+                    if worse && !may_hold && hold > 0 {
+                        if let std::collections::btree_map::Entry::Vacant(v) =
+                            self.damped.entry(prefix)
+                        {
+                            v.insert(now.saturating_add(hold));
+                            self.counters.worse_held += 1;
+                        }
+                    } else if !worse && !self.damped.is_empty() {
+                        self.damped.remove(&prefix);
+                    }
                 }
                 (d.adv_lag, d.adv_metric) = (lag, t);
                 if wanted.is_some_and(|w| d.seqno_at(lag) >= w) {
@@ -722,7 +759,7 @@ impl Router {
                 if self.starving.remove(&prefix)
                     && let Some(r) = self.requests.get_mut(&prefix)
                 {
-                    r.starving_asked = 0;
+                    (r.starving_asked, r.quiet_until) = (0, 0);
                 }
                 if !self.holding.is_empty() && self.holding.remove(&prefix).is_some() {
                     self.counters.retractions_spared += 1;
@@ -743,6 +780,9 @@ impl Router {
             }
             None => {
                 let no_routes = d.routes.is_empty();
+                if !self.damped.is_empty() && self.damped.remove(&prefix).is_some() {
+                    self.counters.worse_spared += 1;
+                }
                 if d.adv_metric != METRIC_INFINITY {
                     d.adv_metric = METRIC_INFINITY;
                     self.triggered.push(prefix);
@@ -762,7 +802,14 @@ impl Router {
                         self.triggered.push(prefix);
                     }
                 } else {
-                    self.starving.insert(prefix);
+                    if self.starving.insert(prefix) && !may_hold {
+                        // Starving because a neighbor retracted: its own request went out
+                        // (or it had no route left), and the routes left are likely being
+                        // withdrawn too. Ask only if they are still there after the hold.
+                        let hold = self.cfg.worse_hold;
+                        self.requests.entry(prefix).or_default().quiet_until =
+                            now.saturating_add(hold);
+                    }
                     self.request_if_unfeasible(prefix, now);
                 }
             }
@@ -781,6 +828,10 @@ impl Router {
     /// Asks the neighbors of `better_unfeasible` for a newer seqno: once per request
     /// interval, at most `BETTER_ATTEMPTS` times while the prefix stays improvable.
     fn request_better(&mut self, prefix: Prefix, now: Micros) {
+        // While a worse metric is held, the prefix is likely being withdrawn: asked after.
+        if self.damped.contains_key(&prefix) {
+            return;
+        }
         let interval = self.cfg.request_interval;
         let better = self.better_unfeasible(prefix);
         let req = self.requests.entry(prefix).or_default();
@@ -819,7 +870,10 @@ impl Router {
         // Repeats back off (×2 each, up to ×8): a dead owner's prefix starves everywhere
         // until its retraction arrives, and every repeat travels towards the owner.
         let interval = interval << req.starving_asked.min(3);
-        if targets.is_empty() || req.last_sent.is_some_and(|t| now < t + interval) {
+        if targets.is_empty()
+            || now < req.quiet_until
+            || req.last_sent.is_some_and(|t| now < t + interval)
+        {
             return;
         }
         req.last_sent = Some(now);
@@ -830,6 +884,10 @@ impl Router {
             d.seqno_at(d.fd_lag)
         };
         let seqno = fd_seqno.saturating_add(1);
+        // It covers requests neighbors send us meanwhile: they are not forwarded again.
+        if req.forwarded.is_none_or(|(s, _)| s <= seqno) {
+            req.forwarded = Some((seqno, now));
+        }
         for n in targets {
             self.counters.seqno_requests_sent += 1;
             self.requests_out.push((
@@ -905,11 +963,14 @@ impl Router {
         req.asked_at = now;
         // One forwarded request per (prefix, seqno) per interval: duplicates from other
         // askers wait for the same answer.
-        if hop_count <= 1
-            || req
-                .forwarded
-                .is_some_and(|(s, t)| s >= seqno && now < t + interval)
+        if hop_count <= 1 {
+            return;
+        }
+        if req
+            .forwarded
+            .is_some_and(|(s, t)| s >= seqno && now < t + interval)
         {
+            self.counters.seqno_requests_suppressed += 1;
             return;
         }
         if let Some(n) = next {
@@ -959,6 +1020,16 @@ impl Router {
                     updates.push((self.own_update(), None));
                 } else if let Some(idx) = self.table.find(&p) {
                     let d = self.table.at_mut(idx);
+                    if d.adv_metric != METRIC_INFINITY && !self.damped.is_empty() {
+                        match self.damped.get(&p) {
+                            // Sent by `tick` when the hold ends, if not replaced before.
+                            Some(&until) if now < until => continue,
+                            Some(_) => {
+                                self.damped.remove(&p);
+                            }
+                            None => {}
+                        }
+                    }
                     if d.adv_metric == METRIC_INFINITY && !self.holding.is_empty() {
                         match self.holding.get(&p) {
                             // Waits for the seqno answer (sent by `tick` when the hold ends).
@@ -1113,6 +1184,20 @@ impl Router {
                 self.touched.push(p);
             }
         }
+        // Worse metrics whose hold ended go out now (their latest state).
+        if !self.damped.is_empty() {
+            let due: Vec<Prefix> = self
+                .damped
+                .iter()
+                .filter(|(_, until)| now >= **until)
+                .map(|(p, _)| *p)
+                .collect();
+            for p in due {
+                self.damped.remove(&p);
+                self.triggered.push(p);
+                self.touched.push(p);
+            }
+        }
         // Held changes whose pacing interval ended go out now (their latest state).
         if !self.paced.is_empty() {
             let stamp = pacing_stamp(now);
@@ -1141,6 +1226,7 @@ impl Router {
     pub(crate) fn has_timers(&self) -> bool {
         !self.starving.is_empty()
             || !self.holding.is_empty()
+            || !self.damped.is_empty()
             || !self.requests.is_empty()
             || !self.improvable.is_empty()
             || !self.paced.is_empty()
@@ -1605,5 +1691,153 @@ mod tests {
         r.tick(200_000, &mut out);
         r.handle_updates(1, &[signed(&owners[2], 6, 1000)], 300_000, &mut out);
         assert_eq!(r.next_hop(&prefix(&owners[2])), Some(1));
+    }
+
+    /// Updates (`Some(metric)`) and retractions (`None`) of `p` in `out`, by neighbor.
+    fn sent_for(out: &[(Nbr, Control)], p: &Prefix) -> Vec<(Nbr, Option<u32>)> {
+        let mut v: Vec<(Nbr, Option<u32>)> = out
+            .iter()
+            .flat_map(|(n, c)| match c {
+                Control::Updates(l) => l
+                    .iter()
+                    .filter(|u| u.prefix == *p)
+                    .map(|u| (*n, Some(u.metric)))
+                    .collect(),
+                Control::Retractions(l) => {
+                    l.iter().filter(|q| *q == p).map(|_| (*n, None)).collect()
+                }
+                _ => Vec::new(),
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn requests_in(out: &[(Nbr, Control)]) -> Vec<(Nbr, u64)> {
+        out.iter()
+            .filter_map(|(n, c)| match c {
+                Control::SeqnoRequest { seqno, .. } => Some((*n, *seqno)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Issue 15, path hunting: when a node dies, its prefix's fallbacks are withdrawn one
+    /// after the other, and every node used to announce each ever-worse fallback before its
+    /// retraction. A worse metric after a retraction received is now held `worse_hold`: if
+    /// the fallback goes too meanwhile, only the retraction is sent.
+    #[test]
+    fn a_worse_fallback_after_a_retraction_waits_and_a_retraction_replaces_it() {
+        let owner = Identity::from_seed(&[1; 32]);
+        let p = prefix_for_key(&owner.public_key());
+        let mut r = router();
+        let mut out = Vec::new();
+        for n in 1..=3 {
+            r.neighbor_up(n, 1000, &mut out);
+        }
+        // Via 1: 1,100 (selected, the feasibility distance); via 2: 1,600, feasible.
+        r.handle_updates(1, &[signed(&owner, 5, 100)], 0, &mut out);
+        r.handle_updates(2, &[signed(&owner, 5, 600)], 0, &mut out);
+        assert_eq!(r.next_hop(&p), Some(1));
+        // 1 retracts: traffic moves to 2 at once, its worse metric waits.
+        out.clear();
+        r.handle_retractions(1, &[p], 1_000_000, &mut out);
+        assert_eq!(r.next_hop(&p), Some(2));
+        assert_eq!(
+            sent_for(&out, &p),
+            vec![],
+            "the worse metric went out at once"
+        );
+        assert_eq!(r.counters.worse_held, 1);
+        r.tick(1_100_000, &mut out);
+        assert_eq!(sent_for(&out, &p), vec![]);
+        // 2 retracts within the hold: everyone hears one retraction, no worse metric.
+        r.handle_retractions(2, &[p], 1_200_000, &mut out);
+        r.tick(1_600_000, &mut out);
+        assert_eq!(sent_for(&out, &p), vec![(1, None), (2, None), (3, None)]);
+        assert_eq!(r.counters.worse_spared, 1);
+        // A fallback that stays is announced when the hold ends (not to its next hop).
+        r.handle_updates(1, &[signed(&owner, 6, 100)], 10_000_000, &mut out);
+        r.handle_updates(2, &[signed(&owner, 6, 600)], 10_000_000, &mut out);
+        assert_eq!(r.next_hop(&p), Some(1));
+        out.clear();
+        r.handle_retractions(1, &[p], 11_000_000, &mut out);
+        r.tick(11_200_000, &mut out);
+        assert_eq!(sent_for(&out, &p), vec![]);
+        r.tick(11_300_000, &mut out);
+        assert_eq!(
+            sent_for(&out, &p),
+            vec![(1, Some(1600)), (2, None), (3, Some(1600))]
+        );
+    }
+
+    /// Issue 15, seqno requests on a leave: a starving node's own request already went to
+    /// every neighbor with a route, so a neighbor's request for the same seqno is not
+    /// forwarded again (Babel's duplicate suppression, RFC 8966 §3.8.1.2).
+    #[test]
+    fn a_starving_node_does_not_forward_a_request_its_own_covers() {
+        let owner = Identity::from_seed(&[1; 32]);
+        let p = prefix_for_key(&owner.public_key());
+        let mut r = router();
+        let mut out = Vec::new();
+        for n in 1..=3 {
+            r.neighbor_up(n, 1000, &mut out);
+        }
+        // Via 1: 1,100 (the feasibility distance); via 2: unfeasible (5,000 ≥ 1,100).
+        r.handle_updates(1, &[signed(&owner, 5, 100)], 0, &mut out);
+        r.handle_updates(2, &[signed(&owner, 5, 5000)], 0, &mut out);
+        out.clear();
+        // The link to 1 goes: r starves and asks 2 for seqno 6 at once.
+        r.neighbor_down(1, 1_000_000, &mut out);
+        assert_eq!(requests_in(&out), vec![(2, 6)]);
+        // 3 asks r for seqno 6 meanwhile: r's own request covers it.
+        out.clear();
+        r.handle_request(3, p, 6, 64, 1_050_000, &mut out);
+        assert_eq!(requests_in(&out), vec![], "forwarded again");
+        assert_eq!(r.counters.seqno_requests_suppressed, 1);
+        // The answer reaches 3 too.
+        r.handle_updates(2, &[signed(&owner, 6, 5000)], 1_100_000, &mut out);
+        assert!(sent_for(&out, &p).contains(&(3, Some(6000))), "{out:?}");
+    }
+
+    /// Issue 15, seqno requests on a leave: a node that starves because a neighbor
+    /// retracted (that neighbor waited for its own request's answer already) asks only if
+    /// its remaining routes are still there after `worse_hold`; when a node died they are
+    /// withdrawn meanwhile, and every such request travelled towards the dead node.
+    #[test]
+    fn a_node_starving_after_a_retraction_asks_only_if_its_routes_stay() {
+        let owner = Identity::from_seed(&[1; 32]);
+        let p = prefix_for_key(&owner.public_key());
+        let setup = || {
+            let mut r = router();
+            let mut out = Vec::new();
+            for n in 1..=3 {
+                r.neighbor_up(n, 1000, &mut out);
+            }
+            r.handle_updates(1, &[signed(&owner, 5, 100)], 0, &mut out);
+            r.handle_updates(2, &[signed(&owner, 5, 5000)], 0, &mut out);
+            r
+        };
+        // The unfeasible route is withdrawn within the hold: no request at all.
+        let mut r = setup();
+        let mut out = Vec::new();
+        r.handle_retractions(1, &[p], 1_000_000, &mut out);
+        assert_eq!(r.next_hop(&p), None);
+        assert_eq!(sent_for(&out, &p), vec![(1, None), (2, None), (3, None)]);
+        assert_eq!(requests_in(&out), vec![], "asked at once");
+        r.tick(1_100_000, &mut out);
+        r.handle_retractions(2, &[p], 1_200_000, &mut out);
+        for t in 13..30 {
+            r.tick(t * 100_000, &mut out);
+        }
+        assert_eq!(requests_in(&out), vec![]);
+        // It stays: asked when the hold ends.
+        let mut r = setup();
+        out.clear();
+        r.handle_retractions(1, &[p], 1_000_000, &mut out);
+        r.tick(1_200_000, &mut out);
+        assert_eq!(requests_in(&out), vec![]);
+        r.tick(1_300_000, &mut out);
+        assert_eq!(requests_in(&out), vec![(2, 6)]);
     }
 }
