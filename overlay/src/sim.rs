@@ -16,8 +16,14 @@
 //! still counts its own). Memory beyond the routing tables: the bytes in flight (at most a
 //! window per link direction, counted with their peak in [`Sim::memory`]) and the links'
 //! buffers in the cores; a chunk is handed to the reading core without a copy and the link
-//! keeps no read buffer between deliveries unless a frame is incomplete. Control traffic is what the cores counted on their links (frame
-//! bytes: header, ciphertext and tag).
+//! keeps no read buffer between deliveries unless a frame is incomplete. Control traffic is
+//! what the cores counted on their links (frame bytes: header, ciphertext and tag).
+//!
+//! Time runs instant by instant: at each, every node reads all that reached it (then sends
+//! its routing changes once), or every node whose timers are due runs them. What a core
+//! sends arrives a link's latency later, so the cores of one instant are independent: they
+//! run side by side ([`Sim::set_threads`]), and their outputs are carried afterwards in
+//! node order, the same outcome on any number of threads.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -33,6 +39,9 @@ use crate::core::{CoreConfig, CoreOut, Counters, LinkOrigin, NodeCore};
 use crate::identity::Identity;
 use crate::routing::SharedVerifications;
 use crate::wire::{FRAME_HEADER_LEN, FrameKind};
+
+mod instant;
+use instant::{Job, Work};
 
 /// Unread bytes in flight per link direction at most, by default (a socket's buffers): a
 /// writer whose reader is this far behind waits, its bytes staying in its core's bounded
@@ -163,8 +172,8 @@ struct SimNode {
     links: Vec<u64>,
     /// When this node's timers are due (as registered in `Sim::timers`).
     timer: Option<Micros>,
-    /// Its core holds routing changes until the current instant's input is read.
-    held: bool,
+    /// Its work at the instant being run (an index into that instant's works).
+    work: Option<usize>,
     delivered: Vec<Bytes>,
     events: Vec<crate::L3Event>,
 }
@@ -201,6 +210,10 @@ pub struct Sim {
     cfg: CoreConfig,
     rng: SimRng,
     core_time: Duration,
+    /// The part of it spent in instants with enough nodes to run side by side.
+    shared_core_time: Duration,
+    /// Runs the cores of one instant side by side (`None`: on the calling thread).
+    pool: Option<rayon::ThreadPool>,
 }
 
 impl Sim {
@@ -225,7 +238,11 @@ impl Sim {
             cfg,
             rng: SimRng::new(seed),
             core_time: Duration::ZERO,
+            shared_core_time: Duration::ZERO,
+            pool: None,
         };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        sim.set_threads(threads);
         for _ in 0..n {
             sim.add_node();
         }
@@ -258,7 +275,7 @@ impl Sim {
             alive: true,
             links: Vec::new(),
             timer: None,
-            held: false,
+            work: None,
             delivered: Vec::new(),
             events: Vec::new(),
         });
@@ -305,9 +322,32 @@ impl Sim {
         self.window = bytes.max(1);
     }
 
-    /// Wall-clock time spent inside the nodes' cores so far (all nodes).
+    /// Runs the cores of one simulated instant on `threads` threads (1: on the calling
+    /// thread; by default as many as the machine has cores). The outcome is the same for
+    /// any number: the cores are independent within an instant, and their outputs are
+    /// carried in node order.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.pool = (threads > 1)
+            .then(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("sim-{i}"))
+                    .build()
+                    .ok()
+            })
+            .flatten();
+    }
+
+    /// Wall-clock time spent inside the nodes' cores so far (all nodes; the sum over the
+    /// threads).
     pub fn core_time(&self) -> Duration {
         self.core_time
+    }
+
+    /// The part of [`Sim::core_time`] spent at instants with enough nodes to share among
+    /// threads (counted on one thread too: the share a second thread can take).
+    pub fn shared_core_time(&self) -> Duration {
+        self.shared_core_time
     }
 
     /// Prefixes node `i` has a selected route to.
@@ -730,68 +770,103 @@ impl Sim {
             }
             self.now = self.now.max(next);
             if msg_first {
-                // Everything arriving at this instant is read before any node sends the
-                // routing changes it caused (as a node reads all its ready links in one
-                // wake-up): one flush per node and instant.
-                let Some((_, flights)) = self.queue.pop_first() else {
-                    continue;
-                };
-                let mut held = Vec::new();
-                for f in flights {
-                    if let Some(to) = self.receiver(&f)
-                        && self.nodes[to].alive
-                        && !self.nodes[to].held
-                    {
-                        self.nodes[to].held = true;
-                        self.nodes[to].core.hold_routing();
-                        held.push(to);
-                    }
-                    self.deliver(f);
+                if let Some((_, flights)) = self.queue.pop_first() {
+                    self.read_instant(flights);
                 }
-                for node in held {
-                    self.nodes[node].held = false;
-                    let mut out = Vec::new();
-                    let t = Instant::now();
-                    self.nodes[node].core.release_routing(self.now, &mut out);
-                    self.core_time += t.elapsed();
-                    self.after_core(node, out);
-                }
-            } else if let Some((t, node)) = next_timer {
-                self.timers.remove(&(t, node));
-                self.nodes[node].timer = None;
-                if self.nodes[node].alive {
-                    let mut out = Vec::new();
-                    let t = Instant::now();
-                    self.nodes[node].core.handle_timeout(self.now, &mut out);
-                    self.core_time += t.elapsed();
-                    self.after_core(node, out);
-                }
+            } else {
+                self.timers_instant();
             }
         }
         self.now = end;
     }
 
-    /// The node a flight is for, if the link still exists.
-    fn receiver(&self, f: &Flight) -> Option<usize> {
-        self.links.get(&f.link).map(|l| l.ends[f.to_end])
+    /// Everything arriving now is read before any node sends the routing changes it
+    /// caused (as a node reads all its ready links in one wake-up): each receiving node
+    /// reads all its flights, then sends once. Reads happen before this instant's writes:
+    /// the windows' room is made first, then the receivers send, then the writers whose
+    /// bytes were read go on.
+    fn read_instant(&mut self, flights: VecDeque<Flight>) {
+        let mut works: Vec<Work> = Vec::new();
+        let mut writers = Vec::new();
+        for f in flights {
+            let Some((to, from, up)) =
+                (self.links.get(&f.link)).map(|l| (l.ends[f.to_end], l.ends[1 - f.to_end], l.up))
+            else {
+                self.landed(&f.what);
+                continue;
+            };
+            if !self.nodes[to].alive {
+                self.landed(&f.what);
+                continue;
+            }
+            let w = *self.nodes[to].work.get_or_insert_with(|| {
+                works.push(Work::new(to, Job::Read(Vec::new())));
+                works.len() - 1
+            });
+            let Some(l) = self
+                .links
+                .get_mut(&f.link)
+                .filter(|_| up && self.nodes[from].alive)
+            else {
+                self.landed(&f.what);
+                continue;
+            };
+            let d = &mut l.dir[f.to_end];
+            if d.paused {
+                d.backlog.push_back(f.what);
+                continue;
+            }
+            if let Carried::Bytes(b) = &f.what {
+                d.unread = d.unread.saturating_sub(b.len());
+            }
+            let open = l.open[f.to_end];
+            self.landed(&f.what);
+            if open {
+                if let Job::Read(reads) = &mut works[w].job {
+                    reads.push((f.link, f.what));
+                }
+                writers.push((from, f.link, 1 - f.to_end));
+            }
+        }
+        for w in &works {
+            self.nodes[w.node].work = None;
+        }
+        self.run_works(works);
+        // Reading made room in the windows: the writers may go on on these links.
+        for (from, link, from_end) in writers {
+            if self.nodes[from].alive && self.links.get(&link).is_some_and(|l| l.open[from_end]) {
+                self.pull_link(from, link);
+            }
+        }
     }
 
-    fn deliver(&mut self, f: Flight) {
-        let Some(l) = self.links.get_mut(&f.link) else {
-            self.landed(&f.what);
-            return;
-        };
-        let (to, from) = (l.ends[f.to_end], l.ends[1 - f.to_end]);
-        if !l.up || !self.nodes[to].alive || !self.nodes[from].alive {
-            self.landed(&f.what);
-            return;
+    /// Runs every node's timers due now (nodes' timers are independent: what one sends
+    /// arrives later).
+    fn timers_instant(&mut self) {
+        let mut works = Vec::new();
+        while let Some(&(t, node)) = self.timers.first()
+            && t <= self.now
+        {
+            self.timers.pop_first();
+            self.nodes[node].timer = None;
+            if self.nodes[node].alive {
+                works.push(Work::new(node, Job::Timeout));
+            }
         }
-        let d = &mut l.dir[f.to_end];
-        if d.paused {
-            d.backlog.push_back(f.what);
-            return;
+        self.run_works(works);
+    }
+
+    /// Runs the works' cores (side by side when there are enough), then carries their
+    /// outputs in node order.
+    fn run_works(&mut self, mut works: Vec<Work>) {
+        let shared = instant::run(&mut self.nodes, &mut works, self.now, self.pool.as_ref());
+        for w in works {
+            self.core_time += w.took;
+            if shared {
+                self.shared_core_time += w.took;
+            }
+            self.after_core(w.node, w.out);
         }
-        self.receive(f.link, f.to_end, f.what);
     }
 
     /// The receiving end reads what arrived.
@@ -828,10 +903,13 @@ impl Sim {
 
     /// Checks what the relays' taps saw for forwarding loops, and the longest path.
     fn drain_taps(&mut self) {
-        let seen: Vec<(usize, u8, u64)> = match self.taps.lock() {
+        let mut seen: Vec<(usize, u8, u64)> = match self.taps.lock() {
             Ok(mut t) if !t.is_empty() => std::mem::take(&mut *t),
             _ => return,
         };
+        // The cores of one instant may run on several threads: their taps' order is not
+        // the simulation's.
+        seen.sort_unstable();
         let now = self.now;
         if self.seen.len() > 100_000 {
             self.seen.retain(|_, v| {

@@ -811,3 +811,67 @@ fn quiet_links_hold_little_and_flights_stay_within_their_windows() {
     assert!(per_link <= 1024, "{per_link} B per quiet link end");
     assert!(m.peak_flight_bytes > 0 && m.peak_flight_bytes <= cap);
 }
+
+/// Everything a run's outcome consists of, one line per node: its counters, routes and
+/// next hop towards every node, and the network's control traffic and clock.
+fn outcome(sim: &Sim) -> Vec<String> {
+    let mut lines = vec![format!("at {} µs: {:?}", sim.now(), sim.control_traffic())];
+    let towards: Vec<Vec<Option<usize>>> =
+        (0..sim.len()).map(|j| sim.next_hops_towards(j)).collect();
+    for i in 0..sim.len() {
+        lines.push(format!(
+            "node {i}: {} selected, {} held, {} links, next hops {:?}; {:?}",
+            sim.routes_selected(i),
+            sim.routes_held(i),
+            sim.links_of(i),
+            towards.iter().map(|t| t[i]).collect::<Vec<_>>(),
+            sim.counters(i)
+        ));
+    }
+    lines
+}
+
+/// A cold start, a relay killed, a node joining, packets across: on `threads` threads.
+fn run_on_threads(threads: usize) -> Vec<String> {
+    let n = 150;
+    let mut rng = SimRng::new(31);
+    let edges = random_edges(&mut rng, n, 4, 1..=30);
+    let mut sim = Sim::new(32, n, CoreConfig::default());
+    sim.set_threads(threads);
+    for &(a, b, l) in &edges {
+        sim.connect(a, b, l);
+    }
+    sim.run_for(3_000 * MS);
+    assert!(
+        (0..n).all(|i| sim.routes_selected(i) == n - 1),
+        "not converged"
+    );
+    let relay = (0..n).max_by_key(|&i| sim.links_of(i)).unwrap();
+    sim.kill(relay);
+    sim.run_for(2_000 * MS);
+    let joined = sim.add_node();
+    sim.connect(3, joined, 7 * MS);
+    sim.connect(77, joined, 12 * MS);
+    sim.run_for(3_000 * MS);
+    let pairs: Vec<(usize, usize)> = (0..20)
+        .map(|k| (k, n - k))
+        .filter(|&(a, b)| a != relay && b != relay)
+        .collect();
+    check_delivery(&mut sim, &pairs);
+    sim.run_for(1_000 * MS);
+    outcome(&sim)
+}
+
+/// The simulator runs the cores of one simulated instant side by side; the outcome (every
+/// node's counters and routes, the traffic) is the same on one thread as on several.
+#[test]
+fn the_outcome_is_the_same_on_any_number_of_threads() {
+    let one = run_on_threads(1);
+    for threads in [2, 4] {
+        let many = run_on_threads(threads);
+        assert_eq!(one.len(), many.len());
+        if let Some((a, b)) = one.iter().zip(&many).find(|(a, b)| a != b) {
+            panic!("on 1 thread:\n{a}\non {threads} threads:\n{b}");
+        }
+    }
+}

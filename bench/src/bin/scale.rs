@@ -9,10 +9,11 @@
 //!
 //! `cargo run --release -p meshgate-bench --bin scale [-- --sizes 1000,2000,5000,10000]`
 //! (`--max-rss-gb G`, `--max-minutes M`: a size past either is abandoned and reported;
-//! `--no-report`: profiling runs, the simulation only, nothing written).
+//! `--no-report`: profiling runs, the simulation only, nothing written; `--threads T`: the
+//! simulator's threads, one per core by default).
 
 use std::alloc::{GlobalAlloc, Layout};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use meshgate_bench::write_section;
@@ -24,25 +25,50 @@ use meshgate_overlay::{Identity, Limits};
 /// mimalloc (the `meshgate` binary's allocator), counting the bytes in use.
 struct Counting;
 
-static IN_USE: AtomicUsize = AtomicUsize::new(0);
+/// Bytes in use, counted per thread (the simulator's threads allocate at once; one shared
+/// counter was a contended cache line): each thread adds to its own shard, which may go
+/// negative when it frees what another allocated; the sum is exact.
+static IN_USE: [Shard; SHARDS] = [const { Shard(AtomicIsize::new(0)) }; SHARDS];
+const SHARDS: usize = 16;
 static INNER: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[repr(align(128))]
+struct Shard(AtomicIsize);
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static MY_SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+fn count(delta: isize) {
+    let i = MY_SHARD
+        .try_with(|s| {
+            if s.get() == usize::MAX {
+                s.set(NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS);
+            }
+            s.get()
+        })
+        // A thread being torn down: any shard keeps the sum exact.
+        .unwrap_or(0);
+    IN_USE[i].0.fetch_add(delta, Ordering::Relaxed);
+}
 
 // SAFETY: forwards to mimalloc unchanged; only counts sizes.
 #[allow(unsafe_code)] // GlobalAlloc is an unsafe trait: counting needs a wrapper allocator.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        IN_USE.fetch_add(l.size(), Ordering::Relaxed);
+        count(l.size() as isize);
         // SAFETY: same contract as the caller's.
         unsafe { INNER.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        IN_USE.fetch_sub(l.size(), Ordering::Relaxed);
+        count(-(l.size() as isize));
         // SAFETY: same contract as the caller's.
         unsafe { INNER.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        IN_USE.fetch_add(new, Ordering::Relaxed);
-        IN_USE.fetch_sub(l.size(), Ordering::Relaxed);
+        count(new as isize - l.size() as isize);
         // SAFETY: same contract as the caller's.
         unsafe { INNER.realloc(p, l, new) }
     }
@@ -52,7 +78,8 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOCATOR: Counting = Counting;
 
 fn heap() -> usize {
-    IN_USE.load(Ordering::Relaxed)
+    let sum: isize = IN_USE.iter().map(|s| s.0.load(Ordering::Relaxed)).sum();
+    sum.max(0) as usize
 }
 
 const MS: u64 = 1000;
@@ -86,6 +113,78 @@ struct Row {
     peak_flight: usize,
     /// Heap per link end in the cores' link buffers after the steady phase.
     idle_link_bytes: f64,
+    /// Where the size's time went, phase by phase.
+    phases: Vec<Phase>,
+}
+
+/// One phase of a size's run: simulated time, wall time and the process's CPU time (all
+/// threads) it took.
+#[derive(Debug, Clone, Copy)]
+struct Phase {
+    name: &'static str,
+    simulated_s: f64,
+    wall_s: f64,
+    cpu_s: f64,
+}
+
+/// Marks the end of each phase (see [`Phase`]).
+struct PhaseClock {
+    sim: u64,
+    wall: Instant,
+    cpu: f64,
+    core: Duration,
+    shared: Duration,
+    done: Vec<Phase>,
+}
+
+impl PhaseClock {
+    fn start(sim: &Sim) -> PhaseClock {
+        PhaseClock {
+            sim: sim.now(),
+            wall: Instant::now(),
+            cpu: cpu_seconds(),
+            core: sim.core_time(),
+            shared: sim.shared_core_time(),
+            done: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, n: usize, name: &'static str, sim: &Sim) {
+        let (wall, cpu) = (Instant::now(), cpu_seconds());
+        let (core, shared) = (sim.core_time(), sim.shared_core_time());
+        let p = Phase {
+            name,
+            simulated_s: (sim.now() - self.sim) as f64 / S as f64,
+            wall_s: (wall - self.wall).as_secs_f64(),
+            cpu_s: cpu - self.cpu,
+        };
+        eprintln!(
+            "{}: phase {name}: {:.1} s simulated, {:.1} s wall, {:.1} s CPU; {:.1} s in the \
+             cores, {:.1} s of it at instants shared among threads",
+            n,
+            p.simulated_s,
+            p.wall_s,
+            p.cpu_s,
+            (core - self.core).as_secs_f64(),
+            (shared - self.shared).as_secs_f64(),
+        );
+        self.done.push(p);
+        (self.sim, self.wall, self.cpu) = (sim.now(), wall, cpu);
+        (self.core, self.shared) = (core, shared);
+    }
+}
+
+/// CPU time this process used so far (user + system, all threads), in seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    #[allow(unsafe_code)] // libc call: the process's CPU time.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// Bytes per route in one node core: 16,384 announcements, each from 4 neighbors.
@@ -310,6 +409,7 @@ fn measure(
     churn_secs: u64,
     rss_limit: u64,
     budget: Duration,
+    threads: Option<usize>,
 ) -> Result<Row, String> {
     let start = Instant::now();
     let mut watch = Watch {
@@ -322,11 +422,15 @@ fn measure(
     let edges = random_edges(&mut rng, n, 4, 1..=30);
     let heap0 = heap();
     let mut sim = Sim::new(n as u64 + 1, n, CoreConfig::default());
+    if let Some(t) = threads {
+        sim.set_threads(t);
+    }
     for &(a, b, l) in &edges {
         sim.connect(a, b, l);
     }
     let live: Vec<usize> = (0..n).collect();
     let t0 = Instant::now();
+    let mut clock = PhaseClock::start(&sim);
     let mut steps = 0u64;
     while !all_converged(&sim, &live) {
         assert!(sim.now() < 120 * S, "{n} nodes not converged in 120 s");
@@ -358,7 +462,9 @@ fn measure(
         "{n}: converged in {:.1} s simulated, {:?} wall",
         row.converge_s, row.converge_wall
     );
+    clock.mark(n, "cold start", &sim);
     sim.run_for(5 * S);
+    clock.mark(n, "settle after the cold start", &sim);
     let routes = n * (n - 1);
     row.bytes_per_route = (heap() - heap0) as f64 / routes as f64;
 
@@ -370,6 +476,7 @@ fn measure(
     row.steady_msgs = per_node_per_s(c1.messages - c0.messages, n, steady_secs);
     row.steady_bytes = per_node_per_s(c1.bytes - c0.bytes, n, steady_secs);
     row.steady_cpu_ms = (k1 - k0).as_secs_f64() * 1000.0 / n as f64 / steady_secs as f64;
+    clock.mark(n, "steady", &sim);
     let m = sim.memory();
     row.idle_link_bytes = m.link_buffer_bytes as f64 / m.links.max(1) as f64;
     eprintln!(
@@ -416,6 +523,7 @@ fn measure(
         watch.check("reroute")?;
     }
     row.reroute_ms = (sim.now() - t_kill) / MS;
+    clock.mark(n, "reroute", &sim);
     row.rerouted_routes = affected.len();
     while (0..n).any(|i| i != relay && sim.next_hop_exists(i, relay)) {
         assert!(
@@ -425,11 +533,13 @@ fn measure(
         sim.run_for(100 * MS);
     }
     row.retracted_ms = (sim.now() - t_kill) / MS;
+    clock.mark(n, "retraction", &sim);
     eprintln!(
         "{n}: {} routes via {relay} rerouted in {} ms, its prefix gone after {} ms",
         row.rerouted_routes, row.reroute_ms, row.retracted_ms
     );
     sim.run_for(5 * S);
+    clock.mark(n, "settle after the reroute", &sim);
 
     // Churn: 1 % of the nodes leave (silently) and 1 % join (2 links each) per minute.
     let per_minute = (n / 100).max(1);
@@ -493,6 +603,8 @@ fn measure(
         "{n}: churn {:.1} msgs, {:.0} B, {:.3} ms per node per s",
         row.churn_msgs, row.churn_bytes, row.churn_cpu_ms
     );
+    clock.mark(n, "churn", &sim);
+    row.phases = clock.done;
     row.total_wall = start.elapsed();
     watch.check("the end").ok();
     row.peak_heap = watch.peak_heap;
@@ -569,6 +681,13 @@ fn main() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(15);
     let budget = Duration::from_secs(budget_min * 60);
+    // Threads the simulator runs one instant's cores on (default: one per core); the
+    // figures are the same for any number.
+    let threads: Option<usize> = args
+        .iter()
+        .position(|a| a == "--threads")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok());
 
     // Profiling runs (e.g. under callgrind): only the simulation, nothing written.
     let write = !args.iter().any(|a| a == "--no-report");
@@ -611,7 +730,7 @@ fn main() -> anyhow::Result<()> {
             }
             continue;
         }
-        match measure(n, steady_secs, churn_secs, rss_limit, budget) {
+        match measure(n, steady_secs, churn_secs, rss_limit, budget, threads) {
             Ok(row) => rows.push(row),
             Err(why) => {
                 eprintln!("{n}: {why}");
@@ -710,6 +829,22 @@ fn report(
             r.idle_link_bytes,
         ));
     }
+    if let Some(first) = rows.first() {
+        md.push_str("\nWhere each size's time went: wall time (process CPU time, all threads) per phase.\n\n| nodes |");
+        for p in &first.phases {
+            md.push_str(&format!(" {} |", p.name));
+        }
+        md.push_str("\n|---|");
+        md.push_str(&"---|".repeat(first.phases.len()));
+        md.push('\n');
+        for r in rows {
+            md.push_str(&format!("| {} |", thousands(r.nodes)));
+            for p in &r.phases {
+                md.push_str(&format!(" {:.1} s ({:.1} s) |", p.wall_s, p.cpu_s));
+            }
+            md.push('\n');
+        }
+    }
     let by = |n: usize| rows.iter().find(|r| r.nodes == n);
     md.push('\n');
     if let (Some(a), Some(b)) = (by(1000), by(5000)) {
@@ -768,6 +903,17 @@ fn report(
          it sends. Since this round: about 3× fewer messages at a cold start than one send \
          per message received, for the same routes and about the same bytes; the steady \
          state (keepalives only) is unchanged.\n",
+    );
+    md.push_str(
+        "- Threads: the simulator runs the node cores of one simulated instant side by side, \
+         one thread per core (rayon). Within an instant the cores are independent (no link \
+         carries bytes in zero time); each reads only its own input, and their outputs are \
+         carried afterwards in node order, so every figure is the same on any number of \
+         threads (`overlay/tests/sim.rs` checks 1, 2 and 4). \"Core CPU\" is summed over \
+         the threads. At each instant every receiving node reads all that arrived before \
+         any node writes (before: reads and writes interleaved flight by flight); the \
+         figures at 1,000 nodes came out the same as before this change. The phase table's \
+         CPU time is the process's, all threads.\n",
     );
     for (n, why) in aborted {
         md.push_str(&format!("- {}: not measured, {why}.\n", thousands(*n)));
