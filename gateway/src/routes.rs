@@ -104,8 +104,13 @@ impl RouteTable {
 
     /// Looks up a host name (any case, optional trailing dot or `:port`).
     pub fn lookup(&self, host: &str) -> Option<Arc<RouteEntry>> {
-        let host = normalize_host(host);
-        if let Some(e) = self.exact.get(&host) {
+        self.lookup_normalized(&normalize_host(host))
+    }
+
+    /// [`RouteTable::lookup`] for a host already normalized ([`normalize_host`]): the proxy
+    /// normalizes a connection's host once, not on every request.
+    pub fn lookup_normalized(&self, host: &str) -> Option<Arc<RouteEntry>> {
+        if let Some(e) = self.exact.get(host) {
             return Some(e.clone());
         }
         let (_, parent) = host.split_once('.')?;

@@ -37,7 +37,8 @@ pub(crate) struct RequestContext {
     pub(crate) start: Instant,
     pub(crate) method: Method,
     pub(crate) version: http::Version,
-    pub(crate) path: String,
+    /// The client's target, for the access log's path (a clone shares the parsed bytes).
+    pub(crate) uri: http::Uri,
     pub(crate) conn: ConnInfo,
     /// The request's span, filled in by the phases (recording on it directly is cheaper than
     /// looking up the current span).
@@ -72,34 +73,41 @@ async fn phases(
         start: Instant::now(),
         method: req.method().clone(),
         version: req.version(),
-        path: req.uri().path().to_string(),
+        uri: req.uri().clone(),
         conn,
         span,
     };
-    let (route, host, resp, backend, series) = match route::pick(shared, &req, &cx.conn, &cx.span) {
-        Picked::Refused(resp) => return resp,
+    match route::pick(shared, &req, &cx.conn, &cx.span) {
+        Picked::Refused(resp) => resp,
         Picked::Answer { route, host, resp } => {
             let series = shared.metrics.route(&route);
             let resp = resp.map(count_out(&series));
-            (route, host, resp, None, series)
+            finish(shared, &cx, &series, &route, &host, None, resp)
         }
-        Picked::Forward {
-            entry,
-            host,
-            authority,
-        } => {
+        Picked::Forward { entry, names } => {
             let series = shared.metrics.route(entry.route.host.as_str());
-            let (resp, backend) =
-                forward(shared, &entry, &series, req, &cx, &host, &authority).await;
-            let route = entry.route.host.as_str().to_owned();
-            (route, host, resp, backend, series)
+            let (resp, backend) = forward(shared, &entry, &series, req, &cx, &names).await;
+            let route = entry.route.host.as_str();
+            finish(shared, &cx, &series, route, &names.host, backend, resp)
         }
-    };
+    }
+}
+
+/// Counts a request that got a route and writes its access record; returns its response.
+fn finish(
+    shared: &Shared,
+    cx: &RequestContext,
+    series: &RouteMetrics,
+    route: &str,
+    host: &str,
+    backend: Option<std::net::SocketAddr>,
+    resp: Response<Body>,
+) -> Response<Body> {
     log::finished_on(
         &shared.metrics,
-        &series,
+        series,
         shared.access_log,
-        &route,
+        route,
         &log::Parties {
             client: cx.conn.client,
             backend,
@@ -107,9 +115,9 @@ async fn phases(
         cx.start.elapsed(),
         Outcome::Response {
             status: resp.status(),
-            host: &host,
+            host,
             method: &cx.method,
-            path: &cx.path,
+            path: cx.uri.path(),
             proto: cx.conn.proto,
             version: cx.version,
         },
@@ -139,15 +147,13 @@ async fn forward(
     series: &RouteMetrics,
     req: Request<Incoming>,
     cx: &RequestContext,
-    host: &str,
-    authority: &str,
+    names: &crate::http::client::HostNames,
 ) -> (Response<Body>, Option<std::net::SocketAddr>) {
     let route = &entry.route;
     let hop = request::Hop {
         client: &cx.conn.client_ip,
         proto: cx.conn.proto,
-        host,
-        authority,
+        names,
         via: &shared.via,
     };
     let upstream = request::build(req, &hop, &route.options);

@@ -8,6 +8,7 @@
 use super::loops::Identity;
 use crate::http::body::Body;
 pub(crate) use crate::http::client::ClientIp;
+use crate::http::client::HostNames;
 use crate::routes::normalize_host;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
@@ -31,11 +32,10 @@ pub(crate) struct Hop<'a> {
     pub(crate) client: &'a ClientIp,
     /// `https` or `http`.
     pub(crate) proto: &'a str,
-    /// The routed host, normalized (`X-Forwarded-Host`, `Forwarded`).
-    pub(crate) host: &'a str,
-    /// The validated host as the client wrote it, port included: the upstream `Host` (h1) or
-    /// `:authority` (h2c).
-    pub(crate) authority: &'a str,
+    /// The validated host: as the client wrote it, port included, the upstream `Host` (h1)
+    /// or `:authority` (h2c); normalized in `X-Forwarded-Host` and `Forwarded` (values made
+    /// once per connection and host).
+    pub(crate) names: &'a HostNames,
     /// This gateway's `Via` pseudonym.
     pub(crate) via: &'a Identity,
 }
@@ -48,11 +48,9 @@ pub(crate) struct UpstreamHead {
     pub(crate) version: Version,
     /// h2c: the `:authority` to send (the client's host); h1 names the backend instead.
     pub(crate) authority: Option<String>,
-    /// Path and query.
-    pub(crate) target: String,
-    /// The client's own parsed path and query when it is already an origin-form target
-    /// (`/...`): the h1 request URI is made from it without formatting or parsing again.
-    origin: Option<http::uri::PathAndQuery>,
+    /// The client's own parsed path and query (shared, not copied): an origin-form target
+    /// (`/...`) becomes the h1 request URI without formatting or parsing again.
+    path: Option<http::uri::PathAndQuery>,
 }
 
 impl UpstreamHead {
@@ -78,22 +76,26 @@ impl UpstreamHead {
         Some(req)
     }
 
+    /// Path and query as sent (`/` when the client's target had neither).
+    pub(crate) fn target(&self) -> &str {
+        self.path.as_ref().map_or("/", |p| p.as_str())
+    }
+
     fn uri(&self) -> Option<http::Uri> {
         // h1: the origin-form target as the backend will see it (the connection names the
         // backend, Host is kept). h2c: the URI's authority is sent as `:authority`, so it is
         // the client's host (already validated).
-        match (&self.authority, &self.origin) {
-            (None, Some(origin)) => {
+        let target = self.target();
+        match (&self.authority, &self.path) {
+            (None, Some(origin)) if target.starts_with('/') => {
                 let mut parts = http::uri::Parts::default();
                 parts.path_and_query = Some(origin.clone());
                 http::Uri::from_parts(parts).ok()
             }
-            (Some(a), _) => format!("http://{a}{}", self.target).parse().ok(),
+            (Some(a), _) => format!("http://{a}{target}").parse().ok(),
             // A query with an empty path (`http://a?q`) still needs the `/`.
-            (None, None) if self.target.starts_with('?') => {
-                format!("/{}", self.target).parse().ok()
-            }
-            (None, None) => self.target.parse().ok(),
+            (None, _) if target.starts_with('?') => format!("/{target}").parse().ok(),
+            (None, _) => target.parse().ok(),
         }
     }
 
@@ -144,73 +146,95 @@ pub(crate) fn head(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, up.clone());
     }
-    set_forwarded(&mut headers, hop.client, hop.proto, hop.host);
+    set_forwarded(&mut headers, hop);
     hop.via.append_via(&mut headers, parts.version);
     let (version, authority) = match protocol {
         BackendProtocol::Http1 => {
-            if let Ok(v) = HeaderValue::from_str(hop.authority) {
-                headers.insert(header::HOST, v);
-            }
+            headers.insert(header::HOST, hop.names.host_value.clone());
             (Version::HTTP_11, None)
         }
-        BackendProtocol::H2c => (Version::HTTP_2, Some(hop.authority.to_string())),
+        BackendProtocol::H2c => (Version::HTTP_2, Some(hop.names.authority.clone())),
     };
-    let path_and_query = parts.uri.path_and_query();
     UpstreamHead {
         method: parts.method,
         headers,
         version,
         authority,
-        target: path_and_query.map_or("/", |p| p.as_str()).to_string(),
-        origin: path_and_query
-            .filter(|p| p.as_str().starts_with('/'))
-            .cloned(),
+        path: parts.uri.into_parts().path_and_query,
     }
 }
 
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1): `Connection`,
-/// `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`, `Proxy-Authorization`, `TE`,
-/// `Trailer`, `Transfer-Encoding` and `Upgrade`, and the names `Connection` lists.
-/// Whether a header name is hop-by-hop (listed above). Matched on the
-/// text: a name's own comparison costs more, and removing every listed name by look-up cost
-/// more than the rest of building the upstream head.
-fn is_hop_by_hop(n: &HeaderName) -> bool {
-    matches!(
-        n.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), besides the names
+/// `Connection` lists.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+/// Bits of [`HOP_BY_HOP`] entries, as [`hop_by_hop_bit`] gives them.
+const CONNECTION_BIT: u16 = 1;
+const TE_BIT: u16 = 1 << 5;
+
+/// The bit of a hop-by-hop name (lowercase, as a `HeaderName` is), `0` for any other name.
+/// Matched on the text: a name's own comparison costs more, and removing every listed name by
+/// look-up cost more than the rest of building the upstream head.
+fn hop_by_hop_bit(name: &str) -> u16 {
+    match name {
+        "connection" => CONNECTION_BIT,
+        "keep-alive" => 1 << 1,
+        "proxy-connection" => 1 << 2,
+        "proxy-authenticate" => 1 << 3,
+        "proxy-authorization" => 1 << 4,
+        "te" => TE_BIT,
+        "trailer" => 1 << 6,
+        "transfer-encoding" => 1 << 7,
+        "upgrade" => 1 << 8,
+        _ => 0,
+    }
 }
 
 /// Removes the hop-by-hop headers and those `Connection` names; keeps `TE: trailers`. One
-/// pass over the message's own names finds which are present; only those are removed.
+/// pass over the message's own names finds which are present (as bits, nothing allocated);
+/// only those are removed.
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let present: Vec<HeaderName> = h.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
-    if present.is_empty() {
+    let present = h
+        .keys()
+        .fold(0u16, |bits, n| bits | hop_by_hop_bit(n.as_str()));
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !is_hop_by_hop(n))
-        .collect();
-    let te_trailers = h
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
+    // Tokens naming hop-by-hop headers (`keep-alive` mostly) are removed below anyway, so
+    // only other names are parsed.
+    let named: Vec<HeaderName> = if present & CONNECTION_BIT != 0 {
+        h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !t.is_empty()
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|n| n.as_str().eq_ignore_ascii_case(t))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let te_trailers = present & TE_BIT != 0
+        && h.get(header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
     for n in named {
         // The framing and the host are never the client's to drop; the headers the gateway
         // sets itself are set after this.
@@ -218,8 +242,10 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
             h.remove(n);
         }
     }
-    for n in present {
-        h.remove(n);
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            h.remove(n);
+        }
     }
     if te_trailers {
         // gRPC needs `te: trailers` end to end; it is the one TE value h2 allows.
@@ -304,7 +330,7 @@ impl HostError {
 
 /// The host a request is for: the target's authority (absolute-form, or h2 `:authority`) or
 /// the one `Host`; both present must name the same host (and port, when both give one).
-pub(crate) fn request_host<B>(req: &Request<B>) -> Result<String, HostError> {
+pub(crate) fn request_host<B>(req: &Request<B>) -> Result<&str, HostError> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
@@ -316,8 +342,8 @@ pub(crate) fn request_host<B>(req: &Request<B>) -> Result<String, HostError> {
     };
     match (req.uri().authority(), host) {
         (Some(a), Some(h)) if !same_host(a.as_str(), h) => Err(HostError::Mismatch),
-        (Some(a), _) => Ok(a.as_str().to_string()),
-        (None, Some(h)) => Ok(h.to_string()),
+        (Some(a), _) => Ok(a.as_str()),
+        (None, Some(h)) => Ok(h),
         (None, None) => Err(HostError::Missing),
     }
 }
@@ -429,28 +455,12 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-fn set_forwarded(h: &mut HeaderMap, client: &ClientIp, proto: &str, host: &str) {
-    // We are the edge: client-supplied forwarding headers are replaced, not trusted. The
-    // address was formatted once for the connection, and the values are built without
-    // `format!` (this runs for every request).
-    let ip_text = client.value.to_str().unwrap_or_default();
-    let mut forwarded = String::with_capacity(32 + ip_text.len() + proto.len() + host.len());
-    forwarded.push_str("for=");
-    if client.v6 {
-        forwarded.push_str("\"[");
-        forwarded.push_str(ip_text);
-        forwarded.push_str("]\"");
-    } else {
-        forwarded.push_str(ip_text);
-    }
-    forwarded.push_str(";proto=");
-    forwarded.push_str(proto);
-    forwarded.push_str(";host=\"");
-    forwarded.push_str(host);
-    forwarded.push('"');
-    h.insert(X_REAL_IP.clone(), client.value.clone());
-    h.insert(X_FORWARDED_FOR.clone(), client.value.clone());
-    let proto_value = match proto {
+fn set_forwarded(h: &mut HeaderMap, hop: &Hop<'_>) {
+    // We are the edge: client-supplied forwarding headers are replaced, not trusted. Every
+    // value was made once for the connection (and host); a request only shares them.
+    h.insert(X_REAL_IP.clone(), hop.client.value.clone());
+    h.insert(X_FORWARDED_FOR.clone(), hop.client.value.clone());
+    let proto_value = match hop.proto {
         "https" => Ok(HeaderValue::from_static("https")),
         "http" => Ok(HeaderValue::from_static("http")),
         other => HeaderValue::from_str(other),
@@ -458,12 +468,8 @@ fn set_forwarded(h: &mut HeaderMap, client: &ClientIp, proto: &str, host: &str) 
     if let Ok(v) = proto_value {
         h.insert(X_FORWARDED_PROTO.clone(), v);
     }
-    if let Ok(v) = HeaderValue::from_str(host) {
-        h.insert(X_FORWARDED_HOST.clone(), v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
-        h.insert(header::FORWARDED, v);
-    }
+    h.insert(X_FORWARDED_HOST.clone(), hop.names.forwarded_host.clone());
+    h.insert(header::FORWARDED, hop.names.forwarded.clone());
 }
 
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -483,20 +489,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn hop_by_hop_bits_name_their_table_entries() {
+        for (i, n) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_bit(n.as_str()), 1 << i, "{n}");
+        }
+        assert_eq!(hop_by_hop_bit("x-kept"), 0);
+    }
+
+    #[test]
     fn hop_by_hop_and_connection_named_headers_removed() {
         let mut h = HeaderMap::new();
         h.insert(
             "connection",
-            HeaderValue::from_static("keep-alive, x-secret"),
+            HeaderValue::from_static("Keep-Alive, X-Secret, content-length"),
         );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("te", HeaderValue::from_static("trailers, gzip"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("content-length", HeaderValue::from_static("0"));
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
-        assert!(h.get("x-secret").is_none());
-        assert!(h.get("keep-alive").is_none());
-        assert!(h.get("connection").is_none());
+        for gone in [
+            "x-secret",
+            "keep-alive",
+            "connection",
+            "proxy-authorization",
+            "upgrade",
+        ] {
+            assert!(h.get(gone).is_none(), "{gone} forwarded");
+        }
+        assert_eq!(h.get("content-length").unwrap(), "0");
         assert_eq!(h.get("te").unwrap(), "trailers");
         assert_eq!(h.get("x-kept").unwrap(), "1");
     }
@@ -537,12 +561,16 @@ mod tests {
     fn forwarded_headers_replace_client_supplied() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
-        set_forwarded(
-            &mut h,
-            &ClientIp::of("[::ffff:192.0.2.1]:5000".parse().unwrap()),
-            "https",
-            "a.example",
-        );
+        let client = ClientIp::of("[::ffff:192.0.2.1]:5000".parse().unwrap());
+        let names = HostNames::new("a.example", "a.example".into(), &client, "https").unwrap();
+        let via = Identity::fixed("meshgate-test");
+        let hop = Hop {
+            client: &client,
+            proto: "https",
+            names: &names,
+            via: &via,
+        };
+        set_forwarded(&mut h, &hop);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "192.0.2.1");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
         assert_eq!(
@@ -560,13 +588,12 @@ mod tests {
         upgrade: Option<HeaderValue>,
     ) -> UpstreamHead {
         let via = Identity::fixed("meshgate-test");
-        let host = normalize_host(authority);
         let client = ClientIp::of("192.0.2.9:4000".parse().unwrap());
+        let names = HostNames::new(authority, normalize_host(authority), &client, proto).unwrap();
         let hop = Hop {
             client: &client,
             proto,
-            host: &host,
-            authority,
+            names: &names,
             via: &via,
         };
         head(req.into_parts().0, &hop, protocol, upgrade)
@@ -589,7 +616,7 @@ mod tests {
         );
         assert_eq!(head.version, Version::HTTP_11);
         assert_eq!(head.authority, None);
-        assert_eq!(head.target, "/p?q=1");
+        assert_eq!(head.target(), "/p?q=1");
         assert_eq!(head.headers.get("host").unwrap(), "app.example.org:8443");
         assert!(head.headers.get("connection").is_none());
         assert_eq!(
@@ -667,21 +694,18 @@ mod tests {
         };
         let h1 = Version::HTTP_11;
         let h2 = Version::HTTP_2;
-        assert_eq!(
-            request_host(&req("/", &["a.test"], h1)),
-            Ok("a.test".into())
-        );
+        assert_eq!(request_host(&req("/", &["a.test"], h1)), Ok("a.test"));
         assert_eq!(
             request_host(&req("http://b.test/", &["B.test.:80"], h1)),
-            Ok("b.test".into())
+            Ok("b.test")
         );
         assert_eq!(
             request_host(&req("https://b.test:8443/", &[], h2)),
-            Ok("b.test:8443".into())
+            Ok("b.test:8443")
         );
         assert_eq!(
             request_host(&req("https://b.test/", &["b.test:8443"], h2)),
-            Ok("b.test".into())
+            Ok("b.test")
         );
         assert_eq!(
             request_host(&req("http://b.test/", &["evil.example\"><x"], h1)),

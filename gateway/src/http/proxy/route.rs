@@ -8,6 +8,7 @@ use super::error;
 use super::request::{is_valid_host, request_host};
 use crate::http::ConnInfo;
 use crate::http::body::Body;
+use crate::http::client::HostNames;
 use crate::routes::{RouteEntry, normalize_host};
 use crate::state::Shared;
 use http::{Request, Response};
@@ -27,10 +28,8 @@ pub(crate) enum Picked {
     /// To be forwarded to the route's backends.
     Forward {
         entry: Arc<RouteEntry>,
-        /// Normalized (lowercase, no port or trailing dot).
-        host: String,
-        /// The validated host as the client wrote it, the upstream `Host`.
-        authority: String,
+        /// The validated host, normalized, and the header values made from it.
+        names: Arc<HostNames>,
     },
 }
 
@@ -49,26 +48,37 @@ pub(crate) fn pick<B>(
     };
     // The host is echoed into `Host`, `Forwarded`, `X-Forwarded-Host` and `Location`: only
     // names and IP literals may pass, so a wildcard route cannot carry injected quotes or
-    // parameters. Checked once per connection and host.
-    let host = match conn.hosts.get(&authority) {
-        Some(host) => host,
+    // parameters. Checked (and its header values made) once per connection and host.
+    let names = match conn.hosts.get(authority) {
+        Some(names) => names,
         None => {
-            if !is_valid_host(&authority) {
+            let names = is_valid_host(authority)
+                .then(|| {
+                    HostNames::new(
+                        authority,
+                        normalize_host(authority),
+                        &conn.client_ip,
+                        conn.proto,
+                    )
+                })
+                .flatten();
+            let Some(names) = names else {
                 shared.metrics.error("unknown", "invalid_host");
                 return Picked::Refused(error::invalid_host());
-            }
-            let host = normalize_host(&authority);
-            conn.hosts.set(&authority, &host);
-            host
+            };
+            let names = Arc::new(names);
+            conn.hosts.set(&names);
+            names
         }
     };
-    let Some(entry) = shared.routes().lookup(&host) else {
+    let host = names.host.as_str();
+    let Some(entry) = shared.routes().lookup_normalized(host) else {
         shared.metrics.error("unknown", "unknown_host");
         span.record("route", "unknown");
         return Picked::Answer {
             route: "unknown".to_string(),
             resp: error::unknown_host(),
-            host,
+            host: host.to_owned(),
         };
     };
     let route = entry.route.host.as_str();
@@ -80,7 +90,7 @@ pub(crate) fn pick<B>(
         }
         Picked::Answer {
             route: route.to_owned(),
-            host: host.clone(),
+            host: host.to_owned(),
             resp,
         }
     };
@@ -89,21 +99,17 @@ pub(crate) fn pick<B>(
         // TLS for one name must not reach another route's backend: a passthrough route's
         // backend would get plaintext, and a site the certificate does not cover is not one
         // the client authenticated (RFC 9110 §15.5.20).
-        let covered = conn.tls.as_ref().is_some_and(|t| t.covers(&host));
+        let covered = conn.tls.as_ref().is_some_and(|t| t.covers(host));
         if passthrough || !covered {
             tracing::info!(host = %host, "misdirected request");
             return answer(Some("misdirected"), error::misdirected());
         }
     } else if passthrough || !entry.route.options.allow_plain_http {
-        return answer(None, error::redirect_https(&host, req));
+        return answer(None, error::redirect_https(host, req));
     }
     if shared.via.looped(req.headers()) {
         tracing::warn!(host = %host, "request looped back to this gateway");
         return answer(Some("loop_detected"), error::loop_detected());
     }
-    Picked::Forward {
-        entry,
-        host,
-        authority,
-    }
+    Picked::Forward { entry, names }
 }
