@@ -1306,6 +1306,19 @@ mod tests {
         Some(d.seqno_at(e.lag))
     }
 
+    /// A router with neighbors 1–3 (cost 1,000 each) that heard `owner`'s seqno 5 via 1 at
+    /// metric 100 and via 2 at `via_2`: the routes the churn rules' tests start from.
+    fn two_routes(owner: &Identity, via_2: u32) -> Router {
+        let mut r = router();
+        let mut out = Vec::new();
+        for n in 1..=3 {
+            r.neighbor_up(n, 1000, &mut out);
+        }
+        r.handle_updates(1, &[signed(owner, 5, 100)], 0, &mut out);
+        r.handle_updates(2, &[signed(owner, 5, via_2)], 0, &mut out);
+        r
+    }
+
     fn router() -> Router {
         Router::new(
             Identity::from_seed(&[9; 32]),
@@ -1730,14 +1743,9 @@ mod tests {
     fn a_worse_fallback_after_a_retraction_waits_and_a_retraction_replaces_it() {
         let owner = Identity::from_seed(&[1; 32]);
         let p = prefix_for_key(&owner.public_key());
-        let mut r = router();
-        let mut out = Vec::new();
-        for n in 1..=3 {
-            r.neighbor_up(n, 1000, &mut out);
-        }
         // Via 1: 1,100 (selected, the feasibility distance); via 2: 1,600, feasible.
-        r.handle_updates(1, &[signed(&owner, 5, 100)], 0, &mut out);
-        r.handle_updates(2, &[signed(&owner, 5, 600)], 0, &mut out);
+        let mut r = two_routes(&owner, 600);
+        let mut out = Vec::new();
         assert_eq!(r.next_hop(&p), Some(1));
         // 1 retracts: traffic moves to 2 at once, its worse metric waits.
         out.clear();
@@ -1778,15 +1786,9 @@ mod tests {
     fn a_starving_node_does_not_forward_a_request_its_own_covers() {
         let owner = Identity::from_seed(&[1; 32]);
         let p = prefix_for_key(&owner.public_key());
-        let mut r = router();
-        let mut out = Vec::new();
-        for n in 1..=3 {
-            r.neighbor_up(n, 1000, &mut out);
-        }
         // Via 1: 1,100 (the feasibility distance); via 2: unfeasible (5,000 ≥ 1,100).
-        r.handle_updates(1, &[signed(&owner, 5, 100)], 0, &mut out);
-        r.handle_updates(2, &[signed(&owner, 5, 5000)], 0, &mut out);
-        out.clear();
+        let mut r = two_routes(&owner, 5000);
+        let mut out = Vec::new();
         // The link to 1 goes: r starves and asks 2 for seqno 6 at once.
         r.neighbor_down(1, 1_000_000, &mut out);
         assert_eq!(requests_in(&out), vec![(2, 6)]);
@@ -1808,16 +1810,7 @@ mod tests {
     fn a_node_starving_after_a_retraction_asks_only_if_its_routes_stay() {
         let owner = Identity::from_seed(&[1; 32]);
         let p = prefix_for_key(&owner.public_key());
-        let setup = || {
-            let mut r = router();
-            let mut out = Vec::new();
-            for n in 1..=3 {
-                r.neighbor_up(n, 1000, &mut out);
-            }
-            r.handle_updates(1, &[signed(&owner, 5, 100)], 0, &mut out);
-            r.handle_updates(2, &[signed(&owner, 5, 5000)], 0, &mut out);
-            r
-        };
+        let setup = || two_routes(&owner, 5000);
         // The unfeasible route is withdrawn within the hold: no request at all.
         let mut r = setup();
         let mut out = Vec::new();
