@@ -309,3 +309,94 @@ async fn reads_fill_without_initializing_the_rest_and_cross_the_ring_end() {
         off += chunk.len();
     }
 }
+
+/// Bulk data both ways at once through small channels and small outbound queues, so both
+/// channels and both stacks' outbound queues fill up together. A stack that stopped taking
+/// inbound packets while its own outbound queue was full deadlocked with its peer here: each
+/// waited for room the other would only make by reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flooded_both_ways_delivers_every_byte() {
+    const STREAMS: usize = 256;
+    const SIZE: usize = 256 << 10;
+    let config = StackConfig {
+        socket_buffer: 64 * 1024,
+        outbound_queue: 4,
+        ..StackConfig::default()
+    };
+    let (a_tx, b_rx) = mpsc::channel(4);
+    let (b_tx, a_rx) = mpsc::channel(4);
+    let channels = [("a->b", a_tx.downgrade()), ("b->a", b_tx.downgrade())];
+    let a = Stack::with_config(A, 1400, a_tx, a_rx, config.clone());
+    let b = Stack::with_config(B, 1400, b_tx, b_rx, config);
+    let listener = b.listen(7200).unwrap();
+    // The server echoes every byte back as it reads it.
+    let server = tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..STREAMS {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 32768];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    s.write_all(&buf[..n]).await.unwrap();
+                }
+                s.shutdown().await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let mut clients = Vec::new();
+    for i in 0..STREAMS {
+        let a = a.clone();
+        clients.push(tokio::spawn(async move {
+            let data = pattern(100 + i as u64, SIZE);
+            let want = blake3::hash(&data);
+            let c = a.connect(SocketAddrV6::new(B, 7200, 0, 0)).await.unwrap();
+            let (mut r, mut w) = tokio::io::split(c);
+            let writer = tokio::spawn(async move {
+                w.write_all(&data).await.unwrap();
+                w.shutdown().await.unwrap();
+                w
+            });
+            let mut got = Vec::with_capacity(SIZE);
+            r.read_to_end(&mut got).await.unwrap();
+            let _w = writer.await.unwrap();
+            assert_eq!(got.len(), SIZE, "stream {i}: length");
+            assert_eq!(blake3::hash(&got), want, "stream {i}: bytes");
+        }));
+    }
+    let all = async {
+        for c in clients {
+            c.await.unwrap();
+        }
+        server.await.unwrap();
+    };
+    if tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .is_err()
+    {
+        let queued: Vec<String> = channels
+            .iter()
+            .map(|(name, w)| match w.upgrade() {
+                Some(s) => format!(
+                    "{name} {}/{}",
+                    s.max_capacity() - s.capacity(),
+                    s.max_capacity()
+                ),
+                None => format!("{name} closed"),
+            })
+            .collect();
+        panic!(
+            "stalled: channels {queued:?}\n a {:?}\n b {:?}",
+            a.stats(),
+            b.stats()
+        );
+    }
+    // The ingress replies dropped at the hard limit are how the queues stayed bounded.
+    eprintln!("a {:?}\nb {:?}", a.stats(), b.stats());
+}
