@@ -136,3 +136,30 @@ fn capabilities(mtu: usize) -> DeviceCapabilities {
     caps.checksum = checksum;
     caps
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::phy::TxToken as _;
+
+    /// At the hard limit an ingress reply is dropped and counted; egress is still queued.
+    #[test]
+    fn ingress_replies_stop_at_the_hard_limit_egress_does_not() {
+        let mut outbound = Outbound::new(2);
+        let mut inbound = VecDeque::from(vec![Bytes::from_static(b"x"); 6]);
+        let mut device = ShardDevice {
+            inbound: &mut inbound,
+            outbound: &mut outbound,
+            mtu: 1280,
+        };
+        for _ in 0..6 {
+            let (_rx, tx) = device.receive(Instant::ZERO).unwrap();
+            tx.consume(40, |_| ());
+        }
+        assert_eq!(device.outbound.queue.len(), 4);
+        assert_eq!(device.outbound.replies_dropped, 2);
+        device.transmit(Instant::ZERO).unwrap().consume(40, |_| ());
+        assert_eq!(device.outbound.queue.len(), 5);
+        assert_eq!(device.outbound.replies_dropped, 2);
+    }
+}
