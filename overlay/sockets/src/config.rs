@@ -22,7 +22,8 @@ pub struct StackConfig {
     pub stream_timeout: Duration,
     /// Keep-alive probe interval on idle streams (detects dead peers).
     pub keep_alive: Duration,
-    /// Packets queued toward the L3 port before the device pushes back on smoltcp.
+    /// Packets queued toward the L3 port before the stack stops starting egress passes (soft
+    /// limit); replies to inbound packets are dropped and counted beyond twice this.
     pub outbound_queue: usize,
     /// How often the buffers of quiet sockets are given back to the OS: the send buffer once
     /// its data is acknowledged, the receive buffer once everything received was read (their

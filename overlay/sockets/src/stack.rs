@@ -1,10 +1,15 @@
 //! The userspace TCP/IP stack: the [`Stack`] handle (connect, listen, stats, shutdown) and
 //! the one poll task that drives its shards ([`crate::shards`]) on an L3 port.
 //!
-//! The poll task takes inbound packets, polls the shards with work and hands their packets to
-//! the L3 port; it sleeps until the earliest smoltcp timer, a packet, a stream's notification
-//! or room on the L3 port. It never spins. Streams and listeners share the shards through one
-//! mutex and copy straight into and out of the smoltcp socket buffers.
+//! The poll task takes inbound packets (always, even with its outbound queue full: device.rs
+//! caps the replies they produce instead), polls the shards with work and hands their packets
+//! to the L3 port; it sleeps until the earliest smoltcp timer, a packet, a stream's
+//! notification or room on the L3 port. It never spins. A stream's write sends its own
+//! segments on the writer's task (`Shared::send_after_write`: one task hand-off less per
+//! packet) and wakes the poll task only for what it leaves: packets already waiting (order),
+//! inbound packets on the shard, a full L3 port, or a timer earlier than the poll task's
+//! planned wake-up, which each round records under the lock. Streams and listeners share the
+//! shards through one mutex and copy straight into and out of the smoltcp socket buffers.
 
 use crate::config::StackConfig;
 use crate::shards::{Listener, Shared, SocketId, endpoint_v6, stopped_error};
@@ -28,6 +33,15 @@ pub struct StackStats {
     pub bytes_out: u64,
     /// TCP sockets currently held (streams, listeners' spare sockets, closing sockets).
     pub sockets: u64,
+    /// Replies produced by ingress (pure ACKs, RSTs) dropped because the outbound queue was
+    /// at its hard limit (twice `StackConfig::outbound_queue`).
+    pub ingress_replies_dropped: u64,
+    /// Packets waiting for the L3 port now (diagnostics).
+    #[doc(hidden)]
+    pub outbound_queued: u64,
+    /// Rounds of the poll task so far (tests of how often it runs).
+    #[doc(hidden)]
+    pub poll_rounds: u64,
 }
 
 /// Inbound packets taken from the L3 port per poll round (then egress runs: ACK clocking).
@@ -75,7 +89,7 @@ impl Stack {
         inspect: Option<InboundInspector>,
     ) -> Stack {
         let release_interval = config.release_interval;
-        let shared = Arc::new(Shared::new(address, mtu, config));
+        let shared = Arc::new(Shared::new(address, mtu, config, tx.clone()));
         tokio::spawn(run(shared.clone(), tx, rx, inspect));
         tokio::spawn(release_buffers(Arc::downgrade(&shared), release_interval));
         Stack { shared }
@@ -94,12 +108,16 @@ impl Stack {
     /// Traffic counters.
     pub fn stats(&self) -> StackStats {
         let s = &self.shared;
+        let inner = s.lock();
         StackStats {
             packets_in: s.packets_in.load(Ordering::Relaxed),
             packets_out: s.packets_out.load(Ordering::Relaxed),
             bytes_in: s.bytes_in.load(Ordering::Relaxed),
             bytes_out: s.bytes_out.load(Ordering::Relaxed),
-            sockets: s.lock().socket_count(),
+            sockets: inner.socket_count(),
+            ingress_replies_dropped: inner.outbound.replies_dropped,
+            outbound_queued: inner.outbound.queue.len() as u64,
+            poll_rounds: s.poll_rounds.load(Ordering::Relaxed),
         }
     }
 
@@ -287,14 +305,17 @@ async fn run(
     let notified = shared.notify.notified();
     tokio::pin!(notified);
     loop {
-        let (poll_at, have_outbound, inbound_room) = {
+        let (poll_at, have_outbound, egress_room) = {
             let mut guard = shared.lock();
             let inner = &mut *guard;
             if inner.stopped {
                 break;
             }
-            // Take inbound packets only while the outbound side has room: replies to them
-            // (ACKs) must not pile up past the device's limit.
+            shared.poll_rounds.fetch_add(1, Ordering::Relaxed);
+            // Take inbound packets always, whatever waits to go out: a stack that stopped
+            // reading while its outbound queue was full deadlocked with a peer doing the same
+            // (each waiting for room only the other's reading makes). The replies ingress
+            // produces are capped by the device instead (device.rs).
             let mut taken = 0;
             if let Some(p) = staged.take() {
                 count(&shared.packets_in, &shared.bytes_in, p.len());
@@ -304,7 +325,7 @@ async fn run(
                 inner.route_inbound(p);
                 taken += 1;
             }
-            while rx_open && taken < INGRESS_BATCH && !inner.outbound.full() {
+            while rx_open && taken < INGRESS_BATCH {
                 match rx.try_recv() {
                     Ok(p) => {
                         count(&shared.packets_in, &shared.bytes_in, p.len());
@@ -342,15 +363,15 @@ async fn run(
                 inner.stop();
                 break;
             }
-            (
-                inner.next_poll_at(),
-                !inner.outbound.queue.is_empty(),
-                !inner.outbound.full(),
-            )
+            let poll_at = inner.next_poll_at();
+            let egress_room = !inner.outbound.full();
+            // The sleep below; with no room it waits for a permit alone (writers defer then).
+            inner.planned_wake = if egress_room { poll_at } else { None };
+            (poll_at, !inner.outbound.queue.is_empty(), egress_room)
         };
-        // With the outbound queue full nothing smoltcp wants to do now can happen: wait for a
-        // permit instead of spinning on a zero delay.
-        let delay = if inbound_room {
+        // With the outbound queue full no egress can happen: wait for a permit or a packet
+        // instead of spinning on a zero delay.
+        let delay = if egress_room {
             poll_at.map(|at| {
                 let now = SmolInstant::now();
                 if at <= now {
@@ -378,7 +399,7 @@ async fn run(
             }
         }
         tokio::select! {
-            p = rx.recv(), if inbound_room => match p {
+            p = rx.recv() => match p {
                 Some(p) => staged = Some(p),
                 None => rx_open = false,
             },

@@ -192,10 +192,19 @@ async fn thousand_concurrent_streams() {
             );
         }));
     }
-    for c in clients {
-        c.await.unwrap();
+    let all = async {
+        for c in clients {
+            c.await.unwrap();
+        }
+        server.await.unwrap();
+    };
+    // A stall reports both stacks' counters instead of hanging.
+    if tokio::time::timeout(Duration::from_secs(120), all)
+        .await
+        .is_err()
+    {
+        panic!("stalled:\n a {:?}\n b {:?}", a.stats(), b.stats());
     }
-    server.await.unwrap();
 }
 
 /// Readers slower than the wire: receive windows close and reopen all the time (zero-window
@@ -308,4 +317,142 @@ async fn reads_fill_without_initializing_the_rest_and_cross_the_ring_end() {
         assert_eq!(&got[..], chunk, "chunk at offset {off} intact");
         off += chunk.len();
     }
+}
+
+/// Bulk data both ways at once through small channels and small outbound queues, so both
+/// channels and both stacks' outbound queues fill up together. A stack that stopped taking
+/// inbound packets while its own outbound queue was full deadlocked with its peer here: each
+/// waited for room the other would only make by reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flooded_both_ways_delivers_every_byte() {
+    const STREAMS: usize = 256;
+    const SIZE: usize = 256 << 10;
+    let config = StackConfig {
+        socket_buffer: 64 * 1024,
+        outbound_queue: 4,
+        ..StackConfig::default()
+    };
+    let (a_tx, b_rx) = mpsc::channel(4);
+    let (b_tx, a_rx) = mpsc::channel(4);
+    let channels = [("a->b", a_tx.downgrade()), ("b->a", b_tx.downgrade())];
+    let a = Stack::with_config(A, 1400, a_tx, a_rx, config.clone());
+    let b = Stack::with_config(B, 1400, b_tx, b_rx, config);
+    let listener = b.listen(7200).unwrap();
+    // The server echoes every byte back as it reads it.
+    let server = tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..STREAMS {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 32768];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    s.write_all(&buf[..n]).await.unwrap();
+                }
+                s.shutdown().await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let mut clients = Vec::new();
+    for i in 0..STREAMS {
+        let a = a.clone();
+        clients.push(tokio::spawn(async move {
+            let data = pattern(100 + i as u64, SIZE);
+            let want = blake3::hash(&data);
+            let c = a.connect(SocketAddrV6::new(B, 7200, 0, 0)).await.unwrap();
+            let (mut r, mut w) = tokio::io::split(c);
+            let writer = tokio::spawn(async move {
+                w.write_all(&data).await.unwrap();
+                w.shutdown().await.unwrap();
+                w
+            });
+            let mut got = Vec::with_capacity(SIZE);
+            r.read_to_end(&mut got).await.unwrap();
+            let _w = writer.await.unwrap();
+            assert_eq!(got.len(), SIZE, "stream {i}: length");
+            assert_eq!(blake3::hash(&got), want, "stream {i}: bytes");
+        }));
+    }
+    let all = async {
+        for c in clients {
+            c.await.unwrap();
+        }
+        server.await.unwrap();
+    };
+    if tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .is_err()
+    {
+        let queued: Vec<String> = channels
+            .iter()
+            .map(|(name, w)| match w.upgrade() {
+                Some(s) => format!(
+                    "{name} {}/{}",
+                    s.max_capacity() - s.capacity(),
+                    s.max_capacity()
+                ),
+                None => format!("{name} closed"),
+            })
+            .collect();
+        panic!(
+            "stalled: channels {queued:?}\n a {:?}\n b {:?}",
+            a.stats(),
+            b.stats()
+        );
+    }
+    // The ingress replies dropped at the hard limit are how the queues stayed bounded.
+    eprintln!("a {:?}\nb {:?}", a.stats(), b.stats());
+}
+
+/// A write sends its own segments on the writer's task: a small echo exchange costs the two
+/// poll tasks about one round per packet they receive, no longer also one per write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_echo_exchange_costs_few_poll_rounds() {
+    const EXCHANGES: u64 = 300;
+    let (a, b) = wire(1400, StackConfig::default());
+    let listener = b.listen(7300).unwrap();
+    let mut c = a.connect(SocketAddrV6::new(B, 7300, 0, 0)).await.unwrap();
+    let (mut s, _) = listener.accept().await.unwrap();
+    let server = tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).await.unwrap();
+        }
+    });
+    let rounds = || a.stats().poll_rounds + b.stats().poll_rounds;
+    async fn exchange(c: &mut meshgate_sockets::TcpStream, i: u64) {
+        let msg = i.to_be_bytes();
+        c.write_all(&msg).await.unwrap();
+        let mut got = [0u8; 8];
+        c.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, msg);
+    }
+    // Handshake and first timers settled.
+    for i in 0..20 {
+        exchange(&mut c, i).await;
+    }
+    let before = rounds();
+    for i in 0..EXCHANGES {
+        exchange(&mut c, i).await;
+    }
+    let per_exchange = (rounds() - before) as f64 / EXCHANGES as f64;
+    eprintln!("poll rounds per echo exchange (both stacks): {per_exchange:.2}");
+    // Two packets received per exchange (request, response): two rounds, and a little slack
+    // for timers. A round per write as well made it about four.
+    assert!(
+        per_exchange <= 2.5,
+        "{per_exchange:.2} poll rounds per exchange"
+    );
+    drop(c);
+    server.await.unwrap();
 }
