@@ -406,8 +406,8 @@ async fn bench(with_tun: bool) -> anyhow::Result<String> {
     md.push_str("## sockets: TCP over the overlay\n\n");
     md.push_str(&format!(
         "Release build, 2-core machine shared with other builds, one process, every overlay \
-         node on loopback TCP links (default overlay MTU {} bytes, ChaCha20-Poly1305 end to \
-         end). Medians of {RUNS} runs; single-stream runs send up to {} MiB or {} s. The \
+         node on loopback TCP links (default overlay MTU {} bytes, AES-256-GCM end to end). \
+         Medians of {RUNS} runs; single-stream runs send up to {} MiB or {} s. The \
          loopback reference is kernel TCP in the same run{}.\n\n",
         meshgate_overlay::DEFAULT_MTU,
         STREAM_BYTES >> 20,

@@ -447,10 +447,11 @@ async fn small_echo_exchange_costs_few_poll_rounds() {
     }
     let per_exchange = (rounds() - before) as f64 / EXCHANGES as f64;
     eprintln!("poll rounds per echo exchange (both stacks): {per_exchange:.2}");
-    // Two packets received per exchange (request, response): two rounds, and a little slack
-    // for timers. A round per write as well made it about four.
+    // Two packets received per exchange (request, response): two rounds. A round per write as
+    // well made it four. The slack is for a loaded machine (CI runs tests side by side): an
+    // exchange slower than smoltcp's 10 ms delayed-ACK timer adds a round on each side.
     assert!(
-        per_exchange <= 2.5,
+        per_exchange <= 3.0,
         "{per_exchange:.2} poll rounds per exchange"
     );
     drop(c);
