@@ -170,13 +170,10 @@ impl AsyncWrite for TcpStream {
                 Poll::Pending
             }
             Ok(n) => {
+                inner.mark_dirty(self.id.shard);
                 inner.note_sent(self.id);
-                // The write sends its own segments; the poll task runs only when needed.
-                let wake = self.shared.send_after_write(&mut inner, self.id.shard);
                 drop(inner);
-                if wake {
-                    self.shared.notify.notify_one();
-                }
+                self.shared.notify.notify_one();
                 Poll::Ready(Ok(n))
             }
             Err(_) => {
