@@ -196,7 +196,6 @@ pub(crate) struct Shared {
     pub(crate) packets_out: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
-    pub(crate) poll_rounds: AtomicU64,
 }
 
 impl Shared {
@@ -263,7 +262,6 @@ impl Shared {
             packets_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
-            poll_rounds: AtomicU64::new(0),
         }
     }
 

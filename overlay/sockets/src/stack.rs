@@ -35,9 +35,6 @@ pub struct StackStats {
     /// Packets waiting for the L3 port now (diagnostics).
     #[doc(hidden)]
     pub outbound_queued: u64,
-    /// Rounds of the poll task so far (tests of how often it runs).
-    #[doc(hidden)]
-    pub poll_rounds: u64,
 }
 
 /// Inbound packets taken from the L3 port per poll round (then egress runs: ACK clocking).
@@ -113,7 +110,6 @@ impl Stack {
             sockets: inner.socket_count(),
             ingress_replies_dropped: inner.outbound.replies_dropped,
             outbound_queued: inner.outbound.queue.len() as u64,
-            poll_rounds: s.poll_rounds.load(Ordering::Relaxed),
         }
     }
 
@@ -307,7 +303,6 @@ async fn run(
             if inner.stopped {
                 break;
             }
-            shared.poll_rounds.fetch_add(1, Ordering::Relaxed);
             // Take inbound packets always, whatever waits to go out: a stack that stopped
             // reading while its outbound queue was full deadlocked with a peer doing the same
             // (each waiting for room only the other's reading makes). The replies ingress

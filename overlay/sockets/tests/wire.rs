@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::pattern;
+use common::{join_within, pattern};
 use meshgate_sockets::{Stack, StackConfig};
 use std::io::ErrorKind;
 use std::net::{Ipv6Addr, SocketAddrV6};
@@ -192,19 +192,10 @@ async fn thousand_concurrent_streams() {
             );
         }));
     }
-    let all = async {
-        for c in clients {
-            c.await.unwrap();
-        }
-        server.await.unwrap();
-    };
-    // A stall reports both stacks' counters instead of hanging.
-    if tokio::time::timeout(Duration::from_secs(120), all)
-        .await
-        .is_err()
-    {
-        panic!("stalled:\n a {:?}\n b {:?}", a.stats(), b.stats());
-    }
+    join_within(Duration::from_secs(120), clients, server, || {
+        format!("\n a {:?}\n b {:?}", a.stats(), b.stats())
+    })
+    .await;
 }
 
 /// Readers slower than the wire: receive windows close and reopen all the time (zero-window
@@ -379,16 +370,7 @@ async fn flooded_both_ways_delivers_every_byte() {
             assert_eq!(blake3::hash(&got), want, "stream {i}: bytes");
         }));
     }
-    let all = async {
-        for c in clients {
-            c.await.unwrap();
-        }
-        server.await.unwrap();
-    };
-    if tokio::time::timeout(Duration::from_secs(60), all)
-        .await
-        .is_err()
-    {
+    join_within(Duration::from_secs(60), clients, server, || {
         let queued: Vec<String> = channels
             .iter()
             .map(|(name, w)| match w.upgrade() {
@@ -400,12 +382,13 @@ async fn flooded_both_ways_delivers_every_byte() {
                 None => format!("{name} closed"),
             })
             .collect();
-        panic!(
-            "stalled: channels {queued:?}\n a {:?}\n b {:?}",
+        format!(
+            "channels {queued:?}\n a {:?}\n b {:?}",
             a.stats(),
             b.stats()
-        );
-    }
-    // The ingress replies dropped at the hard limit are how the queues stayed bounded.
+        )
+    })
+    .await;
+    // Counters, ingress replies dropped at the hard limit among them.
     eprintln!("a {:?}\nb {:?}", a.stats(), b.stats());
 }

@@ -18,6 +18,25 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// Awaits every task, then `last`. Past `limit` the test panics with `report()` (the stacks'
+/// counters, say) instead of hanging the suite.
+pub async fn join_within<A, B>(
+    limit: std::time::Duration,
+    tasks: Vec<tokio::task::JoinHandle<A>>,
+    last: tokio::task::JoinHandle<B>,
+    report: impl FnOnce() -> String,
+) {
+    let all = async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+        last.await.unwrap();
+    };
+    if tokio::time::timeout(limit, all).await.is_err() {
+        panic!("stalled after {limit:?}: {}", report());
+    }
+}
+
 /// A network namespace created for one test and deleted when dropped.
 pub struct Netns {
     pub name: String,
