@@ -88,6 +88,12 @@ pub enum CoreOut {
     LinkDown { link: Nbr, reason: DownReason },
 }
 
+/// How long a packet from the L3 port waits at most for room on its full link (the shell
+/// stops reading the port meanwhile), and how recently the link must have taken bytes for it
+/// to wait at all (see [`NodeCore::local_or_pause`]): bounds what one slow link delays the
+/// local stack's packets for other links.
+pub const LOCAL_PAUSE_MAX: Micros = 10_000;
+
 /// Counters; every refused input is counted under its reason.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Counters {
@@ -154,6 +160,9 @@ pub struct Counters {
     pub link_queue_drops: u64,
     /// Packets for the L3 port dropped because its reader lags (backlog full).
     pub deliver_backlog_drops: u64,
+    /// Packets from the L3 port that found their link's queue ¾ full and waited (the shell
+    /// stops reading the port until the link drains: backpressure instead of loss).
+    pub local_paused: u64,
     /// Typed events for the L3 port dropped because its reader lags.
     pub l3_events_dropped: u64,
     /// Routed packets from a link whose source lies in this node's own /64: forged, dropped.
@@ -1117,6 +1126,46 @@ impl NodeCore {
         self.dispatch(out, start, now);
     }
 
+    /// [`NodeCore::local`], unless the packet's link queue is too full to take it (¾, where
+    /// [`NodeCore::local`] would drop it): then the packet is handed back (`local_paused`) for
+    /// the shell to hold while it stops reading the L3 port. Loss is the only signal a full link
+    /// gives otherwise, and the local stack's TCP recovers from loss slowly: 1000 streams into
+    /// one link lost 2.4 % of their packets here.
+    pub fn local_or_pause(
+        &mut self,
+        packet: Bytes,
+        now: Micros,
+        out: &mut Vec<CoreOut>,
+    ) -> Option<Bytes> {
+        if self.local_blocked(&packet, now) {
+            self.counters.local_paused += 1;
+            return Some(packet);
+        }
+        self.local(packet, now, out);
+        None
+    }
+
+    /// Whether a packet from the L3 port would find its next hop's link queue ¾ full while
+    /// the link drains (its transport took bytes within [`LOCAL_PAUSE_MAX`]): see
+    /// [`NodeCore::local_or_pause`]. A link that takes nothing (a peer that stopped reading)
+    /// never holds the port up: its packets are dropped as before. Anything else (malformed,
+    /// for this node, no route) is not blocked either: [`NodeCore::local`] deals with it.
+    pub fn local_blocked(&self, packet: &[u8], now: Micros) -> bool {
+        let Some((_, dst)) = parse_ipv6(packet, self.cfg.mtu) else {
+            return false;
+        };
+        let dprefix = prefix_of(&dst);
+        if !is_overlay_v6(&dst) || dprefix == self.prefix {
+            return false;
+        }
+        self.router
+            .next_hop(&dprefix)
+            .and_then(|n| self.links.get(&n))
+            .is_some_and(|e| {
+                !droppable_fits(&e.link, &self.cfg.limits) && e.link.draining(now, LOCAL_PAUSE_MAX)
+            })
+    }
+
     fn local_inner(&mut self, packet: Bytes, now: Micros, out: &mut Vec<CoreOut>) {
         let Some((src, dst)) = parse_ipv6(&packet, self.cfg.mtu) else {
             self.counters.local_bad_packet += 1;
@@ -1313,7 +1362,12 @@ mod tests {
     }
 
     fn linked_pair() -> (NodeCore, NodeCore, Vec<CoreOut>) {
-        let mut a = core(Limits::default());
+        linked_pair_with(Limits::default())
+    }
+
+    /// Two cores linked over link 7; `a` has `limits`.
+    fn linked_pair_with(limits: Limits) -> (NodeCore, NodeCore, Vec<CoreOut>) {
+        let mut a = core(limits);
         let mut b = NodeCore::new(
             Identity::from_seed(&[2; 32]),
             CoreConfig::default(),
@@ -1384,6 +1438,79 @@ mod tests {
             }
         )));
         assert!(a.neighbors().is_empty());
+    }
+
+    /// A full link (¾ of its queue) dropped the local stack's packets, and its TCP recovered
+    /// slowly: `sockets many` lost 2.4 % of 155k packets. Now the packet is handed back for
+    /// the shell to hold, and goes once the link drains.
+    #[test]
+    fn local_packet_waits_for_room_on_its_full_link() {
+        let (mut a, mut b, _) = linked_pair_with(Limits {
+            link_queue_frames: 8,
+            ..Limits::default()
+        });
+        let (src, dst) = (a.address(), b.address());
+        let pkt = |k: u8| crate::sim::ipv6_packet(src, dst, &[k; 1000]);
+        let mut out = Vec::new();
+        let mut now = 10_000;
+        // Routes, then the session, carried both ways until a packet arrives.
+        let mut delivered = 0;
+        for round in 0..20u8 {
+            now += 1000;
+            a.local(pkt(round), now, &mut out);
+            a.handle_timeout(now, &mut out);
+            b.handle_timeout(now, &mut out);
+            carry(&mut a, &mut b, 7, now, &mut out);
+            carry(&mut b, &mut a, 7, now, &mut out);
+            delivered += out
+                .drain(..)
+                .filter(|o| matches!(o, CoreOut::Deliver(_)))
+                .count();
+            if delivered > 0 {
+                break;
+            }
+        }
+        assert!(delivered > 0, "no route or session after 20 rounds");
+        let drops = a.counters().link_queue_drops;
+        // Six frames fill ¾ of eight; the seventh packet waits instead of being dropped.
+        for k in 0..6 {
+            assert!(
+                a.local_or_pause(pkt(k), now, &mut out).is_none(),
+                "packet {k}"
+            );
+        }
+        let held = a
+            .local_or_pause(pkt(6), now, &mut out)
+            .expect("the link is ¾ full");
+        assert!(a.local_blocked(&held, now));
+        assert_eq!(a.counters().local_paused, 1);
+        assert_eq!(a.counters().link_queue_drops, drops, "nothing dropped");
+        // The link drains; the packet goes, and all seven arrive intact.
+        assert!(carry(&mut a, &mut b, 7, now, &mut out));
+        assert!(!a.local_blocked(&held, now));
+        assert!(a.local_or_pause(held, now, &mut out).is_none());
+        carry(&mut a, &mut b, 7, now, &mut out);
+        let got: Vec<Bytes> = out
+            .drain(..)
+            .filter_map(|o| match o {
+                CoreOut::Deliver(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, (0..7).map(pkt).collect::<Vec<_>>());
+        assert_eq!(a.counters().link_queue_drops, drops);
+        // A link that takes nothing for LOCAL_PAUSE_MAX (a peer that stopped reading) holds
+        // nothing up: its packets are dropped and counted as before.
+        for k in 0..6 {
+            assert!(a.local_or_pause(pkt(k), now, &mut out).is_none());
+        }
+        now += LOCAL_PAUSE_MAX;
+        assert!(!a.local_blocked(&pkt(6), now));
+        assert!(a.local_or_pause(pkt(6), now, &mut out).is_none());
+        assert_eq!(a.counters().link_queue_drops, drops + 1);
+        // Anything `local` handles itself is never held: malformed, or for this node.
+        assert!(!a.local_blocked(b"short", now));
+        assert!(!a.local_blocked(&crate::sim::ipv6_packet(src, src, b"me"), now));
     }
 
     /// Issue 13, item 4: the number of links was unlimited.

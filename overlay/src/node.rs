@@ -211,6 +211,9 @@ const READ_BUDGET: usize = 256 * 1024;
 const DELIVER_BACKLOG: usize = 4096;
 /// How often, at most, the status snapshot is refreshed while things change.
 const STATUS_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a packet from the L3 port waits for room on its full link (the port is not read
+/// meanwhile) before it goes the way of any packet for a full link: dropped and counted.
+const LOCAL_PAUSE_MAX: Duration = Duration::from_micros(crate::core::LOCAL_PAUSE_MAX);
 /// Inbound handshakes in progress at most (the core refuses more).
 pub const MAX_INBOUND_HANDSHAKES: usize = crate::core::MAX_INBOUND_HANDSHAKES;
 
@@ -655,14 +658,36 @@ impl CoreTask {
         self.start.elapsed().as_micros() as u64
     }
 
-    /// The core's next deadline, or the status refresh, whichever is first.
-    fn wake_at(&self) -> Option<tokio::time::Instant> {
+    /// The core's next deadline, the status refresh or the end of a paused packet's wait,
+    /// whichever is first.
+    fn wake_at(&self, paused_until: Option<Instant>) -> Option<tokio::time::Instant> {
         let core = (self.core.poll_timeout()).map(|t| self.start + Duration::from_micros(t));
-        let at = match (core, self.status_due) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        at.map(tokio::time::Instant::from_std)
+        [core, self.status_due, paused_until]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(tokio::time::Instant::from_std)
+    }
+
+    /// Takes packets from the L3 port: `first`, then up to 64 more already waiting, until one
+    /// finds its link full; that one is returned, to wait (see [`NodeCore::local_or_pause`]).
+    fn local_batch(
+        &mut self,
+        first: Bytes,
+        l3_in: &mut mpsc::Receiver<Bytes>,
+        out: &mut Vec<CoreOut>,
+    ) -> Option<Bytes> {
+        let now = self.now();
+        if let Some(p) = self.core.local_or_pause(first, now, out) {
+            return Some(p);
+        }
+        for _ in 0..64 {
+            let Ok(p) = l3_in.try_recv() else { break };
+            if let Some(p) = self.core.local_or_pause(p, now, out) {
+                return Some(p);
+            }
+        }
+        None
     }
 
     async fn run(
@@ -684,8 +709,11 @@ impl CoreTask {
         // and left the token's waiter list, a lock each, for every packet).
         let cancelled = cancel.cancelled();
         tokio::pin!(cancelled);
+        // A packet from the L3 port waiting for room on its link, and until when; the port is
+        // not read meanwhile.
+        let mut paused: Option<(Bytes, Instant)> = None;
         loop {
-            let wake_at = self.wake_at();
+            let wake_at = self.wake_at(paused.as_ref().map(|p| p.1));
             if let Some(t) = wake_at
                 && armed != Some(t)
             {
@@ -734,17 +762,13 @@ impl CoreTask {
                 }
                 // Never gated on the links: a full link drops its own packets (counted), it
                 // does not hold back the L3 port or other links.
-                p = l3_in.recv(), if l3_open => {
+                // Not read while a packet waits for its link (backpressure on the stack).
+                p = l3_in.recv(), if l3_open && paused.is_none() => {
                     match p {
                         Some(p) => {
-                            let now = self.now();
-                            self.core.local(p, now, &mut out);
-                            for _ in 0..64 {
-                                match l3_in.try_recv() {
-                                    Ok(p) => self.core.local(p, now, &mut out),
-                                    Err(_) => break,
-                                }
-                            }
+                            paused = self
+                                .local_batch(p, &mut l3_in, &mut out)
+                                .map(|p| (p, Instant::now() + LOCAL_PAUSE_MAX));
                         }
                         None => l3_open = false,
                     }
@@ -752,6 +776,19 @@ impl CoreTask {
             }
             self.apply(&mut out, &l3_out);
             self.flush_links(&mut out, &l3_out);
+            // The links may have drained: the waiting packet goes when its link has room, or
+            // when its wait is over (then `local` drops and counts it if the link is still
+            // full).
+            if let Some((p, until)) = paused.take() {
+                if Instant::now() < until && self.core.local_blocked(&p, self.now()) {
+                    paused = Some((p, until));
+                } else {
+                    let now = self.now();
+                    self.core.local(p, now, &mut out);
+                    self.apply(&mut out, &l3_out);
+                    self.flush_links(&mut out, &l3_out);
+                }
+            }
             if self.status_due.is_none() {
                 self.status_due = Some(Instant::now() + STATUS_INTERVAL);
             }

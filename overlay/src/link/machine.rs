@@ -524,6 +524,11 @@ impl Link {
         self.out.pending_bytes()
     }
 
+    /// Whether the transport took bytes less than `window` before `now`.
+    pub fn draining(&self, now: Micros, window: Micros) -> bool {
+        self.out.progressed_within(now, window)
+    }
+
     /// Frames waiting for the transport.
     pub fn queued_frames(&self) -> usize {
         self.out.len()

@@ -166,6 +166,12 @@ impl OutQueue {
         (!self.frames.is_empty()).then(|| self.progress_at.saturating_add(timeout))
     }
 
+    /// Whether bytes were written (or the queue last started filling) less than `window`
+    /// before `now`: the transport is taking bytes.
+    pub(crate) fn progressed_within(&self, now: Micros, window: Micros) -> bool {
+        now.saturating_sub(self.progress_at) < window
+    }
+
     /// Whether frames have waited `timeout` without a byte written.
     pub(crate) fn stalled(&self, now: Micros, timeout: Micros) -> bool {
         self.stall_deadline(timeout).is_some_and(|d| now >= d)
