@@ -9,9 +9,9 @@
 //! interface and socket set. An inbound packet goes to the shard its connection (remote
 //! address, remote port, local port) hashes to; `connect` picks a local port, and with it the
 //! shard its replies will hash to. Only shards with work are polled: inbound packets, a stream
-//! that wrote, closed or read with its window at most half open (it marks its shard dirty
-//! before notifying), or the shard's own
-//! smoltcp timer (cached after each poll; the poll task sleeps until the earliest).
+//! that closed, read with its window at most half open, or wrote but could not send its own
+//! segments (it marks its shard dirty before notifying), or the shard's own smoltcp timer
+//! (cached after each poll; the poll task sleeps until the earliest).
 
 use crate::buffers::SocketMemory;
 use crate::config::StackConfig;
@@ -34,10 +34,10 @@ use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::net::{Ipv6Addr, SocketAddrV6};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::task::Waker;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 /// Shards of the stack. Per-packet work is O(sockets / SHARDS); the poll task looks at every
 /// shard's flags once per round, O(SHARDS). Measured on an in-memory wire with 1000 idle
@@ -184,6 +184,13 @@ pub(crate) struct Inner {
     /// Connecting sockets failed because their destination was reported unreachable: their
     /// connect says so instead of "refused or timed out". Removed when the connect returns.
     pub(crate) unreachable: HashSet<(usize, SocketHandle)>,
+    /// The L3 port, for writers sending their own segments ([`Shared::send_after_write`]);
+    /// dropped on stop so the port closes with the poll task.
+    pub(crate) tx: Option<mpsc::Sender<Bytes>>,
+    /// When the poll task will next wake on its own, as of its last round (`None`: only for
+    /// a packet, a notification or a permit). A writer whose shard's new timer is earlier
+    /// wakes it.
+    pub(crate) planned_wake: Option<SmolInstant>,
 }
 
 pub(crate) struct Shared {
@@ -200,7 +207,12 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// The state of a new stack for `address`, its shards set up and empty.
-    pub(crate) fn new(address: Ipv6Addr, mtu: usize, config: StackConfig) -> Shared {
+    pub(crate) fn new(
+        address: Ipv6Addr,
+        mtu: usize,
+        config: StackConfig,
+        tx: mpsc::Sender<Bytes>,
+    ) -> Shared {
         // IPv6 needs 1280; an IPv6 packet's payload length field caps it at 65535 + 40.
         let mtu = mtu.clamp(1280, 65535);
         // Initial sequence numbers and the first ephemeral port come from SipHash with random
@@ -252,6 +264,8 @@ impl Shared {
             config,
             stopped: false,
             unreachable: HashSet::default(),
+            tx: Some(tx),
+            planned_wake: None,
         };
         Shared {
             inner: Mutex::new(inner),
@@ -268,6 +282,54 @@ impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves smoltcp state consistent enough to keep going.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A stream wrote into a socket of `shard`: sends the shard's segments from here, on the
+    /// writer's task, instead of handing the work to the poll task (a task hand-off per
+    /// packet). Leaves it to the poll task (shard marked dirty) when packets already wait for
+    /// the L3 port (they go first) or inbound packets wait on the shard. Returns whether the
+    /// poll task must be woken: that work left to it, packets left waiting for room on the L3
+    /// port, or the shard's new timer earlier than the poll task's planned wake-up.
+    pub(crate) fn send_after_write(&self, inner: &mut Inner, shard: usize) -> bool {
+        if inner.tx.is_none()
+            || !inner.outbound.queue.is_empty()
+            || !inner.shards[shard].inbound.is_empty()
+        {
+            inner.mark_dirty(shard);
+            return true;
+        }
+        let now = SmolInstant::now();
+        // What the poll task would do for this shard (`Inner::poll_due`).
+        inner.dirty &= !(1 << shard);
+        inner.poll_shard(shard, now);
+        let s = &mut inner.shards[shard];
+        s.poll_at = s.iface.poll_at(now, &s.sockets);
+        let mut wake = match (s.poll_at, inner.planned_wake) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(at), Some(planned)) => at < planned,
+        };
+        let Inner { tx, outbound, .. } = inner;
+        if let Some(tx) = tx {
+            while let Some(p) = outbound.queue.pop_front() {
+                let len = p.len();
+                match tx.try_send(p) {
+                    Ok(()) => {
+                        self.packets_out.fetch_add(1, Ordering::Relaxed);
+                        self.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
+                    }
+                    // Full: the poll task waits for a permit. Closed: it stops the stack.
+                    Err(
+                        mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p),
+                    ) => {
+                        outbound.queue.push_front(p);
+                        wake = true;
+                        break;
+                    }
+                }
+            }
+        }
+        wake
     }
 }
 
@@ -690,6 +752,7 @@ impl Inner {
             return;
         }
         self.stopped = true;
+        self.tx = None;
         for shard in &mut self.shards {
             for (_, socket) in shard.sockets.iter_mut() {
                 if let smoltcp::socket::Socket::Tcp(s) = socket {

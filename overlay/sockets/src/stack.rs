@@ -4,7 +4,11 @@
 //! The poll task takes inbound packets (always, even with its outbound queue full: device.rs
 //! caps the replies they produce instead), polls the shards with work and hands their packets
 //! to the L3 port; it sleeps until the earliest smoltcp timer, a packet, a stream's
-//! notification or room on the L3 port. It never spins. Streams and listeners share the
+//! notification or room on the L3 port. It never spins. A stream's write sends its own
+//! segments on the writer's task (`Shared::send_after_write`: one task hand-off less per
+//! packet) and wakes the poll task only for what it leaves: packets already waiting (order),
+//! inbound packets on the shard, a full L3 port, or a timer earlier than the poll task's
+//! planned wake-up, which each round records under the lock. Streams and listeners share the
 //! shards through one mutex and copy straight into and out of the smoltcp socket buffers.
 
 use crate::config::StackConfig;
@@ -82,7 +86,7 @@ impl Stack {
         inspect: Option<InboundInspector>,
     ) -> Stack {
         let release_interval = config.release_interval;
-        let shared = Arc::new(Shared::new(address, mtu, config));
+        let shared = Arc::new(Shared::new(address, mtu, config, tx.clone()));
         tokio::spawn(run(shared.clone(), tx, rx, inspect));
         tokio::spawn(release_buffers(Arc::downgrade(&shared), release_interval));
         Stack { shared }
@@ -354,11 +358,11 @@ async fn run(
                 inner.stop();
                 break;
             }
-            (
-                inner.next_poll_at(),
-                !inner.outbound.queue.is_empty(),
-                !inner.outbound.full(),
-            )
+            let poll_at = inner.next_poll_at();
+            let egress_room = !inner.outbound.full();
+            // The sleep below; with no room it waits for a permit alone (writers defer then).
+            inner.planned_wake = if egress_room { poll_at } else { None };
+            (poll_at, !inner.outbound.queue.is_empty(), egress_room)
         };
         // With the outbound queue full no egress can happen: wait for a permit or a packet
         // instead of spinning on a zero delay.

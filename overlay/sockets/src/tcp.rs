@@ -170,10 +170,13 @@ impl AsyncWrite for TcpStream {
                 Poll::Pending
             }
             Ok(n) => {
-                inner.mark_dirty(self.id.shard);
                 inner.note_sent(self.id);
+                // The write sends its own segments; the poll task runs only when needed.
+                let wake = self.shared.send_after_write(&mut inner, self.id.shard);
                 drop(inner);
-                self.shared.notify.notify_one();
+                if wake {
+                    self.shared.notify.notify_one();
+                }
                 Poll::Ready(Ok(n))
             }
             Err(_) => {

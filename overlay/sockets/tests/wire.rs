@@ -392,3 +392,51 @@ async fn flooded_both_ways_delivers_every_byte() {
     // Counters, ingress replies dropped at the hard limit among them.
     eprintln!("a {:?}\nb {:?}", a.stats(), b.stats());
 }
+
+/// A write sends its own segments on the writer's task: a small echo exchange costs the two
+/// poll tasks about one round per packet they receive, no longer also one per write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_echo_exchange_costs_few_poll_rounds() {
+    const EXCHANGES: u64 = 300;
+    let (a, b) = wire(1400, StackConfig::default());
+    let listener = b.listen(7300).unwrap();
+    let mut c = a.connect(SocketAddrV6::new(B, 7300, 0, 0)).await.unwrap();
+    let (mut s, _) = listener.accept().await.unwrap();
+    let server = tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).await.unwrap();
+        }
+    });
+    let rounds = || a.stats().poll_rounds + b.stats().poll_rounds;
+    async fn exchange(c: &mut meshgate_sockets::TcpStream, i: u64) {
+        let msg = i.to_be_bytes();
+        c.write_all(&msg).await.unwrap();
+        let mut got = [0u8; 8];
+        c.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, msg);
+    }
+    // Handshake and first timers settled.
+    for i in 0..20 {
+        exchange(&mut c, i).await;
+    }
+    let before = rounds();
+    for i in 0..EXCHANGES {
+        exchange(&mut c, i).await;
+    }
+    let per_exchange = (rounds() - before) as f64 / EXCHANGES as f64;
+    eprintln!("poll rounds per echo exchange (both stacks): {per_exchange:.2}");
+    // Two packets received per exchange (request, response): two rounds. A round per write as
+    // well made it four. The slack is for a loaded machine (CI runs tests side by side): an
+    // exchange slower than smoltcp's 10 ms delayed-ACK timer adds a round on each side.
+    assert!(
+        per_exchange <= 3.0,
+        "{per_exchange:.2} poll rounds per exchange"
+    );
+    drop(c);
+    server.await.unwrap();
+}
