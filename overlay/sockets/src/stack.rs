@@ -7,8 +7,9 @@
 //! notification or room on the L3 port. It never spins. A stream's write sends its own
 //! segments on the writer's task (`Shared::send_after_write`: one task hand-off less per
 //! packet) and wakes the poll task only for what it leaves: packets already waiting (order),
-//! inbound packets on the shard, a full L3 port, or a timer earlier than the poll task's
-//! planned wake-up, which each round records under the lock. Streams and listeners share the
+//! inbound packets on the shard, a shard of more than a few sockets (an egress pass looks at
+//! each), a full L3 port, or a timer earlier than the poll task's planned wake-up, which each
+//! round records under the lock. Streams and listeners share the
 //! shards through one mutex and copy straight into and out of the smoltcp socket buffers.
 
 use crate::config::StackConfig;
@@ -39,6 +40,9 @@ pub struct StackStats {
     /// Packets waiting for the L3 port now (diagnostics).
     #[doc(hidden)]
     pub outbound_queued: u64,
+    /// Rounds of the poll task so far (tests of how often it runs).
+    #[doc(hidden)]
+    pub poll_rounds: u64,
 }
 
 /// Inbound packets taken from the L3 port per poll round (then egress runs: ACK clocking).
@@ -114,6 +118,7 @@ impl Stack {
             sockets: inner.socket_count(),
             ingress_replies_dropped: inner.outbound.replies_dropped,
             outbound_queued: inner.outbound.queue.len() as u64,
+            poll_rounds: s.poll_rounds.load(Ordering::Relaxed),
         }
     }
 
@@ -307,6 +312,7 @@ async fn run(
             if inner.stopped {
                 break;
             }
+            shared.poll_rounds.fetch_add(1, Ordering::Relaxed);
             // Take inbound packets always, whatever waits to go out: a stack that stopped
             // reading while its outbound queue was full deadlocked with a peer doing the same
             // (each waiting for room only the other's reading makes). The replies ingress
