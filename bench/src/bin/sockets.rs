@@ -57,7 +57,13 @@ fn main() -> anyhow::Result<()> {
             println!("{}", rt.block_on(many_section())?);
             return Ok(());
         }
-        Some(other) => anyhow::bail!("unknown part {other:?} (idle, many, or none for all)"),
+        Some("single") => {
+            println!("{}", rt.block_on(single_section())?);
+            return Ok(());
+        }
+        Some(other) => {
+            anyhow::bail!("unknown part {other:?} (idle, many, single, or none for all)")
+        }
         None => {}
     }
     let mut md = rt.block_on(bench(with_tun))?;
@@ -373,6 +379,22 @@ where
         v.push(f().await);
     }
     meshgate_bench::median(&mut v)
+}
+
+/// Single stream and ping-pong over the in-memory wire and one userspace hop, beside
+/// loopback: the rows a change to the stack's write path moves first.
+async fn single_section() -> anyhow::Result<String> {
+    let mut md = String::from("| path | Gbit/s | median RTT µs |\n|---|---|---|\n");
+    for p in [
+        loopback_path().await?,
+        wire_path().await?,
+        userspace_path(1, StackConfig::default()).await?,
+    ] {
+        let g = median_of(|| stream_once(&p)).await;
+        let r = median_of(|| rtt(&p)).await;
+        md.push_str(&format!("| {} | {g:.2} | {r:.1} |\n", p.label));
+    }
+    Ok(md)
 }
 
 async fn bench(with_tun: bool) -> anyhow::Result<String> {

@@ -7,8 +7,9 @@
 //! notification or room on the L3 port. It never spins. A stream's write sends its own
 //! segments on the writer's task (`Shared::send_after_write`: one task hand-off less per
 //! packet) and wakes the poll task only for what it leaves: packets already waiting (order),
-//! inbound packets on the shard, a shard of more than a few sockets (an egress pass looks at
-//! each), a full L3 port, or a timer earlier than the poll task's planned wake-up, which each
+//! inbound packets on the shard, a write of more than 16 KiB (bulk goes through the poll task,
+//! which batches it), a shard of more than a few sockets (an egress pass looks at each), a full
+//! L3 port, or a timer earlier than the poll task's planned wake-up, which each
 //! round records under the lock. Streams and listeners share the
 //! shards through one mutex and copy straight into and out of the smoltcp socket buffers.
 

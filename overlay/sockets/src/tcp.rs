@@ -172,7 +172,7 @@ impl AsyncWrite for TcpStream {
             Ok(n) => {
                 inner.note_sent(self.id);
                 // The write sends its own segments; the poll task runs only when needed.
-                let wake = self.shared.send_after_write(&mut inner, self.id.shard);
+                let wake = self.shared.send_after_write(&mut inner, self.id.shard, n);
                 drop(inner);
                 if wake {
                     self.shared.notify.notify_one();
