@@ -381,6 +381,14 @@ where
     meshgate_bench::median(&mut v)
 }
 
+/// The median single-stream Gbit/s and median ping-pong µs of one path.
+async fn stream_and_rtt(p: &Path) -> (f64, f64) {
+    (
+        median_of(|| stream_once(p)).await,
+        median_of(|| rtt(p)).await,
+    )
+}
+
 /// Single stream and ping-pong over the in-memory wire and one userspace hop, beside
 /// loopback: the rows a change to the stack's write path moves first.
 async fn single_section() -> anyhow::Result<String> {
@@ -390,8 +398,7 @@ async fn single_section() -> anyhow::Result<String> {
         wire_path().await?,
         userspace_path(1, StackConfig::default()).await?,
     ] {
-        let g = median_of(|| stream_once(&p)).await;
-        let r = median_of(|| rtt(&p)).await;
+        let (g, r) = stream_and_rtt(&p).await;
         md.push_str(&format!("| {} | {g:.2} | {r:.1} |\n", p.label));
     }
     Ok(md)
@@ -417,8 +424,7 @@ async fn bench(with_tun: bool) -> anyhow::Result<String> {
             "wire" => wire_path().await?,
             _ => userspace_path(hops, StackConfig::default()).await?,
         };
-        let g = median_of(|| stream_once(&p)).await;
-        let r = median_of(|| rtt(&p)).await;
+        let (g, r) = stream_and_rtt(&p).await;
         results.push((p.label.clone(), hops as f64, g, r));
         drop(p);
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -303,9 +303,9 @@ impl Shared {
     /// packet). Leaves it to the poll task (shard marked dirty) when packets already wait for
     /// the L3 port (they go first), inbound packets wait on the shard, the write was larger
     /// than [`OWN_EGRESS_MAX_WRITE`], or the shard holds more than [`OWN_EGRESS_MAX_SOCKETS`]
-    /// sockets. Returns whether the
-    /// poll task must be woken: that work left to it, packets left waiting for room on the L3
-    /// port, or the shard's new timer earlier than the poll task's planned wake-up.
+    /// sockets. Returns whether the poll task must be woken: that work left to it, packets
+    /// left waiting for room on the L3 port, or the shard's new timer earlier than the poll
+    /// task's planned wake-up.
     pub(crate) fn send_after_write(&self, inner: &mut Inner, shard: usize, written: usize) -> bool {
         if inner.tx.is_none()
             || written > OWN_EGRESS_MAX_WRITE

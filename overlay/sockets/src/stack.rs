@@ -9,9 +9,9 @@
 //! packet) and wakes the poll task only for what it leaves: packets already waiting (order),
 //! inbound packets on the shard, a write of more than 16 KiB (bulk goes through the poll task,
 //! which batches it), a shard of more than a few sockets (an egress pass looks at each), a full
-//! L3 port, or a timer earlier than the poll task's planned wake-up, which each
-//! round records under the lock. Streams and listeners share the
-//! shards through one mutex and copy straight into and out of the smoltcp socket buffers.
+//! L3 port, or a timer earlier than the poll task's planned wake-up, which each round records
+//! under the lock. Streams and listeners share the shards through one mutex and copy straight
+//! into and out of the smoltcp socket buffers.
 
 use crate::config::StackConfig;
 use crate::shards::{Listener, Shared, SocketId, endpoint_v6, stopped_error};
