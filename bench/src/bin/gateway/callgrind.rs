@@ -11,8 +11,8 @@
 //! Run: `cargo run --release -p meshgate-bench --bin gateway -- callgrind`; `BENCH_CALLGRIND_N`
 //! sets N (default 2000), `BENCH_BASELINE=/path/to/meshgate` adds direct rows for another build.
 //! While iterating: `BENCH_CALLGRIND_ROWS=direct` measures nginx and the direct gateway(s) only
-//! and writes no docs; `BENCH_CALLGRIND_KEEP=/dir` keeps the 2N dumps there for
-//! `callgrind_annotate`.
+//! and writes no docs; `BENCH_CALLGRIND_KEEP=/dir` keeps the 2N dumps there (the workload
+//! node's too) for `callgrind_annotate`.
 
 use super::{
     HOST, Proc, backend_block, free_port, make_cert, meshgate_config, nginx_bin, nginx_conf,
@@ -182,18 +182,29 @@ struct Row {
     cipher: String,
 }
 
-/// Measures instructions per request for `proxy` (and `node`) with `proto`; returns the rows'
-/// figures, the proxy's 2N dump (for the profile) and the cipher suite.
+/// What [`measure`] found for one row.
+struct Measured {
+    proxy: f64,
+    node: Option<f64>,
+    /// The proxy's 2N dump (for the profile).
+    proxy_dump: PathBuf,
+    /// The workload node's 2N dump, when there is a node.
+    node_dump: Option<PathBuf>,
+    cipher: String,
+}
+
+/// Measures instructions per request for `proxy` (and `node`) with `proto`.
 fn measure(
     proxy: &mut Counted,
     mut node: Option<&mut Counted>,
     proto: Proto,
     n: u64,
-) -> Result<(f64, Option<f64>, PathBuf, String)> {
+) -> Result<Measured> {
     // Warm-up: backend connections opened for this load's concurrency, caches filled.
     let cipher = h2load(proxy.proc.port, proto, n / 4)?;
     let mut totals = Vec::new();
     let mut file = PathBuf::new();
+    let mut node_file = None;
     for run in [n, 2 * n] {
         proxy.zero()?;
         if let Some(node) = node.as_deref_mut() {
@@ -202,7 +213,11 @@ fn measure(
         h2load(proxy.proc.port, proto, run)?;
         let (p, f) = proxy.dump()?;
         let w = match node.as_deref_mut() {
-            Some(node) => Some(node.dump()?.0),
+            Some(node) => {
+                let (w, f) = node.dump()?;
+                node_file = Some(f);
+                Some(w)
+            }
             None => None,
         };
         totals.push((p, w));
@@ -214,7 +229,13 @@ fn measure(
         (Some(a), Some(b)) => Some(per(a, b)),
         _ => None,
     };
-    Ok((proxy_per, node_per, file, cipher))
+    Ok(Measured {
+        proxy: proxy_per,
+        node: node_per,
+        proxy_dump: file,
+        node_dump: node_file,
+        cipher,
+    })
 }
 
 /// The top functions by inclusive (else self) instructions in a dump, as a markdown table.
@@ -379,7 +400,13 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
         for (server, with_node) in servers {
             let name = server.proc.name;
             let node = node.as_mut().map(|(n, _)| n).filter(|_| with_node);
-            let (proxy, node_per, dump, cipher) = measure(server, node, proto, n)?;
+            let Measured {
+                proxy,
+                node: node_per,
+                proxy_dump: dump,
+                node_dump,
+                cipher,
+            } = measure(server, node, proto, n)?;
             eprintln!(
                 "callgrind {name} {}: {proxy:.0} instructions per request{}",
                 proto.name(),
@@ -389,6 +416,9 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
                 std::fs::create_dir_all(keep)?;
                 let p = if proto == Proto::H1 { "h1" } else { "h2" };
                 std::fs::copy(&dump, keep.join(format!("{name}-{p}.cg")))?;
+                if let Some(node_dump) = &node_dump {
+                    std::fs::copy(node_dump, keep.join(format!("{name}-{p}-node.cg")))?;
+                }
             }
             if matches!(name, "nginx" | "meshgate-direct") {
                 profiles.push((
