@@ -9,10 +9,12 @@
 //! wake-up per packet, which on small request/response traffic was most of the link cost.
 
 use std::io;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
 
 use crate::clock::Micros;
 use crate::core::NodeCore;
@@ -20,6 +22,8 @@ use crate::routing::Nbr;
 
 /// Slices at most per vectored write (two per frame).
 const WRITE_SLICES: usize = 128;
+/// Slices tried first (a write of up to three frames needs no more).
+const FEW_SLICES: usize = 8;
 
 pub(crate) struct LinkSocket {
     stream: TcpStream,
@@ -43,10 +47,10 @@ impl LinkSocket {
         &mut self,
         core: &mut NodeCore,
         id: Nbr,
-        now: Micros,
+        now: &mut impl FnMut() -> Micros,
     ) -> io::Result<()> {
         while core.link_has_output(id) {
-            match self.write_some(core, id, now) {
+            match self.write_some(core, id, &mut *now) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
@@ -62,7 +66,7 @@ impl LinkSocket {
         core: &mut NodeCore,
         id: Nbr,
         cx: &mut Context<'_>,
-        now: Micros,
+        now: &mut impl FnMut() -> Micros,
     ) -> Poll<io::Result<bool>> {
         let mut wrote = false;
         while core.link_has_output(id) {
@@ -71,7 +75,7 @@ impl LinkSocket {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {}
             }
-            match self.write_some(core, id, now) {
+            match self.write_some(core, id, &mut *now) {
                 Ok(()) => wrote = true,
                 // Readiness was stale; tokio cleared it, so the next poll registers.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -86,15 +90,28 @@ impl LinkSocket {
     }
 
     /// One vectored write of the link's first waiting frames.
-    fn write_some(&mut self, core: &mut NodeCore, id: Nbr, now: Micros) -> io::Result<()> {
-        // On the stack: this runs for every write on the hot path.
-        let mut slices = [io::IoSlice::new(&[]); WRITE_SLICES];
-        let used = core.link_output(id, &mut slices);
-        let n = self.stream.try_write_vectored(&slices[..used])?;
+    fn write_some(
+        &mut self,
+        core: &mut NodeCore,
+        id: Nbr,
+        now: &mut impl FnMut() -> Micros,
+    ) -> io::Result<()> {
+        // On the stack: this runs for every write on the hot path. Most writes are a frame or
+        // two, so a few slices are tried first; setting up all of them cost more than the rest
+        // of the write (outside the kernel).
+        let mut few = [io::IoSlice::new(&[]); FEW_SLICES];
+        let used = core.link_output(id, &mut few);
+        let n = if used < FEW_SLICES {
+            self.stream.try_write_vectored(&few[..used])?
+        } else {
+            let mut slices = [io::IoSlice::new(&[]); WRITE_SLICES];
+            let used = core.link_output(id, &mut slices);
+            self.stream.try_write_vectored(&slices[..used])?
+        };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        core.link_written(id, n, now);
+        core.link_written(id, n, now());
         Ok(())
     }
 
@@ -111,20 +128,17 @@ impl LinkSocket {
             if read >= budget {
                 return Poll::Ready(ReadState::Read);
             }
-            match self.stream.poll_read_ready(cx) {
-                Poll::Pending if read > 0 => return Poll::Ready(ReadState::Read),
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(_)) => return Poll::Ready(ReadState::Ended),
-                Poll::Ready(Ok(())) => {}
-            }
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(64 * 1024);
             }
-            match self.stream.try_read_buf(buf) {
-                Ok(0) => return Poll::Ready(ReadState::Ended),
-                Ok(n) => read += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return Poll::Ready(ReadState::Ended),
+            // The socket's own poll, not a readiness check and `try_read`: a read that fills
+            // less than the buffer shows the socket drained and clears its readiness, so the
+            // next poll waits without another `recv` that would only say `WouldBlock`.
+            match poll_read_buf(Pin::new(&mut self.stream), cx, buf) {
+                Poll::Pending if read > 0 => return Poll::Ready(ReadState::Read),
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(ReadState::Ended),
+                Poll::Ready(Ok(n)) => read += n,
             }
         }
     }

@@ -601,14 +601,14 @@ enum LinkInput {
 fn poll_links(
     links: &mut BTreeMap<u64, ShellLink>,
     core: &mut NodeCore,
-    now: u64,
+    now: &mut impl FnMut() -> u64,
     cx: &mut std::task::Context<'_>,
     inbox: &mut Vec<LinkInput>,
 ) -> std::task::Poll<()> {
     use std::task::Poll;
     let mut progress = false;
     for (&id, l) in links.iter_mut() {
-        match l.socket.poll_flush(core, id, cx, now) {
+        match l.socket.poll_flush(core, id, cx, &mut *now) {
             Poll::Ready(Ok(_)) => progress = true,
             Poll::Ready(Err(_)) => {
                 inbox.push(LinkInput::Ended(id));
@@ -660,9 +660,10 @@ impl CoreTask {
 
     /// The core's next deadline, the status refresh or the end of a paused packet's wait,
     /// whichever is first.
-    fn wake_at(&self, paused_until: Option<Instant>) -> Option<tokio::time::Instant> {
-        let core = (self.core.poll_timeout()).map(|t| self.start + Duration::from_micros(t));
-        [core, self.status_due, paused_until]
+    fn wake_at(&self, paused_until: Option<u64>) -> Option<tokio::time::Instant> {
+        let at = |t: u64| self.start + Duration::from_micros(t);
+        let core = self.core.poll_timeout().map(at);
+        [core, self.status_due, paused_until.map(at)]
             .into_iter()
             .flatten()
             .min()
@@ -674,10 +675,10 @@ impl CoreTask {
     fn local_batch(
         &mut self,
         first: Bytes,
+        now: u64,
         l3_in: &mut mpsc::Receiver<Bytes>,
         out: &mut Vec<CoreOut>,
     ) -> Option<Bytes> {
-        let now = self.now();
         if let Some(p) = self.core.local_or_pause(first, now, out) {
             return Some(p);
         }
@@ -709,10 +710,14 @@ impl CoreTask {
         // and left the token's waiter list, a lock each, for every packet).
         let cancelled = cancel.cancelled();
         tokio::pin!(cancelled);
-        // A packet from the L3 port waiting for room on its link, and until when; the port is
-        // not read meanwhile.
-        let mut paused: Option<(Bytes, Instant)> = None;
+        // A packet from the L3 port waiting for room on its link, and until when (the core's
+        // clock); the port is not read meanwhile.
+        let mut paused: Option<(Bytes, u64)> = None;
+        let start = self.start;
         loop {
+            // The clock is read once per round, by the arm that woke (a round is over in
+            // microseconds); reading it at every step was a good part of the task's own cost.
+            let mut round_now = None;
             let wake_at = self.wake_at(paused.as_ref().map(|p| p.1));
             if let Some(t) = wake_at
                 && armed != Some(t)
@@ -736,7 +741,7 @@ impl CoreTask {
                 }
                 _ = &mut timer, if wake_at.is_some() => {
                     armed = None;
-                    let now = self.now();
+                    let now = *round_now.insert(self.now());
                     self.core.handle_timeout(now, &mut out);
                     if self.status_due.is_some_and(|t| Instant::now() >= t) {
                         self.publish_status();
@@ -749,10 +754,11 @@ impl CoreTask {
                     }
                 }
                 _ = std::future::poll_fn(|cx| {
-                    let now = self.start.elapsed().as_micros() as u64;
-                    poll_links(&mut self.links, &mut self.core, now, cx, &mut inbox)
+                    // Read only when a write made progress (the time the link last drained).
+                    let mut now = || start.elapsed().as_micros() as u64;
+                    poll_links(&mut self.links, &mut self.core, &mut now, cx, &mut inbox)
                 }) => {
-                    let now = self.now();
+                    let now = *round_now.insert(self.now());
                     for input in inbox.drain(..) {
                         match input {
                             LinkInput::Read(id) => self.core.link_input(id, now, &mut out),
@@ -766,27 +772,28 @@ impl CoreTask {
                 p = l3_in.recv(), if l3_open && paused.is_none() => {
                     match p {
                         Some(p) => {
+                            let now = *round_now.insert(self.now());
                             paused = self
-                                .local_batch(p, &mut l3_in, &mut out)
-                                .map(|p| (p, Instant::now() + LOCAL_PAUSE_MAX));
+                                .local_batch(p, now, &mut l3_in, &mut out)
+                                .map(|p| (p, now + LOCAL_PAUSE_MAX.as_micros() as u64));
                         }
                         None => l3_open = false,
                     }
                 }
             }
+            let now = round_now.unwrap_or_else(|| self.now());
             self.apply(&mut out, &l3_out);
-            self.flush_links(&mut out, &l3_out);
+            self.flush_links(&mut out, &l3_out, now);
             // The links may have drained: the waiting packet goes when its link has room, or
             // when its wait is over (then `local` drops and counts it if the link is still
             // full).
             if let Some((p, until)) = paused.take() {
-                if Instant::now() < until && self.core.local_blocked(&p, self.now()) {
+                if now < until && self.core.local_blocked(&p, now) {
                     paused = Some((p, until));
                 } else {
-                    let now = self.now();
                     self.core.local(p, now, &mut out);
                     self.apply(&mut out, &l3_out);
-                    self.flush_links(&mut out, &l3_out);
+                    self.flush_links(&mut out, &l3_out, now);
                 }
             }
             if self.status_due.is_none() {
@@ -884,15 +891,19 @@ impl CoreTask {
     }
 
     /// Writes what the links' sockets take now; a link whose socket failed goes down.
-    fn flush_links(&mut self, out: &mut Vec<CoreOut>, l3_out: &mpsc::Sender<Bytes>) {
+    fn flush_links(&mut self, out: &mut Vec<CoreOut>, l3_out: &mpsc::Sender<Bytes>, now: u64) {
         // Each round removes at least one link, so this ends.
         loop {
-            let now = self.now();
             let core = &mut self.core;
             let failed: Vec<Nbr> = self
                 .links
                 .iter_mut()
-                .filter_map(|(&id, l)| l.socket.try_flush(core, id, now).is_err().then_some(id))
+                .filter_map(|(&id, l)| {
+                    l.socket
+                        .try_flush(core, id, &mut || now)
+                        .is_err()
+                        .then_some(id)
+                })
                 .collect();
             if failed.is_empty() {
                 return;

@@ -216,6 +216,9 @@ pub(crate) struct Shared {
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
     pub(crate) poll_rounds: AtomicU64,
+    /// The stack's clock starts here: smoltcp's own `Instant::now` reads the wall clock, which
+    /// can jump (and costs a little more); TCP timers want a monotonic one.
+    epoch: std::time::Instant,
 }
 
 impl Shared {
@@ -233,7 +236,8 @@ impl Shared {
         let seeds = RandomState::new();
         let shard_hasher = ahash::RandomState::new();
         let mut outbound = Outbound::new(config.outbound_queue);
-        let now = SmolInstant::now();
+        let epoch = std::time::Instant::now();
+        let now = SmolInstant::ZERO;
         let shards = (0..SHARDS)
             .map(|i| {
                 let mut inbound = VecDeque::new();
@@ -290,7 +294,13 @@ impl Shared {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             poll_rounds: AtomicU64::new(0),
+            epoch,
         }
+    }
+
+    /// The stack's time: monotonic, from the stack's start.
+    pub(crate) fn now(&self) -> SmolInstant {
+        SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64)
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -316,7 +326,7 @@ impl Shared {
             inner.mark_dirty(shard);
             return true;
         }
-        let now = SmolInstant::now();
+        let now = self.now();
         // What the poll task would do for this shard (`Inner::poll_due`).
         inner.dirty &= !(1 << shard);
         inner.poll_shard(shard, now);

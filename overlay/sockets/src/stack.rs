@@ -18,7 +18,7 @@ use crate::shards::{Listener, Shared, SocketId, endpoint_v6, stopped_error};
 use crate::tcp::{TcpListener, TcpStream};
 use bytes::Bytes;
 use smoltcp::socket::tcp;
-use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
+use smoltcp::time::Duration as SmolDuration;
 use std::io;
 use std::net::{Ipv6Addr, SocketAddrV6};
 use std::sync::Arc;
@@ -307,6 +307,7 @@ async fn run(
     let notified = shared.notify.notified();
     tokio::pin!(notified);
     loop {
+        let now;
         let (poll_at, have_outbound, egress_room) = {
             let mut guard = shared.lock();
             let inner = &mut *guard;
@@ -341,7 +342,8 @@ async fn run(
                     Err(mpsc::error::TryRecvError::Disconnected) => rx_open = false,
                 }
             }
-            inner.poll_due(SmolInstant::now());
+            now = shared.now();
+            inner.poll_due(now);
             // Hand packets to the L3 port while it has room; the rest wait for a permit.
             while let Some(p) = inner.outbound.queue.pop_front() {
                 let len = p.len();
@@ -374,8 +376,8 @@ async fn run(
         // With the outbound queue full no egress can happen: wait for a permit or a packet
         // instead of spinning on a zero delay.
         let delay = if egress_room {
+            // The round's time: a round takes microseconds, smoltcp's timers are coarser.
             poll_at.map(|at| {
-                let now = SmolInstant::now();
                 if at <= now {
                     Duration::ZERO
                 } else {
