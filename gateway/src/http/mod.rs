@@ -12,6 +12,7 @@ pub(crate) use tls_names::TlsNames;
 use crate::io::{Activity, FirstRequest};
 use crate::state::Shared;
 use futures_util::StreamExt;
+use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
 use http::Request;
 use hyper::body::Incoming;
@@ -84,18 +85,14 @@ pub(crate) async fn serve<S>(
     let svc_first = first.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         svc_first.seen();
-        let shared = svc_shared.clone();
-        let ci = ci.clone();
+        if ci.proto == "http"
+            && let Some(resp) = acme::http01(&svc_shared, &req)
+        {
+            return Either::Left(std::future::ready(Ok(resp)));
+        }
         // Boxed: hyper moves the service's future (h2: into a task of its own per stream);
         // kept small, that is a pointer instead of the whole proxy state machine.
-        Box::pin(async move {
-            if ci.proto == "http"
-                && let Some(resp) = acme::http01(&shared, &req)
-            {
-                return Ok(resp);
-            }
-            proxy::handle(shared, req, ci).await
-        })
+        Either::Right(Box::pin(proxy::handle(svc_shared.clone(), req, ci.clone())))
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     let mut conn = std::pin::pin!(conn);

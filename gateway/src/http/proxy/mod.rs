@@ -28,6 +28,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use route::Picked;
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::Instrument;
@@ -47,28 +48,33 @@ pub(crate) struct RequestContext {
 
 /// Serves one request arriving on a client connection, in a span of its own that the phases
 /// fill with route and backend.
-pub(crate) async fn handle(
+///
+/// The future is the phases' own, instrumented, with no `async` layer around it: every layer
+/// holds its own copy of what it passes down, and the whole future is copied when it is
+/// boxed and on every move.
+pub(crate) fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
     conn: ConnInfo,
-) -> Result<Response<Body>, Infallible> {
+) -> tracing::instrument::Instrumented<
+    impl Future<Output = Result<Response<Body>, Infallible>> + Send + use<>,
+> {
     let span = tracing::info_span!(
         parent: &conn.span,
         "request",
         route = tracing::field::Empty,
         backend = tracing::field::Empty
     );
-    Ok(phases(&shared, req, conn, span.clone())
-        .instrument(span)
-        .await)
+    phases(shared, req, conn, span.clone()).instrument(span)
 }
 
 async fn phases(
-    shared: &Shared,
+    shared: Arc<Shared>,
     req: Request<Incoming>,
     conn: ConnInfo,
     span: tracing::Span,
-) -> Response<Body> {
+) -> Result<Response<Body>, Infallible> {
+    let shared = &*shared;
     let cx = RequestContext {
         start: Instant::now(),
         method: req.method().clone(),
@@ -77,7 +83,7 @@ async fn phases(
         conn,
         span,
     };
-    match route::pick(shared, &req, &cx.conn, &cx.span) {
+    Ok(match route::pick(shared, &req, &cx.conn, &cx.span) {
         Picked::Refused(resp) => resp,
         Picked::Answer { route, host, resp } => {
             let series = shared.metrics.route(&route);
@@ -86,11 +92,14 @@ async fn phases(
         }
         Picked::Forward { entry, names } => {
             let series = shared.metrics.route(entry.route.host.as_str());
-            let (resp, backend) = forward(shared, &entry, &series, req, &cx, &names).await;
+            // Boxed: the forwarding phases are most of the request's state machine, and
+            // this future is copied whole when hyper's service boxes it and on every move.
+            let (resp, backend) =
+                Box::pin(forward(shared, &entry, &series, req, &cx, &names)).await;
             let route = entry.route.host.as_str();
             finish(shared, &cx, &series, route, &names.host, backend, resp)
         }
-    }
+    })
 }
 
 /// Counts a request that got a route and writes its access record; returns its response.
