@@ -428,6 +428,24 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
                     top_functions(&dump, 2 * n, false)?,
                 ));
             }
+            // Through the overlay, HTTP/1.1 only (h2 spends the same way): the gateway and
+            // the workload node, which together are the overlay's extra cost.
+            if name == "meshgate" && proto == Proto::H1 {
+                profiles.push((
+                    "meshgate through the overlay, gateway",
+                    proto,
+                    top_functions(&dump, 2 * n, true)?,
+                    top_functions(&dump, 2 * n, false)?,
+                ));
+                if let Some(node_dump) = &node_dump {
+                    profiles.push((
+                        "meshgate through the overlay, workload node",
+                        proto,
+                        top_functions(node_dump, 2 * n, true)?,
+                        top_functions(node_dump, 2 * n, false)?,
+                    ));
+                }
+            }
             rows.push(Row {
                 name,
                 proto,
