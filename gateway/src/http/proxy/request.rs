@@ -140,20 +140,24 @@ pub(crate) fn head(
     headers.reserve(8);
     strip_hop_by_hop(&mut headers);
     strip_client_address(&mut headers);
-    // Exactly one Host, the validated one, whatever the client sent or `Connection` named.
-    headers.remove(header::HOST);
     if let Some(up) = &upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, up.clone());
     }
     set_forwarded(&mut headers, hop);
     hop.via.append_via(&mut headers, parts.version);
+    // Exactly one Host, the validated one, whatever the client sent or `Connection` named:
+    // `insert` replaces every value the client gave (in the first one's place); h2c sends
+    // `:authority` instead.
     let (version, authority) = match protocol {
         BackendProtocol::Http1 => {
             headers.insert(header::HOST, hop.names.host_value.clone());
             (Version::HTTP_11, None)
         }
-        BackendProtocol::H2c => (Version::HTTP_2, Some(hop.names.authority.clone())),
+        BackendProtocol::H2c => {
+            headers.remove(header::HOST);
+            (Version::HTTP_2, Some(hop.names.authority.clone()))
+        }
     };
     UpstreamHead {
         method: parts.method,
