@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::LOCAL_PAUSE_MAX;
 use crate::core::{CoreConfig, CoreOut, Counters, LinkOrigin, NodeCore, ShellDrop};
 use crate::discovery::{DiscoveryConfig, DiscoveryCounters};
 use crate::discovery_io::DiscoveryTask;
@@ -211,9 +212,6 @@ const READ_BUDGET: usize = 256 * 1024;
 const DELIVER_BACKLOG: usize = 4096;
 /// How often, at most, the status snapshot is refreshed while things change.
 const STATUS_INTERVAL: Duration = Duration::from_millis(100);
-/// How long a packet from the L3 port waits for room on its full link (the port is not read
-/// meanwhile) before it goes the way of any packet for a full link: dropped and counted.
-const LOCAL_PAUSE_MAX: Duration = Duration::from_micros(crate::core::LOCAL_PAUSE_MAX);
 /// Inbound handshakes in progress at most (the core refuses more).
 pub const MAX_INBOUND_HANDSHAKES: usize = crate::core::MAX_INBOUND_HANDSHAKES;
 
@@ -711,7 +709,8 @@ impl CoreTask {
         let cancelled = cancel.cancelled();
         tokio::pin!(cancelled);
         // A packet from the L3 port waiting for room on its link, and until when (the core's
-        // clock); the port is not read meanwhile.
+        // clock); the port is not read meanwhile. After `LOCAL_PAUSE_MAX` it goes the way of
+        // any packet for a full link: dropped and counted.
         let mut paused: Option<(Bytes, u64)> = None;
         let start = self.start;
         loop {
@@ -775,7 +774,7 @@ impl CoreTask {
                             let now = *round_now.insert(self.now());
                             paused = self
                                 .local_batch(p, now, &mut l3_in, &mut out)
-                                .map(|p| (p, now + LOCAL_PAUSE_MAX.as_micros() as u64));
+                                .map(|p| (p, now + LOCAL_PAUSE_MAX));
                         }
                         None => l3_open = false,
                     }
