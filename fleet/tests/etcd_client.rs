@@ -139,13 +139,16 @@ async fn a_resumed_watch_starts_after_the_given_revision() {
 async fn a_lease_outlives_its_member_and_reports_its_revocation() {
     let mut cluster = EtcdCluster::start(3).await;
     let etcd = client(cluster.endpoints());
-    let lease = etcd.grant_lease(Duration::from_secs(3)).await.unwrap();
+    // The TTL leaves room for an election: the killed member may be the leader, and no lease is
+    // renewed until another is elected (1–2 s with the test cluster's 1 s election timeout, more
+    // on a loaded machine). With a 3 s TTL the lease was lost once in a full run of the suite.
+    let lease = etcd.grant_lease(Duration::from_secs(6)).await.unwrap();
     etcd.put_with("/l/member", b"me".to_vec(), Some(lease.id()))
         .await
         .unwrap();
     // Kill the member the client talks to (the first one), then wait past the TTL.
     cluster.kill(0);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
     assert!(!lease.is_lost());
     assert!(
         etcd.get("/l/member").await.unwrap().is_some(),
