@@ -429,8 +429,14 @@ impl CertManager {
 
     /// Runs one scheduled order: takes the certificate's order lock (or reports its holder),
     /// serves a certificate another gateway stored meanwhile, or issues one and commits it
-    /// under the lock (fenced: a lock lost meanwhile stores nothing).
-    async fn order(&self, key: &str, names: &[String]) -> Result<OrderOutcome, IssueError> {
+    /// under the lock (fenced: a lock lost meanwhile stores nothing). `replacing` is the
+    /// certificate served when the order was scheduled (none for a first issuance).
+    async fn order(
+        &self,
+        key: &str,
+        names: &[String],
+        replacing: Option<&StoredCert>,
+    ) -> Result<OrderOutcome, IssueError> {
         let store_err = |e: CertError| IssueError::new(format!("order lock for {key}: {e}"));
         let guard = match self
             .inner
@@ -445,7 +451,7 @@ impl CertManager {
         let stored = self.inner.backend.load(key).await.map_err(|e| {
             IssueError::new(format!("reading the stored certificate for {key}: {e}"))
         })?;
-        if let Some(c) = stored.filter(|c| self.newer_than_served(key, names, c)) {
+        if let Some(c) = stored.filter(|c| newer_than(names, c, replacing)) {
             tracing::info!(name = %key, "certificate stored by another gateway; no order");
             return Ok(OrderOutcome::Stored(c));
         }
@@ -455,22 +461,6 @@ impl CertManager {
             .await
             .map_err(|e| IssueError::new(e.to_string()))?;
         Ok(OrderOutcome::Issued(pem))
-    }
-
-    /// True when `c` covers `names`, is still valid and is not older than the certificate
-    /// served for `key` (another gateway issued or renewed it).
-    fn newer_than_served(&self, key: &str, names: &[String], c: &StoredCert) -> bool {
-        let now = SystemTime::now();
-        if c.validity.not_after <= now || !names.iter().all(|n| c.names.contains(n)) {
-            return false;
-        }
-        match self.state().stored.get(key) {
-            None => true,
-            Some(served) => {
-                served.chain_pem != c.chain_pem
-                    && c.validity.not_before >= served.validity.not_before
-            }
-        }
     }
 
     /// Answers a challenge published by any gateway of the fleet (`present`), or stops
@@ -617,10 +607,14 @@ impl CertManager {
                 (actions, ari, st.sched.next_wakeup())
             };
             for Action::PlaceOrder { key } in actions {
-                let names = self.state().requests.get(&key).cloned().unwrap_or_default();
+                let (names, replacing) = {
+                    let st = self.state();
+                    let names = st.requests.get(&key).cloned().unwrap_or_default();
+                    (names, st.stored.get(&key).cloned())
+                };
                 let (this, tx) = (self.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let result = this.order(&key, &names).await;
+                    let result = this.order(&key, &names, replacing.as_ref()).await;
                     let _ = tx.send(Event::Issued { key, result });
                 });
             }
@@ -887,10 +881,66 @@ async fn follow_renewal_info<L, F>(
     }
 }
 
+/// True when `c` covers `names`, is still valid and is not older than `replacing`, the
+/// certificate served when the order was scheduled: another gateway issued or renewed it
+/// since. Compared with that one, not with the one served now: a renewal adopted from the
+/// store while this order waited for the lock is already served, and is still no reason to
+/// order again.
+fn newer_than(names: &[String], c: &StoredCert, replacing: Option<&StoredCert>) -> bool {
+    let now = SystemTime::now();
+    if c.validity.not_after <= now || !names.iter().all(|n| c.names.contains(n)) {
+        return false;
+    }
+    match replacing {
+        None => true,
+        Some(old) => {
+            old.chain_pem != c.chain_pem && c.validity.not_before >= old.validity.not_before
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU32;
+
+    fn cert(chain: &str, issued_secs_ago: u64) -> StoredCert {
+        let not_before = SystemTime::now() - Duration::from_secs(issued_secs_ago);
+        StoredCert {
+            key: "renew.test".into(),
+            names: vec!["renew.test".into()],
+            chain_pem: chain.into(),
+            key_pem: String::new(),
+            validity: Validity {
+                not_before,
+                not_after: not_before + Duration::from_secs(3600),
+            },
+        }
+    }
+
+    /// A full test run once saw a third order after a fleet renewal: a gateway's order, scheduled before
+    /// the renewal, took the lock after the renewed certificate had been stored and adopted,
+    /// and compared the store with what it now served (the same certificate), so it ordered.
+    #[test]
+    fn an_order_skips_a_certificate_stored_since_it_was_scheduled() {
+        let names = ["renew.test".to_string()];
+        let old = cert("old", 600);
+        let renewed = cert("renewed", 1);
+        // Renewed by another gateway since the order was scheduled: no order, even though
+        // this gateway already serves it.
+        assert!(newer_than(&names, &renewed, Some(&old)));
+        // The store still holds the certificate the order replaces: order.
+        assert!(!newer_than(&names, &old, Some(&old)));
+        // A stored certificate older than the one being replaced is no substitute.
+        assert!(!newer_than(&names, &old, Some(&renewed)));
+        // First issuance: any valid stored certificate for the names will do.
+        assert!(newer_than(&names, &renewed, None));
+        // Not for other names, and not once expired.
+        assert!(!newer_than(&["other.test".to_string()], &renewed, None));
+        let mut expired = cert("expired", 7200);
+        expired.validity.not_after = SystemTime::now() - Duration::from_secs(1);
+        assert!(!newer_than(&names, &expired, None));
+    }
 
     #[tokio::test]
     async fn failed_ari_lookups_are_retried_until_a_window_arrives() {
