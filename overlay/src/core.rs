@@ -98,6 +98,9 @@ pub const LOCAL_PAUSE_MAX: Micros = 10_000;
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Counters {
     pub packets_sent: u64,
+    /// Rounds of the node's task that took packets from the L3 port (up to 65 each). Packets
+    /// taken per round is the work per-round costs are shared over (`docs/performance.md`).
+    pub local_rounds: u64,
     pub bytes_sent: u64,
     pub packets_delivered: u64,
     pub bytes_delivered: u64,
@@ -1124,6 +1127,11 @@ impl NodeCore {
         let start = out.len();
         self.local_inner(packet, now, out);
         self.dispatch(out, start, now);
+    }
+
+    /// Counts one round of the shell taking packets from the L3 port.
+    pub fn count_local_round(&mut self) {
+        self.counters.local_rounds += 1;
     }
 
     /// [`NodeCore::local`], unless the packet's link queue is too full to take it (¾, where

@@ -677,6 +677,7 @@ impl CoreTask {
         l3_in: &mut mpsc::Receiver<Bytes>,
         out: &mut Vec<CoreOut>,
     ) -> Option<Bytes> {
+        self.core.count_local_round();
         if let Some(p) = self.core.local_or_pause(first, now, out) {
             return Some(p);
         }

@@ -740,6 +740,12 @@ async fn delivery_backlog_overflow_is_counted() {
     // One packet sits in the port's channel, 4096 in the backlog; the rest are counted.
     let drops = a.status().counters.deliver_backlog_drops;
     assert_eq!(drops, sent - 1 - 4096);
+    // The node's task took them in rounds of 1 to 65.
+    let rounds = a.status().counters.local_rounds;
+    assert!(
+        (sent.div_ceil(65)..=sent).contains(&rounds),
+        "{rounds} rounds for {sent} packets"
+    );
     drop(pa);
     a.shutdown().await;
 }
