@@ -918,9 +918,10 @@ mod tests {
         }
     }
 
-    /// A full test run once saw a third order after a fleet renewal: a gateway's order, scheduled before
-    /// the renewal, took the lock after the renewed certificate had been stored and adopted,
-    /// and compared the store with what it now served (the same certificate), so it ordered.
+    /// A full test run once saw a third order after a fleet renewal: a gateway's order,
+    /// scheduled before the renewal, took the lock after the renewed certificate had been
+    /// stored and adopted, and compared the store with what it now served (the same
+    /// certificate), so it ordered.
     #[test]
     fn an_order_skips_a_certificate_stored_since_it_was_scheduled() {
         let names = ["renew.test".to_string()];
