@@ -15,8 +15,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::LOCAL_PAUSE_MAX;
-use crate::core::{CoreConfig, CoreOut, Counters, LinkOrigin, NodeCore, ShellDrop};
+use crate::core::{
+    CoreConfig, CoreOut, Counters, LOCAL_PAUSE_MAX, LinkOrigin, NodeCore, ShellDrop,
+};
 use crate::discovery::{DiscoveryConfig, DiscoveryCounters};
 use crate::discovery_io::DiscoveryTask;
 use crate::identity::{Identity, IdentityError, encode_hex};
