@@ -12,7 +12,9 @@
 //! sets N (default 2000), `BENCH_BASELINE=/path/to/meshgate` adds direct rows for another build.
 //! While iterating: `BENCH_CALLGRIND_ROWS=direct` measures nginx and the direct gateway(s) only
 //! and writes no docs; `BENCH_CALLGRIND_KEEP=/dir` keeps the 2N dumps there (the workload
-//! node's too) for `callgrind_annotate`.
+//! node's too) for `callgrind_annotate`. `BENCH_PINGORA=/path/to/pingora-ref` adds a row for a
+//! minimal pingora proxy (`bench/pingora-ref`, built on its own: it is not a workspace member),
+//! a second well-kept Rust HTTP engine beside hyper.
 
 use super::{
     HOST, Proc, backend_block, free_port, make_cert, meshgate_config, nginx_bin, nginx_conf,
@@ -373,6 +375,26 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
         }
         None => None,
     };
+    // BENCH_PINGORA=/path/to/pingora-ref: the same load through pingora (rustls, one thread,
+    // upstream keep-alive), to tell hyper's cost from what any Rust proxy engine spends.
+    let mut pingora = match std::env::var_os("BENCH_PINGORA") {
+        Some(bin) => {
+            let port = free_port();
+            Some(under_callgrind(
+                d,
+                "pingora",
+                port,
+                Path::new(&bin),
+                &[
+                    format!("127.0.0.1:{port}").as_ref(),
+                    backend.to_string().as_ref(),
+                    cert.as_os_str(),
+                    key.as_os_str(),
+                ],
+            )?)
+        }
+        None => None,
+    };
     let mut overlay = match &node {
         Some((node, node_address)) => Some(gateway(
             "meshgate",
@@ -385,6 +407,7 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
         .into_iter()
         .chain(overlay.as_ref())
         .chain(baseline.as_ref())
+        .chain(pingora.as_ref())
     {
         // Valgrind starts slowly (it reads the binary's debug information).
         wait_ok_for(s.proc.port, Duration::from_secs(180))
@@ -397,6 +420,7 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
         let mut servers = vec![(&mut nginx, false), (&mut direct, false)];
         servers.extend(overlay.as_mut().map(|o| (o, true)));
         servers.extend(baseline.as_mut().map(|b| (b, false)));
+        servers.extend(pingora.as_mut().map(|p| (p, false)));
         for (server, with_node) in servers {
             let name = server.proc.name;
             let node = node.as_mut().map(|(n, _)| n).filter(|_| with_node);
@@ -420,7 +444,7 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
                     std::fs::copy(node_dump, keep.join(format!("{name}-{p}-node.cg")))?;
                 }
             }
-            if matches!(name, "nginx" | "meshgate-direct") {
+            if matches!(name, "nginx" | "meshgate-direct" | "pingora") {
                 profiles.push((
                     name,
                     proto,
@@ -549,6 +573,7 @@ fn write_docs(rows: &[Row], profiles: &[Profile], n: u64) -> Result<()> {
             "nginx" => "nginx → backend",
             "meshgate-direct" => "meshgate → backend (kernel TCP, no overlay)",
             "meshgate-direct-baseline" => "meshgate (baseline build) → backend",
+            "pingora" => "pingora (rustls, `bench/pingora-ref`) → backend",
             _ => "meshgate → overlay → workload node (userspace, `expose`) → backend",
         };
         table.push_str(&format!(
