@@ -21,7 +21,7 @@
 //! kernel sent to that destination (the kernel matches the error to its socket by the quoted
 //! headers). A connect to a destination without a route then fails at once (`ENETUNREACH`).
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::io;
 use std::net::Ipv6Addr;
 use std::sync::Arc;
@@ -249,9 +249,11 @@ async fn kernel_to_overlay(
     counters: Arc<Counters>,
     recent: RecentHeads,
 ) {
-    let mut buf = BytesMut::new();
+    // One MTU-sized buffer for every read; each packet leaves in a copy of its own length.
+    // A `BytesMut` resized to the MTU and split per packet was reallocated and copied whole
+    // for every packet, since the packet sent on still shared it (docs/performance.md, r12).
+    let mut buf = vec![0u8; mtu];
     loop {
-        buf.resize(mtu, 0);
         let n = match device.recv(&mut buf).await {
             Ok(n) => n,
             Err(e) => {
@@ -263,7 +265,7 @@ async fn kernel_to_overlay(
             counters.filtered.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let packet = buf.split_to(n).freeze();
+        let packet = Bytes::copy_from_slice(&buf[..n]);
         {
             let mut r = recent.lock().unwrap_or_else(|p| p.into_inner());
             if r.len() >= RECENT_PACKETS {
