@@ -1,7 +1,8 @@
 //! The gateway bench's callgrind mode: instructions per proxied request, counted by
 //! `valgrind --tool=callgrind`, for the gateway (release `meshgate`) and nginx (one worker, no
 //! master) with a direct backend, and for the gateway and its workload node (`meshgate node`,
-//! userspace stack, `expose`) through the overlay; HTTP/1.1 and h2.
+//! userspace stack and `expose`, or, inside the bench's network namespace, TUN mode) through
+//! the overlay; HTTP/1.1 and h2.
 //!
 //! Wall-clock rates on the shared 2-core machine move by ±25 %; instruction counts repeat to
 //! well under 1 %. Per row: a warm-up (backend connections opened, caches filled), then the
@@ -18,7 +19,7 @@
 
 use super::{
     HOST, Proc, backend_block, free_port, make_cert, meshgate_config, nginx_bin, nginx_conf,
-    nginx_proxy_block, start_nginx, wait_ok, write,
+    nginx_proxy_block, skip_dad, start_nginx, wait_ok, write,
 };
 use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
@@ -310,11 +311,25 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(DEFAULT_N);
     let (cert, key) = make_cert(d)?;
+    let direct_only = std::env::var("BENCH_CALLGRIND_ROWS").as_deref() == Ok("direct");
+    let keep = std::env::var_os("BENCH_CALLGRIND_KEEP").map(PathBuf::from);
+    // The workload node in TUN mode (inside the bench's own network namespace), the path of
+    // the issue's own figures: the backend listens on the node's overlay address and the
+    // node's TCP to it is the kernel's, as the direct gateway's is.
+    let mut tun_node = if meshgate_bench::in_netns() && !direct_only {
+        Some(start_node(d, meshgate, NodeMode::Tun)?)
+    } else {
+        None
+    };
     let backend_port = free_port();
+    let tun_listen = tun_node
+        .as_ref()
+        .map(|(_, address)| format!(" listen [{address}]:{backend_port};"))
+        .unwrap_or_default();
     let _backend = Proc {
         name: "backend",
         port: backend_port,
-        child: start_nginx(d, "backend", &backend_block(backend_port, ""), "1")?,
+        child: start_nginx(d, "backend", &backend_block(backend_port, &tun_listen), "1")?,
     };
     let backend = SocketAddr::from(([127, 0, 0, 1], backend_port));
 
@@ -339,12 +354,10 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
         ],
     )?;
 
-    let direct_only = std::env::var("BENCH_CALLGRIND_ROWS").as_deref() == Ok("direct");
-    let keep = std::env::var_os("BENCH_CALLGRIND_KEEP").map(PathBuf::from);
     let mut node = if direct_only {
         None
     } else {
-        Some(start_node(d, meshgate, backend)?)
+        Some(start_node(d, meshgate, NodeMode::Expose(backend))?)
     };
 
     let gateway = |name: &'static str, backend: SocketAddr, peer: Option<SocketAddr>| {
@@ -403,9 +416,18 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
         )?),
         None => None,
     };
+    let mut tun_gateway = match &tun_node {
+        Some((node, node_address)) => Some(gateway(
+            "meshgate-tun",
+            SocketAddr::from((*node_address, backend_port)),
+            Some(SocketAddr::from(([127, 0, 0, 1], node.proc.port))),
+        )?),
+        None => None,
+    };
     for s in [&nginx, &direct]
         .into_iter()
         .chain(overlay.as_ref())
+        .chain(tun_gateway.as_ref())
         .chain(baseline.as_ref())
         .chain(pingora.as_ref())
     {
@@ -417,13 +439,19 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
     let mut rows = Vec::new();
     let mut profiles = Vec::new();
     for proto in [Proto::H1, Proto::H2] {
-        let mut servers = vec![(&mut nginx, false), (&mut direct, false)];
-        servers.extend(overlay.as_mut().map(|o| (o, true)));
-        servers.extend(baseline.as_mut().map(|b| (b, false)));
-        servers.extend(pingora.as_mut().map(|p| (p, false)));
-        for (server, with_node) in servers {
+        // Each proxy with the workload node it goes through, if any.
+        let mut servers: Vec<(&mut Counted, Option<&mut Counted>)> =
+            vec![(&mut nginx, None), (&mut direct, None)];
+        if let (Some(o), Some((n, _))) = (overlay.as_mut(), node.as_mut()) {
+            servers.push((o, Some(n)));
+        }
+        if let (Some(t), Some((n, _))) = (tun_gateway.as_mut(), tun_node.as_mut()) {
+            servers.push((t, Some(n)));
+        }
+        servers.extend(baseline.as_mut().map(|b| (b, None)));
+        servers.extend(pingora.as_mut().map(|p| (p, None)));
+        for (server, node) in servers {
             let name = server.proc.name;
-            let node = node.as_mut().map(|(n, _)| n).filter(|_| with_node);
             let Measured {
                 proxy,
                 node: node_per,
@@ -470,6 +498,18 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
                     ));
                 }
             }
+            // The TUN node's profile: what the workload side costs without a userspace TCP.
+            if name == "meshgate-tun"
+                && proto == Proto::H1
+                && let Some(node_dump) = &node_dump
+            {
+                profiles.push((
+                    "meshgate through the overlay, workload node in TUN mode",
+                    proto,
+                    top_functions(node_dump, 2 * n, true)?,
+                    top_functions(node_dump, 2 * n, false)?,
+                ));
+            }
             rows.push(Row {
                 name,
                 proto,
@@ -485,29 +525,48 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
     write_docs(&rows, &profiles, n)
 }
 
-/// The workload node under callgrind (userspace stack, the overlay port 80 exposed to
-/// `backend`) and its overlay address.
-fn start_node(
-    d: &Path,
-    meshgate: &Path,
-    backend: SocketAddr,
-) -> Result<(Counted, std::net::Ipv6Addr)> {
+/// How the workload node reaches the backend.
+enum NodeMode {
+    /// Userspace stack, the overlay's port 80 `expose`d to this backend over kernel TCP.
+    Expose(SocketAddr),
+    /// A TUN interface: the backend listens on the node's overlay address.
+    Tun,
+}
+
+/// The workload node under callgrind, and its overlay address.
+fn start_node(d: &Path, meshgate: &Path, mode: NodeMode) -> Result<(Counted, std::net::Ipv6Addr)> {
+    let tun = matches!(mode, NodeMode::Tun);
+    // Top-level keys (TUN) or a table of their own (`[[expose]]`), before `[discovery]`.
+    let (name, tag, mode_lines) = match mode {
+        NodeMode::Expose(backend) => (
+            "workload-node",
+            "cg-node",
+            format!("[[expose]]\nport = 80\nto = \"{backend}\"\n"),
+        ),
+        NodeMode::Tun => {
+            skip_dad();
+            (
+                "workload-node-tun",
+                "cg-node-tun",
+                "mode = \"tun\"\ntun_name = \"mgcg0\"\n".to_string(),
+            )
+        }
+    };
     let link_port = free_port();
-    let node_config = d.join("node.toml");
+    let status = format!("127.0.0.1:{}", free_port());
+    let node_config = d.join(format!("{tag}.toml"));
     write(
         &node_config,
         &format!(
-            "key = \"{d}/cg-node.key\"\nlisten = \"127.0.0.1:{link_port}\"\n\
-             status_listen = \"127.0.0.1:{status}\"\n\
-             [[expose]]\nport = 80\nto = \"{backend}\"\n\
+            "key = \"{d}/{tag}.key\"\nlisten = \"127.0.0.1:{link_port}\"\n\
+             status_listen = \"{status}\"\n{mode_lines}\
              [discovery]\nenabled = false\n",
             d = d.display(),
-            status = free_port(),
         ),
     )?;
     let node = under_callgrind(
         d,
-        "workload-node",
+        name,
         link_port,
         meshgate,
         &[
@@ -516,18 +575,20 @@ fn start_node(
             node_config.as_os_str(),
         ],
     )?;
-    let address = node_address(d, &node)?;
+    let address = node_address(&status, &node)?;
+    // In TUN mode the backend binds the address: wait until the interface carries it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tun && std::net::TcpListener::bind((address, 0)).is_err() {
+        if Instant::now() > deadline {
+            bail!("the TUN node's address {address} never became usable");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok((node, address))
 }
 
 /// The workload node's overlay address, read from its status endpoint.
-fn node_address(d: &Path, node: &Counted) -> Result<std::net::Ipv6Addr> {
-    let config = std::fs::read_to_string(d.join("node.toml"))?;
-    let status = config
-        .lines()
-        .find_map(|l| l.strip_prefix("status_listen = "))
-        .map(|v| v.trim_matches('"').to_string())
-        .context("status_listen")?;
+fn node_address(status: &str, node: &Counted) -> Result<std::net::Ipv6Addr> {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let out = Command::new("curl")
@@ -574,6 +635,7 @@ fn write_docs(rows: &[Row], profiles: &[Profile], n: u64) -> Result<()> {
             "meshgate-direct" => "meshgate → backend (kernel TCP, no overlay)",
             "meshgate-direct-baseline" => "meshgate (baseline build) → backend",
             "pingora" => "pingora (rustls, `bench/pingora-ref`) → backend",
+            "meshgate-tun" => "meshgate → overlay → workload node (TUN) → backend",
             _ => "meshgate → overlay → workload node (userspace, `expose`) → backend",
         };
         table.push_str(&format!(
@@ -586,32 +648,44 @@ fn write_docs(rows: &[Row], profiles: &[Profile], n: u64) -> Result<()> {
             sum / nginx,
         ));
     }
-    let overlay_note: Vec<String> = [Proto::H1, Proto::H2]
-        .iter()
-        .filter_map(|&p| {
-            let (d, o) = (find("meshgate-direct", p)?, find("meshgate", p)?);
-            Some(format!(
-                "{}: {:+.0} %",
-                p.name(),
-                ((o.proxy + o.node.unwrap_or(0.0)) / d.proxy - 1.0) * 100.0
-            ))
-        })
-        .collect();
+    let overlay_note = |row: &str| -> String {
+        [Proto::H1, Proto::H2]
+            .iter()
+            .filter_map(|&p| {
+                let (d, o) = (find("meshgate-direct", p)?, find(row, p)?);
+                Some(format!(
+                    "{}: {:+.0} %",
+                    p.name(),
+                    ((o.proxy + o.node.unwrap_or(0.0)) / d.proxy - 1.0) * 100.0
+                ))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let tun_note = if find("meshgate-tun", Proto::H1).is_some() {
+        format!(
+            " With the workload node in TUN mode (its TCP to the backend is the kernel's, as \
+             the direct gateway's is): {}.",
+            overlay_note("meshgate-tun")
+        )
+    } else {
+        String::new()
+    };
     let md = format!(
         "### gateway: instructions per proxied request (callgrind)\n\n\
          Counted by `valgrind --tool=callgrind` (cargo run --release -p meshgate-bench --bin \
          gateway -- callgrind), so the figures repeat run to run, unlike the rates above. Each \
          server is one process under callgrind: the release `meshgate` binary (`gateway`; \
          through the overlay also the workload node, `meshgate node` with the userspace stack \
-         and `expose`), nginx with `master_process off` and one worker; the backend nginx is \
+         and `expose`, or in TUN mode with the backend listening on its overlay address), nginx with `master_process off` and one worker; the backend nginx is \
          not counted. h2load sends {n} and then {n2} requests over {CONNECTIONS} TLS 1.3 \
          connections (HTTP/1.1 with `--h1`, one request at a time per connection; h2 with \
          {H2_STREAMS} streams per connection) after a warm-up; instructions per request are \
          the difference of the two runs' counts divided by {n}, so connection set-up and TLS \
          handshakes cancel out. 6-byte responses.\n\n{table}\n\
          The overlay's instructions over the direct gateway (gateway and workload node \
-         together): {}. Profiles (top functions) are in `docs/performance.md`.\n",
-        overlay_note.join(", "),
+         together): {}.{tun_note} Profiles (top functions) are in `docs/performance.md`.\n",
+        overlay_note("meshgate"),
         n2 = 2 * n,
     );
     println!("{md}");

@@ -984,11 +984,7 @@ async fn start_workload_node(d: &Path, key_file: &str) -> Result<Node> {
 /// A workload node whose L3 port is a TUN interface (inside the benchmark's namespace), ready
 /// once its overlay address can be bound.
 async fn start_tun_workload(d: &Path) -> Result<(Node, Tun)> {
-    // The namespace is the benchmark's own: skip duplicate address detection, so the address
-    // is usable at once instead of staying tentative.
-    for key in ["all", "default"] {
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/accept_dad"), "0");
-    }
+    skip_dad();
     let node = start_workload_node(d, "workload-tun.key").await?;
     let port = node.take_l3_port().context("TUN workload L3 port")?;
     let tun = Tun::start("mgbench0", port.address, port.mtu, port.tx, port.rx)?;
@@ -1000,6 +996,14 @@ async fn start_tun_workload(d: &Path) -> Result<(Node, Tun)> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok((node, tun))
+}
+
+/// In the bench's own namespace: no duplicate address detection, so a TUN node's overlay
+/// address is usable as soon as its interface is up instead of staying tentative.
+fn skip_dad() {
+    for key in ["all", "default"] {
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/accept_dad"), "0");
+    }
 }
 
 fn tempfile_dir() -> Result<PathBuf> {
