@@ -479,6 +479,10 @@ impl EtcdRelay {
                     let Ok((client, _)) = listener.accept().await else {
                         continue;
                     };
+                    // The check and the registration under the lock `cut` takes: a connection
+                    // accepted while the relay is being cut is either refused here or aborted
+                    // there, never left relaying (a full run once saw a write pass a cut).
+                    let mut live = live.lock().expect("relay connections");
                     if cut.load(Ordering::SeqCst) {
                         drop(client);
                         continue;
@@ -489,7 +493,6 @@ impl EtcdRelay {
                             let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                         }
                     });
-                    let mut live = live.lock().expect("relay connections");
                     live.retain(|h| !h.is_finished());
                     live.push(task.abort_handle());
                 }
@@ -514,8 +517,9 @@ impl EtcdRelay {
 
     /// Cuts the client off: open connections are closed and new ones closed at once.
     pub fn cut(&self) {
+        let mut live = self.live.lock().expect("relay connections");
         self.cut.store(true, Ordering::SeqCst);
-        for h in self.live.lock().expect("relay connections").drain(..) {
+        for h in live.drain(..) {
             h.abort();
         }
     }
