@@ -7,8 +7,9 @@
 //!
 //! `cargo run --release -p meshgate-bench --bin sockets`
 //!
-//! `... --bin sockets -- idle` or `-- many` measures only the idle-connections row or the
-//! 1000-stream aggregate and prints it without touching docs/benchmarks.md.
+//! `... --bin sockets -- idle`, `-- many`, `-- single` or `-- tun` measures only the
+//! idle-connections row, the 1000-stream aggregate, the single-stream rows without TUN, or the
+//! 1-hop TUN row, and prints it without touching docs/benchmarks.md.
 
 use meshgate_overlay::addr::{prefix_of, prefix_string};
 use meshgate_overlay::{Identity, Node, NodeConfig};
@@ -61,8 +62,14 @@ fn main() -> anyhow::Result<()> {
             println!("{}", rt.block_on(single_section())?);
             return Ok(());
         }
+        Some("tun") if with_tun => {
+            println!("{}", rt.block_on(tun_section())?);
+            return Ok(());
+        }
         Some(other) => {
-            anyhow::bail!("unknown part {other:?} (idle, many, single, or none for all)")
+            anyhow::bail!(
+                "unknown part {other:?} (idle, many, single, tun as root, or none for all)"
+            )
         }
         None => {}
     }
@@ -402,6 +409,16 @@ async fn single_section() -> anyhow::Result<String> {
         md.push_str(&format!("| {} | {g:.2} | {r:.1} |\n", p.label));
     }
     Ok(md)
+}
+
+/// The TUN rows' single stream and round trip, 1 hop, alone (for trying a change).
+async fn tun_section() -> anyhow::Result<String> {
+    let p = tun_path(1, 1).await?;
+    let (g, r) = stream_and_rtt(&p).await;
+    Ok(format!(
+        "| path | Gbit/s | median RTT µs |\n|---|---|---|\n| {} | {g:.2} | {r:.1} |\n",
+        p.label
+    ))
 }
 
 async fn bench(with_tun: bool) -> anyhow::Result<String> {
