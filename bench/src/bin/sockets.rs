@@ -399,26 +399,27 @@ async fn stream_and_rtt(p: &Path) -> (f64, f64) {
 /// Single stream and ping-pong over the in-memory wire and one userspace hop, beside
 /// loopback: the rows a change to the stack's write path moves first.
 async fn single_section() -> anyhow::Result<String> {
-    let mut md = String::from("| path | Gbit/s | median RTT µs |\n|---|---|---|\n");
-    for p in [
+    Ok(stream_table(vec![
         loopback_path().await?,
         wire_path().await?,
         userspace_path(1, StackConfig::default()).await?,
-    ] {
-        let (g, r) = stream_and_rtt(&p).await;
-        md.push_str(&format!("| {} | {g:.2} | {r:.1} |\n", p.label));
-    }
-    Ok(md)
+    ])
+    .await)
 }
 
 /// The TUN rows' single stream and round trip, 1 hop, alone (for trying a change).
 async fn tun_section() -> anyhow::Result<String> {
-    let p = tun_path(1, 1).await?;
-    let (g, r) = stream_and_rtt(&p).await;
-    Ok(format!(
-        "| path | Gbit/s | median RTT µs |\n|---|---|---|\n| {} | {g:.2} | {r:.1} |\n",
-        p.label
-    ))
+    Ok(stream_table(vec![tun_path(1, 1).await?]).await)
+}
+
+/// One stream and the round trip over each path, one table row per path.
+async fn stream_table(paths: Vec<Path>) -> String {
+    let mut md = String::from("| path | Gbit/s | median RTT µs |\n|---|---|---|\n");
+    for p in paths {
+        let (g, r) = stream_and_rtt(&p).await;
+        md.push_str(&format!("| {} | {g:.2} | {r:.1} |\n", p.label));
+    }
+    md
 }
 
 async fn bench(with_tun: bool) -> anyhow::Result<String> {

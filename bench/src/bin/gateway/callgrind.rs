@@ -19,7 +19,7 @@
 
 use super::{
     HOST, Proc, backend_block, free_port, make_cert, meshgate_config, nginx_bin, nginx_conf,
-    nginx_proxy_block, skip_dad, start_nginx, wait_ok, write,
+    nginx_proxy_block, skip_dad, start_nginx, wait_bindable, wait_ok, write,
 };
 use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
@@ -317,7 +317,7 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
     // the issue's own figures: the backend listens on the node's overlay address and the
     // node's TCP to it is the kernel's, as the direct gateway's is.
     let mut tun_node = if meshgate_bench::in_netns() && !direct_only {
-        Some(start_node(d, meshgate, NodeMode::Tun)?)
+        Some(start_node(d, meshgate, NodeMode::Tun).await?)
     } else {
         None
     };
@@ -357,7 +357,7 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
     let mut node = if direct_only {
         None
     } else {
-        Some(start_node(d, meshgate, NodeMode::Expose(backend))?)
+        Some(start_node(d, meshgate, NodeMode::Expose(backend)).await?)
     };
 
     let gateway = |name: &'static str, backend: SocketAddr, peer: Option<SocketAddr>| {
@@ -534,7 +534,11 @@ enum NodeMode {
 }
 
 /// The workload node under callgrind, and its overlay address.
-fn start_node(d: &Path, meshgate: &Path, mode: NodeMode) -> Result<(Counted, std::net::Ipv6Addr)> {
+async fn start_node(
+    d: &Path,
+    meshgate: &Path,
+    mode: NodeMode,
+) -> Result<(Counted, std::net::Ipv6Addr)> {
     let tun = matches!(mode, NodeMode::Tun);
     // Top-level keys (TUN) or a table of their own (`[[expose]]`), before `[discovery]`.
     let (name, tag, mode_lines) = match mode {
@@ -576,13 +580,9 @@ fn start_node(d: &Path, meshgate: &Path, mode: NodeMode) -> Result<(Counted, std
         ],
     )?;
     let address = node_address(&status, &node)?;
-    // In TUN mode the backend binds the address: wait until the interface carries it.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while tun && std::net::TcpListener::bind((address, 0)).is_err() {
-        if Instant::now() > deadline {
-            bail!("the TUN node's address {address} never became usable");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    // In TUN mode the backend binds the address (the node starts slowly under valgrind).
+    if tun {
+        wait_bindable(address, Duration::from_secs(60)).await?;
     }
     Ok((node, address))
 }

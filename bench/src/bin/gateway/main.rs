@@ -988,14 +988,20 @@ async fn start_tun_workload(d: &Path) -> Result<(Node, Tun)> {
     let node = start_workload_node(d, "workload-tun.key").await?;
     let port = node.take_l3_port().context("TUN workload L3 port")?;
     let tun = Tun::start("mgbench0", port.address, port.mtu, port.tx, port.rx)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpListener::bind((node.address(), 0)).is_err() {
+    wait_bindable(node.address(), Duration::from_secs(10)).await?;
+    Ok((node, tun))
+}
+
+/// Waits until a TUN node's overlay address can be bound (its interface is up and carries it).
+async fn wait_bindable(address: std::net::Ipv6Addr, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while std::net::TcpListener::bind((address, 0)).is_err() {
         if Instant::now() > deadline {
-            bail!("TUN address {} never became usable", node.address());
+            bail!("TUN address {address} never became usable");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok((node, tun))
+    Ok(())
 }
 
 /// In the bench's own namespace: no duplicate address detection, so a TUN node's overlay
