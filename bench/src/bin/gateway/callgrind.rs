@@ -15,7 +15,10 @@
 //! and writes no docs; `BENCH_CALLGRIND_KEEP=/dir` keeps the 2N dumps there (the workload
 //! node's too) for `callgrind_annotate`. `BENCH_PINGORA=/path/to/pingora-ref` adds a row for a
 //! minimal pingora proxy (`bench/pingora-ref`, built on its own: it is not a workspace member),
-//! a second well-kept Rust HTTP engine beside hyper.
+//! a second well-kept Rust HTTP engine beside hyper. `BENCH_HTTP_FLOOR=target/release/http_floor`
+//! adds rows for a lean proxy path (`bench/src/bin/http_floor`: HTTP/1.1 by hand on httparse,
+//! h2 on the h2 crate without hyper), direct and through the TUN workload node: what the
+//! gateway's per-request work costs without hyper.
 
 use super::{
     HOST, Proc, backend_block, free_port, make_cert, meshgate_config, nginx_bin, nginx_conf,
@@ -269,8 +272,10 @@ fn top_functions(dump: &Path, requests: u64, inclusive: bool) -> Result<String> 
         }
         // The threads' entry frames (clone, start_thread, the runtime's worker loop) carry the
         // whole count in both listings, self included (calls still open at the dump): they
-        // say nothing about where the instructions went.
-        if total == Some(count) {
+        // say nothing about where the instructions went. In a process whose other threads ran
+        // a little (the lean path's), they carry nearly all of it.
+        let whole = |t: u64| count == t || (!inclusive && count * 1000 >= t * 999);
+        if total.is_some_and(whole) {
             continue;
         }
         // "1,234 (12.3%)  file:function [object]"
@@ -408,6 +413,57 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
         }
         None => None,
     };
+    // BENCH_HTTP_FLOOR=/path/to/http_floor: the same load through the lean path, and through
+    // hyper's server in front of the lean path's upstream side.
+    let floor = |name: &'static str, hyper_server: bool| -> Result<Option<Counted>> {
+        let Some(bin) = std::env::var_os("BENCH_HTTP_FLOOR") else {
+            return Ok(None);
+        };
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let backend = backend.to_string();
+        let mut args = vec![
+            listen.as_ref(),
+            backend.as_ref(),
+            cert.as_os_str(),
+            key.as_os_str(),
+        ];
+        if hyper_server {
+            args.insert(0, "--hyper-server".as_ref());
+        }
+        Ok(Some(under_callgrind(
+            d,
+            name,
+            port,
+            Path::new(&bin),
+            &args,
+        )?))
+    };
+    let mut http_floor = floor("floor", false)?;
+    let mut floor_hyper_server = floor("floor-hyper-server", true)?;
+    // And through the gateway's embedded overlay node to the TUN workload node.
+    let mut http_floor_tun = match (std::env::var_os("BENCH_HTTP_FLOOR"), &tun_node) {
+        (Some(bin), Some((node, node_address))) => {
+            let port = free_port();
+            Some(under_callgrind(
+                d,
+                "floor-tun",
+                port,
+                Path::new(&bin),
+                &[
+                    format!("127.0.0.1:{port}").as_ref(),
+                    SocketAddr::from((*node_address, backend_port))
+                        .to_string()
+                        .as_ref(),
+                    cert.as_os_str(),
+                    key.as_os_str(),
+                    d.join("floor-tun-node.key").as_os_str(),
+                    format!("127.0.0.1:{}", node.proc.port).as_ref(),
+                ],
+            )?)
+        }
+        _ => None,
+    };
     let mut overlay = match &node {
         Some((node, node_address)) => Some(gateway(
             "meshgate",
@@ -430,6 +486,9 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
         .chain(tun_gateway.as_ref())
         .chain(baseline.as_ref())
         .chain(pingora.as_ref())
+        .chain(http_floor.as_ref())
+        .chain(floor_hyper_server.as_ref())
+        .chain(http_floor_tun.as_ref())
     {
         // Valgrind starts slowly (it reads the binary's debug information).
         wait_ok_for(s.proc.port, Duration::from_secs(180))
@@ -450,79 +509,118 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
         }
         servers.extend(baseline.as_mut().map(|b| (b, None)));
         servers.extend(pingora.as_mut().map(|p| (p, None)));
+        servers.extend(http_floor.as_mut().map(|f| (f, None)));
+        servers.extend(floor_hyper_server.as_mut().map(|f| (f, None)));
         for (server, node) in servers {
-            let name = server.proc.name;
-            let Measured {
-                proxy,
-                node: node_per,
-                proxy_dump: dump,
-                node_dump,
-                cipher,
-            } = measure(server, node, proto, n)?;
-            eprintln!(
-                "callgrind {name} {}: {proxy:.0} instructions per request{}",
-                proto.name(),
-                node_per.map_or(String::new(), |w| format!(", workload node {w:.0}"))
-            );
-            if let Some(keep) = &keep {
-                std::fs::create_dir_all(keep)?;
-                let p = if proto == Proto::H1 { "h1" } else { "h2" };
-                std::fs::copy(&dump, keep.join(format!("{name}-{p}.cg")))?;
-                if let Some(node_dump) = &node_dump {
-                    std::fs::copy(node_dump, keep.join(format!("{name}-{p}-node.cg")))?;
-                }
-            }
-            if matches!(name, "nginx" | "meshgate-direct" | "pingora") {
-                profiles.push((
-                    name,
-                    proto,
-                    top_functions(&dump, 2 * n, true)?,
-                    top_functions(&dump, 2 * n, false)?,
-                ));
-            }
-            // Through the overlay, HTTP/1.1 only (h2 spends the same way): the gateway and
-            // the workload node, which together are the overlay's extra cost.
-            if name == "meshgate" && proto == Proto::H1 {
-                profiles.push((
-                    "meshgate through the overlay, gateway",
-                    proto,
-                    top_functions(&dump, 2 * n, true)?,
-                    top_functions(&dump, 2 * n, false)?,
-                ));
-                if let Some(node_dump) = &node_dump {
-                    profiles.push((
-                        "meshgate through the overlay, workload node",
-                        proto,
-                        top_functions(node_dump, 2 * n, true)?,
-                        top_functions(node_dump, 2 * n, false)?,
-                    ));
-                }
-            }
-            // The TUN node's profile: what the workload side costs without a userspace TCP.
-            if name == "meshgate-tun"
-                && proto == Proto::H1
-                && let Some(node_dump) = &node_dump
-            {
-                profiles.push((
-                    "meshgate through the overlay, workload node in TUN mode",
-                    proto,
-                    top_functions(node_dump, 2 * n, true)?,
-                    top_functions(node_dump, 2 * n, false)?,
-                ));
-            }
-            rows.push(Row {
-                name,
-                proto,
-                proxy,
-                node: node_per,
-                cipher,
-            });
+            measure_row(
+                server,
+                node,
+                (proto, n),
+                keep.as_deref(),
+                &mut rows,
+                &mut profiles,
+            )?;
+        }
+        // The lean path through the TUN workload node: measured on its own because it shares
+        // that node with the gateway's TUN row.
+        if let (Some(f), Some((t, _))) = (http_floor_tun.as_mut(), tun_node.as_mut()) {
+            measure_row(
+                f,
+                Some(t),
+                (proto, n),
+                keep.as_deref(),
+                &mut rows,
+                &mut profiles,
+            )?;
         }
     }
     if direct_only {
         return Ok(()); // partial rows: printed above, the docs keep the last full run
     }
     write_docs(&rows, &profiles, n)
+}
+
+/// Measures one row (a proxy and the workload node it goes through, if any) and records its
+/// figures, kept dumps and profiles.
+fn measure_row(
+    server: &mut Counted,
+    node: Option<&mut Counted>,
+    (proto, n): (Proto, u64),
+    keep: Option<&Path>,
+    rows: &mut Vec<Row>,
+    profiles: &mut Vec<Profile<'static>>,
+) -> Result<()> {
+    let name = server.proc.name;
+    let Measured {
+        proxy,
+        node: node_per,
+        proxy_dump: dump,
+        node_dump,
+        cipher,
+    } = measure(server, node, proto, n)?;
+    eprintln!(
+        "callgrind {name} {}: {proxy:.0} instructions per request{}",
+        proto.name(),
+        node_per.map_or(String::new(), |w| format!(", workload node {w:.0}"))
+    );
+    if let Some(keep) = &keep {
+        std::fs::create_dir_all(keep)?;
+        let p = if proto == Proto::H1 { "h1" } else { "h2" };
+        std::fs::copy(&dump, keep.join(format!("{name}-{p}.cg")))?;
+        if let Some(node_dump) = &node_dump {
+            std::fs::copy(node_dump, keep.join(format!("{name}-{p}-node.cg")))?;
+        }
+    }
+    if matches!(name, "nginx" | "meshgate-direct" | "pingora" | "floor") {
+        profiles.push((
+            if name == "floor" {
+                "the lean path (`http_floor`)"
+            } else {
+                name
+            },
+            proto,
+            top_functions(&dump, 2 * n, true)?,
+            top_functions(&dump, 2 * n, false)?,
+        ));
+    }
+    // Through the overlay, HTTP/1.1 only (h2 spends the same way): the gateway and
+    // the workload node, which together are the overlay's extra cost.
+    if name == "meshgate" && proto == Proto::H1 {
+        profiles.push((
+            "meshgate through the overlay, gateway",
+            proto,
+            top_functions(&dump, 2 * n, true)?,
+            top_functions(&dump, 2 * n, false)?,
+        ));
+        if let Some(node_dump) = &node_dump {
+            profiles.push((
+                "meshgate through the overlay, workload node",
+                proto,
+                top_functions(node_dump, 2 * n, true)?,
+                top_functions(node_dump, 2 * n, false)?,
+            ));
+        }
+    }
+    // The TUN node's profile: what the workload side costs without a userspace TCP.
+    if name == "meshgate-tun"
+        && proto == Proto::H1
+        && let Some(node_dump) = &node_dump
+    {
+        profiles.push((
+            "meshgate through the overlay, workload node in TUN mode",
+            proto,
+            top_functions(node_dump, 2 * n, true)?,
+            top_functions(node_dump, 2 * n, false)?,
+        ));
+    }
+    rows.push(Row {
+        name,
+        proto,
+        proxy,
+        node: node_per,
+        cipher,
+    });
+    Ok(())
 }
 
 /// How the workload node reaches the backend.
@@ -635,6 +733,11 @@ fn write_docs(rows: &[Row], profiles: &[Profile], n: u64) -> Result<()> {
             "meshgate-direct" => "meshgate → backend (kernel TCP, no overlay)",
             "meshgate-direct-baseline" => "meshgate (baseline build) → backend",
             "pingora" => "pingora (rustls, `bench/pingora-ref`) → backend",
+            "floor" => "lean path (`http_floor`: rustls; httparse, h2 crate) → backend",
+            "floor-tun" => "lean path → overlay → workload node (TUN) → backend",
+            "floor-hyper-server" => {
+                "hyper's server (as the gateway's) → lean path's upstream side → backend"
+            }
             "meshgate-tun" => "meshgate → overlay → workload node (TUN) → backend",
             _ => "meshgate → overlay → workload node (userspace, `expose`) → backend",
         };
@@ -648,11 +751,12 @@ fn write_docs(rows: &[Row], profiles: &[Profile], n: u64) -> Result<()> {
             sum / nginx,
         ));
     }
-    let overlay_note = |row: &str| -> String {
+    // What `row` adds over `direct`, counting the workload node.
+    let overlay_note = |direct: &str, row: &str| -> String {
         [Proto::H1, Proto::H2]
             .iter()
             .filter_map(|&p| {
-                let (d, o) = (find("meshgate-direct", p)?, find(row, p)?);
+                let (d, o) = (find(direct, p)?, find(row, p)?);
                 Some(format!(
                     "{}: {:+.0} %",
                     p.name(),
@@ -666,7 +770,15 @@ fn write_docs(rows: &[Row], profiles: &[Profile], n: u64) -> Result<()> {
         format!(
             " With the workload node in TUN mode (its TCP to the backend is the kernel's, as \
              the direct gateway's is): {}.",
-            overlay_note("meshgate-tun")
+            overlay_note("meshgate-direct", "meshgate-tun")
+        )
+    } else {
+        String::new()
+    };
+    let floor_note = if find("floor-tun", Proto::H1).is_some() {
+        format!(
+            " The lean path through the TUN workload node over the lean path direct: {}.",
+            overlay_note("floor", "floor-tun")
         )
     } else {
         String::new()
@@ -684,8 +796,9 @@ fn write_docs(rows: &[Row], profiles: &[Profile], n: u64) -> Result<()> {
          the difference of the two runs' counts divided by {n}, so connection set-up and TLS \
          handshakes cancel out. 6-byte responses.\n\n{table}\n\
          The overlay's instructions over the direct gateway (gateway and workload node \
-         together): {}.{tun_note} Profiles (top functions) are in `docs/performance.md`.\n",
-        overlay_note("meshgate"),
+         together): {}.{tun_note}{floor_note} Profiles (top functions) are in \
+         `docs/performance.md`.\n",
+        overlay_note("meshgate-direct", "meshgate"),
         n2 = 2 * n,
     );
     println!("{md}");
