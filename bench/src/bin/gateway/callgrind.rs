@@ -393,44 +393,27 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
         }
         None => None,
     };
-    // BENCH_PINGORA=/path/to/pingora-ref: the same load through pingora (rustls, one thread,
-    // upstream keep-alive), to tell hyper's cost from what any Rust proxy engine spends.
-    let mut pingora = match std::env::var_os("BENCH_PINGORA") {
-        Some(bin) => {
-            let port = free_port();
-            Some(under_callgrind(
-                d,
-                "pingora",
-                port,
-                Path::new(&bin),
-                &[
-                    format!("127.0.0.1:{port}").as_ref(),
-                    backend.to_string().as_ref(),
-                    cert.as_os_str(),
-                    key.as_os_str(),
-                ],
-            )?)
-        }
-        None => None,
-    };
-    // BENCH_HTTP_FLOOR=/path/to/http_floor: the same load through the lean path, and through
-    // hyper's server in front of the lean path's upstream side.
-    let floor = |name: &'static str, hyper_server: bool| -> Result<Option<Counted>> {
-        let Some(bin) = std::env::var_os("BENCH_HTTP_FLOOR") else {
+    // A reference proxy from the environment variable `var` (a binary), started under callgrind
+    // as `BIN [lead] 127.0.0.1:PORT BACKEND CERT KEY [tail]`.
+    let reference = |name: &'static str,
+                     var: &str,
+                     lead: &[&std::ffi::OsStr],
+                     backend: SocketAddr,
+                     tail: &[&std::ffi::OsStr]|
+     -> Result<Option<Counted>> {
+        let Some(bin) = std::env::var_os(var) else {
             return Ok(None);
         };
         let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let backend = backend.to_string();
-        let mut args = vec![
+        let (listen, backend) = (format!("127.0.0.1:{port}"), backend.to_string());
+        let mut args = lead.to_vec();
+        args.extend([
             listen.as_ref(),
             backend.as_ref(),
             cert.as_os_str(),
             key.as_os_str(),
-        ];
-        if hyper_server {
-            args.insert(0, "--hyper-server".as_ref());
-        }
+        ]);
+        args.extend(tail);
         Ok(Some(under_callgrind(
             d,
             name,
@@ -439,30 +422,29 @@ pub(crate) async fn run(meshgate: &Path, d: &Path) -> Result<()> {
             &args,
         )?))
     };
-    let mut http_floor = floor("floor", false)?;
-    let mut floor_hyper_server = floor("floor-hyper-server", true)?;
-    // And through the gateway's embedded overlay node to the TUN workload node.
-    let mut http_floor_tun = match (std::env::var_os("BENCH_HTTP_FLOOR"), &tun_node) {
-        (Some(bin), Some((node, node_address))) => {
-            let port = free_port();
-            Some(under_callgrind(
-                d,
-                "floor-tun",
-                port,
-                Path::new(&bin),
-                &[
-                    format!("127.0.0.1:{port}").as_ref(),
-                    SocketAddr::from((*node_address, backend_port))
-                        .to_string()
-                        .as_ref(),
-                    cert.as_os_str(),
-                    key.as_os_str(),
-                    d.join("floor-tun-node.key").as_os_str(),
-                    format!("127.0.0.1:{}", node.proc.port).as_ref(),
-                ],
-            )?)
-        }
-        _ => None,
+    // BENCH_PINGORA=/path/to/pingora-ref: the same load through pingora (rustls, one thread,
+    // upstream keep-alive), to tell hyper's cost from what any Rust proxy engine spends.
+    let mut pingora = reference("pingora", "BENCH_PINGORA", &[], backend, &[])?;
+    // BENCH_HTTP_FLOOR=/path/to/http_floor: the same load through the lean path, through
+    // hyper's server in front of the lean path's upstream side, and through the gateway's
+    // embedded overlay node to the TUN workload node.
+    const FLOOR: &str = "BENCH_HTTP_FLOOR";
+    let mut http_floor = reference("floor", FLOOR, &[], backend, &[])?;
+    let hyper_server = ["--hyper-server".as_ref()];
+    let mut floor_hyper_server =
+        reference("floor-hyper-server", FLOOR, &hyper_server, backend, &[])?;
+    let mut http_floor_tun = match &tun_node {
+        Some((node, node_address)) => reference(
+            "floor-tun",
+            FLOOR,
+            &[],
+            SocketAddr::from((*node_address, backend_port)),
+            &[
+                d.join("floor-tun-node.key").as_os_str(),
+                format!("127.0.0.1:{}", node.proc.port).as_ref(),
+            ],
+        )?,
+        None => None,
     };
     let mut overlay = match &node {
         Some((node, node_address)) => Some(gateway(

@@ -2,7 +2,7 @@
 //! connection driven by this connection's task.
 
 use crate::{
-    MAX_HEADERS, Named, Pool, Refusal, copy_exact, parse_length, read_head, response_framing,
+    MAX_HEADERS, Named, Pool, Refusal, add_length, copy_exact, read_head, response_framing,
     upstream_head, valid_host,
 };
 use meshgate_gateway::upstream::dial::BoxStream;
@@ -96,10 +96,7 @@ impl<'p> Connection<'p> {
                     return Err(Refusal::BadRequest("Host repeated"));
                 }
             } else if h.name.eq_ignore_ascii_case("content-length") {
-                let n = parse_length(h.value).ok_or(Refusal::BadRequest("bad Content-Length"))?;
-                if length.replace(n).is_some_and(|m| m != n) {
-                    return Err(Refusal::BadRequest("conflicting Content-Length"));
-                }
+                add_length(&mut length, h.value).map_err(Refusal::BadRequest)?;
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 return Err(Refusal::NotImplemented("chunked request bodies"));
             } else if h.name.eq_ignore_ascii_case("upgrade") {

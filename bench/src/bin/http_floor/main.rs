@@ -283,10 +283,7 @@ fn response_framing<'a>(
     let mut length: Option<u64> = None;
     for h in fields {
         if h.name.eq_ignore_ascii_case("content-length") {
-            let n = parse_length(h.value).ok_or(Refusal::BadGateway("bad Content-Length"))?;
-            if length.replace(n).is_some_and(|m| m != n) {
-                return Err(Refusal::BadGateway("conflicting Content-Length"));
-            }
+            add_length(&mut length, h.value).map_err(Refusal::BadGateway)?;
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             return Err(Refusal::BadGateway("chunked response bodies"));
         } else if h.name.eq_ignore_ascii_case("connection") {
@@ -331,6 +328,15 @@ where
 {
     if tokio::io::copy(&mut from.take(n), to).await? < n {
         return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Takes one `Content-Length` field: all of a message's must agree.
+fn add_length(length: &mut Option<u64>, value: &[u8]) -> Result<(), &'static str> {
+    let n = parse_length(value).ok_or("bad Content-Length")?;
+    if length.replace(n).is_some_and(|m| m != n) {
+        return Err("conflicting Content-Length");
     }
     Ok(())
 }
