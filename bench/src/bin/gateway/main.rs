@@ -21,6 +21,8 @@
 //! `-- callgrind`: instructions per proxied request under callgrind instead (see the
 //! `callgrind` module).
 //! `BENCH_MESHGATE=/path`: measure that `meshgate` binary instead of building one.
+//! `BENCH_HTTP_FLOOR=/path/to/http_floor`: rows for the lean proxy path, direct and through the
+//! TUN workload node (see the `callgrind` module).
 //! `BENCH_HOLD=1`: start everything, print ports and pids, and keep it up for 10 minutes (for
 //! profiling by hand).
 
@@ -709,8 +711,46 @@ async fn main() -> Result<()> {
         None => None,
     };
 
+    // BENCH_HTTP_FLOOR=/path/to/http_floor: the lean proxy path (see the callgrind module) as
+    // rows of their own, direct and through the TUN workload node.
+    let floor_bin = std::env::var_os("BENCH_HTTP_FLOOR");
+    let start_floor = |name: &'static str,
+                       backend: SocketAddr,
+                       overlay: Option<SocketAddr>|
+     -> Result<Option<Proc>> {
+        let Some(bin) = &floor_bin else {
+            return Ok(None);
+        };
+        let port = free_port();
+        let mut cmd = Command::new(bin);
+        cmd.arg(format!("127.0.0.1:{port}"))
+            .arg(backend.to_string())
+            .args([&cert, &key]);
+        if let Some(peer) = overlay {
+            cmd.arg(d.join(format!("{name}-node.key")))
+                .arg(peer.to_string());
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        Ok(Some(Proc { name, child, port }))
+    };
+    let floor = start_floor(
+        "floor",
+        SocketAddr::from(([127, 0, 0, 1], backend_port)),
+        None,
+    )?;
+    let floor_tun = match &tun_workload {
+        Some((node, _)) => start_floor(
+            "floor-tun",
+            SocketAddr::from((node.address(), backend_port)),
+            Some(node.listen_addr().context("TUN workload link")?),
+        )?,
+        None => None,
+    };
+
     let mut servers = vec![&gateway, &nginx, &caddy, &direct];
     servers.extend(tun_gateway.as_ref());
+    servers.extend(floor.as_ref());
+    servers.extend(floor_tun.as_ref());
     for s in &servers {
         wait_ok(s.port, "/").with_context(|| format!("{} not ready", s.name))?;
     }
@@ -833,7 +873,7 @@ async fn main() -> Result<()> {
 
     let med = |v: &[f64]| median(&mut v.to_vec());
     // The workload node runs in this process: its CPU counts for the overlay rows only.
-    let has_node = |name: &str| matches!(name, "meshgate" | "meshgate-tun");
+    let has_node = |name: &str| matches!(name, "meshgate" | "meshgate-tun" | "floor-tun");
     let cpu_rows: Vec<String> = servers
         .iter()
         .zip(&figures)

@@ -149,10 +149,10 @@ pub async fn exchange(
         };
         headers.append(name, value);
     }
-    let reuse = !named.close;
+    let backend_close = named.close;
     let mut body = from_backend.split_off(head_len);
-    // Bytes after the body: the connection is out of step and not reused.
-    let reuse = reuse && body.len() as u64 <= length;
+    // Bytes after the body put the connection out of step: it is not reused.
+    let reuse = !backend_close && body.len() as u64 <= length;
     body.truncate(length as usize);
     let missing = length - body.len() as u64;
     if missing > 0 {
